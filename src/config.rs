@@ -1,0 +1,461 @@
+//! `weft.toml`: read, validated once at start-up, every problem reported at once.
+//!
+//! ```text
+//! weft.toml ──toml──> sections ──serde (deny_unknown_fields)──> Raw* ──validate──> Config
+//!                     every section is read even when another fails; every key is checked,
+//!                     and all errors come back together, each with its key path
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::network::{AllowedNetworks, WEAVE_NETWORK};
+
+/// Default path of the HAProxy binary (Debian's package). Always absolute: the master re-execs
+/// its argv[0] on reload.
+pub const DEFAULT_BINARY: &str = "/usr/sbin/haproxy";
+pub const DEFAULT_RUN_DIR: &str = "/var/lib/weft";
+pub const DEFAULT_BIND: &str = "0.0.0.0:80";
+pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_RELOADS: u32 = 50;
+pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// `[haproxy]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHaproxy {
+    /// HAProxy binary, absolute. Default `/usr/sbin/haproxy`.
+    binary: Option<PathBuf>,
+    /// `managed` (default): weft runs HAProxy as its child. `external`: HAProxy runs already
+    /// (e.g. systemd's unit with `-S`); weft writes `config_file` and reloads through
+    /// `master_socket`.
+    mode: Option<String>,
+    /// Directory for haproxy.cfg, the maps, the server-state file and the sockets; created if
+    /// missing. Default `/var/lib/weft`.
+    run_dir: Option<PathBuf>,
+    /// Where HAProxy listens for clients. Default `0.0.0.0:80`.
+    bind: Option<String>,
+    /// Master CLI socket. Default `<run_dir>/master.sock`; required in external mode.
+    master_socket: Option<PathBuf>,
+    /// The config file HAProxy loads. Default `<run_dir>/haproxy.cfg`; in external mode the
+    /// file the running HAProxy was started with.
+    config_file: Option<PathBuf>,
+    /// `hard-stop-after`: the longest an old worker may live after a reload. Default `30s`.
+    hard_stop_after: Option<String>,
+    /// `mworker-max-reloads`. Default 50.
+    max_reloads: Option<u32>,
+    /// How long a reload may take to be confirmed by `show proc`. Default `10s`.
+    reload_timeout: Option<String>,
+}
+
+/// `[network]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    /// Backends outside these IPv4 networks are dropped. Default `["10.2.0.0/16"]`.
+    allowed: Option<Vec<String>>,
+}
+
+/// `[sources]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSources {
+    file: Option<RawFileSource>,
+}
+
+/// `[sources.file]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSource {
+    /// The services file; relative paths are relative to weft.toml's directory. Required.
+    path: Option<PathBuf>,
+    /// Quiet time after the last change before the file is read. Default `200ms`.
+    debounce: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaproxyMode {
+    Managed,
+    External,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaproxyConfig {
+    pub binary: PathBuf,
+    pub mode: HaproxyMode,
+    pub run_dir: PathBuf,
+    pub bind: SocketAddr,
+    pub master_socket: PathBuf,
+    pub config_file: PathBuf,
+    pub hard_stop_after: Duration,
+    pub max_reloads: u32,
+    pub reload_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSourceConfig {
+    pub path: PathBuf,
+    pub debounce: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourcesConfig {
+    pub file: Option<FileSourceConfig>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub haproxy: HaproxyConfig,
+    pub allowed: AllowedNetworks,
+    pub sources: SourcesConfig,
+}
+
+/// One problem in weft.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Dotted key path, e.g. `haproxy.bind`.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {}", issues.iter().map(|i| format!("\n  {}: {}", i.key, i.message)).collect::<String>())]
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+impl Config {
+    /// Reads and validates a weft.toml.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base).map_err(|issues| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            issues,
+        })
+    }
+
+    /// Parses config text; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
+        let mut issues = Issues::default();
+        let mut table: toml::Table = match text.parse() {
+            Ok(table) => table,
+            Err(err) => {
+                issues.add("", err.to_string().trim());
+                return Err(issues.0);
+            }
+        };
+        let haproxy: RawHaproxy = section(&mut table, "haproxy", &mut issues);
+        let network: RawNetwork = section(&mut table, "network", &mut issues);
+        let sources: RawSources = section(&mut table, "sources", &mut issues);
+        for key in table.keys() {
+            issues.add(key, "unknown section (known: haproxy, network, sources)");
+        }
+
+        let haproxy = validate_haproxy(haproxy, base, &mut issues);
+        let allowed = validate_network(network, &mut issues);
+        let sources = validate_sources(sources, base, &mut issues);
+        if !issues.0.is_empty() {
+            return Err(issues.0);
+        }
+        Ok(Config {
+            haproxy,
+            allowed,
+            sources,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Issues(Vec<ConfigIssue>);
+
+impl Issues {
+    fn add(&mut self, key: &str, message: impl fmt::Display) {
+        self.0.push(ConfigIssue {
+            key: key.to_string(),
+            message: message.to_string(),
+        });
+    }
+}
+
+/// Takes one section out of the table; a broken section is reported and read as empty, so the
+/// other sections are still checked.
+fn section<T: DeserializeOwned + Default>(
+    table: &mut toml::Table,
+    key: &str,
+    issues: &mut Issues,
+) -> T {
+    let Some(value) = table.remove(key) else {
+        return T::default();
+    };
+    match value.try_into() {
+        Ok(raw) => raw,
+        Err(err) => {
+            issues.add(key, err.to_string().trim());
+            T::default()
+        }
+    }
+}
+
+fn duration(raw: Option<String>, default: Duration, key: &str, issues: &mut Issues) -> Duration {
+    match raw {
+        None => default,
+        Some(text) => humantime::parse_duration(&text).unwrap_or_else(|err| {
+            issues.add(
+                key,
+                format!("{text:?} is not a duration like \"30s\": {err}"),
+            );
+            default
+        }),
+    }
+}
+
+fn absolute(path: PathBuf, base: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path
+    } else {
+        let joined = base.join(path);
+        std::path::absolute(&joined).unwrap_or(joined)
+    }
+}
+
+fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> HaproxyConfig {
+    let binary = raw.binary.unwrap_or_else(|| DEFAULT_BINARY.into());
+    if !binary.is_absolute() {
+        issues.add(
+            "haproxy.binary",
+            "must be an absolute path: HAProxy re-executes it on every reload",
+        );
+    }
+    let mode = match raw.mode.as_deref() {
+        None | Some("managed") => HaproxyMode::Managed,
+        Some("external") => HaproxyMode::External,
+        Some(other) => {
+            issues.add(
+                "haproxy.mode",
+                format!("{other:?} is not one of managed, external"),
+            );
+            HaproxyMode::Managed
+        }
+    };
+    let run_dir = absolute(raw.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into()), base);
+    let bind_text = raw.bind.unwrap_or_else(|| DEFAULT_BIND.into());
+    let bind = bind_text.parse().unwrap_or_else(|_| {
+        issues.add(
+            "haproxy.bind",
+            format!("{bind_text:?} is not an address like \"0.0.0.0:80\""),
+        );
+        SocketAddr::from(([0, 0, 0, 0], 80))
+    });
+    if mode == HaproxyMode::External && raw.master_socket.is_none() {
+        issues.add(
+            "haproxy.master_socket",
+            "is required in external mode: the master CLI socket HAProxy was started with (-S)",
+        );
+    }
+    if mode == HaproxyMode::External && raw.config_file.is_none() {
+        issues.add(
+            "haproxy.config_file",
+            "is required in external mode: the file HAProxy was started with (-f)",
+        );
+    }
+    let master_socket = absolute(
+        raw.master_socket
+            .unwrap_or_else(|| run_dir.join("master.sock")),
+        base,
+    );
+    let config_file = absolute(
+        raw.config_file
+            .unwrap_or_else(|| run_dir.join(crate::render::CONFIG_FILE)),
+        base,
+    );
+    let hard_stop_after = duration(
+        raw.hard_stop_after,
+        DEFAULT_HARD_STOP_AFTER,
+        "haproxy.hard_stop_after",
+        issues,
+    );
+    let reload_timeout = duration(
+        raw.reload_timeout,
+        DEFAULT_RELOAD_TIMEOUT,
+        "haproxy.reload_timeout",
+        issues,
+    );
+    let max_reloads = raw.max_reloads.unwrap_or(DEFAULT_MAX_RELOADS);
+    if max_reloads == 0 {
+        issues.add("haproxy.max_reloads", "must be at least 1");
+    }
+    HaproxyConfig {
+        binary,
+        mode,
+        run_dir,
+        bind,
+        master_socket,
+        config_file,
+        hard_stop_after,
+        max_reloads,
+        reload_timeout,
+    }
+}
+
+fn validate_network(raw: RawNetwork, issues: &mut Issues) -> AllowedNetworks {
+    let texts = raw
+        .allowed
+        .unwrap_or_else(|| vec![WEAVE_NETWORK.to_string()]);
+    let mut networks = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        match text.parse::<Ipv4Network>() {
+            Ok(net) => networks.push(net),
+            Err(err) => issues.add(
+                &format!("network.allowed[{i}]"),
+                format!("{text:?} is not an IPv4 network like \"10.2.0.0/16\": {err}"),
+            ),
+        }
+    }
+    if texts.is_empty() {
+        issues.add(
+            "network.allowed",
+            "is empty: no backend could ever be routed",
+        );
+    }
+    AllowedNetworks::new(networks)
+}
+
+fn validate_sources(raw: RawSources, base: &Path, issues: &mut Issues) -> SourcesConfig {
+    let file = raw.file.and_then(|file| {
+        let debounce = duration(
+            file.debounce,
+            DEFAULT_DEBOUNCE,
+            "sources.file.debounce",
+            issues,
+        );
+        match file.path {
+            Some(path) => Some(FileSourceConfig {
+                path: absolute(path, base),
+                debounce,
+            }),
+            None => {
+                issues.add("sources.file.path", "is required");
+                None
+            }
+        }
+    });
+    if file.is_none() && !issues.0.iter().any(|i| i.key.starts_with("sources")) {
+        issues.add(
+            "sources",
+            "no source is configured: add [sources.file] with a path",
+        );
+    }
+    SourcesConfig { file }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let config = Config::parse(
+            "[sources.file]\npath = \"services.toml\"\n",
+            Path::new("/etc/weft"),
+        )
+        .unwrap();
+        assert_eq!(config.haproxy.binary, PathBuf::from("/usr/sbin/haproxy"));
+        assert_eq!(config.haproxy.mode, HaproxyMode::Managed);
+        assert_eq!(config.haproxy.bind, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(config.haproxy.run_dir, PathBuf::from("/var/lib/weft"));
+        assert_eq!(
+            config.haproxy.master_socket,
+            PathBuf::from("/var/lib/weft/master.sock")
+        );
+        assert_eq!(config.haproxy.hard_stop_after, Duration::from_secs(30));
+        assert!(config.allowed.contains("10.2.1.5".parse().unwrap()));
+        assert_eq!(
+            config.sources.file.unwrap().path,
+            PathBuf::from("/etc/weft/services.toml")
+        );
+    }
+
+    #[test]
+    fn all_errors_at_once_with_key_paths() {
+        let text = r#"
+[haproxy]
+bind = "nowhere"
+binary = "haproxy"
+mode = "sideways"
+hard_stop_after = "soon"
+
+[network]
+allowed = ["10.2.0.0/16", "10.2.0.0/33", "bogus"]
+
+[sources.file]
+debounce = "1s"
+
+[stauts]
+listen = "x"
+"#;
+        let issues = Config::parse(text, Path::new("/")).unwrap_err();
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "stauts",
+                "haproxy.binary",
+                "haproxy.mode",
+                "haproxy.bind",
+                "haproxy.hard_stop_after",
+                "network.allowed[1]",
+                "network.allowed[2]",
+                "sources.file.path",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = "[haproxy]\nbnd = \"0.0.0.0:80\"\n[network]\nallowed = 3\n";
+        let issues = Config::parse(text, Path::new("/")).unwrap_err();
+        assert_eq!(issues[0].key, "haproxy");
+        assert!(
+            issues[0].message.contains("unknown field `bnd`"),
+            "{:?}",
+            issues[0]
+        );
+        assert_eq!(issues[1].key, "network");
+    }
+
+    #[test]
+    fn external_mode_needs_the_socket_and_the_file() {
+        let text = "[haproxy]\nmode = \"external\"\n[sources.file]\npath = \"s.toml\"\n";
+        let issues = Config::parse(text, Path::new("/")).unwrap_err();
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["haproxy.master_socket", "haproxy.config_file"]);
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        let issues = Config::parse("[haproxy\n", Path::new("/")).unwrap_err();
+        assert_eq!(issues.len(), 1);
+    }
+}

@@ -1,0 +1,206 @@
+//! The controller: wires sources -> table -> render -> apply, and keeps HAProxy running.
+//!
+//! ```text
+//! source tasks ──watch<SourceReport>──> build table ──watch<Built>──> apply loop ──> HAProxy
+//!                                       (drops logged                (one at a time; bursts
+//!                                        as they change)              coalesce in the watch)
+//! ```
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::haproxy::apply::{Applier, ApplyError, Outcome};
+use crate::model::{build, Built, Dropped, ModelSettings, ServiceName};
+use crate::sources::{file, SourceId, SourceReport};
+
+/// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How many services `haproxy -c` may blame in one apply before weft gives up on the change.
+const MAX_CULPRITS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("source {source_id} failed: {message}")]
+    Source {
+        source_id: SourceId,
+        message: String,
+    },
+}
+
+/// Runs weft until `shutdown` is cancelled, then stops HAProxy (managed mode).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let mut reports = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(file_config) = config.sources.file.clone() {
+        let (tx, rx) = watch::channel(SourceReport::starting(SourceId::File));
+        reports.push(rx);
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            file::run(file_config, tx, token)
+                .await
+                .map_err(|err| RunError::Source {
+                    source_id: SourceId::File,
+                    message: err.to_string(),
+                })
+        });
+    }
+
+    let model = ModelSettings {
+        allowed: config.allowed.clone(),
+    };
+    let (desired_tx, desired_rx) = watch::channel(None::<Arc<Built>>);
+    tasks.spawn(build_loop(reports, model, desired_tx, shutdown.clone()));
+
+    let applier = Applier::new(config.haproxy.clone());
+    let result = tokio::select! {
+        () = apply_loop(applier, desired_rx, shutdown.clone()) => Ok(()),
+        Some(Ok(Err(err))) = tasks.join_next() => Err(err),
+    };
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+/// Rebuilds the table whenever a source publishes; publishes only a table that differs.
+async fn build_loop(
+    mut reports: Vec<watch::Receiver<SourceReport>>,
+    model: ModelSettings,
+    desired: watch::Sender<Option<Arc<Built>>>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let mut reported: BTreeSet<Dropped> = BTreeSet::new();
+    loop {
+        let current: Vec<SourceReport> = reports
+            .iter_mut()
+            .map(|r| r.borrow_and_update().clone())
+            .collect();
+        // Until every source has read once, a table would be missing routes: wait.
+        if current
+            .iter()
+            .all(|r| r.health != crate::sources::Health::Starting)
+        {
+            let refs: Vec<&SourceReport> = current.iter().collect();
+            let built = build(&refs, &model);
+            log_drops(&mut reported, &built.dropped);
+            desired.send_if_modified(|old| {
+                if old.as_deref() == Some(&built) {
+                    return false;
+                }
+                *old = Some(Arc::new(built));
+                true
+            });
+        }
+        let changes = reports.iter_mut().map(|r| Box::pin(r.changed()));
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            (result, _, _) = futures_select_all(changes) => {
+                if result.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn futures_select_all<F: std::future::Future + Unpin>(
+    futures: impl IntoIterator<Item = F>,
+) -> (F::Output, usize, Vec<F>) {
+    let futures: Vec<F> = futures.into_iter().collect();
+    if futures.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(futures).await
+}
+
+/// Logs each drop once, when it appears, and says when it is gone.
+fn log_drops(reported: &mut BTreeSet<Dropped>, now: &[Dropped]) {
+    let now: BTreeSet<Dropped> = now.iter().cloned().collect();
+    for dropped in now.difference(reported) {
+        warn!(source = %dropped.source, subject = %dropped.subject, reason = %dropped.reason, "input dropped");
+    }
+    for gone in reported.difference(&now) {
+        info!(source = %gone.source, subject = %gone.subject, "no longer dropped");
+    }
+    *reported = now;
+}
+
+/// Applies every new desired table, one at a time, retrying failures with backoff, and
+/// restarts a managed HAProxy that died.
+async fn apply_loop(
+    mut applier: Applier,
+    mut desired: watch::Receiver<Option<Arc<Built>>>,
+    shutdown: CancellationToken,
+) {
+    let mut retry = RETRY_MIN;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let retry_sleep = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            status = applier.exited() => {
+                error!(status = ?status, "haproxy exited unexpectedly, restarting it");
+                applier.mark_exited();
+            }
+            () = retry_sleep => {}
+        }
+        let Some(built) = desired.borrow_and_update().clone() else {
+            continue;
+        };
+        match apply_table(&mut applier, &built).await {
+            Ok(_) => {
+                retry = RETRY_MIN;
+                retry_at = None;
+            }
+            Err(err) => {
+                error!(error = %err, retry_in = ?retry, "apply failed, HAProxy keeps its last good config");
+                retry_at = Some(tokio::time::Instant::now() + retry);
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    applier.stop().await;
+}
+
+/// Applies one table; a service whose backend HAProxy rejects is dropped and the rest applied.
+async fn apply_table(applier: &mut Applier, built: &Built) -> Result<Outcome, ApplyError> {
+    let mut table = built.table.clone();
+    let mut blamed = 0;
+    loop {
+        match applier.apply(&table).await {
+            Err(ApplyError::Validate {
+                stderr,
+                culprit: Some(backend),
+            }) if blamed < MAX_CULPRITS => {
+                blamed += 1;
+                let name = backend.strip_prefix("be_").unwrap_or(&backend);
+                let Ok(service) = ServiceName::parse(name) else {
+                    return Err(ApplyError::Validate {
+                        stderr,
+                        culprit: Some(backend),
+                    });
+                };
+                error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
+                table.backends.remove(&service);
+                table.routes.retain(|_, s| *s != service);
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Apply: the only writer to HAProxy.
+//!
+//! ```text
+//! table ─render─> staging/ ─haproxy -c─> ok? ─atomic rename─> run_dir ─reload─> show proc
+//!                 (maps point             │                  (previous files    counter rose,
+//!                  at staging/)           └ no: nothing        kept as           failed: 0?
+//!                                           installed;         *.last-good)      no: restore
+//!                                           culprit named                        last good
+//! ```
+//!
+//! One apply runs at a time (the caller owns the `Applier`); nothing is done when the rendered
+//! files equal what HAProxy already runs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+use tracing::{debug, info, warn};
+
+use super::process::{show_proc, Launch, Managed, ProcessError};
+use super::runtime::show_servers_state;
+use super::CliError;
+use crate::config::{HaproxyConfig, HaproxyMode};
+use crate::model::RoutingTable;
+use crate::render::{render, RenderSettings, Rendered};
+
+const STAGING_DIR: &str = "staging";
+const SERVER_STATE_FILE: &str = "server-state";
+const PID_FILE: &str = "haproxy.pid";
+const POLL: Duration = Duration::from_millis(20);
+/// An empty server-state file in the format HAProxy writes: version line only. Without it
+/// HAProxy warns that it cannot read the file.
+const EMPTY_SERVER_STATE: &str = "1\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("rendering the config failed: {0}")]
+    Render(#[from] askama::Error),
+    #[error("cannot write {path}: {source}")]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {binary} -c: {source}")]
+    RunCheck {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("haproxy rejected the config{}: {stderr}", culprit.as_ref().map(|c| format!(" in backend {c}")).unwrap_or_default())]
+    Validate {
+        stderr: String,
+        /// The backend whose lines HAProxy complained about, if the error lies in one.
+        culprit: Option<String>,
+    },
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("reload: {0}")]
+    Reload(#[source] CliError),
+    #[error(
+        "reload not confirmed within {timeout:?}: the master's reload counter stayed at {reloads}"
+    )]
+    ReloadTimeout { timeout: Duration, reloads: u64 },
+    #[error("haproxy failed to load the new config (show proc: failed: {failed}); the last good files are restored and the old worker keeps serving")]
+    ReloadFailed { failed: u64 },
+    #[error("haproxy is not running")]
+    NotRunning,
+}
+
+/// What one apply did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The files already say this: nothing touched.
+    Unchanged,
+    /// HAProxy was started on the new files.
+    Started,
+    /// A reload was confirmed; the master's reload counter now reads `reloads`.
+    Reloaded { reloads: u64 },
+}
+
+/// Owns HAProxy's files and (in managed mode) its process.
+pub struct Applier {
+    config: HaproxyConfig,
+    live: RenderSettings,
+    staging: RenderSettings,
+    /// The files HAProxy runs now: the last good state.
+    applied: Option<Rendered>,
+    process: Option<Managed>,
+    generation: u64,
+}
+
+impl Applier {
+    pub fn new(config: HaproxyConfig) -> Self {
+        let live = RenderSettings {
+            bind: config.bind,
+            run_dir: config.run_dir.clone(),
+            map_dir: config.run_dir.clone(),
+            hard_stop_after: config.hard_stop_after,
+            max_reloads: config.max_reloads,
+        };
+        let staging = RenderSettings {
+            map_dir: config.run_dir.join(STAGING_DIR),
+            ..live.clone()
+        };
+        Applier {
+            config,
+            live,
+            staging,
+            applied: None,
+            process: None,
+            generation: 0,
+        }
+    }
+
+    pub fn render_settings(&self) -> &RenderSettings {
+        &self.live
+    }
+
+    /// Brings HAProxy to `table`: validate, install, start or reload, confirm.
+    #[tracing::instrument(name = "apply", skip_all, fields(generation = self.generation + 1))]
+    pub async fn apply(&mut self, table: &RoutingTable) -> Result<Outcome, ApplyError> {
+        self.generation += 1;
+        let rendered = render(table, &self.live)?;
+        let running = self.process.is_some() || self.config.mode == HaproxyMode::External;
+        if running && self.applied.as_ref() == Some(&rendered) {
+            return Ok(Outcome::Unchanged);
+        }
+        self.validate(table).await?;
+        let outcome = if running {
+            self.reload(&rendered).await?
+        } else {
+            self.install(&rendered)?;
+            self.start().await?;
+            Outcome::Started
+        };
+        self.applied = Some(rendered);
+        Ok(outcome)
+    }
+
+    /// Renders into the staging directory and runs `haproxy -c` on it.
+    async fn validate(&self, table: &RoutingTable) -> Result<(), ApplyError> {
+        let staged = render(table, &self.staging)?;
+        let dir = &self.staging.map_dir;
+        create_dir(dir)?;
+        for (name, content) in staged.files() {
+            write_atomic(&dir.join(name), content)?;
+        }
+        let config_path = dir.join(crate::render::CONFIG_FILE);
+        let output = check_config(&self.config.binary, &config_path).await?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        let culprit = culprit(&stderr, &staged.config);
+        Err(ApplyError::Validate { stderr, culprit })
+    }
+
+    /// Writes the files HAProxy reads; the previous version of each is kept as `.last-good`.
+    fn install(&self, rendered: &Rendered) -> Result<(), ApplyError> {
+        create_dir(&self.config.run_dir)?;
+        let state = self.config.run_dir.join(SERVER_STATE_FILE);
+        if !state.exists() {
+            write_atomic(&state, EMPTY_SERVER_STATE)?;
+        }
+        for (name, content) in rendered.files() {
+            let path = self.file_path(name);
+            if path.exists() {
+                let _ = std::fs::copy(&path, last_good(&path));
+            }
+            write_atomic(&path, content)?;
+        }
+        Ok(())
+    }
+
+    fn file_path(&self, name: &str) -> PathBuf {
+        if name == crate::render::CONFIG_FILE {
+            self.config.config_file.clone()
+        } else {
+            self.config.run_dir.join(name)
+        }
+    }
+
+    fn launch(&self) -> Launch {
+        Launch {
+            binary: self.config.binary.clone(),
+            master_socket: self.config.master_socket.clone(),
+            config_file: self.config.config_file.clone(),
+            pid_file: self.config.run_dir.join(PID_FILE),
+        }
+    }
+
+    async fn start(&mut self) -> Result<(), ApplyError> {
+        self.process = Some(Managed::start(&self.launch()).await?);
+        Ok(())
+    }
+
+    async fn reload(&mut self, rendered: &Rendered) -> Result<Outcome, ApplyError> {
+        let before = self.master_status().await?;
+        self.save_server_state().await;
+        self.install(rendered)?;
+        match self.reload_and_confirm(before.reloads).await {
+            Ok(reloads) => {
+                info!(reloads, "haproxy reloaded");
+                Ok(Outcome::Reloaded { reloads })
+            }
+            Err(err) => {
+                if let Some(good) = self.applied.clone() {
+                    warn!(error = %err, "reload failed, restoring the last good files");
+                    self.install(&good)?;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn reload_and_confirm(&self, before: u64) -> Result<u64, ApplyError> {
+        let socket = &self.config.master_socket;
+        let deadline = tokio::time::Instant::now() + self.config.reload_timeout;
+        // The master refuses connections for a moment after a reload: retry until accepted.
+        loop {
+            match super::cli_command(socket, "reload").await {
+                Ok(_) => break,
+                Err(err) if err.is_refused() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(POLL).await
+                }
+                Err(err) => return Err(ApplyError::Reload(err)),
+            }
+        }
+        loop {
+            match show_proc(socket).await {
+                Ok(proc) if proc.reloads > before => {
+                    if proc.failed > 0 {
+                        return Err(ApplyError::ReloadFailed {
+                            failed: proc.failed,
+                        });
+                    }
+                    return Ok(proc.reloads);
+                }
+                Ok(_) => {}
+                Err(err) => debug!(error = %err, "show proc during reload"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApplyError::ReloadTimeout {
+                    timeout: self.config.reload_timeout,
+                    reloads: before,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn master_status(&self) -> Result<super::process::ProcStatus, ApplyError> {
+        let deadline = tokio::time::Instant::now() + self.config.reload_timeout;
+        loop {
+            match show_proc(&self.config.master_socket).await {
+                Ok(proc) => return Ok(proc),
+                Err(ProcessError::Cli(err))
+                    if err.is_refused() && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(POLL).await
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// Dumps the running servers' state for the next worker; a failure only costs the state.
+    async fn save_server_state(&self) {
+        let admin = self.config.run_dir.join("admin.sock");
+        match show_servers_state(&admin).await {
+            Ok(state) if state.starts_with('1') => {
+                if let Err(err) = write_atomic(&self.config.run_dir.join(SERVER_STATE_FILE), &state)
+                {
+                    warn!(error = %err, "cannot save server state");
+                }
+            }
+            Ok(other) => warn!(answer = %other.trim(), "unexpected server state answer"),
+            Err(err) => warn!(error = %err, "cannot read server state"),
+        }
+    }
+
+    /// Resolves when a managed HAProxy exits; never in external mode or before the start.
+    pub async fn exited(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self.process.as_mut() {
+            Some(process) => process.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// After an unexpected exit: start HAProxy again on the files it ran.
+    pub async fn restart(&mut self) -> Result<(), ApplyError> {
+        self.process = None;
+        match &self.applied {
+            Some(_) => self.start().await,
+            None => Err(ApplyError::NotRunning),
+        }
+    }
+
+    /// Forgets the process after it exited, so that the next apply starts it.
+    pub fn mark_exited(&mut self) {
+        self.process = None;
+    }
+
+    /// Stops a managed HAProxy gracefully; leaves an external one as configured.
+    pub async fn stop(&mut self) {
+        if let Some(process) = self.process.take() {
+            process
+                .stop(self.config.hard_stop_after + Duration::from_secs(5))
+                .await;
+        }
+    }
+}
+
+/// `haproxy -c -f <file>`, stderr kept (never `-q`: it hides the ALERTs too).
+pub async fn check_config(
+    binary: &Path,
+    config: &Path,
+) -> Result<std::process::Output, ApplyError> {
+    Command::new(binary)
+        .arg("-c")
+        .arg("-f")
+        .arg(config)
+        .output()
+        .await
+        .map_err(|source| ApplyError::RunCheck {
+            binary: binary.to_path_buf(),
+            source,
+        })
+}
+
+/// Finds the backend whose section holds the line HAProxy's first ALERT names
+/// (`parsing [file:LINE]`).
+fn culprit(stderr: &str, config: &str) -> Option<String> {
+    let line: usize = stderr.lines().find_map(|l| {
+        let start = l.find("parsing [")? + "parsing [".len();
+        let rest = &l[start..];
+        let end = rest.find(']')?;
+        rest[..end].rsplit_once(':')?.1.parse().ok()
+    })?;
+    config
+        .lines()
+        .take(line)
+        .filter_map(|l| l.strip_prefix("backend "))
+        .last()
+        .map(|b| b.trim().to_string())
+        .filter(|b| b != "be_default")
+}
+
+fn last_good(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".last-good");
+    path.with_file_name(name)
+}
+
+fn create_dir(dir: &Path) -> Result<(), ApplyError> {
+    std::fs::create_dir_all(dir).map_err(|source| ApplyError::WriteFile {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes to a temporary file beside `path` and renames it over: readers see the old file or
+/// the new one, never half of one.
+pub fn write_atomic(path: &Path, content: &str) -> Result<(), ApplyError> {
+    let err = |source| ApplyError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+    std::io::Write::write_all(&mut tmp, content.as_bytes()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn culprit_is_the_enclosing_backend() {
+        let config = "global\n\nbackend be_default\n    x\nbackend be_shop\n    balance bogus\n    server a 1.2.3.4:80\n";
+        let stderr = "[NOTICE]   (1) : haproxy version is 2.6.12\n[ALERT]    (1) : config : parsing [/run/staging/haproxy.cfg:6] : unknown balance\n";
+        assert_eq!(culprit(stderr, config).as_deref(), Some("be_shop"));
+        let global = "[ALERT] (1) : config : parsing [/x/haproxy.cfg:1] : bad";
+        assert_eq!(culprit(global, config), None);
+        let default = "[ALERT] (1) : config : parsing [/x/haproxy.cfg:4] : bad";
+        assert_eq!(culprit(default, config), None);
+    }
+}

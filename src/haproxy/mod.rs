@@ -1,0 +1,86 @@
+//! Everything that talks to HAProxy. Nothing outside this module touches HAProxy's files,
+//! sockets or process.
+//!
+//! - `process`: start and supervise HAProxy in master-worker mode; the master CLI.
+//! - `runtime`: the admin stats socket (server state).
+//! - `apply`: the only writer: validate, install, reload, confirm.
+
+pub mod apply;
+pub mod process;
+pub mod runtime;
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// The longest a CLI command may take, connect to last byte.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command:?} on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command:?} on {path}: no answer within {timeout:?}")]
+    Timeout {
+        path: PathBuf,
+        command: String,
+        timeout: Duration,
+    },
+}
+
+impl CliError {
+    /// The master refuses connections for a moment during a reload: worth a retry.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, CliError::Connect { source, .. }
+            if matches!(source.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound))
+    }
+}
+
+/// Sends one command line to an HAProxy CLI socket (master or stats) and returns the whole
+/// answer. The stats socket closes after one command, but 2.6's master CLI keeps the
+/// connection open: a trailing `quit` makes both close once they have answered.
+pub async fn cli_command(path: &Path, command: &str) -> Result<String, CliError> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| CliError::Connect {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let io_err = |source| CliError::Io {
+            path: path.to_path_buf(),
+            command: command.to_string(),
+            source,
+        };
+        stream
+            .write_all(format!("{command};quit\n").as_bytes())
+            .await
+            .map_err(io_err)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.map_err(io_err)?;
+        Ok(answer)
+    };
+    tokio::time::timeout(CLI_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(CliError::Timeout {
+                path: path.to_path_buf(),
+                command: command.to_string(),
+                timeout: CLI_TIMEOUT,
+            })
+        })
+}

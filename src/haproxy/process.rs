@@ -1,0 +1,283 @@
+//! HAProxy in master-worker mode: start it, watch it, stop it, and read its master CLI.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tracing::{debug, info, warn};
+
+use super::{cli_command, CliError};
+
+/// How long a fresh HAProxy may take to answer on its master socket with a worker running.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(25);
+/// Lines of HAProxy's own output kept for error messages.
+const KEPT_OUTPUT_LINES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("haproxy exited during start-up ({status}): {output}")]
+    ExitedAtStart { status: ExitStatus, output: String },
+    #[error("haproxy did not come up within {timeout:?}: {output}")]
+    StartTimeout { timeout: Duration, output: String },
+    #[error("unexpected answer to `show proc`: {answer:?}")]
+    ShowProc { answer: String },
+    #[error(transparent)]
+    Cli(#[from] CliError),
+}
+
+/// The master and worker lines of `show proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStatus {
+    pub master_pid: u32,
+    /// Reloads since the master started.
+    pub reloads: u64,
+    /// Failed loads since the last successful one.
+    pub failed: u64,
+    /// `(pid, reloads survived)` of each worker; the current worker has 0.
+    pub workers: Vec<(u32, u64)>,
+}
+
+impl ProcStatus {
+    /// Parses `show proc`: `<pid> master <reloads> [failed: N] <uptime> <version>`, then one
+    /// line per worker under `# workers`.
+    pub fn parse(answer: &str) -> Option<ProcStatus> {
+        let mut master = None;
+        let mut workers = Vec::new();
+        for line in answer.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [pid, "master", reloads, "[failed:", failed, ..] => {
+                    let failed = failed.trim_end_matches(']');
+                    master = Some((
+                        pid.parse().ok()?,
+                        reloads.parse().ok()?,
+                        failed.parse().ok()?,
+                    ));
+                }
+                [pid, "worker", reloads, ..] => {
+                    workers.push((pid.parse().ok()?, reloads.parse().ok()?));
+                }
+                _ => {}
+            }
+        }
+        let (master_pid, reloads, failed) = master?;
+        Some(ProcStatus {
+            master_pid,
+            reloads,
+            failed,
+            workers,
+        })
+    }
+}
+
+/// Asks the master for its process list.
+pub async fn show_proc(master_socket: &Path) -> Result<ProcStatus, ProcessError> {
+    let answer = cli_command(master_socket, "show proc").await?;
+    ProcStatus::parse(&answer).ok_or(ProcessError::ShowProc { answer })
+}
+
+/// A HAProxy master that weft started and supervises.
+pub struct Managed {
+    child: Child,
+    pid: u32,
+    output: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// How to start HAProxy.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub binary: PathBuf,
+    pub master_socket: PathBuf,
+    pub config_file: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Managed {
+    /// Starts `haproxy -W -S <socket>,mode,600 -f <config> -p <pidfile>` and waits until the
+    /// master answers with a worker running.
+    pub async fn start(launch: &Launch) -> Result<Managed, ProcessError> {
+        stop_leftover(launch).await;
+        let _ = std::fs::remove_file(&launch.master_socket);
+        let mut child = Command::new(&launch.binary)
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", launch.master_socket.display()))
+            .arg("-f")
+            .arg(&launch.config_file)
+            .arg("-p")
+            .arg(&launch.pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                binary: launch.binary.clone(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or_default();
+        let output = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(forward_output(stdout, output.clone()));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(forward_output(stderr, output.clone()));
+        }
+        let mut managed = Managed { child, pid, output };
+
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = managed.child.try_wait().ok().flatten() {
+                return Err(ProcessError::ExitedAtStart {
+                    status,
+                    output: managed.recent_output(),
+                });
+            }
+            match show_proc(&launch.master_socket).await {
+                Ok(proc) if !proc.workers.is_empty() => {
+                    info!(pid, master_socket = %launch.master_socket.display(), "haproxy started");
+                    return Ok(managed);
+                }
+                Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(POLL).await
+                }
+                _ => {
+                    managed.kill().await;
+                    return Err(ProcessError::StartTimeout {
+                        timeout: START_TIMEOUT,
+                        output: managed.recent_output(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The last lines HAProxy printed, for error messages.
+    pub fn recent_output(&self) -> String {
+        let lines = self.output.lock().map(|o| o.clone()).unwrap_or_default();
+        Vec::from(lines).join(" | ")
+    }
+
+    /// Resolves when the master exits.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Soft stop (SIGUSR1: workers finish their connections), then SIGKILL after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if signal(self.pid, Signal::SIGUSR1) {
+            if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
+                info!(pid = self.pid, %status, "haproxy stopped");
+                return;
+            }
+            warn!(
+                pid = self.pid,
+                ?grace,
+                "haproxy did not stop in time, killing it"
+            );
+        }
+        self.kill().await;
+    }
+
+    async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn signal(pid: u32, signal: Signal) -> bool {
+    match i32::try_from(pid) {
+        Ok(pid) if pid > 0 => kill(Pid::from_raw(pid), signal).is_ok(),
+        _ => false,
+    }
+}
+
+async fn forward_output(stream: impl AsyncRead + Unpin, kept: Arc<Mutex<VecDeque<String>>>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("[ALERT]") || line.contains("[WARNING]") {
+            warn!(target: "haproxy", "{line}");
+        } else {
+            debug!(target: "haproxy", "{line}");
+        }
+        if let Ok(mut kept) = kept.lock() {
+            if kept.len() == KEPT_OUTPUT_LINES {
+                kept.pop_front();
+            }
+            kept.push_back(line);
+        }
+    }
+}
+
+/// A HAProxy left running by an earlier weft that died without stopping it would hold the
+/// port: stop it, but only if the pid file names a haproxy started on this very config.
+async fn stop_leftover(launch: &Launch) {
+    let Ok(text) = std::fs::read_to_string(&launch.pid_file) else {
+        return;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let config = launch.config_file.display().to_string();
+    if !cmdline.contains("haproxy") || !cmdline.contains(&config) {
+        return;
+    }
+    warn!(
+        pid,
+        "stopping a haproxy left running by an earlier weft on the same config"
+    );
+    signal(pid, Signal::SIGUSR1);
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    signal(pid, Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_show_proc() {
+        let answer =
+            "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+3147            master          2 [failed: 1]   0d00h00m01s     2.6.12-1+deb12u4\n\
+# workers\n\
+3150            worker          0               0d00h00m01s     2.6.12-1+deb12u4\n\
+3149            worker          1               0d00h00m03s     2.6.12-1+deb12u4\n\
+# programs\n\n";
+        let proc = ProcStatus::parse(answer).unwrap();
+        assert_eq!(proc.master_pid, 3147);
+        assert_eq!(proc.reloads, 2);
+        assert_eq!(proc.failed, 1);
+        assert_eq!(proc.workers, vec![(3150, 0), (3149, 1)]);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert_eq!(ProcStatus::parse("Unknown command\n"), None);
+    }
+}

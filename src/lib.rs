@@ -1,0 +1,21 @@
+//! weft: an HAProxy edge controller for Weave container networks.
+//!
+//! Data flows one way: sources -> routing table -> render -> apply.
+//!
+//! - [`config`]: weft.toml, validated once, every error at once.
+//! - [`sources`]: where service definitions come from (the watched services file).
+//! - [`network`]: which addresses backends may have (the allowed networks).
+//! - [`model`]: the routing table, every input validated, drops with reasons.
+//! - [`render`]: table -> haproxy.cfg and maps (askama), deterministic.
+//! - [`haproxy`]: the only writer to HAProxy: validate, install, reload, supervise.
+//! - [`controller`]: wires the above into the running daemon.
+//! - [`demo`]: the embedded default: demo backends and services for `weft demo`.
+
+pub mod config;
+pub mod controller;
+pub mod demo;
+pub mod haproxy;
+pub mod model;
+pub mod network;
+pub mod render;
+pub mod sources;

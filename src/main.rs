@@ -1,0 +1,276 @@
+//! The `weft` command line: run, render, check, demo.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use weft::config::Config;
+use weft::haproxy::apply::{check_config, write_atomic};
+use weft::model::{build, ModelSettings};
+use weft::render::{render, RenderSettings};
+use weft::sources::{read_all_once, SourceReport};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "HAProxy edge controller for Weave container networks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (sources -> HAProxy) until SIGTERM/SIGINT.
+    Run {
+        #[arg(short, long, default_value = "weft.toml")]
+        config: PathBuf,
+    },
+    /// Read every source once and print haproxy.cfg; dropped inputs go to stderr.
+    Render {
+        #[arg(short, long, default_value = "weft.toml")]
+        config: PathBuf,
+        /// Write every file HAProxy needs into DIR (paths inside point at DIR) instead.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Validate the config, read each source, run `haproxy -c` on the result.
+    Check {
+        #[arg(short, long, default_value = "weft.toml")]
+        config: PathBuf,
+        /// Also fail when an input is dropped.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Run the embedded default: HAProxy on 127.0.0.1:8080, the file source, two demo backends.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("weft: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("weft: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => run(Config::load(&config)?).await,
+        Command::Render { config, out } => render_once(&Config::load(&config)?, out).await,
+        Command::Check { config, strict } => check(&config, strict).await,
+        Command::Demo { bind } => demo(bind).await,
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    require_binary(&config.haproxy.binary)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    weft::controller::run(config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM, stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT, stopping"),
+    }
+    shutdown.cancel();
+}
+
+fn require_binary(binary: &Path) -> anyhow::Result<()> {
+    if !binary.exists() {
+        bail!(
+            "haproxy not found at {} (Debian: apt-get install haproxy; or set haproxy.binary)",
+            binary.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads every source once and builds the table; source failures are returned as messages.
+async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
+    let mut reports: Vec<SourceReport> = Vec::new();
+    let mut failures = Vec::new();
+    for (source, result) in read_all_once(&config.sources).await {
+        match result {
+            Ok(report) => reports.push(report),
+            Err(err) => failures.push(format!("source {source}: {err}")),
+        }
+    }
+    let refs: Vec<&SourceReport> = reports.iter().collect();
+    let model = ModelSettings {
+        allowed: config.allowed.clone(),
+    };
+    (build(&refs, &model), failures)
+}
+
+fn settings_for(config: &Config, dir: &Path) -> RenderSettings {
+    RenderSettings {
+        bind: config.haproxy.bind,
+        run_dir: dir.to_path_buf(),
+        map_dir: dir.to_path_buf(),
+        hard_stop_after: config.haproxy.hard_stop_after,
+        max_reloads: config.haproxy.max_reloads,
+    }
+}
+
+async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (built, failures) = build_once(config).await;
+    for failure in &failures {
+        eprintln!("weft: {failure}");
+    }
+    for dropped in &built.dropped {
+        eprintln!("dropped: {dropped}");
+    }
+    match out {
+        None => {
+            let rendered = render(&built.table, &settings_for(config, &config.haproxy.run_dir))?;
+            std::io::stdout().write_all(rendered.config.as_bytes())?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let dir = std::path::absolute(&dir)?;
+            let rendered = render(&built.table, &settings_for(config, &dir))?;
+            for (name, content) in rendered.files() {
+                write_atomic(&dir.join(name), content)?;
+            }
+            write_atomic(&dir.join("server-state"), "1\n")?;
+        }
+    }
+    Ok(if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    println!("config {}: ok", path.display());
+    let mut problems = 0;
+    if let Err(err) = require_binary(&config.haproxy.binary) {
+        println!("haproxy: {err:#}");
+        problems += 1;
+    }
+    let (built, failures) = build_once(&config).await;
+    for failure in &failures {
+        println!("{failure}");
+        problems += 1;
+    }
+    println!(
+        "routing: {} services, {} routes, {} dropped",
+        built.table.backends.len(),
+        built.table.routes.len(),
+        built.dropped.len()
+    );
+    for dropped in &built.dropped {
+        println!("dropped: {dropped}");
+        if strict {
+            problems += 1;
+        }
+    }
+    if problems == 0 || config.haproxy.binary.exists() {
+        let dir = tempfile::tempdir()?;
+        let rendered = render(&built.table, &settings_for(&config, dir.path()))?;
+        for (name, content) in rendered.files() {
+            write_atomic(&dir.path().join(name), content)?;
+        }
+        write_atomic(&dir.path().join("server-state"), "1\n")?;
+        let output = check_config(&config.haproxy.binary, &dir.path().join("haproxy.cfg")).await?;
+        if output.status.success() {
+            println!("haproxy -c: ok");
+        } else {
+            println!(
+                "haproxy -c: rejected:\n{}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+            problems += 1;
+        }
+    }
+    Ok(if problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        println!("{problems} problem(s)");
+        ExitCode::FAILURE
+    })
+}
+
+async fn demo(bind: SocketAddr) -> anyhow::Result<ExitCode> {
+    let dir = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
+    let shutdown = CancellationToken::new();
+    let backend1 = TcpListener::bind("127.0.0.1:0").await?;
+    let backend2 = TcpListener::bind("127.0.0.1:0").await?;
+    weft::demo::write_files(dir.path(), backend1.local_addr()?, backend2.local_addr()?)?;
+    tokio::spawn(weft::demo::serve_backend(
+        "backend1",
+        backend1,
+        shutdown.clone(),
+    ));
+    tokio::spawn(weft::demo::serve_backend(
+        "backend2",
+        backend2,
+        shutdown.clone(),
+    ));
+
+    let mut config = Config::load(&dir.path().join("weft.toml"))?;
+    config.haproxy.bind = bind;
+    require_binary(&config.haproxy.binary)?;
+    let services = dir.path().join("services.toml");
+    println!(
+        "weft demo: HAProxy on http://{bind}, services in {}",
+        services.display()
+    );
+    println!("try:");
+    println!(
+        "  curl -H 'Host: app.demo.localhost' http://{bind}/       # backend1 and backend2 in turn"
+    );
+    println!(
+        "  curl -H 'Host: app.demo.localhost' http://{bind}/api/x  # the /api prefix: backend2"
+    );
+    println!("  curl -H 'Host: one.demo.localhost' http://{bind}/       # backend1 only");
+    println!("  curl -H 'Host: nope.example.com' http://{bind}/         # no route: 404");
+    println!(
+        "edit {} and watch traffic follow; Ctrl-C stops.",
+        services.display()
+    );
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    weft::controller::run(config, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,270 @@
+//! Render: the routing table as `haproxy.cfg` and its map files.
+//!
+//! A pure function of the table and the settings: the same input gives byte-identical output,
+//! so every edge node renders the same files and "nothing changed" is a string comparison.
+//!
+//! Routing in HAProxy, in the order it is tried:
+//! 1. `paths.map` (`map_beg`): `host/path/` -> backend, longest prefix first; the frontend
+//!    looks up `host + path + "/"`, so `/api` matches `/api` and `/api/x` but not `/apix`;
+//! 2. `hosts.map` (exact): `host` -> backend;
+//! 3. `wildcards.map` (`map_end`): `.example.com` -> backend for `*.example.com`, longest first;
+//! 4. `be_default`: 404.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use askama::Template;
+
+use crate::model::RoutingTable;
+
+/// The map files the config refers to, by file name inside the map directory.
+pub const HOSTS_MAP: &str = "hosts.map";
+pub const PATHS_MAP: &str = "paths.map";
+pub const WILDCARDS_MAP: &str = "wildcards.map";
+pub const CONFIG_FILE: &str = "haproxy.cfg";
+
+/// What the rendered files depend on besides the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderSettings {
+    /// Where HAProxy listens for clients.
+    pub bind: SocketAddr,
+    /// Absolute directory of the admin socket and the server-state file.
+    pub run_dir: PathBuf,
+    /// Absolute directory the map files are read from.
+    pub map_dir: PathBuf,
+    /// `hard-stop-after`: how long an old worker may finish its connections after a reload.
+    pub hard_stop_after: Duration,
+    /// `mworker-max-reloads`: old workers that survived this many reloads are killed.
+    pub max_reloads: u32,
+}
+
+/// Every file HAProxy needs, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub config: String,
+    pub hosts_map: String,
+    pub paths_map: String,
+    pub wildcards_map: String,
+}
+
+impl Rendered {
+    /// `(file name, content)` of each file, maps first: they must be in place before the
+    /// config that reads them.
+    pub fn files(&self) -> [(&'static str, &str); 4] {
+        [
+            (HOSTS_MAP, &self.hosts_map),
+            (PATHS_MAP, &self.paths_map),
+            (WILDCARDS_MAP, &self.wildcards_map),
+            (CONFIG_FILE, &self.config),
+        ]
+    }
+}
+
+struct BackendView {
+    name: String,
+    balance: &'static str,
+    check: Option<String>,
+    /// Server names are their addresses: stable whatever order a source lists them in.
+    servers: Vec<String>,
+}
+
+#[derive(Template)]
+#[template(path = "haproxy.cfg", escape = "none")]
+struct ConfigTemplate<'a> {
+    version: &'a str,
+    bind: SocketAddr,
+    run_dir: String,
+    map_dir: String,
+    hard_stop_after: String,
+    max_reloads: u32,
+    backends: Vec<BackendView>,
+}
+
+/// Renders the config and the maps.
+pub fn render(table: &RoutingTable, settings: &RenderSettings) -> Result<Rendered, askama::Error> {
+    let backends = table
+        .backends
+        .iter()
+        .map(|(name, backend)| BackendView {
+            name: name.backend(),
+            balance: backend.balance.as_str(),
+            check: backend.check.as_ref().map(|p| p.as_str().to_string()),
+            servers: backend.servers.iter().map(ToString::to_string).collect(),
+        })
+        .collect();
+    let config = ConfigTemplate {
+        version: env!("CARGO_PKG_VERSION"),
+        bind: settings.bind,
+        run_dir: display_dir(&settings.run_dir),
+        map_dir: display_dir(&settings.map_dir),
+        hard_stop_after: format!("{}s", settings.hard_stop_after.as_secs().max(1)),
+        max_reloads: settings.max_reloads,
+        backends,
+    }
+    .render()?;
+    let (hosts_map, paths_map, wildcards_map) = render_maps(table);
+    Ok(Rendered {
+        config,
+        hosts_map,
+        paths_map,
+        wildcards_map,
+    })
+}
+
+fn display_dir(dir: &Path) -> String {
+    dir.display().to_string().trim_end_matches('/').to_string()
+}
+
+/// The three maps. `map_beg` and `map_end` take the first match in file order, so longer keys
+/// come first; ties sort by key, keeping the output deterministic.
+fn render_maps(table: &RoutingTable) -> (String, String, String) {
+    let mut hosts = Vec::new();
+    let mut paths = Vec::new();
+    let mut wildcards = Vec::new();
+    for (key, service) in &table.routes {
+        let backend = service.backend();
+        match (key.host.wildcard_suffix(), key.path.is_root()) {
+            (Some(suffix), _) => wildcards.push((suffix.to_string(), backend)),
+            (None, true) => hosts.push((key.host.to_string(), backend)),
+            (None, false) => paths.push((format!("{}{}/", key.host, key.path), backend)),
+        }
+    }
+    let longest_first =
+        |a: &(String, String), b: &(String, String)| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0));
+    paths.sort_by(longest_first);
+    wildcards.sort_by(longest_first);
+    (map_text(&hosts), map_text(&paths), map_text(&wildcards))
+}
+
+fn map_text(entries: &[(String, String)]) -> String {
+    let mut text = String::new();
+    for (key, value) in entries {
+        let _ = writeln!(text, "{key} {value}");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{build, ModelSettings};
+    use crate::network::AllowedNetworks;
+    use crate::sources::{ServiceDef, SourceId, SourceReport};
+
+    fn settings() -> RenderSettings {
+        RenderSettings {
+            bind: "0.0.0.0:80".parse().unwrap(),
+            run_dir: "/var/lib/weft".into(),
+            map_dir: "/var/lib/weft".into(),
+            hard_stop_after: Duration::from_secs(30),
+            max_reloads: 50,
+        }
+    }
+
+    fn svc(name: &str, hosts: &[&str], path: Option<&str>, servers: &[&str]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            path: path.map(Into::into),
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+            balance: None,
+            check: None,
+        }
+    }
+
+    fn table(services: Vec<ServiceDef>) -> RoutingTable {
+        let report = SourceReport {
+            services,
+            ..SourceReport::starting(SourceId::File)
+        };
+        let model = ModelSettings {
+            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
+        };
+        build(&[&report], &model).table
+    }
+
+    /// Compares against a golden file; `WEFT_BLESS=1` rewrites it.
+    fn golden(name: &str, actual: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("WEFT_BLESS").is_some() {
+            std::fs::write(&path, actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("{}: {e} (run with WEFT_BLESS=1 to create)", path.display())
+        });
+        if expected != actual {
+            let diff = similar::TextDiff::from_lines(expected.as_str(), actual);
+            panic!(
+                "{name} differs from the golden file (- expected, + actual):\n{}",
+                diff.unified_diff().header("expected", "actual")
+            );
+        }
+    }
+
+    fn sample() -> RoutingTable {
+        let mut shop = svc(
+            "shop",
+            &["shop.example.com", "www.shop.example.com"],
+            None,
+            &["10.2.2.7:8080", "10.2.1.5:8080"],
+        );
+        shop.check = Some("/health".into());
+        let mut api = svc(
+            "shop-api",
+            &["shop.example.com"],
+            Some("/api"),
+            &["10.2.1.9:9000"],
+        );
+        api.balance = Some("leastconn".into());
+        let v2 = svc(
+            "shop-api-v2",
+            &["shop.example.com"],
+            Some("/api/v2"),
+            &["10.2.3.4:9000"],
+        );
+        let wild = svc(
+            "tenants",
+            &["*.tenants.example.com"],
+            None,
+            &["10.2.1.20:80"],
+        );
+        let empty = svc("scaled-down", &["down.example.com"], None, &[]);
+        table(vec![shop, api, v2, wild, empty])
+    }
+
+    #[test]
+    fn golden_config_and_maps() {
+        let rendered = render(&sample(), &settings()).unwrap();
+        golden("sample.haproxy.cfg", &rendered.config);
+        golden("sample.hosts.map", &rendered.hosts_map);
+        golden("sample.paths.map", &rendered.paths_map);
+        golden("sample.wildcards.map", &rendered.wildcards_map);
+    }
+
+    #[test]
+    fn golden_empty_table() {
+        let rendered = render(&RoutingTable::default(), &settings()).unwrap();
+        golden("empty.haproxy.cfg", &rendered.config);
+        assert_eq!(rendered.hosts_map, "");
+    }
+
+    #[test]
+    fn longest_path_prefix_comes_first() {
+        let rendered = render(&sample(), &settings()).unwrap();
+        assert_eq!(
+            rendered.paths_map,
+            "shop.example.com/api/v2/ be_shop-api-v2\nshop.example.com/api/ be_shop-api\n"
+        );
+    }
+
+    #[test]
+    fn same_input_same_bytes() {
+        let a = render(&sample(), &settings()).unwrap();
+        let b = render(&sample(), &settings()).unwrap();
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,290 @@
+//! The file source: a TOML list of services, watched with `notify`.
+//!
+//! ```toml
+//! [[service]]
+//! name = "shop"
+//! hosts = ["shop.example.com"]
+//! path = "/"                       # optional path prefix
+//! servers = ["10.2.1.5:8080"]
+//! balance = "roundrobin"           # optional
+//! check = "/health"                # optional HTTP health check path
+//! ```
+//!
+//! The directory is watched (an editor that saves by writing a temporary file and renaming it
+//! over the old one replaces the inode), bursts are debounced, and the file is also re-read
+//! periodically in case an event was missed. A file that does not parse keeps the last good
+//! definitions; one broken `[[service]]` entry is rejected alone.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use notify::RecursiveMode;
+use notify_debouncer_full::{new_debouncer, DebounceEventResult};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Health, Rejected, ServiceDef, SourceId, SourceReport};
+use crate::config::FileSourceConfig;
+
+/// Safety net for missed file events.
+const REREAD_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Shape { path: PathBuf, message: String },
+    #[error("cannot watch {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// One `[[service]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    #[serde(default)]
+    hosts: Vec<String>,
+    path: Option<String>,
+    #[serde(default)]
+    servers: Vec<String>,
+    balance: Option<String>,
+    check: Option<String>,
+}
+
+/// Services read from one file, and the entries that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileContent {
+    pub services: Vec<ServiceDef>,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Reads and parses the services file once.
+pub async fn read(path: &Path) -> Result<FileContent, FileError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| FileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    parse(&text, path)
+}
+
+/// Parses the services file. Syntax errors and unknown top-level keys fail the whole file (a
+/// typo like `[[services]]` must not read as "no services"); a broken entry is rejected alone.
+pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|err: toml::de::Error| FileError::Parse {
+            path: path.to_path_buf(),
+            message: err.to_string().trim().to_string(),
+        })?;
+    let entries = match table.remove("service") {
+        None => Vec::new(),
+        Some(toml::Value::Array(entries)) => entries,
+        Some(_) => {
+            return Err(FileError::Shape {
+                path: path.to_path_buf(),
+                message: "`service` must be an array of tables ([[service]])".into(),
+            })
+        }
+    };
+    if let Some(key) = table.keys().next() {
+        return Err(FileError::Shape {
+            path: path.to_path_buf(),
+            message: format!("unknown top-level key `{key}` (expected [[service]] entries)"),
+        });
+    }
+    let mut content = FileContent {
+        services: Vec::new(),
+        rejected: Vec::new(),
+    };
+    for (i, entry) in entries.into_iter().enumerate() {
+        let name = entry
+            .get("name")
+            .and_then(toml::Value::as_str)
+            .map(|n| format!(" ({n:?})"))
+            .unwrap_or_default();
+        match entry.try_into::<FileService>() {
+            Ok(service) => content.services.push(ServiceDef {
+                name: service.name,
+                hosts: service.hosts,
+                path: service.path,
+                servers: service.servers,
+                balance: service.balance,
+                check: service.check,
+            }),
+            Err(err) => content.rejected.push(Rejected {
+                subject: format!("service #{}{name}", i + 1),
+                reason: err.to_string().trim().to_string(),
+            }),
+        }
+    }
+    Ok(content)
+}
+
+/// Runs the file source until `shutdown`: publishes the file's content on every change.
+pub async fn run(
+    config: FileSourceConfig,
+    tx: watch::Sender<SourceReport>,
+    shutdown: CancellationToken,
+) -> Result<(), FileError> {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let dir = config
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let file_name = config.path.file_name().map(|n| n.to_os_string());
+    let mut debouncer = new_debouncer(config.debounce, None, move |result: DebounceEventResult| {
+        let relevant = match result {
+            Ok(events) => events.iter().any(|event| {
+                event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+            }),
+            // An error from the watcher: re-read to be safe.
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = events_tx.send(());
+        }
+    })
+    .map_err(|source| FileError::Watch {
+        path: dir.clone(),
+        source,
+    })?;
+    debouncer
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| FileError::Watch {
+            path: dir.clone(),
+            source,
+        })?;
+    info!(path = %config.path.display(), "watching services file");
+
+    let mut reread = tokio::time::interval(REREAD_INTERVAL);
+    loop {
+        refresh(&config.path, &tx).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            Some(()) = events.recv() => debug!(path = %config.path.display(), "services file changed"),
+            _ = reread.tick() => {}
+        }
+    }
+}
+
+/// Reads the file and publishes what changed; on failure keeps the last good services.
+async fn refresh(path: &Path, tx: &watch::Sender<SourceReport>) {
+    let result = read(path).await;
+    tx.send_if_modified(|report| {
+        let before = report.clone();
+        match &result {
+            Ok(content) => {
+                if report.health != Health::Ok && report.health != Health::Starting {
+                    info!(path = %path.display(), "services file readable again");
+                }
+                report.services = content.services.clone();
+                report.rejected = content.rejected.clone();
+                report.health = Health::Ok;
+            }
+            Err(err) => {
+                let reason = err.to_string();
+                let unchanged =
+                    matches!(&report.health, Health::Degraded { reason: r, .. } if *r == reason);
+                if !unchanged {
+                    warn!(error = %reason, services = report.services.len(), "services file unusable, keeping the last good services");
+                    report.health = Health::Degraded {
+                        reason,
+                        since: SystemTime::now(),
+                    };
+                }
+            }
+        }
+        *report != before
+    });
+}
+
+/// The report of a single read, for `weft render` and `weft check`.
+pub async fn read_once(path: &Path) -> Result<SourceReport, FileError> {
+    let content = read(path).await?;
+    Ok(SourceReport {
+        source: SourceId::File,
+        services: content.services,
+        rejected: content.rejected,
+        health: Health::Ok,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_services() {
+        let text = r#"
+[[service]]
+name = "shop"
+hosts = ["shop.example.com"]
+servers = ["10.2.1.5:8080"]
+check = "/health"
+"#;
+        let content = parse(text, Path::new("s.toml")).unwrap();
+        assert_eq!(content.services.len(), 1);
+        assert_eq!(content.services[0].check.as_deref(), Some("/health"));
+        assert!(content.rejected.is_empty());
+    }
+
+    #[test]
+    fn a_broken_entry_is_rejected_alone() {
+        let text = r#"
+[[service]]
+name = "shop"
+hosts = ["shop.example.com"]
+servers = ["10.2.1.5:8080"]
+
+[[service]]
+name = "typo"
+hostz = ["x.example.com"]
+
+[[service]]
+name = "wrongtype"
+servers = "10.2.1.5:8080"
+"#;
+        let content = parse(text, Path::new("s.toml")).unwrap();
+        assert_eq!(content.services.len(), 1);
+        assert_eq!(content.rejected.len(), 2);
+        assert_eq!(content.rejected[0].subject, "service #2 (\"typo\")");
+        assert!(content.rejected[0].reason.contains("hostz"));
+    }
+
+    #[test]
+    fn whole_file_errors() {
+        assert!(matches!(
+            parse("[[service]\n", Path::new("s.toml")),
+            Err(FileError::Parse { .. })
+        ));
+        assert!(matches!(
+            parse("[[services]]\nname = \"x\"\n", Path::new("s.toml")),
+            Err(FileError::Shape { .. })
+        ));
+        assert!(matches!(
+            parse("service = 3\n", Path::new("s.toml")),
+            Err(FileError::Shape { .. })
+        ));
+        assert_eq!(parse("", Path::new("s.toml")).unwrap().services.len(), 0);
+    }
+}
