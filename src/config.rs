@@ -453,6 +453,19 @@ listen = "x"
         assert_eq!(keys, ["haproxy.master_socket", "haproxy.config_file"]);
     }
 
+    /// README's config reference lists real keys with the real defaults.
+    #[test]
+    fn readme_reference_matches_the_defaults() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("<!-- config-reference -->\n```toml\n").unwrap();
+        let block = &readme[start..];
+        let block = &block[block.find("```toml\n").unwrap() + 8..block.find("```\n<!--").unwrap()];
+        let base = Path::new("/etc/weft");
+        let documented = Config::parse(block, base).unwrap();
+        let defaults = Config::parse("[sources.file]\npath = \"services.toml\"\n", base).unwrap();
+        assert_eq!(documented, defaults);
+    }
+
     #[test]
     fn syntax_error_is_reported() {
         let issues = Config::parse("[haproxy\n", Path::new("/")).unwrap_err();

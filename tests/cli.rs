@@ -1,0 +1,179 @@
+//! `weft render` and `weft check`, as an operator runs them.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const HOSTILE: &str = r#"
+[[service]]
+name = "space"
+hosts = ["bad host.test"]
+servers = ["10.2.1.5:8080"]
+
+[[service]]
+name = "newline"
+hosts = ["bad\nhost.test"]
+servers = ["10.2.1.5:8080"]
+
+[[service]]
+name = "hash"
+hosts = ["bad#host.test"]
+servers = ["10.2.1.5:8080"]
+
+[[service]]
+name = "port0"
+hosts = ["port0.test"]
+servers = ["10.2.1.5:0"]
+
+[[service]]
+name = "port70000"
+hosts = ["port70000.test"]
+servers = ["10.2.1.5:70000"]
+
+[[service]]
+name = "outside"
+hosts = ["outside.test"]
+servers = ["192.168.7.10:80"]
+
+[[service]]
+name = "shop"
+hosts = ["shop.example.com", "www.shop.example.com"]
+servers = ["10.2.1.5:8080", "10.2.2.7:8080"]
+check = "/health"
+
+[[service]]
+name = "shop-api"
+hosts = ["shop.example.com"]
+path = "/api"
+servers = ["10.2.1.9:9000"]
+balance = "leastconn"
+"#;
+
+fn setup(services: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.toml"),
+        "[sources.file]\npath = \"services.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("services.toml"), services).unwrap();
+    dir
+}
+
+fn weft(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .arg("-c")
+        .arg(dir.join("weft.toml"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn render_is_byte_identical_for_the_same_input() {
+    let dir = setup(HOSTILE);
+    let first = weft(dir.path(), &["render"]);
+    let second = weft(dir.path(), &["render"]);
+    assert!(first.status.success());
+    assert!(!first.stdout.is_empty());
+    assert_eq!(first.stdout, second.stdout);
+
+    // The order services are listed in does not matter either.
+    let mut entries: Vec<&str> = HOSTILE.split("[[service]]").skip(1).collect();
+    entries.reverse();
+    let reversed: String = entries.iter().map(|e| format!("[[service]]{e}")).collect();
+    let other = setup(&reversed);
+    let third = weft(other.path(), &["render"]);
+    assert_eq!(first.stdout, third.stdout);
+}
+
+#[test]
+fn render_drops_hostile_entries_with_reasons_and_haproxy_accepts_the_rest() {
+    support::require_haproxy();
+    let dir = setup(HOSTILE);
+    let out = dir.path().join("out");
+    let output = weft(dir.path(), &["render", "--out", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    for expected in [
+        r#"dropped: file: service "space" host "bad host.test": invalid hostname: contains a space"#,
+        r#"dropped: file: service "newline" host "bad\nhost.test": invalid hostname: contains a newline"#,
+        r#"dropped: file: service "hash" host "bad#host.test": invalid hostname: contains '#'"#,
+        r#"dropped: file: service "port0" server "10.2.1.5:0": invalid server port 0"#,
+        r#"dropped: file: service "port70000" server "10.2.1.5:70000": invalid server port 70000"#,
+        r#"dropped: file: service "outside" server "192.168.7.10:80": address 192.168.7.10 is outside the allowed networks"#,
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+
+    let config = std::fs::read_to_string(out.join("haproxy.cfg")).unwrap();
+    assert!(config.contains(&format!("map({}/hosts.map,be_default)", out.display())));
+    assert!(config.contains("server 10.2.1.5:8080 10.2.1.5:8080 check"));
+    assert!(!config.contains("192.168.7.10"));
+    let hosts = std::fs::read_to_string(out.join("hosts.map")).unwrap();
+    assert_eq!(
+        hosts,
+        "outside.test be_outside\nport0.test be_port0\nport70000.test be_port70000\n\
+         shop.example.com be_shop\nwww.shop.example.com be_shop\n"
+    );
+
+    let check = Command::new(support::HAPROXY)
+        .arg("-c")
+        .arg("-f")
+        .arg(out.join("haproxy.cfg"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "haproxy -c: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[test]
+fn check_reports_problems_and_exit_codes() {
+    support::require_haproxy();
+    let good = setup(
+        "[[service]]\nname = \"shop\"\nhosts = [\"shop.test\"]\nservers = [\"10.2.1.5:80\"]\n",
+    );
+    let output = weft(good.path(), &["check"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("haproxy -c: ok"), "{stdout}");
+
+    // Drops are reported; only --strict turns them into a failure.
+    let hostile = setup(HOSTILE);
+    assert!(weft(hostile.path(), &["check"]).status.success());
+    let strict = weft(hostile.path(), &["check", "--strict"]);
+    assert!(!strict.status.success());
+
+    // A broken services file is a problem.
+    let broken = setup("[[service]\n");
+    let output = weft(broken.path(), &["check"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("is not valid TOML"));
+
+    // A broken weft.toml names every bad key.
+    std::fs::write(
+        broken.path().join("weft.toml"),
+        "[haproxy]\nbind = \"x\"\nbinary = \"haproxy\"\n[network]\nallowed = [\"nope\"]\n",
+    )
+    .unwrap();
+    let output = weft(broken.path(), &["check"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    for key in [
+        "haproxy.bind",
+        "haproxy.binary",
+        "network.allowed[0]",
+        "sources",
+    ] {
+        assert!(stderr.contains(key), "{key} missing in {stderr}");
+    }
+}

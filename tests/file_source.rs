@@ -1,0 +1,251 @@
+//! End to end: services.toml -> weft -> real HAProxy -> loopback backends.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{service, wait_for_404, wait_for_backends, Backend, Weft};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_answers_404_for_unknown_hosts() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let services = service("alpha", &["alpha.test"], None, &[a.addr])
+        + &service(
+            "beta",
+            &["beta.test", "www.beta.test"],
+            None,
+            &[b.addr, c.addr],
+        )
+        + &service("beta-api", &["beta.test"], Some("/api"), &[a.addr]);
+    let weft = Weft::start(&services);
+
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    wait_for_backends(&weft, "beta.test", "/", &["b", "c"]).await;
+    wait_for_backends(&weft, "www.beta.test", "/anything", &["b", "c"]).await;
+    // Host is matched without its port and case-insensitively.
+    wait_for_backends(&weft, "ALPHA.test:80", "/", &["a"]).await;
+    // The path prefix takes /api and /api/..., not /apix.
+    wait_for_backends(&weft, "beta.test", "/api", &["a"]).await;
+    wait_for_backends(&weft, "beta.test", "/api/v1/x", &["a"]).await;
+    wait_for_backends(&weft, "beta.test", "/apix", &["b", "c"]).await;
+    wait_for_404(&weft, "unknown.test", "/").await;
+    wait_for_404(&weft, "alpha.test.evil", "/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_move_traffic() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let alpha = |hosts: &[&str], path| service("alpha", hosts, path, &[a.addr]);
+    let weft = Weft::start(
+        &(alpha(&["alpha.test"], None) + &service("beta", &["beta.test"], None, &[b.addr, c.addr])),
+    );
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    wait_for_backends(&weft, "beta.test", "/", &["b", "c"]).await;
+
+    // Add a host (saved by rename, as editors do).
+    weft.write_services(
+        &(alpha(&["alpha.test", "alpha2.test"], None)
+            + &service("beta", &["beta.test"], None, &[b.addr, c.addr])),
+    );
+    wait_for_backends(&weft, "alpha2.test", "/", &["a"]).await;
+
+    // Remove a server (written in place).
+    weft.overwrite_services(
+        &(alpha(&["alpha.test", "alpha2.test"], None)
+            + &service("beta", &["beta.test"], None, &[b.addr])),
+    );
+    wait_for_backends(&weft, "beta.test", "/", &["b"]).await;
+
+    // Add a service.
+    weft.write_services(
+        &(alpha(&["alpha.test", "alpha2.test"], None)
+            + &service("beta", &["beta.test"], None, &[b.addr])
+            + &service("gamma", &["gamma.test"], None, &[c.addr])),
+    );
+    wait_for_backends(&weft, "gamma.test", "/", &["c"]).await;
+
+    // Change a path: alpha moves from / to /v1.
+    weft.write_services(
+        &(alpha(&["alpha.test", "alpha2.test"], Some("/v1"))
+            + &service("beta", &["beta.test"], None, &[b.addr])
+            + &service("gamma", &["gamma.test"], None, &[c.addr])),
+    );
+    wait_for_backends(&weft, "alpha.test", "/v1/x", &["a"]).await;
+    wait_for_404(&weft, "alpha.test", "/").await;
+
+    // Remove a service: its host answers 404.
+    weft.write_services(
+        &(alpha(&["alpha.test", "alpha2.test"], Some("/v1"))
+            + &service("beta", &["beta.test"], None, &[b.addr])),
+    );
+    wait_for_404(&weft, "gamma.test", "/").await;
+    wait_for_backends(&weft, "beta.test", "/", &["b"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_edit_keeps_the_old_routes_serving() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let good = service("alpha", &["alpha.test"], None, &[a.addr]);
+    let weft = Weft::start(&good);
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let (reloads_before, _, _) = weft.show_proc().await.unwrap();
+
+    // Broken TOML, then a typo'd table name: both keep the last good services.
+    for broken in [
+        format!("{good}[[service]\nname = \"beta\""),
+        "[[services]]\nname = \"alpha\"\n".to_string(),
+    ] {
+        weft.write_services(&broken);
+        support::eventually(
+            Duration::from_secs(5),
+            "the broken edit is noticed",
+            || async {
+                if weft.log().matches("keeping the last good services").count() > 0 {
+                    Ok(())
+                } else {
+                    Err("not yet")
+                }
+            },
+        )
+        .await;
+        for _ in 0..10 {
+            assert_eq!(
+                weft.get("alpha.test", "/").await.unwrap(),
+                (200, "a".to_string())
+            );
+        }
+    }
+    let (reloads_after, failed, _) = weft.show_proc().await.unwrap();
+    assert_eq!(
+        reloads_after, reloads_before,
+        "a broken file must not reload HAProxy"
+    );
+    assert_eq!(failed, 0);
+
+    // A valid edit is taken again.
+    weft.write_services(&(good + &service("beta", &["beta.test"], None, &[b.addr])));
+    wait_for_backends(&weft, "beta.test", "/", &["b"]).await;
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_file_causes_no_reload() {
+    let a = Backend::start("a").await;
+    let services = service("alpha", &["alpha.test"], None, &[a.addr]);
+    let weft = Weft::start(&services);
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let (before, _, _) = weft.show_proc().await.unwrap();
+
+    // Same content rewritten, and a comment added: the routing is the same.
+    weft.write_services(&services);
+    weft.write_services(&format!("# a comment\n{services}"));
+    // A real change afterwards proves the earlier events were processed by then.
+    let b = Backend::start("b").await;
+    weft.write_services(&format!(
+        "# a comment\n{services}{}",
+        service("beta", &["beta.test"], None, &[b.addr])
+    ));
+    wait_for_backends(&weft, "beta.test", "/", &["b"]).await;
+    let (after, failed, _) = weft.show_proc().await.unwrap();
+    assert_eq!(after, before + 1, "only the real change reloads");
+    assert_eq!(failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_entries_are_dropped_and_the_rest_routes() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let services = format!(
+        r#"
+[[service]]
+name = "space"
+hosts = ["bad host.test"]
+servers = ["{a}"]
+
+[[service]]
+name = "newline"
+hosts = ["bad\nhost.test"]
+servers = ["{a}"]
+
+[[service]]
+name = "hash"
+hosts = ["bad#host.test"]
+servers = ["{a}"]
+
+[[service]]
+name = "port0"
+hosts = ["port0.test"]
+servers = ["127.0.0.1:0"]
+
+[[service]]
+name = "port70000"
+hosts = ["port70000.test"]
+servers = ["127.0.0.1:70000"]
+
+[[service]]
+name = "outside"
+hosts = ["outside.test"]
+servers = ["192.0.2.10:80"]
+
+[[service]]
+name = "good"
+hosts = ["good.test"]
+servers = ["{b}"]
+"#,
+        a = a.addr,
+        b = b.addr
+    );
+    let weft = Weft::start(&services);
+    wait_for_backends(&weft, "good.test", "/", &["b"]).await;
+
+    let log = weft.log();
+    for expected in [
+        r#"subject=service "space" host "bad host.test" reason=invalid hostname: contains a space"#,
+        r#"subject=service "newline" host "bad\nhost.test" reason=invalid hostname: contains a newline"#,
+        r#"subject=service "hash" host "bad#host.test" reason=invalid hostname: contains '#'"#,
+        r#"subject=service "port0" server "127.0.0.1:0" reason=invalid server port 0"#,
+        r#"subject=service "port70000" server "127.0.0.1:70000" reason=invalid server port 70000"#,
+        r#"subject=service "outside" server "192.0.2.10:80" reason=address 192.0.2.10 is outside the allowed networks"#,
+    ] {
+        assert!(log.contains(expected), "missing {expected:?} in:\n{log}");
+    }
+    // Services left without servers route to an empty backend (503), never elsewhere.
+    for host in ["port0.test", "port70000.test", "outside.test"] {
+        let (status, _) = weft.get(host, "/").await.unwrap();
+        assert_eq!(status, 503, "{host}");
+    }
+    for host in ["bad host.test", "badhost.test"] {
+        let (status, _) = weft.get(host, "/").await.unwrap_or((0, String::new()));
+        assert_ne!(status, 200, "{host}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_is_restarted_when_it_dies_and_stopped_with_weft() {
+    let a = Backend::start("a").await;
+    let mut weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let first = weft.haproxy_pid().unwrap();
+
+    support::signal(first, "KILL");
+    support::eventually(Duration::from_secs(10), "a new haproxy master", || async {
+        match weft.haproxy_pid() {
+            Some(pid) if pid != first && support::process_alive(pid) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+
+    let second = weft.haproxy_pid().unwrap();
+    let status = weft.stop().unwrap();
+    assert!(status.success(), "weft exits cleanly on SIGTERM: {status}");
+    assert!(!support::process_alive(second), "haproxy stopped with weft");
+}
