@@ -68,6 +68,15 @@ impl fmt::Display for ServiceName {
 pub struct Hostname(String);
 
 impl Hostname {
+    /// Validates and lowercases a hostname.
+    ///
+    /// ```
+    /// use weft::model::Hostname;
+    /// assert_eq!(Hostname::parse("Shop.Example.com").unwrap().as_str(), "shop.example.com");
+    /// assert!(Hostname::parse("*.example.com").is_ok());
+    /// assert_eq!(Hostname::parse("a b.example.com").unwrap_err(), "contains a space");
+    /// assert!(Hostname::parse("shop.example.com:80").is_err());
+    /// ```
     pub fn parse(raw: &str) -> Result<Self, String> {
         if raw.is_empty() {
             return Err("is empty".into());
@@ -134,6 +143,11 @@ impl PathPrefix {
         PathPrefix("/".into())
     }
 
+    /// ```
+    /// use weft::model::PathPrefix;
+    /// assert_eq!(PathPrefix::parse("/api/").unwrap().as_str(), "/api");
+    /// assert!(PathPrefix::parse("/a/../b").is_err());
+    /// ```
     pub fn parse(raw: &str) -> Result<Self, String> {
         if !raw.starts_with('/') {
             return Err("must start with '/'".into());
