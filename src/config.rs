@@ -302,6 +302,15 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         "haproxy.reload_timeout",
         issues,
     );
+    if hard_stop_after.is_zero() {
+        issues.add(
+            "haproxy.hard_stop_after",
+            "must be above zero: old workers need time to finish their requests",
+        );
+    }
+    if reload_timeout.is_zero() {
+        issues.add("haproxy.reload_timeout", "must be above zero");
+    }
     let max_reloads = raw.max_reloads.unwrap_or(DEFAULT_MAX_RELOADS);
     if max_reloads == 0 {
         issues.add("haproxy.max_reloads", "must be at least 1");

@@ -168,6 +168,11 @@ async fn apply_loop(
                 retry = RETRY_MIN;
                 retry_at = None;
             }
+            // The same table would be rejected again: wait for the next change.
+            Err(err @ ApplyError::Validate { .. }) => {
+                error!(error = %err, "haproxy rejected the config, keeping the last good one until the next change");
+                retry_at = None;
+            }
             Err(err) => {
                 error!(error = %err, retry_in = ?retry, "apply failed, HAProxy keeps its last good config");
                 retry_at = Some(tokio::time::Instant::now() + retry);

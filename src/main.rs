@@ -207,7 +207,7 @@ async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
             problems += 1;
         }
     }
-    if problems == 0 || config.haproxy.binary.exists() {
+    if config.haproxy.binary.exists() {
         let dir = tempfile::tempdir()?;
         let rendered = render(&built.table, &settings_for(&config, dir.path()))?;
         for (name, content) in rendered.files() {

@@ -99,7 +99,7 @@ pub fn render(table: &RoutingTable, settings: &RenderSettings) -> Result<Rendere
         bind: settings.bind,
         run_dir: display_dir(&settings.run_dir),
         map_dir: display_dir(&settings.map_dir),
-        hard_stop_after: format!("{}s", settings.hard_stop_after.as_secs().max(1)),
+        hard_stop_after: haproxy_duration(settings.hard_stop_after),
         max_reloads: settings.max_reloads,
         backends,
     }
@@ -111,6 +111,15 @@ pub fn render(table: &RoutingTable, settings: &RenderSettings) -> Result<Rendere
         paths_map,
         wildcards_map,
     })
+}
+
+/// HAProxy's time format: whole seconds as `30s`, anything finer in milliseconds.
+fn haproxy_duration(duration: Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
 }
 
 fn display_dir(dir: &Path) -> String {
@@ -259,6 +268,12 @@ mod tests {
             rendered.paths_map,
             "shop.example.com/api/v2/ be_shop-api-v2\nshop.example.com/api/ be_shop-api\n"
         );
+    }
+
+    #[test]
+    fn durations_in_haproxy_format() {
+        assert_eq!(haproxy_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(haproxy_duration(Duration::from_millis(1500)), "1500ms");
     }
 
     #[test]

@@ -288,15 +288,6 @@ impl Applier {
         }
     }
 
-    /// After an unexpected exit: start HAProxy again on the files it ran.
-    pub async fn restart(&mut self) -> Result<(), ApplyError> {
-        self.process = None;
-        match &self.applied {
-            Some(_) => self.start().await,
-            None => Err(ApplyError::NotRunning),
-        }
-    }
-
     /// Forgets the process after it exited, so that the next apply starts it.
     pub fn mark_exited(&mut self) {
         self.process = None;
