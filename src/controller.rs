@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::haproxy::apply::{Applier, ApplyError, Outcome};
-use crate::model::{build, Built, Dropped, ModelSettings, ServiceName};
+use crate::model::{build, Built, Dropped, ModelSettings, RoutingTable, ServiceName};
 use crate::sources::{file, SourceId, SourceReport};
 
 /// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
@@ -138,6 +138,7 @@ async fn apply_loop(
     mut desired: watch::Receiver<Option<Arc<Built>>>,
     shutdown: CancellationToken,
 ) {
+    let mut applied = RoutingTable::default();
     let mut retry = RETRY_MIN;
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
@@ -164,7 +165,12 @@ async fn apply_loop(
             continue;
         };
         match apply_table(&mut applier, &built).await {
-            Ok(_) => {
+            Ok((outcome, table)) => {
+                if outcome != Outcome::Unchanged {
+                    let changes = applied.diff(&table);
+                    info!(?outcome, services = table.backends.len(), routes = table.routes.len(), %changes, "routing applied");
+                }
+                applied = table;
                 retry = RETRY_MIN;
                 retry_at = None;
             }
@@ -184,7 +190,11 @@ async fn apply_loop(
 }
 
 /// Applies one table; a service whose backend HAProxy rejects is dropped and the rest applied.
-async fn apply_table(applier: &mut Applier, built: &Built) -> Result<Outcome, ApplyError> {
+/// Returns the table that was applied.
+async fn apply_table(
+    applier: &mut Applier,
+    built: &Built,
+) -> Result<(Outcome, RoutingTable), ApplyError> {
     let mut table = built.table.clone();
     let mut blamed = 0;
     loop {
@@ -205,7 +215,8 @@ async fn apply_table(applier: &mut Applier, built: &Built) -> Result<Outcome, Ap
                 table.backends.remove(&service);
                 table.routes.retain(|_, s| *s != service);
             }
-            other => return other,
+            Ok(outcome) => return Ok((outcome, table)),
+            Err(err) => return Err(err),
         }
     }
 }

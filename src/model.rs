@@ -296,6 +296,92 @@ pub struct RoutingTable {
     pub routes: BTreeMap<RouteKey, ServiceName>,
 }
 
+impl RoutingTable {
+    /// What changes between `self` (applied) and `desired`: `empty.diff(&t)` adds all of `t`,
+    /// `t.diff(&empty)` removes it all, `t.diff(&t)` is empty.
+    pub fn diff(&self, desired: &RoutingTable) -> TableDiff {
+        let mut diff = TableDiff::default();
+        for (name, backend) in &desired.backends {
+            match self.backends.get(name) {
+                None => diff.added_services.push(name.clone()),
+                Some(old) if old != backend => diff.changed_services.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        diff.removed_services = self
+            .backends
+            .keys()
+            .filter(|name| !desired.backends.contains_key(*name))
+            .cloned()
+            .collect();
+        for (key, service) in &desired.routes {
+            match self.routes.get(key) {
+                None => diff.added_routes.push(key.clone()),
+                Some(old) if old != service => diff.moved_routes.push(key.clone()),
+                Some(_) => {}
+            }
+        }
+        diff.removed_routes = self
+            .routes
+            .keys()
+            .filter(|key| !desired.routes.contains_key(*key))
+            .cloned()
+            .collect();
+        diff
+    }
+}
+
+/// The difference between two routing tables, in sorted order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableDiff {
+    pub added_services: Vec<ServiceName>,
+    pub removed_services: Vec<ServiceName>,
+    /// Same name, other servers, balance or check.
+    pub changed_services: Vec<ServiceName>,
+    pub added_routes: Vec<RouteKey>,
+    pub removed_routes: Vec<RouteKey>,
+    /// Same host and path, another service.
+    pub moved_routes: Vec<RouteKey>,
+}
+
+impl TableDiff {
+    pub fn is_empty(&self) -> bool {
+        *self == TableDiff::default()
+    }
+}
+
+impl fmt::Display for TableDiff {
+    /// `services +gamma -beta ~alpha; routes +gamma.test -beta.test >shop.test/api`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn list<T: fmt::Display>(sign: char, items: &[T]) -> Vec<String> {
+            items.iter().map(|item| format!("{sign}{item}")).collect()
+        }
+        let services = [
+            list('+', &self.added_services),
+            list('-', &self.removed_services),
+            list('~', &self.changed_services),
+        ]
+        .concat();
+        let routes = [
+            list('+', &self.added_routes),
+            list('-', &self.removed_routes),
+            list('>', &self.moved_routes),
+        ]
+        .concat();
+        let mut parts = Vec::new();
+        if !services.is_empty() {
+            parts.push(format!("services {}", services.join(" ")));
+        }
+        if !routes.is_empty() {
+            parts.push(format!("routes {}", routes.join(" ")));
+        }
+        if parts.is_empty() {
+            parts.push("none".into());
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
 /// An input that did not make it into the table, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dropped {
@@ -712,6 +798,31 @@ mod tests {
         let built = build(&[&report(vec![a, b])], &settings());
         assert_eq!(built.table.routes.len(), 1);
         assert!(built.dropped[0].reason.contains("already defined"));
+    }
+
+    #[test]
+    fn diff_replays_and_tears_down() {
+        let a = def("alpha", &["alpha.example.com"], &["10.2.1.5:80"]);
+        let b = def("beta", &["beta.example.com"], &["10.2.1.6:80"]);
+        let table = build(&[&report(vec![a.clone(), b.clone()])], &settings()).table;
+        let empty = RoutingTable::default();
+        let up = empty.diff(&table);
+        assert_eq!(up.added_services.len(), 2);
+        assert_eq!(up.added_routes.len(), 2);
+        let down = table.diff(&empty);
+        assert_eq!(down.removed_services.len(), 2);
+        assert_eq!(down.removed_routes.len(), 2);
+        assert!(table.diff(&table).is_empty());
+        assert_eq!(table.diff(&table).to_string(), "none");
+
+        let mut b2 = b;
+        b2.servers.push("10.2.1.7:80".into());
+        let c = def("gamma", &["gamma.example.com"], &["10.2.1.8:80"]);
+        let next = build(&[&report(vec![b2, c])], &settings()).table;
+        assert_eq!(
+            table.diff(&next).to_string(),
+            "services +gamma -alpha ~beta; routes +gamma.example.com -alpha.example.com"
+        );
     }
 
     #[test]

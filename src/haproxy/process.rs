@@ -207,8 +207,11 @@ fn signal(pid: u32, signal: Signal) -> bool {
 async fn forward_output(stream: impl AsyncRead + Unpin, kept: Arc<Mutex<VecDeque<String>>>) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if line.contains("[ALERT]") || line.contains("[WARNING]") {
+        // Every reload makes each old proxy print "Proxy X stopped": routine, not a warning.
+        if line.contains("[ALERT]") {
             warn!(target: "haproxy", "{line}");
+        } else if line.contains("[WARNING]") && !line.contains("stopped (cumulated conns") {
+            info!(target: "haproxy", "{line}");
         } else {
             debug!(target: "haproxy", "{line}");
         }

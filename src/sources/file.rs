@@ -90,7 +90,7 @@ pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
         .parse()
         .map_err(|err: toml::de::Error| FileError::Parse {
             path: path.to_path_buf(),
-            message: err.to_string().trim().to_string(),
+            message: one_line(text, &err),
         })?;
     let entries = match table.remove("service") {
         None => Vec::new(),
@@ -134,6 +134,24 @@ pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
         }
     }
     Ok(content)
+}
+
+/// A TOML error as one log-friendly line: `line 3, column 9: invalid table header`.
+fn one_line(text: &str, err: &toml::de::Error) -> String {
+    let message = err
+        .message()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    match err.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
 }
 
 /// Runs the file source until `shutdown`: publishes the file's content on every change.
@@ -269,6 +287,19 @@ servers = "10.2.1.5:8080"
         assert_eq!(content.rejected.len(), 2);
         assert_eq!(content.rejected[0].subject, "service #2 (\"typo\")");
         assert!(content.rejected[0].reason.contains("hostz"));
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line_with_a_position() {
+        let err = parse(
+            "[[service]]\nname = \"x\"\n[[service\n",
+            Path::new("s.toml"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "s.toml is not valid TOML: line 3, column 10: invalid table header expected `.`, `]]`"
+        );
     }
 
     #[test]
