@@ -77,16 +77,20 @@ pub struct Weft {
 }
 
 impl Weft {
-    /// Writes weft.toml and services.toml and starts `weft run`.
+    /// Writes weft.toml and services.toml and starts `weft run` (managed mode).
     pub fn start(services: &str) -> Weft {
-        require_haproxy();
         let dir = tempfile::Builder::new()
             .prefix("weft-test-")
             .tempdir()
             .unwrap();
-        let port = free_port();
+        Weft::start_in(dir, free_port(), "", services)
+    }
+
+    /// Starts `weft run` in `dir` with HAProxy on `port`; `haproxy_keys` go into `[haproxy]`.
+    pub fn start_in(dir: tempfile::TempDir, port: u16, haproxy_keys: &str, services: &str) -> Weft {
+        require_haproxy();
         let config = format!(
-            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\n\
+            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n{haproxy_keys}\n\
              [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
              [sources.file]\npath = \"services.toml\"\ndebounce = \"50ms\"\n"
         );
@@ -345,4 +349,56 @@ pub fn service(name: &str, hosts: &[&str], path: Option<&str>, servers: &[Socket
         hosts.join(", "),
         servers.join(", ")
     )
+}
+
+/// A HAProxy started by the test itself, as systemd would start it for external mode:
+/// `haproxy -W -S <master.sock> -f <haproxy.cfg> -p <pid>`. Killed on drop.
+pub struct ExternalHaproxy {
+    pub master_socket: PathBuf,
+    pub config_file: PathBuf,
+    child: Child,
+}
+
+impl ExternalHaproxy {
+    /// Starts HAProxy in `dir` on a config that answers every request on `port` with `body`.
+    pub fn start(dir: &Path, port: u16, body: &str) -> ExternalHaproxy {
+        require_haproxy();
+        let config_file = dir.join("haproxy.cfg");
+        let master_socket = dir.join("external-master.sock");
+        std::fs::write(
+            &config_file,
+            format!(
+                "defaults\n    mode http\n    timeout connect 1s\n    timeout client 5s\n    timeout server 5s\n\
+                 frontend http\n    bind 127.0.0.1:{port}\n    http-request return status 200 content-type text/plain string {body:?}\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(HAPROXY)
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", master_socket.display()))
+            .arg("-f")
+            .arg(&config_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        ExternalHaproxy {
+            master_socket,
+            config_file,
+            child,
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ExternalHaproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
