@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::haproxy::apply::{Applier, ApplyError, Outcome};
 use crate::model::{build, Built, Dropped, ModelSettings, RoutingTable, ServiceName};
-use crate::sources::{file, SourceId, SourceReport};
+use crate::sources::{consul, file, SourceId, SourceReport};
 
 /// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -47,6 +47,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 .await
                 .map_err(|err| RunError::Source {
                     source_id: SourceId::File,
+                    message: err.to_string(),
+                })
+        });
+    }
+
+    if let Some(consul_config) = config.sources.consul.clone() {
+        let (tx, rx) = watch::channel(SourceReport::starting(SourceId::Consul));
+        reports.push(rx);
+        let token = shutdown.clone();
+        let domain = config.routing.domain.clone();
+        tasks.spawn(async move {
+            consul::run(consul_config, domain, tx, token)
+                .await
+                .map_err(|err| RunError::Source {
+                    source_id: SourceId::Consul,
                     message: err.to_string(),
                 })
         });

@@ -128,7 +128,7 @@ fn require_binary(binary: &Path) -> anyhow::Result<()> {
 async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
     let mut reports: Vec<SourceReport> = Vec::new();
     let mut failures = Vec::new();
-    for (source, result) in read_all_once(&config.sources).await {
+    for (source, result) in read_all_once(config).await {
         match result {
             Ok(report) => reports.push(report),
             Err(err) => failures.push(format!("source {source}: {err}")),

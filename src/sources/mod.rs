@@ -6,21 +6,24 @@
 //!
 //! Definitions are raw, as the source gave them: validation happens once, in [`crate::model`].
 
+pub mod consul;
 pub mod file;
 
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Which source a definition came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SourceId {
     File,
+    Consul,
 }
 
 impl fmt::Display for SourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SourceId::File => "file",
+            SourceId::Consul => "consul",
         })
     }
 }
@@ -83,12 +86,67 @@ impl SourceReport {
 
 /// Reads every configured source once, for `weft render` and `weft check`.
 pub async fn read_all_once(
-    config: &crate::config::SourcesConfig,
+    config: &crate::config::Config,
 ) -> Vec<(SourceId, Result<SourceReport, String>)> {
     let mut reports = Vec::new();
-    if let Some(file) = &config.file {
+    if let Some(file) = &config.sources.file {
         let report = file::read_once(&file.path).await.map_err(|e| e.to_string());
         reports.push((SourceId::File, report));
     }
+    if let Some(consul) = &config.sources.consul {
+        let report = consul::read_once(consul.clone(), config.routing.domain.clone())
+            .await
+            .map_err(|e| e.to_string());
+        reports.push((SourceId::Consul, report));
+    }
     reports
+}
+
+/// Exponential backoff with jitter for a failing source: 0.5 s doubling to 30 s, each delay
+/// drawn between half and all of its step so that many watches do not retry in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    step: Duration,
+}
+
+impl Backoff {
+    pub const MIN: Duration = Duration::from_millis(500);
+    pub const MAX: Duration = Duration::from_secs(30);
+
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(Self::MAX);
+        step.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.step = Self::MIN;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { step: Self::MIN }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut backoff = Backoff::default();
+        let mut step = Backoff::MIN;
+        for _ in 0..12 {
+            let delay = backoff.next_delay();
+            assert!(
+                delay >= step / 2 && delay <= step,
+                "{delay:?} for step {step:?}"
+            );
+            step = (step * 2).min(Backoff::MAX);
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Backoff::MIN);
+    }
 }
