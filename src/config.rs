@@ -73,6 +73,15 @@ struct RawRouting {
     domain: Option<String>,
 }
 
+/// `[status]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatus {
+    /// Where the status page, `/status` (JSON) and `/healthz` listen. Default
+    /// `127.0.0.1:9090`.
+    listen: Option<String>,
+}
+
 /// `[sources]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -196,7 +205,11 @@ pub struct Config {
     pub allowed: AllowedNetworks,
     pub routing: RoutingConfig,
     pub sources: SourcesConfig,
+    /// Where the status endpoints listen.
+    pub status_listen: SocketAddr,
 }
+
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:9090";
 
 /// One problem in weft.toml.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,10 +263,11 @@ impl Config {
         let network: RawNetwork = section(&mut table, "network", &mut issues);
         let routing: RawRouting = section(&mut table, "routing", &mut issues);
         let sources: RawSources = section(&mut table, "sources", &mut issues);
+        let status: RawStatus = section(&mut table, "status", &mut issues);
         for key in table.keys() {
             issues.add(
                 key,
-                "unknown section (known: haproxy, network, routing, sources)",
+                "unknown section (known: haproxy, network, routing, sources, status)",
             );
         }
 
@@ -261,6 +275,16 @@ impl Config {
         let allowed = validate_network(network, &mut issues);
         let routing = validate_routing(routing, &mut issues);
         let sources = validate_sources(sources, base, &mut issues);
+        let listen_text = status
+            .listen
+            .unwrap_or_else(|| DEFAULT_STATUS_LISTEN.into());
+        let status_listen = listen_text.parse().unwrap_or_else(|_| {
+            issues.add(
+                "status.listen",
+                format!("{listen_text:?} is not an address like \"127.0.0.1:9090\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9090))
+        });
         if !issues.0.is_empty() {
             return Err(issues.0);
         }
@@ -269,6 +293,7 @@ impl Config {
             allowed,
             routing,
             sources,
+            status_listen,
         })
     }
 }
@@ -633,6 +658,9 @@ debounce = "1s"
 
 [stauts]
 listen = "x"
+
+[status]
+listen = "nowhere"
 "#;
         let issues = Config::parse(text, Path::new("/")).unwrap_err();
         let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
@@ -647,6 +675,7 @@ listen = "x"
                 "network.allowed[1]",
                 "network.allowed[2]",
                 "sources.file.path",
+                "status.listen",
             ]
         );
     }

@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -18,6 +20,7 @@ use crate::config::Config;
 use crate::haproxy::apply::{Applier, ApplyError, Outcome};
 use crate::model::{build, Built, Dropped, ModelSettings, RoutingTable, ServiceName};
 use crate::sources::{consul, file, SourceId, SourceReport};
+use crate::status::{self, ApplyStatus, StatusFeed};
 
 /// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -27,6 +30,17 @@ const MAX_CULPRITS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("cannot listen on {addr} for the status page (status.listen): {source}")]
+    StatusListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("status server: {source}")]
+    StatusServe {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("source {source_id} failed: {message}")]
     Source {
         source_id: SourceId,
@@ -36,51 +50,88 @@ pub enum RunError {
 
 /// Runs weft until `shutdown` is cancelled, then stops HAProxy (managed mode).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let mut reports = Vec::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(file_config) = config.sources.file.clone() {
-        let (tx, rx) = watch::channel(SourceReport::starting(SourceId::File));
-        reports.push(rx);
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            file::run(file_config, tx, token)
-                .await
-                .map_err(|err| RunError::Source {
-                    source_id: SourceId::File,
-                    message: err.to_string(),
-                })
-        });
-    }
+    let status_listener = TcpListener::bind(config.status_listen)
+        .await
+        .map_err(|source| RunError::StatusListen {
+            addr: config.status_listen,
+            source,
+        })?;
+    info!(listen = %config.status_listen, "status page");
 
+    let mut reports = Vec::new();
+    let mut tasks = JoinSet::new();
+    if let Some(file_config) = config.sources.file.clone() {
+        let token = shutdown.clone();
+        reports.push(spawn_source(
+            &mut tasks,
+            SourceId::File,
+            move |tx| async move {
+                file::run(file_config, tx, token)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        ));
+    }
     if let Some(consul_config) = config.sources.consul.clone() {
-        let (tx, rx) = watch::channel(SourceReport::starting(SourceId::Consul));
-        reports.push(rx);
         let token = shutdown.clone();
         let domain = config.routing.domain.clone();
-        tasks.spawn(async move {
-            consul::run(consul_config, domain, tx, token)
-                .await
-                .map_err(|err| RunError::Source {
-                    source_id: SourceId::Consul,
-                    message: err.to_string(),
-                })
-        });
+        reports.push(spawn_source(
+            &mut tasks,
+            SourceId::Consul,
+            move |tx| async move {
+                consul::run(consul_config, domain, tx, token)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        ));
     }
 
     let model = ModelSettings {
         allowed: config.allowed.clone(),
     };
     let (desired_tx, desired_rx) = watch::channel(None::<Arc<Built>>);
+    let (apply_tx, apply_rx) = watch::channel(ApplyStatus::default());
+    let feed = StatusFeed {
+        reports: reports.clone(),
+        built: desired_rx.clone(),
+        apply: apply_rx,
+    };
+    let token = shutdown.clone();
+    tasks.spawn(async move {
+        status::serve(status_listener, feed, token)
+            .await
+            .map_err(|source| RunError::StatusServe { source })
+    });
     tasks.spawn(build_loop(reports, model, desired_tx, shutdown.clone()));
 
     let applier = Applier::new(config.haproxy.clone());
     let result = tokio::select! {
-        () = apply_loop(applier, desired_rx, shutdown.clone()) => Ok(()),
+        () = apply_loop(applier, desired_rx, apply_tx, shutdown.clone()) => Ok(()),
         Some(Ok(Err(err))) = tasks.join_next() => Err(err),
     };
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     result
+}
+
+/// Starts one source task; its reports arrive on the returned channel.
+fn spawn_source<F, Fut>(
+    tasks: &mut JoinSet<Result<(), RunError>>,
+    source_id: SourceId,
+    run: F,
+) -> watch::Receiver<SourceReport>
+where
+    F: FnOnce(watch::Sender<SourceReport>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let (tx, rx) = watch::channel(SourceReport::starting(source_id));
+    let source = run(tx);
+    tasks.spawn(async move {
+        source
+            .await
+            .map_err(|message| RunError::Source { source_id, message })
+    });
+    rx
 }
 
 /// Rebuilds the table whenever a source publishes; publishes only a table that differs.
@@ -151,6 +202,7 @@ fn log_drops(reported: &mut BTreeSet<Dropped>, now: &[Dropped]) {
 async fn apply_loop(
     mut applier: Applier,
     mut desired: watch::Receiver<Option<Arc<Built>>>,
+    status: watch::Sender<ApplyStatus>,
     shutdown: CancellationToken,
 ) {
     let mut applied = RoutingTable::default();
@@ -170,16 +222,34 @@ async fn apply_loop(
                     break;
                 }
             }
-            status = applier.exited() => {
-                error!(status = ?status, "haproxy exited unexpectedly, restarting it");
+            exit = applier.exited() => {
+                error!(status = ?exit, "haproxy exited unexpectedly, restarting it");
                 applier.mark_exited();
+                status.send_modify(|s| s.running = false);
             }
             () = retry_sleep => {}
         }
         let Some(built) = desired.borrow_and_update().clone() else {
             continue;
         };
-        match apply_table(&mut applier, &built).await {
+        let result = apply_table(&mut applier, &built).await;
+        status.send_modify(|s| {
+            s.generation += 1;
+            match &result {
+                Ok((outcome, _)) => {
+                    s.running = true;
+                    s.last_error = None;
+                    if let Outcome::Reloaded { reloads } = outcome {
+                        s.reloads = *reloads;
+                    }
+                    if *outcome != Outcome::Unchanged {
+                        s.last_change = Some(unix_now());
+                    }
+                }
+                Err(err) => s.last_error = Some(err.to_string()),
+            }
+        });
+        match result {
             Ok((outcome, table)) => {
                 if outcome != Outcome::Unchanged {
                     let changes = applied.diff(&table);
@@ -202,6 +272,12 @@ async fn apply_loop(
         }
     }
     applier.stop().await;
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Applies one table; a service whose backend HAProxy rejects is dropped and the rest applied.

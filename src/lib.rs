@@ -8,6 +8,7 @@
 //! - [`model`]: the routing table, every input validated, drops with reasons.
 //! - [`render`]: table -> haproxy.cfg and maps (askama), deterministic.
 //! - [`haproxy`]: the only writer to HAProxy: validate, install, reload, supervise.
+//! - [`status`]: what weft routes where and why something is missing (HTML, JSON, healthz).
 //! - [`controller`]: wires the above into the running daemon.
 //! - [`demo`]: the embedded default: demo backends and services for `weft demo`.
 
@@ -19,3 +20,4 @@ pub mod model;
 pub mod network;
 pub mod render;
 pub mod sources;
+pub mod status;

@@ -249,3 +249,70 @@ async fn haproxy_is_restarted_when_it_dies_and_stopped_with_weft() {
     assert!(status.success(), "weft exits cleanly on SIGTERM: {status}");
     assert!(!support::process_alive(second), "haproxy stopped with weft");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_endpoints_show_routes_drops_and_health() {
+    let a = Backend::start("a").await;
+    let services = service("alpha", &["alpha.test"], None, &[a.addr])
+        + &service("evil<script>", &["evil.test"], None, &[a.addr])
+        + &service(
+            "outside",
+            &["outside.test"],
+            None,
+            &["192.0.2.1:80".parse().unwrap()],
+        );
+    let weft = Weft::start(&services);
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+
+    // The status follows right after the apply that made the route serve.
+    support::eventually(Duration::from_secs(5), "healthz ok", || async {
+        match weft.status("/healthz").await? {
+            (200, body) if body == "ok\n" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (code, json) = weft.status("/status").await.unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["healthy"], true);
+    assert_eq!(status["sources"][0]["name"], "file");
+    assert_eq!(status["sources"][0]["state"], "ok");
+    assert_eq!(status["routes"][0]["host"], "alpha.test");
+    assert_eq!(status["routes"][0]["servers"][0], a.addr.to_string());
+    assert_eq!(status["haproxy"]["running"], true);
+    let dropped = status["dropped"].as_array().unwrap();
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+
+    // Hostile names are escaped on the HTML page.
+    let (code, html) = weft.status("/").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        html.contains("evil&#60;script&#62;") || html.contains("evil&lt;script&gt;"),
+        "{html}"
+    );
+    assert!(!html.contains("<script>"));
+
+    // A broken file: the source is degraded, /healthz says why, routes keep serving.
+    weft.write_services("[[service]\n");
+    support::eventually(
+        Duration::from_secs(5),
+        "healthz reports the broken file",
+        || async {
+            match weft.status("/healthz").await? {
+                (503, body)
+                    if body.contains("source file is degraded")
+                        && body.contains("not valid TOML") =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        weft.get("alpha.test", "/").await.unwrap(),
+        (200, "a".to_string())
+    );
+}

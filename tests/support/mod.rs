@@ -73,6 +73,8 @@ pub fn free_port() -> u16 {
 pub struct Weft {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Where weft's status endpoints listen.
+    pub status_port: u16,
     child: Option<Child>,
 }
 
@@ -88,17 +90,42 @@ impl Weft {
 
     /// Starts `weft run` in `dir` with HAProxy on `port`; `haproxy_keys` go into `[haproxy]`.
     pub fn start_in(dir: tempfile::TempDir, port: u16, haproxy_keys: &str, services: &str) -> Weft {
+        Weft::start_full(dir, port, haproxy_keys, "", services)
+    }
+
+    /// Starts `weft run` with a Consul source at `consul_url` (and an empty services file);
+    /// `consul_keys` go into `[sources.consul]`, `extra` after it (e.g. a `[routing]` section).
+    pub fn start_consul(consul_url: &str, consul_keys: &str, extra: &str) -> Weft {
+        let dir = tempfile::Builder::new()
+            .prefix("weft-test-")
+            .tempdir()
+            .unwrap();
+        let sections =
+            format!("\n[sources.consul]\nurl = {consul_url:?}\n{consul_keys}\n{extra}\n");
+        Weft::start_full(dir, free_port(), "", &sections, "")
+    }
+
+    fn start_full(
+        dir: tempfile::TempDir,
+        port: u16,
+        haproxy_keys: &str,
+        sections: &str,
+        services: &str,
+    ) -> Weft {
         require_haproxy();
+        let status_port = free_port();
         let config = format!(
             "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n{haproxy_keys}\n\
              [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
-             [sources.file]\npath = \"services.toml\"\ndebounce = \"50ms\"\n"
+             [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
+             [sources.file]\npath = \"services.toml\"\ndebounce = \"50ms\"\n{sections}"
         );
         std::fs::write(dir.path().join("weft.toml"), config).unwrap();
         std::fs::write(dir.path().join("services.toml"), services).unwrap();
         let mut weft = Weft {
             dir,
             port,
+            status_port,
             child: None,
         };
         weft.spawn();
@@ -151,6 +178,11 @@ impl Weft {
     /// GET through HAProxy with a Host header: (status, body).
     pub async fn get(&self, host: &str, path: &str) -> Result<(u16, String), String> {
         get(self.port, host, path).await
+    }
+
+    /// GET a status endpoint: (status, body).
+    pub async fn status(&self, path: &str) -> Result<(u16, String), String> {
+        get(self.status_port, "localhost", path).await
     }
 
     /// The master's `show proc`: (reload counter, failed counter, worker count). The master

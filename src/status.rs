@@ -1,0 +1,216 @@
+//! What weft routes where, and why something is missing: `/` (HTML), `/status` (JSON),
+//! `/healthz`.
+//!
+//! Read-only views of the controller's watch channels; serving them never blocks the data path.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use askama::Template;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::Built;
+use crate::sources::{Health, SourceReport};
+
+/// What the apply loop last did, as the status page shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyStatus {
+    /// Applies attempted so far.
+    pub generation: u64,
+    /// HAProxy runs a config weft installed.
+    pub running: bool,
+    /// The master's reload counter after the last confirmed reload.
+    pub reloads: u64,
+    /// The last apply's error; `None` once an apply succeeds again.
+    pub last_error: Option<String>,
+    /// Unix seconds of the last successful change.
+    pub last_change: Option<u64>,
+}
+
+/// The channels the status server reads.
+#[derive(Clone)]
+pub struct StatusFeed {
+    pub reports: Vec<watch::Receiver<SourceReport>>,
+    pub built: watch::Receiver<Option<Arc<Built>>>,
+    pub apply: watch::Receiver<ApplyStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct SourceView {
+    name: String,
+    state: &'static str,
+    reason: Option<String>,
+    since: Option<u64>,
+    services: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct RouteView {
+    host: String,
+    path: String,
+    service: String,
+    backend: String,
+    servers: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct DroppedView {
+    source: String,
+    subject: String,
+    reason: String,
+}
+
+/// `/status`: everything at once.
+#[derive(Debug, Serialize)]
+struct StatusView {
+    healthy: bool,
+    problems: Vec<String>,
+    sources: Vec<SourceView>,
+    routes: Vec<RouteView>,
+    dropped: Vec<DroppedView>,
+    haproxy: ApplyStatus,
+}
+
+fn unix(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl StatusFeed {
+    fn view(&self) -> StatusView {
+        let mut problems = Vec::new();
+        let sources: Vec<SourceView> = self
+            .reports
+            .iter()
+            .map(|rx| {
+                let report = rx.borrow();
+                let (state, reason, since) = match &report.health {
+                    Health::Starting => ("starting", None, None),
+                    Health::Ok => ("ok", None, None),
+                    Health::Degraded { reason, since } => {
+                        ("degraded", Some(reason.clone()), Some(unix(*since)))
+                    }
+                };
+                if state != "ok" {
+                    problems.push(format!(
+                        "source {} is {state}{}",
+                        report.source,
+                        reason
+                            .as_deref()
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
+                    ));
+                }
+                SourceView {
+                    name: report.source.to_string(),
+                    state,
+                    reason,
+                    since,
+                    services: report.services.len(),
+                }
+            })
+            .collect();
+        let built = self.built.borrow().clone();
+        let (routes, dropped) = match built.as_deref() {
+            Some(built) => (
+                built
+                    .table
+                    .routes
+                    .iter()
+                    .map(|(key, service)| RouteView {
+                        host: key.host.to_string(),
+                        path: key.path.to_string(),
+                        service: service.to_string(),
+                        backend: service.backend(),
+                        servers: built
+                            .table
+                            .backends
+                            .get(service)
+                            .map(|b| b.servers.iter().map(ToString::to_string).collect())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                built
+                    .dropped
+                    .iter()
+                    .map(|d| DroppedView {
+                        source: d.source.to_string(),
+                        subject: d.subject.clone(),
+                        reason: d.reason.clone(),
+                    })
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        let haproxy = self.apply.borrow().clone();
+        if let Some(error) = &haproxy.last_error {
+            problems.push(format!("haproxy: {error}"));
+        } else if !haproxy.running {
+            problems.push("haproxy: not running yet".into());
+        }
+        StatusView {
+            healthy: problems.is_empty(),
+            problems,
+            sources,
+            routes,
+            dropped,
+            haproxy,
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "status.html")]
+struct StatusPage<'a> {
+    version: &'a str,
+    status: &'a StatusView,
+}
+
+async fn status_json(State(feed): State<StatusFeed>) -> Json<StatusView> {
+    Json(feed.view())
+}
+
+async fn healthz(State(feed): State<StatusFeed>) -> Response {
+    let view = feed.view();
+    if view.healthy {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        let body = view.problems.join("\n") + "\n";
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn page(State(feed): State<StatusFeed>) -> Response {
+    let view = feed.view();
+    let page = StatusPage {
+        version: env!("CARGO_PKG_VERSION"),
+        status: &view,
+    };
+    match page.render() {
+        Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+/// Serves the status endpoints on an already-bound listener until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    feed: StatusFeed,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/status", get(status_json))
+        .route("/healthz", get(healthz))
+        .with_state(feed);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
