@@ -41,7 +41,7 @@ const MAX_BODY_IN_ERROR: usize = 200;
 pub enum ConsulError {
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
-    #[error("GET {url}: {source}")]
+    #[error("GET {url}: {}", super::error_chain(source))]
     Request {
         url: Url,
         #[source]
@@ -308,21 +308,20 @@ impl Client {
         index: u64,
         extra: &[(&str, &str)],
     ) -> Result<Answer, ConsulError> {
-        {
-            let mut query = url.query_pairs_mut();
-            for (key, value) in extra {
-                query.append_pair(key, value);
-            }
-            if let Some(dc) = &self.config.datacenter {
-                query.append_pair("dc", dc);
-            }
-            if self.config.consistency == Consistency::Stale {
-                query.append_pair("stale", "");
-            }
-            if index > 0 {
-                query.append_pair("index", &index.to_string());
-                query.append_pair("wait", &wait_param(self.config.wait));
-            }
+        let mut pairs: Vec<(&str, String)> =
+            extra.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        if let Some(dc) = &self.config.datacenter {
+            pairs.push(("dc", dc.clone()));
+        }
+        if self.config.consistency == Consistency::Stale {
+            pairs.push(("stale", String::new()));
+        }
+        if index > 0 {
+            pairs.push(("index", index.to_string()));
+            pairs.push(("wait", wait_param(self.config.wait)));
+        }
+        if !pairs.is_empty() {
+            url.query_pairs_mut().extend_pairs(pairs);
         }
         let mut request = self
             .http

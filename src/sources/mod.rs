@@ -102,6 +102,22 @@ pub async fn read_all_once(
     reports
 }
 
+/// An error and its causes on one line: reqwest's own message ("error sending request") says
+/// nothing of why; its sources do ("connection refused", "operation timed out").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Exponential backoff with jitter for a failing source: 0.5 s doubling to 30 s, each delay
 /// drawn between half and all of its step so that many watches do not retry in lockstep.
 #[derive(Debug, Clone)]

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod consul;
+
 use axum::extract::Request;
 use axum::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,0 +1,812 @@
+//! Tests of the Consul test double itself: it must answer like the documented API, since weft's
+//! Consul source is only ever tested against it.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/consul.rs"]
+mod consul;
+
+use std::time::{Duration, Instant};
+
+use consul::{
+    parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
+};
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/consul");
+/// Bounds every request of these tests, blocking ones included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn index(&self) -> u64 {
+        self.header("x-consul-index").parse().unwrap()
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+
+    fn content_type(&self) -> &str {
+        self.header("content-type")
+    }
+}
+
+async fn get(consul: &ConsulDouble, path_and_query: &str) -> Answer {
+    get_with(consul, path_and_query, &[]).await
+}
+
+async fn get_with(consul: &ConsulDouble, path_and_query: &str, headers: &[(&str, &str)]) -> Answer {
+    let client = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .unwrap();
+    let mut request = client.get(format!("{}{path_and_query}", consul.url()));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path_and_query}: {e:?}"));
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.text().await.unwrap();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn read_fixture(name: &str) -> Value {
+    let path = format!("{FIXTURES}/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("fixture {path} is missing ({e}): the tests need shared/ beside the repository")
+    });
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Every key of `fixture` exists in `ours` with a value of the same kind, recursively. Checks
+/// are paired by CheckID (their order differs: Consul puts node checks first). The one known
+/// difference: the docs sample writes `address`/`port` inside `Service.TaggedAddresses`, real
+/// agents (and the double) `Address`/`Port`.
+fn shape_differences(fixture: &Value, ours: &Value, path: &str, found: &mut Vec<String>) {
+    if kind(fixture) != kind(ours) {
+        found.push(format!(
+            "{path}: {} in the fixture, {} from the double",
+            kind(fixture),
+            kind(ours)
+        ));
+        return;
+    }
+    match (fixture, ours) {
+        (Value::Object(fixture), Value::Object(ours)) => {
+            for (key, value) in fixture {
+                let mut ours_value = ours.get(key);
+                if ours_value.is_none() && path.contains(".Service.TaggedAddresses.") {
+                    let mut upper = key.clone();
+                    upper[..1].make_ascii_uppercase();
+                    ours_value = ours.get(&upper);
+                }
+                match ours_value {
+                    Some(ours_value) => {
+                        shape_differences(value, ours_value, &format!("{path}.{key}"), found)
+                    }
+                    None => found.push(format!("{path}.{key}: missing from the double")),
+                }
+            }
+        }
+        (Value::Array(fixture), Value::Array(ours)) => {
+            for (i, value) in fixture.iter().enumerate() {
+                let counterpart = match value.get("CheckID") {
+                    Some(id) => ours.iter().find(|o| o.get("CheckID") == Some(id)),
+                    None => ours.get(i),
+                };
+                match counterpart {
+                    Some(ours_value) => {
+                        shape_differences(value, ours_value, &format!("{path}[{i}]"), found)
+                    }
+                    None if value.is_object() => {
+                        found.push(format!("{path}[{i}]: missing from the double"))
+                    }
+                    None => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The docs sample's redis, registered in the double.
+fn register_docs_redis(consul: &ConsulDouble) {
+    consul.register_node("foobar", "10.1.10.12");
+    consul.set_node_meta("foobar", "instance_type", "t2.medium");
+    consul.register(
+        Instance::new("redis", "redis", "10.1.10.12", 8000)
+            .node("foobar")
+            .tag("primary")
+            .meta("redis_version", "4.0")
+            .tagged_address("lan", "10.1.10.12", 8000)
+            .tagged_address("wan", "198.18.1.2", 80),
+    );
+}
+
+fn ids(answer: &Answer) -> Vec<String> {
+    let mut ids: Vec<String> = answer
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["Service"]["ID"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The parts of a health answer a router uses: no Output, no indexes.
+fn routing_content(answer: &Answer) -> Vec<Value> {
+    answer
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            let statuses: Vec<Value> = entry["Checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["Status"].clone())
+                .collect();
+            serde_json::json!([
+                entry["Node"]["Address"],
+                entry["Service"]["ID"],
+                entry["Service"]["Address"],
+                entry["Service"]["Port"],
+                entry["Service"]["Tags"],
+                statuses
+            ])
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answer_has_every_key_of_the_docs_sample() {
+    let fixture = read_fixture("health-service-redis.docs.json");
+    let consul = ConsulDouble::start().await;
+    register_docs_redis(&consul);
+
+    let answer = get(&consul, "/v1/health/service/redis").await;
+    assert_eq!(answer.status, 200);
+    let ours = answer.json();
+    let mut differences = Vec::new();
+    shape_differences(&fixture, &ours, "", &mut differences);
+    assert!(
+        differences.is_empty(),
+        "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
+    );
+
+    // Beyond the sample: what real agents send and the brief asks for.
+    let entry = &ours[0];
+    for key in ["CreateIndex", "ModifyIndex"] {
+        assert!(entry["Node"][key].as_u64().unwrap() > 0, "Node.{key}");
+        assert!(entry["Service"][key].as_u64().unwrap() > 0, "Service.{key}");
+    }
+    assert_eq!(entry["Service"]["EnableTagOverride"], false);
+    assert_eq!(
+        entry["Service"]["TaggedAddresses"]["wan"],
+        serde_json::json!({"Address": "198.18.1.2", "Port": 80})
+    );
+    assert_eq!(
+        entry["Service"]["TaggedAddresses"]["lan_ipv4"],
+        serde_json::json!({"Address": "10.1.10.12", "Port": 8000})
+    );
+    for check in entry["Checks"].as_array().unwrap() {
+        for key in ["Type", "CreateIndex", "ModifyIndex", "ServiceTags"] {
+            assert!(check.get(key).is_some(), "check without {key}: {check}");
+        }
+    }
+    assert_eq!(entry["Checks"][0]["CheckID"], "serfHealth");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_answer_matches_the_docs_sample() {
+    let fixture = read_fixture("catalog-services.docs.json");
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("redis", "redis-1", "10.1.10.12", 6379));
+    consul.register(Instance::new("postgresql", "pg-1", "10.1.10.13", 5432).tag("secondary"));
+    consul.register(
+        Instance::new("postgresql", "pg-2", "10.1.10.14", 5432)
+            .tag("primary")
+            .tag("secondary"),
+    );
+
+    let answer = get(&consul, CATALOG_SERVICES).await;
+    assert_eq!(answer.status, 200);
+    let mut differences = Vec::new();
+    shape_differences(&fixture, &answer.json(), "", &mut differences);
+    assert!(differences.is_empty(), "{differences:#?}");
+    // Tags are a sorted union without duplicates, and the consul service is always listed.
+    assert_eq!(answer.json(), fixture);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_catalog_lists_consul_and_an_index_of_at_least_one() {
+    let consul = ConsulDouble::start().await;
+    let answer = get(&consul, CATALOG_SERVICES).await;
+    assert_eq!(answer.json(), serde_json::json!({"consul": []}));
+    assert!(answer.index() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_200_carries_the_consul_headers() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    for path in [
+        CATALOG_SERVICES,
+        "/v1/health/service/shop",
+        "/v1/health/service/shop?passing",
+        "/v1/health/service/nothing",
+        "/v1/catalog/services?stale",
+    ] {
+        let answer = get(&consul, path).await;
+        assert_eq!(answer.status, 200, "{path}");
+        assert!(answer.index() >= 1, "{path}");
+        assert_eq!(answer.header("x-consul-knownleader"), "true", "{path}");
+        assert_eq!(answer.header("x-consul-lastcontact"), "0", "{path}");
+        assert_eq!(answer.content_type(), "application/json", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_service_is_an_empty_200() {
+    let consul = ConsulDouble::start().await;
+    let answer = get(&consul, "/v1/health/service/nothing").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, "[]");
+    assert!(answer.index() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_service_address_stays_empty_beside_the_node_address() {
+    let consul = ConsulDouble::start().await;
+    consul.register_node("host-a", "172.16.0.7");
+    consul.register(Instance::new("shop", "shop-1", "", 8080).node("host-a"));
+    let answer = get(&consul, "/v1/health/service/shop").await;
+    let entry = &answer.json()[0];
+    assert_eq!(entry["Service"]["Address"], "");
+    assert_eq!(entry["Node"]["Address"], "172.16.0.7");
+    assert!(entry["Service"].get("TaggedAddresses").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_keeps_instances_whose_checks_all_pass_node_checks_included() {
+    let consul = ConsulDouble::start().await;
+    consul.register_node("n1", "10.0.0.1");
+    consul.register_node("n2", "10.0.0.2");
+    consul.register(Instance::new("shop", "a", "10.2.1.1", 80).node("n1"));
+    consul.register(
+        Instance::new("shop", "b", "10.2.1.2", 80)
+            .node("n1")
+            .status(Status::Warning),
+    );
+    consul.register(Instance::new("shop", "c", "10.2.1.3", 80).node("n2"));
+    consul.register(
+        Instance::new("shop", "d", "10.2.1.4", 80)
+            .node("n2")
+            .without_check(),
+    );
+    consul.register(Instance::new("shop", "e", "10.2.1.5", 80).node("n1"));
+    consul.set_check("e", Status::Maintenance);
+
+    let all = ["a", "b", "c", "d", "e"];
+    assert_eq!(ids(&get(&consul, "/v1/health/service/shop").await), all);
+    for query in [
+        "passing",
+        "passing=",
+        "passing=1",
+        "passing=t",
+        "passing=TRUE",
+    ] {
+        let answer = get(&consul, &format!("/v1/health/service/shop?{query}")).await;
+        assert_eq!(ids(&answer), ["a", "c", "d"], "?{query}");
+    }
+    for query in ["passing=0", "passing=f", "passing=False"] {
+        let answer = get(&consul, &format!("/v1/health/service/shop?{query}")).await;
+        assert_eq!(ids(&answer), all, "?{query}");
+    }
+
+    // A node whose serfHealth fails hides every instance on it.
+    consul.set_node_check("n2", Status::Critical);
+    assert_eq!(
+        ids(&get(&consul, "/v1/health/service/shop?passing").await),
+        ["a"]
+    );
+    let answer = get(&consul, "/v1/health/service/shop").await;
+    let c = answer
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["Service"]["ID"] == "c")
+        .cloned()
+        .unwrap();
+    assert_eq!(c["Checks"][0]["CheckID"], "serfHealth");
+    assert_eq!(c["Checks"][0]["Status"], "critical");
+
+    consul.set_node_check("n2", Status::Passing);
+    consul.set_check("b", Status::Passing);
+    consul.set_check("e", Status::Critical);
+    assert_eq!(
+        ids(&get(&consul, "/v1/health/service/shop?passing").await),
+        ["a", "b", "c", "d"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_tags_are_anded_case_insensitively() {
+    let consul = ConsulDouble::start().await;
+    consul.register(
+        Instance::new("web", "both", "10.0.0.1", 80)
+            .tag("edge")
+            .tag("v2"),
+    );
+    consul.register(Instance::new("web", "edge", "10.0.0.2", 80).tag("edge"));
+    consul.register(Instance::new("web", "v2", "10.0.0.3", 80).tag("V2"));
+    let cases: [(&str, &[&str]); 4] = [
+        ("tag=edge", &["both", "edge"]),
+        ("tag=edge&tag=v2", &["both"]),
+        ("tag=v2", &["both", "v2"]),
+        ("tag=edge&tag=none", &[]),
+    ];
+    for (query, expected) in cases {
+        let answer = get(&consul, &format!("/v1/health/service/web?{query}")).await;
+        assert_eq!(ids(&answer), expected, "?{query}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_are_plain_text_400s() {
+    let consul = ConsulDouble::start().await;
+    let stale_consistent = "Cannot specify ?stale with ?consistent, conflicting semantics.";
+    let cases = [
+        ("/v1/health/service/", "Missing service name"),
+        (
+            "/v1/health/service/x?passing=yes",
+            "Invalid value for ?passing",
+        ),
+        (
+            "/v1/health/service/x?passing=2",
+            "Invalid value for ?passing",
+        ),
+        ("/v1/health/service/x?index=1&wait=abc", "Invalid wait time"),
+        ("/v1/health/service/x?wait=5", "Invalid wait time"),
+        ("/v1/catalog/services?wait=5S", "Invalid wait time"),
+        ("/v1/catalog/services?wait=1d", "Invalid wait time"),
+        ("/v1/catalog/services?wait=.s", "Invalid wait time"),
+        ("/v1/catalog/services?wait=%205s", "Invalid wait time"),
+        ("/v1/catalog/services?index=abc", "Invalid index"),
+        ("/v1/catalog/services?index=-1", "Invalid index"),
+        ("/v1/catalog/services?index=%2B1", "Invalid index"),
+        ("/v1/catalog/services?index=1.5", "Invalid index"),
+        (
+            "/v1/catalog/services?index=18446744073709551616",
+            "Invalid index",
+        ),
+        ("/v1/catalog/services?stale&consistent", stale_consistent),
+        ("/v1/health/service/x?stale=&consistent=", stale_consistent),
+    ];
+    for (path, message) in cases {
+        let answer = get(&consul, path).await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (400, message),
+            "{path}"
+        );
+        assert!(answer.content_type().starts_with("text/plain"), "{path}");
+        assert!(answer.headers.get("x-consul-index").is_none(), "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_durations_are_accepted_as_go_accepts_them() {
+    let consul = ConsulDouble::start().await;
+    // index=0 never blocks: only the parsing is under test.
+    for wait in [
+        "5s", "100ms", "5m", "1m30s", "1.5h", ".5s", "1.s", "0", "-5s", "300us", "2%C2%B5s", "20m",
+        "",
+    ] {
+        let answer = get(
+            &consul,
+            &format!("/v1/catalog/services?index=0&wait={wait}"),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "wait={wait}: {}", answer.body);
+    }
+    let second = 1_000_000_000;
+    assert_eq!(
+        parse_go_duration("1h2m3.5s"),
+        Some(3723 * second + second / 2)
+    );
+    assert_eq!(parse_go_duration("-1.5ms"), Some(-1_500_000));
+    assert_eq!(
+        parse_go_duration("9223372036854775807ns"),
+        Some(i128::from(i64::MAX))
+    );
+    assert_eq!(parse_go_duration("9223372036854775808ns"), None);
+    assert_eq!(
+        parse_go_duration("-9223372036854775808ns"),
+        Some(i128::from(i64::MIN))
+    );
+    for bad in [
+        "", "-", "s", "1", "1S", "1 s", "1s ", "ms5", "1..5s", "+-1s",
+    ] {
+        assert_eq!(parse_go_duration(bad), None, "{bad:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_query_returns_after_wait_without_change() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let wait = Duration::from_millis(200);
+    for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
+        let first = get(&consul, path).await;
+        let start = Instant::now();
+        let again = get(
+            &consul,
+            &format!("{path}?index={}&wait=200ms", first.index()),
+        )
+        .await;
+        let elapsed = start.elapsed();
+        assert_eq!(again.status, 200);
+        assert!(elapsed >= wait, "{path}: returned after {elapsed:?}");
+        // wait * 17/16 at most, plus slack for a loaded machine.
+        assert!(elapsed < Duration::from_secs(2), "{path}: {elapsed:?}");
+        assert_eq!(again.index(), first.index(), "{path}");
+        assert_eq!(again.body, first.body, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_query_returns_early_on_a_change() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let health = "/v1/health/service/shop";
+    let catalog_index = get(&consul, CATALOG_SERVICES).await.index();
+    let health_index = get(&consul, health).await.index();
+
+    let consul = std::sync::Arc::new(consul);
+    let catalog_query = tokio::spawn({
+        let consul = consul.clone();
+        async move {
+            let path = format!("{CATALOG_SERVICES}?index={catalog_index}&wait=30s");
+            get(&consul, &path).await
+        }
+    });
+    let health_query = tokio::spawn({
+        let consul = consul.clone();
+        async move { get(&consul, &format!("{health}?index={health_index}&wait=30s")).await }
+    });
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    consul.wait_for_blocked_queries(health, 1).await;
+    let start = Instant::now();
+    consul.register(Instance::new("shop", "shop-2", "10.2.1.6", 8080).tag("new"));
+
+    let catalog = catalog_query.await.unwrap();
+    let health_answer = health_query.await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(catalog.index() > catalog_index);
+    assert_eq!(catalog.json()["shop"], serde_json::json!(["new"]));
+    assert!(health_answer.index() > health_index);
+    assert_eq!(ids(&health_answer), ["shop-1", "shop-2"]);
+    assert_eq!(consul.blocked_queries(health), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_query_on_one_service_ignores_changes_to_another() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    consul.register(Instance::new("blog", "blog-1", "10.2.1.6", 8080));
+    let health = "/v1/health/service/shop";
+    let index = get(&consul, health).await.index();
+    let consul = std::sync::Arc::new(consul);
+    let query = tokio::spawn({
+        let consul = consul.clone();
+        async move { get(&consul, &format!("{health}?index={index}&wait=300ms")).await }
+    });
+    consul.wait_for_blocked_queries(health, 1).await;
+    consul.set_check("blog-1", Status::Critical);
+    consul.set_check_output("blog-1", "connection refused");
+    let answer = query.await.unwrap();
+    // It ran to its wait: the answer is the same index, not a wake-up for blog's change.
+    assert_eq!(answer.index(), index);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_change_and_bump_wake_blockers_with_identical_routing_content() {
+    let consul = ConsulDouble::start().await;
+    consul.register(
+        Instance::new("shop", "shop-1", "10.2.1.5", 8080).tag("weft.host=shop.example.com"),
+    );
+    let health = "/v1/health/service/shop";
+    let consul = std::sync::Arc::new(consul);
+
+    type Change = fn(&ConsulDouble);
+    let changes: [(&str, Change); 2] = [
+        ("output", |c| {
+            c.set_check_output("shop-1", "HTTP GET: 200 OK at 12:00:01")
+        }),
+        ("bump", |c| c.bump_index()),
+    ];
+    for (what, change) in changes {
+        let before = get(&consul, health).await;
+        let catalog_before = get(&consul, CATALOG_SERVICES).await;
+        let query = tokio::spawn({
+            let consul = consul.clone();
+            let index = before.index();
+            async move { get(&consul, &format!("{health}?index={index}&wait=30s")).await }
+        });
+        consul.wait_for_blocked_queries(health, 1).await;
+        change(&consul);
+        let after = tokio::time::timeout(REQUEST_TIMEOUT, query)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(after.index() > before.index(), "{what}");
+        assert_eq!(routing_content(&after), routing_content(&before), "{what}");
+        let catalog_after = get(&consul, CATALOG_SERVICES).await;
+        assert_eq!(catalog_after.body, catalog_before.body, "{what}");
+        if what == "bump" {
+            assert!(catalog_after.index() > catalog_before.index());
+        }
+    }
+    let answer = get(&consul, health).await;
+    assert_eq!(
+        answer.json()[0]["Checks"][1]["Output"],
+        "HTTP GET: 200 OK at 12:00:01"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistration_wakes_blockers_and_empties_the_service() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let health = "/v1/health/service/shop";
+    let index = get(&consul, health).await.index();
+    let consul = std::sync::Arc::new(consul);
+    let query = tokio::spawn({
+        let consul = consul.clone();
+        async move { get(&consul, &format!("{health}?index={index}&wait=30s")).await }
+    });
+    consul.wait_for_blocked_queries(health, 1).await;
+    consul.deregister("shop-1");
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, query)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.body, "[]");
+    assert!(answer.index() > index);
+    let catalog = get(&consul, CATALOG_SERVICES).await.json();
+    assert_eq!(catalog, serde_json::json!({"consul": []}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_required_once_set() {
+    let consul = ConsulDouble::start().await;
+    consul.set_token(Some("s3cret".to_string()));
+    for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
+        for headers in [
+            &[][..],
+            &[("X-Consul-Token", "wrong")][..],
+            &[("Authorization", "Bearer wrong")][..],
+        ] {
+            let answer = get_with(&consul, path, headers).await;
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (403, "Permission denied")
+            );
+            assert!(answer.content_type().starts_with("text/plain"));
+        }
+        for headers in [
+            &[("X-Consul-Token", "s3cret")][..],
+            &[("Authorization", "Bearer s3cret")][..],
+        ] {
+            let answer = get_with(&consul, path, headers).await;
+            assert_eq!(answer.status, 200, "{path} {headers:?}");
+        }
+    }
+    consul.set_token(None);
+    assert_eq!(get(&consul, CATALOG_SERVICES).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_faults_answer_plain_text() {
+    let consul = ConsulDouble::start().await;
+    let cases = [
+        (Fault::NoLeader, 500, "No cluster leader"),
+        (Fault::RateLimited, 429, "RPC rate limit exceeded"),
+    ];
+    for (fault, status, message) in cases {
+        consul.set_fault(fault);
+        for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
+            let answer = get(&consul, path).await;
+            assert_eq!((answer.status, answer.body.as_str()), (status, message));
+            assert!(answer.content_type().starts_with("text/plain"));
+        }
+    }
+    consul.set_fault(Fault::None);
+    assert_eq!(get(&consul, CATALOG_SERVICES).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stall_accepts_and_never_answers() {
+    let consul = ConsulDouble::start().await;
+    consul.set_fault(Fault::Stall);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let error = client
+        .get(format!("{}{CATALOG_SERVICES}", consul.url()))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(error.is_timeout(), "{error:?}");
+    // The request arrived: it is the answer that never came.
+    assert_eq!(consul.requests().count(CATALOG_SERVICES), 1);
+    consul.set_fault(Fault::None);
+    assert_eq!(get(&consul, CATALOG_SERVICES).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_a_200_with_headers_and_a_body_that_does_not_parse() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    consul.set_fault(Fault::Garbage);
+    for path in [
+        CATALOG_SERVICES,
+        "/v1/health/service/shop",
+        "/v1/health/service/nothing",
+    ] {
+        let answer = get(&consul, path).await;
+        assert_eq!(answer.status, 200);
+        assert!(answer.index() >= 1);
+        assert_eq!(answer.content_type(), "application/json");
+        assert!(!answer.body.is_empty(), "{path}");
+        assert!(
+            serde_json::from_str::<Value>(&answer.body).is_err(),
+            "{path}: {}",
+            answer.body
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_backwards_is_lower_and_consistent() {
+    let consul = ConsulDouble::start().await;
+    for n in 0..6 {
+        consul.register(Instance::new(
+            "shop",
+            &format!("shop-{n}"),
+            "10.2.1.5",
+            8080 + n,
+        ));
+    }
+    let health = "/v1/health/service/shop";
+    let catalog_before = get(&consul, CATALOG_SERVICES).await.index();
+    let health_before = get(&consul, health).await.index();
+
+    consul.set_fault(Fault::IndexBackwards);
+    let catalog_after = get(&consul, CATALOG_SERVICES).await.index();
+    let health_after = get(&consul, health).await;
+    assert!(
+        catalog_after < catalog_before,
+        "{catalog_after} !< {catalog_before}"
+    );
+    assert!(health_after.index() < health_before);
+    assert_eq!(ids(&health_after).len(), 6);
+
+    // A client that resets and blocks on the lower index really blocks, and wakes on a change.
+    let consul = std::sync::Arc::new(consul);
+    let query = tokio::spawn({
+        let consul = consul.clone();
+        let index = health_after.index();
+        async move { get(&consul, &format!("{health}?index={index}&wait=30s")).await }
+    });
+    consul.wait_for_blocked_queries(health, 1).await;
+    consul.set_check("shop-0", Status::Critical);
+    let woken = tokio::time::timeout(REQUEST_TIMEOUT, query)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(woken.index() > health_after.index());
+    assert!(woken.index() < consul.index());
+
+    consul.set_fault(Fault::None);
+    assert_eq!(get(&consul, CATALOG_SERVICES).await.index(), catalog_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_per_path_with_their_last_query() {
+    let consul = ConsulDouble::start().await;
+    get(&consul, CATALOG_SERVICES).await;
+    get(&consul, "/v1/health/service/shop?passing&index=0").await;
+    get(&consul, "/v1/health/service/shop?tag=a").await;
+    get(&consul, "/v1/health/service/").await;
+    let requests = consul.requests();
+    assert_eq!(requests.total, 4);
+    assert_eq!(requests.count(CATALOG_SERVICES), 1);
+    assert_eq!(requests.count("/v1/health/service/shop"), 2);
+    assert_eq!(requests.count(HEALTH_SERVICE), 1);
+    assert_eq!(requests.count("/v1/health/service/blog"), 0);
+    assert_eq!(
+        consul.last_query("/v1/health/service/shop").as_deref(),
+        Some("tag=a")
+    );
+    assert_eq!(consul.last_query(CATALOG_SERVICES).as_deref(), Some(""));
+    assert_eq!(consul.last_query("/v1/health/service/blog"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_double_kills_blocked_queries_and_refuses_new_ones() {
+    let consul = ConsulDouble::start().await;
+    let addr = consul.addr;
+    let index = get(&consul, CATALOG_SERVICES).await.index();
+    let client = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .unwrap();
+    let query = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .get(format!(
+                    "http://{addr}{CATALOG_SERVICES}?index={index}&wait=60s"
+                ))
+                .send()
+                .await
+        }
+    });
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    let start = Instant::now();
+    drop(consul);
+    let result = query.await.unwrap();
+    assert!(result.is_err(), "{result:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let refused = client
+        .get(format!("http://{addr}{CATALOG_SERVICES}"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+}

@@ -1,0 +1,262 @@
+//! End to end: the Consul double -> weft (blocking queries) -> real HAProxy -> loopback backends.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::consul::{ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE};
+use support::{eventually, wait_for_404, wait_for_backends, Backend, Weft};
+
+fn instance(service: &str, id: &str, backend: &Backend, host: &str) -> Instance {
+    Instance::new(
+        service,
+        id,
+        &backend.addr.ip().to_string(),
+        backend.addr.port(),
+    )
+    .tag(&format!("weft.host={host}"))
+}
+
+async fn wait_for_health(weft: &Weft, want: &str) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("healthz {want}"),
+        || async {
+            match weft.status("/healthz").await? {
+                (_, body) if body.contains(want) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_fail_deregister_and_survive_an_outage() {
+    let consul = ConsulDouble::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let weft = Weft::start_consul(&consul.url(), "wait = \"2s\"\n", "");
+    wait_for_health(&weft, "ok").await;
+
+    // Registered -> routed within a second.
+    let registered = Instant::now();
+    consul.register(instance("shop", "shop-1", &a, "shop.test"));
+    consul.register(instance("shop", "shop-2", &b, "shop.test"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    let converged = registered.elapsed();
+    eprintln!("registered -> routed: {converged:?}");
+    assert!(
+        converged < Duration::from_secs(1),
+        "routed after {converged:?}"
+    );
+
+    // One instance critical: it leaves rotation.
+    consul.set_check("shop-2", Status::Critical);
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    consul.set_check("shop-2", Status::Passing);
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+
+    // Consul loses its leader for a while: traffic is unaffected, weft says it is degraded.
+    let (reloads, _, _) = weft.show_proc().await.unwrap();
+    consul.set_fault(Fault::NoLeader);
+    consul.bump_index(); // wake the blocked queries so they meet the fault now
+    wait_for_health(&weft, "source consul is degraded").await;
+    let (_, body) = weft.status("/healthz").await.unwrap();
+    assert!(body.contains("No cluster leader"), "{body}");
+    for _ in 0..20 {
+        let (status, _) = weft.get("shop.test", "/").await.unwrap();
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        weft.show_proc().await.unwrap().0,
+        reloads,
+        "no reload during the outage"
+    );
+
+    // Consul is back: weft recovers by itself and follows changes again.
+    consul.set_fault(Fault::None);
+    wait_for_health(&weft, "ok").await;
+    consul.deregister("shop-1");
+    wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
+
+    // Deregistered: the host answers 404.
+    consul.deregister("shop-2");
+    wait_for_404(&weft, "shop.test", "/").await;
+    assert!(
+        weft.log().contains("consul catalog watch failing")
+            || weft.log().contains("consul health watch failing")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_quiet_services_cost_few_requests_and_index_storms_no_reloads() {
+    const SERVICES: usize = 50;
+    const WAIT: Duration = Duration::from_secs(2);
+    let consul = ConsulDouble::start().await;
+    let backend = Backend::start("a").await;
+    for i in 0..SERVICES {
+        consul.register(instance(
+            &format!("svc{i}"),
+            &format!("svc{i}-1"),
+            &backend,
+            &format!("svc{i}.test"),
+        ));
+    }
+    // A service weft must not watch at all: not exposed.
+    consul.register(Instance::new("internal", "internal-1", "127.0.0.1", 1).tag("db"));
+    let weft = Weft::start_consul(&consul.url(), "wait = \"2s\"\n", "");
+    for i in [0, SERVICES / 2, SERVICES - 1] {
+        wait_for_backends(&weft, &format!("svc{i}.test"), "/", &["a"]).await;
+    }
+    // Every watch is parked on a blocking query: the quiet period starts.
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    for i in 0..SERVICES {
+        consul
+            .wait_for_blocked_queries(&format!("{HEALTH_SERVICE}svc{i}"), 1)
+            .await;
+    }
+    assert_eq!(
+        consul
+            .requests()
+            .count(&format!("{HEALTH_SERVICE}internal")),
+        0
+    );
+
+    let before = consul.requests().total;
+    let start = Instant::now();
+    tokio::time::sleep(WAIT * 3).await;
+    let made = consul.requests().total - before;
+    let elapsed = start.elapsed();
+    let bound = (SERVICES as f64 + 1.0) * elapsed.as_secs_f64() / WAIT.as_secs_f64() * 1.5;
+    eprintln!(
+        "{made} requests in {elapsed:?} for {SERVICES} services, wait {WAIT:?}; bound {bound:.0}"
+    );
+    assert!(
+        (made as f64) <= bound,
+        "{made} requests in {elapsed:?} with {SERVICES} services, wait {WAIT:?}: bound {bound:.0}"
+    );
+    // And the watches did block: without blocking, there would be thousands.
+    assert!(
+        made >= SERVICES as u64,
+        "{made} requests: the watches are not re-arming"
+    );
+
+    // A storm of index bumps and check Output changes with identical routing: no reload.
+    let (reloads, _, _) = weft.show_proc().await.unwrap();
+    for round in 0..100 {
+        if round % 2 == 0 {
+            consul.bump_index();
+        } else {
+            consul.set_check_output(
+                &format!("svc{}-1", round % SERVICES),
+                &format!("HTTP 200 OK at {round}"),
+            );
+        }
+    }
+    // Every watch has seen the storm and parked again.
+    for i in 0..SERVICES {
+        consul
+            .wait_for_blocked_queries(&format!("{HEALTH_SERVICE}svc{i}"), 1)
+            .await;
+    }
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    assert_eq!(
+        weft.show_proc().await.unwrap().0,
+        reloads,
+        "index storm caused a reload"
+    );
+    wait_for_backends(&weft, "svc7.test", "/", &["a"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apollo_mode_tokens_and_addresses_outside_the_network() {
+    let consul = ConsulDouble::start().await;
+    consul.set_token(Some("s3cret-token".into()));
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    // Apollo mode: every service is NAME.example.com unless it opts out.
+    consul.register(Instance::new("web", "web-1", "127.0.0.1", a.addr.port()));
+    consul.register(
+        Instance::new("hidden", "hidden-1", "127.0.0.1", b.addr.port()).tag("weft.enable=false"),
+    );
+    // Registered without a Service.Address: the node's address, outside the allowed networks.
+    consul.register(Instance::new("nodeaddr", "nodeaddr-1", "", b.addr.port()));
+
+    let dir_token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(dir_token.path(), "s3cret-token\n").unwrap();
+    let weft = Weft::start_consul(
+        &consul.url(),
+        &format!(
+            "token_file = {:?}\n",
+            dir_token.path().display().to_string()
+        ),
+        "[routing]\ndomain = \"example.com\"\n",
+    );
+    wait_for_backends(&weft, "web.example.com", "/", &["a"]).await;
+    wait_for_404(&weft, "hidden.example.com", "/").await;
+    let (status, _) = weft.get("nodeaddr.example.com", "/").await.unwrap();
+    assert_eq!(
+        status, 503,
+        "a service whose only instance was dropped has no server"
+    );
+
+    let (_, json) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let dropped = status["dropped"].as_array().unwrap();
+    assert!(
+        dropped.iter().any(|d| d["subject"]
+            == "service \"nodeaddr\" server \"192.0.2.10:".to_string()
+                + &b.addr.port().to_string()
+                + "\""
+            && d["reason"]
+                .as_str()
+                .unwrap()
+                .contains("register the container's weave IP")),
+        "{dropped:?}"
+    );
+    assert!(
+        !weft.log().contains("s3cret-token"),
+        "the token must never be logged"
+    );
+
+    // The token is revoked: 403, degraded, the routes stay.
+    consul.set_token(Some("another".into()));
+    consul.bump_index();
+    wait_for_health(&weft, "403").await;
+    wait_for_backends(&weft, "web.example.com", "/", &["a"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_stalls_and_a_backwards_index_are_survived() {
+    let consul = ConsulDouble::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    consul.register(instance("shop", "shop-1", &a, "shop.test"));
+    let weft = Weft::start_consul(&consul.url(), "wait = \"1s\"\n", "");
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    consul.set_fault(Fault::Garbage);
+    consul.bump_index();
+    wait_for_health(&weft, "cannot decode").await;
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    // Consul accepts the query and never answers: the client timeout (wait * 17/16 + 5 s)
+    // notices, the routes stay.
+    consul.set_fault(Fault::Stall);
+    consul.bump_index();
+    wait_for_health(&weft, "operation timed out").await;
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    // The index goes backwards (a restored snapshot): weft resets and still follows changes.
+    consul.set_fault(Fault::IndexBackwards);
+    consul.bump_index();
+    consul.register(instance("shop", "shop-2", &b, "shop.test"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    consul.set_fault(Fault::None);
+    wait_for_health(&weft, "ok").await;
+    consul.deregister("shop-2");
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+}
