@@ -1,0 +1,403 @@
+//! The routing table: what HAProxy should route, validated once, as plain data.
+//!
+//! ```text
+//! SourceReport(s) ──build──> RoutingTable { backends, routes }  +  Vec<Dropped>
+//!   raw strings               validated keys only                   every rejected input
+//! ```
+//!
+//! Every name, hostname, path, port and address a source gives is checked here; what fails is
+//! dropped with a reason and everything else goes on routing. `build` is pure and deterministic:
+//! the same reports give the same table, whatever order the sources arrived in.
+
+mod diff;
+mod names;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+
+pub use diff::TableDiff;
+pub use names::{parse_server, Balance, Hostname, PathPrefix, ServiceName};
+
+use crate::network::AllowedNetworks;
+use crate::sources::{ServiceDef, SourceId, SourceReport};
+
+/// One HAProxy backend: a service and its servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub balance: Balance,
+    /// HTTP health check path; `None`: no active checks.
+    pub check: Option<PathPrefix>,
+    pub servers: BTreeSet<SocketAddr>,
+    /// Where the service came from.
+    pub source: SourceId,
+}
+
+/// Where a request goes: a hostname and a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteKey {
+    pub host: Hostname,
+    pub path: PathPrefix,
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_root() {
+            write!(f, "{}", self.host)
+        } else {
+            write!(f, "{}{}", self.host, self.path)
+        }
+    }
+}
+
+/// The desired routing: plain data, compared whole to decide whether anything changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingTable {
+    pub backends: BTreeMap<ServiceName, Backend>,
+    pub routes: BTreeMap<RouteKey, ServiceName>,
+}
+
+/// An input that did not make it into the table, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dropped {
+    pub source: SourceId,
+    /// What was dropped: `service "shop" host "a b"`.
+    pub subject: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.source, self.subject, self.reason)
+    }
+}
+
+/// What `build` needs besides the reports.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub allowed: AllowedNetworks,
+}
+
+/// The table and everything that was left out of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Built {
+    pub table: RoutingTable,
+    pub dropped: Vec<Dropped>,
+}
+
+/// Builds the routing table from every source's report.
+///
+/// Conflicts are settled deterministically: a service name defined twice keeps the definition
+/// from the first source (in [`SourceId`] order, then position); a host and path claimed by two
+/// services goes to the service whose name sorts first. The loser is reported as dropped.
+pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
+    let mut built = Built::default();
+    let mut sorted: Vec<&SourceReport> = reports.to_vec();
+    sorted.sort_by_key(|r| r.source);
+
+    for report in &sorted {
+        for rejected in &report.rejected {
+            built.dropped.push(Dropped {
+                source: report.source,
+                subject: rejected.subject.clone(),
+                reason: rejected.reason.clone(),
+            });
+        }
+    }
+
+    // route -> every service claiming it, to settle conflicts after all services are read.
+    let mut claims: BTreeMap<RouteKey, BTreeSet<ServiceName>> = BTreeMap::new();
+    for report in &sorted {
+        for def in &report.services {
+            let Some((name, backend, keys)) = validate(report.source, def, settings, &mut built)
+            else {
+                continue;
+            };
+            if built.table.backends.contains_key(&name) {
+                built.dropped.push(Dropped {
+                    source: report.source,
+                    subject: format!("service {:?}", name.as_str()),
+                    reason: "the name is already defined by an earlier definition".into(),
+                });
+                continue;
+            }
+            for key in keys {
+                claims.entry(key).or_default().insert(name.clone());
+            }
+            built.table.backends.insert(name, backend);
+        }
+    }
+
+    for (key, services) in claims {
+        let mut services = services.into_iter();
+        let Some(winner) = services.next() else {
+            continue;
+        };
+        for loser in services {
+            let source = built.table.backends.get(&loser).map(|b| b.source);
+            built.dropped.push(Dropped {
+                source: source.unwrap_or(SourceId::File),
+                subject: format!("service {:?} route {key}", loser.as_str()),
+                reason: format!(
+                    "the route is already claimed by service {:?}",
+                    winner.as_str()
+                ),
+            });
+        }
+        built.table.routes.insert(key, winner);
+    }
+
+    // A service that lost every route would be an unreachable backend: say so and drop it.
+    let routed: BTreeSet<&ServiceName> = built.table.routes.values().collect();
+    let unrouted: Vec<ServiceName> = built
+        .table
+        .backends
+        .keys()
+        .filter(|name| !routed.contains(name))
+        .cloned()
+        .collect();
+    for name in unrouted {
+        if let Some(backend) = built.table.backends.remove(&name) {
+            built.dropped.push(Dropped {
+                source: backend.source,
+                subject: format!("service {:?}", name.as_str()),
+                reason: "every route it asked for belongs to another service".into(),
+            });
+        }
+    }
+
+    built.dropped.sort();
+    built
+}
+
+/// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,
+/// balance or check drops the whole service (routing it differently from what was asked would
+/// be worse than not routing it).
+fn validate(
+    source: SourceId,
+    def: &ServiceDef,
+    settings: &ModelSettings,
+    built: &mut Built,
+) -> Option<(ServiceName, Backend, Vec<RouteKey>)> {
+    let mut drop = |subject: String, reason: String| {
+        built.dropped.push(Dropped {
+            source,
+            subject,
+            reason,
+        })
+    };
+
+    let name = match ServiceName::parse(&def.name) {
+        Ok(name) => name,
+        Err(reason) => {
+            drop(
+                format!("service {:?}", def.name),
+                format!("invalid service name: {reason}"),
+            );
+            return None;
+        }
+    };
+    let subject = format!("service {:?}", name.as_str());
+
+    let path = match def.path.as_deref().map(PathPrefix::parse).transpose() {
+        Ok(path) => path.unwrap_or_else(PathPrefix::root),
+        Err(reason) => {
+            drop(subject, format!("invalid path: {reason}"));
+            return None;
+        }
+    };
+    let balance = match def.balance.as_deref().map(Balance::parse).transpose() {
+        Ok(balance) => balance.unwrap_or_default(),
+        Err(reason) => {
+            drop(subject, format!("invalid balance: {reason}"));
+            return None;
+        }
+    };
+    let check = match def.check.as_deref().map(PathPrefix::parse).transpose() {
+        Ok(check) => check,
+        Err(reason) => {
+            drop(subject, format!("invalid health check path: {reason}"));
+            return None;
+        }
+    };
+
+    let mut keys = Vec::new();
+    for raw in &def.hosts {
+        match Hostname::parse(raw) {
+            Ok(host) if host.wildcard_suffix().is_some() && !path.is_root() => drop(
+                format!("{subject} host {raw:?}"),
+                "a wildcard host cannot have a path prefix".into(),
+            ),
+            Ok(host) => keys.push(RouteKey {
+                host,
+                path: path.clone(),
+            }),
+            Err(reason) => drop(
+                format!("{subject} host {raw:?}"),
+                format!("invalid hostname: {reason}"),
+            ),
+        }
+    }
+    if keys.is_empty() {
+        drop(subject, "no valid host to route".into());
+        return None;
+    }
+
+    let mut servers = BTreeSet::new();
+    for raw in &def.servers {
+        match parse_server(raw, &settings.allowed) {
+            Ok(addr) => {
+                servers.insert(addr);
+            }
+            Err(reason) => drop(format!("{subject} server {raw:?}"), reason),
+        }
+    }
+
+    Some((
+        name,
+        Backend {
+            balance,
+            check,
+            servers,
+            source,
+        },
+        keys,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ModelSettings {
+        ModelSettings {
+            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
+        }
+    }
+
+    fn def(name: &str, hosts: &[&str], servers: &[&str]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            path: None,
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+            balance: None,
+            check: None,
+        }
+    }
+
+    fn report(services: Vec<ServiceDef>) -> SourceReport {
+        SourceReport {
+            services,
+            ..SourceReport::starting(SourceId::File)
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_dropped_one_by_one() {
+        let built = build(
+            &[&report(vec![
+                def(
+                    "shop",
+                    &["shop.example.com", "bad host"],
+                    &["10.2.1.5:8080", "10.2.1.6:0", "8.8.8.8:80"],
+                ),
+                def("bad name", &["x.example.com"], &["10.2.1.7:80"]),
+                def("nohost", &["a b"], &["10.2.1.7:80"]),
+            ])],
+            &settings(),
+        );
+        let shop = &built.table.backends[&ServiceName::parse("shop").unwrap()];
+        assert_eq!(shop.servers.len(), 1);
+        assert_eq!(built.table.backends.len(), 1);
+        assert_eq!(built.table.routes.len(), 1);
+        let subjects: Vec<&str> = built.dropped.iter().map(|d| d.subject.as_str()).collect();
+        assert_eq!(
+            subjects,
+            [
+                "service \"bad name\"",
+                "service \"nohost\"",
+                "service \"nohost\" host \"a b\"",
+                "service \"shop\" host \"bad host\"",
+                "service \"shop\" server \"10.2.1.6:0\"",
+                "service \"shop\" server \"8.8.8.8:80\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn route_conflicts_have_a_deterministic_winner() {
+        let a = def("alpha", &["shop.example.com"], &["10.2.1.5:80"]);
+        let b = def(
+            "beta",
+            &["shop.example.com", "beta.example.com"],
+            &["10.2.1.6:80"],
+        );
+        let first = build(&[&report(vec![a.clone(), b.clone()])], &settings());
+        let second = build(&[&report(vec![b, a])], &settings());
+        assert_eq!(first, second);
+        let key = RouteKey {
+            host: Hostname::parse("shop.example.com").unwrap(),
+            path: PathPrefix::root(),
+        };
+        assert_eq!(first.table.routes[&key].as_str(), "alpha");
+        assert_eq!(first.dropped.len(), 1);
+        assert!(first.dropped[0].reason.contains("claimed by service"));
+    }
+
+    #[test]
+    fn a_service_left_without_routes_is_dropped() {
+        let a = def("alpha", &["shop.example.com"], &["10.2.1.5:80"]);
+        let b = def("beta", &["shop.example.com"], &["10.2.1.6:80"]);
+        let built = build(&[&report(vec![a, b])], &settings());
+        assert_eq!(built.table.backends.len(), 1);
+        assert_eq!(built.dropped.len(), 2);
+    }
+
+    #[test]
+    fn duplicate_names_keep_the_first() {
+        let a = def("shop", &["a.example.com"], &["10.2.1.5:80"]);
+        let b = def("shop", &["b.example.com"], &["10.2.1.6:80"]);
+        let built = build(&[&report(vec![a, b])], &settings());
+        assert_eq!(built.table.routes.len(), 1);
+        assert!(built.dropped[0].reason.contains("already defined"));
+    }
+
+    #[test]
+    fn diff_replays_and_tears_down() {
+        let a = def("alpha", &["alpha.example.com"], &["10.2.1.5:80"]);
+        let b = def("beta", &["beta.example.com"], &["10.2.1.6:80"]);
+        let table = build(&[&report(vec![a.clone(), b.clone()])], &settings()).table;
+        let empty = RoutingTable::default();
+        let up = empty.diff(&table);
+        assert_eq!(up.added_services.len(), 2);
+        assert_eq!(up.added_routes.len(), 2);
+        let down = table.diff(&empty);
+        assert_eq!(down.removed_services.len(), 2);
+        assert_eq!(down.removed_routes.len(), 2);
+        assert!(table.diff(&table).is_empty());
+        assert_eq!(table.diff(&table).to_string(), "none");
+
+        let mut b2 = b;
+        b2.servers.push("10.2.1.7:80".into());
+        let c = def("gamma", &["gamma.example.com"], &["10.2.1.8:80"]);
+        let next = build(&[&report(vec![b2, c])], &settings()).table;
+        assert_eq!(
+            table.diff(&next).to_string(),
+            "services +gamma -alpha ~beta; routes +gamma.example.com -alpha.example.com"
+        );
+    }
+
+    #[test]
+    fn wildcard_with_path_is_dropped() {
+        let mut d = def(
+            "shop",
+            &["*.example.com", "shop.example.com"],
+            &["10.2.1.5:80"],
+        );
+        d.path = Some("/api".into());
+        let built = build(&[&report(vec![d])], &settings());
+        assert_eq!(built.table.routes.len(), 1);
+        assert!(built.dropped[0].reason.contains("wildcard"));
+    }
+}
