@@ -65,7 +65,8 @@ impl Rendered {
 struct BackendView {
     name: String,
     balance: &'static str,
-    check: Option<String>,
+    /// `(path, interval, fall)` of the HTTP health check.
+    check: Option<(String, String, u32)>,
     /// Server names are their addresses: stable whatever order a source lists them in.
     servers: Vec<String>,
 }
@@ -90,7 +91,10 @@ pub fn render(table: &RoutingTable, settings: &RenderSettings) -> Result<Rendere
         .map(|(name, backend)| BackendView {
             name: name.backend(),
             balance: backend.balance.as_str(),
-            check: backend.check.as_ref().map(|p| p.as_str().to_string()),
+            check: backend
+                .check
+                .as_ref()
+                .map(|c| (c.path.to_string(), haproxy_duration(c.interval), c.fall)),
             servers: backend.servers.iter().map(ToString::to_string).collect(),
         })
         .collect();
@@ -180,6 +184,8 @@ mod tests {
             servers: servers.iter().map(|s| s.to_string()).collect(),
             balance: None,
             check: None,
+            check_interval: None,
+            check_fall: None,
         }
     }
 

@@ -15,6 +15,7 @@ mod names;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 pub use diff::TableDiff;
 pub use names::{parse_server, Balance, Hostname, PathPrefix, ServiceName};
@@ -26,12 +27,27 @@ use crate::sources::{ServiceDef, SourceId, SourceReport};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pub balance: Balance,
-    /// HTTP health check path; `None`: no active checks.
-    pub check: Option<PathPrefix>,
+    /// HTTP health check; `None`: no active checks.
+    pub check: Option<HealthCheck>,
     pub servers: BTreeSet<SocketAddr>,
     /// Where the service came from.
     pub source: SourceId,
 }
+
+/// An HTTP health check HAProxy runs against every server of a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: PathPrefix,
+    pub interval: Duration,
+    /// Failed checks in a row before a server is taken out.
+    pub fall: u32,
+}
+
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_CHECK_FALL: u32 = 3;
+const CHECK_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
+const MAX_CHECK_FALL: u32 = 100;
 
 /// Where a request goes: a hostname and a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -170,6 +186,32 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
     built
 }
 
+fn validate_check(def: &ServiceDef) -> Result<Option<HealthCheck>, String> {
+    let Some(raw) = def.check.as_deref() else {
+        return Ok(None);
+    };
+    let path =
+        PathPrefix::parse(raw).map_err(|reason| format!("invalid health check path: {reason}"))?;
+    let interval = def.check_interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
+    let (min, max) = CHECK_INTERVAL_RANGE;
+    if interval < min || interval > max {
+        return Err(format!(
+            "invalid health check interval {interval:?}: must lie between {min:?} and {max:?}"
+        ));
+    }
+    let fall = def.check_fall.unwrap_or(DEFAULT_CHECK_FALL);
+    if fall == 0 || fall > MAX_CHECK_FALL {
+        return Err(format!(
+            "invalid health check fall count {fall}: must lie between 1 and {MAX_CHECK_FALL}"
+        ));
+    }
+    Ok(Some(HealthCheck {
+        path,
+        interval,
+        fall,
+    }))
+}
+
 /// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,
 /// balance or check drops the whole service (routing it differently from what was asked would
 /// be worse than not routing it).
@@ -213,10 +255,10 @@ fn validate(
             return None;
         }
     };
-    let check = match def.check.as_deref().map(PathPrefix::parse).transpose() {
+    let check = match validate_check(def) {
         Ok(check) => check,
         Err(reason) => {
-            drop(subject, format!("invalid health check path: {reason}"));
+            drop(subject, reason);
             return None;
         }
     };
@@ -283,6 +325,8 @@ mod tests {
             servers: servers.iter().map(|s| s.to_string()).collect(),
             balance: None,
             check: None,
+            check_interval: None,
+            check_fall: None,
         }
     }
 
@@ -386,6 +430,38 @@ mod tests {
             table.diff(&next).to_string(),
             "services +gamma -alpha ~beta; routes +gamma.example.com -alpha.example.com"
         );
+    }
+
+    #[test]
+    fn health_checks_are_bounded() {
+        let mut d = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
+        d.check = Some("/health".into());
+        let built = build(&[&report(vec![d.clone()])], &settings());
+        let check = built
+            .table
+            .backends
+            .values()
+            .next()
+            .unwrap()
+            .check
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (check.interval, check.fall),
+            (DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_FALL)
+        );
+        for (interval, fall, why) in [
+            (Some(Duration::from_millis(10)), None, "interval"),
+            (None, Some(0), "fall"),
+            (None, Some(1000), "fall"),
+        ] {
+            let mut bad = d.clone();
+            bad.check_interval = interval;
+            bad.check_fall = fall;
+            let built = build(&[&report(vec![bad])], &settings());
+            assert!(built.table.backends.is_empty());
+            assert!(built.dropped[0].reason.contains(why), "{:?}", built.dropped);
+        }
     }
 
     #[test]

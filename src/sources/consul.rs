@@ -251,6 +251,8 @@ fn service_def(
             servers,
             balance: routing.balance,
             check: routing.check,
+            check_interval: None,
+            check_fall: None,
         },
         rejected,
     )

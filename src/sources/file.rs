@@ -63,6 +63,29 @@ struct FileService {
     servers: Vec<String>,
     balance: Option<String>,
     check: Option<String>,
+    check_interval: Option<String>,
+    check_fall: Option<u32>,
+}
+
+fn service_def(service: FileService) -> Result<ServiceDef, String> {
+    let check_interval = service
+        .check_interval
+        .map(|text| {
+            humantime::parse_duration(&text).map_err(|err| {
+                format!("check_interval {text:?} is not a duration like \"2s\": {err}")
+            })
+        })
+        .transpose()?;
+    Ok(ServiceDef {
+        name: service.name,
+        hosts: service.hosts,
+        path: service.path,
+        servers: service.servers,
+        balance: service.balance,
+        check: service.check,
+        check_interval,
+        check_fall: service.check_fall,
+    })
 }
 
 /// Services read from one file, and the entries that could not be read.
@@ -118,18 +141,15 @@ pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
             .and_then(toml::Value::as_str)
             .map(|n| format!(" ({n:?})"))
             .unwrap_or_default();
-        match entry.try_into::<FileService>() {
-            Ok(service) => content.services.push(ServiceDef {
-                name: service.name,
-                hosts: service.hosts,
-                path: service.path,
-                servers: service.servers,
-                balance: service.balance,
-                check: service.check,
-            }),
-            Err(err) => content.rejected.push(Rejected {
+        let service = entry
+            .try_into::<FileService>()
+            .map_err(|err| err.to_string().trim().to_string())
+            .and_then(service_def);
+        match service {
+            Ok(service) => content.services.push(service),
+            Err(reason) => content.rejected.push(Rejected {
                 subject: format!("service #{}{name}", i + 1),
-                reason: err.to_string().trim().to_string(),
+                reason,
             }),
         }
     }

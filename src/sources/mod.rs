@@ -40,6 +40,10 @@ pub struct ServiceDef {
     pub balance: Option<String>,
     /// HTTP health check path.
     pub check: Option<String>,
+    /// Time between two checks; `None`: weft's default (2 s).
+    pub check_interval: Option<Duration>,
+    /// Failed checks in a row before a server is taken out; `None`: weft's default (3).
+    pub check_fall: Option<u32>,
 }
 
 /// A definition the source itself could not read (a broken TOML entry, a bad label): it never
