@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/consul.rs"]
+#[path = "support/consul/mod.rs"]
 mod consul;
 
 use std::time::{Duration, Instant};
