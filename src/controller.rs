@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::haproxy::apply::{Applier, ApplyError, Outcome};
 use crate::model::{build, Built, Dropped, ModelSettings, RoutingTable, ServiceName};
-use crate::sources::{consul, file, SourceId, SourceReport};
+use crate::sources::{consul, file, marathon, SourceId, SourceReport};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
 /// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
@@ -80,6 +80,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             SourceId::Consul,
             move |tx| async move {
                 consul::run(consul_config, domain, tx, token)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        ));
+    }
+
+    if let Some(marathon_config) = config.sources.marathon.clone() {
+        let token = shutdown.clone();
+        let domain = config.routing.domain.clone();
+        reports.push(spawn_source(
+            &mut tasks,
+            SourceId::Marathon,
+            move |tx| async move {
+                marathon::run(marathon_config, domain, tx, token)
                     .await
                     .map_err(|e| e.to_string())
             },

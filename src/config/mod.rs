@@ -487,7 +487,7 @@ listen = "nowhere"
         let base = Path::new("/etc/weft");
         let documented = Config::parse(block, base).unwrap();
         let defaults = Config::parse(
-            "[sources.file]\npath = \"services.toml\"\n[sources.consul]\n",
+            "[sources.file]\npath = \"services.toml\"\n[sources.consul]\n[sources.marathon]\n",
             base,
         )
         .unwrap();

@@ -16,6 +16,35 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 pub(super) struct RawSources {
     file: Option<RawFileSource>,
     consul: Option<RawConsulSource>,
+    marathon: Option<RawMarathonSource>,
+}
+
+/// `[sources.marathon]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMarathonSource {
+    /// Marathon's API, one URL per master, tried in order (the last one that answered first).
+    /// Default `["http://127.0.0.1:8080"]`.
+    urls: Option<Vec<String>>,
+    /// The `HAPROXY_GROUP` an app must carry to be routed; `*`: every app. Default `external`.
+    group: Option<String>,
+    /// File holding `user:password` for HTTP basic auth. Default: none.
+    credentials_file: Option<PathBuf>,
+    /// File holding a token, sent as `Authorization: token=<token>` (DC/OS). Default: none.
+    token_file: Option<PathBuf>,
+    /// Event types that trigger a refetch. Default: marathon-lb's `status_update_event`,
+    /// `health_status_changed_event`, `api_post_event`.
+    event_types: Option<Vec<String>>,
+    /// Full refetch as a safety net for missed events. Default `5m`.
+    resync: Option<String>,
+    /// An event stream silent this long is reconnected (and the state refetched). Default
+    /// `60s`.
+    read_timeout: Option<String>,
+    /// Timeout of one `/v2/apps` request. Default `30s`.
+    request_timeout: Option<String>,
+    /// `deny` (default): route only to a task's weave IP and container port; `allow`: tasks
+    /// without one are routed to the agent's host and host port.
+    host_ports: Option<String>,
 }
 
 /// `[sources.consul]`.
@@ -99,6 +128,186 @@ pub struct ConsulSourceConfig {
 pub struct SourcesConfig {
     pub file: Option<FileSourceConfig>,
     pub consul: Option<ConsulSourceConfig>,
+    pub marathon: Option<MarathonSourceConfig>,
+}
+
+/// Which apps the Marathon source routes, by `HAPROXY_GROUP`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarathonGroup {
+    All,
+    Named(String),
+}
+
+impl MarathonGroup {
+    pub fn parse(text: &str) -> MarathonGroup {
+        match text {
+            "*" => MarathonGroup::All,
+            name => MarathonGroup::Named(name.to_string()),
+        }
+    }
+
+    /// Whether an app (or service port) in `group` is routed.
+    pub fn matches(&self, group: Option<&str>) -> bool {
+        match self {
+            MarathonGroup::All => true,
+            MarathonGroup::Named(name) => group == Some(name.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPorts {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarathonAuth {
+    Basic { user: String, password: Token },
+    Token(Token),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarathonSourceConfig {
+    pub urls: Vec<reqwest::Url>,
+    pub group: MarathonGroup,
+    pub auth: Option<MarathonAuth>,
+    pub event_types: Vec<String>,
+    pub resync: Duration,
+    pub read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub host_ports: HostPorts,
+}
+
+pub const DEFAULT_MARATHON_URL: &str = "http://127.0.0.1:8080";
+pub const DEFAULT_MARATHON_GROUP: &str = "external";
+pub const DEFAULT_EVENT_TYPES: [&str; 3] = [
+    "status_update_event",
+    "health_status_changed_event",
+    "api_post_event",
+];
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads a secret file: trimmed, not empty.
+fn read_secret(path: PathBuf, base: &Path, key: &str, issues: &mut Issues) -> Option<String> {
+    let path = absolute(path, base);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
+        Ok(_) => {
+            issues.add(key, format!("{} is empty", path.display()));
+            None
+        }
+        Err(err) => {
+            issues.add(key, format!("cannot read {}: {err}", path.display()));
+            None
+        }
+    }
+}
+
+fn http_url(text: &str, key: &str, issues: &mut Issues) -> Option<reqwest::Url> {
+    match reqwest::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+        Ok(_) => {
+            issues.add(key, format!("{text:?} is not an http(s) URL"));
+            None
+        }
+        Err(err) => {
+            issues.add(key, format!("{text:?}: {err}"));
+            None
+        }
+    }
+}
+
+fn validate_marathon(
+    raw: RawMarathonSource,
+    base: &Path,
+    issues: &mut Issues,
+) -> MarathonSourceConfig {
+    let texts = raw
+        .urls
+        .unwrap_or_else(|| vec![DEFAULT_MARATHON_URL.into()]);
+    if texts.is_empty() {
+        issues.add("sources.marathon.urls", "is empty");
+    }
+    let urls = texts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| http_url(text, &format!("sources.marathon.urls[{i}]"), issues))
+        .collect();
+    let group = MarathonGroup::parse(&raw.group.unwrap_or_else(|| DEFAULT_MARATHON_GROUP.into()));
+    let basic = raw.credentials_file.and_then(|path| {
+        let key = "sources.marathon.credentials_file";
+        let secret = read_secret(path, base, key, issues)?;
+        match secret.split_once(':') {
+            Some((user, password)) if !user.is_empty() => Some(MarathonAuth::Basic {
+                user: user.to_string(),
+                password: Token::new(password.to_string()),
+            }),
+            _ => {
+                issues.add(key, "must hold user:password");
+                None
+            }
+        }
+    });
+    let token = raw.token_file.and_then(|path| {
+        read_secret(path, base, "sources.marathon.token_file", issues)
+            .map(|t| MarathonAuth::Token(Token::new(t)))
+    });
+    if basic.is_some() && token.is_some() {
+        issues.add(
+            "sources.marathon",
+            "credentials_file and token_file exclude each other",
+        );
+    }
+    let event_types = raw
+        .event_types
+        .unwrap_or_else(|| DEFAULT_EVENT_TYPES.iter().map(|t| t.to_string()).collect());
+    for (i, event) in event_types.iter().enumerate() {
+        if event.is_empty() || !event.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            issues.add(
+                &format!("sources.marathon.event_types[{i}]"),
+                format!("{event:?} is not an event type like \"status_update_event\""),
+            );
+        }
+    }
+    let host_ports = match raw.host_ports.as_deref() {
+        None | Some("deny") => HostPorts::Deny,
+        Some("allow") => HostPorts::Allow,
+        Some(other) => {
+            issues.add(
+                "sources.marathon.host_ports",
+                format!("{other:?} is not one of deny, allow"),
+            );
+            HostPorts::Deny
+        }
+    };
+    let mut positive = |raw: Option<String>, default, key: &str| {
+        let value = duration(raw, default, key, issues);
+        if value.is_zero() {
+            issues.add(key, "must be above zero");
+        }
+        value
+    };
+    MarathonSourceConfig {
+        urls,
+        group,
+        auth: basic.or(token),
+        event_types,
+        resync: positive(raw.resync, DEFAULT_RESYNC, "sources.marathon.resync"),
+        read_timeout: positive(
+            raw.read_timeout,
+            DEFAULT_READ_TIMEOUT,
+            "sources.marathon.read_timeout",
+        ),
+        request_timeout: positive(
+            raw.request_timeout,
+            DEFAULT_REQUEST_TIMEOUT,
+            "sources.marathon.request_timeout",
+        ),
+        host_ports,
+    }
 }
 
 pub(super) fn validate_sources(raw: RawSources, base: &Path, issues: &mut Issues) -> SourcesConfig {
@@ -123,14 +332,21 @@ pub(super) fn validate_sources(raw: RawSources, base: &Path, issues: &mut Issues
     let consul = raw
         .consul
         .map(|consul| validate_consul(consul, base, issues));
-    if file.is_none() && consul.is_none() && !issues.0.iter().any(|i| i.key.starts_with("sources"))
-    {
+    let marathon = raw
+        .marathon
+        .map(|marathon| validate_marathon(marathon, base, issues));
+    let none = file.is_none() && consul.is_none() && marathon.is_none();
+    if none && !issues.0.iter().any(|i| i.key.starts_with("sources")) {
         issues.add(
             "sources",
-            "no source is configured: add [sources.file] or [sources.consul]",
+            "no source is configured: add [sources.file], [sources.consul] or [sources.marathon]",
         );
     }
-    SourcesConfig { file, consul }
+    SourcesConfig {
+        file,
+        consul,
+        marathon,
+    }
 }
 
 /// Consul's own upper bound for a blocking query's wait.
@@ -144,41 +360,11 @@ pub const CONSUL_TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
 
 fn validate_consul(raw: RawConsulSource, base: &Path, issues: &mut Issues) -> ConsulSourceConfig {
     let url_text = raw.url.unwrap_or_else(|| DEFAULT_CONSUL_URL.into());
-    let url = match reqwest::Url::parse(&url_text) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => url,
-        Ok(_) => {
-            issues.add(
-                "sources.consul.url",
-                format!("{url_text:?} is not an http(s) URL"),
-            );
-            reqwest::Url::parse(DEFAULT_CONSUL_URL).expect("the default URL parses")
-        }
-        Err(err) => {
-            issues.add("sources.consul.url", format!("{url_text:?}: {err}"));
-            reqwest::Url::parse(DEFAULT_CONSUL_URL).expect("the default URL parses")
-        }
-    };
+    let url = http_url(&url_text, "sources.consul.url", issues).unwrap_or_else(|| {
+        reqwest::Url::parse(DEFAULT_CONSUL_URL).expect("the default URL parses")
+    });
     let token = match raw.token_file {
-        Some(path) => {
-            let path = absolute(path, base);
-            match std::fs::read_to_string(&path) {
-                Ok(text) if !text.trim().is_empty() => Some(Token(text.trim().to_string())),
-                Ok(_) => {
-                    issues.add(
-                        "sources.consul.token_file",
-                        format!("{} is empty", path.display()),
-                    );
-                    None
-                }
-                Err(err) => {
-                    issues.add(
-                        "sources.consul.token_file",
-                        format!("cannot read {}: {err}", path.display()),
-                    );
-                    None
-                }
-            }
-        }
+        Some(path) => read_secret(path, base, "sources.consul.token_file", issues).map(Token),
         None => std::env::var(CONSUL_TOKEN_ENV)
             .ok()
             .filter(|t| !t.trim().is_empty())

@@ -8,6 +8,7 @@
 
 pub mod consul;
 pub mod file;
+pub mod marathon;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -17,6 +18,7 @@ use std::time::{Duration, SystemTime};
 pub enum SourceId {
     File,
     Consul,
+    Marathon,
 }
 
 impl fmt::Display for SourceId {
@@ -24,6 +26,7 @@ impl fmt::Display for SourceId {
         f.write_str(match self {
             SourceId::File => "file",
             SourceId::Consul => "consul",
+            SourceId::Marathon => "marathon",
         })
     }
 }
@@ -102,6 +105,12 @@ pub async fn read_all_once(
             .await
             .map_err(|e| e.to_string());
         reports.push((SourceId::Consul, report));
+    }
+    if let Some(marathon) = &config.sources.marathon {
+        let report = marathon::read_once(marathon.clone(), config.routing.domain.clone())
+            .await
+            .map_err(|e| e.to_string());
+        reports.push((SourceId::Marathon, report));
     }
     reports
 }

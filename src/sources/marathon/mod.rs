@@ -1,0 +1,430 @@
+//! The Marathon source: the event stream says when, a full `/v2/apps` fetch says what.
+//!
+//! ```text
+//! /v2/events (SSE) ── relevant event ──┐
+//! stream (re)attached ─────────────────┼──> refetch (coalesced: one Notify permit)
+//! resync timer (5 min) ────────────────┘        │
+//!                                               v
+//!                     /v2/apps?embed=apps.tasks ──> routing::app_services ──> SourceReport
+//!                                                   (published only when routing changed)
+//! ```
+//!
+//! Several URLs (one per Marathon master) are tried in order, the last one that answered
+//! first. A silent stream is reconnected after the read timeout and the state refetched, so
+//! nothing missed while it hung is lost. Failures keep the last good services and mark the
+//! source degraded until it recovers.
+
+pub mod api;
+pub mod routing;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use reqwest::{StatusCode, Url};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::routing::{app_services, RoutingSettings};
+use super::{error_chain, Backoff, Health, Rejected, ServiceDef, SourceId, SourceReport};
+use crate::config::{MarathonAuth, MarathonSourceConfig};
+use crate::model::Hostname;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_BODY_IN_ERROR: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MarathonError {
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    #[error("GET {url}: {}", error_chain(source))]
+    Request {
+        url: Url,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("GET {url}: {status}: {body}")]
+    Status {
+        url: Url,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("GET {url}: cannot decode the answer: {message}")]
+    Decode { url: Url, message: String },
+    #[error("event stream from {url}: {message}")]
+    Stream { url: Url, message: String },
+    #[error("event stream from {url}: silent for {after:?}")]
+    Silent { url: Url, after: Duration },
+    #[error("no Marathon URL answered: {}", errors.join("; "))]
+    AllFailed { errors: Vec<String> },
+}
+
+/// HTTP to Marathon, shared by the fetcher and the stream.
+struct Client {
+    http: reqwest::Client,
+    config: MarathonSourceConfig,
+    /// Index of the URL that answered last: tried first next time.
+    preferred: AtomicUsize,
+}
+
+impl Client {
+    fn new(config: MarathonSourceConfig) -> Result<Client, MarathonError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(MarathonError::Client)?;
+        Ok(Client {
+            http,
+            config,
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    /// The URLs in the order to try them.
+    fn urls(&self) -> Vec<(usize, &Url)> {
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut urls: Vec<(usize, &Url)> = self.config.urls.iter().enumerate().collect();
+        urls.sort_by_key(|(i, _)| *i != first);
+        urls
+    }
+
+    fn request(&self, url: Url) -> reqwest::RequestBuilder {
+        let request = self.http.get(url);
+        match &self.config.auth {
+            None => request,
+            Some(MarathonAuth::Basic { user, password }) => {
+                request.basic_auth(user, Some(password.expose()))
+            }
+            Some(MarathonAuth::Token(token)) => {
+                request.header("Authorization", format!("token={}", token.expose()))
+            }
+        }
+    }
+
+    fn endpoint(base: &Url, segments: &[&str]) -> Url {
+        let mut url = base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// `/v2/apps?embed=apps.tasks` from the first URL that answers.
+    async fn fetch_apps(&self) -> Result<api::AppsResponse, MarathonError> {
+        let mut errors = Vec::new();
+        for (index, base) in self.urls() {
+            let mut url = Self::endpoint(base, &["v2", "apps"]);
+            url.query_pairs_mut().append_pair("embed", "apps.tasks");
+            match self.fetch_one(url).await {
+                Ok(apps) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(apps);
+                }
+                Err(err) => errors.push(err.to_string()),
+            }
+        }
+        Err(MarathonError::AllFailed { errors })
+    }
+
+    async fn fetch_one(&self, url: Url) -> Result<api::AppsResponse, MarathonError> {
+        let response = self
+            .request(url.clone())
+            .timeout(self.config.request_timeout)
+            .send()
+            .await
+            .map_err(|source| MarathonError::Request {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|source| MarathonError::Request {
+                url: url.clone(),
+                source,
+            })?;
+        if !status.is_success() {
+            let mut text = String::from_utf8_lossy(&body).trim().to_string();
+            text.truncate(MAX_BODY_IN_ERROR);
+            return Err(MarathonError::Status {
+                url,
+                status,
+                body: text,
+            });
+        }
+        api::decode_apps(&body).map_err(|message| MarathonError::Decode { url, message })
+    }
+
+    /// Opens `/v2/events` on the first URL that accepts it.
+    async fn open_stream(&self) -> Result<(Url, reqwest::Response), MarathonError> {
+        let mut errors = Vec::new();
+        for (index, base) in self.urls() {
+            let mut url = Self::endpoint(base, &["v2", "events"]);
+            {
+                let mut query = url.query_pairs_mut();
+                for event in &self.config.event_types {
+                    query.append_pair("event_type", event);
+                }
+                query.append_pair("plan-format", "light");
+            }
+            let response = self
+                .request(url.clone())
+                .header("Accept", "text/event-stream")
+                .send()
+                .await;
+            match response {
+                Ok(response) if response.status().is_success() => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok((url, response));
+                }
+                Ok(response) => errors.push(format!("GET {url}: {}", response.status())),
+                Err(source) => errors.push(MarathonError::Request { url, source }.to_string()),
+            }
+        }
+        Err(MarathonError::AllFailed { errors })
+    }
+}
+
+/// What the fetcher and the stream know, published together.
+#[derive(Default)]
+struct State {
+    /// `None` until the first fetch succeeded.
+    content: Option<(Vec<ServiceDef>, Vec<Rejected>)>,
+    fetch_error: Option<String>,
+    stream_error: Option<String>,
+}
+
+#[derive(Clone)]
+struct Publisher {
+    state: Arc<Mutex<State>>,
+    tx: watch::Sender<SourceReport>,
+}
+
+impl Publisher {
+    fn update(&self, change: impl FnOnce(&mut State)) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        change(&mut state);
+        let Some((services, rejected)) = state.content.clone() else {
+            // Never publish before a complete first fetch, unless to say it failed.
+            if let Some(error) = &state.fetch_error {
+                let reason = error.clone();
+                self.tx
+                    .send_if_modified(|report| set_degraded(report, reason));
+            }
+            return;
+        };
+        let errors: Vec<String> = [&state.fetch_error, &state.stream_error]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        drop(state);
+        self.tx.send_if_modified(|report| {
+            let before = report.clone();
+            report.services = services;
+            report.rejected = rejected;
+            if errors.is_empty() {
+                report.health = Health::Ok;
+            } else {
+                set_degraded(report, errors.join("; "));
+            }
+            *report != before
+        });
+    }
+}
+
+/// Marks the report degraded; keeps `since` when the reason is the same.
+fn set_degraded(report: &mut SourceReport, reason: String) -> bool {
+    if matches!(&report.health, Health::Degraded { reason: old, .. } if *old == reason) {
+        return false;
+    }
+    report.health = Health::Degraded {
+        reason,
+        since: SystemTime::now(),
+    };
+    true
+}
+
+/// Turns a fetched app list into services.
+fn services(
+    apps: &api::AppsResponse,
+    settings: &RoutingSettings,
+) -> (Vec<ServiceDef>, Vec<Rejected>) {
+    let mut services = Vec::new();
+    let mut rejected = Vec::new();
+    for app in &apps.apps {
+        let (app_services, app_rejected) = app_services(app, settings);
+        services.extend(app_services);
+        rejected.extend(app_rejected);
+    }
+    (services, rejected)
+}
+
+/// Fetches the apps once, for `weft render` and `weft check`.
+pub async fn read_once(
+    config: MarathonSourceConfig,
+    domain: Option<Hostname>,
+) -> Result<SourceReport, MarathonError> {
+    let settings = RoutingSettings {
+        group: config.group.clone(),
+        domain,
+        host_ports: config.host_ports,
+    };
+    let client = Client::new(config)?;
+    let (services, rejected) = services(&client.fetch_apps().await?, &settings);
+    Ok(SourceReport {
+        source: SourceId::Marathon,
+        services,
+        rejected,
+        health: Health::Ok,
+    })
+}
+
+/// Runs the Marathon source until `shutdown`.
+pub async fn run(
+    config: MarathonSourceConfig,
+    domain: Option<Hostname>,
+    tx: watch::Sender<SourceReport>,
+    shutdown: CancellationToken,
+) -> Result<(), MarathonError> {
+    let settings = RoutingSettings {
+        group: config.group.clone(),
+        domain,
+        host_ports: config.host_ports,
+    };
+    let resync = config.resync;
+    let client = Arc::new(Client::new(config)?);
+    let publisher = Publisher {
+        state: Arc::new(Mutex::new(State::default())),
+        tx,
+    };
+    let refetch = Arc::new(Notify::new());
+    let urls: Vec<String> = client.config.urls.iter().map(ToString::to_string).collect();
+    info!(urls = ?urls, group = ?settings.group, "watching marathon");
+
+    let stream = tokio::spawn(follow_events(
+        client.clone(),
+        refetch.clone(),
+        publisher.clone(),
+        shutdown.clone(),
+    ));
+    let mut backoff = Backoff::default();
+    let mut resync_timer = tokio::time::interval(resync);
+    refetch.notify_one();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            () = refetch.notified() => {}
+            _ = resync_timer.tick() => debug!("marathon periodic resync"),
+        }
+        match client.fetch_apps().await {
+            Ok(apps) => {
+                backoff.reset();
+                let content = services(&apps, &settings);
+                debug!(
+                    apps = apps.apps.len(),
+                    services = content.0.len(),
+                    "marathon apps fetched"
+                );
+                publisher.update(|state| {
+                    state.content = Some(content);
+                    state.fetch_error = None;
+                });
+            }
+            Err(err) => {
+                let delay = backoff.next_delay();
+                warn!(error = %err, retry_in = ?delay, "marathon fetch failing, keeping the last good services");
+                publisher.update(|state| state.fetch_error = Some(err.to_string()));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => refetch.notify_one(),
+                }
+            }
+        }
+    }
+    stream.abort();
+    Ok(())
+}
+
+/// Follows `/v2/events`: every relevant event, and every (re)attach, asks for a refetch.
+async fn follow_events(
+    client: Arc<Client>,
+    refetch: Arc<Notify>,
+    publisher: Publisher,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = read_stream(&client, &refetch, &publisher, &mut backoff) => result,
+        };
+        let delay = backoff.next_delay();
+        match result {
+            Err(err @ MarathonError::Silent { .. }) => {
+                info!(error = %err, "marathon event stream silent, reconnecting and refetching")
+            }
+            Err(err) => {
+                warn!(error = %err, retry_in = ?delay, "marathon event stream down, relying on resync until it is back");
+                publisher.update(|state| state.stream_error = Some(err.to_string()));
+            }
+            Ok(()) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Reads one stream until it ends, fails or stays silent for the read timeout.
+async fn read_stream(
+    client: &Client,
+    refetch: &Notify,
+    publisher: &Publisher,
+    backoff: &mut Backoff,
+) -> Result<(), MarathonError> {
+    let (url, response) = client.open_stream().await?;
+    let read_timeout = client.config.read_timeout;
+    let mut events = response.bytes_stream().eventsource();
+    loop {
+        let next = tokio::time::timeout(read_timeout, events.next()).await;
+        let event = match next {
+            Err(_) => {
+                return Err(MarathonError::Silent {
+                    url,
+                    after: read_timeout,
+                })
+            }
+            Ok(None) => {
+                return Err(MarathonError::Stream {
+                    url,
+                    message: "closed by Marathon".into(),
+                })
+            }
+            Ok(Some(Err(err))) => {
+                return Err(MarathonError::Stream {
+                    url,
+                    message: err.to_string(),
+                })
+            }
+            Ok(Some(Ok(event))) => event,
+        };
+        if event.event == "event_stream_attached" {
+            info!(%url, "marathon event stream attached");
+            backoff.reset();
+            publisher.update(|state| state.stream_error = None);
+            // Whatever happened while no stream was attached: catch up.
+            refetch.notify_one();
+        } else if client.config.event_types.contains(&event.event) {
+            debug!(event = %event.event, "marathon event");
+            refetch.notify_one();
+        }
+    }
+}
