@@ -285,13 +285,16 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
     };
     let run_dir = absolute(raw.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into()), base);
     let bind_text = raw.bind.unwrap_or_else(|| DEFAULT_BIND.into());
-    let bind = bind_text.parse().unwrap_or_else(|_| {
+    let bind: SocketAddr = bind_text.parse().unwrap_or_else(|_| {
         issues.add(
             "haproxy.bind",
             format!("{bind_text:?} is not an address like \"0.0.0.0:80\""),
         );
         SocketAddr::from(([0, 0, 0, 0], 80))
     });
+    if bind.port() == 0 {
+        issues.add("haproxy.bind", "needs a port: HAProxy refuses port 0");
+    }
     if mode == HaproxyMode::External && raw.master_socket.is_none() {
         issues.add(
             "haproxy.master_socket",
