@@ -77,6 +77,7 @@ fn run(health_checks: bool) {
         map_dir: "/var/lib/weft".into(),
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
+        slots: weft::slots::DEFAULT_SLOTS,
     };
     let (mut decode, mut route, mut table, mut text, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -137,6 +138,7 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
         map_dir: dir.path().to_path_buf(),
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
+        slots: weft::slots::DEFAULT_SLOTS,
     };
     let rendered = render(table, &settings).expect("render");
     for (name, content) in rendered.files() {

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::haproxy::apply::{Applier, ApplyError, Outcome};
@@ -253,8 +253,12 @@ async fn apply_loop(
                 Ok((outcome, _)) => {
                     s.running = true;
                     s.last_error = None;
-                    if let Outcome::Reloaded { reloads } = outcome {
-                        s.reloads = *reloads;
+                    match outcome {
+                        Outcome::Reloaded { reloads } => s.reloads = *reloads,
+                        Outcome::Runtime { updates } | Outcome::Deferred { updates, .. } => {
+                            s.runtime_updates += *updates as u64
+                        }
+                        Outcome::Started | Outcome::Unchanged => {}
                     }
                     if *outcome != Outcome::Unchanged {
                         s.last_change = Some(unix_now());
@@ -264,6 +268,11 @@ async fn apply_loop(
             }
         });
         match result {
+            // Part applied at runtime; the reload follows when the interval allows.
+            Ok((Outcome::Deferred { until, updates }, _)) => {
+                debug!(updates, wait = ?until.saturating_duration_since(tokio::time::Instant::now()), "reload deferred by min_reload_interval");
+                retry_at = Some(until);
+            }
             Ok((outcome, table)) => {
                 if outcome != Outcome::Unchanged {
                     let changes = applied.diff(&table);

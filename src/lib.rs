@@ -4,14 +4,17 @@
 //!
 //! - [`config`]: weft.toml, validated once, every error at once.
 //! - [`sources`]: where service definitions come from (the watched services file).
-//! - [`network`]: which addresses backends may have (the allowed networks).
+//! - [`network`]: the weave network's layout (host subnets, bridge addresses), allowed networks.
+//! - [`bridge`]: keeps this host's weave bridge up (netlink), beside the data flow.
 //! - [`model`]: the routing table, every input validated, drops with reasons.
+//! - [`slots`]: which server slot of its backend each server occupies (runtime updates).
 //! - [`render`]: table -> haproxy.cfg and maps (askama), deterministic.
 //! - [`haproxy`]: the only writer to HAProxy: validate, install, reload, supervise.
 //! - [`status`]: what weft routes where and why something is missing (HTML, JSON, healthz).
 //! - [`controller`]: wires the above into the running daemon.
 //! - [`demo`]: the embedded default: demo backends and services for `weft demo`.
 
+pub mod bridge;
 pub mod config;
 pub mod controller;
 pub mod demo;
@@ -19,5 +22,6 @@ pub mod haproxy;
 pub mod model;
 pub mod network;
 pub mod render;
+pub mod slots;
 pub mod sources;
 pub mod status;

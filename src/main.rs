@@ -148,6 +148,7 @@ fn settings_for(config: &Config, dir: &Path) -> RenderSettings {
         map_dir: dir.to_path_buf(),
         hard_stop_after: config.haproxy.hard_stop_after,
         max_reloads: config.haproxy.max_reloads,
+        slots: config.haproxy.server_slots,
     }
 }
 

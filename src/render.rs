@@ -18,6 +18,7 @@ use std::time::Duration;
 use askama::Template;
 
 use crate::model::RoutingTable;
+use crate::slots::{slot_name, Slots};
 
 /// The map files the config refers to, by file name inside the map directory.
 pub const HOSTS_MAP: &str = "hosts.map";
@@ -38,6 +39,8 @@ pub struct RenderSettings {
     pub hard_stop_after: Duration,
     /// `mworker-max-reloads`: old workers that survived this many reloads are killed.
     pub max_reloads: u32,
+    /// Slots per backend come in multiples of this (see [`crate::slots`]).
+    pub slots: usize,
 }
 
 /// Every file HAProxy needs, as text.
@@ -67,8 +70,8 @@ struct BackendView {
     balance: &'static str,
     /// `(path, interval, fall)` of the HTTP health check.
     check: Option<(String, String, u32)>,
-    /// Server names are their addresses: stable whatever order a source lists them in.
-    servers: Vec<String>,
+    /// `(slot name, server address)`; `None` is a free slot.
+    servers: Vec<(String, Option<String>)>,
 }
 
 #[derive(Template)]
@@ -84,7 +87,18 @@ struct ConfigTemplate<'a> {
 }
 
 /// Renders the config and the maps.
+/// Renders the config and the maps from scratch: servers in sorted slots.
 pub fn render(table: &RoutingTable, settings: &RenderSettings) -> Result<Rendered, askama::Error> {
+    let slots = Slots::assign(&Slots::default(), table, settings.slots);
+    render_with(table, &slots, settings)
+}
+
+/// Renders the config and the maps with servers in the given slots.
+pub fn render_with(
+    table: &RoutingTable,
+    slots: &Slots,
+    settings: &RenderSettings,
+) -> Result<Rendered, askama::Error> {
     let backends = table
         .backends
         .iter()
@@ -95,7 +109,17 @@ pub fn render(table: &RoutingTable, settings: &RenderSettings) -> Result<Rendere
                 .check
                 .as_ref()
                 .map(|c| (c.path.to_string(), haproxy_duration(c.interval), c.fall)),
-            servers: backend.servers.iter().map(ToString::to_string).collect(),
+            servers: slots
+                .backends
+                .get(name)
+                .map(|slots| {
+                    slots
+                        .iter()
+                        .enumerate()
+                        .map(|(i, slot)| (slot_name(i), slot.map(|a| a.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
         .collect();
     let config = ConfigTemplate {
@@ -173,6 +197,7 @@ mod tests {
             map_dir: "/var/lib/weft".into(),
             hard_stop_after: Duration::from_secs(30),
             max_reloads: 50,
+            slots: 4,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct ApplyStatus {
     pub running: bool,
     /// The master's reload counter after the last confirmed reload.
     pub reloads: u64,
+    /// Servers and maps changed through the runtime API, without a reload, since start.
+    pub runtime_updates: u64,
     /// The last apply's error; `None` once an apply succeeds again.
     pub last_error: Option<String>,
     /// Unix seconds of the last successful change.

@@ -18,8 +18,11 @@ use serde::Deserialize;
 use crate::model::Hostname;
 use crate::network::{AllowedNetworks, WEAVE_NETWORK};
 
+mod bridge;
 mod sources;
 
+use bridge::{validate_bridge, RawBridge};
+pub use bridge::{BridgeConfig, BridgeMode, DEFAULT_BRIDGE_INTERVAL, DEFAULT_BRIDGE_NAME};
 pub use sources::*;
 use sources::{validate_sources, RawSources};
 
@@ -31,6 +34,14 @@ pub const DEFAULT_BIND: &str = "0.0.0.0:80";
 pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELOADS: u32 = 50;
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Whether changes may go through the runtime API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeUpdates {
+    On,
+    Off,
+}
 
 /// `[haproxy]`.
 #[derive(Debug, Default, Deserialize)]
@@ -58,6 +69,16 @@ struct RawHaproxy {
     max_reloads: Option<u32>,
     /// How long a reload may take to be confirmed by `show proc`. Default `10s`.
     reload_timeout: Option<String>,
+    /// Least time between two reloads; changes that arrive meanwhile coalesce into the next
+    /// one. Default `500ms`.
+    min_reload_interval: Option<String>,
+    /// `on` (default): servers added, removed or moved within a backend's slots, and new hosts
+    /// or paths of existing backends, are applied through the runtime API without a reload.
+    /// `off`: every change reloads (what marathon-lb does; for comparison).
+    runtime_updates: Option<String>,
+    /// Server slots per backend come in multiples of this (spares for runtime updates).
+    /// Default 8.
+    server_slots: Option<usize>,
 }
 
 /// `[network]`.
@@ -103,6 +124,9 @@ pub struct HaproxyConfig {
     pub hard_stop_after: Duration,
     pub max_reloads: u32,
     pub reload_timeout: Duration,
+    pub min_reload_interval: Duration,
+    pub runtime_updates: RuntimeUpdates,
+    pub server_slots: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -116,6 +140,8 @@ pub struct RoutingConfig {
 pub struct Config {
     pub haproxy: HaproxyConfig,
     pub allowed: AllowedNetworks,
+    /// The weave bridge weft keeps up.
+    pub bridge: BridgeConfig,
     pub routing: RoutingConfig,
     pub sources: SourcesConfig,
     /// Where the status endpoints listen.
@@ -174,18 +200,20 @@ impl Config {
         };
         let haproxy: RawHaproxy = section(&mut table, "haproxy", &mut issues);
         let network: RawNetwork = section(&mut table, "network", &mut issues);
+        let bridge: RawBridge = section(&mut table, "bridge", &mut issues);
         let routing: RawRouting = section(&mut table, "routing", &mut issues);
         let sources: RawSources = section(&mut table, "sources", &mut issues);
         let status: RawStatus = section(&mut table, "status", &mut issues);
         for key in table.keys() {
             issues.add(
                 key,
-                "unknown section (known: haproxy, network, routing, sources, status)",
+                "unknown section (known: haproxy, network, bridge, routing, sources, status)",
             );
         }
 
         let haproxy = validate_haproxy(haproxy, base, &mut issues);
         let allowed = validate_network(network, &mut issues);
+        let bridge = validate_bridge(bridge, &mut issues);
         let routing = validate_routing(routing, &mut issues);
         let sources = validate_sources(sources, base, &mut issues);
         let listen_text = status
@@ -204,6 +232,7 @@ impl Config {
         Ok(Config {
             haproxy,
             allowed,
+            bridge,
             routing,
             sources,
             status_listen,
@@ -338,6 +367,27 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
     if reload_timeout.is_zero() {
         issues.add("haproxy.reload_timeout", "must be above zero");
     }
+    let min_reload_interval = duration(
+        raw.min_reload_interval,
+        DEFAULT_MIN_RELOAD_INTERVAL,
+        "haproxy.min_reload_interval",
+        issues,
+    );
+    let runtime_updates = match raw.runtime_updates.as_deref() {
+        None | Some("on") => RuntimeUpdates::On,
+        Some("off") => RuntimeUpdates::Off,
+        Some(other) => {
+            issues.add(
+                "haproxy.runtime_updates",
+                format!("{other:?} is not one of on, off"),
+            );
+            RuntimeUpdates::On
+        }
+    };
+    let server_slots = raw.server_slots.unwrap_or(crate::slots::DEFAULT_SLOTS);
+    if !(1..=1000).contains(&server_slots) {
+        issues.add("haproxy.server_slots", "must lie between 1 and 1000");
+    }
     let max_reloads = raw.max_reloads.unwrap_or(DEFAULT_MAX_RELOADS);
     if max_reloads == 0 {
         issues.add("haproxy.max_reloads", "must be at least 1");
@@ -352,6 +402,9 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         hard_stop_after,
         max_reloads,
         reload_timeout,
+        min_reload_interval,
+        runtime_updates,
+        server_slots,
     }
 }
 

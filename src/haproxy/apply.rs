@@ -17,16 +17,20 @@ use std::time::Duration;
 use tokio::process::Command;
 use tracing::{debug, info, warn};
 
+use super::plan::{filter_server_state, runtime_part, runtime_plan, same_structure, Applied};
 use super::process::{show_proc, Launch, Managed, ProcessError};
-use super::runtime::show_servers_state;
+use super::runtime::{replace_map, run_commands, show_servers_state, verify_servers, RuntimeError};
 use super::CliError;
-use crate::config::{HaproxyConfig, HaproxyMode};
+use crate::config::{HaproxyConfig, HaproxyMode, RuntimeUpdates};
 use crate::model::RoutingTable;
-use crate::render::{render, RenderSettings, Rendered};
+use crate::render::{render_with, RenderSettings, Rendered};
+use crate::slots::Slots;
 
 const STAGING_DIR: &str = "staging";
 const SERVER_STATE_FILE: &str = "server-state";
 const PID_FILE: &str = "haproxy.pid";
+/// The admin stats socket the rendered config opens.
+const ADMIN_SOCKET: &str = "admin.sock";
 const POLL: Duration = Duration::from_millis(20);
 /// An empty server-state file in the format HAProxy writes: version line only. Without it
 /// HAProxy warns that it cannot read the file.
@@ -64,8 +68,8 @@ pub enum ApplyError {
     ReloadTimeout { timeout: Duration, reloads: u64 },
     #[error("haproxy failed to load the new config (show proc: failed: {failed}); the last good files are restored and the old worker keeps serving")]
     ReloadFailed { failed: u64 },
-    #[error("haproxy is not running")]
-    NotRunning,
+    #[error("runtime update: {0}")]
+    Runtime(#[from] RuntimeError),
 }
 
 /// What one apply did.
@@ -75,8 +79,16 @@ pub enum Outcome {
     Unchanged,
     /// HAProxy was started on the new files.
     Started,
+    /// Applied through the runtime API, no reload: `updates` servers and maps changed.
+    Runtime { updates: usize },
     /// A reload was confirmed; the master's reload counter now reads `reloads`.
     Reloaded { reloads: u64 },
+    /// What could go through the runtime API did (`updates`); the rest needs a reload that
+    /// `min_reload_interval` holds back until `until`.
+    Deferred {
+        updates: usize,
+        until: tokio::time::Instant,
+    },
 }
 
 /// Owns HAProxy's files and (in managed mode) its process.
@@ -84,10 +96,11 @@ pub struct Applier {
     config: HaproxyConfig,
     live: RenderSettings,
     staging: RenderSettings,
-    /// The files HAProxy runs now: the last good state.
-    applied: Option<Rendered>,
+    /// What HAProxy runs now: the last good state.
+    applied: Option<Applied>,
     process: Option<Managed>,
     generation: u64,
+    last_reload: Option<tokio::time::Instant>,
 }
 
 impl Applier {
@@ -98,6 +111,7 @@ impl Applier {
             map_dir: config.run_dir.clone(),
             hard_stop_after: config.hard_stop_after,
             max_reloads: config.max_reloads,
+            slots: config.server_slots,
         };
         let staging = RenderSettings {
             map_dir: config.run_dir.join(STAGING_DIR),
@@ -110,6 +124,7 @@ impl Applier {
             applied: None,
             process: None,
             generation: 0,
+            last_reload: None,
         }
     }
 
@@ -117,30 +132,135 @@ impl Applier {
         &self.live
     }
 
-    /// Brings HAProxy to `table`: validate, install, start or reload, confirm.
+    fn running(&self) -> bool {
+        self.process.is_some() || self.config.mode == HaproxyMode::External
+    }
+
+    /// Brings HAProxy to `table`: through the runtime API where the config's structure stays,
+    /// else validate, install, reload, confirm.
     #[tracing::instrument(name = "apply", skip_all, fields(generation = self.generation + 1))]
     pub async fn apply(&mut self, table: &RoutingTable) -> Result<Outcome, ApplyError> {
         self.generation += 1;
-        let rendered = render(table, &self.live)?;
-        let running = self.process.is_some() || self.config.mode == HaproxyMode::External;
-        if running && self.applied.as_ref() == Some(&rendered) {
+        let previous = self.applied.as_ref().map(|a| &a.slots);
+        let slots = Slots::assign(
+            previous.unwrap_or(&Slots::default()),
+            table,
+            self.live.slots,
+        );
+        let rendered = render_with(table, &slots, &self.live)?;
+        let desired = Applied {
+            table: table.clone(),
+            slots,
+            rendered,
+        };
+        if !self.running() {
+            self.validate(&desired).await?;
+            // A state file from an earlier run describes servers this config may not have.
+            write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
+            self.install(&desired.rendered)?;
+            self.start().await?;
+            self.last_reload = Some(tokio::time::Instant::now());
+            self.applied = Some(desired);
+            return Ok(Outcome::Started);
+        }
+        let Some(applied) = self.applied.clone() else {
+            // External mode, first apply: nothing of ours runs yet.
+            return self.reload(desired).await;
+        };
+        if applied.rendered == desired.rendered {
             return Ok(Outcome::Unchanged);
         }
-        self.validate(table).await?;
-        let outcome = if running {
-            self.reload(&rendered).await?
-        } else {
-            self.install(&rendered)?;
-            self.start().await?;
-            Outcome::Started
+        let runtime = self.config.runtime_updates == RuntimeUpdates::On;
+        if runtime && same_structure(&applied, &desired.table, &desired.slots) {
+            match self.runtime(&applied, &desired).await {
+                Ok(updates) => {
+                    self.applied = Some(desired);
+                    return Ok(Outcome::Runtime { updates });
+                }
+                Err(err) => {
+                    warn!(error = %err, "runtime update failed, reloading instead");
+                    return self.reload(desired).await;
+                }
+            }
+        }
+        let until = self
+            .last_reload
+            .map(|at| at + self.config.min_reload_interval);
+        match until {
+            Some(until) if until > tokio::time::Instant::now() => {
+                let updates = if runtime {
+                    self.apply_runtime_part(&applied, table).await
+                } else {
+                    0
+                };
+                Ok(Outcome::Deferred { updates, until })
+            }
+            _ => self.reload(desired).await,
+        }
+    }
+
+    /// While a reload waits: the changes that fit the running config, at runtime.
+    async fn apply_runtime_part(&mut self, applied: &Applied, table: &RoutingTable) -> usize {
+        let part = runtime_part(applied, table);
+        let slots = Slots::assign(&applied.slots, &part, self.live.slots);
+        let Ok(rendered) = render_with(&part, &slots, &self.live) else {
+            return 0;
         };
-        self.applied = Some(rendered);
-        Ok(outcome)
+        if rendered == applied.rendered {
+            return 0;
+        }
+        let partial = Applied {
+            table: part,
+            slots,
+            rendered,
+        };
+        match self.runtime(applied, &partial).await {
+            Ok(updates) => {
+                self.applied = Some(partial);
+                updates
+            }
+            // The reload that follows brings everything in line.
+            Err(err) => {
+                warn!(error = %err, "runtime update failed, the coming reload will apply it");
+                0
+            }
+        }
+    }
+
+    /// Applies a same-structure change through the admin socket, then confirms it. The files
+    /// are written first: a reload at any later moment reproduces what runs.
+    async fn runtime(&self, applied: &Applied, desired: &Applied) -> Result<usize, ApplyError> {
+        let plan = runtime_plan(applied, &desired.slots, &desired.rendered);
+        self.install(&desired.rendered)?;
+        let admin = self.admin_socket();
+        run_commands(&admin, &plan.enable).await?;
+        for (file, entries) in &plan.maps {
+            let entries: Vec<(&str, &str)> = entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            replace_map(&admin, &self.config.run_dir.join(file), &entries).await?;
+        }
+        run_commands(&admin, &plan.disable).await?;
+        verify_servers(&admin, &plan.expected).await?;
+        let updates = plan.updates();
+        if updates > 0 {
+            info!(updates, "haproxy updated at runtime, no reload");
+        }
+        Ok(updates)
+    }
+
+    fn admin_socket(&self) -> PathBuf {
+        self.config.run_dir.join(ADMIN_SOCKET)
+    }
+
+    fn server_state_path(&self) -> PathBuf {
+        self.config.run_dir.join(SERVER_STATE_FILE)
     }
 
     /// Renders into the staging directory and runs `haproxy -c` on it.
-    async fn validate(&self, table: &RoutingTable) -> Result<(), ApplyError> {
-        let staged = render(table, &self.staging)?;
+    async fn validate(&self, desired: &Applied) -> Result<(), ApplyError> {
+        let staged = render_with(&desired.table, &desired.slots, &self.staging)?;
         let dir = &self.staging.map_dir;
         create_dir(dir)?;
         for (name, content) in staged.files() {
@@ -159,7 +279,7 @@ impl Applier {
     /// Writes the files HAProxy reads; the previous version of each is kept as `.last-good`.
     fn install(&self, rendered: &Rendered) -> Result<(), ApplyError> {
         create_dir(&self.config.run_dir)?;
-        let state = self.config.run_dir.join(SERVER_STATE_FILE);
+        let state = self.server_state_path();
         if !state.exists() {
             write_atomic(&state, EMPTY_SERVER_STATE)?;
         }
@@ -195,19 +315,23 @@ impl Applier {
         Ok(())
     }
 
-    async fn reload(&mut self, rendered: &Rendered) -> Result<Outcome, ApplyError> {
+    async fn reload(&mut self, desired: Applied) -> Result<Outcome, ApplyError> {
+        self.validate(&desired).await?;
         let before = self.master_status().await?;
-        self.save_server_state().await;
-        self.install(rendered)?;
-        match self.reload_and_confirm(before.reloads).await {
+        self.save_server_state(&desired.slots).await;
+        self.install(&desired.rendered)?;
+        let result = self.reload_and_confirm(before.reloads).await;
+        self.last_reload = Some(tokio::time::Instant::now());
+        match result {
             Ok(reloads) => {
                 info!(reloads, "haproxy reloaded");
+                self.applied = Some(desired);
                 Ok(Outcome::Reloaded { reloads })
             }
             Err(err) => {
-                if let Some(good) = self.applied.clone() {
+                if let Some(good) = &self.applied {
                     warn!(error = %err, "reload failed, restoring the last good files");
-                    self.install(&good)?;
+                    self.install(&good.rendered)?;
                 }
                 Err(err)
             }
@@ -265,13 +389,14 @@ impl Applier {
         }
     }
 
-    /// Dumps the running servers' state for the next worker; a failure only costs the state.
-    async fn save_server_state(&self) {
-        let admin = self.config.run_dir.join("admin.sock");
-        match show_servers_state(&admin).await {
+    /// Dumps the running servers' state for the next worker, without the servers whose slot
+    /// changes address (HAProxy would restore the old address over the new config's). A
+    /// failure only costs the state.
+    async fn save_server_state(&self, slots: &Slots) {
+        match show_servers_state(&self.admin_socket(), None).await {
             Ok(state) if state.starts_with('1') => {
-                if let Err(err) = write_atomic(&self.config.run_dir.join(SERVER_STATE_FILE), &state)
-                {
+                let kept = filter_server_state(&state, slots);
+                if let Err(err) = write_atomic(&self.server_state_path(), &kept) {
                     warn!(error = %err, "cannot save server state");
                 }
             }

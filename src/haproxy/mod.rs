@@ -3,9 +3,11 @@
 //!
 //! - `process`: start and supervise HAProxy in master-worker mode; the master CLI.
 //! - `runtime`: the admin stats socket (server state).
-//! - `apply`: the only writer: validate, install, reload, confirm.
+//! - `plan`: what a change takes: runtime commands or a reload (pure).
+//! - `apply`: the only writer: runtime updates, or validate, install, reload, confirm.
 
 pub mod apply;
+pub mod plan;
 pub mod process;
 pub mod runtime;
 

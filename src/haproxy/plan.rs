@@ -1,0 +1,318 @@
+//! The apply plan: what it takes to go from the applied state to the desired one.
+//!
+//! ```text
+//! applied (table, slots, files) ─┐
+//!                                ├─ same structure?  ── yes ─> runtime: set server / replace map
+//! desired (table, slots, files) ─┘   (backends, their      no ─> reload (the runtime part first,
+//!                                     balance, checks,           if the reload must wait)
+//!                                     slot counts)
+//! ```
+//!
+//! Pure functions; `apply` runs what they decide.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use super::runtime::{disable_server, enable_server};
+use crate::model::{Balance, HealthCheck, RoutingTable, ServiceName};
+use crate::render::{Rendered, HOSTS_MAP, PATHS_MAP, WILDCARDS_MAP};
+use crate::slots::{slot_name, Slots};
+
+/// Where a free slot points.
+const PARKED: &str = "127.0.0.1:1";
+
+/// What HAProxy runs, as weft installed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub table: RoutingTable,
+    pub slots: Slots,
+    pub rendered: Rendered,
+}
+
+type Structure<'a> = Vec<(&'a ServiceName, Balance, Option<&'a HealthCheck>, usize)>;
+
+/// What only a reload can change: the backends, their balance and checks, their slot counts.
+fn structure<'a>(table: &'a RoutingTable, slots: &'a Slots) -> Structure<'a> {
+    table
+        .backends
+        .iter()
+        .map(|(name, backend)| {
+            let capacity = slots.backends.get(name).map_or(0, Vec::len);
+            (name, backend.balance, backend.check.as_ref(), capacity)
+        })
+        .collect()
+}
+
+pub fn same_structure(applied: &Applied, table: &RoutingTable, slots: &Slots) -> bool {
+    structure(&applied.table, &applied.slots) == structure(table, slots)
+}
+
+/// The runtime commands that turn `applied` into `slots` + `rendered` (same structure).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RuntimePlan {
+    /// Servers put in service: run first, so that a moved backend is never empty.
+    pub enable: Vec<String>,
+    /// Servers taken out: run last.
+    pub disable: Vec<String>,
+    /// Map files whose content changes, with their entries in order.
+    pub maps: Vec<(&'static str, Vec<(String, String)>)>,
+    /// Every slot of each touched backend, as it must run afterwards.
+    pub expected: BTreeMap<String, BTreeMap<String, SocketAddr>>,
+}
+
+impl RuntimePlan {
+    pub fn is_empty(&self) -> bool {
+        self.enable.is_empty() && self.disable.is_empty() && self.maps.is_empty()
+    }
+
+    /// Commands counted as runtime updates: one per server changed, one per map replaced.
+    pub fn updates(&self) -> usize {
+        (self.enable.len() + self.disable.len()) / 2 + self.maps.len()
+    }
+}
+
+fn parked() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 1))
+}
+
+pub fn runtime_plan(applied: &Applied, slots: &Slots, rendered: &Rendered) -> RuntimePlan {
+    let mut plan = RuntimePlan::default();
+    for (name, wanted) in &slots.backends {
+        let Some(running) = applied.slots.backends.get(name) else {
+            continue;
+        };
+        let backend = name.backend();
+        let mut touched = false;
+        for (index, (now, next)) in running.iter().zip(wanted).enumerate() {
+            if now == next {
+                continue;
+            }
+            touched = true;
+            let server = slot_name(index);
+            match next {
+                Some(addr) => plan.enable.extend(enable_server(&backend, &server, *addr)),
+                None => plan.disable.extend(disable_server(&backend, &server)),
+            }
+        }
+        if touched {
+            let expected = wanted
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| (slot_name(i), slot.unwrap_or_else(parked)))
+                .collect();
+            plan.expected.insert(backend, expected);
+        }
+    }
+    let maps = [
+        (HOSTS_MAP, &applied.rendered.hosts_map, &rendered.hosts_map),
+        (PATHS_MAP, &applied.rendered.paths_map, &rendered.paths_map),
+        (
+            WILDCARDS_MAP,
+            &applied.rendered.wildcards_map,
+            &rendered.wildcards_map,
+        ),
+    ];
+    for (file, old, new) in maps {
+        if old != new {
+            plan.maps.push((file, map_entries(new)));
+        }
+    }
+    plan
+}
+
+/// `key value` lines of a rendered map.
+fn map_entries(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The part of `desired` that fits the applied structure, for when the rest must wait for a
+/// reload: existing backends take their new servers if they fit their slots, routes to
+/// existing backends change, routes to backends that do not exist yet wait.
+pub fn runtime_part(applied: &Applied, desired: &RoutingTable) -> RoutingTable {
+    let mut part = applied.table.clone();
+    for (name, backend) in part.backends.iter_mut() {
+        let Some(next) = desired.backends.get(name) else {
+            continue;
+        };
+        let capacity = applied.slots.backends.get(name).map_or(0, Vec::len);
+        if next.balance == backend.balance
+            && next.check == backend.check
+            && next.servers.len() <= capacity
+        {
+            backend.servers = next.servers.clone();
+        }
+    }
+    part.routes = desired
+        .routes
+        .iter()
+        .filter(|(_, service)| part.backends.contains_key(*service))
+        .map(|(key, service)| (key.clone(), service.clone()))
+        .collect();
+    part
+}
+
+/// Keeps the `show servers state` lines of servers that keep their address in `slots`.
+///
+/// HAProxy restores a server's address from the state file over the config's: a line for a
+/// slot that now holds another server would send its traffic to the old one.
+pub fn filter_server_state(state: &str, slots: &Slots) -> String {
+    let mut kept = String::new();
+    for line in state.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let keep = if fields.len() <= 18 {
+            // The version line and the column names.
+            line.starts_with('1') && fields.len() == 1 || line.starts_with('#')
+        } else {
+            let expected = fields[1]
+                .strip_prefix("be_")
+                .and_then(|name| ServiceName::parse(name).ok())
+                .and_then(|name| slots.backends.get(&name))
+                .and_then(|slots| {
+                    let index: usize = fields[3].strip_prefix('s')?.parse().ok()?;
+                    slots.get(index.checked_sub(1)?)
+                })
+                .map(|slot| slot.map_or(PARKED.to_string(), |a| a.to_string()));
+            expected.is_some_and(|e| e == format!("{}:{}", fields[4], fields[18]))
+        };
+        if keep {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{build, ModelSettings};
+    use crate::network::AllowedNetworks;
+    use crate::render::{render_with, RenderSettings};
+    use crate::sources::{ServiceDef, SourceId, SourceReport};
+
+    fn table(services: &[(&str, &[&str])]) -> RoutingTable {
+        let report = SourceReport {
+            services: services
+                .iter()
+                .map(|(name, servers)| ServiceDef {
+                    name: name.to_string(),
+                    hosts: vec![format!("{name}.example.com")],
+                    path: None,
+                    servers: servers.iter().map(|s| s.to_string()).collect(),
+                    balance: None,
+                    check: None,
+                    check_interval: None,
+                    check_fall: None,
+                })
+                .collect(),
+            ..SourceReport::starting(SourceId::File)
+        };
+        let model = ModelSettings {
+            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
+        };
+        build(&[&report], &model).table
+    }
+
+    fn settings() -> RenderSettings {
+        RenderSettings {
+            bind: "0.0.0.0:80".parse().unwrap(),
+            run_dir: "/run/weft".into(),
+            map_dir: "/run/weft".into(),
+            hard_stop_after: std::time::Duration::from_secs(30),
+            max_reloads: 50,
+            slots: 4,
+        }
+    }
+
+    fn applied(table: RoutingTable) -> Applied {
+        let slots = Slots::assign(&Slots::default(), &table, 4);
+        let rendered = render_with(&table, &slots, &settings()).unwrap();
+        Applied {
+            table,
+            slots,
+            rendered,
+        }
+    }
+
+    #[test]
+    fn a_moved_server_is_two_runtime_steps_enable_first() {
+        let before = applied(table(&[("shop", &["10.2.1.5:80", "10.2.1.6:80"])]));
+        let next = table(&[("shop", &["10.2.1.5:80", "10.2.9.9:80"])]);
+        let slots = Slots::assign(&before.slots, &next, 4);
+        assert!(same_structure(&before, &next, &slots));
+        let rendered = render_with(&next, &slots, &settings()).unwrap();
+        let plan = runtime_plan(&before, &slots, &rendered);
+        assert_eq!(
+            plan.enable,
+            [
+                "set server be_shop/s2 addr 10.2.9.9 port 80",
+                "set server be_shop/s2 state ready"
+            ]
+        );
+        assert!(plan.disable.is_empty());
+        assert!(plan.maps.is_empty());
+        assert_eq!(
+            plan.expected["be_shop"]["s2"],
+            "10.2.9.9:80".parse().unwrap()
+        );
+        assert_eq!(plan.expected["be_shop"]["s3"], parked());
+        assert_eq!(plan.updates(), 1);
+    }
+
+    #[test]
+    fn new_services_and_full_slots_are_structural() {
+        let before = applied(table(&[("shop", &["10.2.1.5:80"])]));
+        let more = table(&[("shop", &["10.2.1.5:80"]), ("cart", &["10.2.1.7:80"])]);
+        assert!(!same_structure(
+            &before,
+            &more,
+            &Slots::assign(&before.slots, &more, 4)
+        ));
+        let full = table(&[(
+            "shop",
+            &[
+                "10.2.1.1:80",
+                "10.2.1.2:80",
+                "10.2.1.3:80",
+                "10.2.1.4:80",
+                "10.2.1.5:80",
+            ],
+        )]);
+        assert!(!same_structure(
+            &before,
+            &full,
+            &Slots::assign(&before.slots, &full, 4)
+        ));
+    }
+
+    #[test]
+    fn the_runtime_part_waits_for_new_backends_only() {
+        let before = applied(table(&[("shop", &["10.2.1.5:80"])]));
+        let desired = table(&[("shop", &["10.2.1.6:80"]), ("cart", &["10.2.1.7:80"])]);
+        let part = runtime_part(&before, &desired);
+        assert_eq!(part.backends.len(), 1);
+        assert_eq!(part.routes.len(), 1);
+        let shop = part.backends.values().next().unwrap();
+        assert_eq!(
+            shop.servers.iter().next().unwrap().to_string(),
+            "10.2.1.6:80"
+        );
+    }
+
+    #[test]
+    fn server_state_lines_survive_only_where_the_address_stays() {
+        let slots = Slots::assign(&Slots::default(), &table(&[("shop", &["10.2.1.5:80"])]), 2);
+        let state = "1\n# be_id be_name srv_id srv_name srv_addr ...\n\
+3 be_shop 1 s1 10.2.1.5 2 0 1 1 3 15 3 4 6 0 0 0 - 80 - 0 0 - - 0\n\
+3 be_shop 2 s2 10.2.1.9 2 0 1 1 3 15 3 4 6 0 0 0 - 80 - 0 0 - - 0\n\
+4 be_gone 1 s1 10.2.1.5 2 0 1 1 3 15 3 4 6 0 0 0 - 80 - 0 0 - - 0\n";
+        let kept = filter_server_state(state, &slots);
+        assert_eq!(
+            kept,
+            "1\n# be_id be_name srv_id srv_name srv_addr ...\n3 be_shop 1 s1 10.2.1.5 2 0 1 1 3 15 3 4 6 0 0 0 - 80 - 0 0 - - 0\n"
+        );
+    }
+}
