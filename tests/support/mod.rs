@@ -39,7 +39,13 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::start_at(name, "127.0.0.1:0").await
+    }
+
+    /// A backend on a given loopback address, e.g. `127.0.0.2:<port of another backend>`:
+    /// tasks of one Marathon app share the container port and differ by IP.
+    pub async fn start_at(name: &str, addr: &str) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let body = name.to_string();
         let app = Router::new().fallback(move |_: Request| {
@@ -94,6 +100,16 @@ impl Weft {
     /// Starts `weft run` in `dir` with HAProxy on `port`; `haproxy_keys` go into `[haproxy]`.
     pub fn start_in(dir: tempfile::TempDir, port: u16, haproxy_keys: &str, services: &str) -> Weft {
         Weft::start_full(dir, port, haproxy_keys, "", services)
+    }
+
+    /// Starts `weft run` with extra weft.toml sections (a source, `[routing]`...) and an
+    /// empty services file.
+    pub fn start_sections(sections: &str) -> Weft {
+        let dir = tempfile::Builder::new()
+            .prefix("weft-test-")
+            .tempdir()
+            .unwrap();
+        Weft::start_full(dir, free_port(), "", &format!("\n{sections}\n"), "")
     }
 
     /// Starts `weft run` with a Consul source at `consul_url` (and an empty services file);

@@ -34,6 +34,8 @@ use crate::config::{MarathonAuth, MarathonSourceConfig};
 use crate::model::Hostname;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The first event of every stream.
+const ATTACHED: &str = "event_stream_attached";
 const MAX_BODY_IN_ERROR: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +168,8 @@ impl Client {
             let mut url = Self::endpoint(base, &["v2", "events"]);
             {
                 let mut query = url.query_pairs_mut();
+                // Marathon filters its own attach event too: ask for it.
+                query.append_pair("event_type", ATTACHED);
                 for event in &self.config.event_types {
                     query.append_pair("event_type", event);
                 }
@@ -383,7 +387,29 @@ async fn follow_events(
     }
 }
 
+/// Why reading the raw stream stopped.
+#[derive(Debug)]
+enum ReadError {
+    Http(reqwest::Error),
+    Silent,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Http(err) => f.write_str(&error_chain(err)),
+            ReadError::Silent => f.write_str("silent"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
+
 /// Reads one stream until it ends, fails or stays silent for the read timeout.
+///
+/// The timeout applies to bytes, not events: Marathon's Jetty sends a bare line as a
+/// keep-alive every 10 s, which keeps a quiet but healthy stream alive, while a stream that
+/// hangs (a proxy, a stuck leader) sends nothing at all.
 async fn read_stream(
     client: &Client,
     refetch: &Notify,
@@ -392,39 +418,51 @@ async fn read_stream(
 ) -> Result<(), MarathonError> {
     let (url, response) = client.open_stream().await?;
     let read_timeout = client.config.read_timeout;
-    let mut events = response.bytes_stream().eventsource();
-    loop {
-        let next = tokio::time::timeout(read_timeout, events.next()).await;
-        let event = match next {
-            Err(_) => {
+    info!(%url, "marathon event stream connected");
+    backoff.reset();
+    publisher.update(|state| state.stream_error = None);
+    // Whatever happened while no stream was attached: catch up.
+    refetch.notify_one();
+    let bytes = futures::stream::unfold(
+        (response.bytes_stream(), false),
+        move |(mut stream, done)| async move {
+            if done {
+                return None;
+            }
+            match tokio::time::timeout(read_timeout, stream.next()).await {
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), (stream, false))),
+                Ok(Some(Err(err))) => Some((Err(ReadError::Http(err)), (stream, true))),
+                Ok(None) => None,
+                Err(_) => Some((Err(ReadError::Silent), (stream, true))),
+            }
+        },
+    );
+    let mut events = Box::pin(bytes.eventsource());
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(eventsource_stream::EventStreamError::Transport(ReadError::Silent)) => {
                 return Err(MarathonError::Silent {
                     url,
                     after: read_timeout,
                 })
             }
-            Ok(None) => {
-                return Err(MarathonError::Stream {
-                    url,
-                    message: "closed by Marathon".into(),
-                })
-            }
-            Ok(Some(Err(err))) => {
+            Err(err) => {
                 return Err(MarathonError::Stream {
                     url,
                     message: err.to_string(),
                 })
             }
-            Ok(Some(Ok(event))) => event,
         };
-        if event.event == "event_stream_attached" {
-            info!(%url, "marathon event stream attached");
-            backoff.reset();
-            publisher.update(|state| state.stream_error = None);
-            // Whatever happened while no stream was attached: catch up.
-            refetch.notify_one();
+        if event.event == ATTACHED {
+            debug!(%url, "marathon event stream attached");
         } else if client.config.event_types.contains(&event.event) {
             debug!(event = %event.event, "marathon event");
             refetch.notify_one();
         }
     }
+    Err(MarathonError::Stream {
+        url,
+        message: "closed by Marathon".into(),
+    })
 }

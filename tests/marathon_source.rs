@@ -1,0 +1,207 @@
+//! End to end: the Marathon double -> weft (events + fetches) -> real HAProxy -> loopback
+//! backends. Tasks of one app share the container port and differ by loopback IP, as
+//! containers on a weave network do.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::marathon::{App, Fault, MarathonDouble, Task};
+use support::{eventually, wait_for_404, wait_for_backends, Backend, Weft};
+
+/// Three backends on 127.0.0.1-3, one port.
+async fn backends() -> (Backend, Backend, Backend, u16) {
+    let a = Backend::start("a").await;
+    let port = a.addr.port();
+    let b = Backend::start_at("b", &format!("127.0.0.2:{port}")).await;
+    let c = Backend::start_at("c", &format!("127.0.0.3:{port}")).await;
+    (a, b, c, port)
+}
+
+fn shop(port: u16) -> App {
+    App::new("/shop")
+        .label("HAPROXY_GROUP", "external")
+        .label("HAPROXY_0_VHOST", "shop.test")
+        .container_port(port)
+}
+
+fn task(id: &str, ip: &str) -> Task {
+    Task::new(id).ip(ip).health(Some(true))
+}
+
+fn marathon_section(urls: &[String], extra: &str) -> String {
+    let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[sources.marathon]\nurls = [{}]\nread_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{extra}",
+        urls.join(", ")
+    )
+}
+
+async fn wait_for_health(weft: &Weft, want: &str) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("healthz {want}"),
+        || async {
+            match weft.status("/healthz").await? {
+                (_, body) if body.contains(want) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_killing_and_failing_health_move_traffic() {
+    let (_a, _b, _c, port) = backends().await;
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(
+        shop(port)
+            .http_health_check("/", 1, 3)
+            .task(task("shop.1", "127.0.0.1")),
+    );
+    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], ""));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    marathon.wait_for_open_streams(1).await;
+
+    // Scale up: the new task serves within a second of its status_update_event.
+    let scaled = Instant::now();
+    marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    let converged = scaled.elapsed();
+    eprintln!("status_update_event -> in rotation: {converged:?}");
+    assert!(converged < Duration::from_secs(1), "{converged:?}");
+
+    // A task still running but failing its health check leaves rotation.
+    marathon.set_task_health("shop.2", false);
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    marathon.set_task_health("shop.2", true);
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+
+    // A killed task leaves rotation.
+    marathon.remove_task("shop.2");
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    // The app is destroyed: its host answers 404.
+    marathon.remove_app("/shop");
+    wait_for_404(&weft, "shop.test", "/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_is_noticed_and_weft_catches_up() {
+    let (_a, _b, _c, port) = backends().await;
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
+    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], "resync = \"1h\"\n"));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    marathon.wait_for_open_streams(1).await;
+    let connections = marathon.event_connections();
+
+    // The stream hangs without a FIN; meanwhile a task starts. Only the read timeout (1 s)
+    // can notice: the resync is an hour away.
+    marathon.stall_streams();
+    marathon.add_task("/shop", task("shop.3", "127.0.0.3"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "c"]).await;
+    assert!(
+        marathon.event_connections() > connections,
+        "weft reconnected"
+    );
+    assert!(weft.log().contains("silent"), "{}", weft.log());
+
+    // A cut stream too: weft reconnects and refetches.
+    marathon.cut_streams();
+    marathon.remove_task("shop.3");
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_marathon_down_the_last_routes_keep_serving() {
+    let (_a, _b, _c, port) = backends().await;
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(
+        shop(port)
+            .task(task("shop.1", "127.0.0.1"))
+            .task(task("shop.2", "127.0.0.2")),
+    );
+    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], "resync = \"1s\"\n"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    let (reloads, _, _) = weft.show_proc().await.unwrap();
+
+    // 503s from /v2/apps, then Marathon gone entirely.
+    marathon.set_apps_fault(Fault::Status(503));
+    marathon.cut_streams();
+    wait_for_health(&weft, "source marathon is degraded").await;
+    for _ in 0..10 {
+        assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 200);
+    }
+    drop(marathon);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    assert_eq!(
+        weft.show_proc().await.unwrap().0,
+        reloads,
+        "no reload while Marathon is away"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_url_serves_when_the_first_is_dead() {
+    let (_a, _b, _c, port) = backends().await;
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
+    let weft = Weft::start_sections(&marathon_section(
+        &[MarathonDouble::dead_url(), marathon.url()],
+        "",
+    ));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    // Events flow through the second URL too.
+    marathon.wait_for_open_streams(1).await;
+    marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    wait_for_health(&weft, "ok").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_groups_and_unroutable_tasks_are_reported() {
+    let (_a, _b, _c, port) = backends().await;
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(
+        shop(port)
+            .label("HAPROXY_0_STICKY", "true")
+            .task(task("shop.1", "127.0.0.1")),
+    );
+    // Another group: not routed, not reported.
+    marathon.put_app(
+        App::new("/internal")
+            .label("HAPROXY_GROUP", "internal")
+            .label("HAPROXY_0_VHOST", "internal.test")
+            .container_port(port)
+            .task(task("internal.1", "127.0.0.2")),
+    );
+    // Apollo mode: /team/web is web.team.example.com, no VHOST needed.
+    marathon.put_app(
+        App::new("/team/web")
+            .label("HAPROXY_GROUP", "external")
+            .container_port(port)
+            .task(task("web.1", "127.0.0.3")),
+    );
+    let weft = Weft::start_sections(&format!(
+        "{}\n[routing]\ndomain = \"example.com\"\n",
+        marathon_section(&[marathon.url()], "")
+    ));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    wait_for_backends(&weft, "web.team.example.com", "/", &["c"]).await;
+    wait_for_404(&weft, "internal.test", "/").await;
+
+    let (_, json) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let dropped = status["dropped"].as_array().unwrap();
+    assert!(
+        dropped.iter().any(|d| d["subject"] == "app \"/shop\""
+            && d["reason"].as_str().unwrap().contains("HAPROXY_0_STICKY")),
+        "{dropped:?}"
+    );
+    assert!(!json.contains("/internal"), "{json}");
+}
