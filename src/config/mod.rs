@@ -34,7 +34,7 @@ pub const DEFAULT_BIND: &str = "0.0.0.0:80";
 pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELOADS: u32 = 50;
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Whether changes may go through the runtime API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,7 @@ struct RawHaproxy {
     /// How long a reload may take to be confirmed by `show proc`. Default `10s`.
     reload_timeout: Option<String>,
     /// Least time between two reloads; changes that arrive meanwhile coalesce into the next
-    /// one. Default `500ms`.
+    /// one. Default `1s`.
     min_reload_interval: Option<String>,
     /// `on` (default): servers added, removed or moved within a backend's slots, and new hosts
     /// or paths of existing backends, are applied through the runtime API without a reload.

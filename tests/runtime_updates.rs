@@ -1,0 +1,152 @@
+//! Zero-reload changes: servers and hosts through the runtime API, reloads only for structure,
+//! coalesced, and a reload whenever the runtime API fails.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use support::{service, wait_for_404, wait_for_backends, Backend, Weft};
+
+async fn reloads(weft: &Weft) -> u64 {
+    weft.show_proc().await.unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_added_removed_and_moved_need_no_reload() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let before = reloads(&weft).await;
+
+    // Added.
+    weft.write_services(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["a", "b"]).await;
+    // Moved (b's container came back elsewhere, as c).
+    weft.write_services(&service("alpha", &["alpha.test"], None, &[a.addr, c.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["a", "c"]).await;
+    // Removed.
+    weft.write_services(&service("alpha", &["alpha.test"], None, &[c.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["c"]).await;
+    // A new host for the existing backend, and a path route to it.
+    weft.write_services(&service(
+        "alpha",
+        &["alpha.test", "alpha2.test"],
+        None,
+        &[c.addr],
+    ));
+    wait_for_backends(&weft, "alpha2.test", "/", &["c"]).await;
+    // A host removed.
+    weft.write_services(&service("alpha", &["alpha2.test"], None, &[c.addr]));
+    wait_for_404(&weft, "alpha.test", "/").await;
+
+    assert_eq!(
+        reloads(&weft).await,
+        before,
+        "no change above needs a reload"
+    );
+    let (_, json) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        status["haproxy"]["runtime_updates"].as_u64().unwrap() >= 5,
+        "{json}"
+    );
+
+    // The files say what runs: a reload (caused by a new service) changes no routing.
+    let d = Backend::start("d").await;
+    weft.write_services(
+        &(service("alpha", &["alpha2.test"], None, &[c.addr])
+            + &service("delta", &["delta.test"], None, &[d.addr])),
+    );
+    wait_for_backends(&weft, "delta.test", "/", &["d"]).await;
+    assert_eq!(
+        reloads(&weft).await,
+        before + 1,
+        "a new service is one reload"
+    );
+    wait_for_backends(&weft, "alpha2.test", "/", &["c"]).await;
+    wait_for_404(&weft, "alpha.test", "/").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_changes_in_a_second_make_at_most_two_reloads() {
+    let backend = Backend::start("a").await;
+    let weft = Weft::start(&service("base", &["base.test"], None, &[backend.addr]));
+    wait_for_backends(&weft, "base.test", "/", &["a"]).await;
+    let before = reloads(&weft).await;
+
+    // 100 new services (each would need a reload), one every 10 ms.
+    let mut services = service("base", &["base.test"], None, &[backend.addr]);
+    for i in 0..100 {
+        services += &service(
+            &format!("svc{i}"),
+            &[&format!("svc{i}.test")],
+            None,
+            &[backend.addr],
+        );
+        weft.overwrite_services(&services);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in [0, 50, 99] {
+        wait_for_backends(&weft, &format!("svc{i}.test"), "/", &["a"]).await;
+    }
+    let made = reloads(&weft).await - before;
+    eprintln!("100 changes -> {made} reloads");
+    assert!((1..=2).contains(&made), "{made} reloads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_runtime_update_falls_back_to_a_reload() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let before = reloads(&weft).await;
+
+    // The admin socket is gone (someone cleaned the run directory): the runtime API fails.
+    let admin = weft.run_dir().join("admin.sock");
+    std::fs::rename(&admin, weft.run_dir().join("admin.sock.moved")).unwrap();
+    weft.write_services(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["a", "b"]).await;
+    assert_eq!(reloads(&weft).await, before + 1, "the fallback reload");
+    assert!(weft
+        .log()
+        .contains("runtime update failed, reloading instead"));
+
+    // HAProxy hands the bound socket on to each new worker, so the path stays where it was
+    // moved: put it back, and the next change is a runtime one again.
+    std::fs::rename(weft.run_dir().join("admin.sock.moved"), &admin).unwrap();
+    weft.write_services(&service("alpha", &["alpha.test"], None, &[b.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["b"]).await;
+    assert_eq!(reloads(&weft).await, before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_server_is_caught_by_the_confirmation_and_repaired() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]));
+    wait_for_backends(&weft, "alpha.test", "/", &["a", "b"]).await;
+    let before = reloads(&weft).await;
+
+    // Someone points slot s2 elsewhere by hand.
+    support::cli(
+        &weft.run_dir().join("admin.sock"),
+        "set server be_alpha/s2 addr 127.0.0.9 port 9",
+    )
+    .await
+    .unwrap();
+    // The next change to this backend confirms every slot, finds s2 wrong, and reloads.
+    let c = Backend::start("c").await;
+    weft.write_services(&service(
+        "alpha",
+        &["alpha.test"],
+        None,
+        &[a.addr, b.addr, c.addr],
+    ));
+    wait_for_backends(&weft, "alpha.test", "/", &["a", "b", "c"]).await;
+    assert_eq!(reloads(&weft).await, before + 1);
+}
