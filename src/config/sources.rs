@@ -75,7 +75,7 @@ struct RawConsulSource {
 struct RawFileSource {
     /// The services file; relative paths are relative to weft.toml's directory. Required.
     path: Option<PathBuf>,
-    /// Quiet time after the last change before the file is read. Default `200ms`.
+    /// A burst of changes is read this long after its first event. Default `200ms`.
     debounce: Option<String>,
 }
 

@@ -11,15 +11,15 @@
 //! ```
 //!
 //! The directory is watched (an editor that saves by writing a temporary file and renaming it
-//! over the old one replaces the inode), bursts are debounced, and the file is also re-read
-//! periodically in case an event was missed. A file that does not parse keeps the last good
-//! definitions; one broken `[[service]]` entry is rejected alone.
+//! over the old one replaces the inode); a burst of events is read once, `debounce` after it
+//! starts, and the file is also re-read periodically in case an event was missed. A file that
+//! does not parse keeps the last good definitions; one broken `[[service]]` entry is rejected
+//! alone.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use notify::RecursiveMode;
-use notify_debouncer_full::{new_debouncer, DebounceEventResult};
+use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -187,14 +187,12 @@ pub async fn run(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let file_name = config.path.file_name().map(|n| n.to_os_string());
-    let mut debouncer = new_debouncer(config.debounce, None, move |result: DebounceEventResult| {
+    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
         let relevant = match result {
-            Ok(events) => events.iter().any(|event| {
-                event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-            }),
+            Ok(event) => event
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name),
             // An error from the watcher: re-read to be safe.
             Err(_) => true,
         };
@@ -206,7 +204,7 @@ pub async fn run(
         path: dir.clone(),
         source,
     })?;
-    debouncer
+    watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|source| FileError::Watch {
             path: dir.clone(),
@@ -219,7 +217,13 @@ pub async fn run(
         refresh(&config.path, &tx).await;
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            Some(()) = events.recv() => debug!(path = %config.path.display(), "services file changed"),
+            Some(()) = events.recv() => {
+                // Throttle, not debounce: read `debounce` after the first event of a burst,
+                // so that a file that changes all the time is still read that often.
+                tokio::time::sleep(config.debounce).await;
+                while events.try_recv().is_ok() {}
+                debug!(path = %config.path.display(), "services file changed");
+            }
             _ = reread.tick() => {}
         }
     }
