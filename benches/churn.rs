@@ -42,9 +42,24 @@ struct Stats {
     latencies: Vec<Duration>,
 }
 
+/// One change whose first served request is being watched for.
+struct ProbeRecord {
+    structural: bool,
+    written: Instant,
+    service: usize,
+    backend: usize,
+    /// When the server left the service again.
+    superseded: Option<Instant>,
+    /// Stops the probe once superseded: nothing left to see.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    seen: tokio::task::JoinHandle<Option<Instant>>,
+}
+
 struct Service {
     name: String,
     servers: Vec<usize>,
+    /// Routed by HAProxy already: a change to it can go through the runtime API.
+    routed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn services_toml(services: &[Service], pool: &[SocketAddr]) -> String {
@@ -106,15 +121,21 @@ async fn request(
 }
 
 /// Polls `host` until backend `name` answers; returns when it did.
-async fn probe(port: u16, host: String, name: String, deadline: Instant) -> Option<Instant> {
+async fn probe(
+    port: u16,
+    host: String,
+    name: String,
+    deadline: Instant,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+) -> Option<Instant> {
     let client = client(true);
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !cancelled.load(std::sync::atomic::Ordering::Relaxed) {
         if let Ok(body) = request(&client, port, &host, true).await {
             if body == name {
                 return Some(Instant::now());
             }
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     None
 }
@@ -131,6 +152,7 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
             servers: (0..SERVERS_PER_SERVICE)
                 .map(|j| (i * SERVERS_PER_SERVICE + j) % POOL)
                 .collect(),
+            routed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
         .collect();
     let dir = tempfile::Builder::new()
@@ -176,7 +198,9 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
     for c in 0..CLIENTS {
         let (stop, stats, hosts) = (stop.clone(), stats.clone(), hosts.clone());
         load.push(tokio::spawn(async move {
-            let client = client(keep_alive);
+            // One pool per host, as browsers keep connections per origin: one connection
+            // carrying many Host values would meet an old worker's config after a reload.
+            let mut clients: BTreeMap<String, reqwest::Client> = BTreeMap::new();
             let mut tick = tokio::time::interval(PACE);
             let mut n = c;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -187,12 +211,20 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
                 };
                 n += CLIENTS;
                 let start = Instant::now();
-                let result = request(&client, port, &host, keep_alive).await;
+                let client = clients
+                    .entry(host.clone())
+                    .or_insert_with(|| client(keep_alive));
+                let result = request(client, port, &host, keep_alive).await;
                 let mut stats = stats.lock().unwrap();
                 stats.requests += 1;
                 match result {
                     Ok(_) => stats.latencies.push(start.elapsed()),
-                    Err(kind) => *stats.failures.entry(kind).or_default() += 1,
+                    Err(kind) => {
+                        if std::env::var_os("CHURN_DEBUG").is_some() {
+                            eprintln!("{:?} {host}: {kind}", Instant::now());
+                        }
+                        *stats.failures.entry(kind).or_default() += 1
+                    }
                 }
             }
         }));
@@ -226,16 +258,17 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
     for change in 0..changes {
         let target = started + step * change as u32;
         tokio::time::sleep_until(target.into()).await;
-        let (host, name, structural) = if change % NEW_EVERY == NEW_EVERY - 1
+        let (service_index, backend, structural) = if change % NEW_EVERY == NEW_EVERY - 1
             && services.len() < BASE_SERVICES + NEW_SERVICES
         {
             let first = rng.usize(0..POOL);
             let name = format!("new{}", services.len() - BASE_SERVICES);
             services.push(Service {
-                name: name.clone(),
+                name,
                 servers: vec![first],
+                routed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             });
-            (format!("{name}.test"), backends[first].name.clone(), true)
+            (services.len() - 1, first, true)
         } else {
             // Move one server of a random service to a backend it does not have.
             let s = rng.usize(0..services.len());
@@ -245,39 +278,73 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
             while service.servers.contains(&next) {
                 next = rng.usize(0..POOL);
             }
-            service.servers[slot] = next;
-            (
-                format!("{}.test", service.name),
-                backends[next].name.clone(),
-                false,
-            )
+            let old = std::mem::replace(&mut service.servers[slot], next);
+            // A server moved out before its probe saw it never had the chance to serve.
+            if let Some(record) = probes
+                .iter_mut()
+                .rev()
+                .find(|r: &&mut ProbeRecord| r.service == s && r.backend == old)
+            {
+                record.superseded.get_or_insert(Instant::now());
+                record
+                    .cancel
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            // A change to a service HAProxy does not route yet waits for its reload.
+            let structural = !service.routed.load(std::sync::atomic::Ordering::Relaxed);
+            (s, next, structural)
         };
+        let host = format!("{}.test", services[service_index].name);
+        let name = backends[backend].name.clone();
         weft.write_services(&services_toml(&services, &pool));
         let written = Instant::now();
         let load_hosts = hosts.clone();
-        probes.push((
+        let routed = services[service_index].routed.clone();
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancelled = cancel.clone();
+        probes.push(ProbeRecord {
             structural,
             written,
-            tokio::spawn(async move {
-                let seen = probe(port, host.clone(), name, written + Duration::from_secs(10)).await;
+            service: service_index,
+            backend,
+            superseded: None,
+            cancel,
+            seen: tokio::spawn(async move {
+                let deadline = written + Duration::from_secs(10);
+                let seen = probe(port, host.clone(), name, deadline, cancelled).await;
                 // A new service joins the background load once it routes: asking for a host
                 // before it exists is a 404 by design, not a failure.
-                if structural && seen.is_some() {
+                if seen.is_some() && !routed.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     load_hosts.lock().unwrap().push(host);
                 }
                 seen
             }),
-        ));
+        });
     }
     let churn_time = started.elapsed();
     let mut runtime_latency = Vec::new();
     let mut reload_latency = Vec::new();
-    let mut lost = 0;
-    for (structural, written, probe) in probes {
-        match probe.await.unwrap() {
-            Some(seen) if structural => reload_latency.push(seen - written),
-            Some(seen) => runtime_latency.push(seen - written),
-            None => lost += 1,
+    let (mut lost, mut superseded) = (0, 0);
+    for record in probes {
+        let seen = record.seen.await.unwrap();
+        match (seen, record.superseded) {
+            (Some(seen), Some(gone)) if seen > gone => superseded += 1,
+            (Some(seen), _) if record.structural => reload_latency.push(seen - record.written),
+            (Some(seen), _) => {
+                if std::env::var_os("CHURN_DEBUG").is_some()
+                    && seen - record.written > Duration::from_millis(300)
+                {
+                    eprintln!(
+                        "slow runtime change at +{:.3?}: {:.1?} service {}",
+                        record.written - started,
+                        seen - record.written,
+                        record.service
+                    );
+                }
+                runtime_latency.push(seen - record.written)
+            }
+            (None, Some(_)) => superseded += 1,
+            (None, None) => lost += 1,
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -312,15 +379,26 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
         percentile(&latencies, 0.99)
     );
     println!(
-        "  change-to-traffic: server changes p50 {:.1?} p99 {:.1?} (n={}); new services p50 {:.1?} p99 {:.1?} (n={}); never seen {}",
+        "  change-to-traffic: server changes p50 {:.1?} p99 {:.1?} (n={}); new services p50 {:.1?} p99 {:.1?} (n={}); moved out before seen {}; never seen {}",
         percentile(&runtime_latency, 0.5),
         percentile(&runtime_latency, 0.99),
         runtime_latency.len(),
         percentile(&reload_latency, 0.5),
         percentile(&reload_latency, 0.99),
         reload_latency.len(),
+        superseded,
         lost
     );
+    if std::env::var_os("CHURN_DEBUG").is_some() {
+        for line in weft.log().lines().filter(|l| {
+            l.contains("WARN")
+                || l.contains("ERROR")
+                || l.contains("Deferred")
+                || l.contains("reloaded")
+        }) {
+            eprintln!("{line}");
+        }
+    }
     println!(
         "  reloads {}  runtime updates {}  peak haproxy workers {}",
         reloads,

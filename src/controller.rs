@@ -4,6 +4,7 @@
 //! source tasks ──watch<SourceReport>──> build table ──watch<Built>──> apply loop ──> HAProxy
 //!                                       (drops logged                (one at a time; bursts
 //!                                        as they change)              coalesce in the watch)
+//! bridge keeper (first pass before HAProxy; then netlink events + interval) ──watch──> status
 //! ```
 
 use std::collections::BTreeSet;
@@ -16,7 +17,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::bridge::{BridgeState, Keeper};
+use crate::config::{BridgeMode, Config};
 use crate::haproxy::apply::{Applier, ApplyError, Outcome};
 use crate::model::{build, Built, Dropped, ModelSettings, RoutingTable, ServiceName};
 use crate::sources::{consul, file, marathon, SourceId, SourceReport};
@@ -58,8 +60,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         })?;
     info!(listen = %config.status_listen, "status page");
 
-    let mut reports = Vec::new();
     let mut tasks = JoinSet::new();
+    // The bridge first: HAProxy reaches every backend through it. A bridge weft cannot repair
+    // is reported (ERROR, /healthz) but HAProxy starts anyway: routing is weft's main job.
+    let (bridge_tx, bridge_rx) = watch::channel(BridgeState::new(&config.bridge));
+    if config.bridge.mode != BridgeMode::Off {
+        let mut keeper = Keeper::new(config.bridge.clone(), bridge_tx);
+        keeper.check_now().await;
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            keeper.run(token).await;
+            Ok(())
+        });
+    }
+
+    let mut reports = Vec::new();
     if let Some(file_config) = config.sources.file.clone() {
         let token = shutdown.clone();
         reports.push(spawn_source(
@@ -109,6 +124,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         reports: reports.clone(),
         built: desired_rx.clone(),
         apply: apply_rx,
+        bridge: bridge_rx,
     };
     let token = shutdown.clone();
     tasks.spawn(async move {

@@ -56,6 +56,8 @@ mod tests {
         )
         .unwrap();
         let config = Config::load(&dir.path().join("weft.toml")).unwrap();
+        // The demo runs on developers' machines: it never touches their links.
+        assert_eq!(config.bridge.mode, crate::config::BridgeMode::Off);
         let text = std::fs::read_to_string(dir.path().join("services.toml")).unwrap();
         let content = crate::sources::file::parse(&text, Path::new("services.toml")).unwrap();
         assert_eq!(content.services.len(), 3);

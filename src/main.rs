@@ -1,4 +1,4 @@
-//! The `weft` command line: run, render, check, demo.
+//! The `weft` command line: run, render, check, bridge, demo.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use weft::config::Config;
+use weft::bridge::BridgeState;
+use weft::config::{BridgeConfig, BridgeMode, Config};
 use weft::haproxy::apply::{check_config, write_atomic};
 use weft::model::{build, ModelSettings};
 use weft::render::{render, RenderSettings};
@@ -50,6 +51,18 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Check the weave bridge once and, in bridge.mode = ensure, repair it; print the outcome.
+    Bridge {
+        #[arg(short, long, default_value = "weft.toml")]
+        config: PathBuf,
+        /// Only report, change nothing (whatever bridge.mode says).
+        #[arg(long)]
+        check: bool,
+        /// Keep going: a pass on every link/address event and every bridge.interval, until
+        /// SIGTERM/SIGINT.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Run the embedded default: HAProxy on 127.0.0.1:8080, the file source, two demo backends.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -87,6 +100,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(Config::load(&config)?).await,
         Command::Render { config, out } => render_once(&Config::load(&config)?, out).await,
         Command::Check { config, strict } => check(&config, strict).await,
+        Command::Bridge {
+            config,
+            check,
+            watch,
+        } => bridge(&config, check, watch).await,
         Command::Demo { bind } => demo(bind).await,
     }
 }
@@ -208,6 +226,20 @@ async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
             problems += 1;
         }
     }
+    if config.bridge.mode == BridgeMode::Off {
+        println!("bridge {}: off (bridge.mode = \"off\")", config.bridge.name);
+    } else {
+        // Only looks: `weft check` changes nothing, and reading links needs no privilege.
+        let bridge = BridgeConfig {
+            mode: BridgeMode::Check,
+            ..config.bridge.clone()
+        };
+        let (state, healthy) = bridge_once(&bridge).await;
+        println!("{state}");
+        if !healthy {
+            problems += 1;
+        }
+    }
     if config.haproxy.binary.exists() {
         let dir = tempfile::tempdir()?;
         let rendered = render(&built.table, &settings_for(&config, dir.path()))?;
@@ -232,6 +264,60 @@ async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         println!("{problems} problem(s)");
         ExitCode::FAILURE
     })
+}
+
+/// One bridge pass: the state as `weft bridge` prints it, and whether it is fine.
+async fn bridge_once(config: &BridgeConfig) -> (BridgeState, bool) {
+    let mut state = BridgeState::new(config);
+    let pass = weft::bridge::reconcile(config).await;
+    state.record(pass.health, 0);
+    let healthy = state.problems().is_empty();
+    (state, healthy)
+}
+
+async fn bridge(path: &Path, check: bool, watch: bool) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(path)?.bridge;
+    if check {
+        config.mode = BridgeMode::Check;
+    }
+    if config.mode == BridgeMode::Off {
+        println!(
+            "bridge {}: off (bridge.mode = \"off\"; --check looks anyway)",
+            config.name
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !watch {
+        let (state, healthy) = bridge_once(&config).await;
+        println!("{state}");
+        return Ok(if healthy {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let (tx, mut rx) = tokio::sync::watch::channel(BridgeState::new(&config));
+    let mut keeper = weft::bridge::Keeper::new(config, tx);
+    keeper.check_now().await;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    // Each outcome printed when it differs from the last, the way the first one is.
+    let printer = tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if last.as_ref() != Some(&state.health) {
+                println!("{state}");
+                last = Some(state.health);
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    keeper.run(shutdown).await;
+    printer.abort();
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn demo(bind: SocketAddr) -> anyhow::Result<ExitCode> {

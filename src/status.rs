@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::BridgeState;
 use crate::model::Built;
 use crate::sources::{Health, SourceReport};
 
@@ -43,6 +44,7 @@ pub struct StatusFeed {
     pub reports: Vec<watch::Receiver<SourceReport>>,
     pub built: watch::Receiver<Option<Arc<Built>>>,
     pub apply: watch::Receiver<ApplyStatus>,
+    pub bridge: watch::Receiver<BridgeState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,6 +81,7 @@ struct StatusView {
     routes: Vec<RouteView>,
     dropped: Vec<DroppedView>,
     haproxy: ApplyStatus,
+    bridge: BridgeState,
 }
 
 fn unix(time: SystemTime) -> u64 {
@@ -157,6 +160,8 @@ impl StatusFeed {
         } else if !haproxy.running {
             problems.push("haproxy: not running yet".into());
         }
+        let bridge = self.bridge.borrow().clone();
+        problems.extend(bridge.problems());
         StatusView {
             healthy: problems.is_empty(),
             problems,
@@ -164,6 +169,7 @@ impl StatusFeed {
             routes,
             dropped,
             haproxy,
+            bridge,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::netlink::{Event, Events};
 use super::{reconcile, unix_now, BridgeHealth, BridgeState};
@@ -34,9 +34,15 @@ impl Keeper {
         }
     }
 
-    /// One pass now; its outcome is published and logged when it changes.
+    /// One pass now (at start-up); its outcome is published and logged when it changes.
     pub async fn check_now(&mut self) -> BridgeHealth {
+        self.check("start").await
+    }
+
+    /// One pass, for `trigger` (start, subscribed, event, interval).
+    async fn check(&mut self, trigger: &'static str) -> BridgeHealth {
         let pass = reconcile(&self.config).await;
+        debug!(bridge = %self.config.name, trigger, health = ?pass.health, "bridge checked");
         if pass.index.is_some() {
             self.index = pass.index;
         }
@@ -91,11 +97,9 @@ impl Keeper {
         }
         let mut events = self.subscribe();
         // What changed between the caller's first pass and the subscription was missed.
-        self.check_now().await;
-        let mut tick = tokio::time::interval_at(
-            Instant::now() + self.config.interval,
-            self.config.interval,
-        );
+        self.check("subscribed").await;
+        let mut tick =
+            tokio::time::interval_at(Instant::now() + self.config.interval, self.config.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let next_event = async {
@@ -112,11 +116,12 @@ impl Keeper {
                     None => Trigger::Unsubscribed,
                 },
             };
-            match trigger {
+            let reason = match trigger {
                 Trigger::Interval => {
                     if !events.as_ref().is_some_and(Events::is_open) {
                         events = self.subscribe();
                     }
+                    "interval"
                 }
                 Trigger::Event(event) => {
                     if !self.concerns(&event) {
@@ -129,14 +134,15 @@ impl Keeper {
                     if let Some(events) = events.as_mut() {
                         events.drain().for_each(drop);
                     }
+                    "event"
                 }
                 Trigger::Unsubscribed => {
                     warn!(bridge = %self.config.name, "netlink event subscription ended; periodic checks go on, resubscribing at the next");
                     events = None;
                     continue;
                 }
-            }
-            self.check_now().await;
+            };
+            self.check(reason).await;
         }
     }
 

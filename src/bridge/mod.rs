@@ -118,8 +118,13 @@ impl Link {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fix {
     /// No link has the name: create the bridge (up, with the MTU if one is configured).
-    Create { mtu: Option<u32> },
-    SetMtu { from: Option<u32>, to: u32 },
+    Create {
+        mtu: Option<u32>,
+    },
+    SetMtu {
+        from: Option<u32>,
+        to: u32,
+    },
     /// An address inside the weave network that is not this host's bridge address.
     RemoveAddress(Ipv4Network),
     AddAddress(Ipv4Network),
@@ -131,7 +136,10 @@ impl Fix {
     pub fn problem(&self, name: &str) -> String {
         match self {
             Fix::Create { .. } => format!("bridge {name} is missing"),
-            Fix::SetMtu { from: Some(from), to } => {
+            Fix::SetMtu {
+                from: Some(from),
+                to,
+            } => {
                 format!("bridge {name} has MTU {from}, not {to}")
             }
             Fix::SetMtu { from: None, to } => format!("bridge {name} has no MTU, not {to}"),
@@ -303,9 +311,17 @@ impl BridgeState {
     pub fn problems(&self) -> Vec<String> {
         match &self.health {
             BridgeHealth::Pending => vec![format!("bridge {}: not checked yet", self.name)],
-            BridgeHealth::Problem { reasons } => {
-                reasons.iter().map(|r| format!("bridge: {r}")).collect()
-            }
+            // Most reasons name the bridge already ("bridge weave is down"); the others get it.
+            BridgeHealth::Problem { reasons } => reasons
+                .iter()
+                .map(|r| {
+                    if r.starts_with("bridge ") {
+                        r.clone()
+                    } else {
+                        format!("bridge {}: {r}", self.name)
+                    }
+                })
+                .collect(),
             BridgeHealth::Off | BridgeHealth::Ok | BridgeHealth::Repaired { .. } => Vec::new(),
         }
     }
@@ -491,7 +507,12 @@ mod tests {
         let observed = bridge(
             true,
             1500,
-            &["10.2.0.1/24", "10.2.0.1/16", "10.2.0.9/16", "192.168.5.1/24"],
+            &[
+                "10.2.0.1/24",
+                "10.2.0.1/16",
+                "10.2.0.9/16",
+                "192.168.5.1/24",
+            ],
         );
         assert_eq!(
             fixes(&config(), &observed),
@@ -532,8 +553,11 @@ mod tests {
             from: Some(1500),
             to: 65535,
         };
-        assert_eq!(fixes(&config, &observed), [wanted.clone()]);
-        assert_eq!(wanted.problem("weave"), "bridge weave has MTU 1500, not 65535");
+        assert_eq!(fixes(&config, &observed), std::slice::from_ref(&wanted));
+        assert_eq!(
+            wanted.problem("weave"),
+            "bridge weave has MTU 1500, not 65535"
+        );
     }
 
     #[test]
@@ -567,8 +591,22 @@ mod tests {
         state.record(BridgeHealth::Ok, 110);
         assert_eq!(state.state(), "ok");
         assert_eq!(state.last_repair.as_ref().map(|r| r.at), Some(100));
-        state.record(BridgeHealth::problem(["link weave is a veth link".into()]), 120);
-        assert_eq!(state.problems(), ["bridge: link weave is a veth link"]);
+        state.record(
+            BridgeHealth::problem(["link weave is a veth link".into()]),
+            120,
+        );
+        assert_eq!(
+            state.problems(),
+            ["bridge weave: link weave is a veth link"]
+        );
+        // A reason that names the bridge is taken as it is.
+        let down = Fix::SetUp.problem("weave");
+        state.record(BridgeHealth::problem([down.clone()]), 130);
+        assert_eq!(state.problems(), [down]);
+        state.record(
+            BridgeHealth::problem(["link weave is a veth link".into()]),
+            140,
+        );
         assert_eq!(
             state.to_string(),
             "bridge weave 10.2.0.1/16 (ensure): problem\n  link weave is a veth link"
@@ -600,6 +638,9 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("CAP_NET_ADMIN"), "{text}");
         assert!(text.contains("host's network namespace"), "{text}");
-        assert!(text.starts_with("cannot set weave up: operation not permitted"), "{text}");
+        assert!(
+            text.starts_with("cannot set weave up: operation not permitted"),
+            "{text}"
+        );
     }
 }

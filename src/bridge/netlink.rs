@@ -30,7 +30,9 @@ impl Drop for Netlink {
 /// The errno of a netlink error answer (the kernel sends it negated).
 fn errno(err: &rtnetlink::Error) -> Option<Errno> {
     match err {
-        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| Errno::from_raw(-code.get())),
+        rtnetlink::Error::NetlinkError(message) => {
+            message.code.map(|code| Errno::from_raw(-code.get()))
+        }
         _ => None,
     }
 }

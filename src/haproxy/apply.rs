@@ -159,7 +159,6 @@ impl Applier {
             write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
             self.install(&desired.rendered)?;
             self.start().await?;
-            self.last_reload = Some(tokio::time::Instant::now());
             self.applied = Some(desired);
             return Ok(Outcome::Started);
         }
@@ -316,7 +315,9 @@ impl Applier {
     }
 
     async fn reload(&mut self, desired: Applied) -> Result<Outcome, ApplyError> {
+        let started = std::time::Instant::now();
         self.validate(&desired).await?;
+        let validated = started.elapsed();
         let before = self.master_status().await?;
         self.save_server_state(&desired.slots).await;
         self.install(&desired.rendered)?;
@@ -324,7 +325,7 @@ impl Applier {
         self.last_reload = Some(tokio::time::Instant::now());
         match result {
             Ok(reloads) => {
-                info!(reloads, "haproxy reloaded");
+                info!(reloads, ?validated, took = ?started.elapsed(), "haproxy reloaded");
                 self.applied = Some(desired);
                 Ok(Outcome::Reloaded { reloads })
             }

@@ -189,6 +189,9 @@ pub async fn run(
     let file_name = config.path.file_name().map(|n| n.to_os_string());
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
         let relevant = match result {
+            // Reading the file is an event too (open, close): weft's own reads must not
+            // trigger more reads.
+            Ok(event) if event.kind.is_access() => false,
             Ok(event) => event
                 .paths
                 .iter()

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub mod consul;
 pub mod marathon;
+pub mod netns;
 
 use axum::extract::Request;
 use axum::Router;
@@ -136,6 +137,7 @@ impl Weft {
         let config = format!(
             "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n{haproxy_keys}\n\
              [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
+             [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
              [sources.file]\npath = \"services.toml\"\ndebounce = \"50ms\"\n{sections}"
         );

@@ -1,0 +1,400 @@
+//! Network namespaces for the bridge and topology tests, made here and removed by Drop guards
+//! (also when the test panics). Every link a test makes lives in a namespace it made
+//! (`ip -n NS ...`): the host's own links are never touched.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use nix::sched::CloneFlags;
+
+/// Linux capability numbers (capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+/// Prefix of every namespace these tests make; the creator's pid follows.
+const PREFIX: &str = "weft-";
+
+/// Fails the test, saying what is missing, unless namespaces can be made here.
+pub fn require_netns() {
+    let ip = Command::new("ip").arg("-V").output();
+    assert!(
+        ip.is_ok_and(|o| o.status.success()),
+        "`ip` is missing: these tests make network namespaces with iproute2 \
+         (apt-get install iproute2; .ci/run installs it)"
+    );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    assert!(
+        has(CAP_SYS_ADMIN) && has(CAP_NET_ADMIN),
+        "these tests need root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to make network namespaces \
+         and links in them; run them as root (CI does)"
+    );
+}
+
+/// A network namespace `weft-<pid>-<random>-<tag>`, with its loopback up and IPv6 off (no
+/// address events of its own). Dropping it kills what still runs inside and deletes it, and
+/// with it every link inside.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        require_netns();
+        sweep_leftovers();
+        let name = format!(
+            "{PREFIX}{}-{:04x}-{tag}",
+            std::process::id(),
+            fastrand::u16(..)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        // A kernel without IPv6 has nothing to turn off.
+        let _ = ns.sysctl("net/ipv6/conf/all/disable_ipv6", "1");
+        let _ = ns.sysctl("net/ipv6/conf/default/disable_ipv6", "1");
+        ns
+    }
+
+    /// `ip -n NS ARGS`; fails the test with ip's stderr.
+    pub fn ip(&self, args: &[&str]) -> String {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// `ip -n NS ARGS`, its failure returned.
+    pub fn try_ip(&self, args: &[&str]) -> Result<String, String> {
+        let output = Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    /// `ip netns exec NS PROGRAM` (ip execs the program: the child's pid is the program's).
+    pub fn exec(&self, program: impl AsRef<Path>) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.name])
+            .arg(program.as_ref());
+        command
+    }
+
+    /// Writes a sysctl of this namespace (from a thread inside it: /proc/sys/net is per
+    /// namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> std::io::Result<()> {
+        let path = Path::new("/proc/sys").join(key);
+        let value = value.to_string();
+        self.spawn(move || std::fs::write(&path, value))
+            .join()
+            .unwrap()
+    }
+
+    /// Runs `f` on a thread that lives in this namespace: its sockets are the namespace's.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            f()
+        })
+    }
+
+    /// The link `dev` as `ip -d link` and `ip addr` show it; `None` when absent.
+    pub fn link(&self, dev: &str) -> Option<LinkSnapshot> {
+        let json = self
+            .try_ip(&["-j", "-d", "link", "show", "dev", dev])
+            .ok()?;
+        let links: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let link = &links[0];
+        let addrs: serde_json::Value =
+            serde_json::from_str(&self.ip(&["-j", "-4", "addr", "show", "dev", dev])).unwrap();
+        let mut addresses: Vec<String> = addrs[0]["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+            .collect();
+        addresses.sort();
+        Some(LinkSnapshot {
+            index: link["ifindex"].as_u64().unwrap(),
+            kind: link["linkinfo"]["info_kind"].as_str().map(str::to_string),
+            up: link["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+            mtu: link["mtu"].as_u64().unwrap(),
+            mac: link["address"].as_str().unwrap_or_default().to_string(),
+            addresses,
+        })
+    }
+
+    /// Pids of the processes inside.
+    pub fn pids(&self) -> Vec<i32> {
+        Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        remove(&self.name);
+    }
+}
+
+/// Kills what runs in namespace `name` and deletes it.
+fn remove(name: &str) {
+    let pids = Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for pid in pids.split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Deletes namespaces that an earlier test process made and could not remove (it was killed):
+/// those whose creator pid is gone.
+fn sweep_leftovers() {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            remove(name);
+        }
+    }
+}
+
+/// What the tests compare before and after weft ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSnapshot {
+    pub index: u64,
+    pub kind: Option<String>,
+    /// The admin flag IFF_UP.
+    pub up: bool,
+    pub mtu: u64,
+    pub mac: String,
+    /// IPv4 addresses with prefixes, sorted.
+    pub addresses: Vec<String>,
+}
+
+/// Runs a command, failing the test with its stderr; returns stdout.
+pub fn run(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Polls `check` until it returns `Ok`, failing the test with the last error at `timeout`.
+pub fn wait_until<T, E: std::fmt::Debug>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(err) if Instant::now() >= deadline => {
+                panic!("{what}: not true after {timeout:?}; last: {err:?}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A process started inside a namespace: SIGTERM on drop, SIGKILL if it lingers.
+pub struct NsProcess {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl NsProcess {
+    /// Spawns `command` with stdout and stderr into `log`.
+    pub fn spawn(command: &mut Command, log: PathBuf) -> NsProcess {
+        let file = File::create(&log).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+        NsProcess {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (SIGKILL after 15 s); the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for NsProcess {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("---- {} ----\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+/// An HTTP server on a thread inside a namespace, answering every request with `body`.
+pub struct NsServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NsServer {
+    pub fn start(ns: &Netns, addr: SocketAddr, body: &str) -> NsServer {
+        let body = body.to_string();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = ns.spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(addr).await {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(err.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let app = Router::new().fallback(move || async move { body });
+                // Not a graceful shutdown: HAProxy may hold idle connections open.
+                tokio::select! {
+                    _ = axum::serve(listener, app) => {}
+                    _ = stop_rx => {}
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("server at {addr} in {}: {e}", ns.name))
+            .unwrap_or_else(|e| panic!("server at {addr} in {}: {e}", ns.name));
+        NsServer {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for NsServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// GET `http://addr/path` with `Host: host` from inside `ns`, on a fresh connection.
+pub fn get_in(
+    ns: &Netns,
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let (host, path) = (host.to_string(), path.to_string());
+    ns.spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(3))
+                .build()
+                .map_err(|e| e.to_string())?;
+            let response = client
+                .get(format!("http://{addr}{path}"))
+                .header("Host", host)
+                .send()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            let status = response.status().as_u16();
+            let body = response.text().await.map_err(|e| e.to_string())?;
+            Ok((status, body))
+        })
+    })
+    .join()
+    .map_err(|_| "the client thread panicked".to_string())?
+}
