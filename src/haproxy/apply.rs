@@ -321,11 +321,12 @@ impl Applier {
         let before = self.master_status().await?;
         self.save_server_state(&desired.slots).await;
         self.install(&desired.rendered)?;
+        let installed = started.elapsed();
         let result = self.reload_and_confirm(before.reloads).await;
         self.last_reload = Some(tokio::time::Instant::now());
         match result {
             Ok(reloads) => {
-                info!(reloads, ?validated, took = ?started.elapsed(), "haproxy reloaded");
+                info!(reloads, ?validated, ?installed, took = ?started.elapsed(), "haproxy reloaded");
                 self.applied = Some(desired);
                 Ok(Outcome::Reloaded { reloads })
             }
