@@ -91,6 +91,37 @@ pub enum Outcome {
     },
 }
 
+/// What `apply` did, or the reload it needs.
+pub enum Step {
+    Done(Outcome),
+    /// Validate the candidate (`Applier::validation`), then `Applier::commit` it.
+    Reload(Candidate),
+}
+
+/// A config to reload into, once `haproxy -c` accepted it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    desired: Applied,
+}
+
+impl Candidate {
+    pub fn table(&self) -> &RoutingTable {
+        &self.desired.table
+    }
+}
+
+/// `haproxy -c` on a staged candidate, running on its own.
+pub struct Validation {
+    pub check: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApplyError>> + Send>>,
+}
+
+/// What a validated candidate becomes when the routing moved on during the validation.
+pub enum Refreshed {
+    Reload(Candidate),
+    Revalidate,
+    NotNeeded,
+}
+
 /// Owns HAProxy's files and (in managed mode) its process.
 pub struct Applier {
     config: HaproxyConfig,
@@ -139,8 +170,63 @@ impl Applier {
     /// Brings HAProxy to `table`: through the runtime API where the config's structure stays,
     /// else validate, install, reload, confirm.
     #[tracing::instrument(name = "apply", skip_all, fields(generation = self.generation + 1))]
-    pub async fn apply(&mut self, table: &RoutingTable) -> Result<Outcome, ApplyError> {
+    pub async fn apply(&mut self, table: &RoutingTable) -> Result<Step, ApplyError> {
         self.generation += 1;
+        let desired = self.desired(table)?;
+        if !self.running() {
+            let candidate = Candidate { desired };
+            self.validation(&candidate)?.check.await?;
+            let desired = candidate.desired;
+            // A state file from an earlier run describes servers this config may not have.
+            write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
+            self.install(&desired.rendered)?;
+            self.start().await?;
+            self.applied = Some(desired);
+            return Ok(Step::Done(Outcome::Started));
+        }
+        let Some(applied) = self.applied.clone() else {
+            // External mode, first apply: nothing of ours runs yet.
+            return Ok(Step::Reload(Candidate { desired }));
+        };
+        if applied.rendered == desired.rendered {
+            return Ok(Step::Done(Outcome::Unchanged));
+        }
+        let runtime = self.config.runtime_updates == RuntimeUpdates::On;
+        if runtime && same_structure(&applied, &desired.table, &desired.slots) {
+            match self.runtime(&applied, &desired).await {
+                Ok(updates) => {
+                    self.applied = Some(desired);
+                    return Ok(Step::Done(Outcome::Runtime { updates }));
+                }
+                Err(err) => {
+                    warn!(error = %err, "runtime update failed, reloading instead");
+                    return Ok(Step::Reload(Candidate { desired }));
+                }
+            }
+        }
+        // A reload is needed; what fits the running config goes through the runtime API now,
+        // so that server changes do not wait for the reload.
+        let updates = if runtime {
+            self.apply_runtime_part(&applied, table).await
+        } else {
+            0
+        };
+        let until = self
+            .last_reload
+            .map(|at| at + self.config.min_reload_interval);
+        match until {
+            Some(until) if until > tokio::time::Instant::now() => {
+                Ok(Step::Done(Outcome::Deferred { updates, until }))
+            }
+            _ => {
+                let desired = self.desired(table)?;
+                Ok(Step::Reload(Candidate { desired }))
+            }
+        }
+    }
+
+    /// Slots and files for `table`, slots assigned from what runs.
+    fn desired(&self, table: &RoutingTable) -> Result<Applied, ApplyError> {
         let previous = self.applied.as_ref().map(|a| &a.slots);
         let slots = Slots::assign(
             previous.unwrap_or(&Slots::default()),
@@ -148,54 +234,70 @@ impl Applier {
             self.live.slots,
         );
         let rendered = render_with(table, &slots, &self.live)?;
-        let desired = Applied {
+        Ok(Applied {
             table: table.clone(),
             slots,
             rendered,
-        };
-        if !self.running() {
-            self.validate(&desired).await?;
-            // A state file from an earlier run describes servers this config may not have.
-            write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
-            self.install(&desired.rendered)?;
-            self.start().await?;
-            self.applied = Some(desired);
-            return Ok(Outcome::Started);
+        })
+    }
+
+    /// Writes the candidate's files into the staging directory and returns `haproxy -c` on
+    /// them as a future of its own: the caller keeps applying runtime changes meanwhile.
+    pub fn validation(&self, candidate: &Candidate) -> Result<Validation, ApplyError> {
+        let staged = render_with(
+            &candidate.desired.table,
+            &candidate.desired.slots,
+            &self.staging,
+        )?;
+        let dir = &self.staging.map_dir;
+        create_dir(dir)?;
+        for (name, content) in staged.files() {
+            write_atomic(&dir.join(name), content)?;
         }
-        let Some(applied) = self.applied.clone() else {
-            // External mode, first apply: nothing of ours runs yet.
-            return self.reload(desired).await;
+        let binary = self.config.binary.clone();
+        let config_path = dir.join(crate::render::CONFIG_FILE);
+        let staged_config = staged.config;
+        let check = async move {
+            let output = check_config(&binary, &config_path).await?;
+            if output.status.success() {
+                return Ok(());
+            }
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            let culprit = culprit(&stderr, &staged_config);
+            Err(ApplyError::Validate { stderr, culprit })
         };
-        if applied.rendered == desired.rendered {
-            return Ok(Outcome::Unchanged);
+        Ok(Validation {
+            check: Box::pin(check),
+        })
+    }
+
+    /// After a validation: the candidate to reload, brought up to `table` when the routing
+    /// moved on meanwhile. `None` when `table` has another structure (validate again) or needs
+    /// no reload any more.
+    pub fn refresh(
+        &self,
+        candidate: Candidate,
+        table: &RoutingTable,
+    ) -> Result<Refreshed, ApplyError> {
+        if candidate.desired.table == *table {
+            return Ok(Refreshed::Reload(candidate));
         }
-        let runtime = self.config.runtime_updates == RuntimeUpdates::On;
-        if runtime && same_structure(&applied, &desired.table, &desired.slots) {
-            match self.runtime(&applied, &desired).await {
-                Ok(updates) => {
-                    self.applied = Some(desired);
-                    return Ok(Outcome::Runtime { updates });
-                }
-                Err(err) => {
-                    warn!(error = %err, "runtime update failed, reloading instead");
-                    return self.reload(desired).await;
-                }
+        let latest = self.desired(table)?;
+        if let Some(applied) = &self.applied {
+            if applied.rendered == latest.rendered {
+                return Ok(Refreshed::NotNeeded);
             }
         }
-        let until = self
-            .last_reload
-            .map(|at| at + self.config.min_reload_interval);
-        match until {
-            Some(until) if until > tokio::time::Instant::now() => {
-                let updates = if runtime {
-                    self.apply_runtime_part(&applied, table).await
-                } else {
-                    0
-                };
-                Ok(Outcome::Deferred { updates, until })
-            }
-            _ => self.reload(desired).await,
+        if same_structure(&candidate.desired, &latest.table, &latest.slots) {
+            return Ok(Refreshed::Reload(Candidate { desired: latest }));
         }
+        Ok(Refreshed::Revalidate)
+    }
+
+    /// Reloads HAProxy on a validated candidate and confirms it.
+    #[tracing::instrument(name = "reload", skip_all, fields(generation = self.generation))]
+    pub async fn commit(&mut self, candidate: Candidate) -> Result<Outcome, ApplyError> {
+        self.reload(candidate.desired).await
     }
 
     /// While a reload waits: the changes that fit the running config, at runtime.
@@ -257,24 +359,6 @@ impl Applier {
         self.config.run_dir.join(SERVER_STATE_FILE)
     }
 
-    /// Renders into the staging directory and runs `haproxy -c` on it.
-    async fn validate(&self, desired: &Applied) -> Result<(), ApplyError> {
-        let staged = render_with(&desired.table, &desired.slots, &self.staging)?;
-        let dir = &self.staging.map_dir;
-        create_dir(dir)?;
-        for (name, content) in staged.files() {
-            write_atomic(&dir.join(name), content)?;
-        }
-        let config_path = dir.join(crate::render::CONFIG_FILE);
-        let output = check_config(&self.config.binary, &config_path).await?;
-        if output.status.success() {
-            return Ok(());
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        let culprit = culprit(&stderr, &staged.config);
-        Err(ApplyError::Validate { stderr, culprit })
-    }
-
     /// Writes the files HAProxy reads; the previous version of each is kept as `.last-good`.
     fn install(&self, rendered: &Rendered) -> Result<(), ApplyError> {
         create_dir(&self.config.run_dir)?;
@@ -316,8 +400,6 @@ impl Applier {
 
     async fn reload(&mut self, desired: Applied) -> Result<Outcome, ApplyError> {
         let started = std::time::Instant::now();
-        self.validate(&desired).await?;
-        let validated = started.elapsed();
         let before = self.master_status().await?;
         self.save_server_state(&desired.slots).await;
         self.install(&desired.rendered)?;
@@ -326,7 +408,7 @@ impl Applier {
         self.last_reload = Some(tokio::time::Instant::now());
         match result {
             Ok(reloads) => {
-                info!(reloads, ?validated, ?installed, took = ?started.elapsed(), "haproxy reloaded");
+                info!(reloads, ?installed, took = ?started.elapsed(), "haproxy reloaded");
                 self.applied = Some(desired);
                 Ok(Outcome::Reloaded { reloads })
             }

@@ -9,26 +9,22 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
 use crate::bridge::{BridgeState, Keeper};
 use crate::config::{BridgeMode, Config};
-use crate::haproxy::apply::{Applier, ApplyError, Outcome};
-use crate::model::{build, Built, Dropped, ModelSettings, RoutingTable, ServiceName};
+use crate::haproxy::apply::Applier;
+use crate::model::{build, Built, Dropped, ModelSettings};
 use crate::sources::{consul, file, marathon, SourceId, SourceReport};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
-/// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
-const RETRY_MIN: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
-/// How many services `haproxy -c` may blame in one apply before weft gives up on the change.
-const MAX_CULPRITS: usize = 16;
+mod apply_loop;
+use apply_loop::apply_loop;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -225,128 +221,4 @@ fn log_drops(reported: &mut BTreeSet<Dropped>, now: &[Dropped]) {
         info!(source = %gone.source, subject = %gone.subject, "no longer dropped");
     }
     *reported = now;
-}
-
-/// Applies every new desired table, one at a time, retrying failures with backoff, and
-/// restarts a managed HAProxy that died.
-async fn apply_loop(
-    mut applier: Applier,
-    mut desired: watch::Receiver<Option<Arc<Built>>>,
-    status: watch::Sender<ApplyStatus>,
-    shutdown: CancellationToken,
-) {
-    let mut applied = RoutingTable::default();
-    let mut retry = RETRY_MIN;
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    loop {
-        let retry_sleep = async {
-            match retry_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            changed = desired.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-            exit = applier.exited() => {
-                error!(status = ?exit, "haproxy exited unexpectedly, restarting it");
-                applier.mark_exited();
-                status.send_modify(|s| s.running = false);
-            }
-            () = retry_sleep => {}
-        }
-        let Some(built) = desired.borrow_and_update().clone() else {
-            continue;
-        };
-        let result = apply_table(&mut applier, &built).await;
-        status.send_modify(|s| {
-            s.generation += 1;
-            match &result {
-                Ok((outcome, _)) => {
-                    s.running = true;
-                    s.last_error = None;
-                    match outcome {
-                        Outcome::Reloaded { reloads } => s.reloads = *reloads,
-                        Outcome::Runtime { updates } | Outcome::Deferred { updates, .. } => {
-                            s.runtime_updates += *updates as u64
-                        }
-                        Outcome::Started | Outcome::Unchanged => {}
-                    }
-                    if *outcome != Outcome::Unchanged {
-                        s.last_change = Some(unix_now());
-                    }
-                }
-                Err(err) => s.last_error = Some(err.to_string()),
-            }
-        });
-        match result {
-            // Part applied at runtime; the reload follows when the interval allows.
-            Ok((Outcome::Deferred { until, updates }, _)) => {
-                debug!(updates, wait = ?until.saturating_duration_since(tokio::time::Instant::now()), "reload deferred by min_reload_interval");
-                retry_at = Some(until);
-            }
-            Ok((outcome, table)) => {
-                if outcome != Outcome::Unchanged {
-                    let changes = applied.diff(&table);
-                    info!(?outcome, services = table.backends.len(), routes = table.routes.len(), %changes, "routing applied");
-                }
-                applied = table;
-                retry = RETRY_MIN;
-                retry_at = None;
-            }
-            // The same table would be rejected again: wait for the next change.
-            Err(err @ ApplyError::Validate { .. }) => {
-                error!(error = %err, "haproxy rejected the config, keeping the last good one until the next change");
-                retry_at = None;
-            }
-            Err(err) => {
-                error!(error = %err, retry_in = ?retry, "apply failed, HAProxy keeps its last good config");
-                retry_at = Some(tokio::time::Instant::now() + retry);
-                retry = (retry * 2).min(RETRY_MAX);
-            }
-        }
-    }
-    applier.stop().await;
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Applies one table; a service whose backend HAProxy rejects is dropped and the rest applied.
-/// Returns the table that was applied.
-async fn apply_table(
-    applier: &mut Applier,
-    built: &Built,
-) -> Result<(Outcome, RoutingTable), ApplyError> {
-    let mut table = built.table.clone();
-    let mut blamed = 0;
-    loop {
-        match applier.apply(&table).await {
-            Err(ApplyError::Validate {
-                stderr,
-                culprit: Some(backend),
-            }) if blamed < MAX_CULPRITS => {
-                blamed += 1;
-                let name = backend.strip_prefix("be_").unwrap_or(&backend);
-                let Ok(service) = ServiceName::parse(name) else {
-                    return Err(ApplyError::Validate {
-                        stderr,
-                        culprit: Some(backend),
-                    });
-                };
-                error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
-                table.backends.remove(&service);
-                table.routes.retain(|_, s| *s != service);
-            }
-            Ok(outcome) => return Ok((outcome, table)),
-            Err(err) => return Err(err),
-        }
-    }
 }

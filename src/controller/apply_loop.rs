@@ -1,0 +1,235 @@
+//! The apply loop: the one task that drives the `Applier`.
+//!
+//! ```text
+//! desired table ──> apply ──> done (runtime update, unchanged, deferred by the interval)
+//!                     └────> reload due ──> `haproxy -c` runs on its own ──> commit (reload)
+//!                                             meanwhile new tables still
+//!                                             go through apply: their
+//!                                             runtime part is not held up
+//! ```
+//!
+//! When the validation ends, the latest table is reloaded if it has the validated structure
+//! (only servers and routes moved on), else validated again. A backend that `haproxy -c`
+//! rejects is dropped and the rest applied.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info};
+
+use crate::haproxy::apply::{Applier, ApplyError, Candidate, Outcome, Refreshed, Step};
+use crate::model::{Built, RoutingTable, ServiceName};
+use crate::status::ApplyStatus;
+
+/// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How many services `haproxy -c` may blame for one table before weft gives up on it.
+const MAX_CULPRITS: usize = 16;
+
+type Check = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApplyError>> + Send>>;
+
+/// A reload waiting for its `haproxy -c`.
+struct Pending {
+    candidate: Candidate,
+    check: Check,
+}
+
+/// What the loop remembers between applies.
+struct LoopState {
+    /// The last table applied in full, for the change log.
+    applied: RoutingTable,
+    retry: Duration,
+    retry_at: Option<tokio::time::Instant>,
+    status: watch::Sender<ApplyStatus>,
+}
+
+impl LoopState {
+    /// Reports one apply's result: status page, log, retry schedule.
+    fn record(&mut self, result: Result<Outcome, ApplyError>, table: &RoutingTable) {
+        self.status.send_modify(|s| {
+            s.generation += 1;
+            match &result {
+                Ok(outcome) => {
+                    s.running = true;
+                    s.last_error = None;
+                    match outcome {
+                        Outcome::Reloaded { reloads } => s.reloads = *reloads,
+                        Outcome::Runtime { updates } | Outcome::Deferred { updates, .. } => {
+                            s.runtime_updates += *updates as u64
+                        }
+                        Outcome::Started | Outcome::Unchanged => {}
+                    }
+                    if *outcome != Outcome::Unchanged {
+                        s.last_change = Some(unix_now());
+                    }
+                }
+                Err(err) => s.last_error = Some(err.to_string()),
+            }
+        });
+        match result {
+            // Part applied at runtime; the reload follows when the interval allows.
+            Ok(Outcome::Deferred { until, updates }) => {
+                debug!(updates, wait = ?until.saturating_duration_since(tokio::time::Instant::now()), "reload deferred by min_reload_interval");
+                self.retry_at = Some(until);
+            }
+            Ok(outcome) => {
+                if outcome != Outcome::Unchanged {
+                    let changes = self.applied.diff(table);
+                    info!(?outcome, services = table.backends.len(), routes = table.routes.len(), %changes, "routing applied");
+                }
+                self.applied = table.clone();
+                self.retry = RETRY_MIN;
+                self.retry_at = None;
+            }
+            // The same table would be rejected again: wait for the next change.
+            Err(err @ ApplyError::Validate { .. }) => {
+                error!(error = %err, "haproxy rejected the config, keeping the last good one until the next change");
+                self.retry_at = None;
+            }
+            Err(err) => {
+                error!(error = %err, retry_in = ?self.retry, "apply failed, HAProxy keeps its last good config");
+                self.retry_at = Some(tokio::time::Instant::now() + self.retry);
+                self.retry = (self.retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The desired table without the services `haproxy -c` blamed.
+fn without(table: &RoutingTable, blamed: &BTreeSet<ServiceName>) -> RoutingTable {
+    let mut table = table.clone();
+    for service in blamed {
+        table.backends.remove(service);
+        table.routes.retain(|_, s| s != service);
+    }
+    table
+}
+
+/// Applies every new desired table, retrying failures with backoff, restarting a managed
+/// HAProxy that died, and validating reloads without holding up runtime changes.
+pub(super) async fn apply_loop(
+    mut applier: Applier,
+    mut desired: watch::Receiver<Option<Arc<Built>>>,
+    status: watch::Sender<ApplyStatus>,
+    shutdown: CancellationToken,
+) {
+    let mut state = LoopState {
+        applied: RoutingTable::default(),
+        retry: RETRY_MIN,
+        retry_at: None,
+        status,
+    };
+    let mut pending: Option<Pending> = None;
+    let mut blamed: BTreeSet<ServiceName> = BTreeSet::new();
+    let mut blamed_for: Option<Arc<Built>> = None;
+    loop {
+        let retry_at = state.retry_at;
+        let retry_sleep = async move {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let validation = async {
+            match pending.as_mut() {
+                Some(p) => p.check.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            exit = applier.exited() => {
+                error!(status = ?exit, "haproxy exited unexpectedly, restarting it");
+                applier.mark_exited();
+                state.status.send_modify(|s| s.running = false);
+            }
+            () = retry_sleep => {}
+            checked = validation => {
+                let Some(done) = pending.take() else { continue };
+                match checked {
+                    Ok(()) => {
+                        let Some(built) = desired.borrow().clone() else { continue };
+                        let table = without(&built.table, &blamed);
+                        match applier.refresh(done.candidate, &table) {
+                            Ok(Refreshed::Reload(candidate)) => {
+                                let table = candidate.table().clone();
+                                let result = applier.commit(candidate).await;
+                                state.record(result, &table);
+                                continue;
+                            }
+                            Ok(Refreshed::NotNeeded) => continue,
+                            // The structure moved on: apply (and validate) the latest table.
+                            Ok(Refreshed::Revalidate) => {}
+                            Err(err) => {
+                                state.record(Err(err), &table);
+                                continue;
+                            }
+                        }
+                    }
+                    Err(ApplyError::Validate { stderr, culprit: Some(backend) })
+                        if blamed.len() < MAX_CULPRITS =>
+                    {
+                        let name = backend.strip_prefix("be_").unwrap_or(&backend);
+                        match ServiceName::parse(name) {
+                            Ok(service) => {
+                                error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
+                                blamed.insert(service);
+                            }
+                            Err(_) => {
+                                let err = ApplyError::Validate { stderr, culprit: Some(backend) };
+                                state.record(Err(err), done.candidate.table());
+                                continue;
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        state.record(Err(err), done.candidate.table());
+                        continue;
+                    }
+                }
+            }
+        }
+        let Some(built) = desired.borrow_and_update().clone() else {
+            continue;
+        };
+        // A new routing gets a fresh chance: blame is for the table it was found in.
+        if !blamed_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, &built)) {
+            blamed_for = Some(built.clone());
+            if pending.is_none() {
+                blamed.clear();
+            }
+        }
+        let table = without(&built.table, &blamed);
+        match applier.apply(&table).await {
+            Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table),
+            // While a validation runs, its end picks up this table.
+            Ok(Step::Reload(_)) if pending.is_some() => {}
+            Ok(Step::Reload(candidate)) => match applier.validation(&candidate) {
+                Ok(validation) => {
+                    pending = Some(Pending {
+                        candidate,
+                        check: validation.check,
+                    })
+                }
+                Err(err) => state.record(Err(err), &table),
+            },
+            Err(err) => state.record(Err(err), &table),
+        }
+    }
+    applier.stop().await;
+}
