@@ -408,6 +408,11 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
 }
 
 fn main() {
+    // The services file is read 5 ms after it changes (sources.file.debounce): the default
+    // 200 ms would dominate every change-to-traffic figure.
+    if std::env::var_os("WEFT_TEST_DEBOUNCE").is_none() {
+        std::env::set_var("WEFT_TEST_DEBOUNCE", "5ms");
+    }
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

@@ -134,12 +134,14 @@ impl Weft {
     ) -> Weft {
         require_haproxy();
         let status_port = free_port();
+        // The churn benchmark reads the file sooner than the tests need to.
+        let debounce = std::env::var("WEFT_TEST_DEBOUNCE").unwrap_or_else(|_| "50ms".into());
         let config = format!(
             "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n{haproxy_keys}\n\
              [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
              [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
-             [sources.file]\npath = \"services.toml\"\ndebounce = \"50ms\"\n{sections}"
+             [sources.file]\npath = \"services.toml\"\ndebounce = \"{debounce}\"\n{sections}"
         );
         std::fs::write(dir.path().join("weft.toml"), config).unwrap();
         std::fs::write(dir.path().join("services.toml"), services).unwrap();
