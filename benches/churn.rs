@@ -9,7 +9,8 @@
 //! Per run it prints: requests, failed requests by kind, latency p50/p99, change-to-traffic
 //! p50/p99 (from the file write to the first request served by the new server, split into
 //! runtime changes and changes that need a reload), reloads, runtime updates, and the peak
-//! number of HAProxy worker processes. BENCHMARKS.md records the results.
+//! number of HAProxy worker processes. `off` runs reload for every change with no minimum
+//! interval, as marathon-lb does. BENCHMARKS.md records the results.
 
 #![allow(clippy::unwrap_used)]
 
@@ -159,10 +160,11 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
         .prefix("weft-churn-")
         .tempdir()
         .unwrap();
+    // Off: every change is a reload, and none waits for another (marathon-lb's way).
     let keys = if runtime {
         ""
     } else {
-        "runtime_updates = \"off\"\n"
+        "runtime_updates = \"off\"\nmin_reload_interval = \"0s\"\n"
     };
     let weft = Weft::start_in(
         dir,

@@ -31,7 +31,7 @@ const SERVER_STATE_FILE: &str = "server-state";
 const PID_FILE: &str = "haproxy.pid";
 /// The admin stats socket the rendered config opens.
 const ADMIN_SOCKET: &str = "admin.sock";
-const POLL: Duration = Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(5);
 /// An empty server-state file in the format HAProxy writes: version line only. Without it
 /// HAProxy warns that it cannot read the file.
 const EMPTY_SERVER_STATE: &str = "1\n";
@@ -332,7 +332,7 @@ impl Applier {
     /// are written first: a reload at any later moment reproduces what runs.
     async fn runtime(&self, applied: &Applied, desired: &Applied) -> Result<usize, ApplyError> {
         let plan = runtime_plan(applied, &desired.slots, &desired.rendered);
-        self.install(&desired.rendered)?;
+        self.write_files(Some(&applied.rendered), &desired.rendered, LastGood::Skip)?;
         let admin = self.admin_socket();
         run_commands(&admin, &plan.enable).await?;
         for (file, entries) in &plan.maps {
@@ -359,17 +359,32 @@ impl Applier {
         self.config.run_dir.join(SERVER_STATE_FILE)
     }
 
-    /// Writes the files HAProxy reads; the previous version of each is kept as `.last-good`.
+    /// Writes the files HAProxy reads; before a reload the previous version of each is kept
+    /// as `.last-good`.
     fn install(&self, rendered: &Rendered) -> Result<(), ApplyError> {
+        self.write_files(None, rendered, LastGood::Keep)
+    }
+
+    /// Writes the files that differ from `previous` (all of them without one).
+    fn write_files(
+        &self,
+        previous: Option<&Rendered>,
+        rendered: &Rendered,
+        last_good: LastGood,
+    ) -> Result<(), ApplyError> {
         create_dir(&self.config.run_dir)?;
         let state = self.server_state_path();
         if !state.exists() {
             write_atomic(&state, EMPTY_SERVER_STATE)?;
         }
-        for (name, content) in rendered.files() {
+        let before = previous.map(Rendered::files);
+        for (i, (name, content)) in rendered.files().into_iter().enumerate() {
+            if before.is_some_and(|files| files[i].1 == content) {
+                continue;
+            }
             let path = self.file_path(name);
-            if path.exists() {
-                let _ = std::fs::copy(&path, last_good(&path));
+            if last_good == LastGood::Keep && path.exists() {
+                let _ = std::fs::copy(&path, last_good_path(&path));
             }
             write_atomic(&path, content)?;
         }
@@ -547,7 +562,15 @@ fn culprit(stderr: &str, config: &str) -> Option<String> {
         .filter(|b| b != "be_default")
 }
 
-fn last_good(path: &Path) -> PathBuf {
+/// Whether installing keeps the previous files as `.last-good`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LastGood {
+    Keep,
+    /// Runtime changes: the copies stay those of the last reload.
+    Skip,
+}
+
+fn last_good_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".last-good");
     path.with_file_name(name)
