@@ -257,6 +257,7 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut probes = Vec::new();
     let started = Instant::now();
+    let started_wall = std::time::SystemTime::now();
     for change in 0..changes {
         let target = started + step * change as u32;
         tokio::time::sleep_until(target.into()).await;
@@ -392,6 +393,8 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
         lost
     );
     if std::env::var_os("CHURN_DEBUG").is_some() {
+        std::fs::write("/tmp/churn-weft.log", weft.log()).unwrap();
+        eprintln!("churn started at {:?}", started_wall);
         for line in weft.log().lines().filter(|l| {
             l.contains("WARN")
                 || l.contains("ERROR")

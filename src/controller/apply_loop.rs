@@ -217,10 +217,12 @@ pub(super) async fn apply_loop(
         let table = without(&built.table, &blamed);
         match applier.apply(&table).await {
             Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table),
-            // While a validation runs, its end picks up this table.
-            Ok(Step::Reload(_)) if pending.is_some() => {}
+            // While a validation runs, its end picks up this table. No timer either: an
+            // elapsed one would spin this loop until the validation ends.
+            Ok(Step::Reload(_)) if pending.is_some() => state.retry_at = None,
             Ok(Step::Reload(candidate)) => match applier.validation(&candidate) {
                 Ok(validation) => {
+                    state.retry_at = None;
                     pending = Some(Pending {
                         candidate,
                         check: validation.check,
