@@ -129,9 +129,11 @@ async fn probe(
     deadline: Instant,
     cancelled: Arc<std::sync::atomic::AtomicBool>,
 ) -> Option<Instant> {
-    let client = client(true);
+    // A new connection for every probe request: it sees what a new client sees, not what an
+    // old worker still serves on a connection opened before a reload.
+    let client = client(false);
     while Instant::now() < deadline && !cancelled.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Ok(body) = request(&client, port, &host, true).await {
+        if let Ok(body) = request(&client, port, &host, false).await {
             if body == name {
                 return Some(Instant::now());
             }
