@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::consul::{ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE};
-use support::{eventually, wait_for_404, wait_for_backends, Backend, Weft};
+use support::{wait_for_404, wait_for_backends, wait_for_healthz, Backend, Weft};
 
 fn instance(service: &str, id: &str, backend: &Backend, host: &str) -> Instance {
     Instance::new(
@@ -19,27 +19,13 @@ fn instance(service: &str, id: &str, backend: &Backend, host: &str) -> Instance 
     .tag(&format!("weft.host={host}"))
 }
 
-async fn wait_for_health(weft: &Weft, want: &str) {
-    eventually(
-        Duration::from_secs(10),
-        &format!("healthz {want}"),
-        || async {
-            match weft.status("/healthz").await? {
-                (_, body) if body.contains(want) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_fail_deregister_and_survive_an_outage() {
     let consul = ConsulDouble::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let weft = Weft::start_consul(&consul.url(), "wait = \"2s\"\n", "");
-    wait_for_health(&weft, "ok").await;
+    wait_for_healthz(&weft, "ok").await;
 
     // Registered -> routed within a second.
     let registered = Instant::now();
@@ -63,7 +49,7 @@ async fn register_fail_deregister_and_survive_an_outage() {
     let (reloads, _, _) = weft.show_proc().await.unwrap();
     consul.set_fault(Fault::NoLeader);
     consul.bump_index(); // wake the blocked queries so they meet the fault now
-    wait_for_health(&weft, "source consul is degraded").await;
+    wait_for_healthz(&weft, "source consul is degraded").await;
     let (_, body) = weft.status("/healthz").await.unwrap();
     assert!(body.contains("No cluster leader"), "{body}");
     for _ in 0..20 {
@@ -78,7 +64,7 @@ async fn register_fail_deregister_and_survive_an_outage() {
 
     // Consul is back: weft recovers by itself and follows changes again.
     consul.set_fault(Fault::None);
-    wait_for_health(&weft, "ok").await;
+    wait_for_healthz(&weft, "ok").await;
     consul.deregister("shop-1");
     wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
 
@@ -225,7 +211,7 @@ async fn apollo_mode_tokens_and_addresses_outside_the_network() {
     // The token is revoked: 403, degraded, the routes stay.
     consul.set_token(Some("another".into()));
     consul.bump_index();
-    wait_for_health(&weft, "403").await;
+    wait_for_healthz(&weft, "403").await;
     wait_for_backends(&weft, "web.example.com", "/", &["a"]).await;
 }
 
@@ -240,14 +226,14 @@ async fn garbage_stalls_and_a_backwards_index_are_survived() {
 
     consul.set_fault(Fault::Garbage);
     consul.bump_index();
-    wait_for_health(&weft, "cannot decode").await;
+    wait_for_healthz(&weft, "cannot decode").await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
     // Consul accepts the query and never answers: the client timeout (wait * 17/16 + 5 s)
     // notices, the routes stay.
     consul.set_fault(Fault::Stall);
     consul.bump_index();
-    wait_for_health(&weft, "operation timed out").await;
+    wait_for_healthz(&weft, "operation timed out").await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
     // The index goes backwards (a restored snapshot): weft resets and still follows changes.
@@ -256,7 +242,7 @@ async fn garbage_stalls_and_a_backwards_index_are_survived() {
     consul.register(instance("shop", "shop-2", &b, "shop.test"));
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
     consul.set_fault(Fault::None);
-    wait_for_health(&weft, "ok").await;
+    wait_for_healthz(&weft, "ok").await;
     consul.deregister("shop-2");
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 }

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::marathon::{App, Fault, MarathonDouble, Task};
-use support::{eventually, wait_for_404, wait_for_backends, Backend, Weft};
+use support::{wait_for_404, wait_for_backends, wait_for_healthz, Backend, Weft};
 
 /// Three backends on 127.0.0.1-3, one port.
 async fn backends() -> (Backend, Backend, Backend, u16) {
@@ -37,20 +37,6 @@ fn marathon_section(urls: &[String], extra: &str) -> String {
         "[sources.marathon]\nurls = [{}]\nread_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{extra}",
         urls.join(", ")
     )
-}
-
-async fn wait_for_health(weft: &Weft, want: &str) {
-    eventually(
-        Duration::from_secs(10),
-        &format!("healthz {want}"),
-        || async {
-            match weft.status("/healthz").await? {
-                (_, body) if body.contains(want) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +118,7 @@ async fn with_marathon_down_the_last_routes_keep_serving() {
     // 503s from /v2/apps, then Marathon gone entirely.
     marathon.set_apps_fault(Fault::Status(503));
     marathon.cut_streams();
-    wait_for_health(&weft, "source marathon is degraded").await;
+    wait_for_healthz(&weft, "source marathon is degraded").await;
     for _ in 0..10 {
         assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 200);
     }
@@ -160,7 +146,7 @@ async fn the_second_url_serves_when_the_first_is_dead() {
     marathon.wait_for_open_streams(1).await;
     marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
-    wait_for_health(&weft, "ok").await;
+    wait_for_healthz(&weft, "ok").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,12 +20,13 @@ use std::time::{Duration, SystemTime};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::HeaderMap;
-use reqwest::{StatusCode, Url};
+use reqwest::Url;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::http::{fetch, HttpError};
 use super::{Backoff, Health, Rejected, ServiceDef, SourceId, SourceReport};
 use crate::config::{Consistency, ConsulSourceConfig};
 use crate::model::Hostname;
@@ -34,28 +35,9 @@ use crate::model::Hostname;
 const TIMEOUT_SLACK: Duration = Duration::from_secs(5);
 /// Burst of the per-watch token bucket.
 const RATE_BURST: u32 = 5;
-/// Longest error text kept from a response body.
-const MAX_BODY_IN_ERROR: usize = 200;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConsulError {
-    #[error("cannot build the HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
-    #[error("GET {url}: {}", super::error_chain(source))]
-    Request {
-        url: Url,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("GET {url}: {status}: {body}")]
-    Status {
-        url: Url,
-        status: StatusCode,
-        body: String,
-    },
-    #[error("GET {url}: cannot decode the answer: {message}")]
-    Decode { url: Url, message: String },
-}
+/// Consul's failures are HTTP failures.
+pub type ConsulError = HttpError;
 
 // ---- Consul's JSON, as the API documents it (unknown fields ignored) ----
 
@@ -332,32 +314,8 @@ impl Client {
         if let Some(token) = &self.config.token {
             request = request.header("X-Consul-Token", token.expose());
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|source| ConsulError::Request {
-                url: url.clone(),
-                source,
-            })?;
-        let status = response.status();
-        let index = consul_index(response.headers());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|source| ConsulError::Request {
-                url: url.clone(),
-                source,
-            })?
-            .to_vec();
-        if !status.is_success() {
-            let mut text = String::from_utf8_lossy(&body).trim().to_string();
-            text.truncate(MAX_BODY_IN_ERROR);
-            return Err(ConsulError::Status {
-                url,
-                status,
-                body: text,
-            });
-        }
+        let (headers, body) = fetch(request, &url).await?;
+        let index = consul_index(&headers);
         Ok(Answer { index, body })
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod consul;
 pub mod file;
+pub mod http;
 pub mod marathon;
 
 use std::fmt;

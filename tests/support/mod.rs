@@ -379,6 +379,21 @@ pub async fn wait_for_backends(weft: &Weft, host: &str, path: &str, expected: &[
     .await
 }
 
+/// Waits until weft's `/healthz` body mentions `want` (`ok`, or a problem's words).
+pub async fn wait_for_healthz(weft: &Weft, want: &str) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("healthz {want}"),
+        || async {
+            match weft.status("/healthz").await? {
+                (_, body) if body.contains(want) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
 /// Waits until `host` + `path` answers weft's 404.
 pub async fn wait_for_404(weft: &Weft, host: &str, path: &str) {
     eventually(

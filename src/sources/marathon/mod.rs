@@ -23,12 +23,13 @@ use std::time::{Duration, SystemTime};
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use reqwest::{StatusCode, Url};
+use reqwest::Url;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::routing::{app_services, RoutingSettings};
+use super::http::{fetch, HttpError};
 use super::{error_chain, Backoff, Health, Rejected, ServiceDef, SourceId, SourceReport};
 use crate::config::{MarathonAuth, MarathonSourceConfig};
 use crate::model::Hostname;
@@ -36,26 +37,11 @@ use crate::model::Hostname;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first event of every stream.
 const ATTACHED: &str = "event_stream_attached";
-const MAX_BODY_IN_ERROR: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MarathonError {
-    #[error("cannot build the HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
-    #[error("GET {url}: {}", error_chain(source))]
-    Request {
-        url: Url,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("GET {url}: {status}: {body}")]
-    Status {
-        url: Url,
-        status: StatusCode,
-        body: String,
-    },
-    #[error("GET {url}: cannot decode the answer: {message}")]
-    Decode { url: Url, message: String },
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error("event stream from {url}: {message}")]
     Stream { url: Url, message: String },
     #[error("event stream from {url}: silent for {after:?}")]
@@ -77,7 +63,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
-            .map_err(MarathonError::Client)?;
+            .map_err(HttpError::Client)?;
         Ok(Client {
             http,
             config,
@@ -132,33 +118,11 @@ impl Client {
     }
 
     async fn fetch_one(&self, url: Url) -> Result<api::AppsResponse, MarathonError> {
-        let response = self
+        let request = self
             .request(url.clone())
-            .timeout(self.config.request_timeout)
-            .send()
-            .await
-            .map_err(|source| MarathonError::Request {
-                url: url.clone(),
-                source,
-            })?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|source| MarathonError::Request {
-                url: url.clone(),
-                source,
-            })?;
-        if !status.is_success() {
-            let mut text = String::from_utf8_lossy(&body).trim().to_string();
-            text.truncate(MAX_BODY_IN_ERROR);
-            return Err(MarathonError::Status {
-                url,
-                status,
-                body: text,
-            });
-        }
-        api::decode_apps(&body).map_err(|message| MarathonError::Decode { url, message })
+            .timeout(self.config.request_timeout);
+        let (_, body) = fetch(request, &url).await?;
+        api::decode_apps(&body).map_err(|message| HttpError::Decode { url, message }.into())
     }
 
     /// Opens `/v2/events` on the first URL that accepts it.
@@ -186,7 +150,7 @@ impl Client {
                     return Ok((url, response));
                 }
                 Ok(response) => errors.push(format!("GET {url}: {}", response.status())),
-                Err(source) => errors.push(MarathonError::Request { url, source }.to_string()),
+                Err(source) => errors.push(HttpError::Request { url, source }.to_string()),
             }
         }
         Err(MarathonError::AllFailed { errors })
