@@ -11,6 +11,7 @@
 //! - [`render`]: table -> haproxy.cfg and maps (askama), deterministic.
 //! - [`haproxy`]: the only writer to HAProxy: validate, install, reload, supervise.
 //! - [`status`]: what weft routes where and why something is missing (HTML, JSON, healthz).
+//! - [`metrics`]: the same view as Prometheus metrics (`/metrics`).
 //! - [`controller`]: wires the above into the running daemon.
 //! - [`demo`]: the embedded default: demo backends and services for `weft demo`.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod controller;
 pub mod demo;
 pub mod haproxy;
+pub mod metrics;
 pub mod model;
 pub mod network;
 pub mod render;

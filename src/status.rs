@@ -185,6 +185,51 @@ async fn status_json(State(feed): State<StatusFeed>) -> Json<StatusView> {
     Json(feed.view())
 }
 
+async fn metrics(State(feed): State<StatusFeed>) -> Response {
+    let view = feed.view();
+    let mut dropped: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for d in &view.dropped {
+        *dropped.entry(d.source.as_str()).or_default() += 1;
+    }
+    let backends: std::collections::BTreeSet<&str> =
+        view.routes.iter().map(|r| r.service.as_str()).collect();
+    let empty: std::collections::BTreeSet<&str> = view
+        .routes
+        .iter()
+        .filter(|r| r.servers.is_empty())
+        .map(|r| r.service.as_str())
+        .collect();
+    let snapshot = crate::metrics::Snapshot {
+        healthy: view.healthy,
+        reloads: view.haproxy.reloads,
+        runtime_updates: view.haproxy.runtime_updates,
+        applies: view.haproxy.generation,
+        haproxy_up: view.haproxy.running,
+        apply_failing: view.haproxy.last_error.is_some(),
+        routes: view.routes.len(),
+        backends: backends.len(),
+        empty_backends: empty.len(),
+        dropped: dropped.into_iter().collect(),
+        sources: view
+            .sources
+            .iter()
+            .map(|s| (s.name.as_str(), s.state == "ok", s.services))
+            .collect(),
+        bridge_ok: view.bridge.problems().is_empty(),
+    };
+    match crate::metrics::encode_snapshot(&snapshot) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
 async fn healthz(State(feed): State<StatusFeed>) -> Response {
     let view = feed.view();
     if view.healthy {
@@ -217,6 +262,7 @@ pub async fn serve(
         .route("/", get(page))
         .route("/status", get(status_json))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .with_state(feed);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

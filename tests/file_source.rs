@@ -284,6 +284,19 @@ async fn the_status_endpoints_show_routes_drops_and_health() {
     let dropped = status["dropped"].as_array().unwrap();
     assert_eq!(dropped.len(), 2, "{dropped:?}");
 
+    // Prometheus sees the same.
+    let (code, metrics) = weft.status("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for line in [
+        "weft_routes 2",
+        "weft_backends_without_servers 1",
+        "weft_dropped_inputs{source=\"file\"} 2",
+        "weft_source_up{source=\"file\"} 1",
+        "weft_haproxy_up 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing in:\n{metrics}");
+    }
+
     // Hostile names are escaped on the HTML page.
     let (code, html) = weft.status("/").await.unwrap();
     assert_eq!(code, 200);

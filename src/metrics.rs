@@ -1,0 +1,196 @@
+//! Prometheus metrics, read from the same view as the status page at each scrape.
+//!
+//! Names are constants here, in one place. Counters count since weft started.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// `weft_haproxy_reloads_total`: confirmed reloads (HAProxy master's counter).
+pub const RELOADS: &str = "weft_haproxy_reloads";
+/// `weft_haproxy_runtime_updates_total`: servers and maps changed without a reload.
+pub const RUNTIME_UPDATES: &str = "weft_haproxy_runtime_updates";
+/// `weft_apply_generation_total`: applies attempted.
+pub const APPLIES: &str = "weft_apply_generation";
+/// 1 while HAProxy runs a config weft installed.
+pub const HAPROXY_UP: &str = "weft_haproxy_up";
+/// 1 when the last apply failed (HAProxy keeps its last good config).
+pub const APPLY_FAILING: &str = "weft_apply_failing";
+/// Routes (host + path) and backends in the applied table.
+pub const ROUTES: &str = "weft_routes";
+pub const BACKENDS: &str = "weft_backends";
+/// Backends with no server: their hosts answer 503.
+pub const EMPTY_BACKENDS: &str = "weft_backends_without_servers";
+/// Inputs dropped with a reason, by source.
+pub const DROPPED: &str = "weft_dropped_inputs";
+/// 1 when the source is ok, 0 when degraded or starting; by source.
+pub const SOURCE_UP: &str = "weft_source_up";
+/// Services each source currently reports.
+pub const SOURCE_SERVICES: &str = "weft_source_services";
+/// 1 when the weave bridge is as configured (or off), 0 with a problem.
+pub const BRIDGE_OK: &str = "weft_bridge_ok";
+/// 1 when `/healthz` answers 200.
+pub const HEALTHY: &str = "weft_healthy";
+
+type Labels = Vec<(String, String)>;
+
+/// What a scrape reports, taken from the status view.
+pub struct Snapshot<'a> {
+    pub healthy: bool,
+    pub reloads: u64,
+    pub runtime_updates: u64,
+    pub applies: u64,
+    pub haproxy_up: bool,
+    pub apply_failing: bool,
+    pub routes: usize,
+    pub backends: usize,
+    pub empty_backends: usize,
+    /// `(source, dropped count)`.
+    pub dropped: Vec<(&'a str, usize)>,
+    /// `(source, up, services)`.
+    pub sources: Vec<(&'a str, bool, usize)>,
+    pub bridge_ok: bool,
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let gauge: Gauge = Gauge::default();
+    gauge.set(value);
+    registry.register(name, help, gauge);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let counter: Counter = Counter::default();
+    counter.inc_by(value);
+    registry.register(name, help, counter);
+}
+
+fn by_source(source: &str) -> Labels {
+    vec![("source".to_string(), source.to_string())]
+}
+
+/// The Prometheus text exposition of `snapshot`.
+pub fn encode_snapshot(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    counter(
+        &mut registry,
+        RELOADS,
+        "Confirmed HAProxy reloads",
+        snapshot.reloads,
+    );
+    counter(
+        &mut registry,
+        RUNTIME_UPDATES,
+        "Servers and maps changed through the runtime API, without a reload",
+        snapshot.runtime_updates,
+    );
+    counter(
+        &mut registry,
+        APPLIES,
+        "Applies attempted",
+        snapshot.applies,
+    );
+    gauge(
+        &mut registry,
+        HAPROXY_UP,
+        "HAProxy runs a config weft installed",
+        snapshot.haproxy_up.into(),
+    );
+    gauge(
+        &mut registry,
+        APPLY_FAILING,
+        "The last apply failed",
+        snapshot.apply_failing.into(),
+    );
+    gauge(
+        &mut registry,
+        ROUTES,
+        "Routes (host and path prefix)",
+        snapshot.routes as i64,
+    );
+    gauge(
+        &mut registry,
+        BACKENDS,
+        "Backends (services)",
+        snapshot.backends as i64,
+    );
+    gauge(
+        &mut registry,
+        EMPTY_BACKENDS,
+        "Backends without a server (503)",
+        snapshot.empty_backends as i64,
+    );
+    gauge(
+        &mut registry,
+        BRIDGE_OK,
+        "The weave bridge is as configured",
+        snapshot.bridge_ok.into(),
+    );
+    gauge(
+        &mut registry,
+        HEALTHY,
+        "weft is healthy (/healthz answers 200)",
+        snapshot.healthy.into(),
+    );
+
+    let dropped = Family::<Labels, Gauge>::default();
+    for (source, count) in &snapshot.dropped {
+        dropped.get_or_create(&by_source(source)).set(*count as i64);
+    }
+    registry.register(DROPPED, "Inputs dropped with a reason, by source", dropped);
+    let up = Family::<Labels, Gauge>::default();
+    let services = Family::<Labels, Gauge>::default();
+    for (source, is_up, count) in &snapshot.sources {
+        up.get_or_create(&by_source(source)).set((*is_up).into());
+        services
+            .get_or_create(&by_source(source))
+            .set(*count as i64);
+    }
+    registry.register(SOURCE_UP, "The source is ok (0: degraded or starting)", up);
+    registry.register(SOURCE_SERVICES, "Services the source reports", services);
+
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition() {
+        let text = encode_snapshot(&Snapshot {
+            healthy: false,
+            reloads: 3,
+            runtime_updates: 17,
+            applies: 25,
+            haproxy_up: true,
+            apply_failing: false,
+            routes: 4,
+            backends: 3,
+            empty_backends: 1,
+            dropped: vec![("file", 2)],
+            sources: vec![("file", true, 3), ("consul", false, 0)],
+            bridge_ok: true,
+        })
+        .unwrap();
+        for line in [
+            "weft_haproxy_reloads_total 3",
+            "weft_haproxy_runtime_updates_total 17",
+            "weft_routes 4",
+            "weft_backends_without_servers 1",
+            "weft_dropped_inputs{source=\"file\"} 2",
+            "weft_source_up{source=\"consul\"} 0",
+            "weft_source_services{source=\"file\"} 3",
+            "weft_healthy 0",
+            "# EOF",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing in:\n{text}"
+            );
+        }
+    }
+}
