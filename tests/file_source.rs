@@ -294,7 +294,10 @@ async fn the_status_endpoints_show_routes_drops_and_health() {
         "weft_source_up{source=\"file\"} 1",
         "weft_haproxy_up 1",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} missing in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing in:\n{metrics}"
+        );
     }
 
     // Hostile names are escaped on the HTML page.
