@@ -3,8 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/consul/mod.rs"]
-mod consul;
+mod support;
+
+use support::consul;
 
 use std::time::{Duration, Instant};
 

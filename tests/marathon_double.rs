@@ -3,8 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "support/marathon/mod.rs"]
-mod marathon;
+mod support;
+
+use support::marathon;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

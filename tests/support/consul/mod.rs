@@ -15,7 +15,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-mod conn;
+use super::killable as conn;
 mod go;
 mod http;
 mod state;

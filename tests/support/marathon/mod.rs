@@ -35,7 +35,7 @@
 mod events;
 mod http;
 mod model;
-mod net;
+use super::killable as net;
 pub mod probe;
 
 use std::collections::BTreeMap;

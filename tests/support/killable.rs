@@ -1,7 +1,9 @@
-//! Connections that die with the double. Aborting axum's serve task stops accepting, but each
-//! connection runs in a task of its own: a blocked or stalled query would still be answered, or
-//! hang, after the test dropped the double. Hyper polls the socket for EOF while a request is in
-//! flight, so failing the reads and writes once the double is dropped closes every connection.
+//! Connections that die with a test double. Aborting axum's serve task stops accepting, but
+//! each connection runs in a task of its own: a blocked query or an open event stream would go
+//! on after the test dropped the double. Hyper polls the socket while a request is in flight,
+//! so failing the reads and writes once the double is dropped closes every connection.
+//!
+//! Shared by the Consul and Marathon doubles.
 
 use std::future::Future;
 use std::io;
@@ -14,9 +16,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-pub(super) struct KillableListener {
-    pub(super) inner: TcpListener,
-    pub(super) shutdown: CancellationToken,
+/// Accepts like a `TcpListener`; every connection fails once `shutdown` is cancelled.
+pub struct KillableListener {
+    pub inner: TcpListener,
+    pub shutdown: CancellationToken,
 }
 
 impl axum::serve::Listener for KillableListener {
@@ -45,7 +48,7 @@ impl axum::serve::Listener for KillableListener {
     }
 }
 
-pub(super) struct KillableStream {
+pub struct KillableStream {
     stream: TcpStream,
     shutdown: CancellationToken,
     killed: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -57,7 +60,7 @@ impl KillableStream {
         if self.shutdown.is_cancelled() || self.killed.as_mut().poll(cx).is_ready() {
             Poll::Ready(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "consul double dropped",
+                "test double dropped",
             ))
         } else {
             Poll::Pending
