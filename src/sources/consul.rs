@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::HeaderMap;
@@ -415,32 +415,15 @@ impl Publisher {
         }
         drop(state);
         self.tx.send_if_modified(|report| {
-            let health = if errors.is_empty() {
-                Health::Ok
+            let before = report.clone();
+            report.services = services;
+            report.rejected = rejected;
+            if errors.is_empty() {
+                report.health = Health::Ok;
             } else {
-                let reason = errors.join("; ");
-                match &report.health {
-                    Health::Degraded { reason: old, since } if *old == reason => Health::Degraded {
-                        reason,
-                        since: *since,
-                    },
-                    _ => Health::Degraded {
-                        reason,
-                        since: SystemTime::now(),
-                    },
-                }
-            };
-            let next = SourceReport {
-                source: SourceId::Consul,
-                services,
-                rejected,
-                health,
-            };
-            if *report == next {
-                return false;
+                report.degrade(errors.join("; "));
             }
-            *report = next;
-            true
+            *report != before
         });
     }
 }

@@ -17,7 +17,7 @@
 //! alone.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
@@ -248,14 +248,8 @@ async fn refresh(path: &Path, tx: &watch::Sender<SourceReport>) {
             }
             Err(err) => {
                 let reason = err.to_string();
-                let unchanged =
-                    matches!(&report.health, Health::Degraded { reason: r, .. } if *r == reason);
-                if !unchanged {
+                if report.degrade(reason.clone()) {
                     warn!(error = %reason, services = report.services.len(), "services file unusable, keeping the last good services");
-                    report.health = Health::Degraded {
-                        reason,
-                        since: SystemTime::now(),
-                    };
                 }
             }
         }

@@ -82,6 +82,19 @@ pub struct SourceReport {
 }
 
 impl SourceReport {
+    /// Marks the source degraded; `since` stays when the reason is the same. Returns whether
+    /// anything changed (a new reason).
+    pub fn degrade(&mut self, reason: String) -> bool {
+        if matches!(&self.health, Health::Degraded { reason: old, .. } if *old == reason) {
+            return false;
+        }
+        self.health = Health::Degraded {
+            reason,
+            since: SystemTime::now(),
+        };
+        true
+    }
+
     pub fn starting(source: SourceId) -> Self {
         SourceReport {
             source,

@@ -19,7 +19,7 @@ pub mod routing;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -182,8 +182,7 @@ impl Publisher {
             // Never publish before a complete first fetch, unless to say it failed.
             if let Some(error) = &state.fetch_error {
                 let reason = error.clone();
-                self.tx
-                    .send_if_modified(|report| set_degraded(report, reason));
+                self.tx.send_if_modified(|report| report.degrade(reason));
             }
             return;
         };
@@ -200,23 +199,11 @@ impl Publisher {
             if errors.is_empty() {
                 report.health = Health::Ok;
             } else {
-                set_degraded(report, errors.join("; "));
+                report.degrade(errors.join("; "));
             }
             *report != before
         });
     }
-}
-
-/// Marks the report degraded; keeps `since` when the reason is the same.
-fn set_degraded(report: &mut SourceReport, reason: String) -> bool {
-    if matches!(&report.health, Health::Degraded { reason: old, .. } if *old == reason) {
-        return false;
-    }
-    report.health = Health::Degraded {
-        reason,
-        since: SystemTime::now(),
-    };
-    true
 }
 
 /// Turns a fetched app list into services.
