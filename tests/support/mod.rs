@@ -250,17 +250,7 @@ impl Weft {
 
     /// Sends SIGTERM to weft and waits for it to exit; returns its exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        signal(child.id() as i32, "TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        child.wait().ok()
+        terminate(self.child.take()?)
     }
 }
 
@@ -278,6 +268,20 @@ impl Drop for Weft {
             eprintln!("---- weft log ----\n{}", self.log());
         }
     }
+}
+
+/// SIGTERM to `child`, then waits for it (SIGKILL after 15 s); its exit status.
+pub fn terminate(mut child: Child) -> Option<std::process::ExitStatus> {
+    signal(child.id() as i32, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
 }
 
 pub fn process_alive(pid: i32) -> bool {
