@@ -218,8 +218,12 @@ servers = ["{b}"]
     }
     // Services left without servers route to an empty backend (503), never elsewhere.
     for host in ["port0.test", "port70000.test", "outside.test"] {
-        let (status, _) = weft.get(host, "/").await.unwrap();
+        let (status, body) = weft.get(host, "/").await.unwrap();
         assert_eq!(status, 503, "{host}");
+        assert_eq!(
+            body, "weft: no server of this service is up right now\n",
+            "{host}"
+        );
     }
     for host in ["bad host.test", "badhost.test"] {
         let (status, _) = weft.get(host, "/").await.unwrap_or((0, String::new()));
