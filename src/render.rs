@@ -8,7 +8,7 @@
 //!    looks up `host + path + "/"`, so `/api` matches `/api` and `/api/x` but not `/apix`;
 //! 2. `hosts.map` (exact): `host` -> backend;
 //! 3. `wildcards.map` (`map_end`): `.example.com` -> backend for `*.example.com`, longest first;
-//! 4. `be_default`: 404.
+//! 4. `no_route`: 404.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

@@ -114,7 +114,7 @@ fn render_drops_hostile_entries_with_reasons_and_haproxy_accepts_the_rest() {
     }
 
     let config = std::fs::read_to_string(out.join("haproxy.cfg")).unwrap();
-    assert!(config.contains(&format!("map({}/hosts.map,be_default)", out.display())));
+    assert!(config.contains(&format!("map({}/hosts.map,no_route)", out.display())));
     assert!(config.contains("server s1 10.2.1.5:8080 check"));
     assert!(!config.contains("192.168.7.10"));
     let hosts = std::fs::read_to_string(out.join("hosts.map")).unwrap();

@@ -246,3 +246,26 @@ async fn garbage_stalls_and_a_backwards_index_are_survived() {
     consul.deregister("shop-2");
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_down_at_start_holds_back_no_other_route() {
+    let consul = ConsulDouble::start().await;
+    consul.set_fault(Fault::NoLeader);
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    consul.register(instance("shop", "shop-1", &b, "shop.test"));
+    let weft = Weft::start_consul(&consul.url(), "wait = \"1s\"\n", "");
+    weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
+
+    // The file source routes although Consul never answered; weft says why Consul is missing.
+    wait_for_backends(&weft, "files.test", "/", &["a"]).await;
+    wait_for_healthz(&weft, "source consul is degraded").await;
+    let (_, body) = weft.status("/healthz").await.unwrap();
+    assert!(body.contains("No cluster leader"), "{body}");
+
+    // Consul gets a leader: its services join, the file's stay.
+    consul.set_fault(Fault::None);
+    wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
+    wait_for_healthz(&weft, "ok").await;
+    wait_for_backends(&weft, "files.test", "/", &["a"]).await;
+}

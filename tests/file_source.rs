@@ -195,6 +195,18 @@ hosts = ["outside.test"]
 servers = ["192.0.2.10:80"]
 
 [[service]]
+name = "quote"
+hosts = ["quote.test"]
+servers = ["{a}"]
+check = "/it's"
+
+[[service]]
+name = "default"
+hosts = ["default.test"]
+servers = ["{a}"]
+check = "/health/?full=1"
+
+[[service]]
 name = "good"
 hosts = ["good.test"]
 servers = ["{b}"]
@@ -213,9 +225,17 @@ servers = ["{b}"]
         r#"subject=service "port0" server "127.0.0.1:0" reason=invalid server port 0"#,
         r#"subject=service "port70000" server "127.0.0.1:70000" reason=invalid server port 70000"#,
         r#"subject=service "outside" server "192.0.2.10:80" reason=address 192.0.2.10 is outside the allowed networks"#,
+        r#"subject=service "quote" reason=invalid health check path: contains '\''"#,
     ] {
         assert!(log.contains(expected), "missing {expected:?} in:\n{log}");
     }
+    // A service may be called like weft's own 404 backend; its check keeps its query.
+    wait_for_backends(&weft, "default.test", "/", &["a"]).await;
+    let config = std::fs::read_to_string(weft.run_dir().join("haproxy.cfg")).unwrap();
+    assert!(
+        config.contains("option httpchk GET /health/?full=1"),
+        "{config}"
+    );
     // Services left without servers route to an empty backend (503), never elsewhere.
     for host in ["port0.test", "port70000.test", "outside.test"] {
         let (status, body) = weft.get(host, "/").await.unwrap();

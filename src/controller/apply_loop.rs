@@ -115,6 +115,18 @@ fn without(table: &RoutingTable, blamed: &BTreeSet<ServiceName>) -> RoutingTable
     table
 }
 
+/// Whether the latest desired table differs from the one a failed validation was for.
+fn moved_on(
+    desired: &watch::Receiver<Option<Arc<Built>>>,
+    blamed: &BTreeSet<ServiceName>,
+    validated: &RoutingTable,
+) -> bool {
+    desired
+        .borrow()
+        .as_ref()
+        .is_some_and(|built| without(&built.table, blamed) != *validated)
+}
+
 /// Applies every new desired table, retrying failures with backoff, restarting a managed
 /// HAProxy that died, and validating reloads without holding up runtime changes.
 pub(super) async fn apply_loop(
@@ -184,7 +196,7 @@ pub(super) async fn apply_loop(
                     Err(ApplyError::Validate { stderr, culprit: Some(backend) })
                         if blamed.len() < MAX_CULPRITS =>
                     {
-                        let name = backend.strip_prefix("be_").unwrap_or(&backend);
+                        let name = backend.strip_prefix(crate::model::BACKEND_PREFIX).unwrap_or(&backend);
                         match ServiceName::parse(name) {
                             Ok(service) => {
                                 error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
@@ -193,13 +205,19 @@ pub(super) async fn apply_loop(
                             Err(_) => {
                                 let err = ApplyError::Validate { stderr, culprit: Some(backend) };
                                 state.record(Err(err), done.candidate.table());
-                                continue;
+                                if !moved_on(&desired, &blamed, done.candidate.table()) {
+                                    continue;
+                                }
                             }
                         }
                     }
                     Err(err) => {
                         state.record(Err(err), done.candidate.table());
-                        continue;
+                        // Tables that came during the validation were held for its end: the
+                        // latest may be the fix.
+                        if !moved_on(&desired, &blamed, done.candidate.table()) {
+                            continue;
+                        }
                     }
                 }
             }

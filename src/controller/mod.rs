@@ -44,6 +44,8 @@ pub enum RunError {
         source_id: SourceId,
         message: String,
     },
+    #[error("a task of weft's ended unexpectedly: {0}")]
+    TaskEnded(String),
 }
 
 /// Runs weft until `shutdown` is cancelled, then stops HAProxy (managed mode).
@@ -131,13 +133,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     tasks.spawn(build_loop(reports, model, desired_tx, shutdown.clone()));
 
     let applier = Applier::new(config.haproxy.clone());
+    let apply = apply_loop(applier, desired_rx, apply_tx, shutdown.clone());
+    tokio::pin!(apply);
     let result = tokio::select! {
-        () = apply_loop(applier, desired_rx, apply_tx, shutdown.clone()) => Ok(()),
-        Some(Ok(Err(err))) = tasks.join_next() => Err(err),
+        () = &mut apply => Ok(()),
+        err = first_failure(&mut tasks, &shutdown) => Err(err),
     };
     shutdown.cancel();
+    if result.is_err() {
+        // The apply loop stops a managed HAProxy gracefully on its way out.
+        apply.await;
+    }
     while tasks.join_next().await.is_some() {}
     result
+}
+
+/// Resolves when a task fails, panics or ends: each runs until shutdown, and routing would
+/// silently freeze without it.
+async fn first_failure(
+    tasks: &mut JoinSet<Result<(), RunError>>,
+    shutdown: &CancellationToken,
+) -> RunError {
+    loop {
+        match tasks.join_next().await {
+            Some(Ok(Err(err))) => return err,
+            // At shutdown every task returns; the apply loop still stops HAProxy.
+            Some(Ok(Ok(()))) if shutdown.is_cancelled() => {}
+            Some(Ok(Ok(()))) => return RunError::TaskEnded("it returned before shutdown".into()),
+            Some(Err(join)) => return RunError::TaskEnded(join.to_string()),
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Starts one source task; its reports arrive on the returned channel.

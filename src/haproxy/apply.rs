@@ -132,6 +132,9 @@ pub struct Applier {
     process: Option<Managed>,
     generation: u64,
     last_reload: Option<tokio::time::Instant>,
+    /// A runtime update failed part way: HAProxy may run something between `applied` and
+    /// what was sent. Only a reload brings it back to a known state.
+    in_doubt: bool,
 }
 
 impl Applier {
@@ -156,6 +159,7 @@ impl Applier {
             process: None,
             generation: 0,
             last_reload: None,
+            in_doubt: false,
         }
     }
 
@@ -168,26 +172,22 @@ impl Applier {
     }
 
     /// Brings HAProxy to `table`: through the runtime API where the config's structure stays,
-    /// else validate, install, reload, confirm.
+    /// else (and to start a managed HAProxy) validate, install, reload or start, confirm.
     #[tracing::instrument(name = "apply", skip_all, fields(generation = self.generation + 1))]
     pub async fn apply(&mut self, table: &RoutingTable) -> Result<Step, ApplyError> {
         self.generation += 1;
         let desired = self.desired(table)?;
+        // Not running yet (or it died): `commit` starts it on the validated files.
         if !self.running() {
-            let candidate = Candidate { desired };
-            self.validation(&candidate)?.check.await?;
-            let desired = candidate.desired;
-            // A state file from an earlier run describes servers this config may not have.
-            write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
-            self.install(&desired.rendered)?;
-            self.start().await?;
-            self.applied = Some(desired);
-            return Ok(Step::Done(Outcome::Started));
+            return Ok(Step::Reload(Candidate { desired }));
         }
         let Some(applied) = self.applied.clone() else {
             // External mode, first apply: nothing of ours runs yet.
             return Ok(Step::Reload(Candidate { desired }));
         };
+        if self.in_doubt {
+            return Ok(Step::Reload(Candidate { desired }));
+        }
         if applied.rendered == desired.rendered {
             return Ok(Step::Done(Outcome::Unchanged));
         }
@@ -200,6 +200,7 @@ impl Applier {
                 }
                 Err(err) => {
                     warn!(error = %err, "runtime update failed, reloading instead");
+                    self.in_doubt = true;
                     return Ok(Step::Reload(Candidate { desired }));
                 }
             }
@@ -283,7 +284,11 @@ impl Applier {
             return Ok(Refreshed::Reload(candidate));
         }
         let latest = self.desired(table)?;
-        if let Some(applied) = &self.applied {
+        if let Some(applied) = self
+            .applied
+            .as_ref()
+            .filter(|_| self.running() && !self.in_doubt)
+        {
             if applied.rendered == latest.rendered {
                 return Ok(Refreshed::NotNeeded);
             }
@@ -294,10 +299,21 @@ impl Applier {
         Ok(Refreshed::Revalidate)
     }
 
-    /// Reloads HAProxy on a validated candidate and confirms it.
+    /// Reloads HAProxy on a validated candidate and confirms it; starts a managed HAProxy
+    /// that does not run (yet) on it instead.
     #[tracing::instrument(name = "reload", skip_all, fields(generation = self.generation))]
     pub async fn commit(&mut self, candidate: Candidate) -> Result<Outcome, ApplyError> {
-        self.reload(candidate.desired).await
+        if self.running() {
+            return self.reload(candidate.desired).await;
+        }
+        let desired = candidate.desired;
+        // A state file from an earlier run describes servers this config may not have.
+        write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
+        self.install(&desired.rendered)?;
+        self.start().await?;
+        self.applied = Some(desired);
+        self.in_doubt = false;
+        Ok(Outcome::Started)
     }
 
     /// While a reload waits: the changes that fit the running config, at runtime.
@@ -323,6 +339,7 @@ impl Applier {
             // The reload that follows brings everything in line.
             Err(err) => {
                 warn!(error = %err, "runtime update failed, the coming reload will apply it");
+                self.in_doubt = true;
                 0
             }
         }
@@ -425,12 +442,14 @@ impl Applier {
             Ok(reloads) => {
                 info!(reloads, ?installed, took = ?started.elapsed(), "haproxy reloaded");
                 self.applied = Some(desired);
+                self.in_doubt = false;
                 Ok(Outcome::Reloaded { reloads })
             }
             Err(err) => {
                 if let Some(good) = &self.applied {
                     warn!(error = %err, "reload failed, restoring the last good files");
-                    self.install(&good.rendered)?;
+                    // The `.last-good` copies stay those of the good files, not the rejected.
+                    self.write_files(None, &good.rendered, LastGood::Skip)?;
                 }
                 Err(err)
             }
@@ -544,22 +563,27 @@ pub async fn check_config(
         })
 }
 
-/// Finds the backend whose section holds the line HAProxy's first ALERT names
-/// (`parsing [file:LINE]`).
+/// Finds the service backend whose section holds the line HAProxy's first ALERT names
+/// (`parsing [file:LINE]`, also spelled `Parsing [`). Warnings blame nobody.
 fn culprit(stderr: &str, config: &str) -> Option<String> {
-    let line: usize = stderr.lines().find_map(|l| {
-        let start = l.find("parsing [")? + "parsing [".len();
-        let rest = &l[start..];
-        let end = rest.find(']')?;
-        rest[..end].rsplit_once(':')?.1.parse().ok()
-    })?;
+    const MARK: &str = "parsing [";
+    let line: usize = stderr
+        .lines()
+        .filter(|l| l.contains("[ALERT]"))
+        .find_map(|l| {
+            // ASCII lowercasing keeps byte offsets.
+            let start = l.to_ascii_lowercase().find(MARK)? + MARK.len();
+            let rest = &l[start..];
+            let end = rest.find(']')?;
+            rest[..end].rsplit_once(':')?.1.parse().ok()
+        })?;
     config
         .lines()
         .take(line)
         .filter_map(|l| l.strip_prefix("backend "))
         .last()
         .map(|b| b.trim().to_string())
-        .filter(|b| b != "be_default")
+        .filter(|b| b.starts_with(crate::model::BACKEND_PREFIX))
 }
 
 /// Whether installing keeps the previous files as `.last-good`.
@@ -604,9 +628,13 @@ mod tests {
 
     #[test]
     fn culprit_is_the_enclosing_backend() {
-        let config = "global\n\nbackend be_default\n    x\nbackend be_shop\n    balance bogus\n    server a 1.2.3.4:80\n";
+        let config = "global\n\nbackend no_route\n    x\nbackend be_shop\n    balance bogus\n    server a 1.2.3.4:80\n";
         let stderr = "[NOTICE]   (1) : haproxy version is 2.6.12\n[ALERT]    (1) : config : parsing [/run/staging/haproxy.cfg:6] : unknown balance\n";
         assert_eq!(culprit(stderr, config).as_deref(), Some("be_shop"));
+        let capital = "[ALERT]    (1) : config : Parsing [/x/haproxy.cfg:7]: bad server\n";
+        assert_eq!(culprit(capital, config).as_deref(), Some("be_shop"));
+        let warning = "[WARNING]  (1) : config : parsing [/x/haproxy.cfg:6] : meh\n[ALERT]    (1) : config : parsing [/x/haproxy.cfg:1] : bad\n";
+        assert_eq!(culprit(warning, config), None);
         let global = "[ALERT] (1) : config : parsing [/x/haproxy.cfg:1] : bad";
         assert_eq!(culprit(global, config), None);
         let default = "[ALERT] (1) : config : parsing [/x/haproxy.cfg:4] : bad";

@@ -130,7 +130,8 @@ fn map_entries(text: &str) -> Vec<(String, String)> {
 
 /// The part of `desired` that fits the applied structure, for when the rest must wait for a
 /// reload: existing backends take their new servers if they fit their slots, routes to
-/// existing backends change, routes to backends that do not exist yet wait.
+/// existing backends change, routes to backends that do not exist yet wait (a route moving
+/// to a new backend keeps its old one until the reload: never a 404 in between).
 pub fn runtime_part(applied: &Applied, desired: &RoutingTable) -> RoutingTable {
     let mut part = applied.table.clone();
     for (name, backend) in part.backends.iter_mut() {
@@ -148,8 +149,13 @@ pub fn runtime_part(applied: &Applied, desired: &RoutingTable) -> RoutingTable {
     part.routes = desired
         .routes
         .iter()
-        .filter(|(_, service)| part.backends.contains_key(*service))
-        .map(|(key, service)| (key.clone(), service.clone()))
+        .filter_map(|(key, service)| {
+            if part.backends.contains_key(service) {
+                return Some((key.clone(), service.clone()));
+            }
+            let old = applied.table.routes.get(key)?;
+            Some((key.clone(), old.clone()))
+        })
         .collect();
     part
 }
@@ -167,7 +173,7 @@ pub fn filter_server_state(state: &str, slots: &Slots) -> String {
             line.starts_with('1') && fields.len() == 1 || line.starts_with('#')
         } else {
             let expected = fields[1]
-                .strip_prefix("be_")
+                .strip_prefix(crate::model::BACKEND_PREFIX)
                 .and_then(|name| ServiceName::parse(name).ok())
                 .and_then(|name| slots.backends.get(&name))
                 .and_then(|slots| {
@@ -194,12 +200,24 @@ mod tests {
     use crate::sources::{ServiceDef, SourceId, SourceReport};
 
     fn table(services: &[(&str, &[&str])]) -> RoutingTable {
+        let hosted: Vec<(&str, String, &[&str])> = services
+            .iter()
+            .map(|(name, servers)| (*name, format!("{name}.example.com"), *servers))
+            .collect();
+        let hosted: Vec<(&str, &str, &[&str])> = hosted
+            .iter()
+            .map(|(name, host, servers)| (*name, host.as_str(), *servers))
+            .collect();
+        table_with_hosts(&hosted)
+    }
+
+    fn table_with_hosts(services: &[(&str, &str, &[&str])]) -> RoutingTable {
         let report = SourceReport {
             services: services
                 .iter()
-                .map(|(name, servers)| ServiceDef {
+                .map(|(name, host, servers)| ServiceDef {
                     name: name.to_string(),
-                    hosts: vec![format!("{name}.example.com")],
+                    hosts: vec![host.to_string()],
                     path: None,
                     servers: servers.iter().map(|s| s.to_string()).collect(),
                     balance: None,
@@ -300,6 +318,22 @@ mod tests {
             shop.servers.iter().next().unwrap().to_string(),
             "10.2.1.6:80"
         );
+    }
+
+    #[test]
+    fn a_route_moving_to_a_new_backend_keeps_the_old_one_until_the_reload() {
+        let before = applied(table_with_hosts(&[(
+            "shop-blue",
+            "shop.example.com",
+            &["10.2.1.5:80"],
+        )]));
+        let desired = table_with_hosts(&[("shop-green", "shop.example.com", &["10.2.1.6:80"])]);
+        let part = runtime_part(&before, &desired);
+        let targets: Vec<&str> = part.routes.values().map(|s| s.as_str()).collect();
+        assert_eq!(targets, ["shop-blue"]);
+        // A route that goes away goes at once.
+        let gone = runtime_part(&before, &RoutingTable::default());
+        assert!(gone.routes.is_empty());
     }
 
     #[test]

@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use diff::TableDiff;
-pub use names::{parse_server, Balance, Hostname, PathPrefix, ServiceName};
+pub use names::{
+    parse_server, Balance, CheckPath, Hostname, PathPrefix, ServiceName, BACKEND_PREFIX,
+};
 
 use crate::network::AllowedNetworks;
 use crate::sources::{ServiceDef, SourceId, SourceReport};
@@ -37,7 +39,7 @@ pub struct Backend {
 /// An HTTP health check HAProxy runs against every server of a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
-    pub path: PathPrefix,
+    pub path: CheckPath,
     pub interval: Duration,
     /// Failed checks in a row before a server is taken out.
     pub fall: u32,
@@ -191,7 +193,7 @@ fn validate_check(def: &ServiceDef) -> Result<Option<HealthCheck>, String> {
         return Ok(None);
     };
     let path =
-        PathPrefix::parse(raw).map_err(|reason| format!("invalid health check path: {reason}"))?;
+        CheckPath::parse(raw).map_err(|reason| format!("invalid health check path: {reason}"))?;
     let interval = def.check_interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
     let (min, max) = CHECK_INTERVAL_RANGE;
     if interval < min || interval > max {

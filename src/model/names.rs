@@ -12,6 +12,10 @@ const MAX_LABEL_LEN: usize = 63;
 const MAX_NAME_LEN: usize = 100;
 const MAX_PATH_LEN: usize = 1024;
 
+/// Every service's HAProxy backend is named this prefix + the service name, so no service can
+/// take the name of a backend weft defines itself (`no_route`).
+pub const BACKEND_PREFIX: &str = "be_";
+
 /// A service name, usable as an HAProxy backend name: `[a-z0-9][a-z0-9._-]*`, lowercased.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceName(String);
@@ -43,7 +47,7 @@ impl ServiceName {
 
     /// The HAProxy backend that serves this service.
     pub fn backend(&self) -> String {
-        format!("be_{}", self.0)
+        format!("{BACKEND_PREFIX}{}", self.0)
     }
 }
 
@@ -170,6 +174,43 @@ impl PathPrefix {
 }
 
 impl fmt::Display for PathPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The request target of an HTTP health check (`option httpchk GET <target>`): a path with an
+/// optional query, as given (`/health/` stays), without the characters HAProxy's config
+/// parser reads as quotes, escapes, comments or variables.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CheckPath(String);
+
+impl CheckPath {
+    /// ```
+    /// use weft::model::CheckPath;
+    /// assert_eq!(CheckPath::parse("/health?full=1").unwrap().as_str(), "/health?full=1");
+    /// assert_eq!(CheckPath::parse("/it's").unwrap_err(), "contains '\\''");
+    /// ```
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if !raw.starts_with('/') {
+            return Err("must start with '/'".into());
+        }
+        if raw.len() > MAX_PATH_LEN {
+            return Err(format!("is longer than {MAX_PATH_LEN} characters"));
+        }
+        let allowed = |c: char| (is_path_char(c) || c == '?') && !matches!(c, '\'' | '$');
+        if let Some(c) = raw.chars().find(|c| !allowed(*c)) {
+            return Err(format!("contains {}", describe_char(c)));
+        }
+        Ok(CheckPath(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CheckPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

@@ -396,10 +396,14 @@ impl Publisher {
                     .services
                     .values()
                     .all(|s| s.content.is_some() || s.error.is_some());
-            if !all_answered {
+            // Consul unreachable since the start: say so, with no services, so that the
+            // other sources route meanwhile. Once the catalog loads, its services wait for
+            // their first answers as usual.
+            let failing_from_start = !state.catalog_loaded && state.catalog_error.is_some();
+            if !all_answered && !failing_from_start {
                 return;
             }
-            state.complete = true;
+            state.complete = all_answered;
         }
         let mut services = Vec::new();
         let mut rejected = Vec::new();

@@ -41,13 +41,39 @@ pub async fn fetch(request: RequestBuilder, url: &Url) -> Result<(HeaderMap, Vec
     let headers = response.headers().clone();
     let body = response.bytes().await.map_err(failed)?.to_vec();
     if !status.is_success() {
-        let mut text = String::from_utf8_lossy(&body).trim().to_string();
-        text.truncate(MAX_BODY_IN_ERROR);
         return Err(HttpError::Status {
             url: url.clone(),
             status,
-            body: text,
+            body: error_text(&body),
         });
     }
     Ok((headers, body))
+}
+
+/// The start of an error body as text, cut on a character boundary (any bytes, any encoding).
+fn error_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let end = text
+        .char_indices()
+        .map(|(i, c)| i + c.len_utf8())
+        .take_while(|end| *end <= MAX_BODY_IN_ERROR)
+        .last()
+        .unwrap_or(0);
+    text[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_is_cut_on_a_character_boundary() {
+        // Latin-1 bytes become three-byte replacement characters.
+        let body: Vec<u8> = std::iter::repeat(0xe9).take(300).collect();
+        let text = error_text(&body);
+        assert!(text.len() <= MAX_BODY_IN_ERROR && text.len() > MAX_BODY_IN_ERROR - 4);
+        assert_eq!(error_text(b"  No cluster leader\n"), "No cluster leader");
+        assert_eq!(error_text(&[b'x'; 500]).len(), MAX_BODY_IN_ERROR);
+    }
 }
