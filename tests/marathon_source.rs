@@ -191,3 +191,25 @@ async fn labels_groups_and_unroutable_tasks_are_reported() {
     );
     assert!(!json.contains("/internal"), "{json}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_never_answers_does_not_hold_the_stream() {
+    let (_a, _b, _c, port) = backends().await;
+    // The first Marathon accepts connections and never answers, not even the stream's headers.
+    let hung = MarathonDouble::start().await;
+    hung.set_apps_fault(Fault::Slow(Duration::from_secs(3600)));
+    hung.set_events_fault(Fault::Slow(Duration::from_secs(3600)));
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
+    let weft = Weft::start_sections(&marathon_section(
+        &[hung.url(), marathon.url()],
+        "resync = \"1h\"\n",
+    ));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    // The stream gives up on the silent leader after the read timeout and attaches to the
+    // second: events (not the resync, an hour away) bring the new task.
+    marathon.wait_for_open_streams(1).await;
+    marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+}

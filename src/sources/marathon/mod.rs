@@ -139,18 +139,23 @@ impl Client {
                 }
                 query.append_pair("plan-format", "light");
             }
-            let response = self
+            let request = self
                 .request(url.clone())
                 .header("Accept", "text/event-stream")
-                .send()
-                .await;
-            match response {
-                Ok(response) if response.status().is_success() => {
+                .send();
+            // A leader that accepts the connection and never answers must not hold the
+            // stream (and the other URLs) forever: the read timeout covers the headers too.
+            match tokio::time::timeout(self.config.read_timeout, request).await {
+                Ok(Ok(response)) if response.status().is_success() => {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok((url, response));
                 }
-                Ok(response) => errors.push(format!("GET {url}: {}", response.status())),
-                Err(source) => errors.push(HttpError::Request { url, source }.to_string()),
+                Ok(Ok(response)) => errors.push(format!("GET {url}: {}", response.status())),
+                Ok(Err(source)) => errors.push(HttpError::Request { url, source }.to_string()),
+                Err(_) => errors.push(format!(
+                    "GET {url}: no answer within the read timeout ({:?})",
+                    self.config.read_timeout
+                )),
             }
         }
         Err(MarathonError::AllFailed { errors })
@@ -307,6 +312,10 @@ pub async fn run(
     Ok(())
 }
 
+/// How long a stream must have lasted for the reconnect backoff to start over
+/// (reference/marathon.md).
+const HEALTHY_STREAM: Duration = Duration::from_secs(600);
+
 /// Follows `/v2/events`: every relevant event, and every (re)attach, asks for a refetch.
 async fn follow_events(
     client: Arc<Client>,
@@ -316,10 +325,16 @@ async fn follow_events(
 ) {
     let mut backoff = Backoff::default();
     loop {
+        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            result = read_stream(&client, &refetch, &publisher, &mut backoff) => result,
+            result = read_stream(&client, &refetch, &publisher) => result,
         };
+        // Only a stream that stayed up a while earns a quick reconnect: one that Marathon (or
+        // a proxy) closes right after it opened must not cost a full refetch every moment.
+        if started.elapsed() >= HEALTHY_STREAM {
+            backoff.reset();
+        }
         let delay = backoff.next_delay();
         match result {
             Err(err @ MarathonError::Silent { .. }) => {
@@ -365,12 +380,10 @@ async fn read_stream(
     client: &Client,
     refetch: &Notify,
     publisher: &Publisher,
-    backoff: &mut Backoff,
 ) -> Result<(), MarathonError> {
     let (url, response) = client.open_stream().await?;
     let read_timeout = client.config.read_timeout;
     info!(%url, "marathon event stream connected");
-    backoff.reset();
     publisher.update(|state| state.stream_error = None);
     // Whatever happened while no stream was attached: catch up.
     refetch.notify_one();
