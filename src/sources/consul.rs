@@ -442,10 +442,15 @@ async fn watch_catalog(
     let mut backoff = Backoff::default();
     let mut index = 0;
     let mut watches: BTreeMap<String, CancellationToken> = BTreeMap::new();
+    // Kept to notice a watch that panics: its service would silently stop following Consul.
+    let mut watch_tasks = tokio::task::JoinSet::new();
     let url = client.url(&["v1", "catalog", "services"]);
     loop {
         let answer = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(Err(failed)) = watch_tasks.join_next(), if !watch_tasks.is_empty() => {
+                std::panic::resume_unwind(failed.into_panic())
+            }
             answer = async {
                 limiter.until_ready().await;
                 client.get(url.clone(), index, &[]).await
@@ -502,7 +507,7 @@ async fn watch_catalog(
                 for name in new {
                     let token = shutdown.child_token();
                     watches.insert(name.clone(), token.clone());
-                    tokio::spawn(watch_service(
+                    watch_tasks.spawn(watch_service(
                         client.clone(),
                         name,
                         domain.clone(),

@@ -268,7 +268,7 @@ pub async fn run(
     let urls: Vec<String> = client.config.urls.iter().map(ToString::to_string).collect();
     info!(urls = ?urls, group = ?settings.group, "watching marathon");
 
-    let stream = tokio::spawn(follow_events(
+    let mut stream = tokio::spawn(follow_events(
         client.clone(),
         refetch.clone(),
         publisher.clone(),
@@ -280,6 +280,11 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            // It returns only at shutdown; a panic is weft's to report, not to hide.
+            ended = &mut stream => match ended {
+                Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+                _ => break,
+            },
             () = refetch.notified() => {}
             _ = resync_timer.tick() => debug!("marathon periodic resync"),
         }
