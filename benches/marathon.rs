@@ -78,6 +78,7 @@ fn run(health_checks: bool) {
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
         slots: weft::slots::DEFAULT_SLOTS,
+        log: None,
     };
     let (mut decode, mut route, mut table, mut text, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -139,6 +140,7 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
         slots: weft::slots::DEFAULT_SLOTS,
+        log: None,
     };
     let rendered = render(table, &settings).expect("render");
     for (name, content) in rendered.files() {

@@ -167,6 +167,7 @@ fn settings_for(config: &Config, dir: &Path) -> RenderSettings {
         hard_stop_after: config.haproxy.hard_stop_after,
         max_reloads: config.haproxy.max_reloads,
         slots: config.haproxy.server_slots,
+        log: config.haproxy.log.clone(),
     }
 }
 

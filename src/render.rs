@@ -41,6 +41,8 @@ pub struct RenderSettings {
     pub max_reloads: u32,
     /// Slots per backend come in multiples of this (see [`crate::slots`]).
     pub slots: usize,
+    /// Syslog target of the access log (`haproxy.log`), if any.
+    pub log: Option<String>,
 }
 
 /// Every file HAProxy needs, as text.
@@ -83,6 +85,7 @@ struct ConfigTemplate<'a> {
     map_dir: String,
     hard_stop_after: String,
     max_reloads: u32,
+    log: Option<&'a str>,
     backends: Vec<BackendView>,
 }
 
@@ -129,6 +132,7 @@ pub fn render_with(
         map_dir: display_dir(&settings.map_dir),
         hard_stop_after: haproxy_duration(settings.hard_stop_after),
         max_reloads: settings.max_reloads,
+        log: settings.log.as_deref(),
         backends,
     }
     .render()?;
@@ -198,6 +202,7 @@ mod tests {
             hard_stop_after: Duration::from_secs(30),
             max_reloads: 50,
             slots: 4,
+            log: None,
         }
     }
 
@@ -278,7 +283,11 @@ mod tests {
 
     #[test]
     fn golden_config_and_maps() {
-        let rendered = render(&sample(), &settings()).unwrap();
+        let with_log = RenderSettings {
+            log: Some("/dev/log".into()),
+            ..settings()
+        };
+        let rendered = render(&sample(), &with_log).unwrap();
         golden("sample.haproxy.cfg", &rendered.config);
         golden("sample.hosts.map", &rendered.hosts_map);
         golden("sample.paths.map", &rendered.paths_map);

@@ -356,3 +356,40 @@ async fn the_status_endpoints_show_routes_drops_and_health() {
         (200, "a".to_string())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_goes_to_syslog() {
+    let syslog = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let a = Backend::start("a").await;
+    let dir = tempfile::Builder::new()
+        .prefix("weft-test-")
+        .tempdir()
+        .unwrap();
+    let keys = format!("log = \"{}\"\n", syslog.local_addr().unwrap());
+    let weft = Weft::start_in(
+        dir,
+        support::free_port(),
+        &keys,
+        &service("shop", &["shop.test"], None, &[a.addr]),
+    );
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    weft.get("shop.test", "/logged").await.unwrap();
+
+    // One syslog datagram per request, in HAProxy's httplog format: frontend, backend/server,
+    // status, request line.
+    let mut buf = vec![0u8; 4096];
+    let line = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = syslog.recv(&mut buf).await.unwrap();
+            let line = String::from_utf8_lossy(&buf[..n]).to_string();
+            if line.contains("/logged") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("an access log line for GET /logged");
+    assert!(line.contains("http be_shop/s1"), "{line}");
+    assert!(line.contains(" 200 "), "{line}");
+    assert!(line.contains("\"GET /logged HTTP/1.1\""), "{line}");
+}

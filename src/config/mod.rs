@@ -79,6 +79,9 @@ struct RawHaproxy {
     /// Server slots per backend come in multiples of this (spares for runtime updates).
     /// Default 8.
     server_slots: Option<usize>,
+    /// HAProxy's access log (`option httplog`) to syslog: a unix socket path such as
+    /// `/dev/log`, or `ip:port` (UDP). Default: unset, no access log.
+    log: Option<String>,
 }
 
 /// `[network]`.
@@ -127,6 +130,8 @@ pub struct HaproxyConfig {
     pub min_reload_interval: Duration,
     pub runtime_updates: RuntimeUpdates,
     pub server_slots: usize,
+    /// Syslog target of the access log, as HAProxy's `log` line takes it.
+    pub log: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -392,6 +397,13 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
     if max_reloads == 0 {
         issues.add("haproxy.max_reloads", "must be at least 1");
     }
+    let log = raw.log.and_then(|text| match log_target(&text) {
+        Ok(target) => Some(target),
+        Err(reason) => {
+            issues.add("haproxy.log", format!("{text:?} {reason}"));
+            None
+        }
+    });
     HaproxyConfig {
         binary,
         mode,
@@ -405,6 +417,26 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         min_reload_interval,
         runtime_updates,
         server_slots,
+        log,
+    }
+}
+
+/// A syslog target for HAProxy's `log` line: an absolute unix socket path, or IPv4 `ip:port`.
+fn log_target(text: &str) -> Result<String, String> {
+    if text.starts_with('/') {
+        let safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-');
+        return match text.chars().find(|c| !safe(*c)) {
+            None => Ok(text.to_string()),
+            Some(c) => Err(format!(
+                "contains {c:?}: a socket path may hold letters, digits and / . _ -"
+            )),
+        };
+    }
+    match text.parse::<std::net::SocketAddrV4>() {
+        Ok(addr) if addr.port() != 0 => Ok(addr.to_string()),
+        _ => Err(
+            "is neither a unix socket path (\"/dev/log\") nor an IPv4 ip:port (UDP syslog)".into(),
+        ),
     }
 }
 
@@ -531,6 +563,29 @@ listen = "nowhere"
         let issues = Config::parse(text, Path::new("/")).unwrap_err();
         let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
         assert_eq!(keys, ["haproxy.master_socket", "haproxy.config_file"]);
+    }
+
+    #[test]
+    fn the_access_log_takes_a_socket_path_or_a_udp_address() {
+        let parse = |value: &str| {
+            let text = format!("[haproxy]\nlog = {value:?}\n[sources.file]\npath = \"s.toml\"\n");
+            Config::parse(&text, Path::new("/")).map(|c| c.haproxy.log)
+        };
+        assert_eq!(parse("/dev/log").unwrap().as_deref(), Some("/dev/log"));
+        assert_eq!(
+            parse("127.0.0.1:514").unwrap().as_deref(),
+            Some("127.0.0.1:514")
+        );
+        for bad in [
+            "/dev/log local7",
+            "/dev/log\n  stats socket /x",
+            "syslog",
+            "127.0.0.1:0",
+            "dev/log",
+        ] {
+            let issues = parse(bad).unwrap_err();
+            assert_eq!(issues[0].key, "haproxy.log", "{bad:?}");
+        }
     }
 
     /// README's config reference lists real keys with the real defaults.

@@ -146,6 +146,7 @@ impl Applier {
             hard_stop_after: config.hard_stop_after,
             max_reloads: config.max_reloads,
             slots: config.server_slots,
+            log: config.log.clone(),
         };
         let staging = RenderSettings {
             map_dir: config.run_dir.join(STAGING_DIR),

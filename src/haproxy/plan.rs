@@ -242,6 +242,7 @@ mod tests {
             hard_stop_after: std::time::Duration::from_secs(30),
             max_reloads: 50,
             slots: 4,
+            log: None,
         }
     }
 
