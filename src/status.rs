@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::BridgeState;
-use crate::model::Built;
+use crate::model::{Built, ServiceName};
 use crate::sources::{Health, SourceReport};
 
 /// What the apply loop last did, as the status page shows it.
@@ -36,6 +36,16 @@ pub struct ApplyStatus {
     pub last_error: Option<String>,
     /// Unix seconds of the last successful change.
     pub last_change: Option<u64>,
+    /// Services left out because `haproxy -c` rejected their backend.
+    pub rejected: Vec<RejectedService>,
+}
+
+/// A service `haproxy -c` rejected: out of the routing until its definition changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectedService {
+    pub service: String,
+    pub source: String,
+    pub reason: String,
 }
 
 /// The channels the status server reads.
@@ -123,12 +133,20 @@ impl StatusFeed {
             })
             .collect();
         let built = self.built.borrow().clone();
-        let (routes, dropped) = match built.as_deref() {
+        let haproxy = self.apply.borrow().clone();
+        let rejected = |service: &ServiceName| {
+            haproxy
+                .rejected
+                .iter()
+                .any(|r| r.service == service.as_str())
+        };
+        let (routes, mut dropped): (Vec<RouteView>, Vec<DroppedView>) = match built.as_deref() {
             Some(built) => (
                 built
                     .table
                     .routes
                     .iter()
+                    .filter(|(_, service)| !rejected(service))
                     .map(|(key, service)| RouteView {
                         host: key.host.to_string(),
                         path: key.path.to_string(),
@@ -154,7 +172,11 @@ impl StatusFeed {
             ),
             None => (Vec::new(), Vec::new()),
         };
-        let haproxy = self.apply.borrow().clone();
+        dropped.extend(haproxy.rejected.iter().map(|r| DroppedView {
+            source: r.source.clone(),
+            subject: format!("service {:?}", r.service),
+            reason: r.reason.clone(),
+        }));
         if let Some(error) = &haproxy.last_error {
             problems.push(format!("haproxy: {error}"));
         } else if !haproxy.running {

@@ -4,8 +4,8 @@
 //!
 //! No input that passes weft's validation makes HAProxy 2.6 reject the config any more, so a
 //! shell wrapper injects the fault: it hands every command to the real `/usr/sbin/haproxy`,
-//! except that `-c` rejects a config holding `backend be_poison` with an ALERT naming that
-//! line (HAProxy's own wording), or one holding `backend be_broken` with an ALERT in the
+//! except that `-c` rejects a config holding `option httpchk GET /poison` with an ALERT naming
+//! that line (HAProxy's own wording), or one holding `backend be_broken` with an ALERT in the
 //! global section (nobody to blame) after a delay.
 
 #![allow(clippy::unwrap_used)]
@@ -20,9 +20,9 @@ use support::{free_port, service, wait_for_backends, Backend, Weft};
 const WRAPPER: &str = r#"#!/bin/sh
 if [ "$1" = "-c" ]; then
     cfg="$3"
-    line=$(grep -n '^backend be_poison' "$cfg" | head -n 1 | cut -d: -f1)
+    line=$(grep -n 'option httpchk GET /poison' "$cfg" | head -n 1 | cut -d: -f1)
     if [ -n "$line" ]; then
-        echo "[ALERT]    (1) : config : parsing [$cfg:$((line + 1))] : 'balance' : injected fault" >&2
+        echo "[ALERT]    (1) : config : parsing [$cfg:$line] : 'option httpchk' : injected fault" >&2
         echo "[ALERT]    (1) : config : Fatal errors found in configuration." >&2
         exit 1
     fi
@@ -48,30 +48,91 @@ fn start(services: &str) -> Weft {
     Weft::start_in(dir, free_port(), &keys, services)
 }
 
+/// A `[[service]]` with a health check path.
+fn checked(name: &str, host: &str, check: &str, server: std::net::SocketAddr) -> String {
+    format!("[[service]]\nname = {name:?}\nhosts = [{host:?}]\nservers = [\"{server}\"]\ncheck = {check:?}\n\n")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_service_is_dropped_at_start_and_on_reload() {
+async fn a_rejected_service_is_dropped_shown_and_back_once_fixed() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let services = service("poison", &["poison.test"], None, &[a.addr])
-        + &service("good", &["good.test"], None, &[b.addr]);
-    let weft = start(&services);
+    let good = service("good", &["good.test"], None, &[b.addr]);
+    let weft = start(&(checked("shop", "shop.test", "/poison", a.addr) + &good));
 
     // HAProxy was not running: the first config is validated like any reload.
     wait_for_backends(&weft, "good.test", "/", &["b"]).await;
     let log = weft.log();
     assert!(
-        log.contains("haproxy rejected this service's backend, dropping it service=poison"),
+        log.contains("haproxy rejected this service's backend, dropping it service=shop"),
         "{log}"
     );
-    let (status, _) = weft.get("poison.test", "/").await.unwrap();
-    assert_eq!(status, 404);
+    assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 404);
+    // The status page says why shop.test is not routed.
+    let (_, status) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let dropped = status["dropped"].as_array().unwrap();
+    assert!(
+        dropped.iter().any(|d| d["subject"] == "service \"shop\""
+            && d["reason"]
+                .as_str()
+                .unwrap()
+                .contains("haproxy rejected its backend")
+            && d["reason"].as_str().unwrap().contains("injected fault")),
+        "{dropped:?}"
+    );
+    assert!(
+        status["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["service"] != "shop"),
+        "{status}"
+    );
 
-    // A reload with the poison still there: the new service is routed, the poison not.
-    weft.write_services(&(services + &service("more", &["more.test"], None, &[a.addr])));
+    // A reload with shop still rejected: a new service is routed, shop is not.
+    let more = service("more", &["more.test"], None, &[a.addr]);
+    weft.write_services(&(checked("shop", "shop.test", "/poison", a.addr) + &good + &more));
     wait_for_backends(&weft, "more.test", "/", &["a"]).await;
-    wait_for_backends(&weft, "good.test", "/", &["b"]).await;
-    let (status, _) = weft.get("poison.test", "/").await.unwrap();
-    assert_eq!(status, 404);
+    assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 404);
+
+    // Fixed: its new definition gets a new chance, and the status page forgets the blame.
+    weft.write_services(&(checked("shop", "shop.test", "/ok", a.addr) + &good + &more));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let (_, status) = weft.status("/status").await.unwrap();
+    assert!(!status.contains("haproxy rejected its backend"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_dying_while_the_routing_is_rejected_comes_back_on_the_last_good_config() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let good = service("good", &["good.test"], None, &[a.addr]);
+    let weft = start(&good);
+    wait_for_backends(&weft, "good.test", "/", &["a"]).await;
+
+    // A routing HAProxy rejects with nobody to blame; then HAProxy dies.
+    weft.write_services(&(good.clone() + &service("broken", &["broken.test"], None, &[b.addr])));
+    support::eventually(Duration::from_secs(10), "the rejection", || async {
+        let log = weft.log();
+        log.contains("haproxy rejected the config")
+            .then_some(())
+            .ok_or(())
+    })
+    .await;
+    let pid = weft.haproxy_pid().unwrap();
+    support::signal(pid, "KILL");
+    // The last good config serves again, without any change of the routing.
+    support::eventually(Duration::from_secs(10), "the restart", || async {
+        let log = weft.log();
+        log.contains("haproxy started again on the last good config")
+            .then_some(())
+            .ok_or(())
+    })
+    .await;
+    assert_ne!(weft.haproxy_pid(), Some(pid));
+    wait_for_backends(&weft, "good.test", "/", &["a"]).await;
+    assert_eq!(weft.get("broken.test", "/").await.unwrap().0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

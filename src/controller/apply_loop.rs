@@ -10,9 +10,11 @@
 //!
 //! When the validation ends, the latest table is reloaded if it has the validated structure
 //! (only servers and routes moved on), else validated again. A backend that `haproxy -c`
-//! rejects is dropped and the rest applied.
+//! rejects is dropped and the rest applied; it stays out while its definition stays the same,
+//! and shows on the status page as dropped. When HAProxy died and the desired config is
+//! rejected, it is started on the last good one.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use crate::haproxy::apply::{Applier, ApplyError, Candidate, Outcome, Refreshed, Step};
-use crate::model::{Built, RoutingTable, ServiceName};
-use crate::status::ApplyStatus;
+use crate::model::{Backend, Built, RoutingTable, ServiceName};
+use crate::status::{ApplyStatus, RejectedService};
 
 /// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -82,7 +84,10 @@ impl LoopState {
                     info!(?outcome, services = table.backends.len(), routes = table.routes.len(), %changes, "routing applied");
                 }
                 self.applied = table.clone();
-                self.retry = RETRY_MIN;
+                // A start is no proof that HAProxy stays up: crashes keep backing off.
+                if outcome != Outcome::Started {
+                    self.retry = RETRY_MIN;
+                }
                 self.retry_at = None;
             }
             // The same table would be rejected again: wait for the next change.
@@ -105,30 +110,129 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The desired table without the services `haproxy -c` blamed.
-fn without(table: &RoutingTable, blamed: &BTreeSet<ServiceName>) -> RoutingTable {
-    let mut table = table.clone();
-    for service in blamed {
-        table.backends.remove(service);
-        table.routes.retain(|_, s| s != service);
+/// A service whose backend `haproxy -c` rejected, as it was defined then.
+struct Blame {
+    definition: Backend,
+    reason: String,
+}
+
+/// Services `haproxy -c` rejected, kept out while their definition stays the same.
+#[derive(Default)]
+struct Blamed(BTreeMap<ServiceName, Blame>);
+
+impl Blamed {
+    /// Forgets the blame of services that changed or went away: a new definition gets a new
+    /// chance.
+    fn prune(&mut self, table: &RoutingTable) {
+        self.0
+            .retain(|name, blame| table.backends.get(name) == Some(&blame.definition));
     }
-    table
+
+    /// `table` without the blamed services and their routes.
+    fn apply_to(&self, table: &RoutingTable) -> RoutingTable {
+        let mut table = table.clone();
+        for (service, blame) in &self.0 {
+            if table.backends.get(service) == Some(&blame.definition) {
+                table.backends.remove(service);
+                table.routes.retain(|_, s| s != service);
+            }
+        }
+        table
+    }
+
+    /// Blames the service behind `backend` in `validated`; `false` if there is none.
+    fn add(&mut self, backend: &str, validated: &RoutingTable, stderr: &str) -> bool {
+        let service = backend
+            .strip_prefix(crate::model::BACKEND_PREFIX)
+            .and_then(|name| ServiceName::parse(name).ok());
+        let Some((service, definition)) = service.and_then(|service| {
+            let definition = validated.backends.get(&service)?.clone();
+            Some((service, definition))
+        }) else {
+            return false;
+        };
+        error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
+        let reason = stderr
+            .lines()
+            .find(|l| l.contains("[ALERT]"))
+            .unwrap_or(stderr)
+            .trim()
+            .to_string();
+        self.0.insert(service, Blame { definition, reason });
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// For the status page: who is out and why.
+    fn report(&self, table: &RoutingTable) -> Vec<RejectedService> {
+        self.0
+            .iter()
+            .map(|(service, blame)| RejectedService {
+                service: service.to_string(),
+                source: table
+                    .backends
+                    .get(service)
+                    .map_or(blame.definition.source, |b| b.source)
+                    .to_string(),
+                reason: format!("haproxy rejected its backend: {}", blame.reason),
+            })
+            .collect()
+    }
+}
+
+/// The latest desired table, the blamed services taken out (their blame pruned first).
+fn effective(
+    built: &Built,
+    blamed: &mut Blamed,
+    status: &watch::Sender<ApplyStatus>,
+) -> RoutingTable {
+    blamed.prune(&built.table);
+    let rejected = blamed.report(&built.table);
+    status.send_if_modified(|s| {
+        if s.rejected == rejected {
+            return false;
+        }
+        s.rejected = rejected;
+        true
+    });
+    blamed.apply_to(&built.table)
 }
 
 /// Whether the latest desired table differs from the one a failed validation was for.
 fn moved_on(
     desired: &watch::Receiver<Option<Arc<Built>>>,
-    blamed: &BTreeSet<ServiceName>,
+    blamed: &Blamed,
     validated: &RoutingTable,
 ) -> bool {
     desired
         .borrow()
         .as_ref()
-        .is_some_and(|built| without(&built.table, blamed) != *validated)
+        .is_some_and(|built| blamed.apply_to(&built.table) != *validated)
+}
+
+/// After a rejected config: a managed HAProxy that died meanwhile comes back on the last good
+/// files rather than staying down until the routing changes.
+async fn restart_on_last_good(applier: &mut Applier, state: &mut LoopState) {
+    match applier.start_last_good().await {
+        Ok(Some(_)) => {
+            info!("haproxy started again on the last good config");
+            state.status.send_modify(|s| s.running = true);
+        }
+        Ok(None) => {}
+        Err(err) => {
+            error!(error = %err, retry_in = ?state.retry, "cannot start haproxy on the last good config");
+            state.retry_at = Some(tokio::time::Instant::now() + state.retry);
+            state.retry = (state.retry * 2).min(RETRY_MAX);
+        }
+    }
 }
 
 /// Applies every new desired table, retrying failures with backoff, restarting a managed
-/// HAProxy that died, and validating reloads without holding up runtime changes.
+/// HAProxy that died (backing off when it keeps dying), and validating reloads without
+/// holding up runtime changes.
 pub(super) async fn apply_loop(
     mut applier: Applier,
     mut desired: watch::Receiver<Option<Arc<Built>>>,
@@ -142,8 +246,7 @@ pub(super) async fn apply_loop(
         status,
     };
     let mut pending: Option<Pending> = None;
-    let mut blamed: BTreeSet<ServiceName> = BTreeSet::new();
-    let mut blamed_for: Option<Arc<Built>> = None;
+    let mut blamed = Blamed::default();
     loop {
         let retry_at = state.retry_at;
         let retry_sleep = async move {
@@ -166,9 +269,12 @@ pub(super) async fn apply_loop(
                 }
             }
             exit = applier.exited() => {
-                error!(status = ?exit, "haproxy exited unexpectedly, restarting it");
+                error!(status = ?exit, restart_in = ?state.retry, "haproxy exited unexpectedly, restarting it");
                 applier.mark_exited();
                 state.status.send_modify(|s| s.running = false);
+                state.retry_at = Some(tokio::time::Instant::now() + state.retry);
+                state.retry = (state.retry * 2).min(RETRY_MAX);
+                continue;
             }
             () = retry_sleep => {}
             checked = validation => {
@@ -176,7 +282,7 @@ pub(super) async fn apply_loop(
                 match checked {
                     Ok(()) => {
                         let Some(built) = desired.borrow().clone() else { continue };
-                        let table = without(&built.table, &blamed);
+                        let table = effective(&built, &mut blamed, &state.status);
                         match applier.refresh(done.candidate, &table) {
                             Ok(Refreshed::Reload(candidate)) => {
                                 let table = candidate.table().clone();
@@ -193,26 +299,16 @@ pub(super) async fn apply_loop(
                             }
                         }
                     }
+                    // `add` blames the service (and the latest table is applied without
+                    // it) or, finding none, leaves the error to the arm below.
                     Err(ApplyError::Validate { stderr, culprit: Some(backend) })
-                        if blamed.len() < MAX_CULPRITS =>
-                    {
-                        let name = backend.strip_prefix(crate::model::BACKEND_PREFIX).unwrap_or(&backend);
-                        match ServiceName::parse(name) {
-                            Ok(service) => {
-                                error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
-                                blamed.insert(service);
-                            }
-                            Err(_) => {
-                                let err = ApplyError::Validate { stderr, culprit: Some(backend) };
-                                state.record(Err(err), done.candidate.table());
-                                if !moved_on(&desired, &blamed, done.candidate.table()) {
-                                    continue;
-                                }
-                            }
-                        }
-                    }
+                        if blamed.len() < MAX_CULPRITS
+                            && blamed.add(&backend, done.candidate.table(), &stderr) => {}
                     Err(err) => {
                         state.record(Err(err), done.candidate.table());
+                        if !applier.running() {
+                            restart_on_last_good(&mut applier, &mut state).await;
+                        }
                         // Tables that came during the validation were held for its end: the
                         // latest may be the fix.
                         if !moved_on(&desired, &blamed, done.candidate.table()) {
@@ -225,14 +321,7 @@ pub(super) async fn apply_loop(
         let Some(built) = desired.borrow_and_update().clone() else {
             continue;
         };
-        // A new routing gets a fresh chance: blame is for the table it was found in.
-        if !blamed_for.as_ref().is_some_and(|b| Arc::ptr_eq(b, &built)) {
-            blamed_for = Some(built.clone());
-            if pending.is_none() {
-                blamed.clear();
-            }
-        }
-        let table = without(&built.table, &blamed);
+        let table = effective(&built, &mut blamed, &state.status);
         match applier.apply(&table).await {
             Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table),
             // While a validation runs, its end picks up this table. No timer either: an

@@ -168,7 +168,8 @@ impl Applier {
         &self.live
     }
 
-    fn running(&self) -> bool {
+    /// Whether HAProxy runs (always assumed in external mode).
+    pub fn running(&self) -> bool {
         self.process.is_some() || self.config.mode == HaproxyMode::External
     }
 
@@ -186,14 +187,12 @@ impl Applier {
             // External mode, first apply: nothing of ours runs yet.
             return Ok(Step::Reload(Candidate { desired }));
         };
-        if self.in_doubt {
-            return Ok(Step::Reload(Candidate { desired }));
-        }
-        if applied.rendered == desired.rendered {
+        // In doubt, only a reload restores a known state; runtime changes still go out first.
+        if !self.in_doubt && applied.rendered == desired.rendered {
             return Ok(Step::Done(Outcome::Unchanged));
         }
         let runtime = self.config.runtime_updates == RuntimeUpdates::On;
-        if runtime && same_structure(&applied, &desired.table, &desired.slots) {
+        if runtime && !self.in_doubt && same_structure(&applied, &desired.table, &desired.slots) {
             match self.runtime(&applied, &desired).await {
                 Ok(updates) => {
                     self.applied = Some(desired);
@@ -298,6 +297,19 @@ impl Applier {
             return Ok(Refreshed::Reload(Candidate { desired: latest }));
         }
         Ok(Refreshed::Revalidate)
+    }
+
+    /// Starts a managed HAProxy that does not run on the last good files (validated when they
+    /// were installed): for when the desired config is rejected and nothing serves.
+    pub async fn start_last_good(&mut self) -> Result<Option<Outcome>, ApplyError> {
+        let Some(good) = self.applied.clone().filter(|_| !self.running()) else {
+            return Ok(None);
+        };
+        write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
+        self.write_files(None, &good.rendered, LastGood::Skip)?;
+        self.start().await?;
+        self.in_doubt = false;
+        Ok(Some(Outcome::Started))
     }
 
     /// Reloads HAProxy on a validated candidate and confirms it; starts a managed HAProxy
