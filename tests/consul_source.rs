@@ -257,9 +257,10 @@ async fn consul_down_at_start_holds_back_no_other_route() {
     let weft = Weft::start_consul(&consul.url(), "wait = \"1s\"\n", "");
     weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
 
-    // The file source routes although Consul never answered; weft says why Consul is missing.
-    wait_for_backends(&weft, "files.test", "/", &["a"]).await;
+    // After a grace of a few seconds (for a blip), the file source routes although Consul
+    // never answered, and weft says why Consul is missing.
     wait_for_healthz(&weft, "source consul is degraded").await;
+    wait_for_backends(&weft, "files.test", "/", &["a"]).await;
     let (_, body) = weft.status("/healthz").await.unwrap();
     assert!(body.contains("No cluster leader"), "{body}");
 

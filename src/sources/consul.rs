@@ -253,6 +253,8 @@ struct ServiceState {
 struct State {
     catalog_loaded: bool,
     catalog_error: Option<String>,
+    /// When the first catalog query failed, if it did before any answer.
+    failing_since: Option<tokio::time::Instant>,
     services: BTreeMap<String, ServiceState>,
     /// Set once every watch has answered once: from then on the report is complete.
     complete: bool,
@@ -399,7 +401,11 @@ impl Publisher {
             // Consul unreachable since the start: say so, with no services, so that the
             // other sources route meanwhile. Once the catalog loads, its services wait for
             // their first answers as usual.
-            let failing_from_start = !state.catalog_loaded && state.catalog_error.is_some();
+            let failing_from_start = !state.catalog_loaded
+                && state.catalog_error.is_some()
+                && state
+                    .failing_since
+                    .is_some_and(|since| since.elapsed() >= super::START_GRACE);
             if !all_answered && !failing_from_start {
                 return;
             }
@@ -448,9 +454,7 @@ async fn watch_catalog(
     loop {
         let answer = tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(Err(failed)) = watch_tasks.join_next(), if !watch_tasks.is_empty() => {
-                std::panic::resume_unwind(failed.into_panic())
-            }
+            failed = first_panic(&mut watch_tasks) => std::panic::resume_unwind(failed),
             answer = async {
                 limiter.until_ready().await;
                 client.get(url.clone(), index, &[]).await
@@ -520,7 +524,12 @@ async fn watch_catalog(
                 let delay = backoff.next_delay();
                 warn!(error = %err, retry_in = ?delay, "consul catalog watch failing, keeping the last good services");
                 index = 0;
-                publisher.update(|state| state.catalog_error = Some(err.to_string()));
+                publisher.update(|state| {
+                    state.catalog_error = Some(err.to_string());
+                    state
+                        .failing_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                });
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
@@ -530,6 +539,18 @@ async fn watch_catalog(
     }
     for token in watches.values() {
         token.cancel();
+    }
+}
+
+/// Resolves with the panic of the first watch that panics; watches that end (their service
+/// went away) are reaped on the way.
+async fn first_panic(tasks: &mut tokio::task::JoinSet<()>) -> Box<dyn std::any::Any + Send> {
+    loop {
+        match tasks.join_next().await {
+            Some(Err(failed)) if failed.is_panic() => return failed.into_panic(),
+            Some(_) => {}
+            None => std::future::pending().await,
+        }
     }
 }
 

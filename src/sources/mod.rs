@@ -145,6 +145,13 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// How long a source that never answered yet may hold back the first routing before it is
+/// reported degraded with no services: long enough for a blip (an agent restart, a leader
+/// election) not to cost its routes (in external mode HAProxy still serves them), short
+/// enough that the other sources' routes, and a managed HAProxy, do not wait for a source
+/// that is down.
+pub const START_GRACE: Duration = Duration::from_secs(5);
+
 /// Exponential backoff with jitter for a failing source: 0.5 s doubling to 30 s, each delay
 /// drawn between half and all of its step so that many watches do not retry in lockstep.
 #[derive(Debug, Clone)]

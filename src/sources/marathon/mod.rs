@@ -168,6 +168,8 @@ struct State {
     /// `None` until the first fetch succeeded.
     content: Option<(Vec<ServiceDef>, Vec<Rejected>)>,
     fetch_error: Option<String>,
+    /// When the first fetch failed, if it did before any success.
+    failing_since: Option<tokio::time::Instant>,
     stream_error: Option<String>,
 }
 
@@ -184,8 +186,11 @@ impl Publisher {
         };
         change(&mut state);
         let Some((services, rejected)) = state.content.clone() else {
-            // Never publish before a complete first fetch, unless to say it failed.
-            if let Some(error) = &state.fetch_error {
+            // Never publish before a complete first fetch, unless to say it keeps failing.
+            let failing = state
+                .failing_since
+                .is_some_and(|since| since.elapsed() >= super::START_GRACE);
+            if let Some(error) = state.fetch_error.as_ref().filter(|_| failing) {
                 let reason = error.clone();
                 self.tx.send_if_modified(|report| report.degrade(reason));
             }
@@ -288,7 +293,12 @@ pub async fn run(
             () = refetch.notified() => {}
             _ = resync_timer.tick() => debug!("marathon periodic resync"),
         }
-        match client.fetch_apps().await {
+        // A hung leader costs the request timeout per URL: shutdown does not wait for it.
+        let fetched = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            fetched = client.fetch_apps() => fetched,
+        };
+        match fetched {
             Ok(apps) => {
                 backoff.reset();
                 let content = services(&apps, &settings);
@@ -305,7 +315,14 @@ pub async fn run(
             Err(err) => {
                 let delay = backoff.next_delay();
                 warn!(error = %err, retry_in = ?delay, "marathon fetch failing, keeping the last good services");
-                publisher.update(|state| state.fetch_error = Some(err.to_string()));
+                publisher.update(|state| {
+                    state.fetch_error = Some(err.to_string());
+                    if state.content.is_none() {
+                        state
+                            .failing_since
+                            .get_or_insert_with(tokio::time::Instant::now);
+                    }
+                });
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => refetch.notify_one(),
