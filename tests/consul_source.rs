@@ -264,8 +264,16 @@ async fn consul_down_at_start_holds_back_no_other_route() {
     let (_, body) = weft.status("/healthz").await.unwrap();
     assert!(body.contains("No cluster leader"), "{body}");
 
-    // Consul gets a leader: its services join, the file's stay.
+    // Consul gets a leader: its services join (at the catalog watch's next retry, which has
+    // backed off by now), the file's stay.
     consul.set_fault(Fault::None);
+    support::eventually(Duration::from_secs(30), "shop.test routed", || async {
+        match weft.get("shop.test", "/").await? {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
     wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
     wait_for_healthz(&weft, "ok").await;
     wait_for_backends(&weft, "files.test", "/", &["a"]).await;
