@@ -48,6 +48,14 @@ fn start(services: &str) -> Weft {
     Weft::start_in(dir, free_port(), &keys, services)
 }
 
+/// weft on the wrapper, routing `good.test` to `a`; returns the services file's text.
+async fn serving_good(a: &Backend) -> (Weft, String) {
+    let good = service("good", &["good.test"], None, &[a.addr]);
+    let weft = start(&good);
+    wait_for_backends(&weft, "good.test", "/", &["a"]).await;
+    (weft, good)
+}
+
 /// A `[[service]]` with a health check path.
 fn checked(name: &str, host: &str, check: &str, server: std::net::SocketAddr) -> String {
     format!("[[service]]\nname = {name:?}\nhosts = [{host:?}]\nservers = [\"{server}\"]\ncheck = {check:?}\n\n")
@@ -105,31 +113,17 @@ async fn a_rejected_service_is_dropped_shown_and_back_once_fixed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_dying_while_the_routing_is_rejected_comes_back_on_the_last_good_config() {
-    let a = Backend::start("a").await;
-    let b = Backend::start("b").await;
-    let good = service("good", &["good.test"], None, &[a.addr]);
-    let weft = start(&good);
-    wait_for_backends(&weft, "good.test", "/", &["a"]).await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (weft, good) = serving_good(&a).await;
 
     // A routing HAProxy rejects with nobody to blame; then HAProxy dies.
     weft.write_services(&(good.clone() + &service("broken", &["broken.test"], None, &[b.addr])));
-    support::eventually(Duration::from_secs(10), "the rejection", || async {
-        let log = weft.log();
-        log.contains("haproxy rejected the config")
-            .then_some(())
-            .ok_or(())
-    })
-    .await;
+    weft.wait_for_log("haproxy rejected the config").await;
     let pid = weft.haproxy_pid().unwrap();
     support::signal(pid, "KILL");
     // The last good config serves again, without any change of the routing.
-    support::eventually(Duration::from_secs(10), "the restart", || async {
-        let log = weft.log();
-        log.contains("haproxy started again on the last good config")
-            .then_some(())
-            .ok_or(())
-    })
-    .await;
+    weft.wait_for_log("haproxy started again on the last good config")
+        .await;
     assert_ne!(weft.haproxy_pid(), Some(pid));
     wait_for_backends(&weft, "good.test", "/", &["a"]).await;
     assert_eq!(weft.get("broken.test", "/").await.unwrap().0, 404);
@@ -137,11 +131,8 @@ async fn haproxy_dying_while_the_routing_is_rejected_comes_back_on_the_last_good
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fix_arriving_during_a_rejected_validation_is_applied() {
-    let a = Backend::start("a").await;
-    let b = Backend::start("b").await;
-    let good = service("good", &["good.test"], None, &[a.addr]);
-    let weft = start(&good);
-    wait_for_backends(&weft, "good.test", "/", &["a"]).await;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (weft, good) = serving_good(&a).await;
 
     // A config HAProxy rejects with nobody to blame; its check takes two seconds...
     weft.write_services(&(good.clone() + &service("broken", &["broken.test"], None, &[b.addr])));

@@ -187,6 +187,16 @@ impl Weft {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Waits until weft's log holds `want`.
+    pub async fn wait_for_log(&self, want: &str) {
+        eventually(
+            Duration::from_secs(10),
+            &format!("log line {want:?}"),
+            || async { self.log().contains(want).then_some(()).ok_or(()) },
+        )
+        .await
+    }
+
     /// Replaces services.toml the way most editors save: a new file renamed over the old.
     pub fn write_services(&self, services: &str) {
         let tmp = self.path(".services.toml.swp");
