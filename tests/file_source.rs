@@ -393,3 +393,20 @@ async fn the_access_log_goes_to_syslog() {
     assert!(line.contains(" 200 "), "{line}");
     assert!(line.contains("\"GET /logged HTTP/1.1\""), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_connections_fails_no_request() {
+    let a = Backend::start("a").await;
+    // A container that died before any health check noticed: its port refuses connections.
+    let gone = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let weft = Weft::start(&service("shop", &["shop.test"], None, &[a.addr, gone]));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    // Round robin sends every other request to the dead server; each is redispatched.
+    for _ in 0..40 {
+        let (status, body) = weft.get("shop.test", "/").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "a"));
+    }
+}
