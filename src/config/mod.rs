@@ -257,8 +257,9 @@ impl Issues {
     }
 }
 
-/// Takes one section out of the table; a broken section is reported and read as empty, so the
-/// other sections are still checked.
+/// Takes one section out of the table. Every key the section refuses (unknown, or of the
+/// wrong type) is reported at its dotted path and left out, so one bad key neither hides the
+/// others nor throws away the section's good keys, which are still checked.
 fn section<T: DeserializeOwned + Default>(
     table: &mut toml::Table,
     key: &str,
@@ -267,6 +268,19 @@ fn section<T: DeserializeOwned + Default>(
     let Some(value) = table.remove(key) else {
         return T::default();
     };
+    let accepts = |candidate: toml::Value| {
+        candidate
+            .try_into::<T>()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let value = match value {
+        toml::Value::Table(inner) if accepts(toml::Value::Table(inner.clone())).is_err() => {
+            toml::Value::Table(keep_accepted(inner, &[key], &accepts, issues))
+        }
+        toml::Value::Table(inner) => toml::Value::Table(inner),
+        other => other,
+    };
     match value.try_into() {
         Ok(raw) => raw,
         Err(err) => {
@@ -274,6 +288,42 @@ fn section<T: DeserializeOwned + Default>(
             T::default()
         }
     }
+}
+
+/// The keys of `table` (at `path` in the section) that the section's type accepts one by one;
+/// a refused subtable is searched key by key too, a refused value is reported.
+fn keep_accepted(
+    table: toml::Table,
+    path: &[&str],
+    accepts: &dyn Fn(toml::Value) -> Result<(), String>,
+    issues: &mut Issues,
+) -> toml::Table {
+    let mut kept = toml::Table::new();
+    for (key, value) in table {
+        let mut inner_path = path.to_vec();
+        inner_path.push(&key);
+        // The section holding only this key, at its place.
+        let alone = inner_path[1..]
+            .iter()
+            .rev()
+            .fold(value.clone(), |inner, k| {
+                toml::Value::Table(toml::Table::from_iter([(k.to_string(), inner)]))
+            });
+        match (accepts(alone), value) {
+            (Ok(()), value) => {
+                kept.insert(key.clone(), value);
+            }
+            (Err(_), toml::Value::Table(inner)) => {
+                let inner = keep_accepted(inner, &inner_path, accepts, issues);
+                kept.insert(key.clone(), toml::Value::Table(inner));
+            }
+            (Err(message), _) => {
+                let message = message.trim().to_string();
+                issues.add(&inner_path.join("."), message);
+            }
+        }
+    }
+    kept
 }
 
 fn duration(raw: Option<String>, default: Duration, key: &str, issues: &mut Issues) -> Duration {
@@ -548,13 +598,51 @@ listen = "nowhere"
     fn unknown_keys_are_errors() {
         let text = "[haproxy]\nbnd = \"0.0.0.0:80\"\n[network]\nallowed = 3\n";
         let issues = Config::parse(text, Path::new("/")).unwrap_err();
-        assert_eq!(issues[0].key, "haproxy");
+        assert_eq!(issues[0].key, "haproxy.bnd");
         assert!(
             issues[0].message.contains("unknown field `bnd`"),
             "{:?}",
             issues[0]
         );
-        assert_eq!(issues[1].key, "network");
+        assert_eq!(issues[1].key, "network.allowed");
+    }
+
+    /// A bad key hides neither the section's other bad keys nor its good ones, also nested.
+    #[test]
+    fn each_bad_key_is_reported_at_its_own_path() {
+        let text = r#"
+[haproxy]
+bnd = "0.0.0.0:80"
+max_reloads = "many"
+bind = "nowhere"
+
+[sources.consul]
+wiat = "5m"
+wait = "soon"
+stale = "yes"
+
+[sources.marathon]
+urls = "http://m:8080"
+"#;
+        let issues = Config::parse(text, Path::new("/")).unwrap_err();
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "haproxy.bnd",
+                "haproxy.max_reloads",
+                "sources.consul.stale",
+                "sources.consul.wiat",
+                "sources.marathon.urls",
+                "haproxy.bind",
+                "sources.consul.wait",
+            ]
+        );
+        assert!(
+            issues[1].message.contains("invalid type"),
+            "{:?}",
+            issues[1]
+        );
     }
 
     #[test]
