@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::http::{fetch, HttpError};
-use super::{Backoff, Health, Rejected, ServiceDef, SourceId, SourceReport};
+use super::{nullable, Backoff, Health, Rejected, ServiceDef, SourceId, SourceReport};
 use crate::config::{Consistency, ConsulSourceConfig};
 use crate::model::Hostname;
 
@@ -47,7 +47,7 @@ pub type ConsulError = HttpError;
 pub struct HealthEntry {
     pub node: HealthNode,
     pub service: HealthService,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub checks: Vec<HealthCheck>,
 }
 
@@ -68,7 +68,7 @@ pub struct HealthService {
     pub service: String,
     #[serde(default)]
     pub tags: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub address: String,
     pub port: u32,
     /// The docs' sample writes `address`/`port` in lower case here, real agents `Address`/`Port`.
@@ -90,7 +90,7 @@ pub struct HealthCheck {
     #[serde(rename = "CheckID")]
     pub check_id: String,
     pub status: String,
-    #[serde(default, rename = "ServiceID")]
+    #[serde(default, rename = "ServiceID", deserialize_with = "nullable")]
     pub service_id: String,
 }
 
@@ -708,6 +708,21 @@ mod tests {
         assert_eq!(tagged["lan_ipv4"].address, "10.2.1.5");
         let (def, _) = service_def("shop", &entries, "weft.", None);
         // Empty Service.Address: the node's address.
+        assert_eq!(def.servers, ["10.2.0.3:8080"]);
+    }
+
+    /// Go writes empty slices and maps as `null` (an agent's `"Meta": null`, a node without
+    /// tagged addresses, an entry without checks).
+    #[test]
+    fn nulls_read_as_empty() {
+        let body =
+            br#"[{"Node":{"Node":"n1","Address":"10.2.0.3","TaggedAddresses":null,"Meta":null},
+            "Service":{"ID":"shop-1","Service":"shop","Tags":null,"Address":null,"Port":8080,
+              "Meta":null,"TaggedAddresses":null},
+            "Checks":null}]"#;
+        let entries = decode_health(body).unwrap();
+        assert!(entries[0].checks.is_empty());
+        let (def, _) = service_def("shop", &entries, "weft.", None);
         assert_eq!(def.servers, ["10.2.0.3:8080"]);
     }
 

@@ -145,6 +145,16 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Reads `null` as the type's default: Go (Consul) writes an empty slice or map as `null`,
+/// and Marathon's versions differ in what they leave out.
+pub(crate) fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + serde::Deserialize<'de>,
+{
+    Ok(<Option<T> as serde::Deserialize>::deserialize(deserializer)?.unwrap_or_default())
+}
+
 /// How long a source that never answered yet may hold back the first routing before it is
 /// reported degraded with no services: long enough for a blip (an agent restart, a leader
 /// election) not to cost its routes (in external mode HAProxy still serves them), short

@@ -4,16 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-/// Reads `null` as the type's default.
-fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default + Deserialize<'de>,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
-}
+use crate::sources::nullable;
 
 /// `GET /v2/apps?embed=apps.tasks`.
 #[derive(Debug, Clone, Deserialize)]
