@@ -619,28 +619,46 @@ async fn deregistration_wakes_blockers_and_empties_the_service() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_is_required_once_set() {
+async fn acls_filter_the_anonymous_and_refuse_unknown_tokens() {
     let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
     consul.set_token(Some("s3cret".to_string()));
+    // No token: the anonymous token reads nothing, and Consul says so in a normal answer.
+    let catalog = get(&consul, CATALOG_SERVICES).await;
+    assert_eq!((catalog.status, catalog.body.as_str()), (200, "{}"));
+    assert_eq!(catalog.header("X-Consul-Results-Filtered-By-ACLs"), "true");
+    assert!(catalog.index() >= 1);
+    let health = get(&consul, "/v1/health/service/shop").await;
+    assert_eq!((health.status, health.body.as_str()), (200, "[]"));
+    // A token Consul does not know: 403, plain text.
     for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
         for headers in [
-            &[][..],
             &[("X-Consul-Token", "wrong")][..],
             &[("Authorization", "Bearer wrong")][..],
+            // The first place that holds a token counts: ?token= before the header.
+            &[("X-Consul-Token", "s3cret")][..],
         ] {
-            let answer = get_with(&consul, path, headers).await;
+            let path = if headers[0].1 == "s3cret" {
+                format!("{path}?token=wrong")
+            } else {
+                path.to_string()
+            };
+            let answer = get_with(&consul, &path, headers).await;
             assert_eq!(
                 (answer.status, answer.body.as_str()),
-                (403, "Permission denied")
+                (403, "ACL not found"),
+                "{path} {headers:?}"
             );
             assert!(answer.content_type().starts_with("text/plain"));
         }
         for headers in [
             &[("X-Consul-Token", "s3cret")][..],
             &[("Authorization", "Bearer s3cret")][..],
+            &[("Authorization", "bearer s3cret")][..],
         ] {
             let answer = get_with(&consul, path, headers).await;
             assert_eq!(answer.status, 200, "{path} {headers:?}");
+            assert_ne!(answer.body, "[]", "{path} {headers:?}");
         }
     }
     consul.set_token(None);

@@ -109,7 +109,7 @@ async fn answer(
     if shared.lock().fault == Fault::Stall {
         std::future::pending::<()>().await;
     }
-    let (options, endpoint) = match admit(shared, headers, params, endpoint) {
+    let (options, endpoint, access) = match admit(shared, headers, params, endpoint) {
         Ok(admitted) => admitted,
         Err(rejection) => return rejection.into_response(),
     };
@@ -118,13 +118,34 @@ async fn answer(
     let (index, response, fault) = {
         let state = shared.lock();
         let index = state.reported(state.endpoint_index(&endpoint));
-        (index, state.render(&endpoint), state.fault)
+        let response = match access {
+            Access::Full => state.render(&endpoint),
+            Access::Anonymous => state.render_filtered(&endpoint),
+        };
+        (index, response, state.fault)
     };
     let mut response = with_consul_headers(response, index, options.consistency);
+    if access == Access::Anonymous {
+        response.headers_mut().insert(
+            "X-Consul-Results-Filtered-By-ACLs",
+            HeaderValue::from_static("true"),
+        );
+    }
     if fault == Fault::Garbage {
         response = truncate_body(response).await;
     }
     response
+}
+
+/// What the request's token may read, with ACLs on (`set_token`) and `acl.default_policy =
+/// "deny"`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The configured token, or ACLs off.
+    Full,
+    /// No token: the anonymous token, which may read nothing. Consul filters the results
+    /// (a 200 with `[]` or a catalog without services), it does not refuse the request.
+    Anonymous,
 }
 
 /// Query options, the endpoint's own parameters, the ACL, then the RPC (faults, datacenter).
@@ -133,16 +154,20 @@ fn admit(
     headers: &HeaderMap,
     params: &[(String, String)],
     endpoint: impl FnOnce(&[(String, String)]) -> Result<Endpoint, Rejection>,
-) -> Result<(QueryOptions, Endpoint), Rejection> {
+) -> Result<(QueryOptions, Endpoint, Access), Rejection> {
     let options = QueryOptions::parse(params)?;
     let endpoint = endpoint(params)?;
     let (fault, token) = {
         let state = shared.lock();
         (state.fault, state.token.clone())
     };
-    if token.is_some_and(|token| !presents_token(headers, params, &token)) {
-        return Err(Rejection(StatusCode::FORBIDDEN, "Permission denied"));
-    }
+    let access = match (token, presented_token(headers, params)) {
+        (None, _) => Access::Full,
+        (Some(_), None) => Access::Anonymous,
+        (Some(expected), Some(presented)) if presented == expected => Access::Full,
+        // A token Consul does not know (never created, or revoked).
+        (Some(_), Some(_)) => return Err(Rejection(StatusCode::FORBIDDEN, "ACL not found")),
+    };
     match fault {
         Fault::NoLeader => {
             return Err(Rejection(
@@ -168,7 +193,7 @@ fn admit(
             "No path to datacenter",
         ));
     }
-    Ok((options, endpoint))
+    Ok((options, endpoint, access))
 }
 
 /// Waits while the endpoint's index is still `<= ?index`, up to `?wait` plus jitter.
@@ -292,13 +317,19 @@ fn first<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, value)| value.as_str())
 }
 
-fn presents_token(headers: &HeaderMap, params: &[(String, String)], token: &str) -> bool {
+/// The request's token, where Consul looks for it and in its order (`parseTokenInternal`):
+/// `?token=`, then `X-Consul-Token`, then `Authorization: Bearer` (scheme in any case). The
+/// first one present counts, right or wrong.
+fn presented_token<'a>(headers: &'a HeaderMap, params: &'a [(String, String)]) -> Option<&'a str> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    header("x-consul-token") == Some(token)
-        || header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|v| v.trim() == token)
-        || first(params, "token") == Some(token)
+    let bearer = header("authorization").and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    [first(params, "token"), header("x-consul-token"), bearer]
+        .into_iter()
+        .flatten()
+        .find(|token| !token.is_empty())
 }
 
 /// An error answer. Its body is plain text, as Consul writes it.

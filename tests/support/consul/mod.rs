@@ -341,8 +341,10 @@ impl ConsulDouble {
         });
     }
 
-    /// With `Some(token)`, requests need `X-Consul-Token: <token>` or
-    /// `Authorization: Bearer <token>` (or the deprecated `?token=`), else 403.
+    /// With `Some(token)`, ACLs are on with a default policy of deny: `X-Consul-Token`,
+    /// `Authorization: Bearer` or `?token=` must carry `token` to read anything. No token
+    /// reads as anonymous (filtered: `200 []`, a catalog without services); any other token
+    /// is unknown to Consul: `403 ACL not found`.
     pub fn set_token(&self, token: Option<String>) {
         self.shared.lock().token = token;
     }

@@ -163,6 +163,14 @@ impl State {
         index.saturating_sub(self.index_offset).max(1)
     }
 
+    /// What the anonymous token (no read rights) gets: nothing, as a normal answer.
+    pub(super) fn render_filtered(&self, endpoint: &Endpoint) -> Response {
+        match endpoint {
+            Endpoint::Catalog => Json(BTreeMap::<String, Vec<String>>::new()).into_response(),
+            Endpoint::Health { .. } => Json(Vec::<()>::new()).into_response(),
+        }
+    }
+
     pub(super) fn render(&self, endpoint: &Endpoint) -> Response {
         match endpoint {
             Endpoint::Catalog => Json(self.catalog()).into_response(),
@@ -258,7 +266,8 @@ struct ServiceJson {
     /// Omitted when empty, as Go's `omitempty` does (an instance without an address).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     tagged_addresses: BTreeMap<String, ServiceAddressJson>,
-    meta: BTreeMap<String, String>,
+    /// `null` for an instance registered without meta: a Go nil map, as real agents write it.
+    meta: Option<BTreeMap<String, String>>,
     port: u16,
     weights: WeightsJson,
     enable_tag_override: bool,
@@ -417,7 +426,7 @@ fn health_entry(node_name: &str, node: &NodeState, instance: &InstanceState) -> 
             tags: spec.tags.clone(),
             address: spec.address.clone(),
             tagged_addresses: service_addresses,
-            meta: spec.meta.clone(),
+            meta: Some(spec.meta.clone()).filter(|meta| !meta.is_empty()),
             port: spec.port,
             weights: WeightsJson {
                 passing: 1,
