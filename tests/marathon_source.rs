@@ -213,3 +213,26 @@ async fn a_leader_that_never_answers_does_not_hold_the_stream() {
     marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_with_heartbeats_stays_attached() {
+    let (_a, _b, _c, port) = backends().await;
+    let marathon = MarathonDouble::start().await;
+    // Heartbeats well inside the read timeout (1 s), and no event for three timeouts.
+    marathon.set_heartbeat(Some(Duration::from_millis(200)));
+    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
+    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], "resync = \"1h\"\n"));
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    marathon.wait_for_open_streams(1).await;
+    let connections = marathon.event_connections();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        marathon.event_connections(),
+        connections,
+        "weft reconnected"
+    );
+    assert!(!weft.log().contains("silent"), "{}", weft.log());
+    // The stream still carries events.
+    marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+}

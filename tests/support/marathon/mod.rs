@@ -20,8 +20,9 @@
 //!   leaves it out, the stream starts silent. Every stream also sees the `event_stream_attached`
 //!   and `event_stream_detached` of the others.
 //! - `/v2/events` answers 405 unless an `Accept` header is exactly `text/event-stream`.
-//! - No keep-alive by default, so only a read timeout notices a silent stream. (Jetty really
-//!   writes a bare CRLF every 10 s; `set_heartbeat(Some(10 s))` reproduces it.)
+//! - A bare line ending every 10 s on an open stream, as Jetty's `EventSourceServlet` writes by
+//!   default (Marathon keeps its `heartBeatPeriod`); `set_heartbeat` changes the period or
+//!   (`None`) turns it off.
 //! - Terminal task states (TASK_KILLED, TASK_FAILED, ...) remove the task from its app.
 //!
 //! Known differences: the stream body is chunked (Jetty's is close-delimited, which HTTP clients
@@ -61,6 +62,8 @@ use events::{Frame, Subscriber};
 
 pub const APPS: &str = "/v2/apps";
 pub const EVENTS: &str = "/v2/events";
+/// Jetty's `EventSourceServlet` default `heartBeatPeriod`.
+pub const JETTY_HEARTBEAT: Duration = Duration::from_secs(10);
 /// Where service ports are assigned from (Marathon's `--local_port_min`).
 pub const FIRST_SERVICE_PORT: u16 = 10000;
 /// The body of every 401, as Marathon's API docs give it (traits.raml, `secured`).
@@ -465,7 +468,7 @@ impl State {
             auth: Auth::None,
             apps_fault: Fault::None,
             events_fault: Fault::None,
-            heartbeat: None,
+            heartbeat: Some(JETTY_HEARTBEAT),
             line_ending: LineEnding::CrLf,
             health_event_id: HealthEventId::InstanceId,
             frozen_time: None,
