@@ -14,7 +14,6 @@
 //! and shows on the status page as dropped. When HAProxy died and the desired config is
 //! rejected, it is started on the last good one.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +21,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
+use super::blame::{effective, Blamed};
 use crate::haproxy::apply::{Applier, ApplyError, Candidate, Outcome, Refreshed, Step};
-use crate::model::{Backend, Built, RoutingTable, ServiceName};
-use crate::status::{ApplyStatus, RejectedService};
+use crate::model::{Built, RoutingTable};
+use crate::status::ApplyStatus;
 
 /// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -108,97 +108,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// A service whose backend `haproxy -c` rejected, as it was defined then.
-struct Blame {
-    definition: Backend,
-    reason: String,
-}
-
-/// Services `haproxy -c` rejected, kept out while their definition stays the same.
-#[derive(Default)]
-struct Blamed(BTreeMap<ServiceName, Blame>);
-
-impl Blamed {
-    /// Forgets the blame of services that changed or went away: a new definition gets a new
-    /// chance.
-    fn prune(&mut self, table: &RoutingTable) {
-        self.0
-            .retain(|name, blame| table.backends.get(name) == Some(&blame.definition));
-    }
-
-    /// `table` without the blamed services and their routes.
-    fn apply_to(&self, table: &RoutingTable) -> RoutingTable {
-        let mut table = table.clone();
-        for (service, blame) in &self.0 {
-            if table.backends.get(service) == Some(&blame.definition) {
-                table.backends.remove(service);
-                table.routes.retain(|_, s| s != service);
-            }
-        }
-        table
-    }
-
-    /// Blames the service behind `backend` in `validated`; `false` if there is none.
-    fn add(&mut self, backend: &str, validated: &RoutingTable, stderr: &str) -> bool {
-        let service = backend
-            .strip_prefix(crate::model::BACKEND_PREFIX)
-            .and_then(|name| ServiceName::parse(name).ok());
-        let Some((service, definition)) = service.and_then(|service| {
-            let definition = validated.backends.get(&service)?.clone();
-            Some((service, definition))
-        }) else {
-            return false;
-        };
-        error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
-        let reason = stderr
-            .lines()
-            .find(|l| l.contains("[ALERT]"))
-            .unwrap_or(stderr)
-            .trim()
-            .to_string();
-        self.0.insert(service, Blame { definition, reason });
-        true
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// For the status page: who is out and why.
-    fn report(&self, table: &RoutingTable) -> Vec<RejectedService> {
-        self.0
-            .iter()
-            .map(|(service, blame)| RejectedService {
-                service: service.to_string(),
-                source: table
-                    .backends
-                    .get(service)
-                    .map_or(blame.definition.source, |b| b.source)
-                    .to_string(),
-                reason: format!("haproxy rejected its backend: {}", blame.reason),
-            })
-            .collect()
-    }
-}
-
-/// The latest desired table, the blamed services taken out (their blame pruned first).
-fn effective(
-    built: &Built,
-    blamed: &mut Blamed,
-    status: &watch::Sender<ApplyStatus>,
-) -> RoutingTable {
-    blamed.prune(&built.table);
-    let rejected = blamed.report(&built.table);
-    status.send_if_modified(|s| {
-        if s.rejected == rejected {
-            return false;
-        }
-        s.rejected = rejected;
-        true
-    });
-    blamed.apply_to(&built.table)
 }
 
 /// Whether the latest desired table differs from the one a failed validation was for.

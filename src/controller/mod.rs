@@ -24,6 +24,7 @@ use crate::sources::{consul, file, marathon, SourceId, SourceReport};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
 mod apply_loop;
+mod blame;
 use apply_loop::apply_loop;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,158 @@
+//! Services whose backend `haproxy -c` rejected: left out of the routing while their
+//! definition stays the same, shown on the status page as dropped, given a new chance as soon
+//! as their definition changes.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::watch;
+use tracing::error;
+
+use crate::model::{Backend, Built, RoutingTable, ServiceName};
+use crate::status::{ApplyStatus, RejectedService};
+
+/// A service whose backend `haproxy -c` rejected, as it was defined then.
+struct Blame {
+    definition: Backend,
+    reason: String,
+}
+
+/// Services `haproxy -c` rejected, kept out while their definition stays the same.
+#[derive(Default)]
+pub(super) struct Blamed(BTreeMap<ServiceName, Blame>);
+
+impl Blamed {
+    /// Forgets the blame of services that changed or went away: a new definition gets a new
+    /// chance.
+    pub(super) fn prune(&mut self, table: &RoutingTable) {
+        self.0
+            .retain(|name, blame| table.backends.get(name) == Some(&blame.definition));
+    }
+
+    /// `table` without the blamed services and their routes.
+    pub(super) fn apply_to(&self, table: &RoutingTable) -> RoutingTable {
+        let mut table = table.clone();
+        for (service, blame) in &self.0 {
+            if table.backends.get(service) == Some(&blame.definition) {
+                table.backends.remove(service);
+                table.routes.retain(|_, s| s != service);
+            }
+        }
+        table
+    }
+
+    /// Blames the service behind `backend` in `validated`; `false` if there is none.
+    pub(super) fn add(&mut self, backend: &str, validated: &RoutingTable, stderr: &str) -> bool {
+        let service = backend
+            .strip_prefix(crate::model::BACKEND_PREFIX)
+            .and_then(|name| ServiceName::parse(name).ok());
+        let Some((service, definition)) = service.and_then(|service| {
+            let definition = validated.backends.get(&service)?.clone();
+            Some((service, definition))
+        }) else {
+            return false;
+        };
+        error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
+        let reason = stderr
+            .lines()
+            .find(|l| l.contains("[ALERT]"))
+            .unwrap_or(stderr)
+            .trim()
+            .to_string();
+        self.0.insert(service, Blame { definition, reason });
+        true
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// For the status page: who is out and why.
+    pub(super) fn report(&self, table: &RoutingTable) -> Vec<RejectedService> {
+        self.0
+            .iter()
+            .map(|(service, blame)| RejectedService {
+                service: service.to_string(),
+                source: table
+                    .backends
+                    .get(service)
+                    .map_or(blame.definition.source, |b| b.source)
+                    .to_string(),
+                reason: format!("haproxy rejected its backend: {}", blame.reason),
+            })
+            .collect()
+    }
+}
+
+/// The latest desired table, the blamed services taken out (their blame pruned first).
+pub(super) fn effective(
+    built: &Built,
+    blamed: &mut Blamed,
+    status: &watch::Sender<ApplyStatus>,
+) -> RoutingTable {
+    blamed.prune(&built.table);
+    let rejected = blamed.report(&built.table);
+    status.send_if_modified(|s| {
+        if s.rejected == rejected {
+            return false;
+        }
+        s.rejected = rejected;
+        true
+    });
+    blamed.apply_to(&built.table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{build, ModelSettings};
+    use crate::network::AllowedNetworks;
+    use crate::sources::{ServiceDef, SourceId, SourceReport};
+
+    fn table(shop_server: &str) -> RoutingTable {
+        let def = |name: &str, server: &str| ServiceDef {
+            name: name.into(),
+            hosts: vec![format!("{name}.example.com")],
+            path: None,
+            servers: vec![server.into()],
+            balance: None,
+            check: None,
+            check_interval: None,
+            check_fall: None,
+        };
+        let report = SourceReport {
+            services: vec![def("shop", shop_server), def("cart", "10.2.1.9:80")],
+            ..SourceReport::starting(SourceId::File)
+        };
+        let model = ModelSettings {
+            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
+        };
+        build(&[&report], &model).table
+    }
+
+    const ALERT: &str = "[ALERT]    (1) : config : parsing [/x/haproxy.cfg:40] : bad\n";
+
+    #[test]
+    fn a_blamed_service_stays_out_until_its_definition_changes() {
+        let mut blamed = Blamed::default();
+        let before = table("10.2.1.5:80");
+        assert!(blamed.add("be_shop", &before, ALERT));
+        assert!(!blamed.add("no_route", &before, ALERT));
+        assert!(!blamed.add("be_gone", &before, ALERT));
+
+        let out = blamed.apply_to(&before);
+        let names: Vec<&str> = out.backends.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["cart"]);
+        assert!(out.routes.values().all(|s| s.as_str() == "cart"));
+        let report = blamed.report(&before);
+        assert_eq!(report[0].service, "shop");
+        assert!(report[0].reason.ends_with("parsing [/x/haproxy.cfg:40] : bad"));
+
+        // The same definition in a new table: still out. A changed one: a new chance.
+        blamed.prune(&table("10.2.1.5:80"));
+        assert_eq!(blamed.len(), 1);
+        let changed = table("10.2.1.6:80");
+        blamed.prune(&changed);
+        assert_eq!(blamed.len(), 0);
+        assert_eq!(blamed.apply_to(&changed), changed);
+    }
+}
