@@ -145,7 +145,9 @@ mod tests {
         assert!(out.routes.values().all(|s| s.as_str() == "cart"));
         let report = blamed.report(&before);
         assert_eq!(report[0].service, "shop");
-        assert!(report[0].reason.ends_with("parsing [/x/haproxy.cfg:40] : bad"));
+        assert!(report[0]
+            .reason
+            .ends_with("parsing [/x/haproxy.cfg:40] : bad"));
 
         // The same definition in a new table: still out. A changed one: a new chance.
         blamed.prune(&table("10.2.1.5:80"));
