@@ -532,6 +532,11 @@ fn validate_routing(raw: RawRouting, issues: &mut Issues) -> RoutingConfig {
 mod tests {
     use super::*;
 
+    /// The key paths of `issues`, in order.
+    fn keys_of(issues: &[ConfigIssue]) -> Vec<&str> {
+        issues.iter().map(|i| i.key.as_str()).collect()
+    }
+
     #[test]
     fn defaults() {
         let config = Config::parse(
@@ -577,7 +582,7 @@ listen = "x"
 listen = "nowhere"
 "#;
         let issues = Config::parse(text, Path::new("/")).unwrap_err();
-        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        let keys = keys_of(&issues);
         assert_eq!(
             keys,
             [
@@ -625,7 +630,7 @@ stale = "yes"
 urls = "http://m:8080"
 "#;
         let issues = Config::parse(text, Path::new("/")).unwrap_err();
-        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        let keys = keys_of(&issues);
         assert_eq!(
             keys,
             [
@@ -649,7 +654,7 @@ urls = "http://m:8080"
     fn external_mode_needs_the_socket_and_the_file() {
         let text = "[haproxy]\nmode = \"external\"\n[sources.file]\npath = \"s.toml\"\n";
         let issues = Config::parse(text, Path::new("/")).unwrap_err();
-        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        let keys = keys_of(&issues);
         assert_eq!(keys, ["haproxy.master_socket", "haproxy.config_file"]);
     }
 
