@@ -410,3 +410,35 @@ async fn a_server_that_refuses_connections_fails_no_request() {
         assert_eq!((status, body.as_str()), (200, "a"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_symlink_swap_is_followed() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    // Kubernetes' layout: services.toml -> ..data/services.toml, ..data -> a versioned dir;
+    // an update writes a new dir and renames a new ..data link over the old one.
+    let dir = tempfile::Builder::new()
+        .prefix("weft-test-")
+        .tempdir()
+        .unwrap();
+    let first = service("shop", &["shop.test"], None, &[a.addr]);
+    std::fs::create_dir(dir.path().join("v1")).unwrap();
+    std::fs::write(dir.path().join("v1/services.toml"), &first).unwrap();
+    std::os::unix::fs::symlink("v1", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/services.toml", dir.path().join("services.toml")).unwrap();
+    let root = dir.path().to_path_buf();
+    let weft = Weft::start_in(dir, support::free_port(), "", &first);
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    std::fs::create_dir(root.join("v2")).unwrap();
+    std::fs::write(
+        root.join("v2/services.toml"),
+        service("shop", &["shop.test"], None, &[b.addr]),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    // Well before the 30 s re-read.
+    wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
+    assert!(weft.log().contains("symlinked=true"), "{}", weft.log());
+}

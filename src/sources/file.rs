@@ -186,16 +186,17 @@ pub async fn run(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let file_name = config.path.file_name().map(|n| n.to_os_string());
+    let symlinked = std::fs::symlink_metadata(&config.path).is_ok_and(|m| m.is_symlink());
+    let names = watched_names(&config.path, symlinked);
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
         let relevant = match result {
             // Reading the file is an event too (open, close): weft's own reads must not
             // trigger more reads.
             Ok(event) if event.kind.is_access() => false,
-            Ok(event) => event
-                .paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name),
+            Ok(event) => event.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| names.iter().any(|name| name == n))
+            }),
             // An error from the watcher: re-read to be safe.
             Err(_) => true,
         };
@@ -213,7 +214,20 @@ pub async fn run(
             path: dir.clone(),
             source,
         })?;
-    info!(path = %config.path.display(), "watching services file");
+    let target_dir = symlinked
+        .then(|| std::fs::canonicalize(&config.path).ok())
+        .flatten()
+        .and_then(|target| target.parent().map(Path::to_path_buf))
+        .filter(|target_dir| std::fs::canonicalize(&dir).ok().as_ref() != Some(target_dir));
+    if let Some(target_dir) = &target_dir {
+        watcher
+            .watch(target_dir, RecursiveMode::NonRecursive)
+            .map_err(|source| FileError::Watch {
+                path: target_dir.clone(),
+                source,
+            })?;
+    }
+    info!(path = %config.path.display(), symlinked, "watching services file");
 
     let mut reread = tokio::time::interval(REREAD_INTERVAL);
     loop {
@@ -230,6 +244,28 @@ pub async fn run(
             _ = reread.tick() => {}
         }
     }
+}
+
+/// The names whose changes mean the services file may have changed: its own, and for a
+/// symlink the first step of the link (a Kubernetes ConfigMap's `services.toml ->
+/// ..data/services.toml` changes by swapping `..data`) and the target's name (in the
+/// target's directory, watched too).
+fn watched_names(path: &Path, symlinked: bool) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<std::ffi::OsString> = path.file_name().map(Into::into).into_iter().collect();
+    if symlinked {
+        if let Ok(link) = std::fs::read_link(path) {
+            if let Some(std::path::Component::Normal(first)) = link.components().next() {
+                names.push(first.to_os_string());
+            }
+        }
+        if let Some(name) = std::fs::canonicalize(path)
+            .ok()
+            .and_then(|t| t.file_name().map(Into::into))
+        {
+            names.push(name);
+        }
+    }
+    names
 }
 
 /// Reads the file and publishes what changed; on failure keeps the last good services.
