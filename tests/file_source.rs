@@ -442,3 +442,29 @@ async fn a_configmap_style_symlink_swap_is_followed() {
     wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
     assert!(weft.log().contains("symlinked=true"), "{}", weft.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_into_another_directory_is_followed() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let elsewhere = tempfile::Builder::new()
+        .prefix("weft-test-conf-")
+        .tempdir()
+        .unwrap();
+    let target = elsewhere.path().join("shop.toml");
+    let first = service("shop", &["shop.test"], None, &[a.addr]);
+    std::fs::write(&target, &first).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("weft-test-")
+        .tempdir()
+        .unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("services.toml")).unwrap();
+    let weft = Weft::start_in(dir, support::free_port(), "", &first);
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    // Saved the editors' way, in the target's directory.
+    let tmp = elsewhere.path().join(".shop.toml.swp");
+    std::fs::write(&tmp, service("shop", &["shop.test"], None, &[b.addr])).unwrap();
+    std::fs::rename(&tmp, &target).unwrap();
+    wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
+}
