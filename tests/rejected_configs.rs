@@ -6,7 +6,8 @@
 //! shell wrapper injects the fault: it hands every command to the real `/usr/sbin/haproxy`,
 //! except that `-c` rejects a config holding `option httpchk GET /poison` with an ALERT naming
 //! that line (HAProxy's own wording), or one holding `backend be_broken` with an ALERT in the
-//! global section (nobody to blame) after a delay.
+//! global section (nobody to blame) after a delay (and a `.checking` file beside the
+//! config while it waits).
 
 #![allow(clippy::unwrap_used)]
 
@@ -27,6 +28,7 @@ if [ "$1" = "-c" ]; then
         exit 1
     fi
     if grep -q '^backend be_broken' "$cfg"; then
+        touch "$cfg.checking"
         sleep 2
         echo "[ALERT]    (1) : config : parsing [$cfg:2] : 'stats' : injected fault" >&2
         exit 1
@@ -136,7 +138,13 @@ async fn a_fix_arriving_during_a_rejected_validation_is_applied() {
 
     // A config HAProxy rejects with nobody to blame; its check takes two seconds...
     weft.write_services(&(good.clone() + &service("broken", &["broken.test"], None, &[b.addr])));
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let checking = weft.run_dir().join("staging/haproxy.cfg.checking");
+    support::eventually(
+        Duration::from_secs(10),
+        "the check of the broken config",
+        || async { checking.exists().then_some(()).ok_or(()) },
+    )
+    .await;
     // ...and meanwhile the operator fixes it: the fix is applied when the check fails.
     weft.write_services(&(good + &service("fixed", &["fixed.test"], None, &[b.addr])));
     wait_for_backends(&weft, "fixed.test", "/", &["b"]).await;
