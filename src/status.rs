@@ -209,7 +209,10 @@ async fn status_json(State(feed): State<StatusFeed>) -> Json<StatusView> {
 
 async fn metrics(State(feed): State<StatusFeed>) -> Response {
     let view = feed.view();
-    let mut dropped: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    // Every source has its series, at 0 when nothing is dropped: an alert on it then has a
+    // value to compare, not a missing series.
+    let mut dropped: std::collections::BTreeMap<&str, usize> =
+        view.sources.iter().map(|s| (s.name.as_str(), 0)).collect();
     for d in &view.dropped {
         *dropped.entry(d.source.as_str()).or_default() += 1;
     }

@@ -34,6 +34,14 @@ async fn routes_by_host_and_answers_404_for_unknown_hosts() {
     wait_for_backends(&weft, "beta.test", "/apix", &["b", "c"]).await;
     wait_for_404(&weft, "unknown.test", "/").await;
     wait_for_404(&weft, "alpha.test.evil", "/").await;
+    // Nothing dropped is a 0, not a missing series.
+    let (_, metrics) = weft.status("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "weft_dropped_inputs{source=\"file\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
