@@ -284,14 +284,15 @@ fn section<T: DeserializeOwned + Default>(
     match value.try_into() {
         Ok(raw) => raw,
         Err(err) => {
-            issues.add(key, err.to_string().trim());
+            issues.add(key, first_line(&err.to_string()));
             T::default()
         }
     }
 }
 
 /// The keys of `table` (at `path` in the section) that the section's type accepts one by one;
-/// a refused subtable is searched key by key too, a refused value is reported.
+/// a refused subtable where the type takes a table is searched key by key, anything else
+/// refused is reported at its own path and left out.
 fn keep_accepted(
     table: toml::Table,
     path: &[&str],
@@ -302,34 +303,39 @@ fn keep_accepted(
     for (key, value) in table {
         let mut inner_path = path.to_vec();
         inner_path.push(&key);
-        // The section holding only this key, at its place.
-        let alone = inner_path[1..]
-            .iter()
-            .rev()
-            .fold(value.clone(), |inner, k| {
+        // The section holding only `value` at this key's place.
+        let alone = |value: toml::Value| {
+            inner_path[1..].iter().rev().fold(value, |inner, k| {
                 toml::Value::Table(toml::Table::from_iter([(k.to_string(), inner)]))
-            });
-        match (accepts(alone), value) {
-            (Ok(()), value) => {
+            })
+        };
+        match accepts(alone(value.clone())) {
+            Ok(()) => {
                 kept.insert(key.clone(), value);
             }
-            (Err(_), toml::Value::Table(inner)) => {
-                let inner = keep_accepted(inner, &inner_path, accepts, issues);
-                kept.insert(key.clone(), toml::Value::Table(inner));
-            }
-            (Err(message), _) => {
-                // toml adds "in `key`" on a line of its own: the path says it already.
-                let message = message
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string();
-                issues.add(&inner_path.join("."), message);
-            }
+            Err(message) => match value {
+                // A table is expected here (a source's section): look inside.
+                toml::Value::Table(inner)
+                    if accepts(alone(toml::Value::Table(toml::Table::new()))).is_ok() =>
+                {
+                    let inner = keep_accepted(inner, &inner_path, accepts, issues);
+                    kept.insert(key.clone(), toml::Value::Table(inner));
+                }
+                _ => issues.add(&inner_path.join("."), first_line(&message)),
+            },
         }
     }
     kept
+}
+
+/// toml adds "in `key`" on a line of its own: the key path says it already.
+fn first_line(message: &str) -> String {
+    message
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn duration(raw: Option<String>, default: Duration, key: &str, issues: &mut Issues) -> Duration {
@@ -634,6 +640,16 @@ stale = "yes"
 
 [sources.marathon]
 urls = "http://m:8080"
+
+[sources.file]
+path = "s.toml"
+x = {}
+
+[sources.consul.sub]
+y = 1
+
+[status]
+listen = { a = 1 }
 "#;
         let issues = Config::parse(text, Path::new("/")).unwrap_err();
         let keys = keys_of(&issues);
@@ -643,8 +659,11 @@ urls = "http://m:8080"
                 "haproxy.bnd",
                 "haproxy.max_reloads",
                 "sources.consul.stale",
+                "sources.consul.sub",
                 "sources.consul.wiat",
+                "sources.file.x",
                 "sources.marathon.urls",
+                "status.listen",
                 "haproxy.bind",
                 "sources.consul.wait",
             ]
