@@ -29,6 +29,9 @@ use crate::status::ApplyStatus;
 /// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A HAProxy that ran this long before it died restarts at once: only quick repeated deaths
+/// back off.
+const STABLE_RUN: Duration = Duration::from_secs(60);
 /// How many services `haproxy -c` may blame for one table before weft gives up on it.
 const MAX_CULPRITS: usize = 16;
 
@@ -46,6 +49,8 @@ struct LoopState {
     applied: RoutingTable,
     retry: Duration,
     retry_at: Option<tokio::time::Instant>,
+    /// When weft last started HAProxy.
+    started_at: Option<tokio::time::Instant>,
     status: watch::Sender<ApplyStatus>,
 }
 
@@ -85,7 +90,9 @@ impl LoopState {
                 }
                 self.applied = table.clone();
                 // A start is no proof that HAProxy stays up: crashes keep backing off.
-                if outcome != Outcome::Started {
+                if outcome == Outcome::Started {
+                    self.started_at = Some(tokio::time::Instant::now());
+                } else {
                     self.retry = RETRY_MIN;
                 }
                 self.retry_at = None;
@@ -128,6 +135,7 @@ async fn restart_on_last_good(applier: &mut Applier, state: &mut LoopState) {
     match applier.start_last_good().await {
         Ok(Some(_)) => {
             info!("haproxy started again on the last good config");
+            state.started_at = Some(tokio::time::Instant::now());
             state.status.send_modify(|s| s.running = true);
         }
         Ok(None) => {}
@@ -152,6 +160,7 @@ pub(super) async fn apply_loop(
         applied: RoutingTable::default(),
         retry: RETRY_MIN,
         retry_at: None,
+        started_at: None,
         status,
     };
     let mut pending: Option<Pending> = None;
@@ -178,6 +187,9 @@ pub(super) async fn apply_loop(
                 }
             }
             exit = applier.exited() => {
+                if state.started_at.is_some_and(|at| at.elapsed() >= STABLE_RUN) {
+                    state.retry = RETRY_MIN;
+                }
                 error!(status = ?exit, restart_in = ?state.retry, "haproxy exited unexpectedly, restarting it");
                 applier.mark_exited();
                 state.status.send_modify(|s| s.running = false);

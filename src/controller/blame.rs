@@ -1,19 +1,45 @@
 //! Services whose backend `haproxy -c` rejected: left out of the routing while their
 //! definition stays the same, shown on the status page as dropped, given a new chance as soon
 //! as their definition changes.
+//!
+//! The definition is what HAProxy can reject: the balance algorithm and the health check.
+//! Servers are validated addresses: their churn (a flapping instance, a scaling app) must not
+//! lift the blame, or every change would cost another rejected `haproxy -c`.
 
 use std::collections::BTreeMap;
 
 use tokio::sync::watch;
 use tracing::error;
 
-use crate::model::{Backend, Built, RoutingTable, ServiceName};
+use crate::model::{Backend, Balance, Built, HealthCheck, RoutingTable, ServiceName};
+use crate::sources::SourceId;
 use crate::status::{ApplyStatus, RejectedService};
 
 /// A service whose backend `haproxy -c` rejected, as it was defined then.
 struct Blame {
-    definition: Backend,
+    definition: Definition,
+    source: SourceId,
     reason: String,
+}
+
+/// The part of a backend HAProxy's check can refuse.
+#[derive(PartialEq)]
+struct Definition {
+    balance: Balance,
+    check: Option<HealthCheck>,
+}
+
+impl Definition {
+    fn of(backend: &Backend) -> Definition {
+        Definition {
+            balance: backend.balance,
+            check: backend.check.clone(),
+        }
+    }
+
+    fn matches(&self, backend: Option<&Backend>) -> bool {
+        backend.is_some_and(|b| Definition::of(b) == *self)
+    }
 }
 
 /// Services `haproxy -c` rejected, kept out while their definition stays the same.
@@ -25,14 +51,14 @@ impl Blamed {
     /// chance.
     pub(super) fn prune(&mut self, table: &RoutingTable) {
         self.0
-            .retain(|name, blame| table.backends.get(name) == Some(&blame.definition));
+            .retain(|name, blame| blame.definition.matches(table.backends.get(name)));
     }
 
     /// `table` without the blamed services and their routes.
     pub(super) fn apply_to(&self, table: &RoutingTable) -> RoutingTable {
         let mut table = table.clone();
         for (service, blame) in &self.0 {
-            if table.backends.get(service) == Some(&blame.definition) {
+            if blame.definition.matches(table.backends.get(service)) {
                 table.backends.remove(service);
                 table.routes.retain(|_, s| s != service);
             }
@@ -45,9 +71,9 @@ impl Blamed {
         let service = backend
             .strip_prefix(crate::model::BACKEND_PREFIX)
             .and_then(|name| ServiceName::parse(name).ok());
-        let Some((service, definition)) = service.and_then(|service| {
-            let definition = validated.backends.get(&service)?.clone();
-            Some((service, definition))
+        let Some((service, backend)) = service.and_then(|service| {
+            let backend = validated.backends.get(&service)?;
+            Some((service, backend))
         }) else {
             return false;
         };
@@ -58,7 +84,12 @@ impl Blamed {
             .unwrap_or(stderr)
             .trim()
             .to_string();
-        self.0.insert(service, Blame { definition, reason });
+        let blame = Blame {
+            definition: Definition::of(backend),
+            source: backend.source,
+            reason,
+        };
+        self.0.insert(service, blame);
         true
     }
 
@@ -75,7 +106,7 @@ impl Blamed {
                 source: table
                     .backends
                     .get(service)
-                    .map_or(blame.definition.source, |b| b.source)
+                    .map_or(blame.source, |b| b.source)
                     .to_string(),
                 reason: format!("haproxy rejected its backend: {}", blame.reason),
             })
@@ -108,13 +139,13 @@ mod tests {
     use crate::network::AllowedNetworks;
     use crate::sources::{ServiceDef, SourceId, SourceReport};
 
-    fn table(shop_server: &str) -> RoutingTable {
+    fn table(shop_server: &str, shop_balance: &str) -> RoutingTable {
         let def = |name: &str, server: &str| ServiceDef {
             name: name.into(),
             hosts: vec![format!("{name}.example.com")],
             path: None,
             servers: vec![server.into()],
-            balance: None,
+            balance: (name == "shop").then(|| shop_balance.to_string()),
             check: None,
             check_interval: None,
             check_fall: None,
@@ -134,7 +165,7 @@ mod tests {
     #[test]
     fn a_blamed_service_stays_out_until_its_definition_changes() {
         let mut blamed = Blamed::default();
-        let before = table("10.2.1.5:80");
+        let before = table("10.2.1.5:80", "roundrobin");
         assert!(blamed.add("be_shop", &before, ALERT));
         assert!(!blamed.add("no_route", &before, ALERT));
         assert!(!blamed.add("be_gone", &before, ALERT));
@@ -149,10 +180,17 @@ mod tests {
             .reason
             .ends_with("parsing [/x/haproxy.cfg:40] : bad"));
 
-        // The same definition in a new table: still out. A changed one: a new chance.
-        blamed.prune(&table("10.2.1.5:80"));
+        // New servers, same definition: still out (server churn must not cost another
+        // rejected check). A changed definition: a new chance.
+        let moved = table("10.2.1.6:80", "roundrobin");
+        blamed.prune(&moved);
         assert_eq!(blamed.len(), 1);
-        let changed = table("10.2.1.6:80");
+        assert!(!blamed
+            .apply_to(&moved)
+            .backends
+            .keys()
+            .any(|n| n.as_str() == "shop"));
+        let changed = table("10.2.1.6:80", "leastconn");
         blamed.prune(&changed);
         assert_eq!(blamed.len(), 0);
         assert_eq!(blamed.apply_to(&changed), changed);
