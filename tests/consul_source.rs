@@ -278,3 +278,15 @@ async fn consul_down_at_start_holds_back_no_other_route() {
     wait_for_healthz(&weft, "ok").await;
     wait_for_backends(&weft, "files.test", "/", &["a"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consul_that_never_answers_holds_back_no_other_route() {
+    let consul = ConsulDouble::start().await;
+    // Accepts the connection, never answers: no request fails for minutes.
+    consul.set_fault(Fault::Stall);
+    let a = Backend::start("a").await;
+    let weft = Weft::start_consul(&consul.url(), "wait = \"5m\"\n", "");
+    weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
+    wait_for_healthz(&weft, "catalog: no answer yet").await;
+    wait_for_backends(&weft, "files.test", "/", &["a"]).await;
+}

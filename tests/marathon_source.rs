@@ -236,3 +236,19 @@ async fn a_quiet_stream_with_heartbeats_stays_attached() {
     marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marathon_that_never_answers_holds_back_no_other_route() {
+    let a = Backend::start("a").await;
+    let marathon = MarathonDouble::start().await;
+    marathon.set_apps_fault(Fault::Slow(Duration::from_secs(3600)));
+    marathon.set_events_fault(Fault::Slow(Duration::from_secs(3600)));
+    // Timeouts far away: only the start grace can let the other routes through.
+    let weft = Weft::start_sections(&format!(
+        "[sources.marathon]\nurls = [{:?}]\nrequest_timeout = \"1h\"\nread_timeout = \"1h\"\n",
+        marathon.url()
+    ));
+    weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
+    wait_for_healthz(&weft, "no answer yet").await;
+    wait_for_backends(&weft, "files.test", "/", &["a"]).await;
+}

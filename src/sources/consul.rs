@@ -253,8 +253,8 @@ struct ServiceState {
 struct State {
     catalog_loaded: bool,
     catalog_error: Option<String>,
-    /// When the first catalog query failed, if it did before any answer.
-    failing_since: Option<tokio::time::Instant>,
+    /// When the source started.
+    started: Option<tokio::time::Instant>,
     services: BTreeMap<String, ServiceState>,
     /// Set once every watch has answered once: from then on the report is complete.
     complete: bool,
@@ -369,11 +369,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), reqwest::Error> {
     let client = Arc::new(Client::new(config)?);
-    let state = Arc::new(Mutex::new(State::default()));
+    let state = Arc::new(Mutex::new(State {
+        started: Some(tokio::time::Instant::now()),
+        ..State::default()
+    }));
     let publisher = Publisher {
         state: state.clone(),
         tx,
     };
+    let nudged = publisher.clone();
+    super::after_start_grace(shutdown.clone(), move || nudged.update(|_| {}));
     info!(url = %client.config.url, "watching consul");
     watch_catalog(client, domain, publisher, shutdown).await;
     Ok(())
@@ -398,15 +403,12 @@ impl Publisher {
                     .services
                     .values()
                     .all(|s| s.content.is_some() || s.error.is_some());
-            // Consul unreachable since the start: say so, with no services, so that the
-            // other sources route meanwhile. Once the catalog loads, its services wait for
-            // their first answers as usual.
-            let failing_from_start = !state.catalog_loaded
-                && state.catalog_error.is_some()
-                && state
-                    .failing_since
-                    .is_some_and(|since| since.elapsed() >= super::START_GRACE);
-            if !all_answered && !failing_from_start {
+            // Past the start grace, what answered is published and what did not is named
+            // (degraded), so that the other sources and services route meanwhile.
+            let grace_over = state
+                .started
+                .is_some_and(|started| started.elapsed() >= super::START_GRACE);
+            if !all_answered && !grace_over {
                 return;
             }
             state.complete = all_answered;
@@ -414,6 +416,12 @@ impl Publisher {
         let mut services = Vec::new();
         let mut rejected = Vec::new();
         let mut errors: Vec<String> = state.catalog_error.iter().cloned().collect();
+        if !state.catalog_loaded && errors.is_empty() {
+            errors.push(format!(
+                "catalog: no answer yet ({:?} after the start)",
+                super::START_GRACE
+            ));
+        }
         for (name, service) in &state.services {
             if let Some((def, tags)) = &service.content {
                 services.push(def.clone());
@@ -421,6 +429,8 @@ impl Publisher {
             }
             if let Some(error) = &service.error {
                 errors.push(format!("{name}: {error}"));
+            } else if service.content.is_none() && !state.complete {
+                errors.push(format!("{name}: no answer yet"));
             }
         }
         drop(state);
@@ -524,12 +534,7 @@ async fn watch_catalog(
                 let delay = backoff.next_delay();
                 warn!(error = %err, retry_in = ?delay, "consul catalog watch failing, keeping the last good services");
                 index = 0;
-                publisher.update(|state| {
-                    state.catalog_error = Some(err.to_string());
-                    state
-                        .failing_since
-                        .get_or_insert_with(tokio::time::Instant::now);
-                });
+                publisher.update(|state| state.catalog_error = Some(err.to_string()));
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}

@@ -162,6 +162,21 @@ where
 /// that is down.
 pub const START_GRACE: Duration = Duration::from_secs(5);
 
+/// Runs `nudge` once, `START_GRACE` after now (unless shut down first): a source that has not
+/// answered by then is published as such even when no request of its ends meanwhile (one
+/// can hang for minutes).
+pub(crate) fn after_start_grace(
+    shutdown: tokio_util::sync::CancellationToken,
+    nudge: impl FnOnce() + Send + 'static,
+) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(START_GRACE) => nudge(),
+        }
+    });
+}
+
 /// Exponential backoff with jitter for a failing source: 0.5 s doubling to 30 s, each delay
 /// drawn between half and all of its step so that many watches do not retry in lockstep.
 #[derive(Debug, Clone)]

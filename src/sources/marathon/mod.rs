@@ -168,8 +168,8 @@ struct State {
     /// `None` until the first fetch succeeded.
     content: Option<(Vec<ServiceDef>, Vec<Rejected>)>,
     fetch_error: Option<String>,
-    /// When the first fetch failed, if it did before any success.
-    failing_since: Option<tokio::time::Instant>,
+    /// When the source started.
+    started: Option<tokio::time::Instant>,
     stream_error: Option<String>,
 }
 
@@ -186,12 +186,15 @@ impl Publisher {
         };
         change(&mut state);
         let Some((services, rejected)) = state.content.clone() else {
-            // Never publish before a complete first fetch, unless to say it keeps failing.
-            let failing = state
-                .failing_since
-                .is_some_and(|since| since.elapsed() >= super::START_GRACE);
-            if let Some(error) = state.fetch_error.as_ref().filter(|_| failing) {
-                let reason = error.clone();
+            // Never publish before a complete first fetch, unless to say, past the start
+            // grace, that there is none yet (and why), so that nothing else waits for it.
+            let grace_over = state
+                .started
+                .is_some_and(|started| started.elapsed() >= super::START_GRACE);
+            if grace_over {
+                let reason = state.fetch_error.clone().unwrap_or_else(|| {
+                    format!("no answer yet ({:?} after the start)", super::START_GRACE)
+                });
                 self.tx.send_if_modified(|report| report.degrade(reason));
             }
             return;
@@ -266,9 +269,14 @@ pub async fn run(
     let resync = config.resync;
     let client = Arc::new(Client::new(config)?);
     let publisher = Publisher {
-        state: Arc::new(Mutex::new(State::default())),
+        state: Arc::new(Mutex::new(State {
+            started: Some(tokio::time::Instant::now()),
+            ..State::default()
+        })),
         tx,
     };
+    let nudged = publisher.clone();
+    super::after_start_grace(shutdown.clone(), move || nudged.update(|_| {}));
     let refetch = Arc::new(Notify::new());
     let urls: Vec<String> = client.config.urls.iter().map(ToString::to_string).collect();
     info!(urls = ?urls, group = ?settings.group, "watching marathon");
@@ -315,14 +323,7 @@ pub async fn run(
             Err(err) => {
                 let delay = backoff.next_delay();
                 warn!(error = %err, retry_in = ?delay, "marathon fetch failing, keeping the last good services");
-                publisher.update(|state| {
-                    state.fetch_error = Some(err.to_string());
-                    if state.content.is_none() {
-                        state
-                            .failing_since
-                            .get_or_insert_with(tokio::time::Instant::now);
-                    }
-                });
+                publisher.update(|state| state.fetch_error = Some(err.to_string()));
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => refetch.notify_one(),
