@@ -476,3 +476,48 @@ async fn a_symlink_into_another_directory_is_followed() {
     std::fs::rename(&tmp, &target).unwrap();
     wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_to_a_configmap_mount_follows_every_update() {
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ];
+    // /etc/weft/services.toml -> <mount>/services.toml -> ..data/services.toml -> v1/...
+    let mount = tempfile::Builder::new()
+        .prefix("weft-test-mount-")
+        .tempdir()
+        .unwrap();
+    let version = |n: usize| {
+        let dir = mount.path().join(format!("v{n}"));
+        std::fs::create_dir(&dir).unwrap();
+        let shop = service("shop", &["shop.test"], None, &[backends[n].addr]);
+        std::fs::write(dir.join("services.toml"), &shop).unwrap();
+        shop
+    };
+    let first = version(0);
+    std::os::unix::fs::symlink("v0", mount.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/services.toml", mount.path().join("services.toml")).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("weft-test-")
+        .tempdir()
+        .unwrap();
+    std::os::unix::fs::symlink(
+        mount.path().join("services.toml"),
+        dir.path().join("services.toml"),
+    )
+    .unwrap();
+    let weft = Weft::start_in(dir, support::free_port(), "", &first);
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    // Each update as the kubelet makes it: a new version, ..data swapped, the old one removed.
+    for (n, name) in [(1, "b"), (2, "c")] {
+        version(n);
+        let tmp = mount.path().join("..data_tmp");
+        std::os::unix::fs::symlink(format!("v{n}"), &tmp).unwrap();
+        std::fs::rename(&tmp, mount.path().join("..data")).unwrap();
+        std::fs::remove_dir_all(mount.path().join(format!("v{}", n - 1))).unwrap();
+        wait_for_backends(&weft, "shop.test", "/", &[name]).await;
+    }
+}

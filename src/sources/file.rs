@@ -17,6 +17,7 @@
 //! alone.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -186,17 +187,21 @@ pub async fn run(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let symlinked = std::fs::symlink_metadata(&config.path).is_ok_and(|m| m.is_symlink());
-    let names = watched_names(&config.path, symlinked);
+    // What the watcher's events are matched against; a symlink's can change at every read.
+    let names = Arc::new(Mutex::new(Vec::new()));
+    let matched = names.clone();
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
         let relevant = match result {
             // Reading the file is an event too (open, close): weft's own reads must not
             // trigger more reads.
             Ok(event) if event.kind.is_access() => false,
-            Ok(event) => event.paths.iter().any(|p| {
-                p.file_name()
-                    .is_some_and(|n| names.iter().any(|name| name == n))
-            }),
+            Ok(event) => {
+                let names = matched.lock().map(|n| n.clone()).unwrap_or_default();
+                event.paths.iter().any(|p| {
+                    p.file_name()
+                        .is_some_and(|n| names.iter().any(|name| name == n))
+                })
+            }
             // An error from the watcher: re-read to be safe.
             Err(_) => true,
         };
@@ -214,24 +219,14 @@ pub async fn run(
             path: dir.clone(),
             source,
         })?;
-    let target_dir = symlinked
-        .then(|| std::fs::canonicalize(&config.path).ok())
-        .flatten()
-        .and_then(|target| target.parent().map(Path::to_path_buf))
-        .filter(|target_dir| std::fs::canonicalize(&dir).ok().as_ref() != Some(target_dir));
-    if let Some(target_dir) = &target_dir {
-        watcher
-            .watch(target_dir, RecursiveMode::NonRecursive)
-            .map_err(|source| FileError::Watch {
-                path: target_dir.clone(),
-                source,
-            })?;
-    }
-    info!(path = %config.path.display(), symlinked, "watching services file");
+    let mut link = Link::default();
+    link.follow(&config.path, &dir, &mut watcher, &names);
+    info!(path = %config.path.display(), symlinked = link.symlinked, "watching services file");
 
     let mut reread = tokio::time::interval(REREAD_INTERVAL);
     loop {
         refresh(&config.path, &tx).await;
+        link.follow(&config.path, &dir, &mut watcher, &names);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             Some(()) = events.recv() => {
@@ -242,6 +237,53 @@ pub async fn run(
                 debug!(path = %config.path.display(), "services file changed");
             }
             _ = reread.tick() => {}
+        }
+    }
+}
+
+/// Where a symlinked services file leads, re-resolved after every read: a link re-pointed
+/// elsewhere, a file replaced by a link (or back), a target directory swapped away (as a
+/// Kubernetes ConfigMap does) are all followed.
+#[derive(Default)]
+struct Link {
+    symlinked: bool,
+    /// The target's directory, watched besides the file's own, when it is another one.
+    target_dir: Option<PathBuf>,
+}
+
+impl Link {
+    fn follow(
+        &mut self,
+        path: &Path,
+        dir: &Path,
+        watcher: &mut impl Watcher,
+        names: &Mutex<Vec<std::ffi::OsString>>,
+    ) {
+        self.symlinked = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_symlink());
+        if let Ok(mut names) = names.lock() {
+            *names = watched_names(path, self.symlinked);
+        }
+        let target_dir = self
+            .symlinked
+            .then(|| std::fs::canonicalize(path).ok())
+            .flatten()
+            .and_then(|target| target.parent().map(Path::to_path_buf))
+            .filter(|target_dir| std::fs::canonicalize(dir).ok().as_ref() != Some(target_dir));
+        if target_dir == self.target_dir {
+            return;
+        }
+        if let Some(old) = self.target_dir.take() {
+            // Gone already when the directory was deleted: nothing to undo.
+            let _ = watcher.unwatch(&old);
+        }
+        if let Some(new) = target_dir {
+            // Not fatal: the periodic re-read still sees the file; the next read tries again.
+            match watcher.watch(&new, RecursiveMode::NonRecursive) {
+                Ok(()) => self.target_dir = Some(new),
+                Err(err) => {
+                    warn!(dir = %new.display(), error = %err, "cannot watch the services file's target directory; re-reading every 30 s")
+                }
+            }
         }
     }
 }
