@@ -249,7 +249,7 @@ servers = ["{b}"]
         let (status, body) = weft.get(host, "/").await.unwrap();
         assert_eq!(status, 503, "{host}");
         assert_eq!(
-            body, "weft: no server of this service is up right now\n",
+            body, "weft: no server of this service is available right now\n",
             "{host}"
         );
     }
