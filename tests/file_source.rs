@@ -419,33 +419,57 @@ async fn a_server_that_refuses_connections_fails_no_request() {
     }
 }
 
+/// A directory laid out as Kubernetes mounts a ConfigMap: `services.toml ->
+/// ..data/services.toml`, `..data -> vN`. An update is what the kubelet does: a new `vN`, a new
+/// `..data` link renamed over the old one, the old version removed.
+struct ConfigMap {
+    dir: std::path::PathBuf,
+    version: usize,
+}
+
+impl ConfigMap {
+    fn create(dir: &std::path::Path, services: &str) -> ConfigMap {
+        let map = ConfigMap {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        map.write_version(services);
+        std::os::unix::fs::symlink("v0", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/services.toml", dir.join("services.toml")).unwrap();
+        map
+    }
+
+    fn write_version(&self, services: &str) {
+        let version = self.dir.join(format!("v{}", self.version));
+        std::fs::create_dir(&version).unwrap();
+        std::fs::write(version.join("services.toml"), services).unwrap();
+    }
+
+    fn update(&mut self, services: &str) {
+        self.version += 1;
+        self.write_version(services);
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("v{}", self.version), &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(self.dir.join(format!("v{}", self.version - 1))).unwrap();
+    }
+}
+
+fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configmap_style_symlink_swap_is_followed() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    // Kubernetes' layout: services.toml -> ..data/services.toml, ..data -> a versioned dir;
-    // an update writes a new dir and renames a new ..data link over the old one.
-    let dir = tempfile::Builder::new()
-        .prefix("weft-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir("weft-test-");
     let first = service("shop", &["shop.test"], None, &[a.addr]);
-    std::fs::create_dir(dir.path().join("v1")).unwrap();
-    std::fs::write(dir.path().join("v1/services.toml"), &first).unwrap();
-    std::os::unix::fs::symlink("v1", dir.path().join("..data")).unwrap();
-    std::os::unix::fs::symlink("..data/services.toml", dir.path().join("services.toml")).unwrap();
-    let root = dir.path().to_path_buf();
+    let mut map = ConfigMap::create(dir.path(), &first);
     let weft = Weft::start_in(dir, support::free_port(), "", &first);
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
-    std::fs::create_dir(root.join("v2")).unwrap();
-    std::fs::write(
-        root.join("v2/services.toml"),
-        service("shop", &["shop.test"], None, &[b.addr]),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink("v2", root.join("..data_tmp")).unwrap();
-    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    map.update(&service("shop", &["shop.test"], None, &[b.addr]));
     // Well before the 30 s re-read.
     wait_for_backends(&weft, "shop.test", "/", &["b"]).await;
     assert!(weft.log().contains("symlinked=true"), "{}", weft.log());
@@ -455,17 +479,11 @@ async fn a_configmap_style_symlink_swap_is_followed() {
 async fn a_symlink_into_another_directory_is_followed() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let elsewhere = tempfile::Builder::new()
-        .prefix("weft-test-conf-")
-        .tempdir()
-        .unwrap();
+    let elsewhere = temp_dir("weft-test-conf-");
     let target = elsewhere.path().join("shop.toml");
     let first = service("shop", &["shop.test"], None, &[a.addr]);
     std::fs::write(&target, &first).unwrap();
-    let dir = tempfile::Builder::new()
-        .prefix("weft-test-")
-        .tempdir()
-        .unwrap();
+    let dir = temp_dir("weft-test-");
     std::os::unix::fs::symlink(&target, dir.path().join("services.toml")).unwrap();
     let weft = Weft::start_in(dir, support::free_port(), "", &first);
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
@@ -479,30 +497,12 @@ async fn a_symlink_into_another_directory_is_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_to_a_configmap_mount_follows_every_update() {
-    let backends = [
-        Backend::start("a").await,
-        Backend::start("b").await,
-        Backend::start("c").await,
-    ];
-    // /etc/weft/services.toml -> <mount>/services.toml -> ..data/services.toml -> v1/...
-    let mount = tempfile::Builder::new()
-        .prefix("weft-test-mount-")
-        .tempdir()
-        .unwrap();
-    let version = |n: usize| {
-        let dir = mount.path().join(format!("v{n}"));
-        std::fs::create_dir(&dir).unwrap();
-        let shop = service("shop", &["shop.test"], None, &[backends[n].addr]);
-        std::fs::write(dir.join("services.toml"), &shop).unwrap();
-        shop
-    };
-    let first = version(0);
-    std::os::unix::fs::symlink("v0", mount.path().join("..data")).unwrap();
-    std::os::unix::fs::symlink("..data/services.toml", mount.path().join("services.toml")).unwrap();
-    let dir = tempfile::Builder::new()
-        .prefix("weft-test-")
-        .tempdir()
-        .unwrap();
+    let a = Backend::start("a").await;
+    // weft's services.toml -> <mount>/services.toml -> ..data/services.toml -> vN/...
+    let mount = temp_dir("weft-test-mount-");
+    let first = service("shop", &["shop.test"], None, &[a.addr]);
+    let mut map = ConfigMap::create(mount.path(), &first);
+    let dir = temp_dir("weft-test-");
     std::os::unix::fs::symlink(
         mount.path().join("services.toml"),
         dir.path().join("services.toml"),
@@ -511,13 +511,11 @@ async fn a_link_to_a_configmap_mount_follows_every_update() {
     let weft = Weft::start_in(dir, support::free_port(), "", &first);
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
-    // Each update as the kubelet makes it: a new version, ..data swapped, the old one removed.
-    for (n, name) in [(1, "b"), (2, "c")] {
-        version(n);
-        let tmp = mount.path().join("..data_tmp");
-        std::os::unix::fs::symlink(format!("v{n}"), &tmp).unwrap();
-        std::fs::rename(&tmp, mount.path().join("..data")).unwrap();
-        std::fs::remove_dir_all(mount.path().join(format!("v{}", n - 1))).unwrap();
+    // The first update removes the version whose directory weft watched: the second must
+    // still be seen.
+    for name in ["b", "c"] {
+        let backend = Backend::start(name).await;
+        map.update(&service("shop", &["shop.test"], None, &[backend.addr]));
         wait_for_backends(&weft, "shop.test", "/", &[name]).await;
     }
 }
