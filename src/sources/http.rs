@@ -51,9 +51,11 @@ pub async fn fetch(request: RequestBuilder, url: &Url) -> Result<(HeaderMap, Vec
 }
 
 /// The start of an error body as text, cut on a character boundary (any bytes, any encoding).
+/// An HTML error page (Jetty's, in front of Marathon during a leader election, or a proxy's)
+/// is reduced to its title.
 fn error_text(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let text = text.trim();
+    let text = html_title(&text).unwrap_or(text.trim());
     let end = text
         .char_indices()
         .map(|(i, c)| i + c.len_utf8())
@@ -63,9 +65,37 @@ fn error_text(body: &[u8]) -> String {
     text[..end].to_string()
 }
 
+/// The `<title>` of an HTML page.
+fn html_title(text: &str) -> Option<&str> {
+    if !text.trim_start().starts_with('<') {
+        return None;
+    }
+    let lower = text.to_ascii_lowercase();
+    let start = lower.find("<title>")? + "<title>".len();
+    let end = start + lower[start..].find("</title>")?;
+    Some(text[start..end].trim()).filter(|title| !title.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_html_error_page_reads_as_its_title() {
+        let jetty = b"<html>\n<head>\n<meta http-equiv=\"Content-Type\" content=\"text/html;charset=ISO-8859-1\"/>\n<title>Error 503 Could not determine the current leader</title>\n</head>\n<body><h2>HTTP ERROR 503</h2></body>\n</html>\n";
+        assert_eq!(
+            error_text(jetty),
+            "Error 503 Could not determine the current leader"
+        );
+        assert_eq!(
+            error_text(b"<html><body>no title</body></html>"),
+            "<html><body>no title</body></html>"
+        );
+        assert_eq!(
+            error_text(b"{\"message\":\"<title>x</title>\"}"),
+            "{\"message\":\"<title>x</title>\"}"
+        );
+    }
 
     #[test]
     fn error_text_is_cut_on_a_character_boundary() {
