@@ -597,6 +597,18 @@ async fn cut_ends_streams_cleanly_and_abort_breaks_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_leader_answers_jettys_html_error_page() {
+    let marathon = MarathonDouble::start().await;
+    marathon.set_apps_fault(Fault::NoLeader);
+    let apps = get(&marathon, APPS).await;
+    assert_eq!(apps.status, 503);
+    assert!(apps.header("content-type").starts_with("text/html"));
+    assert!(apps
+        .body
+        .contains("<title>Error 503 Could not determine the current leader</title>"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_faults_answer_marathons_json_error() {
     let marathon = MarathonDouble::start().await;
     marathon.set_apps_fault(Fault::Status(503));

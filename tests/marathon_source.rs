@@ -115,9 +115,15 @@ async fn with_marathon_down_the_last_routes_keep_serving() {
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
     let (reloads, _, _) = weft.show_proc().await.unwrap();
 
+    // A leader election: Jetty's HTML 503 page, read as its title in the reason.
+    marathon.set_apps_fault(Fault::NoLeader);
+    marathon.cut_streams();
+    wait_for_healthz(&weft, "Error 503 Could not determine the current leader").await;
+    for _ in 0..10 {
+        assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 200);
+    }
     // 503s from /v2/apps, then Marathon gone entirely.
     marathon.set_apps_fault(Fault::Status(503));
-    marathon.cut_streams();
     wait_for_healthz(&weft, "source marathon is degraded").await;
     for _ in 0..10 {
         assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 200);

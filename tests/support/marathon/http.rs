@@ -178,12 +178,29 @@ async fn admit(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Resu
         )
             .into_response());
     }
+    if fault == Fault::NoLeader {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(CONTENT_TYPE, "text/html;charset=iso-8859-1")],
+            jetty_error_page(503, "Could not determine the current leader"),
+        )
+            .into_response());
+    }
     if let Fault::Status(code) = fault {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let message = status.canonical_reason().unwrap_or("Error");
         return Err((status, Json(json!({ "message": message }))).into_response());
     }
     Ok(())
+}
+
+/// Jetty's `ErrorHandler` page for `sendError(code, message)`.
+fn jetty_error_page(code: u16, message: &str) -> String {
+    format!(
+        "<html>\n<head>\n<meta http-equiv=\"Content-Type\" content=\"text/html;charset=ISO-8859-1\"/>\n\
+         <title>Error {code} {message}</title>\n</head>\n<body><h2>HTTP ERROR {code}</h2>\n\
+         <p>Problem accessing /v2/apps. Reason:\n<pre>    {message}</pre></p>\n</body>\n</html>\n"
+    )
 }
 
 /// The `WWW-Authenticate` challenge when the request does not carry the right credentials.

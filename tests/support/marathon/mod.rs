@@ -79,6 +79,10 @@ pub enum Fault {
     /// Every answer (a stream: its headers) comes after this delay; auth and faults are judged
     /// after it.
     Slow(Duration),
+    /// No leader (an election, or this master cut off): Marathon's `LeaderProxyFilter` answers
+    /// `sendError(503, "Could not determine the current leader")`, which Jetty writes as an
+    /// HTML error page (after Jetty's own basic-auth check, before any resource).
+    NoLeader,
 }
 
 /// Who may ask. One model at a time: the last `set_*` wins.
