@@ -685,6 +685,20 @@ async fn error_faults_answer_plain_text() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_leader_stale_reads_still_answer() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    consul.set_fault(Fault::NoLeader);
+    let stale = get(&consul, "/v1/health/service/shop?stale").await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.header("x-consul-knownleader"), "false");
+    assert!(stale.header("x-consul-lastcontact").parse::<u64>().unwrap() > 0);
+    assert_eq!(stale.json().as_array().unwrap().len(), 1);
+    let consistent = get(&consul, "/v1/health/service/shop?consistent").await;
+    assert_eq!(consistent.status, 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stall_accepts_and_never_answers() {
     let consul = ConsulDouble::start().await;
     consul.set_fault(Fault::Stall);

@@ -290,3 +290,37 @@ async fn a_consul_that_never_answers_holds_back_no_other_route() {
     wait_for_healthz(&weft, "catalog: no answer yet").await;
     wait_for_backends(&weft, "files.test", "/", &["a"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_reads_ride_out_a_leader_loss_and_acl_filtering_is_said() {
+    let consul = ConsulDouble::start().await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    consul.register(instance("shop", "shop-1", &a, "shop.test"));
+    let weft = Weft::start_consul(
+        &consul.url(),
+        "wait = \"1s\"\nconsistency = \"stale\"\n",
+        "",
+    );
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+
+    // The leader is lost: stale reads go on from the server's own state, and weft says the
+    // answers may be old, but keeps following them.
+    consul.set_fault(Fault::NoLeader);
+    consul.register(instance("shop", "shop-2", &b, "shop.test"));
+    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    weft.wait_for_log("consul answered without a known leader")
+        .await;
+    consul.set_fault(Fault::None);
+    consul.bump_index();
+    weft.wait_for_log("consul answers with a known leader again")
+        .await;
+
+    // ACLs switched on without weft having a token: Consul filters rather than refuses. The
+    // routes go (Consul says there is nothing), and the log says why it may be so.
+    consul.set_token(Some("s3cret".into()));
+    consul.bump_index();
+    wait_for_404(&weft, "shop.test", "/").await;
+    weft.wait_for_log("consul filtered the answer by ACLs")
+        .await;
+}

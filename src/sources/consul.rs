@@ -270,6 +270,41 @@ struct Client {
 struct Answer {
     index: Option<u64>,
     body: Vec<u8>,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: the token could not read everything.
+    acl_filtered: bool,
+    /// `X-Consul-KnownLeader`.
+    known_leader: Option<bool>,
+}
+
+/// What Consul's answers say besides their content, logged when it changes: results filtered
+/// by ACLs (a catalog that shrinks may be a token problem, not a change), an answer from a
+/// server that knows no leader (a stale read, possibly old).
+#[derive(Default)]
+struct Notices {
+    acl_filtered: bool,
+    leaderless: bool,
+}
+
+impl Notices {
+    fn observe(&mut self, answer: &Answer, what: &str) {
+        if answer.acl_filtered != self.acl_filtered {
+            self.acl_filtered = answer.acl_filtered;
+            if self.acl_filtered {
+                warn!(what, "consul filtered the answer by ACLs: what weft's token cannot read is left out; give the token service:read and node:read");
+            } else {
+                info!(what, "consul no longer filters the answer by ACLs");
+            }
+        }
+        let leaderless = answer.known_leader == Some(false);
+        if leaderless != self.leaderless {
+            self.leaderless = leaderless;
+            if leaderless {
+                warn!(what, "consul answered without a known leader (a stale read): the services may be out of date");
+            } else {
+                info!(what, "consul answers with a known leader again");
+            }
+        }
+    }
 }
 
 impl Client {
@@ -317,8 +352,13 @@ impl Client {
             request = request.header("X-Consul-Token", token.expose());
         }
         let (headers, body) = fetch(request, &url).await?;
-        let index = consul_index(&headers);
-        Ok(Answer { index, body })
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Ok(Answer {
+            index: consul_index(&headers),
+            body,
+            acl_filtered: header("X-Consul-Results-Filtered-By-ACLs") == Some("true"),
+            known_leader: header("X-Consul-KnownLeader").and_then(|v| v.parse().ok()),
+        })
     }
 }
 
@@ -456,6 +496,7 @@ async fn watch_catalog(
 ) {
     let limiter = rate_limiter(client.config.max_rate);
     let mut backoff = Backoff::default();
+    let mut notices = Notices::default();
     let mut index = 0;
     let mut watches: BTreeMap<String, CancellationToken> = BTreeMap::new();
     // Kept to notice a watch that panics: its service would silently stop following Consul.
@@ -471,6 +512,7 @@ async fn watch_catalog(
             } => answer,
         };
         let catalog = answer.and_then(|answer| {
+            notices.observe(&answer, "catalog");
             let catalog = decode_catalog(&answer.body).map_err(|message| ConsulError::Decode {
                 url: url.clone(),
                 message,
@@ -568,6 +610,7 @@ async fn watch_service(
 ) {
     let limiter = rate_limiter(client.config.max_rate);
     let mut backoff = Backoff::default();
+    let mut notices = Notices::default();
     let mut index = 0;
     let url = client.url(&["v1", "health", "service", &name]);
     loop {
@@ -579,6 +622,7 @@ async fn watch_service(
             } => answer,
         };
         let entries = answer.and_then(|answer| {
+            notices.observe(&answer, &name);
             let entries = decode_health(&answer.body).map_err(|message| ConsulError::Decode {
                 url: url.clone(),
                 message,

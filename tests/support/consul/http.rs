@@ -125,6 +125,12 @@ async fn answer(
         (index, response, state.fault)
     };
     let mut response = with_consul_headers(response, index, options.consistency);
+    if fault == Fault::NoLeader {
+        // Only stale reads get here: from a server that lost its leader a while ago.
+        let headers = response.headers_mut();
+        headers.insert("x-consul-knownleader", HeaderValue::from_static("false"));
+        headers.insert("x-consul-lastcontact", HeaderValue::from_static("15000"));
+    }
     if access == Access::Anonymous {
         response.headers_mut().insert(
             "X-Consul-Results-Filtered-By-ACLs",
@@ -169,7 +175,8 @@ fn admit(
         (Some(_), Some(_)) => return Err(Rejection(StatusCode::FORBIDDEN, "ACL not found")),
     };
     match fault {
-        Fault::NoLeader => {
+        // A server without a leader still answers stale reads from its own state.
+        Fault::NoLeader if !matches!(options.consistency, Consistency::Stale) => {
             return Err(Rejection(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "No cluster leader",
@@ -181,7 +188,7 @@ fn admit(
                 "RPC rate limit exceeded",
             ));
         }
-        Fault::None | Fault::Stall | Fault::Garbage | Fault::IndexBackwards => {}
+        Fault::NoLeader | Fault::None | Fault::Stall | Fault::Garbage | Fault::IndexBackwards => {}
     }
     if options
         .datacenter

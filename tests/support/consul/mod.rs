@@ -77,7 +77,8 @@ impl Status {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     None,
-    /// `500 No cluster leader`.
+    /// No leader: `500 No cluster leader`, except to `?stale` reads, which the server answers
+    /// from its own state with `X-Consul-KnownLeader: false` and a large `LastContact`.
     NoLeader,
     /// `429 RPC rate limit exceeded`.
     RateLimited,
