@@ -137,6 +137,12 @@ fn assert_exit(output: &Output, success: bool) {
     assert_eq!(output.status.success(), success, "{}", text(output));
 }
 
+/// The command ended as `success` says and its report holds `needle`.
+fn assert_reports(output: &Output, success: bool, needle: &str) {
+    assert_exit(output, success);
+    assert!(stdout(output).contains(needle), "{}", text(output));
+}
+
 /// `ip monitor` on a namespace, between two marker links: what changed in between.
 struct Monitor {
     ns_name: String,
@@ -268,11 +274,10 @@ fn a_down_bridge_is_set_up_and_keeps_its_identity() {
     assert!(!case.weave().unwrap().up);
 
     let output = case.weft(&["bridge"]);
-    assert_exit(&output, true);
-    assert!(
-        stdout(&output).contains("bridge weave is down (IFF_UP unset): set weave up"),
-        "{}",
-        text(&output)
+    assert_reports(
+        &output,
+        true,
+        "bridge weave is down (IFF_UP unset): set weave up",
     );
     // Same index, same MAC: repaired in place, never deleted and recreated.
     assert_eq!(case.weave().unwrap(), good);
@@ -285,11 +290,10 @@ fn a_flushed_bridge_gets_its_address_back() {
     case.ns.ip(&["addr", "flush", "dev", "weave"]);
 
     let output = case.weft(&["bridge"]);
-    assert_exit(&output, true);
-    assert!(
-        stdout(&output).contains("lacks its address 10.2.0.1/16: add 10.2.0.1/16 to weave"),
-        "{}",
-        text(&output)
+    assert_reports(
+        &output,
+        true,
+        "lacks its address 10.2.0.1/16: add 10.2.0.1/16 to weave",
     );
     assert_eq!(case.weave().unwrap(), good);
 }
@@ -341,11 +345,10 @@ fn a_wrong_mtu_is_fixed() {
     assert_eq!(good.mtu, 1500);
 
     let output = case.weft(&["bridge"]);
-    assert_exit(&output, true);
-    assert!(
-        stdout(&output).contains("has MTU 1500, not 65535: set the MTU of weave to 65535"),
-        "{}",
-        text(&output)
+    assert_reports(
+        &output,
+        true,
+        "has MTU 1500, not 65535: set the MTU of weave to 65535",
     );
     let now = case.weave().unwrap();
     assert_eq!(now.mtu, 65535);
@@ -447,12 +450,10 @@ fn check_mode_reports_without_changing_anything() {
 
     // `weft check` looks at the bridge too, in check mode, whatever bridge.mode says.
     let output = case.weft(&["check"]);
-    assert_exit(&output, false);
-    assert!(
-        stdout(&output)
-            .contains("bridge weave 10.2.0.1/16 (check): problem\n  bridge weave is missing"),
-        "{}",
-        text(&output)
+    assert_reports(
+        &output,
+        false,
+        "bridge weave 10.2.0.1/16 (check): problem\n  bridge weave is missing",
     );
     assert_eq!(case.weave(), None);
     case.add_good_bridge();
