@@ -330,13 +330,29 @@ pub async fn cli(socket: &Path, command: &str) -> Result<String, String> {
 
 /// GET `http://127.0.0.1:port/path` with `Host: host`, on a fresh connection.
 pub async fn get(port: u16, host: &str, path: &str) -> Result<(u16, String), String> {
+    get_at(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        host,
+        path,
+        Duration::from_secs(5),
+    )
+    .await
+}
+
+/// GET `http://addr/path` with `Host: host`, on a fresh connection: status and body.
+pub async fn get_at(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(5))
+        .timeout(timeout)
         .build()
         .map_err(|e| e.to_string())?;
     let response = client
-        .get(format!("http://127.0.0.1:{port}{path}"))
+        .get(format!("http://{addr}{path}"))
         .header("Host", host)
         .send()
         .await

@@ -366,22 +366,7 @@ pub fn get_in(
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        runtime.block_on(async move {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .timeout(Duration::from_secs(3))
-                .build()
-                .map_err(|e| e.to_string())?;
-            let response = client
-                .get(format!("http://{addr}{path}"))
-                .header("Host", host)
-                .send()
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            let status = response.status().as_u16();
-            let body = response.text().await.map_err(|e| e.to_string())?;
-            Ok((status, body))
-        })
+        runtime.block_on(super::get_at(addr, &host, &path, Duration::from_secs(3)))
     })
     .join()
     .map_err(|_| "the client thread panicked".to_string())?
