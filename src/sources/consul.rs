@@ -253,8 +253,7 @@ struct ServiceState {
 struct State {
     catalog_loaded: bool,
     catalog_error: Option<String>,
-    /// When the source started.
-    started: Option<tokio::time::Instant>,
+    started: super::StartGrace,
     services: BTreeMap<String, ServiceState>,
     /// Set once every watch has answered once: from then on the report is complete.
     complete: bool,
@@ -409,10 +408,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), reqwest::Error> {
     let client = Arc::new(Client::new(config)?);
-    let state = Arc::new(Mutex::new(State {
-        started: Some(tokio::time::Instant::now()),
-        ..State::default()
-    }));
+    let state = Arc::new(Mutex::new(State::default()));
     let publisher = Publisher {
         state: state.clone(),
         tx,
@@ -445,10 +441,7 @@ impl Publisher {
                     .all(|s| s.content.is_some() || s.error.is_some());
             // Past the start grace, what answered is published and what did not is named
             // (degraded), so that the other sources and services route meanwhile.
-            let grace_over = state
-                .started
-                .is_some_and(|started| started.elapsed() >= super::START_GRACE);
-            if !all_answered && !grace_over {
+            if !all_answered && !state.started.is_over() {
                 return;
             }
             state.complete = all_answered;

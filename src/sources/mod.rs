@@ -162,6 +162,22 @@ where
 /// that is down.
 pub const START_GRACE: Duration = Duration::from_secs(5);
 
+/// A source's start, for `START_GRACE`: it begins when the source's state is made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StartGrace(tokio::time::Instant);
+
+impl Default for StartGrace {
+    fn default() -> Self {
+        StartGrace(tokio::time::Instant::now())
+    }
+}
+
+impl StartGrace {
+    pub(crate) fn is_over(&self) -> bool {
+        self.0.elapsed() >= START_GRACE
+    }
+}
+
 /// Runs `nudge` once, `START_GRACE` after now (unless shut down first): a source that has not
 /// answered by then is published as such even when no request of its ends meanwhile (one
 /// can hang for minutes).

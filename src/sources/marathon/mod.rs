@@ -168,8 +168,7 @@ struct State {
     /// `None` until the first fetch succeeded.
     content: Option<(Vec<ServiceDef>, Vec<Rejected>)>,
     fetch_error: Option<String>,
-    /// When the source started.
-    started: Option<tokio::time::Instant>,
+    started: super::StartGrace,
     stream_error: Option<String>,
 }
 
@@ -188,10 +187,7 @@ impl Publisher {
         let Some((services, rejected)) = state.content.clone() else {
             // Never publish before a complete first fetch, unless to say, past the start
             // grace, that there is none yet (and why), so that nothing else waits for it.
-            let grace_over = state
-                .started
-                .is_some_and(|started| started.elapsed() >= super::START_GRACE);
-            if grace_over {
+            if state.started.is_over() {
                 let reason = state.fetch_error.clone().unwrap_or_else(|| {
                     format!("no answer yet ({:?} after the start)", super::START_GRACE)
                 });
@@ -269,10 +265,7 @@ pub async fn run(
     let resync = config.resync;
     let client = Arc::new(Client::new(config)?);
     let publisher = Publisher {
-        state: Arc::new(Mutex::new(State {
-            started: Some(tokio::time::Instant::now()),
-            ..State::default()
-        })),
+        state: Arc::new(Mutex::new(State::default())),
         tx,
     };
     let nudged = publisher.clone();
