@@ -14,7 +14,36 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// An axum app served on a killable listener: dropping it stops accepting and fails every
+/// open connection.
+pub struct Served {
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Served {
+    pub fn start(listener: TcpListener, app: axum::Router) -> Served {
+        let shutdown = CancellationToken::new();
+        let listener = KillableListener {
+            inner: listener,
+            shutdown: shutdown.clone(),
+        };
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Served { shutdown, task }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.task.abort();
+    }
+}
 
 /// Accepts like a `TcpListener`; every connection fails once `shutdown` is cancelled.
 pub struct KillableListener {

@@ -30,12 +30,10 @@ use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 pub use self::go::{parse_go_bool, parse_go_duration, parse_go_uint};
 
-use self::conn::KillableListener;
+use self::conn::Served;
 use self::http::{catalog_services, health_service, health_service_unnamed, record};
 use self::state::{CheckState, InstanceState, Shared, State};
 
@@ -186,8 +184,8 @@ impl Requests {
 pub struct ConsulDouble {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    /// Dropped with the double: the server and every open connection go.
+    _server: Served,
 }
 
 impl ConsulDouble {
@@ -207,19 +205,10 @@ impl ConsulDouble {
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
-        let shutdown = CancellationToken::new();
-        let listener = KillableListener {
-            inner: listener,
-            shutdown: shutdown.clone(),
-        };
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
         ConsulDouble {
             addr,
             shared,
-            shutdown,
-            task,
+            _server: Served::start(listener, app),
         }
     }
 
@@ -385,12 +374,5 @@ impl ConsulDouble {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-}
-
-impl Drop for ConsulDouble {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.task.abort();
     }
 }

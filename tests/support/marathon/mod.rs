@@ -50,8 +50,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 #[allow(unused_imports)]
 pub use events::{timestamp, HealthEventId, LineEnding, REMOTE_ADDRESS};
@@ -103,8 +101,8 @@ pub enum Auth {
 pub struct MarathonDouble {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    /// Dropped with the double: the server and every open connection go.
+    _server: net::Served,
 }
 
 impl MarathonDouble {
@@ -126,19 +124,10 @@ impl MarathonDouble {
                 )
             })
             .with_state(shared.clone());
-        let shutdown = CancellationToken::new();
-        let listener = net::KillableListener {
-            inner: listener,
-            shutdown: shutdown.clone(),
-        };
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
         MarathonDouble {
             addr,
             shared,
-            shutdown,
-            task,
+            _server: net::Served::start(listener, app),
         }
     }
 
@@ -402,13 +391,6 @@ impl MarathonDouble {
     /// The raw query string of the last `GET /v2/apps`.
     pub fn last_apps_query(&self) -> Option<String> {
         self.shared.lock().last_apps_query.clone()
-    }
-}
-
-impl Drop for MarathonDouble {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.task.abort();
     }
 }
 
