@@ -190,9 +190,8 @@ fn map_text(entries: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{build, ModelSettings};
-    use crate::network::AllowedNetworks;
-    use crate::sources::{ServiceDef, SourceId, SourceReport};
+    use crate::model::test_table;
+    use crate::sources::ServiceDef;
 
     fn settings() -> RenderSettings {
         RenderSettings {
@@ -208,26 +207,13 @@ mod tests {
 
     fn svc(name: &str, hosts: &[&str], path: Option<&str>, servers: &[&str]) -> ServiceDef {
         ServiceDef {
-            name: name.into(),
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
             path: path.map(Into::into),
-            servers: servers.iter().map(|s| s.to_string()).collect(),
-            balance: None,
-            check: None,
-            check_interval: None,
-            check_fall: None,
+            ..ServiceDef::new(name, hosts, servers)
         }
     }
 
     fn table(services: Vec<ServiceDef>) -> RoutingTable {
-        let report = SourceReport {
-            services,
-            ..SourceReport::starting(SourceId::File)
-        };
-        let model = ModelSettings {
-            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
-        };
-        build(&[&report], &model).table
+        test_table(services)
     }
 
     /// Compares against a golden file; `WEFT_BLESS=1` rewrites it.

@@ -71,28 +71,15 @@ pub fn slot_name(index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{build, ModelSettings};
-    use crate::network::AllowedNetworks;
-    use crate::sources::{ServiceDef, SourceId, SourceReport};
+    use crate::model::test_table;
+    use crate::sources::ServiceDef;
 
     fn table(servers: &[&str]) -> RoutingTable {
-        let report = SourceReport {
-            services: vec![ServiceDef {
-                name: "shop".into(),
-                hosts: vec!["shop.example.com".into()],
-                path: None,
-                servers: servers.iter().map(|s| s.to_string()).collect(),
-                balance: None,
-                check: None,
-                check_interval: None,
-                check_fall: None,
-            }],
-            ..SourceReport::starting(SourceId::File)
-        };
-        let model = ModelSettings {
-            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
-        };
-        build(&[&report], &model).table
+        test_table(vec![ServiceDef::new(
+            "shop",
+            &["shop.example.com"],
+            servers,
+        )])
     }
 
     fn addrs(slots: &Slots) -> Vec<String> {

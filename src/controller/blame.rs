@@ -135,29 +135,16 @@ pub(super) fn effective(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{build, ModelSettings};
-    use crate::network::AllowedNetworks;
-    use crate::sources::{ServiceDef, SourceId, SourceReport};
+    use crate::model::test_table;
+    use crate::sources::ServiceDef;
 
     fn table(shop_server: &str, shop_balance: &str) -> RoutingTable {
-        let def = |name: &str, server: &str| ServiceDef {
-            name: name.into(),
-            hosts: vec![format!("{name}.example.com")],
-            path: None,
-            servers: vec![server.into()],
-            balance: (name == "shop").then(|| shop_balance.to_string()),
-            check: None,
-            check_interval: None,
-            check_fall: None,
+        let shop = ServiceDef {
+            balance: Some(shop_balance.to_string()),
+            ..ServiceDef::new("shop", &["shop.example.com"], &[shop_server])
         };
-        let report = SourceReport {
-            services: vec![def("shop", shop_server), def("cart", "10.2.1.9:80")],
-            ..SourceReport::starting(SourceId::File)
-        };
-        let model = ModelSettings {
-            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
-        };
-        build(&[&report], &model).table
+        let cart = ServiceDef::new("cart", &["cart.example.com"], &["10.2.1.9:80"]);
+        test_table(vec![shop, cart])
     }
 
     const ALERT: &str = "[ALERT]    (1) : config : parsing [/x/haproxy.cfg:40] : bad\n";

@@ -194,10 +194,9 @@ pub fn filter_server_state(state: &str, slots: &Slots) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{build, ModelSettings};
-    use crate::network::AllowedNetworks;
+    use crate::model::test_table;
     use crate::render::{render_with, RenderSettings};
-    use crate::sources::{ServiceDef, SourceId, SourceReport};
+    use crate::sources::ServiceDef;
 
     fn table(services: &[(&str, &[&str])]) -> RoutingTable {
         let hosted: Vec<(&str, String, &[&str])> = services
@@ -212,26 +211,12 @@ mod tests {
     }
 
     fn table_with_hosts(services: &[(&str, &str, &[&str])]) -> RoutingTable {
-        let report = SourceReport {
-            services: services
+        test_table(
+            services
                 .iter()
-                .map(|(name, host, servers)| ServiceDef {
-                    name: name.to_string(),
-                    hosts: vec![host.to_string()],
-                    path: None,
-                    servers: servers.iter().map(|s| s.to_string()).collect(),
-                    balance: None,
-                    check: None,
-                    check_interval: None,
-                    check_fall: None,
-                })
+                .map(|(name, host, servers)| ServiceDef::new(name, &[host], servers))
                 .collect(),
-            ..SourceReport::starting(SourceId::File)
-        };
-        let model = ModelSettings {
-            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
-        };
-        build(&[&report], &model).table
+        )
     }
 
     fn settings() -> RenderSettings {

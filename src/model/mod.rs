@@ -108,6 +108,19 @@ pub struct Built {
 /// Conflicts are settled deterministically: a service name defined twice keeps the definition
 /// from the first source (in [`SourceId`] order, then position); a host and path claimed by two
 /// services goes to the service whose name sorts first. The loser is reported as dropped.
+/// For tests: the table of `services` from the file source, on the weave network.
+#[cfg(test)]
+pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
+    let report = SourceReport {
+        services,
+        ..SourceReport::starting(SourceId::File)
+    };
+    let settings = ModelSettings {
+        allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
+    };
+    build(&[&report], &settings).table
+}
+
 pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
     let mut built = Built::default();
     let mut sorted: Vec<&SourceReport> = reports.to_vec();
@@ -320,16 +333,7 @@ mod tests {
     }
 
     fn def(name: &str, hosts: &[&str], servers: &[&str]) -> ServiceDef {
-        ServiceDef {
-            name: name.into(),
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-            path: None,
-            servers: servers.iter().map(|s| s.to_string()).collect(),
-            balance: None,
-            check: None,
-            check_interval: None,
-            check_fall: None,
-        }
+        ServiceDef::new(name, hosts, servers)
     }
 
     fn report(services: Vec<ServiceDef>) -> SourceReport {

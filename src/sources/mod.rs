@@ -50,6 +50,23 @@ pub struct ServiceDef {
     pub check_fall: Option<u32>,
 }
 
+#[cfg(test)]
+impl ServiceDef {
+    /// A plain definition for tests: these hosts and servers, everything else unset.
+    pub fn new(name: &str, hosts: &[&str], servers: &[&str]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            path: None,
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+            balance: None,
+            check: None,
+            check_interval: None,
+            check_fall: None,
+        }
+    }
+}
+
 /// A definition the source itself could not read (a broken TOML entry, a bad label): it never
 /// reaches the model, but the operator must see why.
 #[derive(Debug, Clone, PartialEq, Eq)]
