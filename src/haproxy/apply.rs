@@ -305,10 +305,7 @@ impl Applier {
         let Some(good) = self.applied.clone().filter(|_| !self.running()) else {
             return Ok(None);
         };
-        write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
-        self.write_files(None, &good.rendered, LastGood::Skip)?;
-        self.start().await?;
-        self.in_doubt = false;
+        self.start(&good.rendered, LastGood::Skip).await?;
         Ok(Some(Outcome::Started))
     }
 
@@ -319,13 +316,9 @@ impl Applier {
         if self.running() {
             return self.reload(candidate.desired).await;
         }
-        let desired = candidate.desired;
-        // A state file from an earlier run describes servers this config may not have.
-        write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
-        self.install(&desired.rendered)?;
-        self.start().await?;
-        self.applied = Some(desired);
-        self.in_doubt = false;
+        self.start(&candidate.desired.rendered, LastGood::Keep)
+            .await?;
+        self.applied = Some(candidate.desired);
         Ok(Outcome::Started)
     }
 
@@ -438,8 +431,13 @@ impl Applier {
         }
     }
 
-    async fn start(&mut self) -> Result<(), ApplyError> {
+    /// Starts a managed HAProxy on `rendered` (written first), with no server state: a state
+    /// file from an earlier run describes servers this config may not have.
+    async fn start(&mut self, rendered: &Rendered, last_good: LastGood) -> Result<(), ApplyError> {
+        write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
+        self.write_files(None, rendered, last_good)?;
         self.process = Some(Managed::start(&self.launch()).await?);
+        self.in_doubt = false;
         Ok(())
     }
 
