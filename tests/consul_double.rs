@@ -6,6 +6,7 @@
 mod support;
 
 use support::consul;
+use support::fixtures::{self, ShapeRules};
 
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,8 @@ use consul::{
     parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
 };
 use reqwest::header::HeaderMap;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/consul");
 /// Bounds every request of these tests, blocking ones included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -76,72 +76,35 @@ async fn get_with(consul: &ConsulDouble, path_and_query: &str, headers: &[(&str,
 }
 
 fn read_fixture(name: &str) -> Value {
-    let path = format!("{FIXTURES}/{name}");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("fixture {path} is missing ({e}): the tests need shared/ beside the repository")
-    });
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    fixtures::read("consul", name)
 }
 
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
+/// Checks are paired by CheckID (their order differs: Consul puts node checks first). The one
+/// known difference: the docs sample writes `address`/`port` inside `Service.TaggedAddresses`,
+/// real agents (and the double) `Address`/`Port`.
+struct ConsulShape;
 
-/// Every key of `fixture` exists in `ours` with a value of the same kind, recursively. Checks
-/// are paired by CheckID (their order differs: Consul puts node checks first). The one known
-/// difference: the docs sample writes `address`/`port` inside `Service.TaggedAddresses`, real
-/// agents (and the double) `Address`/`Port`.
-fn shape_differences(fixture: &Value, ours: &Value, path: &str, found: &mut Vec<String>) {
-    if kind(fixture) != kind(ours) {
-        found.push(format!(
-            "{path}: {} in the fixture, {} from the double",
-            kind(fixture),
-            kind(ours)
-        ));
-        return;
+impl ShapeRules for ConsulShape {
+    fn counterpart<'a>(
+        &self,
+        ours: &'a Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Option<&'a Value> {
+        ours.get(key).or_else(|| {
+            let mut upper = key.to_string();
+            upper[..1].make_ascii_uppercase();
+            path.contains(".Service.TaggedAddresses.")
+                .then(|| ours.get(&upper))
+                .flatten()
+        })
     }
-    match (fixture, ours) {
-        (Value::Object(fixture), Value::Object(ours)) => {
-            for (key, value) in fixture {
-                let mut ours_value = ours.get(key);
-                if ours_value.is_none() && path.contains(".Service.TaggedAddresses.") {
-                    let mut upper = key.clone();
-                    upper[..1].make_ascii_uppercase();
-                    ours_value = ours.get(&upper);
-                }
-                match ours_value {
-                    Some(ours_value) => {
-                        shape_differences(value, ours_value, &format!("{path}.{key}"), found)
-                    }
-                    None => found.push(format!("{path}.{key}: missing from the double")),
-                }
-            }
+
+    fn item<'a>(&self, ours: &'a [Value], i: usize, fixture: &Value) -> Option<&'a Value> {
+        match fixture.get("CheckID") {
+            Some(id) => ours.iter().find(|o| o.get("CheckID") == Some(id)),
+            None => ours.get(i),
         }
-        (Value::Array(fixture), Value::Array(ours)) => {
-            for (i, value) in fixture.iter().enumerate() {
-                let counterpart = match value.get("CheckID") {
-                    Some(id) => ours.iter().find(|o| o.get("CheckID") == Some(id)),
-                    None => ours.get(i),
-                };
-                match counterpart {
-                    Some(ours_value) => {
-                        shape_differences(value, ours_value, &format!("{path}[{i}]"), found)
-                    }
-                    None if value.is_object() => {
-                        found.push(format!("{path}[{i}]: missing from the double"))
-                    }
-                    None => {}
-                }
-            }
-        }
-        _ => {}
     }
 }
 
@@ -206,8 +169,7 @@ async fn health_answer_has_every_key_of_the_docs_sample() {
     let answer = get(&consul, "/v1/health/service/redis").await;
     assert_eq!(answer.status, 200);
     let ours = answer.json();
-    let mut differences = Vec::new();
-    shape_differences(&fixture, &ours, "", &mut differences);
+    let differences = fixtures::shape_differences(&fixture, &ours, "", &ConsulShape);
     assert!(
         differences.is_empty(),
         "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
@@ -250,8 +212,7 @@ async fn catalog_answer_matches_the_docs_sample() {
 
     let answer = get(&consul, CATALOG_SERVICES).await;
     assert_eq!(answer.status, 200);
-    let mut differences = Vec::new();
-    shape_differences(&fixture, &answer.json(), "", &mut differences);
+    let differences = fixtures::shape_differences(&fixture, &answer.json(), "", &ConsulShape);
     assert!(differences.is_empty(), "{differences:#?}");
     // Tags are a sorted union without duplicates, and the consul service is always listed.
     assert_eq!(answer.json(), fixture);

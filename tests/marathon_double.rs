@@ -5,12 +5,13 @@
 
 mod support;
 
+use support::fixtures;
 use support::marathon;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marathon::probe::{
-    client, get, get_with, open_stream, open_stream_with, read_fixture, shape_differences, WAIT,
+    client, get, get_with, open_stream, open_stream_with, read_fixture, MarathonShape, WAIT,
 };
 use marathon::{
     timestamp, App, Fault, HealthEventId, LineEnding, MarathonDouble, NetworkMode, Task, APPS,
@@ -101,13 +102,21 @@ async fn builders_have_every_key_of_the_fixtures() {
     let mut found = Vec::new();
     for fixture in read_fixture("zdd_apps.json")["apps"].as_array().unwrap() {
         let id = fixture["id"].as_str().unwrap();
-        shape_differences(fixture, ours, &format!("apps[{id}]"), &mut found);
+        let root = format!("apps[{id}]");
+        found.extend(fixtures::shape_differences(
+            fixture,
+            ours,
+            &root,
+            &MarathonShape,
+        ));
     }
     // An app definition as posted, against what api_post_event carries.
     let (event_type, event) = marathon.published()[0].clone();
     assert_eq!(event_type, "api_post_event");
     let posted = read_fixture("1-nginx.json");
-    shape_differences(&posted, &event["appDefinition"], "1-nginx", &mut found);
+    let posted_shape =
+        fixtures::shape_differences(&posted, &event["appDefinition"], "1-nginx", &MarathonShape);
+    found.extend(posted_shape);
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 

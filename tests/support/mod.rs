@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod consul;
+pub mod fixtures;
 pub mod killable;
 pub mod marathon;
 pub mod netns;

@@ -1,7 +1,7 @@
 //! A Consul HTTP API test double: `/v1/catalog/services` and `/v1/health/service/:name`, with
 //! blocking queries, ACL tokens and injectable faults, on 127.0.0.1:0.
 //!
-//! It follows shared/reference/consul.md and the docs samples in shared/fixtures/consul/. Tests
+//! It follows the Consul reference notes and the docs samples in tests/fixtures/consul/. Tests
 //! change the catalog with plain methods (`register`, `set_check`, ...); every write raises one
 //! raft-like index and wakes the blocked queries, as a Consul server does.
 //!

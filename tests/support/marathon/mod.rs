@@ -2,7 +2,7 @@
 //! the `GET /v2/events` Server-Sent Events stream, with basic or token auth and injectable
 //! faults, on 127.0.0.1:0.
 //!
-//! It follows shared/reference/marathon.md, the samples in shared/fixtures/marathon/ and, where
+//! It follows the Marathon reference notes, the samples in tests/fixtures/marathon/ and, where
 //! those are silent, Marathon's own source (1.x: Jersey for /v2/apps, Jetty's
 //! `EventSourceServlet` for /v2/events). Tests change the apps with plain methods (`put_app`,
 //! `add_task`, ...); each change is applied and its events published under one lock, so a

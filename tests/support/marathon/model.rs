@@ -1,5 +1,5 @@
 //! Builders for Marathon apps and tasks, rendered as the JSON that `GET /v2/apps?embed=apps.tasks`
-//! returns (keys as in shared/fixtures/marathon/zdd_apps.json, plus the 1.5+ ones).
+//! returns (keys as in tests/fixtures/marathon/zdd_apps.json, plus the 1.5+ ones).
 
 use std::collections::BTreeMap;
 

@@ -7,8 +7,8 @@ use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use super::MarathonDouble;
+use crate::support::fixtures::{self, ShapeRules};
 
-pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/marathon");
 /// Bounds every wait of these tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 /// How long a stream must stay quiet to count as silent.
@@ -219,59 +219,24 @@ impl EventStream {
 }
 
 pub fn read_fixture(name: &str) -> Value {
-    let path = format!("{FIXTURES}/{name}");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("fixture {path} is missing ({e}): the tests need shared/ beside the repository")
-    });
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+    fixtures::read("marathon", name)
 }
 
-pub fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
-/// Every key of `fixture` exists in `ours` with a value of the same kind, recursively; array
-/// items are compared with ours at the same index, or our last one. Exceptions: the keys inside
-/// `labels` (data, not schema), and `ports`, the pre-1.0 twin of `portDefinitions` in
+/// Array items are compared with ours at the same index, or our last one. Exceptions: the keys
+/// inside `labels` (data, not schema), and `ports`, the pre-1.0 twin of `portDefinitions` in
 /// nginx-blue, which Marathon 1.x no longer writes.
-pub fn shape_differences(fixture: &Value, ours: &Value, path: &str, found: &mut Vec<String>) {
-    if kind(fixture) != kind(ours) {
-        found.push(format!(
-            "{path}: {} in the fixture, {} from the double",
-            kind(fixture),
-            kind(ours)
-        ));
-        return;
+pub struct MarathonShape;
+
+impl ShapeRules for MarathonShape {
+    fn skip(&self, path: &str) -> bool {
+        path.ends_with(".labels")
     }
-    match (fixture, ours) {
-        (Value::Object(_), Value::Object(_)) if path.ends_with(".labels") => {}
-        (Value::Object(fixture), Value::Object(ours)) => {
-            for (key, value) in fixture {
-                match ours.get(key) {
-                    Some(ours) => shape_differences(value, ours, &format!("{path}.{key}"), found),
-                    None if key == "ports" && path.ends_with(']') => {}
-                    None => found.push(format!("{path}.{key}: missing from the double")),
-                }
-            }
-        }
-        (Value::Array(fixture), Value::Array(ours)) => {
-            for (i, value) in fixture.iter().enumerate() {
-                match ours.get(i).or(ours.last()) {
-                    Some(ours) => shape_differences(value, ours, &format!("{path}[{i}]"), found),
-                    None if value.is_object() => {
-                        found.push(format!("{path}[{i}]: missing from the double"))
-                    }
-                    None => {}
-                }
-            }
-        }
-        _ => {}
+
+    fn optional(&self, key: &str, path: &str) -> bool {
+        key == "ports" && path.ends_with(']')
+    }
+
+    fn item<'a>(&self, ours: &'a [Value], i: usize, _fixture: &Value) -> Option<&'a Value> {
+        ours.get(i).or(ours.last())
     }
 }
