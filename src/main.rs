@@ -13,10 +13,18 @@ use tracing_subscriber::EnvFilter;
 
 use weft::bridge::BridgeState;
 use weft::config::{BridgeConfig, BridgeMode, Config};
-use weft::haproxy::apply::{check_config, write_atomic};
+use weft::haproxy::files::stage;
+use weft::haproxy::validate::{validate, ValidateError};
 use weft::model::{build, ModelSettings};
-use weft::render::{render, RenderSettings};
+use weft::render::{render, RenderSettings, CONFIG_FILE};
 use weft::sources::{read_all_once, SourceReport};
+
+/// A line on stdout; a failed write (a closed pipe) is an error, not a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
 
 #[derive(Parser)]
 #[command(
@@ -88,11 +96,21 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
+        // The reader went away (`weft render | head`): nothing more to say, as ripgrep does.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("weft: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -159,18 +177,6 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
     (build(&refs, &model), failures)
 }
 
-fn settings_for(config: &Config, dir: &Path) -> RenderSettings {
-    RenderSettings {
-        bind: config.haproxy.bind,
-        run_dir: dir.to_path_buf(),
-        map_dir: dir.to_path_buf(),
-        hard_stop_after: config.haproxy.hard_stop_after,
-        max_reloads: config.haproxy.max_reloads,
-        slots: config.haproxy.server_slots,
-        log: config.haproxy.log.clone(),
-    }
-}
-
 async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let (built, failures) = build_once(config).await;
     for failure in &failures {
@@ -181,18 +187,18 @@ async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<Ex
     }
     match out {
         None => {
-            let rendered = render(&built.table, &settings_for(config, &config.haproxy.run_dir))?;
+            let rendered = render(
+                &built.table,
+                &RenderSettings::new(&config.haproxy, &config.haproxy.run_dir),
+            )?;
             std::io::stdout().write_all(rendered.config.as_bytes())?;
         }
         Some(dir) => {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let dir = std::path::absolute(&dir)?;
-            let rendered = render(&built.table, &settings_for(config, &dir))?;
-            for (name, content) in rendered.files() {
-                write_atomic(&dir.join(name), content)?;
-            }
-            write_atomic(&dir.join("server-state"), "1\n")?;
+            let rendered = render(&built.table, &RenderSettings::new(&config.haproxy, &dir))?;
+            stage(&dir, &rendered)?;
         }
     }
     Ok(if failures.is_empty() {
@@ -204,31 +210,31 @@ async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<Ex
 
 async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
-    println!("config {}: ok", path.display());
+    out!("config {}: ok", path.display());
     let mut problems = 0;
     if let Err(err) = require_binary(&config.haproxy.binary) {
-        println!("haproxy: {err:#}");
+        out!("haproxy: {err:#}");
         problems += 1;
     }
     let (built, failures) = build_once(&config).await;
     for failure in &failures {
-        println!("{failure}");
+        out!("{failure}");
         problems += 1;
     }
-    println!(
+    out!(
         "routing: {} services, {} routes, {} dropped",
         built.table.backends.len(),
         built.table.routes.len(),
         built.dropped.len()
     );
     for dropped in &built.dropped {
-        println!("dropped: {dropped}");
+        out!("dropped: {dropped}");
         if strict {
             problems += 1;
         }
     }
     if config.bridge.mode == BridgeMode::Off {
-        println!("bridge {}: off (bridge.mode = \"off\")", config.bridge.name);
+        out!("bridge {}: off (bridge.mode = \"off\")", config.bridge.name);
     } else {
         // Only looks: `weft check` changes nothing, and reading links needs no privilege.
         let bridge = BridgeConfig {
@@ -236,33 +242,32 @@ async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
             ..config.bridge.clone()
         };
         let (state, healthy) = bridge_once(&bridge).await;
-        println!("{state}");
+        out!("{state}");
         if !healthy {
             problems += 1;
         }
     }
     if config.haproxy.binary.exists() {
         let dir = tempfile::tempdir()?;
-        let rendered = render(&built.table, &settings_for(&config, dir.path()))?;
-        for (name, content) in rendered.files() {
-            write_atomic(&dir.path().join(name), content)?;
-        }
-        write_atomic(&dir.path().join("server-state"), "1\n")?;
-        let output = check_config(&config.haproxy.binary, &dir.path().join("haproxy.cfg")).await?;
-        if output.status.success() {
-            println!("haproxy -c: ok");
-        } else {
-            println!(
-                "haproxy -c: rejected:\n{}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-            problems += 1;
+        let rendered = render(
+            &built.table,
+            &RenderSettings::new(&config.haproxy, dir.path()),
+        )?;
+        stage(dir.path(), &rendered)?;
+        let staged = dir.path().join(CONFIG_FILE);
+        match validate(&config.haproxy.binary, &staged, &rendered.config).await {
+            Ok(()) => out!("haproxy -c: ok"),
+            Err(ValidateError::Rejected { stderr, .. }) => {
+                out!("haproxy -c: rejected:\n{stderr}");
+                problems += 1;
+            }
+            Err(err) => return Err(err.into()),
         }
     }
     Ok(if problems == 0 {
         ExitCode::SUCCESS
     } else {
-        println!("{problems} problem(s)");
+        out!("{problems} problem(s)");
         ExitCode::FAILURE
     })
 }
@@ -282,7 +287,7 @@ async fn bridge(path: &Path, check: bool, watch: bool) -> anyhow::Result<ExitCod
         config.mode = BridgeMode::Check;
     }
     if config.mode == BridgeMode::Off {
-        println!(
+        out!(
             "bridge {}: off (bridge.mode = \"off\"; --check looks anyway)",
             config.name
         );
@@ -290,7 +295,7 @@ async fn bridge(path: &Path, check: bool, watch: bool) -> anyhow::Result<ExitCod
     }
     if !watch {
         let (state, healthy) = bridge_once(&config).await;
-        println!("{state}");
+        out!("{state}");
         return Ok(if healthy {
             ExitCode::SUCCESS
         } else {
@@ -308,13 +313,14 @@ async fn bridge(path: &Path, check: bool, watch: bool) -> anyhow::Result<ExitCod
         loop {
             let state = rx.borrow_and_update().clone();
             if last.as_ref() != Some(&state.health) {
-                println!("{state}");
+                out!("{state}");
                 last = Some(state.health);
             }
             if rx.changed().await.is_err() {
                 break;
             }
         }
+        Ok::<(), std::io::Error>(())
     });
     keeper.run(shutdown).await;
     printer.abort();
@@ -342,20 +348,18 @@ async fn demo(bind: SocketAddr) -> anyhow::Result<ExitCode> {
     config.haproxy.bind = bind;
     require_binary(&config.haproxy.binary)?;
     let services = dir.path().join("services.toml");
-    println!(
+    out!(
         "weft demo: HAProxy on http://{bind}, services in {}",
         services.display()
     );
-    println!("try:");
-    println!(
+    out!("try:");
+    out!(
         "  curl -H 'Host: app.demo.localhost' http://{bind}/       # backend1 and backend2 in turn"
     );
-    println!(
-        "  curl -H 'Host: app.demo.localhost' http://{bind}/api/x  # the /api prefix: backend2"
-    );
-    println!("  curl -H 'Host: one.demo.localhost' http://{bind}/       # backend1 only");
-    println!("  curl -H 'Host: nope.example.com' http://{bind}/         # no route: 404");
-    println!(
+    out!("  curl -H 'Host: app.demo.localhost' http://{bind}/api/x  # the /api prefix: backend2");
+    out!("  curl -H 'Host: one.demo.localhost' http://{bind}/       # backend1 only");
+    out!("  curl -H 'Host: nope.example.com' http://{bind}/         # no route: 404");
+    out!(
         "edit {} and watch traffic follow; Ctrl-C stops.",
         services.display()
     );

@@ -17,14 +17,25 @@ use std::time::Duration;
 
 use askama::Template;
 
+use crate::config::HaproxyConfig;
 use crate::model::RoutingTable;
-use crate::slots::{slot_name, Slots};
+use crate::slots::{slot_name, Slots, PARKED};
 
-/// The map files the config refers to, by file name inside the map directory.
+/// The names of HAProxy's files, in the one place every part of weft reads them from. The
+/// map files the config refers to, by file name inside the map directory:
 pub const HOSTS_MAP: &str = "hosts.map";
 pub const PATHS_MAP: &str = "paths.map";
 pub const WILDCARDS_MAP: &str = "wildcards.map";
+/// The config, by file name inside the staging directory (the installed one may be named
+/// otherwise: `haproxy.config_file`).
 pub const CONFIG_FILE: &str = "haproxy.cfg";
+/// In the run directory: the admin stats socket the config opens, and the server state that
+/// a reload hands from the old worker to the new.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+pub const SERVER_STATE_FILE: &str = "server-state";
+/// An empty server-state file in the format HAProxy writes: version line only. Without it
+/// HAProxy warns that it cannot read the file.
+pub const EMPTY_SERVER_STATE: &str = "1\n";
 
 /// What the rendered files depend on besides the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +54,21 @@ pub struct RenderSettings {
     pub slots: usize,
     /// Syslog target of the access log (`haproxy.log`), if any.
     pub log: Option<String>,
+}
+
+impl RenderSettings {
+    /// The settings of `haproxy` for files installed in `run_dir` (maps and sockets there).
+    pub fn new(haproxy: &HaproxyConfig, run_dir: &Path) -> RenderSettings {
+        RenderSettings {
+            bind: haproxy.bind,
+            run_dir: run_dir.to_path_buf(),
+            map_dir: run_dir.to_path_buf(),
+            hard_stop_after: haproxy.hard_stop_after,
+            max_reloads: haproxy.max_reloads,
+            slots: haproxy.server_slots,
+            log: haproxy.log.clone(),
+        }
+    }
 }
 
 /// Every file HAProxy needs, as text.
@@ -81,8 +107,12 @@ struct BackendView {
 struct ConfigTemplate<'a> {
     version: &'a str,
     bind: SocketAddr,
-    run_dir: String,
-    map_dir: String,
+    admin_socket: String,
+    server_state: String,
+    hosts_map: String,
+    paths_map: String,
+    wildcards_map: String,
+    parked: SocketAddr,
     hard_stop_after: String,
     max_reloads: u32,
     log: Option<&'a str>,
@@ -128,8 +158,12 @@ pub fn render_with(
     let config = ConfigTemplate {
         version: env!("CARGO_PKG_VERSION"),
         bind: settings.bind,
-        run_dir: display_dir(&settings.run_dir),
-        map_dir: display_dir(&settings.map_dir),
+        admin_socket: in_dir(&settings.run_dir, ADMIN_SOCKET),
+        server_state: in_dir(&settings.run_dir, SERVER_STATE_FILE),
+        hosts_map: in_dir(&settings.map_dir, HOSTS_MAP),
+        paths_map: in_dir(&settings.map_dir, PATHS_MAP),
+        wildcards_map: in_dir(&settings.map_dir, WILDCARDS_MAP),
+        parked: PARKED,
         hard_stop_after: haproxy_duration(settings.hard_stop_after),
         max_reloads: settings.max_reloads,
         log: settings.log.as_deref(),
@@ -154,8 +188,9 @@ fn haproxy_duration(duration: Duration) -> String {
     }
 }
 
-fn display_dir(dir: &Path) -> String {
-    dir.display().to_string().trim_end_matches('/').to_string()
+/// `dir/name` as the config spells it.
+fn in_dir(dir: &Path, name: &str) -> String {
+    format!("{}/{name}", dir.display().to_string().trim_end_matches('/'))
 }
 
 /// The three maps. `map_beg` and `map_end` take the first match in file order, so longer keys

@@ -17,6 +17,10 @@ use std::net::SocketAddr;
 
 use crate::model::{RoutingTable, ServiceName};
 
+/// Where a free slot points: nothing listens on port 1, and the slot is disabled besides.
+pub const PARKED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+
 /// Default number of slots per backend: capacities are multiples of it.
 pub const DEFAULT_SLOTS: usize = 8;
 

@@ -180,7 +180,8 @@ impl StatusFeed {
         if let Some(error) = &haproxy.last_error {
             problems.push(format!("haproxy: {error}"));
         } else if !haproxy.running {
-            problems.push("haproxy: not running yet".into());
+            let yet = if haproxy.generation == 0 { " yet" } else { "" };
+            problems.push(format!("haproxy: not running{yet}"));
         }
         let bridge = self.bridge.borrow().clone();
         problems.extend(bridge.problems());

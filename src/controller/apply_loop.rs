@@ -15,42 +15,33 @@
 //! rejected, it is started on the last good one.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::blame::{effective, Blamed};
-use crate::haproxy::apply::{Applier, ApplyError, Candidate, Outcome, Refreshed, Step};
+use super::retry::{Ended, Retry};
+use crate::haproxy::apply::{Applier, ApplyError, Candidate, Outcome, Refreshed, Step, Validation};
+use crate::haproxy::process::Gone;
+use crate::haproxy::validate::ValidateError;
 use crate::model::{Built, RoutingTable};
 use crate::status::ApplyStatus;
 
-/// Retry delays after a failed apply or a HAProxy crash, doubling up to the last.
-const RETRY_MIN: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(30);
-/// A HAProxy that ran this long before it died restarts at once: only quick repeated deaths
-/// back off.
-const STABLE_RUN: Duration = Duration::from_secs(60);
 /// How many services `haproxy -c` may blame for one table before weft gives up on it.
 const MAX_CULPRITS: usize = 16;
-
-type Check = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ApplyError>> + Send>>;
 
 /// A reload waiting for its `haproxy -c`.
 struct Pending {
     candidate: Candidate,
-    check: Check,
+    check: Validation,
 }
 
 /// What the loop remembers between applies.
 struct LoopState {
     /// The last table applied in full, for the change log.
     applied: RoutingTable,
-    retry: Duration,
-    retry_at: Option<tokio::time::Instant>,
-    /// When weft last started HAProxy.
-    started_at: Option<tokio::time::Instant>,
+    retry: Retry,
     status: watch::Sender<ApplyStatus>,
 }
 
@@ -77,11 +68,13 @@ impl LoopState {
                 Err(err) => s.last_error = Some(err.to_string()),
             }
         });
+        let ended = Ended::of(&result);
+        let retry_in = self.retry.delay();
+        self.retry.after(ended, tokio::time::Instant::now());
         match result {
             // Part applied at runtime; the reload follows when the interval allows.
             Ok(Outcome::Deferred { until, updates }) => {
                 debug!(updates, wait = ?until.saturating_duration_since(tokio::time::Instant::now()), "reload deferred by min_reload_interval");
-                self.retry_at = Some(until);
             }
             Ok(outcome) => {
                 if outcome != Outcome::Unchanged {
@@ -89,23 +82,13 @@ impl LoopState {
                     info!(?outcome, services = table.backends.len(), routes = table.routes.len(), %changes, "routing applied");
                 }
                 self.applied = table.clone();
-                // A start is no proof that HAProxy stays up: crashes keep backing off.
-                if outcome == Outcome::Started {
-                    self.started_at = Some(tokio::time::Instant::now());
-                } else {
-                    self.retry = RETRY_MIN;
-                }
-                self.retry_at = None;
             }
             // The same table would be rejected again: wait for the next change.
-            Err(err @ ApplyError::Validate { .. }) => {
+            Err(err @ ApplyError::Validate(_)) => {
                 error!(error = %err, "haproxy rejected the config, keeping the last good one until the next change");
-                self.retry_at = None;
             }
             Err(err) => {
-                error!(error = %err, retry_in = ?self.retry, "apply failed, HAProxy keeps its last good config");
-                self.retry_at = Some(tokio::time::Instant::now() + self.retry);
-                self.retry = (self.retry * 2).min(RETRY_MAX);
+                error!(error = %err, ?retry_in, "apply failed, HAProxy keeps its last good config");
             }
         }
     }
@@ -135,14 +118,17 @@ async fn restart_on_last_good(applier: &mut Applier, state: &mut LoopState) {
     match applier.start_last_good().await {
         Ok(Some(_)) => {
             info!("haproxy started again on the last good config");
-            state.started_at = Some(tokio::time::Instant::now());
+            state
+                .retry
+                .after(Ended::Started, tokio::time::Instant::now());
             state.status.send_modify(|s| s.running = true);
         }
         Ok(None) => {}
         Err(err) => {
-            error!(error = %err, retry_in = ?state.retry, "cannot start haproxy on the last good config");
-            state.retry_at = Some(tokio::time::Instant::now() + state.retry);
-            state.retry = (state.retry * 2).min(RETRY_MAX);
+            error!(error = %err, retry_in = ?state.retry.delay(), "cannot start haproxy on the last good config");
+            state
+                .retry
+                .after(Ended::Failed, tokio::time::Instant::now());
         }
     }
 }
@@ -158,15 +144,13 @@ pub(super) async fn apply_loop(
 ) {
     let mut state = LoopState {
         applied: RoutingTable::default(),
-        retry: RETRY_MIN,
-        retry_at: None,
-        started_at: None,
+        retry: Retry::default(),
         status,
     };
     let mut pending: Option<Pending> = None;
     let mut blamed = Blamed::default();
     loop {
-        let retry_at = state.retry_at;
+        let retry_at = state.retry.at;
         let retry_sleep = async move {
             match retry_at {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -186,15 +170,15 @@ pub(super) async fn apply_loop(
                     break;
                 }
             }
-            exit = applier.exited() => {
-                if state.started_at.is_some_and(|at| at.elapsed() >= STABLE_RUN) {
-                    state.retry = RETRY_MIN;
+            gone = applier.gone() => {
+                state.retry.after_gone(tokio::time::Instant::now());
+                let retry_in = state.retry.at.map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
+                match gone {
+                    Gone::Exited(status) => error!(?status, ?retry_in, "haproxy exited unexpectedly, restarting it"),
+                    Gone::Silent(err) => error!(error = %err, ?retry_in, "the external haproxy stopped answering; weft reloads it once it answers again"),
                 }
-                error!(status = ?exit, restart_in = ?state.retry, "haproxy exited unexpectedly, restarting it");
-                applier.mark_exited();
+                applier.mark_gone();
                 state.status.send_modify(|s| s.running = false);
-                state.retry_at = Some(tokio::time::Instant::now() + state.retry);
-                state.retry = (state.retry * 2).min(RETRY_MAX);
                 continue;
             }
             () = retry_sleep => {}
@@ -222,7 +206,7 @@ pub(super) async fn apply_loop(
                     }
                     // `add` blames the service (and the latest table is applied without
                     // it) or, finding none, leaves the error to the arm below.
-                    Err(ApplyError::Validate { stderr, culprit: Some(backend) })
+                    Err(ApplyError::Validate(ValidateError::Rejected { stderr, culprit: Some(backend) }))
                         if blamed.len() < MAX_CULPRITS
                             && blamed.add(&backend, done.candidate.table(), &stderr) => {}
                     Err(err) => {
@@ -247,14 +231,11 @@ pub(super) async fn apply_loop(
             Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table),
             // While a validation runs, its end picks up this table. No timer either: an
             // elapsed one would spin this loop until the validation ends.
-            Ok(Step::Reload(_)) if pending.is_some() => state.retry_at = None,
+            Ok(Step::Reload(_)) if pending.is_some() => state.retry.at = None,
             Ok(Step::Reload(candidate)) => match applier.validation(&candidate) {
-                Ok(validation) => {
-                    state.retry_at = None;
-                    pending = Some(Pending {
-                        candidate,
-                        check: validation.check,
-                    })
+                Ok(check) => {
+                    state.retry.at = None;
+                    pending = Some(Pending { candidate, check })
                 }
                 Err(err) => state.record(Err(err), &table),
             },

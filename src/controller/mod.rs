@@ -25,6 +25,7 @@ use crate::status::{self, ApplyStatus, StatusFeed};
 
 mod apply_loop;
 mod blame;
+mod retry;
 use apply_loop::apply_loop;
 
 #[derive(Debug, thiserror::Error)]

@@ -4,12 +4,18 @@
 //! - `process`: start and supervise HAProxy in master-worker mode; the master CLI.
 //! - `runtime`: the admin stats socket (server state).
 //! - `plan`: what a change takes: runtime commands or a reload (pure).
+//! - `decision`: which way an apply goes: unchanged, runtime, deferred or reload (pure).
+//! - `files`: HAProxy's files on disk, written atomically; the staged set.
+//! - `validate`: `haproxy -c` and the service it blames.
 //! - `apply`: the only writer: runtime updates, or validate, install, reload, confirm.
 
 pub mod apply;
+pub mod decision;
+pub mod files;
 pub mod plan;
 pub mod process;
 pub mod runtime;
+pub mod validate;
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};

@@ -13,13 +13,9 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use super::runtime::{disable_server, enable_server};
 use crate::model::{Balance, HealthCheck, RoutingTable, ServiceName};
 use crate::render::{Rendered, HOSTS_MAP, PATHS_MAP, WILDCARDS_MAP};
-use crate::slots::{slot_name, Slots};
-
-/// Where a free slot points.
-const PARKED: &str = "127.0.0.1:1";
+use crate::slots::{slot_name, Slots, PARKED};
 
 /// What HAProxy runs, as weft installed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,13 +43,40 @@ pub fn same_structure(applied: &Applied, table: &RoutingTable, slots: &Slots) ->
     structure(&applied.table, &applied.slots) == structure(table, slots)
 }
 
-/// The runtime commands that turn `applied` into `slots` + `rendered` (same structure).
+/// One slot of a backend, pointed at a server (put in service) or parked (taken out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotChange {
+    pub backend: ServiceName,
+    pub index: usize,
+    pub addr: Option<SocketAddr>,
+}
+
+impl SlotChange {
+    /// The admin socket commands that make this change.
+    pub fn commands(&self) -> [String; 2] {
+        let server = format!("{}/{}", self.backend.backend(), slot_name(self.index));
+        let addr = |addr: SocketAddr| {
+            format!(
+                "set server {server} addr {} port {}",
+                addr.ip(),
+                addr.port()
+            )
+        };
+        match self.addr {
+            Some(to) => [addr(to), format!("set server {server} state ready")],
+            // Out of service (new requests stop, running ones finish), then parked.
+            None => [format!("set server {server} state maint"), addr(PARKED)],
+        }
+    }
+}
+
+/// The runtime changes that turn `applied` into `slots` + `rendered` (same structure).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RuntimePlan {
     /// Servers put in service: run first, so that a moved backend is never empty.
-    pub enable: Vec<String>,
+    pub enable: Vec<SlotChange>,
     /// Servers taken out: run last.
-    pub disable: Vec<String>,
+    pub disable: Vec<SlotChange>,
     /// Map files whose content changes, with their entries in order.
     pub maps: Vec<(&'static str, Vec<(String, String)>)>,
     /// Every slot of each touched backend, as it must run afterwards.
@@ -61,18 +84,15 @@ pub struct RuntimePlan {
 }
 
 impl RuntimePlan {
-    pub fn is_empty(&self) -> bool {
-        self.enable.is_empty() && self.disable.is_empty() && self.maps.is_empty()
-    }
-
-    /// Commands counted as runtime updates: one per server changed, one per map replaced.
+    /// Runtime updates: one per server changed, one per map replaced.
     pub fn updates(&self) -> usize {
-        (self.enable.len() + self.disable.len()) / 2 + self.maps.len()
+        self.enable.len() + self.disable.len() + self.maps.len()
     }
 }
 
-fn parked() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 1))
+/// The commands of `changes`, in order.
+pub fn commands(changes: &[SlotChange]) -> Vec<String> {
+    changes.iter().flat_map(SlotChange::commands).collect()
 }
 
 pub fn runtime_plan(applied: &Applied, slots: &Slots, rendered: &Rendered) -> RuntimePlan {
@@ -81,26 +101,29 @@ pub fn runtime_plan(applied: &Applied, slots: &Slots, rendered: &Rendered) -> Ru
         let Some(running) = applied.slots.backends.get(name) else {
             continue;
         };
-        let backend = name.backend();
         let mut touched = false;
         for (index, (now, next)) in running.iter().zip(wanted).enumerate() {
             if now == next {
                 continue;
             }
             touched = true;
-            let server = slot_name(index);
+            let change = SlotChange {
+                backend: name.clone(),
+                index,
+                addr: *next,
+            };
             match next {
-                Some(addr) => plan.enable.extend(enable_server(&backend, &server, *addr)),
-                None => plan.disable.extend(disable_server(&backend, &server)),
+                Some(_) => plan.enable.push(change),
+                None => plan.disable.push(change),
             }
         }
         if touched {
             let expected = wanted
                 .iter()
                 .enumerate()
-                .map(|(i, slot)| (slot_name(i), slot.unwrap_or_else(parked)))
+                .map(|(i, slot)| (slot_name(i), slot.unwrap_or(PARKED)))
                 .collect();
-            plan.expected.insert(backend, expected);
+            plan.expected.insert(name.backend(), expected);
         }
     }
     let maps = [
@@ -180,7 +203,7 @@ pub fn filter_server_state(state: &str, slots: &Slots) -> String {
                     let index: usize = fields[3].strip_prefix('s')?.parse().ok()?;
                     slots.get(index.checked_sub(1)?)
                 })
-                .map(|slot| slot.map_or(PARKED.to_string(), |a| a.to_string()));
+                .map(|slot| slot.unwrap_or(PARKED).to_string());
             expected.is_some_and(|e| e == format!("{}:{}", fields[4], fields[18]))
         };
         if keep {
@@ -192,13 +215,14 @@ pub fn filter_server_state(state: &str, slots: &Slots) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::test_table;
     use crate::render::{render_with, RenderSettings};
     use crate::sources::ServiceDef;
 
-    fn table(services: &[(&str, &[&str])]) -> RoutingTable {
+    /// Services `name` on `name.example.com` with their servers.
+    pub(crate) fn table(services: &[(&str, &[&str])]) -> RoutingTable {
         let hosted: Vec<(&str, String, &[&str])> = services
             .iter()
             .map(|(name, servers)| (*name, format!("{name}.example.com"), *servers))
@@ -231,7 +255,8 @@ mod tests {
         }
     }
 
-    fn applied(table: RoutingTable) -> Applied {
+    /// `table` as a fresh start would run it (4 slots per backend).
+    pub(crate) fn applied(table: RoutingTable) -> Applied {
         let slots = Slots::assign(&Slots::default(), &table, 4);
         let rendered = render_with(&table, &slots, &settings()).unwrap();
         Applied {
@@ -250,7 +275,7 @@ mod tests {
         let rendered = render_with(&next, &slots, &settings()).unwrap();
         let plan = runtime_plan(&before, &slots, &rendered);
         assert_eq!(
-            plan.enable,
+            commands(&plan.enable),
             [
                 "set server be_shop/s2 addr 10.2.9.9 port 80",
                 "set server be_shop/s2 state ready"
@@ -262,7 +287,7 @@ mod tests {
             plan.expected["be_shop"]["s2"],
             "10.2.9.9:80".parse().unwrap()
         );
-        assert_eq!(plan.expected["be_shop"]["s3"], parked());
+        assert_eq!(plan.expected["be_shop"]["s3"], PARKED);
         assert_eq!(plan.updates(), 1);
     }
 
@@ -334,5 +359,116 @@ mod tests {
             kept,
             "1\n# be_id be_name srv_id srv_name srv_addr ...\n3 be_shop 1 s1 10.2.1.5 2 0 1 1 3 15 3 4 6 0 0 0 - 80 - 0 0 - - 0\n"
         );
+    }
+
+    /// What HAProxy holds after `plan` runs on `applied`: its slots, and its map entries.
+    fn replay(applied: &Applied, plan: &RuntimePlan) -> (Slots, Vec<Vec<(String, String)>>) {
+        let mut slots = applied.slots.clone();
+        for change in plan.enable.iter().chain(&plan.disable) {
+            slots.backends.get_mut(&change.backend).unwrap()[change.index] = change.addr;
+        }
+        let mut maps: Vec<Vec<(String, String)>> = [
+            &applied.rendered.hosts_map,
+            &applied.rendered.paths_map,
+            &applied.rendered.wildcards_map,
+        ]
+        .map(|text| map_entries(text))
+        .into();
+        for (file, entries) in &plan.maps {
+            let at = [HOSTS_MAP, PATHS_MAP, WILDCARDS_MAP]
+                .iter()
+                .position(|f| f == file)
+                .unwrap();
+            maps[at] = entries.clone();
+        }
+        (slots, maps)
+    }
+
+    fn maps_of(rendered: &Rendered) -> Vec<Vec<(String, String)>> {
+        [
+            &rendered.hosts_map,
+            &rendered.paths_map,
+            &rendered.wildcards_map,
+        ]
+        .map(|text| map_entries(text))
+        .into()
+    }
+
+    /// A random table over `services`: each has 0-6 of 10 servers, some of 3 hosts (one
+    /// exact, one wildcard, one shared by all), and maybe a path.
+    fn random_table(rng: &mut fastrand::Rng, services: &[&str]) -> RoutingTable {
+        let defs = services
+            .iter()
+            .map(|name| {
+                let servers: Vec<String> = (0..rng.usize(0..=6))
+                    .map(|_| format!("10.2.{}.{}:80", rng.u8(1..3), rng.u8(1..6)))
+                    .collect();
+                let hosts: Vec<String> = [
+                    format!("{name}.example.com"),
+                    format!("*.{name}.example.org"),
+                    "www.example.net".to_string(),
+                ]
+                .into_iter()
+                .filter(|_| rng.bool())
+                .collect();
+                let servers: Vec<&str> = servers.iter().map(String::as_str).collect();
+                let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+                ServiceDef {
+                    path: rng.bool().then(|| format!("/{name}")),
+                    ..ServiceDef::new(name, &hosts, &servers)
+                }
+            })
+            .collect();
+        test_table(defs)
+    }
+
+    /// In the spirit of sozu's state diff tests: the runtime plan, replayed on what runs,
+    /// gives exactly the desired slots and maps, for every same-structure change; and the
+    /// runtime part of any change replays to the part.
+    #[test]
+    fn runtime_plans_replay_to_the_desired_state() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        let services = ["shop", "cart", "pay"];
+        let (mut runtime, mut parts, mut paths) = (0, 0, 0);
+        let mut before = applied(random_table(&mut rng, &services));
+        for _ in 0..500 {
+            let count = rng.usize(1..=3);
+            let next = random_table(&mut rng, &services[..count]);
+            let slots = Slots::assign(&before.slots, &next, 4);
+            paths += usize::from(!next.routes.keys().all(|k| k.path.is_root()));
+            if same_structure(&before, &next, &slots) {
+                runtime += 1;
+                let rendered = render_with(&next, &slots, &settings()).unwrap();
+                let plan = runtime_plan(&before, &slots, &rendered);
+                assert_eq!(replay(&before, &plan), (slots.clone(), maps_of(&rendered)));
+                // Every slot of a touched backend is expected where the plan puts it.
+                for (backend, expected) in &plan.expected {
+                    let name = ServiceName::parse(&backend[3..]).unwrap();
+                    for (i, slot) in slots.backends[&name].iter().enumerate() {
+                        assert_eq!(expected[&slot_name(i)], slot.unwrap_or(PARKED));
+                    }
+                }
+                before = Applied {
+                    table: next,
+                    slots,
+                    rendered,
+                };
+            } else {
+                parts += 1;
+                let part = runtime_part(&before, &next);
+                let slots = Slots::assign(&before.slots, &part, 4);
+                assert!(same_structure(&before, &part, &slots), "{part:?}");
+                let rendered = render_with(&part, &slots, &settings()).unwrap();
+                let plan = runtime_plan(&before, &slots, &rendered);
+                assert_eq!(replay(&before, &plan), (slots, maps_of(&rendered)));
+                // Then the reload: what runs is the whole desired state.
+                before = applied(next);
+            }
+        }
+        assert!(
+            runtime > 50 && parts > 50,
+            "{runtime} runtime, {parts} parts"
+        );
+        assert!(paths > 50, "{paths} changes with paths");
     }
 }

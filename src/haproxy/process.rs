@@ -17,6 +17,12 @@ use super::{cli_command, CliError};
 /// How long a fresh HAProxy may take to answer on its master socket with a worker running.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(25);
+/// How often an external HAProxy's master is asked whether it still runs, and how many tries
+/// in a row must fail before it counts as gone.
+pub const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+pub const SILENT_TRIES: u32 = 3;
+/// How often a reload's progress is read from the master.
+const RELOAD_POLL: Duration = Duration::from_millis(5);
 /// Lines of HAProxy's own output kept for error messages.
 const KEPT_OUTPUT_LINES: usize = 20;
 
@@ -36,6 +42,14 @@ pub enum ProcessError {
     ShowProc { answer: String },
     #[error(transparent)]
     Cli(#[from] CliError),
+    #[error("reload: {0}")]
+    Reload(#[source] CliError),
+    #[error(
+        "reload not confirmed within {timeout:?}: the master's reload counter stayed at {reloads}"
+    )]
+    ReloadTimeout { timeout: Duration, reloads: u64 },
+    #[error("haproxy failed to load the new config (show proc: failed: {failed}); the last good files are restored and the old worker keeps serving")]
+    ReloadFailed { failed: u64 },
 }
 
 /// The master and worker lines of `show proc`.
@@ -87,6 +101,94 @@ impl ProcStatus {
 pub async fn show_proc(master_socket: &Path) -> Result<ProcStatus, ProcessError> {
     let answer = cli_command(master_socket, "show proc").await?;
     ProcStatus::parse(&answer).ok_or(ProcessError::ShowProc { answer })
+}
+
+/// `show proc`, retried while the master refuses connections (it does for a moment after a
+/// reload), up to `timeout`.
+pub async fn master_status(
+    master_socket: &Path,
+    timeout: Duration,
+) -> Result<ProcStatus, ProcessError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match show_proc(master_socket).await {
+            Err(ProcessError::Cli(err))
+                if err.is_refused() && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(RELOAD_POLL).await
+            }
+            status => return status,
+        }
+    }
+}
+
+/// Asks the master to reload and waits until its reload counter passes `before`: the new
+/// worker runs, or the load failed (`failed` > 0). Returns the new counter.
+pub async fn reload(
+    master_socket: &Path,
+    before: u64,
+    timeout: Duration,
+) -> Result<u64, ProcessError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match cli_command(master_socket, "reload").await {
+            Ok(_) => break,
+            Err(err) if err.is_refused() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(RELOAD_POLL).await
+            }
+            Err(err) => return Err(ProcessError::Reload(err)),
+        }
+    }
+    loop {
+        match show_proc(master_socket).await {
+            Ok(proc) if proc.reloads > before && proc.failed > 0 => {
+                return Err(ProcessError::ReloadFailed {
+                    failed: proc.failed,
+                })
+            }
+            Ok(proc) if proc.reloads > before => return Ok(proc.reloads),
+            Ok(_) => {}
+            Err(err) => debug!(error = %err, "show proc during reload"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProcessError::ReloadTimeout {
+                timeout,
+                reloads: before,
+            });
+        }
+        tokio::time::sleep(RELOAD_POLL).await;
+    }
+}
+
+/// Why HAProxy no longer runs.
+#[derive(Debug)]
+pub enum Gone {
+    /// The managed master exited.
+    Exited(std::io::Result<ExitStatus>),
+    /// The external master stopped answering on its socket.
+    Silent(ProcessError),
+}
+
+/// Asks an external HAProxy's master `show proc` every [`LIVENESS_INTERVAL`], and returns
+/// once it no longer answers: [`SILENT_TRIES`] tries in a row over one interval failed, so
+/// that the moment a reload makes it refuse connections is not taken for a death.
+pub async fn until_silent(master_socket: &Path) -> ProcessError {
+    let mut failed = Vec::new();
+    loop {
+        let pause = if failed.is_empty() {
+            LIVENESS_INTERVAL
+        } else {
+            LIVENESS_INTERVAL / SILENT_TRIES
+        };
+        tokio::time::sleep(pause).await;
+        match show_proc(master_socket).await {
+            Ok(_) => failed.clear(),
+            Err(err) => failed.push(err),
+        }
+        if failed.len() == SILENT_TRIES as usize {
+            return failed.swap_remove(0);
+        }
+    }
 }
 
 /// A HAProxy master that weft started and supervises.

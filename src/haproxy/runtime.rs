@@ -9,7 +9,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use tracing::warn;
+
+use super::files::write_atomic;
+use super::plan::{commands, filter_server_state, RuntimePlan};
 use super::{cli_command, CliError};
+use crate::slots::Slots;
 
 /// Longest command line sent at once; HAProxy's CLI buffer is 16 kB by default.
 const MAX_LINE: usize = 8 * 1024;
@@ -95,24 +100,35 @@ fn check_answer(command: &str, answer: &str) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Puts a server slot on `addr` and into service.
-pub fn enable_server(backend: &str, server: &str, addr: SocketAddr) -> [String; 2] {
-    [
-        format!(
-            "set server {backend}/{server} addr {} port {}",
-            addr.ip(),
-            addr.port()
-        ),
-        format!("set server {backend}/{server} state ready"),
-    ]
+/// Runs a same-structure plan: servers put in service first (a moved backend is never
+/// empty), then the maps, then servers taken out; then confirms every touched slot.
+pub async fn execute(admin: &Path, map_dir: &Path, plan: &RuntimePlan) -> Result<(), RuntimeError> {
+    run_commands(admin, &commands(&plan.enable)).await?;
+    for (file, entries) in &plan.maps {
+        let entries: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        replace_map(admin, &map_dir.join(file), &entries).await?;
+    }
+    run_commands(admin, &commands(&plan.disable)).await?;
+    verify_servers(admin, &plan.expected).await
 }
 
-/// Takes a slot out of service (new requests stop, running ones finish) and parks it.
-pub fn disable_server(backend: &str, server: &str) -> [String; 2] {
-    [
-        format!("set server {backend}/{server} state maint"),
-        format!("set server {backend}/{server} addr 127.0.0.1 port 1"),
-    ]
+/// Dumps the running servers' state to `path` for the next worker, without the servers whose
+/// slot changes address (HAProxy would restore the old address over the new config's). A
+/// failure only costs the state.
+pub async fn save_server_state(admin: &Path, path: &Path, slots: &Slots) {
+    match show_servers_state(admin, None).await {
+        Ok(state) if state.starts_with('1') => {
+            let kept = filter_server_state(&state, slots);
+            if let Err(err) = write_atomic(path, &kept) {
+                warn!(error = %err, "cannot save server state");
+            }
+        }
+        Ok(other) => warn!(answer = %other.trim(), "unexpected server state answer"),
+        Err(err) => warn!(error = %err, "cannot read server state"),
+    }
 }
 
 /// Replaces a whole map atomically: `prepare map`, `add map @version` for every entry in

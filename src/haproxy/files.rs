@@ -1,0 +1,98 @@
+//! HAProxy's files on disk: written atomically, the staged set written by one function, the
+//! last good version of each kept beside it.
+
+use std::path::{Path, PathBuf};
+
+use crate::render::{Rendered, EMPTY_SERVER_STATE, SERVER_STATE_FILE};
+
+/// The directory inside `run_dir` where candidates are checked before they are installed.
+pub const STAGING_DIR: &str = "staging";
+/// The master's pid file, inside `run_dir`.
+pub const PID_FILE: &str = "haproxy.pid";
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source}")]
+pub struct WriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Writes every file of `rendered` into `dir`, with an empty server state: the set that
+/// `haproxy -c -f dir/haproxy.cfg` checks when `rendered` was rendered for `dir`.
+pub fn stage(dir: &Path, rendered: &Rendered) -> Result<(), WriteError> {
+    create_dir(dir)?;
+    for (name, content) in rendered.files() {
+        write_atomic(&dir.join(name), content)?;
+    }
+    write_atomic(&dir.join(SERVER_STATE_FILE), EMPTY_SERVER_STATE)
+}
+
+pub fn create_dir(dir: &Path) -> Result<(), WriteError> {
+    std::fs::create_dir_all(dir).map_err(|source| WriteError {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes to a temporary file beside `path` and renames it over: readers see the old file or
+/// the new one, never half of one.
+pub fn write_atomic(path: &Path, content: &str) -> Result<(), WriteError> {
+    let err = |source| WriteError {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+    std::io::Write::write_all(&mut tmp, content.as_bytes()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
+}
+
+/// Where the version of `path` that HAProxy last loaded successfully is kept.
+pub fn last_good_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".last-good");
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staged_set_is_every_file_and_an_empty_server_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let rendered = Rendered {
+            config: "global\n".into(),
+            hosts_map: "a.example.com be_a\n".into(),
+            paths_map: String::new(),
+            wildcards_map: String::new(),
+        };
+        let staging = dir.path().join(STAGING_DIR);
+        stage(&staging, &rendered).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "haproxy.cfg",
+                "hosts.map",
+                "paths.map",
+                "server-state",
+                "wildcards.map"
+            ]
+        );
+        let read = |name: &str| std::fs::read_to_string(staging.join(name)).unwrap();
+        assert_eq!(read("hosts.map"), rendered.hosts_map);
+        assert_eq!(read(SERVER_STATE_FILE), EMPTY_SERVER_STATE);
+        assert_eq!(
+            last_good_path(&staging.join("hosts.map")),
+            staging.join("hosts.map.last-good")
+        );
+    }
+}

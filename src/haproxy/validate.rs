@@ -1,0 +1,92 @@
+//! `haproxy -c`: whether HAProxy accepts a config, and which service it blames when it does not.
+
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error("cannot run {binary} -c: {source}")]
+    RunCheck {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("haproxy rejected the config{}: {stderr}", culprit.as_ref().map(|c| format!(" in backend {c}")).unwrap_or_default())]
+    Rejected {
+        stderr: String,
+        /// The backend whose lines HAProxy complained about, if the error lies in one.
+        culprit: Option<String>,
+    },
+}
+
+/// `haproxy -c -f <file>`, stderr kept (never `-q`: it hides the ALERTs too).
+pub async fn check_config(
+    binary: &Path,
+    config: &Path,
+) -> Result<std::process::Output, ValidateError> {
+    Command::new(binary)
+        .arg("-c")
+        .arg("-f")
+        .arg(config)
+        .output()
+        .await
+        .map_err(|source| ValidateError::RunCheck {
+            binary: binary.to_path_buf(),
+            source,
+        })
+}
+
+/// Checks the config at `path`, whose text is `config`; a rejection names its culprit.
+pub async fn validate(binary: &Path, path: &Path, config: &str) -> Result<(), ValidateError> {
+    let output = check_config(binary, path).await?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    let culprit = culprit(&stderr, config);
+    Err(ValidateError::Rejected { stderr, culprit })
+}
+
+/// Finds the service backend whose section holds the line HAProxy's first ALERT names
+/// (`parsing [file:LINE]`, also spelled `Parsing [`). Warnings blame nobody.
+fn culprit(stderr: &str, config: &str) -> Option<String> {
+    const MARK: &str = "parsing [";
+    let line: usize = stderr
+        .lines()
+        .filter(|l| l.contains("[ALERT]"))
+        .find_map(|l| {
+            // ASCII lowercasing keeps byte offsets.
+            let start = l.to_ascii_lowercase().find(MARK)? + MARK.len();
+            let rest = &l[start..];
+            let end = rest.find(']')?;
+            rest[..end].rsplit_once(':')?.1.parse().ok()
+        })?;
+    config
+        .lines()
+        .take(line)
+        .filter_map(|l| l.strip_prefix("backend "))
+        .last()
+        .map(|b| b.trim().to_string())
+        .filter(|b| b.starts_with(crate::model::BACKEND_PREFIX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn culprit_is_the_enclosing_backend() {
+        let config = "global\n\nbackend no_route\n    x\nbackend be_shop\n    balance bogus\n    server a 1.2.3.4:80\n";
+        let stderr = "[NOTICE]   (1) : haproxy version is 2.6.12\n[ALERT]    (1) : config : parsing [/run/staging/haproxy.cfg:6] : unknown balance\n";
+        assert_eq!(culprit(stderr, config).as_deref(), Some("be_shop"));
+        let capital = "[ALERT]    (1) : config : Parsing [/x/haproxy.cfg:7]: bad server\n";
+        assert_eq!(culprit(capital, config).as_deref(), Some("be_shop"));
+        let warning = "[WARNING]  (1) : config : parsing [/x/haproxy.cfg:6] : meh\n[ALERT]    (1) : config : parsing [/x/haproxy.cfg:1] : bad\n";
+        assert_eq!(culprit(warning, config), None);
+        let global = "[ALERT] (1) : config : parsing [/x/haproxy.cfg:1] : bad";
+        assert_eq!(culprit(global, config), None);
+        let default = "[ALERT] (1) : config : parsing [/x/haproxy.cfg:4] : bad";
+        assert_eq!(culprit(default, config), None);
+    }
+}
