@@ -178,3 +178,29 @@ fn check_reports_problems_and_exit_codes() {
         assert!(stderr.contains(key), "{key} missing in {stderr}");
     }
 }
+
+/// `weft render | head -1` and `weft check | head -1`: the reader closes the pipe before weft
+/// has written everything. weft stops quietly with 0, as ripgrep does, rather than failing
+/// (or panicking in a print) with "Broken pipe".
+#[test]
+fn a_reader_that_goes_away_early_is_no_error() {
+    let dir = setup(HOSTILE);
+    for args in [["render"], ["check"]] {
+        // The reading end is closed before weft starts: every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(args)
+            .arg("-c")
+            .arg(dir.path().join("weft.toml"))
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        // `check` on this input reports problems (exit 1) if it gets to say them; with
+        // nobody reading, there is nobody to tell.
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
