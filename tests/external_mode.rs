@@ -55,3 +55,61 @@ async fn weft_takes_over_a_running_haproxy_and_leaves_it_running() {
     assert!(haproxy.alive(), "weft leaves an external HAProxy running");
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
 }
+
+/// weft does not assume an external HAProxy runs: it asks its master (`show proc`), reports
+/// it down on /metrics and /status when it stops answering, and reloads it onto weft's routes
+/// once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_haproxy_that_dies_is_reported_down_and_taken_back_when_it_returns() {
+    let a = Backend::start("a").await;
+    let dir = tempfile::Builder::new()
+        .prefix("weft-ext-")
+        .tempdir()
+        .unwrap();
+    let port = free_port();
+    let mut haproxy = ExternalHaproxy::start(dir.path(), port, "before weft");
+    let keys = format!(
+        "mode = \"external\"\nmaster_socket = {:?}\nconfig_file = {:?}\n",
+        haproxy.master_socket.display().to_string(),
+        haproxy.config_file.display().to_string()
+    );
+    let services = service("alpha", &["alpha.test"], None, &[a.addr]);
+    let weft = Weft::start_in(dir, port, &keys, &services);
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let up = |want: &'static str| {
+        let weft = &weft;
+        async move {
+            let (_, metrics) = weft.status("/metrics").await?;
+            let line = metrics
+                .lines()
+                .find(|l| l.starts_with("weft_haproxy_up "))
+                .ok_or("no weft_haproxy_up")?
+                .to_string();
+            if line == format!("weft_haproxy_up {want}") {
+                Ok(())
+            } else {
+                Err(line)
+            }
+        }
+    };
+    eventually(Duration::from_secs(5), "weft_haproxy_up 1", || up("1")).await;
+
+    haproxy.kill();
+    // Within the liveness interval (2 s) and its three tries, plus slack.
+    eventually(Duration::from_secs(15), "weft_haproxy_up 0", || up("0")).await;
+    let (code, status) = weft.status("/status").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(status.contains("\"running\":false"), "{status}");
+    let (code, healthz) = weft.status("/healthz").await.unwrap();
+    assert_eq!(code, 503, "{healthz}");
+
+    // systemd brings it back on the files weft installed; weft reloads it and says so.
+    haproxy.restart();
+    eventually(Duration::from_secs(30), "weft_haproxy_up 1 again", || {
+        up("1")
+    })
+    .await;
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let (code, healthz) = weft.status("/healthz").await.unwrap();
+    assert_eq!(code, 200, "{healthz}");
+}

@@ -475,17 +475,7 @@ impl ExternalHaproxy {
             ),
         )
         .unwrap();
-        let child = Command::new(HAPROXY)
-            .arg("-W")
-            .arg("-S")
-            .arg(format!("{},mode,600", master_socket.display()))
-            .arg("-f")
-            .arg(&config_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = Self::spawn(&master_socket, &config_file);
         ExternalHaproxy {
             master_socket,
             config_file,
@@ -493,14 +483,39 @@ impl ExternalHaproxy {
         }
     }
 
+    fn spawn(master_socket: &Path, config_file: &Path) -> Child {
+        Command::new(HAPROXY)
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", master_socket.display()))
+            .arg("-f")
+            .arg(config_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the master (its worker follows it), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on whatever its config file says now, as systemd's restart would.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.master_socket, &self.config_file);
     }
 }
 
 impl Drop for ExternalHaproxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
