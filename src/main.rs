@@ -14,9 +14,9 @@ use tracing_subscriber::EnvFilter;
 use weft::bridge::BridgeState;
 use weft::config::{BridgeConfig, BridgeMode, Config};
 use weft::haproxy::apply::{check_config, write_atomic};
-use weft::model::{build, ModelSettings};
+use weft::model::{build, ModelSettings, SourceReport};
 use weft::render::{render, RenderSettings};
-use weft::sources::{read_all_once, SourceReport};
+use weft::sources::read_all_once;
 
 #[derive(Parser)]
 #[command(
@@ -89,7 +89,9 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("weft: {err:#}");
+            // Not `{err:#}`: weft's errors name their cause in their own message too, and
+            // `{:#}` would print it once more for every level of the chain.
+            eprintln!("weft: {}", weft::sources::error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -146,10 +148,10 @@ fn require_binary(binary: &Path) -> anyhow::Result<()> {
 async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
     let mut reports: Vec<SourceReport> = Vec::new();
     let mut failures = Vec::new();
-    for (source, result) in read_all_once(config).await {
+    for result in read_all_once(config).await {
         match result {
             Ok(report) => reports.push(report),
-            Err(err) => failures.push(format!("source {source}: {err}")),
+            Err(err) => failures.push(format!("source {}: {err}", err.source_id())),
         }
     }
     let refs: Vec<&SourceReport> = reports.iter().collect();

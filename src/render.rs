@@ -17,6 +17,10 @@ use std::time::Duration;
 
 use askama::Template;
 
+// Config owns the config file's name (its `haproxy.config_file` default is made of it). It is
+// re-exported here, beside the map names, because the haproxy module names every rendered file
+// through render.
+pub use crate::config::CONFIG_FILE;
 use crate::model::RoutingTable;
 use crate::slots::{slot_name, Slots};
 
@@ -24,7 +28,6 @@ use crate::slots::{slot_name, Slots};
 pub const HOSTS_MAP: &str = "hosts.map";
 pub const PATHS_MAP: &str = "paths.map";
 pub const WILDCARDS_MAP: &str = "wildcards.map";
-pub const CONFIG_FILE: &str = "haproxy.cfg";
 
 /// What the rendered files depend on besides the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,8 +193,7 @@ fn map_text(entries: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_table;
-    use crate::sources::ServiceDef;
+    use crate::model::{test_table, ServiceDef};
 
     fn settings() -> RenderSettings {
         RenderSettings {

@@ -17,9 +17,6 @@ use std::net::SocketAddr;
 
 use crate::model::{RoutingTable, ServiceName};
 
-/// Default number of slots per backend: capacities are multiples of it.
-pub const DEFAULT_SLOTS: usize = 8;
-
 /// Every backend's slots; `None` is a free slot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Slots {
@@ -56,11 +53,6 @@ impl Slots {
         }
         Slots { backends }
     }
-
-    /// The slot count of each backend: part of the config's structure.
-    pub fn capacities(&self) -> BTreeMap<&ServiceName, usize> {
-        self.backends.iter().map(|(n, s)| (n, s.len())).collect()
-    }
 }
 
 /// A slot's server name in HAProxy: `s1`, `s2`, ...
@@ -71,8 +63,7 @@ pub fn slot_name(index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_table;
-    use crate::sources::ServiceDef;
+    use crate::model::{test_table, ServiceDef};
 
     fn table(servers: &[&str]) -> RoutingTable {
         test_table(vec![ServiceDef::new(
@@ -120,7 +111,8 @@ mod tests {
             addrs(&second),
             ["10.2.1.1:80", "10.2.1.9:80", "10.2.1.3:80", "-"]
         );
-        assert_eq!(first.capacities(), second.capacities());
+        let capacities = |slots: &Slots| slots.backends.values().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(capacities(&first), capacities(&second));
     }
 
     #[test]

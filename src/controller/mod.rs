@@ -19,8 +19,8 @@ use tracing::{info, warn};
 use crate::bridge::{BridgeState, Keeper};
 use crate::config::{BridgeMode, Config};
 use crate::haproxy::apply::Applier;
-use crate::model::{build, Built, Dropped, ModelSettings};
-use crate::sources::{consul, file, marathon, SourceId, SourceReport};
+use crate::model::{build, Built, Dropped, Health, ModelSettings, SourceReport};
+use crate::sources::{self, SourceError};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
 mod apply_loop;
@@ -40,10 +40,10 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("source {source_id} failed: {message}")]
+    #[error("source {} failed: {source}", .source.source_id())]
     Source {
-        source_id: SourceId,
-        message: String,
+        #[from]
+        source: SourceError,
     },
     #[error("a task of weft's ended unexpectedly: {0}")]
     TaskEnded(String),
@@ -73,46 +73,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         });
     }
 
-    let mut reports = Vec::new();
-    if let Some(file_config) = config.sources.file.clone() {
-        let token = shutdown.clone();
-        reports.push(spawn_source(
-            &mut tasks,
-            SourceId::File,
-            move |tx| async move {
-                file::run(file_config, tx, token)
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        ));
-    }
-    if let Some(consul_config) = config.sources.consul.clone() {
-        let token = shutdown.clone();
-        let domain = config.routing.domain.clone();
-        reports.push(spawn_source(
-            &mut tasks,
-            SourceId::Consul,
-            move |tx| async move {
-                consul::run(consul_config, domain, tx, token)
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        ));
-    }
-
-    if let Some(marathon_config) = config.sources.marathon.clone() {
-        let token = shutdown.clone();
-        let domain = config.routing.domain.clone();
-        reports.push(spawn_source(
-            &mut tasks,
-            SourceId::Marathon,
-            move |tx| async move {
-                marathon::run(marathon_config, domain, tx, token)
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        ));
-    }
+    let reports = sources::spawn_all(&config, &mut tasks, &shutdown);
 
     let model = ModelSettings {
         allowed: config.allowed.clone(),
@@ -167,26 +128,6 @@ async fn first_failure(
     }
 }
 
-/// Starts one source task; its reports arrive on the returned channel.
-fn spawn_source<F, Fut>(
-    tasks: &mut JoinSet<Result<(), RunError>>,
-    source_id: SourceId,
-    run: F,
-) -> watch::Receiver<SourceReport>
-where
-    F: FnOnce(watch::Sender<SourceReport>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
-{
-    let (tx, rx) = watch::channel(SourceReport::starting(source_id));
-    let source = run(tx);
-    tasks.spawn(async move {
-        source
-            .await
-            .map_err(|message| RunError::Source { source_id, message })
-    });
-    rx
-}
-
 /// Rebuilds the table whenever a source publishes; publishes only a table that differs.
 async fn build_loop(
     mut reports: Vec<watch::Receiver<SourceReport>>,
@@ -201,10 +142,7 @@ async fn build_loop(
             .map(|r| r.borrow_and_update().clone())
             .collect();
         // Until every source has read once, a table would be missing routes: wait.
-        if current
-            .iter()
-            .all(|r| r.health != crate::sources::Health::Starting)
-        {
+        if current.iter().all(|r| r.health != Health::Starting) {
             let refs: Vec<&SourceReport> = current.iter().collect();
             let built = build(&refs, &model);
             log_drops(&mut reported, &built.dropped);

@@ -164,10 +164,6 @@ impl Applier {
         }
     }
 
-    pub fn render_settings(&self) -> &RenderSettings {
-        &self.live
-    }
-
     /// Whether HAProxy runs (always assumed in external mode).
     pub fn running(&self) -> bool {
         self.process.is_some() || self.config.mode == HaproxyMode::External

@@ -61,10 +61,6 @@ pub struct RuntimePlan {
 }
 
 impl RuntimePlan {
-    pub fn is_empty(&self) -> bool {
-        self.enable.is_empty() && self.disable.is_empty() && self.maps.is_empty()
-    }
-
     /// Commands counted as runtime updates: one per server changed, one per map replaced.
     pub fn updates(&self) -> usize {
         (self.enable.len() + self.disable.len()) / 2 + self.maps.len()
@@ -194,9 +190,8 @@ pub fn filter_server_state(state: &str, slots: &Slots) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_table;
+    use crate::model::{test_table, ServiceDef};
     use crate::render::{render_with, RenderSettings};
-    use crate::sources::ServiceDef;
 
     fn table(services: &[(&str, &[&str])]) -> RoutingTable {
         let hosted: Vec<(&str, String, &[&str])> = services
