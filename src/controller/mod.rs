@@ -97,15 +97,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let applier = Applier::new(config.haproxy.clone());
     let apply = apply_loop(applier, desired_rx, apply_tx, shutdown.clone());
     tokio::pin!(apply);
-    let result = tokio::select! {
-        () = &mut apply => Ok(()),
-        err = first_failure(&mut tasks, &shutdown) => Err(err),
+    let failure = tokio::select! {
+        () = &mut apply => None,
+        err = first_failure(&mut tasks, &shutdown) => Some(err),
+    };
+    let result = match failure {
+        None if shutdown.is_cancelled() => Ok(()),
+        // Before shutdown the apply loop ends only when the table's channel closed, that is
+        // when a task feeding it ended: that task says why.
+        None => Err(first_failure(&mut tasks, &shutdown).await),
+        Some(err) => {
+            shutdown.cancel();
+            // The apply loop stops a managed HAProxy gracefully on its way out.
+            apply.await;
+            Err(err)
+        }
     };
     shutdown.cancel();
-    if result.is_err() {
-        // The apply loop stops a managed HAProxy gracefully on its way out.
-        apply.await;
-    }
     while tasks.join_next().await.is_some() {}
     result
 }
@@ -186,4 +194,37 @@ fn log_drops(reported: &mut BTreeSet<Dropped>, now: &[Dropped]) {
         info!(source = %gone.source, subject = %gone.subject, "no longer dropped");
     }
     *reported = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that cannot start ends its task early: weft stops, and says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_that_cannot_start_stops_weft_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[sources.file]\npath = \"missing/services.toml\"\n\
+             [bridge]\nmode = \"off\"\n\
+             [haproxy]\nrun_dir = \"{}\"\n\
+             [status]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().display()
+        );
+        let config = Config::parse(&text, dir.path()).unwrap();
+        // The apply loop also ends when the source's end closes the table's channel: whichever
+        // of the two weft sees first, the error is the source's. Once was not enough to see it.
+        for _ in 0..20 {
+            let result = run(config.clone(), CancellationToken::new()).await;
+            assert!(
+                matches!(
+                    result,
+                    Err(RunError::Source {
+                        source: SourceError::WatchFile { .. }
+                    })
+                ),
+                "{result:?}"
+            );
+        }
+    }
 }
