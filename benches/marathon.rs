@@ -7,12 +7,11 @@
 use std::time::{Duration, Instant};
 
 use weft::config::{HostPorts, MarathonGroup};
-use weft::model::{build, ModelSettings};
+use weft::model::{build, ModelSettings, SourceId, SourceReport};
 use weft::network::AllowedNetworks;
 use weft::render::{render, RenderSettings};
 use weft::sources::marathon::api::decode_apps;
 use weft::sources::marathon::routing::{app_services, RoutingSettings};
-use weft::sources::{SourceId, SourceReport};
 
 const APPS: usize = 5000;
 const TASKS: usize = 3;
@@ -77,7 +76,7 @@ fn run(health_checks: bool) {
         map_dir: "/var/lib/weft".into(),
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
-        slots: weft::slots::DEFAULT_SLOTS,
+        slots: weft::config::DEFAULT_SLOTS,
         log: None,
     };
     let (mut decode, mut route, mut table, mut text, mut total) =
@@ -139,7 +138,7 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
         map_dir: dir.path().to_path_buf(),
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
-        slots: weft::slots::DEFAULT_SLOTS,
+        slots: weft::config::DEFAULT_SLOTS,
         log: None,
     };
     let rendered = render(table, &settings).expect("render");

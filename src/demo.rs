@@ -62,9 +62,9 @@ mod tests {
         let content = crate::sources::file::parse(&text, Path::new("services.toml")).unwrap();
         assert_eq!(content.services.len(), 3);
         assert!(content.rejected.is_empty());
-        let report = crate::sources::SourceReport {
+        let report = crate::model::SourceReport {
             services: content.services,
-            ..crate::sources::SourceReport::starting(crate::sources::SourceId::File)
+            ..crate::model::SourceReport::starting(crate::model::SourceId::File)
         };
         let built = crate::model::build(
             &[&report],

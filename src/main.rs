@@ -15,9 +15,9 @@ use weft::bridge::BridgeState;
 use weft::config::{BridgeConfig, BridgeMode, Config};
 use weft::haproxy::files::stage;
 use weft::haproxy::validate::{validate, ValidateError};
-use weft::model::{build, ModelSettings};
+use weft::model::{build, ModelSettings, SourceReport};
 use weft::render::{render, RenderSettings, CONFIG_FILE};
-use weft::sources::{read_all_once, SourceReport};
+use weft::sources::read_all_once;
 
 /// A line on stdout; a failed write (a closed pipe) is an error, not a panic.
 macro_rules! out {
@@ -99,7 +99,9 @@ fn main() -> ExitCode {
         // The reader went away (`weft render | head`): nothing more to say, as ripgrep does.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("weft: {err:#}");
+            // Not `{err:#}`: weft's errors name their cause in their own message too, and
+            // `{:#}` would print it once more for every level of the chain.
+            eprintln!("weft: {}", weft::sources::error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -164,10 +166,10 @@ fn require_binary(binary: &Path) -> anyhow::Result<()> {
 async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
     let mut reports: Vec<SourceReport> = Vec::new();
     let mut failures = Vec::new();
-    for (source, result) in read_all_once(config).await {
+    for result in read_all_once(config).await {
         match result {
             Ok(report) => reports.push(report),
-            Err(err) => failures.push(format!("source {source}: {err}")),
+            Err(err) => failures.push(format!("source {}: {err}", err.source_id())),
         }
     }
     let refs: Vec<&SourceReport> = reports.iter().collect();

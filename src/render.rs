@@ -18,6 +18,9 @@ use std::time::Duration;
 use askama::Template;
 
 use crate::config::HaproxyConfig;
+// Config owns the config file's name (its `haproxy.config_file` default is made of it). It is
+// re-exported here, beside the other names of HAProxy's files.
+pub use crate::config::CONFIG_FILE;
 use crate::model::RoutingTable;
 use crate::slots::{slot_name, Slots, PARKED};
 
@@ -26,9 +29,6 @@ use crate::slots::{slot_name, Slots, PARKED};
 pub const HOSTS_MAP: &str = "hosts.map";
 pub const PATHS_MAP: &str = "paths.map";
 pub const WILDCARDS_MAP: &str = "wildcards.map";
-/// The config, by file name inside the staging directory (the installed one may be named
-/// otherwise: `haproxy.config_file`).
-pub const CONFIG_FILE: &str = "haproxy.cfg";
 /// In the run directory: the admin stats socket the config opens, and the server state that
 /// a reload hands from the old worker to the new.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -225,8 +225,7 @@ fn map_text(entries: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_table;
-    use crate::sources::ServiceDef;
+    use crate::model::{test_table, ServiceDef};
 
     fn settings() -> RenderSettings {
         RenderSettings {

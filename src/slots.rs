@@ -21,9 +21,6 @@ use crate::model::{RoutingTable, ServiceName};
 pub const PARKED: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
 
-/// Default number of slots per backend: capacities are multiples of it.
-pub const DEFAULT_SLOTS: usize = 8;
-
 /// Every backend's slots; `None` is a free slot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Slots {
@@ -60,11 +57,6 @@ impl Slots {
         }
         Slots { backends }
     }
-
-    /// The slot count of each backend: part of the config's structure.
-    pub fn capacities(&self) -> BTreeMap<&ServiceName, usize> {
-        self.backends.iter().map(|(n, s)| (n, s.len())).collect()
-    }
 }
 
 /// A slot's server name in HAProxy: `s1`, `s2`, ...
@@ -75,8 +67,7 @@ pub fn slot_name(index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_table;
-    use crate::sources::ServiceDef;
+    use crate::model::{test_table, ServiceDef};
 
     fn table(servers: &[&str]) -> RoutingTable {
         test_table(vec![ServiceDef::new(
@@ -124,7 +115,8 @@ mod tests {
             addrs(&second),
             ["10.2.1.1:80", "10.2.1.9:80", "10.2.1.3:80", "-"]
         );
-        assert_eq!(first.capacities(), second.capacities());
+        let capacities = |slots: &Slots| slots.backends.values().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(capacities(&first), capacities(&second));
     }
 
     #[test]

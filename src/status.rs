@@ -4,7 +4,6 @@
 //! Read-only views of the controller's watch channels; serving them never blocks the data path.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use askama::Template;
 use axum::extract::State;
@@ -17,9 +16,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::BridgeState;
-use crate::model::{Built, ServiceName};
-use crate::sources::{Health, SourceReport};
+use crate::bridge::{unix_seconds, BridgeState};
+use crate::model::{Built, Health, ServiceName, SourceReport};
 
 /// What the apply loop last did, as the status page shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -94,10 +92,6 @@ struct StatusView {
     bridge: BridgeState,
 }
 
-fn unix(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 impl StatusFeed {
     fn view(&self) -> StatusView {
         let mut problems = Vec::new();
@@ -110,7 +104,7 @@ impl StatusFeed {
                     Health::Starting => ("starting", None, None),
                     Health::Ok => ("ok", None, None),
                     Health::Degraded { reason, since } => {
-                        ("degraded", Some(reason.clone()), Some(unix(*since)))
+                        ("degraded", Some(reason.clone()), Some(unix_seconds(*since)))
                     }
                 };
                 if state != "ok" {

@@ -17,7 +17,7 @@
 //! An existing bridge is never deleted or recreated: its MAC is the host's weave identity.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::AddressMessage;
@@ -102,6 +102,7 @@ pub struct Link {
 
 impl Link {
     /// A link as a test describes it.
+    #[cfg(test)]
     pub fn new(index: u32, kind: Option<&str>, up: bool, mtu: Option<u32>) -> Link {
         Link {
             index,
@@ -351,10 +352,16 @@ impl fmt::Display for BridgeState {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// Unix seconds of `time`, as the status page shows times; 0 for a time before 1970 (a clock
+/// set wrong is no reason to fail). It lives here because the bridge is the lowest layer that
+/// records a time; the status page and the apply loop use it too.
+pub fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    unix_seconds(SystemTime::now())
 }
 
 /// One pass over the bridge in `config.mode`: observe, and in ensure mode repair. Never fails:

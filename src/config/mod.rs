@@ -35,6 +35,11 @@ pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELOADS: u32 = 50;
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `haproxy.server_slots`: a backend's server slots come in multiples of it.
+pub const DEFAULT_SLOTS: usize = 8;
+/// The rendered config's file name: `haproxy.config_file` defaults to `<run_dir>/haproxy.cfg`,
+/// and render writes the config under this name.
+pub const CONFIG_FILE: &str = "haproxy.cfg";
 
 /// Whether changes may go through the runtime API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,8 +414,7 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         base,
     );
     let config_file = absolute(
-        raw.config_file
-            .unwrap_or_else(|| run_dir.join(crate::render::CONFIG_FILE)),
+        raw.config_file.unwrap_or_else(|| run_dir.join(CONFIG_FILE)),
         base,
     );
     let hard_stop_after = duration(
@@ -451,7 +455,7 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
             RuntimeUpdates::On
         }
     };
-    let server_slots = raw.server_slots.unwrap_or(crate::slots::DEFAULT_SLOTS);
+    let server_slots = raw.server_slots.unwrap_or(DEFAULT_SLOTS);
     if !(1..=1000).contains(&server_slots) {
         issues.add("haproxy.server_slots", "must lie between 1 and 1000");
     }

@@ -22,6 +22,7 @@ use tracing::{debug, error, info};
 
 use super::blame::{effective, Blamed};
 use super::retry::{Ended, Retry};
+use crate::bridge::unix_now;
 use crate::haproxy::apply::{Applier, ApplyError, Candidate, Outcome, Refreshed, Step, Validation};
 use crate::haproxy::process::Gone;
 use crate::haproxy::validate::ValidateError;
@@ -92,12 +93,6 @@ impl LoopState {
             }
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether the latest desired table differs from the one a failed validation was for.

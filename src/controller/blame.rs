@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use tokio::sync::watch;
 use tracing::error;
 
-use crate::model::{Backend, Balance, Built, HealthCheck, RoutingTable, ServiceName};
-use crate::sources::SourceId;
+use crate::model::{Backend, Balance, Built, HealthCheck, RoutingTable, ServiceName, SourceId};
 use crate::status::{ApplyStatus, RejectedService};
 
 /// A service whose backend `haproxy -c` rejected, as it was defined then.
@@ -135,8 +134,7 @@ pub(super) fn effective(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_table;
-    use crate::sources::ServiceDef;
+    use crate::model::{test_table, ServiceDef};
 
     fn table(shop_server: &str, shop_balance: &str) -> RoutingTable {
         let shop = ServiceDef {

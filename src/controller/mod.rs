@@ -19,8 +19,8 @@ use tracing::{info, warn};
 use crate::bridge::{BridgeState, Keeper};
 use crate::config::{BridgeMode, Config};
 use crate::haproxy::apply::Applier;
-use crate::model::{build, Built, Dropped, ModelSettings};
-use crate::sources::{consul, file, marathon, SourceId, SourceReport};
+use crate::model::{build, Built, Dropped, Health, ModelSettings, SourceReport};
+use crate::sources::{self, SourceError};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
 mod apply_loop;
@@ -41,10 +41,10 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("source {source_id} failed: {message}")]
+    #[error("source {} failed: {source}", .source.source_id())]
     Source {
-        source_id: SourceId,
-        message: String,
+        #[from]
+        source: SourceError,
     },
     #[error("a task of weft's ended unexpectedly: {0}")]
     TaskEnded(String),
@@ -74,46 +74,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         });
     }
 
-    let mut reports = Vec::new();
-    if let Some(file_config) = config.sources.file.clone() {
-        let token = shutdown.clone();
-        reports.push(spawn_source(
-            &mut tasks,
-            SourceId::File,
-            move |tx| async move {
-                file::run(file_config, tx, token)
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        ));
-    }
-    if let Some(consul_config) = config.sources.consul.clone() {
-        let token = shutdown.clone();
-        let domain = config.routing.domain.clone();
-        reports.push(spawn_source(
-            &mut tasks,
-            SourceId::Consul,
-            move |tx| async move {
-                consul::run(consul_config, domain, tx, token)
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        ));
-    }
-
-    if let Some(marathon_config) = config.sources.marathon.clone() {
-        let token = shutdown.clone();
-        let domain = config.routing.domain.clone();
-        reports.push(spawn_source(
-            &mut tasks,
-            SourceId::Marathon,
-            move |tx| async move {
-                marathon::run(marathon_config, domain, tx, token)
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        ));
-    }
+    let reports = sources::spawn_all(&config, &mut tasks, &shutdown);
 
     let model = ModelSettings {
         allowed: config.allowed.clone(),
@@ -137,15 +98,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let applier = Applier::new(config.haproxy.clone());
     let apply = apply_loop(applier, desired_rx, apply_tx, shutdown.clone());
     tokio::pin!(apply);
-    let result = tokio::select! {
-        () = &mut apply => Ok(()),
-        err = first_failure(&mut tasks, &shutdown) => Err(err),
+    let failure = tokio::select! {
+        () = &mut apply => None,
+        err = first_failure(&mut tasks, &shutdown) => Some(err),
+    };
+    let result = match failure {
+        None if shutdown.is_cancelled() => Ok(()),
+        // Before shutdown the apply loop ends only when the table's channel closed, that is
+        // when a task feeding it ended: that task says why.
+        None => Err(first_failure(&mut tasks, &shutdown).await),
+        Some(err) => {
+            shutdown.cancel();
+            // The apply loop stops a managed HAProxy gracefully on its way out.
+            apply.await;
+            Err(err)
+        }
     };
     shutdown.cancel();
-    if result.is_err() {
-        // The apply loop stops a managed HAProxy gracefully on its way out.
-        apply.await;
-    }
     while tasks.join_next().await.is_some() {}
     result
 }
@@ -168,26 +137,6 @@ async fn first_failure(
     }
 }
 
-/// Starts one source task; its reports arrive on the returned channel.
-fn spawn_source<F, Fut>(
-    tasks: &mut JoinSet<Result<(), RunError>>,
-    source_id: SourceId,
-    run: F,
-) -> watch::Receiver<SourceReport>
-where
-    F: FnOnce(watch::Sender<SourceReport>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
-{
-    let (tx, rx) = watch::channel(SourceReport::starting(source_id));
-    let source = run(tx);
-    tasks.spawn(async move {
-        source
-            .await
-            .map_err(|message| RunError::Source { source_id, message })
-    });
-    rx
-}
-
 /// Rebuilds the table whenever a source publishes; publishes only a table that differs.
 async fn build_loop(
     mut reports: Vec<watch::Receiver<SourceReport>>,
@@ -202,10 +151,7 @@ async fn build_loop(
             .map(|r| r.borrow_and_update().clone())
             .collect();
         // Until every source has read once, a table would be missing routes: wait.
-        if current
-            .iter()
-            .all(|r| r.health != crate::sources::Health::Starting)
-        {
+        if current.iter().all(|r| r.health != Health::Starting) {
             let refs: Vec<&SourceReport> = current.iter().collect();
             let built = build(&refs, &model);
             log_drops(&mut reported, &built.dropped);
@@ -249,4 +195,37 @@ fn log_drops(reported: &mut BTreeSet<Dropped>, now: &[Dropped]) {
         info!(source = %gone.source, subject = %gone.subject, "no longer dropped");
     }
     *reported = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that cannot start ends its task early: weft stops, and says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_that_cannot_start_stops_weft_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[sources.file]\npath = \"missing/services.toml\"\n\
+             [bridge]\nmode = \"off\"\n\
+             [haproxy]\nrun_dir = \"{}\"\n\
+             [status]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().display()
+        );
+        let config = Config::parse(&text, dir.path()).unwrap();
+        // The apply loop also ends when the source's end closes the table's channel: whichever
+        // of the two weft sees first, the error is the source's. Once was not enough to see it.
+        for _ in 0..20 {
+            let result = run(config.clone(), CancellationToken::new()).await;
+            assert!(
+                matches!(
+                    result,
+                    Err(RunError::Source {
+                        source: SourceError::WatchFile { .. }
+                    })
+                ),
+                "{result:?}"
+            );
+        }
+    }
 }

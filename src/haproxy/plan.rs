@@ -217,9 +217,8 @@ pub fn filter_server_state(state: &str, slots: &Slots) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::model::test_table;
+    use crate::model::{test_table, ServiceDef};
     use crate::render::{render_with, RenderSettings};
-    use crate::sources::ServiceDef;
 
     /// Services `name` on `name.example.com` with their servers.
     pub(crate) fn table(services: &[(&str, &[&str])]) -> RoutingTable {

@@ -10,6 +10,7 @@
 //! the same reports give the same table, whatever order the sources arrived in.
 
 mod diff;
+mod input;
 mod names;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,12 +19,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use diff::TableDiff;
+pub use input::{Health, Rejected, ServiceDef, SourceId, SourceReport};
 pub use names::{
     parse_server, Balance, CheckPath, Hostname, PathPrefix, ServiceName, BACKEND_PREFIX,
 };
 
 use crate::network::AllowedNetworks;
-use crate::sources::{ServiceDef, SourceId, SourceReport};
 
 /// One HAProxy backend: a service and its servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,11 +104,6 @@ pub struct Built {
     pub dropped: Vec<Dropped>,
 }
 
-/// Builds the routing table from every source's report.
-///
-/// Conflicts are settled deterministically: a service name defined twice keeps the definition
-/// from the first source (in [`SourceId`] order, then position); a host and path claimed by two
-/// services goes to the service whose name sorts first. The loser is reported as dropped.
 /// For tests: the table of `services` from the file source, on the weave network.
 #[cfg(test)]
 pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
@@ -121,6 +117,11 @@ pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
     build(&[&report], &settings).table
 }
 
+/// Builds the routing table from every source's report.
+///
+/// Conflicts are settled deterministically: a service name defined twice keeps the definition
+/// from the first source (in [`SourceId`] order, then position); a host and path claimed by two
+/// services goes to the service whose name sorts first. The loser is reported as dropped.
 pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
     let mut built = Built::default();
     let mut sorted: Vec<&SourceReport> = reports.to_vec();

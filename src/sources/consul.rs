@@ -27,9 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::http::{fetch, HttpError};
-use super::{nullable, Backoff, Health, Rejected, ServiceDef, SourceId, SourceReport};
+use super::{nullable, Backoff};
 use crate::config::{Consistency, ConsulSourceConfig};
-use crate::model::Hostname;
+use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
 
 /// Slack on top of wait * 17/16 before a blocking query counts as hung.
 const TIMEOUT_SLACK: Duration = Duration::from_secs(5);

@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Health, Rejected, ServiceDef, SourceId, SourceReport};
 use crate::config::FileSourceConfig;
+use crate::model::{Health, Rejected, ServiceDef, SourceId, SourceReport};
 
 /// Safety net for missed file events.
 const REREAD_INTERVAL: Duration = Duration::from_secs(30);

@@ -4,146 +4,209 @@
 //! `tokio::sync::watch` channel: never half a catalog. A source that fails keeps publishing its
 //! last good definitions and marks itself degraded with the reason.
 //!
-//! Definitions are raw, as the source gave them: validation happens once, in [`crate::model`].
+//! Definitions are raw, as the source gave them: validation happens once, in [`crate::model`],
+//! which also owns the report types (what a source reports is the model's input). The
+//! configured sources are listed once, in `Source::configured`: [`read_all_once`] (`weft
+//! render`, `weft check`) and [`spawn_all`] (`weft run`) both go through it.
 
 pub mod consul;
 pub mod file;
 pub mod http;
 pub mod marathon;
 
-use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// Which source a definition came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum SourceId {
-    File,
-    Consul,
-    Marathon,
-}
+use reqwest::Url;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-impl fmt::Display for SourceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SourceId::File => "file",
-            SourceId::Consul => "consul",
-            SourceId::Marathon => "marathon",
-        })
-    }
-}
+use crate::config::{Config, ConsulSourceConfig, FileSourceConfig, MarathonSourceConfig};
+use crate::model::{Hostname, SourceId, SourceReport};
 
-/// One service as a source describes it, before any validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceDef {
-    pub name: String,
-    pub hosts: Vec<String>,
-    /// Path prefix; `None` means `/`.
-    pub path: Option<String>,
-    /// `ip:port` strings.
-    pub servers: Vec<String>,
-    pub balance: Option<String>,
-    /// HTTP health check path.
-    pub check: Option<String>,
-    /// Time between two checks; `None`: weft's default (2 s).
-    pub check_interval: Option<Duration>,
-    /// Failed checks in a row before a server is taken out; `None`: weft's default (3).
-    pub check_fall: Option<u32>,
-}
-
-#[cfg(test)]
-impl ServiceDef {
-    /// A plain definition for tests: these hosts and servers, everything else unset.
-    pub fn new(name: &str, hosts: &[&str], servers: &[&str]) -> ServiceDef {
-        ServiceDef {
-            name: name.into(),
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-            path: None,
-            servers: servers.iter().map(|s| s.to_string()).collect(),
-            balance: None,
-            check: None,
-            check_interval: None,
-            check_fall: None,
-        }
-    }
-}
-
-/// A definition the source itself could not read (a broken TOML entry, a bad label): it never
-/// reaches the model, but the operator must see why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejected {
-    /// What was rejected, e.g. `service #3`.
-    pub subject: String,
-    pub reason: String,
-}
-
-/// The health of a source, as the status page and `weft check` show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Health {
-    /// Not read yet.
-    Starting,
-    Ok,
-    /// The last read failed; the definitions are the last good ones.
-    Degraded {
-        reason: String,
-        since: SystemTime,
+/// Why a source could not be read once or could not start watching: what `weft render` and
+/// `weft check` print, and what stops `weft run` (a source task returns only at shutdown or
+/// with this). A source that fails while it runs is degraded instead (see
+/// [`Health`](crate::model::Health)).
+///
+/// The causes already name the path or URL, so each message is its cause's.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: file::FileError,
+    },
+    #[error("{source}")]
+    WatchFile {
+        path: PathBuf,
+        #[source]
+        source: file::FileError,
+    },
+    #[error("{source}")]
+    ReadConsul {
+        url: Url,
+        #[source]
+        source: consul::ConsulError,
+    },
+    #[error("{source}")]
+    WatchConsul {
+        url: Url,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{source}")]
+    ReadMarathon {
+        urls: Vec<Url>,
+        #[source]
+        source: marathon::MarathonError,
+    },
+    #[error("{source}")]
+    WatchMarathon {
+        urls: Vec<Url>,
+        #[source]
+        source: marathon::MarathonError,
     },
 }
 
-/// Everything one source currently says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceReport {
-    pub source: SourceId,
-    pub services: Vec<ServiceDef>,
-    pub rejected: Vec<Rejected>,
-    pub health: Health,
-}
-
-impl SourceReport {
-    /// Marks the source degraded; `since` stays when the reason is the same. Returns whether
-    /// anything changed (a new reason).
-    pub fn degrade(&mut self, reason: String) -> bool {
-        if matches!(&self.health, Health::Degraded { reason: old, .. } if *old == reason) {
-            return false;
-        }
-        self.health = Health::Degraded {
-            reason,
-            since: SystemTime::now(),
-        };
-        true
-    }
-
-    pub fn starting(source: SourceId) -> Self {
-        SourceReport {
-            source,
-            services: Vec::new(),
-            rejected: Vec::new(),
-            health: Health::Starting,
+impl SourceError {
+    /// The source that failed.
+    pub fn source_id(&self) -> SourceId {
+        match self {
+            SourceError::ReadFile { .. } | SourceError::WatchFile { .. } => SourceId::File,
+            SourceError::ReadConsul { .. } | SourceError::WatchConsul { .. } => SourceId::Consul,
+            SourceError::ReadMarathon { .. } | SourceError::WatchMarathon { .. } => {
+                SourceId::Marathon
+            }
         }
     }
 }
 
-/// Reads every configured source once, for `weft render` and `weft check`.
-pub async fn read_all_once(
-    config: &crate::config::Config,
-) -> Vec<(SourceId, Result<SourceReport, String>)> {
+/// One configured source with what it runs on: the one list of sources that both the single
+/// read and the running tasks go through.
+enum Source {
+    File(FileSourceConfig),
+    Consul {
+        config: ConsulSourceConfig,
+        domain: Option<Hostname>,
+    },
+    Marathon {
+        config: MarathonSourceConfig,
+        domain: Option<Hostname>,
+    },
+}
+
+impl Source {
+    /// Every source `config` turns on, in [`SourceId`] order.
+    fn configured(config: &Config) -> Vec<Source> {
+        let domain = &config.routing.domain;
+        let sources = &config.sources;
+        let file = sources.file.clone().map(Source::File);
+        let consul = sources.consul.clone().map(|config| Source::Consul {
+            config,
+            domain: domain.clone(),
+        });
+        let marathon = sources.marathon.clone().map(|config| Source::Marathon {
+            config,
+            domain: domain.clone(),
+        });
+        [file, consul, marathon].into_iter().flatten().collect()
+    }
+
+    fn id(&self) -> SourceId {
+        match self {
+            Source::File(_) => SourceId::File,
+            Source::Consul { .. } => SourceId::Consul,
+            Source::Marathon { .. } => SourceId::Marathon,
+        }
+    }
+
+    async fn read_once(self) -> Result<SourceReport, SourceError> {
+        match self {
+            Source::File(config) => {
+                file::read_once(&config.path)
+                    .await
+                    .map_err(|source| SourceError::ReadFile {
+                        path: config.path,
+                        source,
+                    })
+            }
+            Source::Consul { config, domain } => {
+                let url = config.url.clone();
+                consul::read_once(config, domain)
+                    .await
+                    .map_err(|source| SourceError::ReadConsul { url, source })
+            }
+            Source::Marathon { config, domain } => {
+                let urls = config.urls.clone();
+                marathon::read_once(config, domain)
+                    .await
+                    .map_err(|source| SourceError::ReadMarathon { urls, source })
+            }
+        }
+    }
+
+    /// Runs the source until `shutdown`, publishing on `tx`.
+    async fn run(
+        self,
+        tx: watch::Sender<SourceReport>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        match self {
+            Source::File(config) => {
+                let path = config.path.clone();
+                file::run(config, tx, shutdown)
+                    .await
+                    .map_err(|source| SourceError::WatchFile { path, source })
+            }
+            Source::Consul { config, domain } => {
+                let url = config.url.clone();
+                consul::run(config, domain, tx, shutdown)
+                    .await
+                    .map_err(|source| SourceError::WatchConsul { url, source })
+            }
+            Source::Marathon { config, domain } => {
+                let urls = config.urls.clone();
+                marathon::run(config, domain, tx, shutdown)
+                    .await
+                    .map_err(|source| SourceError::WatchMarathon { urls, source })
+            }
+        }
+    }
+}
+
+/// Reads every configured source once, one after the other, for `weft render` and
+/// `weft check`.
+pub async fn read_all_once(config: &Config) -> Vec<Result<SourceReport, SourceError>> {
     let mut reports = Vec::new();
-    if let Some(file) = &config.sources.file {
-        let report = file::read_once(&file.path).await.map_err(|e| e.to_string());
-        reports.push((SourceId::File, report));
-    }
-    if let Some(consul) = &config.sources.consul {
-        let report = consul::read_once(consul.clone(), config.routing.domain.clone())
-            .await
-            .map_err(|e| e.to_string());
-        reports.push((SourceId::Consul, report));
-    }
-    if let Some(marathon) = &config.sources.marathon {
-        let report = marathon::read_once(marathon.clone(), config.routing.domain.clone())
-            .await
-            .map_err(|e| e.to_string());
-        reports.push((SourceId::Marathon, report));
+    for source in Source::configured(config) {
+        reports.push(source.read_once().await);
     }
     reports
+}
+
+/// Starts a task in `tasks` for every configured source and returns the channels they publish
+/// on, in [`SourceId`] order; each starts as [`SourceReport::starting`]. A task returns only at
+/// `shutdown`, or with the error that kept its source from running.
+pub fn spawn_all<E>(
+    config: &Config,
+    tasks: &mut JoinSet<Result<(), E>>,
+    shutdown: &CancellationToken,
+) -> Vec<watch::Receiver<SourceReport>>
+where
+    E: From<SourceError> + Send + 'static,
+{
+    Source::configured(config)
+        .into_iter()
+        .map(|source| {
+            let (tx, rx) = watch::channel(SourceReport::starting(source.id()));
+            let source = source.run(tx, shutdown.clone());
+            tasks.spawn(async move { source.await.map_err(E::from) });
+            rx
+        })
+        .collect()
 }
 
 /// An error and its causes on one line: reqwest's own message ("error sending request") says
@@ -199,7 +262,7 @@ impl StartGrace {
 /// answered by then is published as such even when no request of its ends meanwhile (one
 /// can hang for minutes).
 pub(crate) fn after_start_grace(
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
     nudge: impl FnOnce() + Send + 'static,
 ) {
     tokio::spawn(async move {

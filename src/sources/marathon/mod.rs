@@ -30,9 +30,9 @@ use tracing::{debug, info, warn};
 
 use self::routing::{app_services, RoutingSettings};
 use super::http::{fetch, HttpError};
-use super::{error_chain, Backoff, Health, Rejected, ServiceDef, SourceId, SourceReport};
+use super::{error_chain, Backoff};
 use crate::config::{MarathonAuth, MarathonSourceConfig};
-use crate::model::Hostname;
+use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first event of every stream.

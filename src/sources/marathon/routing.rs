@@ -13,8 +13,7 @@
 
 use super::api::{HealthCheckSpec, MarathonApp, MarathonTask};
 use crate::config::{HostPorts, MarathonGroup};
-use crate::model::Hostname;
-use crate::sources::{Rejected, ServiceDef};
+use crate::model::{Hostname, Rejected, ServiceDef};
 
 /// What turning apps into services depends on.
 #[derive(Debug, Clone)]

@@ -1,0 +1,138 @@
+//! The model's input: what a source reports, raw, before any validation.
+//!
+//! Sources produce these and the model consumes them, so they live here, below both: a source
+//! depends on the model, never the other way round.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+/// Which source a definition came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourceId {
+    File,
+    Consul,
+    Marathon,
+}
+
+impl fmt::Display for SourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SourceId::File => "file",
+            SourceId::Consul => "consul",
+            SourceId::Marathon => "marathon",
+        })
+    }
+}
+
+/// One service as a source describes it, before any validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceDef {
+    pub name: String,
+    pub hosts: Vec<String>,
+    /// Path prefix; `None` means `/`.
+    pub path: Option<String>,
+    /// `ip:port` strings.
+    pub servers: Vec<String>,
+    pub balance: Option<String>,
+    /// HTTP health check path.
+    pub check: Option<String>,
+    /// Time between two checks; `None`: weft's default (2 s).
+    pub check_interval: Option<Duration>,
+    /// Failed checks in a row before a server is taken out; `None`: weft's default (3).
+    pub check_fall: Option<u32>,
+}
+
+#[cfg(test)]
+impl ServiceDef {
+    /// A plain definition for tests: these hosts and servers, everything else unset.
+    pub fn new(name: &str, hosts: &[&str], servers: &[&str]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            path: None,
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+            balance: None,
+            check: None,
+            check_interval: None,
+            check_fall: None,
+        }
+    }
+}
+
+/// A definition the source itself could not read (a broken TOML entry, a bad label): it never
+/// reaches the model, but the operator must see why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// What was rejected, e.g. `service #3`.
+    pub subject: String,
+    pub reason: String,
+}
+
+/// The health of a source, as the status page and `weft check` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not read yet.
+    Starting,
+    Ok,
+    /// The last read failed; the definitions are the last good ones.
+    Degraded {
+        reason: String,
+        since: SystemTime,
+    },
+}
+
+/// Everything one source currently says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceReport {
+    pub source: SourceId,
+    pub services: Vec<ServiceDef>,
+    pub rejected: Vec<Rejected>,
+    pub health: Health,
+}
+
+impl SourceReport {
+    /// Marks the source degraded; `since` stays when the reason is the same. Returns whether
+    /// anything changed (a new reason).
+    pub fn degrade(&mut self, reason: String) -> bool {
+        if matches!(&self.health, Health::Degraded { reason: old, .. } if *old == reason) {
+            return false;
+        }
+        self.health = Health::Degraded {
+            reason,
+            since: SystemTime::now(),
+        };
+        true
+    }
+
+    pub fn starting(source: SourceId) -> Self {
+        SourceReport {
+            source,
+            services: Vec::new(),
+            rejected: Vec::new(),
+            health: Health::Starting,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degrade_keeps_since_while_the_reason_stays() {
+        let mut report = SourceReport::starting(SourceId::Consul);
+        assert!(report.degrade("connection refused".into()));
+        let Health::Degraded { since: first, .. } = report.health.clone() else {
+            panic!("not degraded: {:?}", report.health);
+        };
+        assert!(!report.degrade("connection refused".into()));
+        assert_eq!(
+            report.health,
+            Health::Degraded {
+                reason: "connection refused".into(),
+                since: first
+            }
+        );
+        assert!(report.degrade("timed out".into()));
+    }
+}
