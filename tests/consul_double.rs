@@ -16,8 +16,10 @@ use consul::{
 use reqwest::header::HeaderMap;
 use serde_json::{Map, Value};
 
-/// Bounds every request of these tests, blocking ones included.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds every request of these tests, blocking ones included: 10 s, scaled by patience.
+fn request_timeout() -> Duration {
+    support::patience(Duration::from_secs(10))
+}
 
 struct Answer {
     status: u16,
@@ -54,7 +56,7 @@ async fn get(consul: &ConsulDouble, path_and_query: &str) -> Answer {
 
 async fn get_with(consul: &ConsulDouble, path_and_query: &str, headers: &[(&str, &str)]) -> Answer {
     let client = reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
+        .timeout(request_timeout())
         .build()
         .unwrap();
     let mut request = client.get(format!("{}{path_and_query}", consul.url()));
@@ -537,7 +539,7 @@ async fn output_change_and_bump_wake_blockers_with_identical_routing_content() {
         });
         consul.wait_for_blocked_queries(health, 1).await;
         change(&consul);
-        let after = tokio::time::timeout(REQUEST_TIMEOUT, query)
+        let after = tokio::time::timeout(request_timeout(), query)
             .await
             .unwrap()
             .unwrap();
@@ -569,7 +571,7 @@ async fn deregistration_wakes_blockers_and_empties_the_service() {
     });
     consul.wait_for_blocked_queries(health, 1).await;
     consul.deregister("shop-1");
-    let answer = tokio::time::timeout(REQUEST_TIMEOUT, query)
+    let answer = tokio::time::timeout(request_timeout(), query)
         .await
         .unwrap()
         .unwrap();
@@ -736,7 +738,7 @@ async fn index_backwards_is_lower_and_consistent() {
     });
     consul.wait_for_blocked_queries(health, 1).await;
     consul.set_check("shop-0", Status::Critical);
-    let woken = tokio::time::timeout(REQUEST_TIMEOUT, query)
+    let woken = tokio::time::timeout(request_timeout(), query)
         .await
         .unwrap()
         .unwrap();
@@ -774,7 +776,7 @@ async fn dropping_the_double_kills_blocked_queries_and_refuses_new_ones() {
     let addr = consul.addr;
     let index = get(&consul, CATALOG_SERVICES).await.index();
     let client = reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
+        .timeout(request_timeout())
         .build()
         .unwrap();
     let query = tokio::spawn({

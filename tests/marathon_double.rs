@@ -11,7 +11,7 @@ use support::marathon;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use marathon::probe::{
-    client, get, get_with, open_stream, open_stream_with, read_fixture, MarathonShape, WAIT,
+    self, client, get, get_with, open_stream, open_stream_with, read_fixture, MarathonShape,
 };
 use marathon::{
     timestamp, App, Fault, HealthEventId, LineEnding, MarathonDouble, NetworkMode, Task, APPS,
@@ -754,7 +754,7 @@ async fn dropping_the_double_kills_streams_and_refuses_connections() {
         start.elapsed()
     );
     // The listener closes once the aborted server task is dropped: soon, not at once.
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + probe::wait();
     loop {
         let error = client()
             .get(format!("{url}{APPS}"))

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::marathon::{App, Fault, MarathonDouble, Task};
-use support::{wait_for_404, wait_for_backends, wait_for_healthz, Backend, Weft};
+use support::{wait_for_404, wait_for_backends, wait_for_healthz, Backend, Weft, WeftBuilder};
 
 /// Three backends on 127.0.0.1-3, one port.
 async fn backends() -> (Backend, Backend, Backend, u16) {
@@ -31,11 +31,11 @@ fn task(id: &str, ip: &str) -> Task {
     Task::new(id).ip(ip).health(Some(true))
 }
 
-fn marathon_section(urls: &[String], extra: &str) -> String {
-    let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
-    format!(
-        "[sources.marathon]\nurls = [{}]\nread_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{extra}",
-        urls.join(", ")
+/// weft on Marathon at `urls`, with short timeouts and `keys` (TOML lines) besides.
+fn weft_on(urls: &[String], keys: &str) -> WeftBuilder {
+    Weft::builder().marathon(
+        urls,
+        &format!("read_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{keys}"),
     )
 }
 
@@ -48,7 +48,7 @@ async fn scaling_killing_and_failing_health_move_traffic() {
             .http_health_check("/", 1, 3)
             .task(task("shop.1", "127.0.0.1")),
     );
-    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], ""));
+    let weft = weft_on(&[marathon.url()], "").start().await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     marathon.wait_for_open_streams(1).await;
 
@@ -80,7 +80,9 @@ async fn a_stalled_stream_is_noticed_and_weft_catches_up() {
     let (_a, _b, _c, port) = backends().await;
     let marathon = MarathonDouble::start().await;
     marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], "resync = \"1h\"\n"));
+    let weft = weft_on(&[marathon.url()], "resync = \"1h\"\n")
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     marathon.wait_for_open_streams(1).await;
     let connections = marathon.event_connections();
@@ -111,7 +113,9 @@ async fn with_marathon_down_the_last_routes_keep_serving() {
             .task(task("shop.1", "127.0.0.1"))
             .task(task("shop.2", "127.0.0.2")),
     );
-    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], "resync = \"1s\"\n"));
+    let weft = weft_on(&[marathon.url()], "resync = \"1s\"\n")
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
     let (reloads, _, _) = weft.show_proc().await.unwrap();
 
@@ -143,10 +147,9 @@ async fn the_second_url_serves_when_the_first_is_dead() {
     let (_a, _b, _c, port) = backends().await;
     let marathon = MarathonDouble::start().await;
     marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = Weft::start_sections(&marathon_section(
-        &[MarathonDouble::dead_url(), marathon.url()],
-        "",
-    ));
+    let weft = weft_on(&[MarathonDouble::dead_url(), marathon.url()], "")
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     // Events flow through the second URL too.
     marathon.wait_for_open_streams(1).await;
@@ -179,10 +182,10 @@ async fn labels_groups_and_unroutable_tasks_are_reported() {
             .container_port(port)
             .task(task("web.1", "127.0.0.3")),
     );
-    let weft = Weft::start_sections(&format!(
-        "{}\n[routing]\ndomain = \"example.com\"\n",
-        marathon_section(&[marathon.url()], "")
-    ));
+    let weft = weft_on(&[marathon.url()], "")
+        .domain("example.com")
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     wait_for_backends(&weft, "web.team.example.com", "/", &["c"]).await;
     wait_for_404(&weft, "internal.test", "/").await;
@@ -207,10 +210,9 @@ async fn a_leader_that_never_answers_does_not_hold_the_stream() {
     hung.set_events_fault(Fault::Slow(Duration::from_secs(3600)));
     let marathon = MarathonDouble::start().await;
     marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = Weft::start_sections(&marathon_section(
-        &[hung.url(), marathon.url()],
-        "resync = \"1h\"\n",
-    ));
+    let weft = weft_on(&[hung.url(), marathon.url()], "resync = \"1h\"\n")
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
     // The stream gives up on the silent leader after the read timeout and attaches to the
@@ -227,7 +229,9 @@ async fn a_quiet_stream_with_heartbeats_stays_attached() {
     // Heartbeats well inside the read timeout (1 s), and no event for three timeouts.
     marathon.set_heartbeat(Some(Duration::from_millis(200)));
     marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = Weft::start_sections(&marathon_section(&[marathon.url()], "resync = \"1h\"\n"));
+    let weft = weft_on(&[marathon.url()], "resync = \"1h\"\n")
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     marathon.wait_for_open_streams(1).await;
     let connections = marathon.event_connections();
@@ -250,10 +254,13 @@ async fn a_marathon_that_never_answers_holds_back_no_other_route() {
     marathon.set_apps_fault(Fault::Slow(Duration::from_secs(3600)));
     marathon.set_events_fault(Fault::Slow(Duration::from_secs(3600)));
     // Timeouts far away: only the start grace can let the other routes through.
-    let weft = Weft::start_sections(&format!(
-        "[sources.marathon]\nurls = [{:?}]\nrequest_timeout = \"1h\"\nread_timeout = \"1h\"\n",
-        marathon.url()
-    ));
+    let weft = Weft::builder()
+        .marathon(
+            &[marathon.url()],
+            "request_timeout = \"1h\"\nread_timeout = \"1h\"",
+        )
+        .start()
+        .await;
     weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
     wait_for_healthz(&weft, "no answer yet").await;
     wait_for_backends(&weft, "files.test", "/", &["a"]).await;

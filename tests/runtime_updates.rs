@@ -18,7 +18,10 @@ async fn servers_added_removed_and_moved_need_no_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
+    let weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
+        .start()
+        .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let before = reloads(&weft).await;
 
@@ -74,7 +77,10 @@ async fn servers_added_removed_and_moved_need_no_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_changes_in_a_second_make_at_most_two_reloads() {
     let backend = Backend::start("a").await;
-    let weft = Weft::start(&service("base", &["base.test"], None, &[backend.addr]));
+    let weft = Weft::builder()
+        .services(&service("base", &["base.test"], None, &[backend.addr]))
+        .start()
+        .await;
     wait_for_backends(&weft, "base.test", "/", &["a"]).await;
     let before = reloads(&weft).await;
 
@@ -105,7 +111,10 @@ async fn a_hundred_changes_in_a_second_make_at_most_two_reloads() {
 async fn a_failing_runtime_update_falls_back_to_a_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
+    let weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
+        .start()
+        .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let before = reloads(&weft).await;
 
@@ -131,7 +140,10 @@ async fn a_failing_runtime_update_falls_back_to_a_reload() {
 async fn a_tampered_server_is_caught_by_the_confirmation_and_repaired() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]));
+    let weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]))
+        .start()
+        .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a", "b"]).await;
     let before = reloads(&weft).await;
 

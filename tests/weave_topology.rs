@@ -137,24 +137,11 @@ fn edge_http() -> SocketAddr {
 
 /// Samples requests from the client until both containers have answered, each with 200.
 fn wait_for_both_containers(t: &Topology, weft: &NsProcess, what: &str) {
-    let want = ["c1 on host1", "c2 on host2"];
     let check = || {
-        let mut seen = Vec::new();
-        for _ in 0..6 {
-            let (status, body) = get_in(&t.client, edge_http(), HOST, "/")?;
-            if status != 200 {
-                return Err(format!("status {status}: {body}"));
-            }
-            if !seen.contains(&body) {
-                seen.push(body);
-            }
-        }
-        seen.sort();
-        if seen == want {
-            Ok(())
-        } else {
-            Err(format!("seen {seen:?}"))
-        }
+        let answers = (0..6)
+            .map(|_| get_in(&t.client, edge_http(), HOST, "/"))
+            .collect::<Result<Vec<_>, _>>()?;
+        support::served_by(&["c1 on host1", "c2 on host2"], &answers)
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_until(Duration::from_secs(30), what, check)

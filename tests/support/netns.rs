@@ -239,12 +239,14 @@ pub fn text(output: &Output) -> String {
     )
 }
 
-/// Polls `check` until it returns `Ok`, failing the test with the last error at `timeout`.
+/// Polls `check` until it returns `Ok`, failing the test with the last error at `timeout`
+/// (scaled by [`patience`](super::patience)).
 pub fn wait_until<T, E: std::fmt::Debug>(
     timeout: Duration,
     what: &str,
     mut check: impl FnMut() -> Result<T, E>,
 ) -> T {
+    let timeout = super::patience(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         match check() {
@@ -283,7 +285,7 @@ impl NsProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM, then waits (SIGKILL after 15 s); the exit status.
+    /// SIGTERM, then waits (SIGKILL after 15 s, scaled); the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         super::terminate(self.child.take()?)
     }
@@ -332,7 +334,7 @@ impl NsServer {
             });
         });
         ready_rx
-            .recv_timeout(Duration::from_secs(5))
+            .recv_timeout(super::patience(Duration::from_secs(5)))
             .unwrap_or_else(|e| panic!("server at {addr} in {}: {e}", ns.name))
             .unwrap_or_else(|e| panic!("server at {addr} in {}: {e}", ns.name));
         NsServer {

@@ -23,7 +23,7 @@ mod state;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -363,16 +363,15 @@ impl ConsulDouble {
         self.shared.lock().blocked.get(path).copied().unwrap_or(0)
     }
 
-    /// Waits until at least `count` blocking queries wait on `path`; panics after 10 s.
+    /// Waits until at least `count` blocking queries wait on `path`; panics after 10 s (scaled).
     pub async fn wait_for_blocked_queries(&self, path: &str, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.blocked_queries(path) < count {
-            assert!(
-                Instant::now() < deadline,
-                "{count} blocking queries on {path}: only {} after 10s",
-                self.blocked_queries(path)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = format!("{count} blocking queries on {path}");
+        crate::support::eventually(Duration::from_secs(10), &what, || async {
+            match self.blocked_queries(path) {
+                blocked if blocked >= count => Ok(()),
+                blocked => Err(blocked),
+            }
+        })
+        .await
     }
 }

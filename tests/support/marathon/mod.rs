@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -370,17 +370,16 @@ impl MarathonDouble {
         self.shared.lock().streams.len()
     }
 
-    /// Waits until exactly `count` streams are open; panics after 10 s.
+    /// Waits until exactly `count` streams are open; panics after 10 s (scaled).
     pub async fn wait_for_open_streams(&self, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.open_streams() != count {
-            assert!(
-                Instant::now() < deadline,
-                "{count} open event streams: {} after 10s",
-                self.open_streams()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = format!("{count} open event streams");
+        crate::support::eventually(Duration::from_secs(10), &what, || async {
+            match self.open_streams() {
+                open if open == count => Ok(()),
+                open => Err(open),
+            }
+        })
+        .await
     }
 
     /// The raw query string of the last `GET /v2/events` (`""` without one).

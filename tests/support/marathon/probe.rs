@@ -8,11 +8,18 @@ use serde_json::Value;
 
 use super::MarathonDouble;
 use crate::support::fixtures::{self, ShapeRules};
+use crate::support::patience;
 
-/// Bounds every wait of these tests.
-pub const WAIT: Duration = Duration::from_secs(10);
-/// How long a stream must stay quiet to count as silent.
-pub const QUIET: Duration = Duration::from_millis(300);
+/// Bounds every wait of these tests: 10 s, scaled by patience.
+pub fn wait() -> Duration {
+    patience(Duration::from_secs(10))
+}
+
+/// How long a stream must stay quiet to count as silent: 300 ms, scaled by patience (a slow
+/// machine is slow to send too).
+fn quiet() -> Duration {
+    patience(Duration::from_millis(300))
+}
 
 pub struct Answer {
     pub status: u16,
@@ -37,7 +44,7 @@ impl Answer {
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(patience(Duration::from_secs(2)))
         .build()
         .unwrap()
 }
@@ -49,7 +56,7 @@ pub async fn get(marathon: &MarathonDouble, path: &str) -> Answer {
 pub async fn get_with(marathon: &MarathonDouble, path: &str, headers: &[(&str, &str)]) -> Answer {
     let mut request = client()
         .get(format!("{}{path}", marathon.url()))
-        .timeout(WAIT);
+        .timeout(wait());
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -84,10 +91,13 @@ pub async fn open_stream_with(
     path: &str,
     request: reqwest::RequestBuilder,
 ) -> EventStream {
-    let response = tokio::time::timeout(WAIT, request.header("Accept", "text/event-stream").send())
-        .await
-        .unwrap_or_else(|_| panic!("{path}: no headers after {WAIT:?} ({})", marathon.url()))
-        .unwrap();
+    let response =
+        tokio::time::timeout(wait(), request.header("Accept", "text/event-stream").send())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{path}: no headers after {:?} ({})", wait(), marathon.url())
+            })
+            .unwrap();
     assert_eq!(response.status(), 200, "{path}");
     assert_eq!(
         response.headers()["content-type"],
@@ -100,11 +110,11 @@ pub async fn open_stream_with(
 }
 
 impl EventStream {
-    /// Reads one more chunk into the buffer; panics at the end of the body or after `WAIT`.
+    /// Reads one more chunk into the buffer; panics at the end of the body or after `wait()`.
     pub async fn fill(&mut self) {
-        let chunk = tokio::time::timeout(WAIT, self.response.chunk())
+        let chunk = tokio::time::timeout(wait(), self.response.chunk())
             .await
-            .unwrap_or_else(|_| panic!("nothing for {WAIT:?}; have {:?}", self.text()))
+            .unwrap_or_else(|_| panic!("nothing for {:?}; have {:?}", wait(), self.text()))
             .unwrap()
             .unwrap_or_else(|| panic!("stream ended; have {:?}", self.text()));
         self.buf.extend_from_slice(&chunk);
@@ -188,9 +198,9 @@ impl EventStream {
         types
     }
 
-    /// True if nothing at all (not even the end) arrives for `QUIET`.
+    /// True if nothing at all (not even the end) arrives for `quiet()`.
     pub async fn is_silent(&mut self) -> bool {
-        match tokio::time::timeout(QUIET, self.response.chunk()).await {
+        match tokio::time::timeout(quiet(), self.response.chunk()).await {
             Err(_) => self.buf.is_empty(),
             Ok(read) => panic!("expected silence, got {read:?} after {:?}", self.text()),
         }
@@ -198,7 +208,7 @@ impl EventStream {
 
     /// Like `is_silent`, after at most one heartbeat that may have left before a stall.
     pub async fn is_silent_after_stall(&mut self) -> bool {
-        match tokio::time::timeout(QUIET, self.response.chunk()).await {
+        match tokio::time::timeout(quiet(), self.response.chunk()).await {
             Err(_) => self.buf.is_empty(),
             Ok(Ok(Some(beat))) if &beat[..] == b"\r\n" => self.is_silent().await,
             Ok(read) => panic!("expected silence, got {read:?} after {:?}", self.text()),
@@ -208,8 +218,8 @@ impl EventStream {
     /// How the body ends: Ok(()) for a clean end, Err for a broken connection.
     pub async fn end(&mut self) -> Result<(), reqwest::Error> {
         loop {
-            match tokio::time::timeout(WAIT, self.response.chunk()).await {
-                Err(_) => panic!("the stream did not end within {WAIT:?}"),
+            match tokio::time::timeout(wait(), self.response.chunk()).await {
+                Err(_) => panic!("the stream did not end within {:?}", wait()),
                 Ok(Ok(Some(chunk))) => self.buf.extend_from_slice(&chunk),
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(error)) => return Err(error),
