@@ -7,8 +7,12 @@ mod support;
 
 use support::consul;
 use support::fixtures::{self, ShapeRules};
+use support::killable::{self, Served};
 
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
+
+use futures::StreamExt;
 
 use consul::{
     parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
@@ -805,4 +809,62 @@ async fn dropping_the_double_kills_blocked_queries_and_refuses_new_ones() {
         .send()
         .await;
     assert!(refused.is_err(), "{refused:?}");
+}
+
+/// A bug in a double: it panics with `message`.
+fn bug<T>(message: &str) -> T {
+    panic!("{message}")
+}
+
+/// The server under both doubles: a panic in a handler reaches the test, although axum runs
+/// the handler in a connection task of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_panic_fails_the_test() {
+    let serve = |app: axum::Router| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        (Served::start(listener, app), url)
+    };
+    let panicking = || {
+        axum::Router::new().route(
+            "/",
+            axum::routing::get(|| async { bug::<&str>("the handler's own panic") }),
+        )
+    };
+
+    // The client gets a 500; `check` re-raises the panic, once.
+    let (served, url) = serve(panicking()).await;
+    let answer = reqwest::get(&url).await.map(|r| r.status());
+    let raised = std::panic::catch_unwind(AssertUnwindSafe(|| served.check()))
+        .expect_err("check re-raises the handler's panic");
+    assert_eq!(killable::message(&*raised), "the handler's own panic");
+    assert_eq!(answer.unwrap(), 500);
+    served.check();
+    drop(served);
+
+    // Dropping the double re-raises it too, and so does a body that panics while it streams.
+    let (served, url) = serve(panicking()).await;
+    let _ = reqwest::get(&url).await;
+    let raised = std::panic::catch_unwind(AssertUnwindSafe(|| drop(served)))
+        .expect_err("dropping the double re-raises the handler's panic");
+    assert_eq!(killable::message(&*raised), "the handler's own panic");
+    let streaming = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async {
+            let chunks = futures::stream::iter([Ok::<_, std::io::Error>("first chunk")]).chain(
+                futures::stream::once(async { bug("the stream's own panic") }),
+            );
+            axum::body::Body::from_stream(chunks)
+        }),
+    );
+    let (served, url) = serve(streaming).await;
+    // Hyper may read the panic before it sends the headers: either way the answer breaks off.
+    let answer = match reqwest::get(&url).await {
+        Ok(response) => response.bytes().await,
+        Err(error) => Err(error),
+    };
+    assert!(answer.is_err(), "{answer:?}");
+    let raised = std::panic::catch_unwind(AssertUnwindSafe(|| drop(served)))
+        .expect_err("dropping the double re-raises the stream's panic");
+    assert_eq!(killable::message(&*raised), "the stream's own panic");
 }

@@ -184,8 +184,9 @@ impl Requests {
 pub struct ConsulDouble {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    /// Dropped with the double: the server and every open connection go.
-    _server: Served,
+    /// Dropped with the double: the server and every open connection go, and a panic of a
+    /// handler fails the test.
+    server: Served,
 }
 
 impl ConsulDouble {
@@ -208,13 +209,19 @@ impl ConsulDouble {
         ConsulDouble {
             addr,
             shared,
-            _server: Served::start(listener, app),
+            server: Served::start(listener, app),
         }
     }
 
     /// `http://127.0.0.1:<port>`, without a trailing slash.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Fails the test with the first panic of one of the double's handlers so far (dropping
+    /// the double does it too).
+    pub fn check(&self) {
+        self.server.check();
     }
 
     /// The raft index of the last write.

@@ -101,8 +101,9 @@ pub enum Auth {
 pub struct MarathonDouble {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    /// Dropped with the double: the server and every open connection go.
-    _server: net::Served,
+    /// Dropped with the double: the server and every open connection go, and a panic of a
+    /// handler fails the test.
+    server: net::Served,
 }
 
 impl MarathonDouble {
@@ -127,13 +128,19 @@ impl MarathonDouble {
         MarathonDouble {
             addr,
             shared,
-            _server: net::Served::start(listener, app),
+            server: net::Served::start(listener, app),
         }
     }
 
     /// `http://127.0.0.1:<port>`, without a trailing slash.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Fails the test with the first panic of one of the double's handlers so far (dropping
+    /// the double does it too).
+    pub fn check(&self) {
+        self.server.check();
     }
 
     /// A URL on a loopback port that nothing listens on right now: connections are refused.
