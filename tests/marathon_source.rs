@@ -126,14 +126,19 @@ async fn with_marathon_down_the_last_routes_keep_serving() {
     for _ in 0..10 {
         assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 200);
     }
-    // 503s from /v2/apps, then Marathon gone entirely.
+    // 503s from /v2/apps: the reason is now Marathon's own JSON error.
     marathon.set_apps_fault(Fault::Status(503));
-    wait_for_healthz(&weft, "source marathon is degraded").await;
+    wait_for_healthz(
+        &weft,
+        r#"503 Service Unavailable: {"message":"Service Unavailable"}"#,
+    )
+    .await;
     for _ in 0..10 {
         assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 200);
     }
+    // Marathon gone entirely: its port refuses connections.
     drop(marathon);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_for_healthz(&weft, "Connection refused").await;
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
     assert_eq!(
         weft.show_proc().await.unwrap().0,
