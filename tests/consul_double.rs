@@ -505,6 +505,8 @@ async fn blocking_query_on_one_service_ignores_changes_to_another() {
     let health = "/v1/health/service/shop";
     let index = get(&consul, health).await.index();
     let consul = std::sync::Arc::new(consul);
+    let wait = Duration::from_millis(300);
+    let start = Instant::now();
     let query = tokio::spawn({
         let consul = consul.clone();
         async move { get(&consul, &format!("{health}?index={index}&wait=300ms")).await }
@@ -513,7 +515,12 @@ async fn blocking_query_on_one_service_ignores_changes_to_another() {
     consul.set_check("blog-1", Status::Critical);
     consul.set_check_output("blog-1", "connection refused");
     let answer = query.await.unwrap();
-    // It ran to its wait: the answer is the same index, not a wake-up for blog's change.
+    // It ran to its wait, through blog's changes, and answers the same index.
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= wait,
+        "returned after {elapsed:?}, before its wait"
+    );
     assert_eq!(answer.index(), index);
 }
 
