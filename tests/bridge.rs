@@ -6,7 +6,8 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -120,6 +121,16 @@ fn weft_binary_for_nobody(dir: &std::path::Path) -> PathBuf {
     let copy = dir.join("weft");
     std::fs::copy(WEFT, &copy).unwrap();
     copy
+}
+
+/// `weft bridge --watch` in the case's namespace, logging to `watch.log`.
+fn watch(case: &Case) -> NsProcess {
+    let mut command = case.ns.exec(&case.binary);
+    command
+        .args(["bridge", "--watch", "-c"])
+        .arg(case.config())
+        .env("WEFT_LOG", "info,weft=debug");
+    NsProcess::spawn(&mut command, case.dir.path().join("watch.log"))
 }
 
 fn setpriv_exists() -> bool {
@@ -558,12 +569,7 @@ fn without_cap_net_admin_ensure_says_so_and_check_still_works() {
 fn watch_repairs_on_netlink_events() {
     let case = Case::new("watch", "interval = \"1h\"\n");
     let good = case.add_good_bridge();
-    let mut command = case.ns.exec(&case.binary);
-    command
-        .args(["bridge", "--watch", "-c"])
-        .arg(case.config())
-        .env("WEFT_LOG", "info,weft=debug");
-    let mut watch = NsProcess::spawn(&mut command, case.dir.path().join("watch.log"));
+    let mut watch = watch(&case);
     wait_until(Duration::from_secs(5), "the first pass", || {
         let log = watch.log();
         if log.contains("(ensure): ok") {
@@ -595,14 +601,39 @@ fn watch_repairs_on_netlink_events() {
     assert!(status.success(), "{status}\n{}", watch.log());
 }
 
-/// A deliberately failing test, run by hand to see that its namespace goes away too:
-/// `cargo test --test bridge -- --ignored a_failing_test_leaves_no_namespace`.
+/// A test that fails inside its namespace leaves nothing behind: while the panic unwinds, the
+/// process running in the namespace is stopped, the namespace (with its links) deleted, and
+/// the temporary directory removed.
 #[test]
-#[ignore = "fails on purpose; run by hand to check the cleanup"]
-fn a_failing_test_leaves_no_namespace() {
-    let case = Case::new("fail", "");
-    case.add_good_bridge();
-    panic!("deliberate failure inside namespace {}", case.ns.name);
+fn a_failing_test_leaves_no_namespace_process_or_directory() {
+    let mut made = None;
+    let failed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let case = Case::new("fail", "interval = \"1h\"\n");
+        case.add_good_bridge();
+        let _watch = watch(&case);
+        let pids = wait_until(Duration::from_secs(5), "weft runs in the namespace", || {
+            Some(case.ns.pids())
+                .filter(|pids| !pids.is_empty())
+                .ok_or(())
+        });
+        made = Some((case.ns.name.clone(), pids, case.dir.path().to_path_buf()));
+        panic!("deliberate failure inside namespace {}", case.ns.name);
+    }));
+    let panic = failed.expect_err("the test failed");
+    assert!(
+        support::panic_message(&*panic).starts_with("deliberate failure"),
+        "{}",
+        support::panic_message(&*panic)
+    );
+    let (name, pids, dir) = made.unwrap();
+    assert!(
+        !Path::new("/run/netns").join(&name).exists(),
+        "namespace {name} is left"
+    );
+    for pid in pids {
+        assert!(!support::process_alive(pid), "process {pid} is left");
+    }
+    assert!(!dir.exists(), "{} is left", dir.display());
 }
 
 /// The loop over a `weave` that is no bridge: reported at ERROR once, and left alone on every
@@ -620,12 +651,7 @@ fn watch_reports_a_weave_of_another_kind_and_leaves_it_alone() {
         "name",
         "weave-peer",
     ]);
-    let mut command = case.ns.exec(&case.binary);
-    command
-        .args(["bridge", "--watch", "-c"])
-        .arg(case.config())
-        .env("WEFT_LOG", "info,weft=debug");
-    let mut watch = NsProcess::spawn(&mut command, case.dir.path().join("watch.log"));
+    let mut watch = watch(&case);
     let checked = |trigger: &str| {
         let log = watch.log();
         log.matches(&format!(

@@ -7,7 +7,7 @@ mod support;
 
 use support::consul;
 use support::fixtures::{self, ShapeRules};
-use support::killable::{self, Served};
+use support::killable::Served;
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -844,7 +844,7 @@ async fn a_handler_panic_fails_the_test() {
     let answer = reqwest::get(&url).await.map(|r| r.status());
     let raised = std::panic::catch_unwind(AssertUnwindSafe(|| served.check()))
         .expect_err("check re-raises the handler's panic");
-    assert_eq!(killable::message(&*raised), "the handler's own panic");
+    assert_eq!(support::panic_message(&*raised), "the handler's own panic");
     assert_eq!(answer.unwrap(), 500);
     served.check();
     drop(served);
@@ -854,7 +854,7 @@ async fn a_handler_panic_fails_the_test() {
     let _ = reqwest::get(&url).await;
     let raised = std::panic::catch_unwind(AssertUnwindSafe(|| drop(served)))
         .expect_err("dropping the double re-raises the handler's panic");
-    assert_eq!(killable::message(&*raised), "the handler's own panic");
+    assert_eq!(support::panic_message(&*raised), "the handler's own panic");
     let streaming = axum::Router::new().route(
         "/",
         axum::routing::get(|| async {
@@ -873,5 +873,5 @@ async fn a_handler_panic_fails_the_test() {
     assert!(answer.is_err(), "{answer:?}");
     let raised = std::panic::catch_unwind(AssertUnwindSafe(|| drop(served)))
         .expect_err("dropping the double re-raises the stream's panic");
-    assert_eq!(killable::message(&*raised), "the stream's own panic");
+    assert_eq!(support::panic_message(&*raised), "the stream's own panic");
 }

@@ -95,21 +95,15 @@ impl Drop for Served {
         match panic {
             // Already failing: say so, and let the first failure be the one reported.
             Some(panic) if std::thread::panicking() => {
-                eprintln!("a test double's handler panicked too: {}", message(&*panic));
+                eprintln!(
+                    "a test double's handler panicked too: {}",
+                    super::panic_message(&*panic)
+                );
             }
             Some(panic) => std::panic::resume_unwind(panic),
             None => {}
         }
     }
-}
-
-/// A panic's message, when it has one.
-pub fn message(panic: &(dyn Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(a panic without a message)")
 }
 
 /// Runs the handler, and then its body if it is streamed, under `catch_unwind`: the first

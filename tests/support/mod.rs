@@ -96,6 +96,15 @@ impl Drop for Backend {
     }
 }
 
+/// A panic's message, when it has one (`panic!` with or without arguments).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
+}
+
 /// A port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
