@@ -454,9 +454,9 @@ async fn blocking_query_returns_after_wait_without_change() {
         .await;
         let elapsed = start.elapsed();
         assert_eq!(again.status, 200);
+        // No sooner than the wait; how much later is the machine's business (the request
+        // timeout bounds it).
         assert!(elapsed >= wait, "{path}: returned after {elapsed:?}");
-        // wait * 17/16 at most, plus slack for a loaded machine.
-        assert!(elapsed < Duration::from_secs(2), "{path}: {elapsed:?}");
         assert_eq!(again.index(), first.index(), "{path}");
         assert_eq!(again.body, first.body, "{path}");
     }
@@ -470,26 +470,29 @@ async fn blocking_query_returns_early_on_a_change() {
     let catalog_index = get(&consul, CATALOG_SERVICES).await.index();
     let health_index = get(&consul, health).await.index();
 
+    // Consul's longest wait: an answer at all (within the request timeout) is an early one.
+    let wait = Duration::from_secs(600);
     let consul = std::sync::Arc::new(consul);
+    let start = Instant::now();
     let catalog_query = tokio::spawn({
         let consul = consul.clone();
         async move {
-            let path = format!("{CATALOG_SERVICES}?index={catalog_index}&wait=30s");
+            let path = format!("{CATALOG_SERVICES}?index={catalog_index}&wait=10m");
             get(&consul, &path).await
         }
     });
     let health_query = tokio::spawn({
         let consul = consul.clone();
-        async move { get(&consul, &format!("{health}?index={health_index}&wait=30s")).await }
+        async move { get(&consul, &format!("{health}?index={health_index}&wait=10m")).await }
     });
     consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
     consul.wait_for_blocked_queries(health, 1).await;
-    let start = Instant::now();
+    assert!(!catalog_query.is_finished() && !health_query.is_finished());
     consul.register(Instance::new("shop", "shop-2", "10.2.1.6", 8080).tag("new"));
 
     let catalog = catalog_query.await.unwrap();
     let health_answer = health_query.await.unwrap();
-    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(start.elapsed() < wait, "{:?}", start.elapsed());
     assert!(catalog.index() > catalog_index);
     assert_eq!(catalog.json()["shop"], serde_json::json!(["new"]));
     assert!(health_answer.index() > health_index);
@@ -802,15 +805,11 @@ async fn dropping_the_double_kills_blocked_queries_and_refuses_new_ones() {
         }
     });
     consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
-    let start = Instant::now();
     drop(consul);
-    let result = query.await.unwrap();
-    assert!(result.is_err(), "{result:?}");
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        start.elapsed()
-    );
+    // Broken off by the double, not given up on by the client (its timeout is the test's
+    // deadline, long before the query's wait).
+    let error = query.await.unwrap().unwrap_err();
+    assert!(!error.is_timeout(), "{error:?}");
     let refused = client
         .get(format!("http://{addr}{CATALOG_SERVICES}"))
         .send()
