@@ -24,23 +24,19 @@ async fn register_fail_deregister_and_survive_an_outage() {
     let consul = ConsulDouble::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
+    // Blocking queries wait five minutes: whatever is routed within the tests' deadlines came
+    // from a query woken by the change.
     let weft = Weft::builder()
-        .consul(&consul.url(), "wait = \"2s\"")
+        .consul(&consul.url(), "wait = \"5m\"")
         .start()
         .await;
     wait_for_healthz(&weft, "ok").await;
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
 
-    // Registered -> routed within a second.
-    let registered = Instant::now();
+    // Registered -> routed.
     consul.register(instance("shop", "shop-1", &a, "shop.test"));
     consul.register(instance("shop", "shop-2", &b, "shop.test"));
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
-    let converged = registered.elapsed();
-    eprintln!("registered -> routed: {converged:?}");
-    assert!(
-        converged < Duration::from_secs(1),
-        "routed after {converged:?}"
-    );
 
     // One instance critical: it leaves rotation.
     consul.set_check("shop-2", Status::Critical);
