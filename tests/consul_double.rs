@@ -8,6 +8,7 @@ mod support;
 use support::consul;
 use support::fixtures::{self, ShapeRules};
 use support::killable::Served;
+use support::Answer;
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -17,40 +18,23 @@ use futures::StreamExt;
 use consul::{
     parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
 };
-use reqwest::header::HeaderMap;
 use serde_json::{Map, Value};
 
-/// Bounds every request of these tests, blocking ones included: 10 s, scaled by patience.
+/// Bounds every request of these tests, blocking ones included (scaled by patience).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn request_timeout() -> Duration {
-    support::patience(Duration::from_secs(10))
+    support::patience(REQUEST_TIMEOUT)
 }
 
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
+/// Consul's `X-Consul-Index` of an answer.
+trait ConsulIndex {
+    fn index(&self) -> u64;
 }
 
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
+impl ConsulIndex for Answer {
     fn index(&self) -> u64 {
         self.header("x-consul-index").parse().unwrap()
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
-
-    fn content_type(&self) -> &str {
-        self.header("content-type")
     }
 }
 
@@ -59,26 +43,8 @@ async fn get(consul: &ConsulDouble, path_and_query: &str) -> Answer {
 }
 
 async fn get_with(consul: &ConsulDouble, path_and_query: &str, headers: &[(&str, &str)]) -> Answer {
-    let client = reqwest::Client::builder()
-        .timeout(request_timeout())
-        .build()
-        .unwrap();
-    let mut request = client.get(format!("{}{path_and_query}", consul.url()));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {path_and_query}: {e:?}"));
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response.text().await.unwrap();
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    let url = format!("{}{path_and_query}", consul.url());
+    support::get_answer(&url, headers, REQUEST_TIMEOUT).await
 }
 
 fn read_fixture(name: &str) -> Value {

@@ -19,6 +19,16 @@ fn instance(service: &str, id: &str, backend: &Backend, host: &str) -> Instance 
     .tag(&format!("weft.host={host}"))
 }
 
+/// Consul with shop-1 on `a`, and weft on it (`keys` in its Consul section), once it routes
+/// shop.test to a.
+async fn routing_shop_to(a: &Backend, keys: &str) -> (ConsulDouble, Weft) {
+    let consul = ConsulDouble::start().await;
+    consul.register(instance("shop", "shop-1", a, "shop.test"));
+    let weft = Weft::builder().consul(&consul.url(), keys).start().await;
+    wait_for_backends(&weft, "shop.test", "/", &[&a.name]).await;
+    (consul, weft)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_fail_deregister_and_survive_an_outage() {
     let consul = ConsulDouble::start().await;
@@ -217,15 +227,9 @@ async fn apollo_mode_tokens_and_addresses_outside_the_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_stalls_and_a_backwards_index_are_survived() {
-    let consul = ConsulDouble::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    consul.register(instance("shop", "shop-1", &a, "shop.test"));
-    let weft = Weft::builder()
-        .consul(&consul.url(), "wait = \"1s\"")
-        .start()
-        .await;
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let (consul, weft) = routing_shop_to(&a, "wait = \"1s\"").await;
 
     consul.set_fault(Fault::Garbage);
     consul.bump_index();
@@ -302,15 +306,9 @@ async fn a_consul_that_never_answers_holds_back_no_other_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_reads_ride_out_a_leader_loss_and_acl_filtering_is_said() {
-    let consul = ConsulDouble::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    consul.register(instance("shop", "shop-1", &a, "shop.test"));
-    let weft = Weft::builder()
-        .consul(&consul.url(), "wait = \"1s\"\nconsistency = \"stale\"")
-        .start()
-        .await;
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let (consul, weft) = routing_shop_to(&a, "wait = \"1s\"\nconsistency = \"stale\"").await;
 
     // The leader is lost: stale reads go on from the server's own state, and weft says the
     // answers may be old, but keeps following them.

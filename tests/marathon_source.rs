@@ -20,6 +20,14 @@ async fn backends() -> (Backend, Backend, Backend, u16) {
     (a, b, c, port)
 }
 
+/// The three backends, and Marathon with /shop's one task, shop.1 on 127.0.0.1 (backend a).
+async fn marathon_with_shop() -> (MarathonDouble, (Backend, Backend, Backend, u16)) {
+    let backends = backends().await;
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(shop(backends.3).task(task("shop.1", "127.0.0.1")));
+    (marathon, backends)
+}
+
 fn shop(port: u16) -> App {
     App::new("/shop")
         .label("HAPROXY_GROUP", "external")
@@ -31,12 +39,24 @@ fn task(id: &str, ip: &str) -> Task {
     Task::new(id).ip(ip).health(Some(true))
 }
 
-/// weft on Marathon at `urls`, with short timeouts and `keys` (TOML lines) besides.
-fn weft_on(urls: &[String], keys: &str) -> WeftBuilder {
-    Weft::builder().marathon(
-        urls,
-        &format!("read_timeout = \"1s\"\nrequest_timeout = \"2s\"\n{keys}"),
-    )
+/// weft on Marathon at `urls`: a read timeout of 1 s and a request timeout of 2 s, unless
+/// `durations` (key, value) say otherwise, and what else they say (`resync`).
+fn weft_on(urls: &[String], durations: &[(&str, &str)]) -> WeftBuilder {
+    let mut keys = vec![("read_timeout", "1s"), ("request_timeout", "2s")];
+    keys.retain(|(key, _)| !durations.iter().any(|(other, _)| other == key));
+    keys.extend_from_slice(durations);
+    let lines: Vec<String> = keys
+        .iter()
+        .map(|(key, value)| format!("{key} = {value:?}"))
+        .collect();
+    Weft::builder().marathon(urls, &lines.join("\n"))
+}
+
+/// `weft_on`, once shop.test is served by exactly `expected`.
+async fn weft_serving_shop(urls: &[String], durations: &[(&str, &str)], expected: &[&str]) -> Weft {
+    let weft = weft_on(urls, durations).start().await;
+    wait_for_backends(&weft, "shop.test", "/", expected).await;
+    weft
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,13 +70,12 @@ async fn scaling_killing_and_failing_health_move_traffic() {
     );
     // The resync and the read timeout are an hour away: what changes within the tests'
     // deadlines came by an event on the one stream.
-    let weft = Weft::builder()
-        .marathon(
-            &[marathon.url()],
-            "resync = \"1h\"\nread_timeout = \"1h\"\nrequest_timeout = \"2s\"",
-        )
-        .start()
-        .await;
+    let weft = weft_on(
+        &[marathon.url()],
+        &[("resync", "1h"), ("read_timeout", "1h")],
+    )
+    .start()
+    .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     marathon.wait_for_open_streams(1).await;
     let connections = marathon.event_connections();
@@ -87,13 +106,8 @@ async fn scaling_killing_and_failing_health_move_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stream_is_noticed_and_weft_catches_up() {
-    let (_a, _b, _c, port) = backends().await;
-    let marathon = MarathonDouble::start().await;
-    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = weft_on(&[marathon.url()], "resync = \"1h\"\n")
-        .start()
-        .await;
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let (marathon, _backends) = marathon_with_shop().await;
+    let weft = weft_serving_shop(&[marathon.url()], &[("resync", "1h")], &["a"]).await;
     marathon.wait_for_open_streams(1).await;
     let connections = marathon.event_connections();
 
@@ -123,10 +137,7 @@ async fn with_marathon_down_the_last_routes_keep_serving() {
             .task(task("shop.1", "127.0.0.1"))
             .task(task("shop.2", "127.0.0.2")),
     );
-    let weft = weft_on(&[marathon.url()], "resync = \"1s\"\n")
-        .start()
-        .await;
-    wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
+    let weft = weft_serving_shop(&[marathon.url()], &[("resync", "1s")], &["a", "b"]).await;
     let (reloads, _, _) = weft.show_proc().await.unwrap();
 
     // A leader election: Jetty's HTML 503 page, read as its title in the reason.
@@ -159,13 +170,8 @@ async fn with_marathon_down_the_last_routes_keep_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_second_url_serves_when_the_first_is_dead() {
-    let (_a, _b, _c, port) = backends().await;
-    let marathon = MarathonDouble::start().await;
-    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = weft_on(&[MarathonDouble::dead_url(), marathon.url()], "")
-        .start()
-        .await;
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let (marathon, _backends) = marathon_with_shop().await;
+    let weft = weft_serving_shop(&[MarathonDouble::dead_url(), marathon.url()], &[], &["a"]).await;
     // Events flow through the second URL too.
     marathon.wait_for_open_streams(1).await;
     marathon.add_task("/shop", task("shop.2", "127.0.0.2"));
@@ -197,7 +203,7 @@ async fn labels_groups_and_unroutable_tasks_are_reported() {
             .container_port(port)
             .task(task("web.1", "127.0.0.3")),
     );
-    let weft = weft_on(&[marathon.url()], "")
+    let weft = weft_on(&[marathon.url()], &[])
         .domain("example.com")
         .start()
         .await;
@@ -218,17 +224,12 @@ async fn labels_groups_and_unroutable_tasks_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_never_answers_does_not_hold_the_stream() {
-    let (_a, _b, _c, port) = backends().await;
+    let (marathon, _backends) = marathon_with_shop().await;
     // The first Marathon accepts connections and never answers, not even the stream's headers.
     let hung = MarathonDouble::start().await;
     hung.set_apps_fault(Fault::Slow(Duration::from_secs(3600)));
     hung.set_events_fault(Fault::Slow(Duration::from_secs(3600)));
-    let marathon = MarathonDouble::start().await;
-    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = weft_on(&[hung.url(), marathon.url()], "resync = \"1h\"\n")
-        .start()
-        .await;
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let weft = weft_serving_shop(&[hung.url(), marathon.url()], &[("resync", "1h")], &["a"]).await;
 
     // The stream gives up on the silent leader after the read timeout and attaches to the
     // second: events (not the resync, an hour away) bring the new task.
@@ -239,15 +240,10 @@ async fn a_leader_that_never_answers_does_not_hold_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_stream_with_heartbeats_stays_attached() {
-    let (_a, _b, _c, port) = backends().await;
-    let marathon = MarathonDouble::start().await;
+    let (marathon, _backends) = marathon_with_shop().await;
     // Heartbeats well inside the read timeout (1 s), and no event for three timeouts.
     marathon.set_heartbeat(Some(Duration::from_millis(200)));
-    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
-    let weft = weft_on(&[marathon.url()], "resync = \"1h\"\n")
-        .start()
-        .await;
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let weft = weft_serving_shop(&[marathon.url()], &[("resync", "1h")], &["a"]).await;
     marathon.wait_for_open_streams(1).await;
     let connections = marathon.event_connections();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -269,13 +265,12 @@ async fn a_marathon_that_never_answers_holds_back_no_other_route() {
     marathon.set_apps_fault(Fault::Slow(Duration::from_secs(3600)));
     marathon.set_events_fault(Fault::Slow(Duration::from_secs(3600)));
     // Timeouts far away: only the start grace can let the other routes through.
-    let weft = Weft::builder()
-        .marathon(
-            &[marathon.url()],
-            "request_timeout = \"1h\"\nread_timeout = \"1h\"",
-        )
-        .start()
-        .await;
+    let weft = weft_on(
+        &[marathon.url()],
+        &[("request_timeout", "1h"), ("read_timeout", "1h")],
+    )
+    .start()
+    .await;
     weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
     wait_for_healthz(&weft, "no answer yet").await;
     wait_for_backends(&weft, "files.test", "/", &["a"]).await;

@@ -13,17 +13,25 @@ async fn reloads(weft: &Weft) -> u64 {
     weft.show_proc().await.unwrap().0
 }
 
+/// weft routing alpha.test to `backends`, once they serve it; and its reloads so far.
+async fn alpha_on(backends: &[&Backend]) -> (Weft, u64) {
+    let servers: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+    let weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &servers))
+        .start()
+        .await;
+    wait_for_backends(&weft, "alpha.test", "/", &names).await;
+    let before = reloads(&weft).await;
+    (weft, before)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_added_removed_and_moved_need_no_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let weft = Weft::builder()
-        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
-        .start()
-        .await;
-    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
-    let before = reloads(&weft).await;
+    let (weft, before) = alpha_on(&[&a]).await;
 
     // Added.
     weft.write_services(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]));
@@ -121,12 +129,7 @@ async fn a_hundred_changes_in_a_second_make_at_most_two_reloads() {
 async fn a_failing_runtime_update_falls_back_to_a_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let weft = Weft::builder()
-        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
-        .start()
-        .await;
-    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
-    let before = reloads(&weft).await;
+    let (weft, before) = alpha_on(&[&a]).await;
 
     // The admin socket is gone (someone cleaned the run directory): the runtime API fails.
     let admin = weft.run_dir().join("admin.sock");
@@ -150,12 +153,7 @@ async fn a_failing_runtime_update_falls_back_to_a_reload() {
 async fn a_tampered_server_is_caught_by_the_confirmation_and_repaired() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let weft = Weft::builder()
-        .services(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]))
-        .start()
-        .await;
-    wait_for_backends(&weft, "alpha.test", "/", &["a", "b"]).await;
-    let before = reloads(&weft).await;
+    let (weft, before) = alpha_on(&[&a, &b]).await;
 
     // Someone points slot s2 elsewhere by hand.
     support::cli(

@@ -608,6 +608,54 @@ pub async fn wait_for_404(weft: &Weft, host: &str, path: &str) {
     .await
 }
 
+/// An answer as the doubles' tests look at it.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.header("content-type")
+    }
+}
+
+/// GET `url` with `headers` on a fresh client, within `timeout` (scaled by [`patience`]); fails
+/// the test when no answer comes.
+pub async fn get_answer(url: &str, headers: &[(&str, &str)], timeout: Duration) -> Answer {
+    let client = reqwest::Client::builder()
+        .timeout(patience(timeout))
+        .build()
+        .unwrap();
+    let mut request = client.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
+    Answer {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: response.text().await.unwrap(),
+    }
+}
+
 /// A `[[service]]` entry.
 pub fn service(name: &str, hosts: &[&str], path: Option<&str>, servers: &[SocketAddr]) -> String {
     let hosts: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();

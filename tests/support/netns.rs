@@ -70,6 +70,22 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// A veth pair: `name` here, its `peer` end in `peer_ns`.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_ns: &Netns) {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &peer_ns.name,
+        ]);
+    }
+
     /// `ip -n NS ARGS`, its failure returned.
     pub fn try_ip(&self, args: &[&str]) -> Result<String, String> {
         let output = Command::new("ip")

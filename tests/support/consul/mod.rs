@@ -34,7 +34,7 @@ use tokio::sync::watch;
 pub use self::go::{parse_go_bool, parse_go_duration, parse_go_uint};
 
 use self::conn::Served;
-use self::http::{catalog_services, health_service, health_service_unnamed, record};
+use self::http::{catalog_services, health_service, record};
 use self::state::{CheckState, InstanceState, Shared, State};
 
 pub const DATACENTER: &str = "dc1";
@@ -201,7 +201,7 @@ impl ConsulDouble {
         });
         let app = Router::new()
             .route(CATALOG_SERVICES, get(catalog_services))
-            .route("/v1/health/service/", get(health_service_unnamed))
+            .route("/v1/health/service/", get(health_service))
             .route("/v1/health/service/{*name}", get(health_service))
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))

@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use super::MarathonDouble;
 use crate::support::fixtures::{self, ShapeRules};
-use crate::support::patience;
+use crate::support::{patience, Answer};
 
 /// Bounds every wait of these tests: 10 s, scaled by patience.
 pub fn wait() -> Duration {
@@ -19,27 +18,6 @@ pub fn wait() -> Duration {
 /// machine is slow to send too).
 fn quiet() -> Duration {
     patience(Duration::from_millis(300))
-}
-
-pub struct Answer {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: String,
-}
-
-impl Answer {
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
 }
 
 pub fn client() -> reqwest::Client {
@@ -54,21 +32,8 @@ pub async fn get(marathon: &MarathonDouble, path: &str) -> Answer {
 }
 
 pub async fn get_with(marathon: &MarathonDouble, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut request = client()
-        .get(format!("{}{path}", marathon.url()))
-        .timeout(wait());
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e:?}"));
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body: response.text().await.unwrap(),
-    }
+    let url = format!("{}{path}", marathon.url());
+    crate::support::get_answer(&url, headers, Duration::from_secs(10)).await
 }
 
 /// An open `/v2/events` response, read with `chunk()` and parsed as SSE (CRLF, LF or CR).
