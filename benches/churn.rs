@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{Backend, Weft};
+use weft::config::RuntimeUpdates;
 
 /// Backends that can be moved in and out of services.
 const POOL: usize = 48;
@@ -162,18 +163,19 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
         .prefix("weft-churn-")
         .tempdir()
         .unwrap();
-    // Off: every change is a reload, and none waits for another (marathon-lb's way).
-    let keys = if runtime {
-        ""
-    } else {
-        "runtime_updates = \"off\"\nmin_reload_interval = \"0s\"\n"
-    };
-    let weft = Weft::start_in(
-        dir,
-        support::free_port(),
-        keys,
-        &services_toml(&services, &pool),
-    );
+    // The services file is read 5 ms after it changes (sources.file.debounce): the default
+    // 200 ms would dominate every change-to-traffic figure.
+    let mut weft = Weft::builder()
+        .dir(dir)
+        .debounce(Duration::from_millis(5))
+        .services(&services_toml(&services, &pool));
+    if !runtime {
+        // Every change is a reload, and none waits for another (marathon-lb's way).
+        weft = weft
+            .runtime_updates(RuntimeUpdates::Off)
+            .min_reload_interval(Duration::ZERO);
+    }
+    let weft = weft.start().await;
     let port = weft.port;
     for service in &services {
         support::wait_for_backends(
@@ -415,11 +417,6 @@ async fn run(runtime: bool, keep_alive: bool, seconds: u64) {
 }
 
 fn main() {
-    // The services file is read 5 ms after it changes (sources.file.debounce): the default
-    // 200 ms would dominate every change-to-traffic figure.
-    if std::env::var_os("WEFT_TEST_DEBOUNCE").is_none() {
-        std::env::set_var("WEFT_TEST_DEBOUNCE", "5ms");
-    }
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

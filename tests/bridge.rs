@@ -6,13 +6,25 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use support::netns::{run, text, wait_until, LinkSnapshot, Netns, NsProcess};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+/// `ip` arguments for a `weave` that is a veth, not a bridge.
+const WEAVE_VETH: &[&str] = &[
+    "link",
+    "add",
+    "weave",
+    "type",
+    "veth",
+    "peer",
+    "name",
+    "weave-peer",
+];
 
 /// One namespace and a weft.toml whose `[bridge]` section holds `bridge_keys`.
 struct Case {
@@ -79,6 +91,14 @@ impl Case {
         self.weft_as(&[], args)
     }
 
+    /// `weft ARGS` with `ip monitor` listening: its output, and every link or address change
+    /// the kernel saw meanwhile.
+    fn weft_monitored(&self, args: &[&str]) -> (Output, Vec<String>) {
+        let monitor = Monitor::start(self);
+        let output = self.weft(args);
+        (output, monitor.finish())
+    }
+
     fn weave(&self) -> Option<LinkSnapshot> {
         self.ns.link("weave")
     }
@@ -96,6 +116,20 @@ impl Case {
         self.ns.ip(&["addr", "add", "10.2.0.1/16", "dev", "weave"]);
         self.ns.ip(&["link", "set", "weave", "up"]);
         self.weave().unwrap()
+    }
+
+    /// A good bridge, broken by `breakage` (`ip` arguments), then one `weft bridge`: it ends
+    /// well and reports `report`. Returns the good bridge as it was before the breakage.
+    fn break_and_repair(&self, breakage: &[&[&str]], report: &str) -> LinkSnapshot {
+        let good = self.add_good_bridge();
+        for args in breakage {
+            self.ns.ip(args);
+        }
+        if !breakage.is_empty() {
+            assert_ne!(self.weave().as_ref(), Some(&good), "nothing broke");
+        }
+        assert_reports(&self.weft(&["bridge"]), true, &[report]);
+        good
     }
 }
 
@@ -122,6 +156,16 @@ fn weft_binary_for_nobody(dir: &std::path::Path) -> PathBuf {
     copy
 }
 
+/// `weft bridge --watch` in the case's namespace, logging to `watch.log`.
+fn watch(case: &Case) -> NsProcess {
+    let mut command = case.ns.exec(&case.binary);
+    command
+        .args(["bridge", "--watch", "-c"])
+        .arg(case.config())
+        .env("WEFT_LOG", "info,weft=debug");
+    NsProcess::spawn(&mut command, case.dir.path().join("watch.log"))
+}
+
 fn setpriv_exists() -> bool {
     Command::new("setpriv")
         .arg("--version")
@@ -137,10 +181,13 @@ fn assert_exit(output: &Output, success: bool) {
     assert_eq!(output.status.success(), success, "{}", text(output));
 }
 
-/// The command ended as `success` says and its report holds `needle`.
-fn assert_reports(output: &Output, success: bool, needle: &str) {
+/// The command ended as `success` says and its report holds each of `needles`.
+fn assert_reports(output: &Output, success: bool, needles: &[&str]) {
     assert_exit(output, success);
-    assert!(stdout(output).contains(needle), "{}", text(output));
+    let out = stdout(output);
+    for needle in needles {
+        assert!(out.contains(needle), "no {needle:?} in {}", text(output));
+    }
 }
 
 /// `ip monitor` on a namespace, between two marker links: what changed in between.
@@ -224,19 +271,14 @@ fn creates_the_bridge_from_nothing_and_a_second_run_changes_nothing() {
     assert_eq!(case.weave(), None);
 
     let first = case.weft(&["bridge"]);
-    assert_exit(&first, true);
-    let out = stdout(&first);
-    assert!(
-        out.starts_with("bridge weave 10.2.0.1/16 mtu 65535 (ensure): repaired"),
-        "{out}"
-    );
-    assert!(
-        out.contains("bridge weave is missing: create bridge weave with MTU 65535"),
-        "{out}"
-    );
-    assert!(
-        out.contains("bridge weave lacks its address 10.2.0.1/16: add 10.2.0.1/16 to weave"),
-        "{out}"
+    assert_reports(
+        &first,
+        true,
+        &[
+            "bridge weave 10.2.0.1/16 mtu 65535 (ensure): repaired",
+            "bridge weave is missing: create bridge weave with MTU 65535",
+            "bridge weave lacks its address 10.2.0.1/16: add 10.2.0.1/16 to weave",
+        ],
     );
     let created = case.weave().unwrap();
     assert_eq!(created.kind.as_deref(), Some("bridge"));
@@ -249,9 +291,7 @@ fn creates_the_bridge_from_nothing_and_a_second_run_changes_nothing() {
     assert!(log.contains("wrong=bridge weave is missing"), "{log}");
 
     // The second run finds nothing to do, and the kernel sees no change at all.
-    let monitor = Monitor::start(&case);
-    let second = case.weft(&["bridge"]);
-    let changes = monitor.finish();
+    let (second, changes) = case.weft_monitored(&["bridge"]);
     assert_exit(&second, true);
     assert_eq!(
         stdout(&second).trim(),
@@ -266,36 +306,30 @@ fn creates_the_bridge_from_nothing_and_a_second_run_changes_nothing() {
     assert_eq!(case.weave().unwrap(), created);
 }
 
-#[test]
-fn a_down_bridge_is_set_up_and_keeps_its_identity() {
-    let case = Case::new("down", "");
-    let good = case.add_good_bridge();
-    case.ns.ip(&["link", "set", "weave", "down"]);
-    assert!(!case.weave().unwrap().up);
-
-    let output = case.weft(&["bridge"]);
-    assert_reports(
-        &output,
-        true,
-        "bridge weave is down (IFF_UP unset): set weave up",
-    );
-    // Same index, same MAC: repaired in place, never deleted and recreated.
+/// One thing broken on a good bridge (`ip` arguments) is repaired in place: same index, same
+/// MAC, everything as before; never deleted and recreated.
+fn assert_repaired_in_place(tag: &str, breakage: &[&str], report: &str) {
+    let case = Case::new(tag, "");
+    let good = case.break_and_repair(&[breakage], report);
     assert_eq!(case.weave().unwrap(), good);
 }
 
 #[test]
-fn a_flushed_bridge_gets_its_address_back() {
-    let case = Case::new("flush", "");
-    let good = case.add_good_bridge();
-    case.ns.ip(&["addr", "flush", "dev", "weave"]);
+fn a_down_bridge_is_set_up_and_keeps_its_identity() {
+    assert_repaired_in_place(
+        "down",
+        &["link", "set", "weave", "down"],
+        "bridge weave is down (IFF_UP unset): set weave up",
+    );
+}
 
-    let output = case.weft(&["bridge"]);
-    assert_reports(
-        &output,
-        true,
+#[test]
+fn a_flushed_bridge_gets_its_address_back() {
+    assert_repaired_in_place(
+        "flush",
+        &["addr", "flush", "dev", "weave"],
         "lacks its address 10.2.0.1/16: add 10.2.0.1/16 to weave",
     );
-    assert_eq!(case.weave().unwrap(), good);
 }
 
 #[test]
@@ -321,16 +355,13 @@ fn stale_addresses_in_the_weave_range_are_removed_and_others_kept() {
         case.ns.ip(&["addr", "add", address, "dev", "weave"]);
     }
 
-    let output = case.weft(&["bridge"]);
-    assert_exit(&output, true);
-    let out = stdout(&output);
-    assert!(
-        out.contains("carries the stale address 10.2.0.1/24: remove 10.2.0.1/24 from weave"),
-        "{out}"
-    );
-    assert!(
-        out.contains("carries the stale address 10.2.0.9/16"),
-        "{out}"
+    assert_reports(
+        &case.weft(&["bridge"]),
+        true,
+        &[
+            "carries the stale address 10.2.0.1/24: remove 10.2.0.1/24 from weave",
+            "carries the stale address 10.2.0.9/16",
+        ],
     );
     assert_eq!(
         case.weave().unwrap().addresses,
@@ -341,15 +372,12 @@ fn stale_addresses_in_the_weave_range_are_removed_and_others_kept() {
 #[test]
 fn a_wrong_mtu_is_fixed() {
     let case = Case::new("mtu", "mtu = 65535\n");
-    let good = case.add_good_bridge();
-    assert_eq!(good.mtu, 1500);
-
-    let output = case.weft(&["bridge"]);
-    assert_reports(
-        &output,
-        true,
+    // The kernel's default MTU, not the configured one.
+    let good = case.break_and_repair(
+        &[],
         "has MTU 1500, not 65535: set the MTU of weave to 65535",
     );
+    assert_eq!(good.mtu, 1500);
     let now = case.weave().unwrap();
     assert_eq!(now.mtu, 65535);
     assert_eq!((now.index, now.addresses), (good.index, good.addresses));
@@ -360,14 +388,14 @@ fn host_index_gives_the_address_and_replaces_the_default() {
     let case = Case::new("index", "host_index = 3\n");
     case.add_good_bridge();
 
-    let output = case.weft(&["bridge"]);
-    assert_exit(&output, true);
-    let out = stdout(&output);
-    assert!(
-        out.starts_with("bridge weave 10.2.0.3/16 (ensure): repaired"),
-        "{out}"
+    assert_reports(
+        &case.weft(&["bridge"]),
+        true,
+        &[
+            "bridge weave 10.2.0.3/16 (ensure): repaired",
+            "stale address 10.2.0.1/16",
+        ],
     );
-    assert!(out.contains("stale address 10.2.0.1/16"), "{out}");
     assert_eq!(case.weave().unwrap().addresses, ["10.2.0.3/16"]);
 }
 
@@ -381,34 +409,19 @@ fn a_weave_link_of_another_kind_is_refused_and_untouched() {
                 "link", "add", "weave", "type", "vxlan", "id", "42", "dstport", "4789",
             ],
         ),
-        (
-            "veth",
-            vec![
-                "link",
-                "add",
-                "weave",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "weave-peer",
-            ],
-        ),
+        ("veth", WEAVE_VETH.to_vec()),
     ] {
         let case = Case::new(kind, "");
         case.ns.ip(&args);
         case.ns.ip(&["addr", "add", "10.2.0.9/16", "dev", "weave"]);
         let before = case.weave().unwrap();
 
-        let output = case.weft(&["bridge"]);
-        assert_exit(&output, false);
-        let out = stdout(&output);
-        assert!(out.contains("(ensure): problem"), "{out}");
-        assert!(
-            out.contains(&format!(
-                "link weave is a {kind} link, not a bridge: weft leaves it untouched"
-            )),
-            "{out}"
+        let refusal =
+            format!("link weave is a {kind} link, not a bridge: weft leaves it untouched");
+        assert_reports(
+            &case.weft(&["bridge"]),
+            false,
+            &["(ensure): problem", &refusal],
         );
         assert_eq!(case.weave().unwrap(), before, "{kind} untouched");
     }
@@ -423,9 +436,7 @@ fn check_mode_reports_without_changing_anything() {
     case.ns.ip(&["addr", "add", "10.2.0.1/24", "dev", "weave"]);
     let before = case.weave().unwrap();
 
-    let monitor = Monitor::start(&case);
-    let output = case.weft(&["bridge"]);
-    let changes = monitor.finish();
+    let (output, changes) = case.weft_monitored(&["bridge"]);
     assert_exit(&output, false);
     assert_eq!(
         stdout(&output).trim(),
@@ -453,7 +464,7 @@ fn check_mode_reports_without_changing_anything() {
     assert_reports(
         &output,
         false,
-        "bridge weave 10.2.0.1/16 (check): problem\n  bridge weave is missing",
+        &["bridge weave 10.2.0.1/16 (check): problem\n  bridge weave is missing"],
     );
     assert_eq!(case.weave(), None);
     case.add_good_bridge();
@@ -558,12 +569,7 @@ fn without_cap_net_admin_ensure_says_so_and_check_still_works() {
 fn watch_repairs_on_netlink_events() {
     let case = Case::new("watch", "interval = \"1h\"\n");
     let good = case.add_good_bridge();
-    let mut command = case.ns.exec(&case.binary);
-    command
-        .args(["bridge", "--watch", "-c"])
-        .arg(case.config())
-        .env("WEFT_LOG", "info,weft=debug");
-    let mut watch = NsProcess::spawn(&mut command, case.dir.path().join("watch.log"));
+    let mut watch = watch(&case);
     wait_until(Duration::from_secs(5), "the first pass", || {
         let log = watch.log();
         if log.contains("(ensure): ok") {
@@ -595,14 +601,39 @@ fn watch_repairs_on_netlink_events() {
     assert!(status.success(), "{status}\n{}", watch.log());
 }
 
-/// A deliberately failing test, run by hand to see that its namespace goes away too:
-/// `cargo test --test bridge -- --ignored a_failing_test_leaves_no_namespace`.
+/// A test that fails inside its namespace leaves nothing behind: while the panic unwinds, the
+/// process running in the namespace is stopped, the namespace (with its links) deleted, and
+/// the temporary directory removed.
 #[test]
-#[ignore = "fails on purpose; run by hand to check the cleanup"]
-fn a_failing_test_leaves_no_namespace() {
-    let case = Case::new("fail", "");
-    case.add_good_bridge();
-    panic!("deliberate failure inside namespace {}", case.ns.name);
+fn a_failing_test_leaves_no_namespace_process_or_directory() {
+    let mut made = None;
+    let failed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let case = Case::new("fail", "interval = \"1h\"\n");
+        case.add_good_bridge();
+        let _watch = watch(&case);
+        let pids = wait_until(Duration::from_secs(5), "weft runs in the namespace", || {
+            Some(case.ns.pids())
+                .filter(|pids| !pids.is_empty())
+                .ok_or(())
+        });
+        made = Some((case.ns.name.clone(), pids, case.dir.path().to_path_buf()));
+        panic!("deliberate failure inside namespace {}", case.ns.name);
+    }));
+    let panic = failed.expect_err("the test failed");
+    assert!(
+        support::panic_message(&*panic).starts_with("deliberate failure"),
+        "{}",
+        support::panic_message(&*panic)
+    );
+    let (name, pids, dir) = made.unwrap();
+    assert!(
+        !Path::new("/run/netns").join(&name).exists(),
+        "namespace {name} is left"
+    );
+    for pid in pids {
+        assert!(!support::process_alive(pid), "process {pid} is left");
+    }
+    assert!(!dir.exists(), "{} is left", dir.display());
 }
 
 /// The loop over a `weave` that is no bridge: reported at ERROR once, and left alone on every
@@ -610,22 +641,8 @@ fn a_failing_test_leaves_no_namespace() {
 #[test]
 fn watch_reports_a_weave_of_another_kind_and_leaves_it_alone() {
     let case = Case::new("watchveth", "interval = \"1h\"\n");
-    case.ns.ip(&[
-        "link",
-        "add",
-        "weave",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "weave-peer",
-    ]);
-    let mut command = case.ns.exec(&case.binary);
-    command
-        .args(["bridge", "--watch", "-c"])
-        .arg(case.config())
-        .env("WEFT_LOG", "info,weft=debug");
-    let mut watch = NsProcess::spawn(&mut command, case.dir.path().join("watch.log"));
+    case.ns.ip(WEAVE_VETH);
+    let mut watch = watch(&case);
     let checked = |trigger: &str| {
         let log = watch.log();
         log.matches(&format!(

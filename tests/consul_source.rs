@@ -19,25 +19,34 @@ fn instance(service: &str, id: &str, backend: &Backend, host: &str) -> Instance 
     .tag(&format!("weft.host={host}"))
 }
 
+/// Consul with shop-1 on `a`, and weft on it (`keys` in its Consul section), once it routes
+/// shop.test to a.
+async fn routing_shop_to(a: &Backend, keys: &str) -> (ConsulDouble, Weft) {
+    let consul = ConsulDouble::start().await;
+    consul.register(instance("shop", "shop-1", a, "shop.test"));
+    let weft = Weft::builder().consul(&consul.url(), keys).start().await;
+    wait_for_backends(&weft, "shop.test", "/", &[&a.name]).await;
+    (consul, weft)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_fail_deregister_and_survive_an_outage() {
     let consul = ConsulDouble::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let weft = Weft::start_consul(&consul.url(), "wait = \"2s\"\n", "");
+    // Blocking queries wait five minutes: whatever is routed within the tests' deadlines came
+    // from a query woken by the change.
+    let weft = Weft::builder()
+        .consul(&consul.url(), "wait = \"5m\"")
+        .start()
+        .await;
     wait_for_healthz(&weft, "ok").await;
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
 
-    // Registered -> routed within a second.
-    let registered = Instant::now();
+    // Registered -> routed.
     consul.register(instance("shop", "shop-1", &a, "shop.test"));
     consul.register(instance("shop", "shop-2", &b, "shop.test"));
     wait_for_backends(&weft, "shop.test", "/", &["a", "b"]).await;
-    let converged = registered.elapsed();
-    eprintln!("registered -> routed: {converged:?}");
-    assert!(
-        converged < Duration::from_secs(1),
-        "routed after {converged:?}"
-    );
 
     // One instance critical: it leaves rotation.
     consul.set_check("shop-2", Status::Critical);
@@ -93,7 +102,10 @@ async fn fifty_quiet_services_cost_few_requests_and_index_storms_no_reloads() {
     }
     // A service weft must not watch at all: not exposed.
     consul.register(Instance::new("internal", "internal-1", "127.0.0.1", 1).tag("db"));
-    let weft = Weft::start_consul(&consul.url(), "wait = \"2s\"\n", "");
+    let weft = Weft::builder()
+        .consul(&consul.url(), "wait = \"2s\"")
+        .start()
+        .await;
     for i in [0, SERVICES / 2, SERVICES - 1] {
         wait_for_backends(&weft, &format!("svc{i}.test"), "/", &["a"]).await;
     }
@@ -173,14 +185,12 @@ async fn apollo_mode_tokens_and_addresses_outside_the_network() {
 
     let dir_token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(dir_token.path(), "s3cret-token\n").unwrap();
-    let weft = Weft::start_consul(
-        &consul.url(),
-        &format!(
-            "token_file = {:?}\n",
-            dir_token.path().display().to_string()
-        ),
-        "[routing]\ndomain = \"example.com\"\n",
-    );
+    let token_file = format!("token_file = {:?}", dir_token.path().display().to_string());
+    let weft = Weft::builder()
+        .consul(&consul.url(), &token_file)
+        .domain("example.com")
+        .start()
+        .await;
     wait_for_backends(&weft, "web.example.com", "/", &["a"]).await;
     wait_for_404(&weft, "hidden.example.com", "/").await;
     let (status, _) = weft.get("nodeaddr.example.com", "/").await.unwrap();
@@ -217,12 +227,9 @@ async fn apollo_mode_tokens_and_addresses_outside_the_network() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_stalls_and_a_backwards_index_are_survived() {
-    let consul = ConsulDouble::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    consul.register(instance("shop", "shop-1", &a, "shop.test"));
-    let weft = Weft::start_consul(&consul.url(), "wait = \"1s\"\n", "");
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let (consul, weft) = routing_shop_to(&a, "wait = \"1s\"").await;
 
     consul.set_fault(Fault::Garbage);
     consul.bump_index();
@@ -254,7 +261,10 @@ async fn consul_down_at_start_holds_back_no_other_route() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     consul.register(instance("shop", "shop-1", &b, "shop.test"));
-    let weft = Weft::start_consul(&consul.url(), "wait = \"1s\"\n", "");
+    let weft = Weft::builder()
+        .consul(&consul.url(), "wait = \"1s\"")
+        .start()
+        .await;
     weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
 
     // After a grace of a few seconds (for a blip), the file source routes although Consul
@@ -285,7 +295,10 @@ async fn a_consul_that_never_answers_holds_back_no_other_route() {
     // Accepts the connection, never answers: no request fails for minutes.
     consul.set_fault(Fault::Stall);
     let a = Backend::start("a").await;
-    let weft = Weft::start_consul(&consul.url(), "wait = \"5m\"\n", "");
+    let weft = Weft::builder()
+        .consul(&consul.url(), "wait = \"5m\"")
+        .start()
+        .await;
     weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
     wait_for_healthz(&weft, "catalog: no answer yet").await;
     wait_for_backends(&weft, "files.test", "/", &["a"]).await;
@@ -293,16 +306,9 @@ async fn a_consul_that_never_answers_holds_back_no_other_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_reads_ride_out_a_leader_loss_and_acl_filtering_is_said() {
-    let consul = ConsulDouble::start().await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    consul.register(instance("shop", "shop-1", &a, "shop.test"));
-    let weft = Weft::start_consul(
-        &consul.url(),
-        "wait = \"1s\"\nconsistency = \"stale\"\n",
-        "",
-    );
-    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    let (consul, weft) = routing_shop_to(&a, "wait = \"1s\"\nconsistency = \"stale\"").await;
 
     // The leader is lost: stale reads go on from the server's own state, and weft says the
     // answers may be old, but keeps following them.

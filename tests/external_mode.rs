@@ -30,14 +30,14 @@ async fn weft_takes_over_a_running_haproxy_and_leaves_it_running() {
     )
     .await;
 
-    let keys = format!(
-        "mode = \"external\"\nmaster_socket = {:?}\nconfig_file = {:?}\n",
-        haproxy.master_socket.display().to_string(),
-        haproxy.config_file.display().to_string()
-    );
     let services = service("alpha", &["alpha.test"], None, &[a.addr]);
     // The weft harness owns the directory from here; the external HAProxy stays in it.
-    let mut weft = Weft::start_in(dir, port, &keys, &services);
+    let mut weft = Weft::builder()
+        .dir(dir)
+        .external(&haproxy)
+        .services(&services)
+        .start()
+        .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let config = std::fs::read_to_string(&haproxy.config_file).unwrap();
     assert!(

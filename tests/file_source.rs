@@ -21,7 +21,7 @@ async fn routes_by_host_and_answers_404_for_unknown_hosts() {
             &[b.addr, c.addr],
         )
         + &service("beta-api", &["beta.test"], Some("/api"), &[a.addr]);
-    let weft = Weft::start(&services);
+    let weft = Weft::builder().services(&services).start().await;
 
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     wait_for_backends(&weft, "beta.test", "/", &["b", "c"]).await;
@@ -50,9 +50,13 @@ async fn edits_move_traffic() {
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
     let alpha = |hosts: &[&str], path| service("alpha", hosts, path, &[a.addr]);
-    let weft = Weft::start(
-        &(alpha(&["alpha.test"], None) + &service("beta", &["beta.test"], None, &[b.addr, c.addr])),
-    );
+    let weft = Weft::builder()
+        .services(
+            &(alpha(&["alpha.test"], None)
+                + &service("beta", &["beta.test"], None, &[b.addr, c.addr])),
+        )
+        .start()
+        .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     wait_for_backends(&weft, "beta.test", "/", &["b", "c"]).await;
 
@@ -101,7 +105,7 @@ async fn an_invalid_edit_keeps_the_old_routes_serving() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let good = service("alpha", &["alpha.test"], None, &[a.addr]);
-    let weft = Weft::start(&good);
+    let weft = Weft::builder().services(&good).start().await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let (reloads_before, _, _) = weft.show_proc().await.unwrap();
 
@@ -147,7 +151,7 @@ async fn an_invalid_edit_keeps_the_old_routes_serving() {
 async fn an_unchanged_file_causes_no_reload() {
     let a = Backend::start("a").await;
     let services = service("alpha", &["alpha.test"], None, &[a.addr]);
-    let weft = Weft::start(&services);
+    let weft = Weft::builder().services(&services).start().await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let (before, _, _) = weft.show_proc().await.unwrap();
 
@@ -222,7 +226,7 @@ servers = ["{b}"]
         a = a.addr,
         b = b.addr
     );
-    let weft = Weft::start(&services);
+    let weft = Weft::builder().services(&services).start().await;
     wait_for_backends(&weft, "good.test", "/", &["b"]).await;
 
     let log = weft.log();
@@ -262,7 +266,10 @@ servers = ["{b}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_is_restarted_when_it_dies_and_stopped_with_weft() {
     let a = Backend::start("a").await;
-    let mut weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
+    let mut weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
+        .start()
+        .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let first = weft.haproxy_pid().unwrap();
 
@@ -293,7 +300,7 @@ async fn the_status_endpoints_show_routes_drops_and_health() {
             None,
             &["192.0.2.1:80".parse().unwrap()],
         );
-    let weft = Weft::start(&services);
+    let weft = Weft::builder().services(&services).start().await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
 
     // The status follows right after the apply that made the route serve.
@@ -369,24 +376,18 @@ async fn the_status_endpoints_show_routes_drops_and_health() {
 async fn the_access_log_goes_to_syslog() {
     let syslog = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let a = Backend::start("a").await;
-    let dir = tempfile::Builder::new()
-        .prefix("weft-test-")
-        .tempdir()
-        .unwrap();
-    let keys = format!("log = \"{}\"\n", syslog.local_addr().unwrap());
-    let weft = Weft::start_in(
-        dir,
-        support::free_port(),
-        &keys,
-        &service("shop", &["shop.test"], None, &[a.addr]),
-    );
+    let weft = Weft::builder()
+        .access_log(syslog.local_addr().unwrap())
+        .services(&service("shop", &["shop.test"], None, &[a.addr]))
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     weft.get("shop.test", "/logged").await.unwrap();
 
     // One syslog datagram per request, in HAProxy's httplog format: frontend, backend/server,
     // status, request line.
     let mut buf = vec![0u8; 4096];
-    let line = tokio::time::timeout(Duration::from_secs(5), async {
+    let line = tokio::time::timeout(support::patience(Duration::from_secs(5)), async {
         loop {
             let n = syslog.recv(&mut buf).await.unwrap();
             let line = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -410,7 +411,10 @@ async fn a_server_that_refuses_connections_fails_no_request() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
-    let weft = Weft::start(&service("shop", &["shop.test"], None, &[a.addr, gone]));
+    let weft = Weft::builder()
+        .services(&service("shop", &["shop.test"], None, &[a.addr, gone]))
+        .start()
+        .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     // Round robin sends every other request to the dead server; each is redispatched.
     for _ in 0..40 {
@@ -466,7 +470,7 @@ async fn a_configmap_style_symlink_swap_is_followed() {
     let dir = temp_dir("weft-test-");
     let first = service("shop", &["shop.test"], None, &[a.addr]);
     let mut map = ConfigMap::create(dir.path(), &first);
-    let weft = Weft::start_in(dir, support::free_port(), "", &first);
+    let weft = Weft::builder().dir(dir).start().await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
     map.update(&service("shop", &["shop.test"], None, &[b.addr]));
@@ -485,7 +489,7 @@ async fn a_symlink_into_another_directory_is_followed() {
     std::fs::write(&target, &first).unwrap();
     let dir = temp_dir("weft-test-");
     std::os::unix::fs::symlink(&target, dir.path().join("services.toml")).unwrap();
-    let weft = Weft::start_in(dir, support::free_port(), "", &first);
+    let weft = Weft::builder().dir(dir).start().await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
     // Saved the editors' way, in the target's directory.
@@ -508,7 +512,7 @@ async fn a_link_to_a_configmap_mount_follows_every_update() {
         dir.path().join("services.toml"),
     )
     .unwrap();
-    let weft = Weft::start_in(dir, support::free_port(), "", &first);
+    let weft = Weft::builder().dir(dir).start().await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
 
     // The first update removes the version whose directory weft watched: the second must

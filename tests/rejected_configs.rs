@@ -16,7 +16,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use support::{free_port, service, wait_for_backends, Backend, Weft};
+use support::{service, wait_for_backends, Backend, Weft};
 
 const WRAPPER: &str = r#"#!/bin/sh
 if [ "$1" = "-c" ]; then
@@ -38,7 +38,7 @@ exec /usr/sbin/haproxy "$@"
 "#;
 
 /// weft on the fault-injecting wrapper, with `services` in its file.
-fn start(services: &str) -> Weft {
+async fn start(services: &str) -> Weft {
     let dir = tempfile::Builder::new()
         .prefix("weft-test-")
         .tempdir()
@@ -46,14 +46,18 @@ fn start(services: &str) -> Weft {
     let wrapper = dir.path().join("haproxy-wrapper");
     std::fs::write(&wrapper, WRAPPER).unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let keys = format!("binary = {:?}\n", wrapper.display().to_string());
-    Weft::start_in(dir, free_port(), &keys, services)
+    Weft::builder()
+        .dir(dir)
+        .binary(&wrapper)
+        .services(services)
+        .start()
+        .await
 }
 
 /// weft on the wrapper, routing `good.test` to `a`; returns the services file's text.
 async fn serving_good(a: &Backend) -> (Weft, String) {
     let good = service("good", &["good.test"], None, &[a.addr]);
-    let weft = start(&good);
+    let weft = start(&good).await;
     wait_for_backends(&weft, "good.test", "/", &["a"]).await;
     (weft, good)
 }
@@ -68,7 +72,7 @@ async fn a_rejected_service_is_dropped_shown_and_back_once_fixed() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let good = service("good", &["good.test"], None, &[b.addr]);
-    let weft = start(&(checked("shop", "shop.test", "/poison", a.addr) + &good));
+    let weft = start(&(checked("shop", "shop.test", "/poison", a.addr) + &good)).await;
 
     // HAProxy was not running: the first config is validated like any reload.
     wait_for_backends(&weft, "good.test", "/", &["b"]).await;

@@ -13,14 +13,25 @@ async fn reloads(weft: &Weft) -> u64 {
     weft.show_proc().await.unwrap().0
 }
 
+/// weft routing alpha.test to `backends`, once they serve it; and its reloads so far.
+async fn alpha_on(backends: &[&Backend]) -> (Weft, u64) {
+    let servers: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+    let weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &servers))
+        .start()
+        .await;
+    wait_for_backends(&weft, "alpha.test", "/", &names).await;
+    let before = reloads(&weft).await;
+    (weft, before)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_added_removed_and_moved_need_no_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     let c = Backend::start("c").await;
-    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
-    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
-    let before = reloads(&weft).await;
+    let (weft, before) = alpha_on(&[&a]).await;
 
     // Added.
     weft.write_services(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]));
@@ -71,14 +82,23 @@ async fn servers_added_removed_and_moved_need_no_reload() {
     wait_for_404(&weft, "alpha.test", "/").await;
 }
 
+/// Reloads are at least `min_reload_interval` apart, and each but the last is made before the
+/// last change arrives; so changes arriving over a time T make at most 2 + T / interval
+/// reloads: two for a hundred changes within a second. T is measured, so a slow machine that
+/// takes longer to write them gets a bound that says so, not a failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_changes_in_a_second_make_at_most_two_reloads() {
+    const INTERVAL: Duration = Duration::from_secs(2);
     let backend = Backend::start("a").await;
-    let weft = Weft::start(&service("base", &["base.test"], None, &[backend.addr]));
+    let weft = Weft::builder()
+        .services(&service("base", &["base.test"], None, &[backend.addr]))
+        .min_reload_interval(INTERVAL)
+        .start()
+        .await;
     wait_for_backends(&weft, "base.test", "/", &["a"]).await;
     let before = reloads(&weft).await;
 
-    // 100 new services (each would need a reload) within 900 ms.
+    // 100 new services (each would need a reload), one every 9 ms.
     let mut services = service("base", &["base.test"], None, &[backend.addr]);
     let start = tokio::time::Instant::now();
     for i in 0..100 {
@@ -91,23 +111,25 @@ async fn a_hundred_changes_in_a_second_make_at_most_two_reloads() {
         );
         weft.overwrite_services(&services);
     }
-    let took = start.elapsed();
-    assert!(took < Duration::from_secs(1), "the changes took {took:?}");
+    // The last change arrives after the debounce (50 ms) and a read.
+    let arrived = start.elapsed() + support::patience(Duration::from_millis(500));
     for i in [0, 50, 99] {
         wait_for_backends(&weft, &format!("svc{i}.test"), "/", &["a"]).await;
     }
     let made = reloads(&weft).await - before;
-    eprintln!("100 changes -> {made} reloads");
-    assert!((1..=2).contains(&made), "{made} reloads");
+    let bound = 2 + (arrived.as_secs_f64() / INTERVAL.as_secs_f64()) as u64;
+    eprintln!("100 changes over {arrived:?} -> {made} reloads (at most {bound})");
+    assert!(
+        (1..=bound).contains(&made),
+        "{made} reloads, at most {bound}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_runtime_update_falls_back_to_a_reload() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr]));
-    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
-    let before = reloads(&weft).await;
+    let (weft, before) = alpha_on(&[&a]).await;
 
     // The admin socket is gone (someone cleaned the run directory): the runtime API fails.
     let admin = weft.run_dir().join("admin.sock");
@@ -131,9 +153,7 @@ async fn a_failing_runtime_update_falls_back_to_a_reload() {
 async fn a_tampered_server_is_caught_by_the_confirmation_and_repaired() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let weft = Weft::start(&service("alpha", &["alpha.test"], None, &[a.addr, b.addr]));
-    wait_for_backends(&weft, "alpha.test", "/", &["a", "b"]).await;
-    let before = reloads(&weft).await;
+    let (weft, before) = alpha_on(&[&a, &b]).await;
 
     // Someone points slot s2 elsewhere by hand.
     support::cli(

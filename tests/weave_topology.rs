@@ -69,18 +69,7 @@ impl Topology {
             (&t.host1, "ovl-h1"),
             (&t.host2, "ovl-h2"),
         ] {
-            host.ip(&[
-                "link",
-                "add",
-                "vethwe",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                &t.overlay.name,
-            ]);
+            host.add_veth("vethwe", port, &t.overlay);
             host.ip(&["link", "set", "vethwe", "master", "weave", "up"]);
             t.overlay.ip(&["link", "set", port, "master", "ovl", "up"]);
         }
@@ -91,36 +80,14 @@ impl Topology {
             (&t.host1, &t.c1, "c1", "10.2.1.5/16"),
             (&t.host2, &t.c2, "c2", "10.2.2.7/16"),
         ] {
-            host.ip(&[
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &container.name,
-            ]);
+            host.add_veth(port, "eth0", container);
             host.ip(&["link", "set", port, "master", "weave", "up"]);
             container.ip(&["addr", "add", address, "dev", "eth0"]);
             container.ip(&["link", "set", "eth0", "up"]);
         }
 
         // The client sits outside the weave network, on its own link to the edge.
-        t.edge.ip(&[
-            "link",
-            "add",
-            "client0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &t.client.name,
-        ]);
+        t.edge.add_veth("client0", "eth0", &t.client);
         t.edge
             .ip(&["addr", "add", "192.168.100.1/24", "dev", "client0"]);
         t.edge.ip(&["link", "set", "client0", "up"]);
@@ -137,24 +104,11 @@ fn edge_http() -> SocketAddr {
 
 /// Samples requests from the client until both containers have answered, each with 200.
 fn wait_for_both_containers(t: &Topology, weft: &NsProcess, what: &str) {
-    let want = ["c1 on host1", "c2 on host2"];
     let check = || {
-        let mut seen = Vec::new();
-        for _ in 0..6 {
-            let (status, body) = get_in(&t.client, edge_http(), HOST, "/")?;
-            if status != 200 {
-                return Err(format!("status {status}: {body}"));
-            }
-            if !seen.contains(&body) {
-                seen.push(body);
-            }
-        }
-        seen.sort();
-        if seen == want {
-            Ok(())
-        } else {
-            Err(format!("seen {seen:?}"))
-        }
+        let answers = (0..6)
+            .map(|_| get_in(&t.client, edge_http(), HOST, "/"))
+            .collect::<Result<Vec<_>, _>>()?;
+        support::served_by(&["c1 on host1", "c2 on host2"], &answers)
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_until(Duration::from_secs(30), what, check)

@@ -415,31 +415,6 @@ mod tests {
     }
 
     #[test]
-    fn diff_replays_and_tears_down() {
-        let a = def("alpha", &["alpha.example.com"], &["10.2.1.5:80"]);
-        let b = def("beta", &["beta.example.com"], &["10.2.1.6:80"]);
-        let table = build(&[&report(vec![a.clone(), b.clone()])], &settings()).table;
-        let empty = RoutingTable::default();
-        let up = empty.diff(&table);
-        assert_eq!(up.added_services.len(), 2);
-        assert_eq!(up.added_routes.len(), 2);
-        let down = table.diff(&empty);
-        assert_eq!(down.removed_services.len(), 2);
-        assert_eq!(down.removed_routes.len(), 2);
-        assert!(table.diff(&table).is_empty());
-        assert_eq!(table.diff(&table).to_string(), "none");
-
-        let mut b2 = b;
-        b2.servers.push("10.2.1.7:80".into());
-        let c = def("gamma", &["gamma.example.com"], &["10.2.1.8:80"]);
-        let next = build(&[&report(vec![b2, c])], &settings()).table;
-        assert_eq!(
-            table.diff(&next).to_string(),
-            "services +gamma -alpha ~beta; routes +gamma.example.com -alpha.example.com"
-        );
-    }
-
-    #[test]
     fn health_checks_are_bounded() {
         let mut d = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
         d.check = Some("/health".into());

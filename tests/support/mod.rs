@@ -1,6 +1,15 @@
-//! Test support: loopback backends, a weft process with real HAProxy, polling helpers.
+//! Test support: loopback backends, a weft process with real HAProxy ([`Weft::builder`]),
+//! polling helpers.
 //!
 //! Everything started here is stopped by a Drop guard, also when the test panics.
+//!
+//! Patience: `WEFT_TEST_PATIENCE` (a positive number, default 1) scales every wait and
+//! deadline of the tests, so that a slow or loaded machine can run them with, say,
+//! `WEFT_TEST_PATIENCE=3 cargo test`. The helpers here (`eventually`, the `wait_for_*`
+//! functions, `netns::wait_until`, the doubles' waits, request timeouts) scale their own
+//! timeouts; a test's own deadline goes through [`patience`]. Not scaled: what weft and the
+//! doubles are configured with (a Consul `wait`, a read timeout, a heartbeat, a delay), since
+//! that is part of what the tests look at.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -9,6 +18,7 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod consul;
@@ -22,8 +32,22 @@ use axum::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::task::JoinHandle;
+use weft::config::RuntimeUpdates;
 
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// `wait` scaled by `WEFT_TEST_PATIENCE` (see the top of this file).
+pub fn patience(wait: Duration) -> Duration {
+    static FACTOR: OnceLock<f64> = OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| match std::env::var("WEFT_TEST_PATIENCE") {
+        Err(_) => 1.0,
+        Ok(text) => match text.trim().parse::<f64>() {
+            Ok(factor) if factor.is_finite() && factor > 0.0 => factor,
+            _ => panic!("WEFT_TEST_PATIENCE must be a positive number such as 3, not {text:?}"),
+        },
+    });
+    wait.mul_f64(factor)
+}
 
 /// Fails the test, saying what is missing, when HAProxy is not installed.
 pub fn require_haproxy() {
@@ -72,6 +96,15 @@ impl Drop for Backend {
     }
 }
 
+/// A panic's message, when it has one (`panic!` with or without arguments).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
+}
+
 /// A port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -81,7 +114,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A `weft run` process in its own temporary directory, with HAProxy on a loopback port.
+/// A `weft run` process in its own temporary directory, with HAProxy on a loopback port;
+/// made by [`Weft::builder`].
 pub struct Weft {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -90,71 +124,35 @@ pub struct Weft {
     child: Option<Child>,
 }
 
+/// What a [`Weft`] starts with: a `weft.toml` with HAProxy in managed mode on a free loopback
+/// port, the file source on `services.toml`, the bridge off, `127.0.0.0/8` allowed, and what
+/// the methods add.
+///
+/// ```ignore
+/// let weft = Weft::builder().services(&services).consul(&consul.url()).start().await;
+/// ```
+#[must_use]
+pub struct WeftBuilder {
+    dir: Option<tempfile::TempDir>,
+    port: Option<u16>,
+    services: Option<String>,
+    haproxy_keys: Vec<String>,
+    debounce: Duration,
+    sources: String,
+    domain: Option<String>,
+}
+
 impl Weft {
-    /// Writes weft.toml and services.toml and starts `weft run` (managed mode).
-    pub fn start(services: &str) -> Weft {
-        let dir = tempfile::Builder::new()
-            .prefix("weft-test-")
-            .tempdir()
-            .unwrap();
-        Weft::start_in(dir, free_port(), "", services)
-    }
-
-    /// Starts `weft run` in `dir` with HAProxy on `port`; `haproxy_keys` go into `[haproxy]`.
-    pub fn start_in(dir: tempfile::TempDir, port: u16, haproxy_keys: &str, services: &str) -> Weft {
-        Weft::start_full(dir, port, haproxy_keys, "", services)
-    }
-
-    /// Starts `weft run` with extra weft.toml sections (a source, `[routing]`...) and an
-    /// empty services file.
-    pub fn start_sections(sections: &str) -> Weft {
-        let dir = tempfile::Builder::new()
-            .prefix("weft-test-")
-            .tempdir()
-            .unwrap();
-        Weft::start_full(dir, free_port(), "", &format!("\n{sections}\n"), "")
-    }
-
-    /// Starts `weft run` with a Consul source at `consul_url` (and an empty services file);
-    /// `consul_keys` go into `[sources.consul]`, `extra` after it (e.g. a `[routing]` section).
-    pub fn start_consul(consul_url: &str, consul_keys: &str, extra: &str) -> Weft {
-        let dir = tempfile::Builder::new()
-            .prefix("weft-test-")
-            .tempdir()
-            .unwrap();
-        let sections =
-            format!("\n[sources.consul]\nurl = {consul_url:?}\n{consul_keys}\n{extra}\n");
-        Weft::start_full(dir, free_port(), "", &sections, "")
-    }
-
-    fn start_full(
-        dir: tempfile::TempDir,
-        port: u16,
-        haproxy_keys: &str,
-        sections: &str,
-        services: &str,
-    ) -> Weft {
-        require_haproxy();
-        let status_port = free_port();
-        // The churn benchmark reads the file sooner than the tests need to.
-        let debounce = std::env::var("WEFT_TEST_DEBOUNCE").unwrap_or_else(|_| "50ms".into());
-        let config = format!(
-            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n{haproxy_keys}\n\
-             [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
-             [bridge]\nmode = \"off\"\n\n\
-             [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
-             [sources.file]\npath = \"services.toml\"\ndebounce = \"{debounce}\"\n{sections}"
-        );
-        std::fs::write(dir.path().join("weft.toml"), config).unwrap();
-        std::fs::write(dir.path().join("services.toml"), services).unwrap();
-        let mut weft = Weft {
-            dir,
-            port,
-            status_port,
-            child: None,
-        };
-        weft.spawn();
-        weft
+    pub fn builder() -> WeftBuilder {
+        WeftBuilder {
+            dir: None,
+            port: None,
+            services: None,
+            haproxy_keys: Vec::new(),
+            debounce: Duration::from_millis(50),
+            sources: String::new(),
+            domain: None,
+        }
     }
 
     fn spawn(&mut self) {
@@ -265,6 +263,160 @@ impl Weft {
     }
 }
 
+impl WeftBuilder {
+    /// The services file (default: empty). Without it, a `services.toml` that the test laid out
+    /// in [`dir`](Self::dir) (a symlink, say) is kept as it is.
+    pub fn services(mut self, services: &str) -> Self {
+        self.services = Some(services.to_string());
+        self
+    }
+
+    /// Runs in a directory the test prepared (a wrapper script, a symlinked services file);
+    /// the fixture owns it from here, and removes it.
+    pub fn dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
+    /// HAProxy's port (default: a free one).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// `haproxy.binary`: another HAProxy (a wrapper that injects faults).
+    pub fn binary(self, binary: &Path) -> Self {
+        self.haproxy_key("binary", &toml_string(binary.display()))
+    }
+
+    /// External mode on an HAProxy the test started, on its port.
+    pub fn external(self, haproxy: &ExternalHaproxy) -> Self {
+        self.port(haproxy.port)
+            .haproxy_key("mode", "\"external\"")
+            .haproxy_key(
+                "master_socket",
+                &toml_string(haproxy.master_socket.display()),
+            )
+            .haproxy_key("config_file", &toml_string(haproxy.config_file.display()))
+    }
+
+    /// `haproxy.log`: the access log to this syslog address.
+    pub fn access_log(self, syslog: SocketAddr) -> Self {
+        self.haproxy_key("log", &toml_string(syslog))
+    }
+
+    /// `haproxy.runtime_updates` (default on).
+    pub fn runtime_updates(self, updates: RuntimeUpdates) -> Self {
+        let value = match updates {
+            RuntimeUpdates::On => "\"on\"",
+            RuntimeUpdates::Off => "\"off\"",
+        };
+        self.haproxy_key("runtime_updates", value)
+    }
+
+    /// `haproxy.min_reload_interval` (default weft's, 1 s).
+    pub fn min_reload_interval(self, interval: Duration) -> Self {
+        self.haproxy_key("min_reload_interval", &toml_duration(interval))
+    }
+
+    /// `sources.file.debounce` (default 50 ms, quicker than weft's 200 ms).
+    pub fn debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// A Consul source at `url`; `keys` (TOML lines, e.g. `wait = "2s"`) go into its section.
+    pub fn consul(mut self, url: &str, keys: &str) -> Self {
+        self.sources += &format!("\n[sources.consul]\nurl = {url:?}\n{keys}\n");
+        self
+    }
+
+    /// A Marathon source on `urls`; `keys` (TOML lines) go into its section.
+    pub fn marathon(mut self, urls: &[String], keys: &str) -> Self {
+        let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+        self.sources += &format!(
+            "\n[sources.marathon]\nurls = [{}]\n{keys}\n",
+            urls.join(", ")
+        );
+        self
+    }
+
+    /// `routing.domain`: Apollo mode, every service is NAME.domain unless it opts out.
+    pub fn domain(mut self, domain: &str) -> Self {
+        self.domain = Some(domain.to_string());
+        self
+    }
+
+    fn haproxy_key(mut self, key: &str, value: &str) -> Self {
+        self.haproxy_keys.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// Writes weft.toml (and services.toml), starts `weft run`, and waits until its status
+    /// endpoint answers; fails the test with weft's log if weft exits instead.
+    pub async fn start(self) -> Weft {
+        require_haproxy();
+        let dir = self.dir.unwrap_or_else(|| {
+            tempfile::Builder::new()
+                .prefix("weft-test-")
+                .tempdir()
+                .unwrap()
+        });
+        let port = self.port.unwrap_or_else(free_port);
+        let status_port = free_port();
+        let routing = self
+            .domain
+            .map(|domain| format!("\n[routing]\ndomain = {domain:?}\n"))
+            .unwrap_or_default();
+        let config = format!(
+            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n{}\n\n\
+             [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
+             [bridge]\nmode = \"off\"\n\n\
+             [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
+             [sources.file]\npath = \"services.toml\"\ndebounce = {}\n{}{routing}",
+            self.haproxy_keys.join("\n"),
+            toml_duration(self.debounce),
+            self.sources,
+        );
+        std::fs::write(dir.path().join("weft.toml"), config).unwrap();
+        let services_file = dir.path().join("services.toml");
+        match self.services {
+            Some(services) => std::fs::write(&services_file, services).unwrap(),
+            None if services_file.exists() => {}
+            None => std::fs::write(&services_file, "").unwrap(),
+        }
+        let mut weft = Weft {
+            dir,
+            port,
+            status_port,
+            child: None,
+        };
+        weft.spawn();
+        let pid = weft.child.as_ref().unwrap().id() as i32;
+        eventually(
+            Duration::from_secs(10),
+            "weft's status endpoint answers",
+            || async {
+                // Dropping `weft` on this panic prints its log.
+                assert!(process_alive(pid), "weft exited as it started");
+                weft.status("/healthz").await.map(|_| ())
+            },
+        )
+        .await;
+        weft
+    }
+}
+
+/// A TOML string of `value`'s text.
+fn toml_string(value: impl std::fmt::Display) -> String {
+    format!("{:?}", value.to_string())
+}
+
+/// A TOML duration as weft reads it, in milliseconds.
+fn toml_duration(duration: Duration) -> String {
+    format!("\"{}ms\"", duration.as_millis())
+}
+
 impl Drop for Weft {
     fn drop(&mut self) {
         let pid = self.haproxy_pid();
@@ -281,10 +433,10 @@ impl Drop for Weft {
     }
 }
 
-/// SIGTERM to `child`, then waits for it (SIGKILL after 15 s); its exit status.
+/// SIGTERM to `child`, then waits for it (SIGKILL after 15 s, scaled); its exit status.
 pub fn terminate(mut child: Child) -> Option<std::process::ExitStatus> {
     signal(child.id() as i32, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + patience(Duration::from_secs(15));
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
             return Some(status);
@@ -322,10 +474,13 @@ pub async fn cli(socket: &Path, command: &str) -> Result<String, String> {
         .await
         .map_err(|e| e.to_string())?;
     let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(
+        patience(Duration::from_secs(5)),
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .map_err(|_| "timeout".to_string())?
+    .map_err(|e| e.to_string())?;
     Ok(answer)
 }
 
@@ -340,7 +495,8 @@ pub async fn get(port: u16, host: &str, path: &str) -> Result<(u16, String), Str
     .await
 }
 
-/// GET `http://addr/path` with `Host: host`, on a fresh connection: status and body.
+/// GET `http://addr/path` with `Host: host`, on a fresh connection: status and body. The
+/// `timeout` is scaled by [`patience`].
 pub async fn get_at(
     addr: SocketAddr,
     host: &str,
@@ -349,7 +505,7 @@ pub async fn get_at(
 ) -> Result<(u16, String), String> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
-        .timeout(timeout)
+        .timeout(patience(timeout))
         .build()
         .map_err(|e| e.to_string())?;
     let response = client
@@ -363,12 +519,14 @@ pub async fn get_at(
     Ok((status, body))
 }
 
-/// Polls `check` until it returns `Ok`, failing the test with the last error at `timeout`.
+/// Polls `check` until it returns `Ok`, failing the test with the last error at `timeout`
+/// (scaled by [`patience`]).
 pub async fn eventually<T, E: Debug, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
+    let timeout = patience(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         match check().await {
@@ -384,31 +542,40 @@ where
 /// Waits until `host` + `path` answers 200 from exactly the backends named in `expected`
 /// (each of them seen, no other), sampling enough requests to see round robin go round.
 pub async fn wait_for_backends(weft: &Weft, host: &str, path: &str, expected: &[&str]) {
-    let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
-    want.sort();
     eventually(
         Duration::from_secs(5),
         &format!("{host}{path} served by {expected:?}"),
         || async {
-            let mut seen = Vec::new();
+            let mut answers = Vec::new();
             for _ in 0..(expected.len() * 4) {
-                let (status, body) = weft.get(host, path).await?;
-                if status != 200 {
-                    return Err(format!("status {status}: {body}"));
-                }
-                if !seen.contains(&body) {
-                    seen.push(body);
-                }
+                answers.push(weft.get(host, path).await?);
             }
-            seen.sort();
-            if seen == want {
-                Ok(())
-            } else {
-                Err(format!("seen {seen:?}"))
-            }
+            served_by(expected, &answers)
         },
     )
     .await
+}
+
+/// `Ok` when `answers` (status, body) are all 200s and their bodies are exactly the backends
+/// named in `expected`: each of them seen, no other.
+pub fn served_by(expected: &[&str], answers: &[(u16, String)]) -> Result<(), String> {
+    let mut seen: Vec<&str> = Vec::new();
+    for (status, body) in answers {
+        if *status != 200 {
+            return Err(format!("status {status}: {body}"));
+        }
+        if !seen.contains(&body.as_str()) {
+            seen.push(body);
+        }
+    }
+    seen.sort_unstable();
+    let mut want = expected.to_vec();
+    want.sort_unstable();
+    if seen == want {
+        Ok(())
+    } else {
+        Err(format!("seen {seen:?}"))
+    }
 }
 
 /// Waits until weft's `/healthz` body mentions `want` (`ok`, or a problem's words).
@@ -441,6 +608,54 @@ pub async fn wait_for_404(weft: &Weft, host: &str, path: &str) {
     .await
 }
 
+/// An answer as the doubles' tests look at it.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.header("content-type")
+    }
+}
+
+/// GET `url` with `headers` on a fresh client, within `timeout` (scaled by [`patience`]); fails
+/// the test when no answer comes.
+pub async fn get_answer(url: &str, headers: &[(&str, &str)], timeout: Duration) -> Answer {
+    let client = reqwest::Client::builder()
+        .timeout(patience(timeout))
+        .build()
+        .unwrap();
+    let mut request = client.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
+    Answer {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: response.text().await.unwrap(),
+    }
+}
+
 /// A `[[service]]` entry.
 pub fn service(name: &str, hosts: &[&str], path: Option<&str>, servers: &[SocketAddr]) -> String {
     let hosts: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
@@ -456,6 +671,7 @@ pub fn service(name: &str, hosts: &[&str], path: Option<&str>, servers: &[Socket
 /// A HAProxy started by the test itself, as systemd would start it for external mode:
 /// `haproxy -W -S <master.sock> -f <haproxy.cfg> -p <pid>`. Killed on drop.
 pub struct ExternalHaproxy {
+    pub port: u16,
     pub master_socket: PathBuf,
     pub config_file: PathBuf,
     child: Child,
@@ -477,6 +693,7 @@ impl ExternalHaproxy {
         .unwrap();
         let child = Self::spawn(&master_socket, &config_file);
         ExternalHaproxy {
+            port,
             master_socket,
             config_file,
             child,

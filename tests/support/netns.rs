@@ -70,6 +70,22 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// A veth pair: `name` here, its `peer` end in `peer_ns`.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_ns: &Netns) {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &peer_ns.name,
+        ]);
+    }
+
     /// `ip -n NS ARGS`, its failure returned.
     pub fn try_ip(&self, args: &[&str]) -> Result<String, String> {
         let output = Command::new("ip")
@@ -239,12 +255,14 @@ pub fn text(output: &Output) -> String {
     )
 }
 
-/// Polls `check` until it returns `Ok`, failing the test with the last error at `timeout`.
+/// Polls `check` until it returns `Ok`, failing the test with the last error at `timeout`
+/// (scaled by [`patience`](super::patience)).
 pub fn wait_until<T, E: std::fmt::Debug>(
     timeout: Duration,
     what: &str,
     mut check: impl FnMut() -> Result<T, E>,
 ) -> T {
+    let timeout = super::patience(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         match check() {
@@ -283,7 +301,7 @@ impl NsProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM, then waits (SIGKILL after 15 s); the exit status.
+    /// SIGTERM, then waits (SIGKILL after 15 s, scaled); the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         super::terminate(self.child.take()?)
     }
@@ -332,7 +350,7 @@ impl NsServer {
             });
         });
         ready_rx
-            .recv_timeout(Duration::from_secs(5))
+            .recv_timeout(super::patience(Duration::from_secs(5)))
             .unwrap_or_else(|e| panic!("server at {addr} in {}: {e}", ns.name))
             .unwrap_or_else(|e| panic!("server at {addr} in {}: {e}", ns.name));
         NsServer {

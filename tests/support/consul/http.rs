@@ -52,29 +52,18 @@ pub(super) async fn catalog_services(
     .await
 }
 
-pub(super) async fn health_service_unnamed(
-    AxumState(shared): SharedState,
-    headers: HeaderMap,
-    Query(params): Params,
-) -> Response {
-    answer(
-        &shared,
-        &headers,
-        &params,
-        HEALTH_SERVICE.to_string(),
-        |_| Err(Rejection(StatusCode::BAD_REQUEST, "Missing service name")),
-    )
-    .await
-}
-
+/// `/v1/health/service/:name`, and `/v1/health/service/` without one (a 400, after the checks
+/// that come before it).
 pub(super) async fn health_service(
     AxumState(shared): SharedState,
-    Path(name): Path<String>,
+    name: Option<Path<String>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    let path = format!("{HEALTH_SERVICE}{name}");
+    let name = name.map(|Path(name)| name);
+    let path = format!("{HEALTH_SERVICE}{}", name.as_deref().unwrap_or_default());
     answer(&shared, &headers, &params, path, |params| {
+        let name = name.ok_or(Rejection(StatusCode::BAD_REQUEST, "Missing service name"))?;
         let passing = match first(params, "passing") {
             None => false,
             Some("") => true,

@@ -23,7 +23,7 @@ mod state;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -34,7 +34,7 @@ use tokio::sync::watch;
 pub use self::go::{parse_go_bool, parse_go_duration, parse_go_uint};
 
 use self::conn::Served;
-use self::http::{catalog_services, health_service, health_service_unnamed, record};
+use self::http::{catalog_services, health_service, record};
 use self::state::{CheckState, InstanceState, Shared, State};
 
 pub const DATACENTER: &str = "dc1";
@@ -184,8 +184,9 @@ impl Requests {
 pub struct ConsulDouble {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    /// Dropped with the double: the server and every open connection go.
-    _server: Served,
+    /// Dropped with the double: the server and every open connection go, and a panic of a
+    /// handler fails the test.
+    server: Served,
 }
 
 impl ConsulDouble {
@@ -200,7 +201,7 @@ impl ConsulDouble {
         });
         let app = Router::new()
             .route(CATALOG_SERVICES, get(catalog_services))
-            .route("/v1/health/service/", get(health_service_unnamed))
+            .route("/v1/health/service/", get(health_service))
             .route("/v1/health/service/{*name}", get(health_service))
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
@@ -208,13 +209,19 @@ impl ConsulDouble {
         ConsulDouble {
             addr,
             shared,
-            _server: Served::start(listener, app),
+            server: Served::start(listener, app),
         }
     }
 
     /// `http://127.0.0.1:<port>`, without a trailing slash.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Fails the test with the first panic of one of the double's handlers so far (dropping
+    /// the double does it too).
+    pub fn check(&self) {
+        self.server.check();
     }
 
     /// The raft index of the last write.
@@ -363,16 +370,15 @@ impl ConsulDouble {
         self.shared.lock().blocked.get(path).copied().unwrap_or(0)
     }
 
-    /// Waits until at least `count` blocking queries wait on `path`; panics after 10 s.
+    /// Waits until at least `count` blocking queries wait on `path`; panics after 10 s (scaled).
     pub async fn wait_for_blocked_queries(&self, path: &str, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.blocked_queries(path) < count {
-            assert!(
-                Instant::now() < deadline,
-                "{count} blocking queries on {path}: only {} after 10s",
-                self.blocked_queries(path)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = format!("{count} blocking queries on {path}");
+        crate::support::eventually(Duration::from_secs(10), &what, || async {
+            match self.blocked_queries(path) {
+                blocked if blocked >= count => Ok(()),
+                blocked => Err(blocked),
+            }
+        })
+        .await
     }
 }

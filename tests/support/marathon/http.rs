@@ -45,12 +45,7 @@ pub(super) async fn list_apps(
     RawQuery(query): RawQuery,
     Query(params): Params,
 ) -> Response {
-    {
-        let mut state = shared.lock();
-        state.apps_requests += 1;
-        state.last_apps_query = Some(query.unwrap_or_default());
-    }
-    if let Err(refusal) = admit(&shared, &headers, Endpoint::Apps).await {
+    if let Err(refusal) = count_and_admit(&shared, &headers, Endpoint::Apps, query).await {
         return refusal;
     }
     let apps = shared.lock().render_apps(embeds_tasks(&params));
@@ -85,12 +80,7 @@ pub(super) async fn event_stream(
     RawQuery(query): RawQuery,
     Query(params): Params,
 ) -> Response {
-    {
-        let mut state = shared.lock();
-        state.events_requests += 1;
-        state.last_events_query = Some(query.unwrap_or_default());
-    }
-    if let Err(refusal) = admit(&shared, &headers, Endpoint::Events).await {
+    if let Err(refusal) = count_and_admit(&shared, &headers, Endpoint::Events, query).await {
         return refusal;
     }
     // Jetty's EventSourceServlet compares each Accept header to the media type, whole.
@@ -155,6 +145,30 @@ impl Drop for StreamGuard {
         let detached = events::stream_detached(&state.now());
         state.publish("event_stream_detached", &detached);
     }
+}
+
+/// Counts a request to a counted endpoint (with its raw query), then `admit`s it.
+async fn count_and_admit(
+    shared: &Shared,
+    headers: &HeaderMap,
+    endpoint: Endpoint,
+    query: Option<String>,
+) -> Result<(), Response> {
+    {
+        let mut state = shared.lock();
+        let query = Some(query.unwrap_or_default());
+        match endpoint {
+            Endpoint::Apps => {
+                state.apps_requests += 1;
+                state.last_apps_query = query;
+            }
+            Endpoint::Events => {
+                state.events_requests += 1;
+                state.last_events_query = query;
+            }
+        }
+    }
+    admit(shared, headers, endpoint).await
 }
 
 /// The delay of a slow fault, then auth (Jetty's security handler), then an error fault.

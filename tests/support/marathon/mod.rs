@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -101,8 +101,9 @@ pub enum Auth {
 pub struct MarathonDouble {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    /// Dropped with the double: the server and every open connection go.
-    _server: net::Served,
+    /// Dropped with the double: the server and every open connection go, and a panic of a
+    /// handler fails the test.
+    server: net::Served,
 }
 
 impl MarathonDouble {
@@ -127,13 +128,19 @@ impl MarathonDouble {
         MarathonDouble {
             addr,
             shared,
-            _server: net::Served::start(listener, app),
+            server: net::Served::start(listener, app),
         }
     }
 
     /// `http://127.0.0.1:<port>`, without a trailing slash.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Fails the test with the first panic of one of the double's handlers so far (dropping
+    /// the double does it too).
+    pub fn check(&self) {
+        self.server.check();
     }
 
     /// A URL on a loopback port that nothing listens on right now: connections are refused.
@@ -370,17 +377,16 @@ impl MarathonDouble {
         self.shared.lock().streams.len()
     }
 
-    /// Waits until exactly `count` streams are open; panics after 10 s.
+    /// Waits until exactly `count` streams are open; panics after 10 s (scaled).
     pub async fn wait_for_open_streams(&self, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.open_streams() != count {
-            assert!(
-                Instant::now() < deadline,
-                "{count} open event streams: {} after 10s",
-                self.open_streams()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = format!("{count} open event streams");
+        crate::support::eventually(Duration::from_secs(10), &what, || async {
+            match self.open_streams() {
+                open if open == count => Ok(()),
+                open => Err(open),
+            }
+        })
+        .await
     }
 
     /// The raw query string of the last `GET /v2/events` (`""` without one).

@@ -3,41 +3,26 @@
 
 use std::time::Duration;
 
-use reqwest::header::HeaderMap;
 use serde_json::Value;
 
 use super::MarathonDouble;
 use crate::support::fixtures::{self, ShapeRules};
+use crate::support::{patience, Answer};
 
-/// Bounds every wait of these tests.
-pub const WAIT: Duration = Duration::from_secs(10);
-/// How long a stream must stay quiet to count as silent.
-pub const QUIET: Duration = Duration::from_millis(300);
-
-pub struct Answer {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: String,
+/// Bounds every wait of these tests: 10 s, scaled by patience.
+pub fn wait() -> Duration {
+    patience(Duration::from_secs(10))
 }
 
-impl Answer {
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
-            .to_str()
-            .unwrap()
-    }
+/// How long a stream must stay quiet to count as silent: 300 ms, scaled by patience (a slow
+/// machine is slow to send too).
+fn quiet() -> Duration {
+    patience(Duration::from_millis(300))
 }
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(patience(Duration::from_secs(2)))
         .build()
         .unwrap()
 }
@@ -47,21 +32,8 @@ pub async fn get(marathon: &MarathonDouble, path: &str) -> Answer {
 }
 
 pub async fn get_with(marathon: &MarathonDouble, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut request = client()
-        .get(format!("{}{path}", marathon.url()))
-        .timeout(WAIT);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = request
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e:?}"));
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body: response.text().await.unwrap(),
-    }
+    let url = format!("{}{path}", marathon.url());
+    crate::support::get_answer(&url, headers, Duration::from_secs(10)).await
 }
 
 /// An open `/v2/events` response, read with `chunk()` and parsed as SSE (CRLF, LF or CR).
@@ -84,10 +56,13 @@ pub async fn open_stream_with(
     path: &str,
     request: reqwest::RequestBuilder,
 ) -> EventStream {
-    let response = tokio::time::timeout(WAIT, request.header("Accept", "text/event-stream").send())
-        .await
-        .unwrap_or_else(|_| panic!("{path}: no headers after {WAIT:?} ({})", marathon.url()))
-        .unwrap();
+    let response =
+        tokio::time::timeout(wait(), request.header("Accept", "text/event-stream").send())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{path}: no headers after {:?} ({})", wait(), marathon.url())
+            })
+            .unwrap();
     assert_eq!(response.status(), 200, "{path}");
     assert_eq!(
         response.headers()["content-type"],
@@ -100,11 +75,11 @@ pub async fn open_stream_with(
 }
 
 impl EventStream {
-    /// Reads one more chunk into the buffer; panics at the end of the body or after `WAIT`.
+    /// Reads one more chunk into the buffer; panics at the end of the body or after `wait()`.
     pub async fn fill(&mut self) {
-        let chunk = tokio::time::timeout(WAIT, self.response.chunk())
+        let chunk = tokio::time::timeout(wait(), self.response.chunk())
             .await
-            .unwrap_or_else(|_| panic!("nothing for {WAIT:?}; have {:?}", self.text()))
+            .unwrap_or_else(|_| panic!("nothing for {:?}; have {:?}", wait(), self.text()))
             .unwrap()
             .unwrap_or_else(|| panic!("stream ended; have {:?}", self.text()));
         self.buf.extend_from_slice(&chunk);
@@ -188,9 +163,9 @@ impl EventStream {
         types
     }
 
-    /// True if nothing at all (not even the end) arrives for `QUIET`.
+    /// True if nothing at all (not even the end) arrives for `quiet()`.
     pub async fn is_silent(&mut self) -> bool {
-        match tokio::time::timeout(QUIET, self.response.chunk()).await {
+        match tokio::time::timeout(quiet(), self.response.chunk()).await {
             Err(_) => self.buf.is_empty(),
             Ok(read) => panic!("expected silence, got {read:?} after {:?}", self.text()),
         }
@@ -198,7 +173,7 @@ impl EventStream {
 
     /// Like `is_silent`, after at most one heartbeat that may have left before a stall.
     pub async fn is_silent_after_stall(&mut self) -> bool {
-        match tokio::time::timeout(QUIET, self.response.chunk()).await {
+        match tokio::time::timeout(quiet(), self.response.chunk()).await {
             Err(_) => self.buf.is_empty(),
             Ok(Ok(Some(beat))) if &beat[..] == b"\r\n" => self.is_silent().await,
             Ok(read) => panic!("expected silence, got {read:?} after {:?}", self.text()),
@@ -208,8 +183,8 @@ impl EventStream {
     /// How the body ends: Ok(()) for a clean end, Err for a broken connection.
     pub async fn end(&mut self) -> Result<(), reqwest::Error> {
         loop {
-            match tokio::time::timeout(WAIT, self.response.chunk()).await {
-                Err(_) => panic!("the stream did not end within {WAIT:?}"),
+            match tokio::time::timeout(wait(), self.response.chunk()).await {
+                Err(_) => panic!("the stream did not end within {:?}", wait()),
                 Ok(Ok(Some(chunk))) => self.buf.extend_from_slice(&chunk),
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(error)) => return Err(error),
