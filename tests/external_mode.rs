@@ -68,13 +68,13 @@ async fn an_external_haproxy_that_dies_is_reported_down_and_taken_back_when_it_r
         .unwrap();
     let port = free_port();
     let mut haproxy = ExternalHaproxy::start(dir.path(), port, "before weft");
-    let keys = format!(
-        "mode = \"external\"\nmaster_socket = {:?}\nconfig_file = {:?}\n",
-        haproxy.master_socket.display().to_string(),
-        haproxy.config_file.display().to_string()
-    );
     let services = service("alpha", &["alpha.test"], None, &[a.addr]);
-    let weft = Weft::start_in(dir, port, &keys, &services);
+    let weft = Weft::builder()
+        .dir(dir)
+        .external(&haproxy)
+        .services(&services)
+        .start()
+        .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let up = |want: &'static str| {
         let weft = &weft;

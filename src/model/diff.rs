@@ -97,7 +97,7 @@ mod tests {
 
     use super::*;
     use crate::model::test_table;
-    use crate::sources::ServiceDef;
+    use crate::model::ServiceDef;
 
     /// Replays `diff` on `applied` the way the apply plan uses it: what it names is taken from
     /// `desired` or removed, nothing else is touched. Strict, as sozu's state is with its
