@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use support::{eventually, free_port, service, wait_for_backends, Backend, ExternalHaproxy, Weft};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn weft_takes_over_a_running_haproxy_and_leaves_it_running() {
+/// An external HAProxy serving its own config, then weft taking it over with service alpha on
+/// backend a (routed when this returns).
+async fn weft_on_an_external_haproxy() -> (Backend, ExternalHaproxy, String, Weft) {
     let a = Backend::start("a").await;
     let dir = tempfile::Builder::new()
         .prefix("weft-ext-")
         .tempdir()
         .unwrap();
     let port = free_port();
-    let mut haproxy = ExternalHaproxy::start(dir.path(), port, "before weft");
+    let haproxy = ExternalHaproxy::start(dir.path(), port, "before weft");
     eventually(
         Duration::from_secs(5),
         "the external haproxy serves",
@@ -29,16 +30,21 @@ async fn weft_takes_over_a_running_haproxy_and_leaves_it_running() {
         },
     )
     .await;
-
     let services = service("alpha", &["alpha.test"], None, &[a.addr]);
     // The weft harness owns the directory from here; the external HAProxy stays in it.
-    let mut weft = Weft::builder()
+    let weft = Weft::builder()
         .dir(dir)
         .external(&haproxy)
         .services(&services)
         .start()
         .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    (a, haproxy, services, weft)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_takes_over_a_running_haproxy_and_leaves_it_running() {
+    let (_a, mut haproxy, services, mut weft) = weft_on_an_external_haproxy().await;
     let config = std::fs::read_to_string(&haproxy.config_file).unwrap();
     assert!(
         config.contains("Rendered by weft"),
@@ -61,21 +67,7 @@ async fn weft_takes_over_a_running_haproxy_and_leaves_it_running() {
 /// once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_haproxy_that_dies_is_reported_down_and_taken_back_when_it_returns() {
-    let a = Backend::start("a").await;
-    let dir = tempfile::Builder::new()
-        .prefix("weft-ext-")
-        .tempdir()
-        .unwrap();
-    let port = free_port();
-    let mut haproxy = ExternalHaproxy::start(dir.path(), port, "before weft");
-    let services = service("alpha", &["alpha.test"], None, &[a.addr]);
-    let weft = Weft::builder()
-        .dir(dir)
-        .external(&haproxy)
-        .services(&services)
-        .start()
-        .await;
-    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let (_a, mut haproxy, _, weft) = weft_on_an_external_haproxy().await;
     let up = |want: &'static str| {
         let weft = &weft;
         async move {
