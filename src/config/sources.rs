@@ -67,6 +67,12 @@ struct RawConsulSource {
     tag_prefix: Option<String>,
     /// Most requests per second one watch may make (token bucket, burst 5). Default 5.
     max_rate: Option<u32>,
+    /// Most connections weft holds to Consul at once, whatever the catalog's size: two
+    /// blocking watches and the rest for reading changed services. Default 16, at least 3.
+    max_connections: Option<u32>,
+    /// Every exposed service is read again within this time, spread evenly: the safety net
+    /// for a change the watches cannot see. Default `10m`.
+    resync: Option<String>,
 }
 
 /// `[sources.file]`.
@@ -122,6 +128,8 @@ pub struct ConsulSourceConfig {
     pub consistency: Consistency,
     pub tag_prefix: String,
     pub max_rate: std::num::NonZeroU32,
+    pub max_connections: usize,
+    pub resync: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -355,6 +363,13 @@ pub const DEFAULT_CONSUL_URL: &str = "http://127.0.0.1:8500";
 pub const DEFAULT_CONSUL_WAIT: Duration = Duration::from_secs(300);
 pub const DEFAULT_TAG_PREFIX: &str = "weft.";
 pub const DEFAULT_CONSUL_MAX_RATE: u32 = 5;
+/// Consul's `limits.http_max_conns_per_client` is 200 per client IP by default, and the
+/// local agent is shared by everything on the host (registrator, consul-template, health
+/// scripts, the CLI): weft takes a twelfth of it.
+pub const DEFAULT_CONSUL_MAX_CONNECTIONS: u32 = 16;
+/// Two blocking watches and one connection to read services with.
+pub const MIN_CONSUL_CONNECTIONS: u32 = 3;
+pub const DEFAULT_CONSUL_RESYNC: Duration = Duration::from_secs(600);
 /// The environment variable Consul's own tools read the token from.
 pub const CONSUL_TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
 
@@ -413,6 +428,24 @@ fn validate_consul(raw: RawConsulSource, base: &Path, issues: &mut Issues) -> Co
             issues.add("sources.consul.max_rate", "must be at least 1");
             std::num::NonZeroU32::MIN
         });
+    let max_connections = raw
+        .max_connections
+        .unwrap_or(DEFAULT_CONSUL_MAX_CONNECTIONS);
+    if max_connections < MIN_CONSUL_CONNECTIONS {
+        issues.add(
+            "sources.consul.max_connections",
+            format!("must be at least {MIN_CONSUL_CONNECTIONS} (two watches and one reader)"),
+        );
+    }
+    let resync = duration(
+        raw.resync,
+        DEFAULT_CONSUL_RESYNC,
+        "sources.consul.resync",
+        issues,
+    );
+    if resync < Duration::from_secs(1) {
+        issues.add("sources.consul.resync", "must be at least 1s");
+    }
     ConsulSourceConfig {
         url,
         token,
@@ -421,5 +454,7 @@ fn validate_consul(raw: RawConsulSource, base: &Path, issues: &mut Issues) -> Co
         consistency,
         tag_prefix,
         max_rate,
+        max_connections: max_connections.max(MIN_CONSUL_CONNECTIONS) as usize,
+        resync: resync.max(Duration::from_secs(1)),
     }
 }
