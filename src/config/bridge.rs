@@ -6,7 +6,7 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-use super::{duration, Issues};
+use super::{duration_at_least, Issues};
 use crate::network::{bridge_address, normalise, HostIndex, WEAVE, WEAVE_NETWORK};
 
 pub const DEFAULT_BRIDGE_NAME: &str = "weave";
@@ -130,18 +130,14 @@ pub(super) fn validate_bridge(raw: RawBridge, issues: &mut Issues) -> BridgeConf
             None
         }
     });
-    let interval = duration(
+    let interval = duration_at_least(
         raw.interval,
         DEFAULT_BRIDGE_INTERVAL,
+        Duration::from_secs(1),
         "bridge.interval",
+        ": netlink events catch changes at once, the check is a safety net",
         issues,
     );
-    if interval < Duration::from_secs(1) {
-        issues.add(
-            "bridge.interval",
-            "must be at least 1s: netlink events catch changes at once, the check is a safety net",
-        );
-    }
     BridgeConfig {
         mode,
         name,

@@ -356,6 +356,26 @@ fn duration(raw: Option<String>, default: Duration, key: &str, issues: &mut Issu
     }
 }
 
+/// A duration of at least `min`; below it, an issue at `key` saying `why` and `min` instead.
+fn duration_at_least(
+    raw: Option<String>,
+    default: Duration,
+    min: Duration,
+    key: &str,
+    why: &str,
+    issues: &mut Issues,
+) -> Duration {
+    let value = duration(raw, default, key, issues);
+    if value < min {
+        issues.add(
+            key,
+            format!("must be at least {}{why}", humantime::format_duration(min)),
+        );
+        return min;
+    }
+    value
+}
+
 fn absolute(path: PathBuf, base: &Path) -> PathBuf {
     if path.is_absolute() {
         path

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{absolute, duration, Issues};
+use super::{absolute, duration, duration_at_least, Issues};
 
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 
@@ -437,15 +437,14 @@ fn validate_consul(raw: RawConsulSource, base: &Path, issues: &mut Issues) -> Co
             format!("must be at least {MIN_CONSUL_CONNECTIONS} (two watches and one reader)"),
         );
     }
-    let resync = duration(
+    let resync = duration_at_least(
         raw.resync,
         DEFAULT_CONSUL_RESYNC,
+        Duration::from_secs(1),
         "sources.consul.resync",
+        "",
         issues,
     );
-    if resync < Duration::from_secs(1) {
-        issues.add("sources.consul.resync", "must be at least 1s");
-    }
     ConsulSourceConfig {
         url,
         token,
@@ -455,6 +454,6 @@ fn validate_consul(raw: RawConsulSource, base: &Path, issues: &mut Issues) -> Co
         tag_prefix,
         max_rate,
         max_connections: max_connections.max(MIN_CONSUL_CONNECTIONS) as usize,
-        resync: resync.max(Duration::from_secs(1)),
+        resync,
     }
 }
