@@ -35,6 +35,16 @@ pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELOADS: u32 = 50;
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// Default `haproxy.maxconn`. Without `maxconn`, HAProxy 2.6 takes (fd limit - 40) / 2, so its
+/// capacity and memory would follow the limit it inherits (under systemd's default 524288:
+/// 262124 connections, 39 MiB per idle worker, old workers included). 100000 needs 200040
+/// descriptors, plus one per health-checked server (~280040 at 10,000 services of 8 slots):
+/// within systemd's default hard limit and the unit's, so HAProxy raises its own limit
+/// without privilege; 19 MiB per idle worker, ~3.3 GB at full load. See BENCHMARKS.md.
+pub const DEFAULT_MAXCONN: u32 = 100_000;
+/// The largest `haproxy.maxconn`, against typos. Above 524268 HAProxy needs more descriptors
+/// than Linux's default `fs.nr_open` (1048576) lets a process have: raise that sysctl too.
+pub const MAX_MAXCONN: u32 = 1_000_000;
 /// Default `haproxy.server_slots`: a backend's server slots come in multiples of it.
 pub const DEFAULT_SLOTS: usize = 8;
 /// The rendered config's file name: `haproxy.config_file` defaults to `<run_dir>/haproxy.cfg`,
@@ -72,6 +82,9 @@ struct RawHaproxy {
     hard_stop_after: Option<String>,
     /// `mworker-max-reloads`. Default 50.
     max_reloads: Option<u32>,
+    /// `maxconn` in `global`: HAProxy's limit on concurrent connections, 1 to 1000000.
+    /// HAProxy raises its own open-files limit to fit (two per connection). Default 100000.
+    maxconn: Option<u32>,
     /// How long a reload may take to be confirmed by `show proc`. Default `10s`.
     reload_timeout: Option<String>,
     /// Least time between two reloads; changes that arrive meanwhile coalesce into the next
@@ -131,6 +144,8 @@ pub struct HaproxyConfig {
     pub config_file: PathBuf,
     pub hard_stop_after: Duration,
     pub max_reloads: u32,
+    /// HAProxy's `maxconn` (global): concurrent connections.
+    pub maxconn: u32,
     pub reload_timeout: Duration,
     pub min_reload_interval: Duration,
     pub runtime_updates: RuntimeUpdates,
@@ -463,6 +478,13 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
     if max_reloads == 0 {
         issues.add("haproxy.max_reloads", "must be at least 1");
     }
+    let maxconn = raw.maxconn.unwrap_or(DEFAULT_MAXCONN);
+    if !(1..=MAX_MAXCONN).contains(&maxconn) {
+        issues.add(
+            "haproxy.maxconn",
+            format!("must lie between 1 and {MAX_MAXCONN}"),
+        );
+    }
     let log = raw.log.and_then(|text| match log_target(&text) {
         Ok(target) => Some(target),
         Err(reason) => {
@@ -479,6 +501,7 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         config_file,
         hard_stop_after,
         max_reloads,
+        maxconn,
         reload_timeout,
         min_reload_interval,
         runtime_updates,
@@ -686,12 +709,36 @@ listen = { a = 1 }
         assert_eq!(keys, ["haproxy.master_socket", "haproxy.config_file"]);
     }
 
+    /// `[haproxy]` with `keys` (TOML lines) and a file source.
+    fn parse_haproxy(keys: &str) -> Result<HaproxyConfig, Vec<ConfigIssue>> {
+        let text = format!("[haproxy]\n{keys}\n[sources.file]\npath = \"s.toml\"\n");
+        Config::parse(&text, Path::new("/")).map(|c| c.haproxy)
+    }
+
+    #[test]
+    fn maxconn_defaults_to_100000_within_1_to_1000000() {
+        let maxconn = |keys: &str| parse_haproxy(keys).map(|h| h.maxconn);
+        assert_eq!(maxconn(""), Ok(100_000));
+        assert_eq!(maxconn("maxconn = 1"), Ok(1));
+        assert_eq!(maxconn("maxconn = 1000000"), Ok(1_000_000));
+        for bad in ["maxconn = 0", "maxconn = 1000001"] {
+            let issues = maxconn(bad).unwrap_err();
+            assert_eq!(
+                issues,
+                [ConfigIssue {
+                    key: "haproxy.maxconn".into(),
+                    message: "must lie between 1 and 1000000".into(),
+                }],
+                "{bad}"
+            );
+        }
+        let issues = maxconn("maxconn = -1").unwrap_err();
+        assert_eq!(keys_of(&issues), ["haproxy.maxconn"]);
+    }
+
     #[test]
     fn the_access_log_takes_a_socket_path_or_a_udp_address() {
-        let parse = |value: &str| {
-            let text = format!("[haproxy]\nlog = {value:?}\n[sources.file]\npath = \"s.toml\"\n");
-            Config::parse(&text, Path::new("/")).map(|c| c.haproxy.log)
-        };
+        let parse = |value: &str| parse_haproxy(&format!("log = {value:?}")).map(|h| h.log);
         assert_eq!(parse("/dev/log").unwrap().as_deref(), Some("/dev/log"));
         assert_eq!(
             parse("127.0.0.1:514").unwrap().as_deref(),
