@@ -67,7 +67,7 @@ impl RenderSettings {
             map_dir: run_dir.to_path_buf(),
             hard_stop_after: haproxy.hard_stop_after,
             max_reloads: haproxy.max_reloads,
-            maxconn: haproxy.maxconn,
+            maxconn: haproxy.maxconn(),
             slots: haproxy.server_slots,
             log: haproxy.log.clone(),
         }

@@ -145,7 +145,7 @@ fn client_reaches_containers_on_both_hosts_and_weft_repairs_the_edge_bridge() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::write(
         dir.path().join("weft.toml"),
-        "[haproxy]\nbind = \"0.0.0.0:80\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\nmaxconn = 1000\n\n\
+        "[haproxy]\nbind = \"0.0.0.0:80\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\n\
          [network]\nallowed = [\"10.2.0.0/16\"]\n\n\
          [bridge]\nmode = \"ensure\"\nhost_index = 3\n\n\
          [status]\nlisten = \"127.0.0.1:9090\"\n\n\

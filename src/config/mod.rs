@@ -35,13 +35,12 @@ pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELOADS: u32 = 50;
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
-/// Default `haproxy.maxconn`. Without `maxconn`, HAProxy 2.6 takes (fd limit - 40) / 2, so its
-/// capacity and memory would follow the limit it inherits (under systemd's default 524288:
-/// 262124 connections, 39 MiB per idle worker, old workers included). 100000 needs 200040
-/// descriptors, plus one per health-checked server (~280040 at 10,000 services of 8 slots):
-/// within systemd's default hard limit and the unit's, so HAProxy raises its own limit
-/// without privilege; 19 MiB per idle worker, ~3.3 GB at full load. See BENCHMARKS.md.
-pub const DEFAULT_MAXCONN: u32 = 100_000;
+/// The most `haproxy.maxconn` is when it is not set. Without `maxconn`, HAProxy 2.6 takes
+/// (fd limit - 40) / 2, so its capacity and memory would follow the limit it inherits (under
+/// systemd's default 524288: 262124 connections, 39 MiB per idle worker, old workers
+/// included). 100000 needs 200040 descriptors, plus one per health-checked server; 19 MiB per
+/// idle worker, ~3.3 GB at full load. See BENCHMARKS.md.
+pub const AUTO_MAXCONN_CAP: u32 = 100_000;
 /// The largest `haproxy.maxconn`, against typos. Above 524268 HAProxy needs more descriptors
 /// than Linux's default `fs.nr_open` (1048576) lets a process have: raise that sysctl too.
 pub const MAX_MAXCONN: u32 = 1_000_000;
@@ -83,7 +82,8 @@ struct RawHaproxy {
     /// `mworker-max-reloads`. Default 50.
     max_reloads: Option<u32>,
     /// `maxconn` in `global`: HAProxy's limit on concurrent connections, 1 to 1000000.
-    /// HAProxy raises its own open-files limit to fit (two per connection). Default 100000.
+    /// HAProxy raises its own open-files limit to fit (two per connection). Default: a
+    /// quarter of the hard open-files limit, at most 100000 (see `HaproxyConfig::maxconn`).
     maxconn: Option<u32>,
     /// How long a reload may take to be confirmed by `show proc`. Default `10s`.
     reload_timeout: Option<String>,
@@ -144,8 +144,9 @@ pub struct HaproxyConfig {
     pub config_file: PathBuf,
     pub hard_stop_after: Duration,
     pub max_reloads: u32,
-    /// HAProxy's `maxconn` (global): concurrent connections.
-    pub maxconn: u32,
+    /// HAProxy's `maxconn` (global): concurrent connections; `None`: from the open-files
+    /// limit ([`HaproxyConfig::maxconn`]).
+    pub maxconn: Option<u32>,
     pub reload_timeout: Duration,
     pub min_reload_interval: Duration,
     pub runtime_updates: RuntimeUpdates,
@@ -380,6 +381,28 @@ fn absolute(path: PathBuf, base: &Path) -> PathBuf {
     }
 }
 
+impl HaproxyConfig {
+    /// HAProxy's `maxconn`: `haproxy.maxconn`, else what fits a quarter of the hard
+    /// open-files limit that HAProxy inherits (it needs two descriptors per connection, and
+    /// the other half leaves room for health-checked servers, one each), at most
+    /// [`AUTO_MAXCONN_CAP`]. So HAProxy starts under any limit without raising the hard one.
+    pub fn maxconn(&self) -> u32 {
+        self.maxconn.unwrap_or_else(|| {
+            let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(_, hard)| hard);
+            auto_maxconn(hard)
+        })
+    }
+}
+
+/// `maxconn` for a hard open-files limit of `hard` (see [`HaproxyConfig::maxconn`]).
+pub fn auto_maxconn(hard: u64) -> u32 {
+    let quarter = hard.saturating_sub(40) / 4;
+    u32::try_from(quarter)
+        .unwrap_or(u32::MAX)
+        .clamp(1, AUTO_MAXCONN_CAP)
+}
+
 fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> HaproxyConfig {
     let binary = raw.binary.unwrap_or_else(|| DEFAULT_BINARY.into());
     if !binary.is_absolute() {
@@ -478,13 +501,16 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
     if max_reloads == 0 {
         issues.add("haproxy.max_reloads", "must be at least 1");
     }
-    let maxconn = raw.maxconn.unwrap_or(DEFAULT_MAXCONN);
-    if !(1..=MAX_MAXCONN).contains(&maxconn) {
-        issues.add(
-            "haproxy.maxconn",
-            format!("must lie between 1 and {MAX_MAXCONN}"),
-        );
-    }
+    let maxconn = raw.maxconn.filter(|maxconn| {
+        let ok = (1..=MAX_MAXCONN).contains(maxconn);
+        if !ok {
+            issues.add(
+                "haproxy.maxconn",
+                format!("must lie between 1 and {MAX_MAXCONN}"),
+            );
+        }
+        ok
+    });
     let log = raw.log.and_then(|text| match log_target(&text) {
         Ok(target) => Some(target),
         Err(reason) => {
@@ -716,11 +742,17 @@ listen = { a = 1 }
     }
 
     #[test]
-    fn maxconn_defaults_to_100000_within_1_to_1000000() {
+    fn maxconn_is_1_to_1000000_or_a_quarter_of_the_open_files_limit() {
         let maxconn = |keys: &str| parse_haproxy(keys).map(|h| h.maxconn);
-        assert_eq!(maxconn(""), Ok(100_000));
-        assert_eq!(maxconn("maxconn = 1"), Ok(1));
-        assert_eq!(maxconn("maxconn = 1000000"), Ok(1_000_000));
+        assert_eq!(maxconn(""), Ok(None));
+        assert_eq!(maxconn("maxconn = 1"), Ok(Some(1)));
+        assert_eq!(maxconn("maxconn = 1000000"), Ok(Some(1_000_000)));
+        // Under 1024 (a shell's default), 20000 (this CI's), and systemd's 524288 and more.
+        assert_eq!(auto_maxconn(1024), 246);
+        assert_eq!(auto_maxconn(20_000), 4990);
+        assert_eq!(auto_maxconn(524_288), 100_000);
+        assert_eq!(auto_maxconn(u64::MAX), 100_000);
+        assert_eq!(auto_maxconn(0), 1);
         for bad in ["maxconn = 0", "maxconn = 1000001"] {
             let issues = maxconn(bad).unwrap_err();
             assert_eq!(

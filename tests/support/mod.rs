@@ -125,8 +125,7 @@ pub struct Weft {
 }
 
 /// What a [`Weft`] starts with: a `weft.toml` with HAProxy in managed mode on a free loopback
-/// port and `maxconn` 1000 (the default needs ~200040 open files: more than some machines'
-/// hard limit), the file source on `services.toml`, the bridge off, `127.0.0.0/8` allowed, and
+/// port and HAProxy's default `maxconn` (a quarter of the hard open-files limit), the file source on `services.toml`, the bridge off, `127.0.0.0/8` allowed, and
 /// what the methods add.
 ///
 /// ```ignore
@@ -138,7 +137,7 @@ pub struct WeftBuilder {
     port: Option<u16>,
     services: Option<String>,
     haproxy_keys: Vec<String>,
-    maxconn: u32,
+    maxconn: Option<u32>,
     soft_open_files: Option<u64>,
     debounce: Duration,
     sources: String,
@@ -152,7 +151,7 @@ impl Weft {
             port: None,
             services: None,
             haproxy_keys: Vec::new(),
-            maxconn: 1000,
+            maxconn: None,
             soft_open_files: None,
             debounce: Duration::from_millis(50),
             sources: String::new(),
@@ -340,9 +339,9 @@ impl WeftBuilder {
         self.haproxy_key("min_reload_interval", &toml_duration(interval))
     }
 
-    /// `haproxy.maxconn` (default 1000).
+    /// `haproxy.maxconn` (default: unset, weft's default).
     pub fn maxconn(mut self, maxconn: u32) -> Self {
-        self.maxconn = maxconn;
+        self.maxconn = Some(maxconn);
         self
     }
 
@@ -403,12 +402,14 @@ impl WeftBuilder {
             .unwrap_or_default();
         let config = format!(
             "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\
-             maxconn = {}\n{}\n\n\
+             {}{}\n\n\
              [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
              [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
              [sources.file]\npath = \"services.toml\"\ndebounce = {}\n{}{routing}",
-            self.maxconn,
+            self.maxconn
+                .map(|maxconn| format!("maxconn = {maxconn}\n"))
+                .unwrap_or_default(),
             self.haproxy_keys.join("\n"),
             toml_duration(self.debounce),
             self.sources,
