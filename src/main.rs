@@ -7,12 +7,13 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use weft::bridge::BridgeState;
-use weft::config::{BridgeConfig, BridgeMode, Config};
+use weft::config::{BridgeConfig, BridgeMode, Config, HaproxyConfig, HaproxyMode};
 use weft::haproxy::files::stage;
 use weft::haproxy::validate::{validate, ValidateError};
 use weft::model::{build, ModelSettings, SourceReport};
@@ -131,6 +132,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn run(config: Config) -> anyhow::Result<ExitCode> {
     require_binary(&config.haproxy.binary)?;
+    raise_open_files_limit(&config.haproxy);
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     weft::controller::run(config, shutdown).await?;
@@ -160,6 +162,42 @@ fn require_binary(binary: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one, as Consul, fabio and Traefik do: the soft
+/// limit is often 1024, and weft holds a socket per Consul service watch. A managed HAProxy
+/// inherits the limits and sets its own from `haproxy.maxconn`, within the hard limit unless
+/// it may raise that too (CAP_SYS_RESOURCE); when it cannot, it refuses to start, so say so
+/// first, naming the key.
+fn raise_open_files_limit(haproxy: &HaproxyConfig) {
+    let (before, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the open files limit");
+            return;
+        }
+    };
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::info!(
+            before,
+            after = hard,
+            "open files limit set to the hard limit"
+        ),
+        Err(err) => tracing::warn!(before, hard, error = %err, "cannot raise the open files limit"),
+    }
+    // What HAProxy 2.6 sets its limit to, measured: two per connection and 40 of its own (one
+    // more per health-checked server).
+    let needed = 2 * u64::from(haproxy.maxconn()) + 40;
+    if haproxy.mode == HaproxyMode::Managed && needed > hard {
+        tracing::warn!(
+            maxconn = haproxy.maxconn(),
+            needed,
+            hard,
+            "haproxy.maxconn needs more open files than the hard limit: HAProxy refuses to start \
+             unless it may raise it (CAP_SYS_RESOURCE); lower haproxy.maxconn or raise the limit \
+             (LimitNOFILE= in the systemd unit)"
+        );
+    }
 }
 
 /// Reads every source once and builds the table; source failures are returned as messages.
@@ -349,6 +387,7 @@ async fn demo(bind: SocketAddr) -> anyhow::Result<ExitCode> {
     let mut config = Config::load(&dir.path().join("weft.toml"))?;
     config.haproxy.bind = bind;
     require_binary(&config.haproxy.binary)?;
+    raise_open_files_limit(&config.haproxy);
     let services = dir.path().join("services.toml");
     out!(
         "weft demo: HAProxy on http://{bind}, services in {}",

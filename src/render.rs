@@ -50,6 +50,8 @@ pub struct RenderSettings {
     pub hard_stop_after: Duration,
     /// `mworker-max-reloads`: old workers that survived this many reloads are killed.
     pub max_reloads: u32,
+    /// `maxconn` in `global`: HAProxy's concurrent connections, and so its fd limit.
+    pub maxconn: u32,
     /// Slots per backend come in multiples of this (see [`crate::slots`]).
     pub slots: usize,
     /// Syslog target of the access log (`haproxy.log`), if any.
@@ -65,6 +67,7 @@ impl RenderSettings {
             map_dir: run_dir.to_path_buf(),
             hard_stop_after: haproxy.hard_stop_after,
             max_reloads: haproxy.max_reloads,
+            maxconn: haproxy.maxconn(),
             slots: haproxy.server_slots,
             log: haproxy.log.clone(),
         }
@@ -115,6 +118,7 @@ struct ConfigTemplate<'a> {
     parked: SocketAddr,
     hard_stop_after: String,
     max_reloads: u32,
+    maxconn: u32,
     log: Option<&'a str>,
     backends: Vec<BackendView>,
 }
@@ -166,6 +170,7 @@ pub fn render_with(
         parked: PARKED,
         hard_stop_after: haproxy_duration(settings.hard_stop_after),
         max_reloads: settings.max_reloads,
+        maxconn: settings.maxconn,
         log: settings.log.as_deref(),
         backends,
     }
@@ -234,6 +239,7 @@ mod tests {
             map_dir: "/var/lib/weft".into(),
             hard_stop_after: Duration::from_secs(30),
             max_reloads: 50,
+            maxconn: 100_000,
             slots: 4,
             log: None,
         }
@@ -305,6 +311,7 @@ mod tests {
     fn golden_config_and_maps() {
         let with_log = RenderSettings {
             log: Some("/dev/log".into()),
+            maxconn: 2000,
             ..settings()
         };
         let rendered = render(&sample(), &with_log).unwrap();

@@ -403,6 +403,47 @@ async fn the_access_log_goes_to_syslog() {
     assert!(line.contains("\"GET /logged HTTP/1.1\""), "{line}");
 }
 
+/// HAProxy runs with `haproxy.maxconn`, not with what the open-files limit it inherits would
+/// give it, and raises that limit to fit; weft raises its own soft limit to the hard one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_runs_with_the_configured_maxconn_and_weft_at_its_hard_limit() {
+    let weft = Weft::builder()
+        .maxconn(3000)
+        .soft_open_files(512)
+        .start()
+        .await;
+    let socket = weft.run_dir().join("admin.sock");
+    let info = support::eventually(Duration::from_secs(10), "show info", || {
+        support::cli(&socket, "show info")
+    })
+    .await;
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in show info:\n{info}"))
+    };
+    assert_eq!(field("Maxconn"), 3000);
+    // Two per connection, from the 512 it inherited.
+    assert!(field("Ulimit-n") >= 6000, "{info}");
+
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", weft.pid().unwrap())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[0], open_files[1],
+        "weft's soft limit is its hard one"
+    );
+    weft.wait_for_log(&format!(
+        "open files limit set to the hard limit before=512 after={}",
+        open_files[1]
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_refuses_connections_fails_no_request() {
     let a = Backend::start("a").await;

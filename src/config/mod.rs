@@ -35,6 +35,15 @@ pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_RELOADS: u32 = 50;
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// The most `haproxy.maxconn` is when it is not set. Without `maxconn`, HAProxy 2.6 takes
+/// (fd limit - 40) / 2, so its capacity and memory would follow the limit it inherits (under
+/// systemd's default 524288: 262124 connections, 39 MiB per idle worker, old workers
+/// included). 100000 needs 200040 descriptors, plus one per health-checked server; 19 MiB per
+/// idle worker, ~3.3 GB at full load. See BENCHMARKS.md.
+pub const AUTO_MAXCONN_CAP: u32 = 100_000;
+/// The largest `haproxy.maxconn`, against typos. Above 524268 HAProxy needs more descriptors
+/// than Linux's default `fs.nr_open` (1048576) lets a process have: raise that sysctl too.
+pub const MAX_MAXCONN: u32 = 1_000_000;
 /// Default `haproxy.server_slots`: a backend's server slots come in multiples of it.
 pub const DEFAULT_SLOTS: usize = 8;
 /// The rendered config's file name: `haproxy.config_file` defaults to `<run_dir>/haproxy.cfg`,
@@ -72,6 +81,10 @@ struct RawHaproxy {
     hard_stop_after: Option<String>,
     /// `mworker-max-reloads`. Default 50.
     max_reloads: Option<u32>,
+    /// `maxconn` in `global`: HAProxy's limit on concurrent connections, 1 to 1000000.
+    /// HAProxy raises its own open-files limit to fit (two per connection). Default: a
+    /// quarter of the hard open-files limit, at most 100000 (see `HaproxyConfig::maxconn`).
+    maxconn: Option<u32>,
     /// How long a reload may take to be confirmed by `show proc`. Default `10s`.
     reload_timeout: Option<String>,
     /// Least time between two reloads; changes that arrive meanwhile coalesce into the next
@@ -131,6 +144,9 @@ pub struct HaproxyConfig {
     pub config_file: PathBuf,
     pub hard_stop_after: Duration,
     pub max_reloads: u32,
+    /// HAProxy's `maxconn` (global): concurrent connections; `None`: from the open-files
+    /// limit ([`HaproxyConfig::maxconn`]).
+    pub maxconn: Option<u32>,
     pub reload_timeout: Duration,
     pub min_reload_interval: Duration,
     pub runtime_updates: RuntimeUpdates,
@@ -385,6 +401,28 @@ fn absolute(path: PathBuf, base: &Path) -> PathBuf {
     }
 }
 
+impl HaproxyConfig {
+    /// HAProxy's `maxconn`: `haproxy.maxconn`, else what fits a quarter of the hard
+    /// open-files limit that HAProxy inherits (it needs two descriptors per connection, and
+    /// the other half leaves room for health-checked servers, one each), at most
+    /// [`AUTO_MAXCONN_CAP`]. So HAProxy starts under any limit without raising the hard one.
+    pub fn maxconn(&self) -> u32 {
+        self.maxconn.unwrap_or_else(|| {
+            let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(_, hard)| hard);
+            auto_maxconn(hard)
+        })
+    }
+}
+
+/// `maxconn` for a hard open-files limit of `hard` (see [`HaproxyConfig::maxconn`]).
+pub fn auto_maxconn(hard: u64) -> u32 {
+    let quarter = hard.saturating_sub(40) / 4;
+    u32::try_from(quarter)
+        .unwrap_or(u32::MAX)
+        .clamp(1, AUTO_MAXCONN_CAP)
+}
+
 fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> HaproxyConfig {
     let binary = raw.binary.unwrap_or_else(|| DEFAULT_BINARY.into());
     if !binary.is_absolute() {
@@ -483,6 +521,16 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
     if max_reloads == 0 {
         issues.add("haproxy.max_reloads", "must be at least 1");
     }
+    let maxconn = raw.maxconn.filter(|maxconn| {
+        let ok = (1..=MAX_MAXCONN).contains(maxconn);
+        if !ok {
+            issues.add(
+                "haproxy.maxconn",
+                format!("must lie between 1 and {MAX_MAXCONN}"),
+            );
+        }
+        ok
+    });
     let log = raw.log.and_then(|text| match log_target(&text) {
         Ok(target) => Some(target),
         Err(reason) => {
@@ -499,6 +547,7 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         config_file,
         hard_stop_after,
         max_reloads,
+        maxconn,
         reload_timeout,
         min_reload_interval,
         runtime_updates,
@@ -706,12 +755,42 @@ listen = { a = 1 }
         assert_eq!(keys, ["haproxy.master_socket", "haproxy.config_file"]);
     }
 
+    /// `[haproxy]` with `keys` (TOML lines) and a file source.
+    fn parse_haproxy(keys: &str) -> Result<HaproxyConfig, Vec<ConfigIssue>> {
+        let text = format!("[haproxy]\n{keys}\n[sources.file]\npath = \"s.toml\"\n");
+        Config::parse(&text, Path::new("/")).map(|c| c.haproxy)
+    }
+
+    #[test]
+    fn maxconn_is_1_to_1000000_or_a_quarter_of_the_open_files_limit() {
+        let maxconn = |keys: &str| parse_haproxy(keys).map(|h| h.maxconn);
+        assert_eq!(maxconn(""), Ok(None));
+        assert_eq!(maxconn("maxconn = 1"), Ok(Some(1)));
+        assert_eq!(maxconn("maxconn = 1000000"), Ok(Some(1_000_000)));
+        // Under 1024 (a shell's default), 20000 (this CI's), and systemd's 524288 and more.
+        assert_eq!(auto_maxconn(1024), 246);
+        assert_eq!(auto_maxconn(20_000), 4990);
+        assert_eq!(auto_maxconn(524_288), 100_000);
+        assert_eq!(auto_maxconn(u64::MAX), 100_000);
+        assert_eq!(auto_maxconn(0), 1);
+        for bad in ["maxconn = 0", "maxconn = 1000001"] {
+            let issues = maxconn(bad).unwrap_err();
+            assert_eq!(
+                issues,
+                [ConfigIssue {
+                    key: "haproxy.maxconn".into(),
+                    message: "must lie between 1 and 1000000".into(),
+                }],
+                "{bad}"
+            );
+        }
+        let issues = maxconn("maxconn = -1").unwrap_err();
+        assert_eq!(keys_of(&issues), ["haproxy.maxconn"]);
+    }
+
     #[test]
     fn the_access_log_takes_a_socket_path_or_a_udp_address() {
-        let parse = |value: &str| {
-            let text = format!("[haproxy]\nlog = {value:?}\n[sources.file]\npath = \"s.toml\"\n");
-            Config::parse(&text, Path::new("/")).map(|c| c.haproxy.log)
-        };
+        let parse = |value: &str| parse_haproxy(&format!("log = {value:?}")).map(|h| h.log);
         assert_eq!(parse("/dev/log").unwrap().as_deref(), Some("/dev/log"));
         assert_eq!(
             parse("127.0.0.1:514").unwrap().as_deref(),

@@ -125,8 +125,8 @@ pub struct Weft {
 }
 
 /// What a [`Weft`] starts with: a `weft.toml` with HAProxy in managed mode on a free loopback
-/// port, the file source on `services.toml`, the bridge off, `127.0.0.0/8` allowed, and what
-/// the methods add.
+/// port and HAProxy's default `maxconn` (a quarter of the hard open-files limit), the file source on `services.toml`, the bridge off, `127.0.0.0/8` allowed, and
+/// what the methods add.
 ///
 /// ```ignore
 /// let weft = Weft::builder().services(&services).consul(&consul.url()).start().await;
@@ -137,6 +137,8 @@ pub struct WeftBuilder {
     port: Option<u16>,
     services: Option<String>,
     haproxy_keys: Vec<String>,
+    maxconn: Option<u32>,
+    soft_open_files: Option<u64>,
     debounce: Duration,
     sources: String,
     domain: Option<String>,
@@ -149,15 +151,28 @@ impl Weft {
             port: None,
             services: None,
             haproxy_keys: Vec::new(),
+            maxconn: None,
+            soft_open_files: None,
             debounce: Duration::from_millis(50),
             sources: String::new(),
             domain: None,
         }
     }
 
-    fn spawn(&mut self) {
+    /// Starts `weft run`; with `soft_open_files`, under that soft open-files limit (prlimit
+    /// sets it on itself and execs weft, so the pid is weft's).
+    fn spawn(&mut self, soft_open_files: Option<u64>) {
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        let weft = env!("CARGO_BIN_EXE_weft");
+        let mut command = match soft_open_files {
+            None => Command::new(weft),
+            Some(soft) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit.arg(format!("--nofile={soft}:")).arg(weft);
+                prlimit
+            }
+        };
+        let child = command
             .arg("run")
             .arg("-c")
             .arg(self.dir.path().join("weft.toml"))
@@ -168,6 +183,11 @@ impl Weft {
             .spawn()
             .unwrap();
         self.child = Some(child);
+    }
+
+    /// weft's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -319,6 +339,18 @@ impl WeftBuilder {
         self.haproxy_key("min_reload_interval", &toml_duration(interval))
     }
 
+    /// `haproxy.maxconn` (default: unset, weft's default).
+    pub fn maxconn(mut self, maxconn: u32) -> Self {
+        self.maxconn = Some(maxconn);
+        self
+    }
+
+    /// Starts weft with this soft open-files limit (default: the test's own), with `prlimit`.
+    pub fn soft_open_files(mut self, soft: u64) -> Self {
+        self.soft_open_files = Some(soft);
+        self
+    }
+
     /// `sources.file.debounce` (default 50 ms, quicker than weft's 200 ms).
     pub fn debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
@@ -369,11 +401,15 @@ impl WeftBuilder {
             .map(|domain| format!("\n[routing]\ndomain = {domain:?}\n"))
             .unwrap_or_default();
         let config = format!(
-            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n{}\n\n\
+            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\
+             {}{}\n\n\
              [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
              [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
              [sources.file]\npath = \"services.toml\"\ndebounce = {}\n{}{routing}",
+            self.maxconn
+                .map(|maxconn| format!("maxconn = {maxconn}\n"))
+                .unwrap_or_default(),
             self.haproxy_keys.join("\n"),
             toml_duration(self.debounce),
             self.sources,
@@ -391,7 +427,7 @@ impl WeftBuilder {
             status_port,
             child: None,
         };
-        weft.spawn();
+        weft.spawn(self.soft_open_files);
         let pid = weft.child.as_ref().unwrap().id() as i32;
         eventually(
             Duration::from_secs(10),
