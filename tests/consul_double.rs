@@ -17,6 +17,7 @@ use futures::StreamExt;
 
 use consul::{
     parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
+    HEALTH_STATE,
 };
 use serde_json::{Map, Value};
 
@@ -208,6 +209,8 @@ async fn every_200_carries_the_consul_headers() {
         "/v1/health/service/shop?passing",
         "/v1/health/service/nothing",
         "/v1/catalog/services?stale",
+        "/v1/health/state/any",
+        "/v1/health/state/critical?stale",
     ] {
         let answer = get(&consul, path).await;
         assert_eq!(answer.status, 200, "{path}");
@@ -355,6 +358,11 @@ async fn bad_parameters_are_plain_text_400s() {
         ),
         ("/v1/catalog/services?stale&consistent", stale_consistent),
         ("/v1/health/service/x?stale=&consistent=", stale_consistent),
+        ("/v1/health/state/", "Missing check state"),
+        // Query options are parsed before the state is looked at, as in Consul.
+        ("/v1/health/state/?wait=abc", "Invalid wait time"),
+        ("/v1/health/state/any?index=abc", "Invalid index"),
+        ("/v1/health/state/any?stale&consistent", stale_consistent),
     ];
     for (path, message) in cases {
         let answer = get(&consul, path).await;
@@ -571,10 +579,17 @@ async fn acls_filter_the_anonymous_and_refuse_unknown_tokens() {
     assert_eq!((catalog.status, catalog.body.as_str()), (200, "{}"));
     assert_eq!(catalog.header("X-Consul-Results-Filtered-By-ACLs"), "true");
     assert!(catalog.index() >= 1);
-    let health = get(&consul, "/v1/health/service/shop").await;
-    assert_eq!((health.status, health.body.as_str()), (200, "[]"));
+    for path in ["/v1/health/service/shop", "/v1/health/state/any"] {
+        let answer = get(&consul, path).await;
+        assert_eq!((answer.status, answer.body.as_str()), (200, "[]"), "{path}");
+        assert_eq!(answer.header("X-Consul-Results-Filtered-By-ACLs"), "true");
+    }
     // A token Consul does not know: 403, plain text.
-    for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
+    for path in [
+        CATALOG_SERVICES,
+        "/v1/health/service/shop",
+        "/v1/health/state/any",
+    ] {
         for headers in [
             &[("X-Consul-Token", "wrong")][..],
             &[("Authorization", "Bearer wrong")][..],
@@ -617,7 +632,11 @@ async fn error_faults_answer_plain_text() {
     ];
     for (fault, status, message) in cases {
         consul.set_fault(fault);
-        for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
+        for path in [
+            CATALOG_SERVICES,
+            "/v1/health/service/shop",
+            "/v1/health/state/any",
+        ] {
             let answer = get(&consul, path).await;
             assert_eq!((answer.status, answer.body.as_str()), (status, message));
             assert!(answer.content_type().starts_with("text/plain"));
@@ -670,6 +689,7 @@ async fn garbage_is_a_200_with_headers_and_a_body_that_does_not_parse() {
         CATALOG_SERVICES,
         "/v1/health/service/shop",
         "/v1/health/service/nothing",
+        "/v1/health/state/any",
     ] {
         let answer = get(&consul, path).await;
         assert_eq!(answer.status, 200);
@@ -839,4 +859,379 @@ async fn a_handler_panic_fails_the_test() {
     let raised = std::panic::catch_unwind(AssertUnwindSafe(|| drop(served)))
         .expect_err("dropping the double re-raises the stream's panic");
     assert_eq!(support::panic_message(&*raised), "the stream's own panic");
+}
+
+// /v1/health/state/:state
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_answer_has_every_key_of_the_docs_sample() {
+    let fixture = read_fixture("health-state-any.docs.json");
+    let consul = ConsulDouble::start().await;
+    register_docs_redis(&consul);
+
+    let answer = get(&consul, "/v1/health/state/any").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.content_type(), "application/json");
+    let ours = answer.json();
+    let differences = fixtures::shape_differences(&fixture, &ours, "", &ConsulShape);
+    assert!(
+        differences.is_empty(),
+        "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
+    );
+    // Beyond the sample: the keys of Consul's structs.HealthCheck, in the order of Consul's
+    // checks table (node, then check ID), node checks and service checks alike.
+    let checks = ours.as_array().unwrap();
+    let ids: Vec<&str> = checks
+        .iter()
+        .map(|c| c["CheckID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["serfHealth", "service:redis"]);
+    for check in checks {
+        for key in [
+            "Node",
+            "CheckID",
+            "Name",
+            "Status",
+            "Notes",
+            "Output",
+            "ServiceID",
+            "ServiceName",
+            "ServiceTags",
+            "Type",
+            "Interval",
+            "Timeout",
+            "ExposedPort",
+            "Definition",
+            "CreateIndex",
+            "ModifyIndex",
+        ] {
+            assert!(check.get(key).is_some(), "check without {key}: {check}");
+        }
+        assert!(check["ModifyIndex"].as_u64().unwrap() >= 1, "{check}");
+    }
+    // Every check of the sample passes: ?passing is the same list.
+    assert_eq!(get(&consul, "/v1/health/state/passing").await.json(), ours);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_lists_the_checks_in_a_status_node_checks_included() {
+    let consul = ConsulDouble::start().await;
+    consul.register_node("n2", "10.0.0.2");
+    consul.register(Instance::new("shop", "a", "10.2.1.1", 80));
+    consul.register(Instance::new("shop", "b", "10.2.1.2", 80).status(Status::Warning));
+    consul.register(
+        Instance::new("blog", "c", "10.2.1.3", 80)
+            .node("n2")
+            .status(Status::Critical),
+    );
+    consul.register(Instance::new("blog", "d", "10.2.1.4", 80).without_check());
+    consul.set_node_check("n2", Status::Critical);
+
+    let cases: [(&str, &[&str]); 8] = [
+        (
+            "any",
+            &[
+                "n2/serfHealth",
+                "n2/service:c",
+                "node1/serfHealth",
+                "node1/service:a",
+                "node1/service:b",
+            ],
+        ),
+        ("passing", &["node1/serfHealth", "node1/service:a"]),
+        ("warning", &["node1/service:b"]),
+        ("critical", &["n2/serfHealth", "n2/service:c"]),
+        // Consul's status index ignores case; `any` is a word of its own.
+        ("CRITICAL", &["n2/serfHealth", "n2/service:c"]),
+        ("ANY", &[]),
+        ("maintenance", &[]),
+        // A state no check has is an empty answer, not an error.
+        ("bogus", &[]),
+    ];
+    for (state, expected) in cases {
+        let answer = get(&consul, &format!("{HEALTH_STATE}{state}")).await;
+        assert_eq!(answer.status, 200, "{state}: {}", answer.body);
+        assert!(answer.index() >= 1, "{state}");
+        let found: Vec<String> = answer
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    c["Node"].as_str().unwrap(),
+                    c["CheckID"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(found, expected, "{state}");
+    }
+}
+
+/// `X-Consul-Index` of `/v1/catalog/services`, of shop's and blog's health, and of
+/// `/v1/health/state/any`, in that order.
+async fn endpoint_indexes(consul: &ConsulDouble) -> [u64; 4] {
+    let mut indexes = [0; 4];
+    let paths = [
+        CATALOG_SERVICES,
+        "/v1/health/service/shop",
+        "/v1/health/service/blog",
+        "/v1/health/state/any",
+    ];
+    for (index, path) in indexes.iter_mut().zip(paths) {
+        *index = get(consul, path).await.index();
+    }
+    indexes
+}
+
+/// shop-1 on node n1.
+fn shop_at(address: &str) -> Instance {
+    Instance::new("shop", "shop-1", address, 8080).node("n1")
+}
+
+/// blog-1, without a check, on node1.
+fn blog_at(address: &str) -> Instance {
+    Instance::new("blog", "blog-1", address, 8080).without_check()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_write_moves_the_indexes_consul_moves() {
+    let consul = ConsulDouble::start().await;
+    consul.register_node("n1", "10.0.0.1");
+    consul.register(shop_at("10.2.1.5"));
+    consul.register(blog_at("10.2.1.6"));
+
+    type Write = fn(&ConsulDouble);
+    // Which moved: [catalog, shop's health, blog's health, state/any].
+    let cases: [(&str, Write, [bool; 4]); 12] = [
+        (
+            "shop registered again as it is",
+            |c| c.register(shop_at("10.2.1.5")),
+            [false; 4],
+        ),
+        (
+            "shop's check set to its status",
+            |c| c.set_check("shop-1", Status::Passing),
+            [false; 4],
+        ),
+        (
+            "blog moved, it has no check",
+            |c| c.register(blog_at("10.2.1.7")),
+            [true, false, true, false],
+        ),
+        (
+            "shop moved, its check unchanged",
+            |c| c.register(shop_at("10.2.1.8")),
+            [true, true, false, false],
+        ),
+        (
+            "shop's check critical",
+            |c| c.set_check("shop-1", Status::Critical),
+            [false, true, false, true],
+        ),
+        (
+            "shop's check output",
+            |c| c.set_check_output("shop-1", "refused"),
+            [false, true, false, true],
+        ),
+        // Its check carries the service's tags: it changes too.
+        (
+            "shop tagged",
+            |c| {
+                c.register(
+                    shop_at("10.2.1.8")
+                        .status(Status::Critical)
+                        .output("refused")
+                        .tag("v2"),
+                )
+            },
+            [true, true, false, true],
+        ),
+        (
+            "shop's node moved",
+            |c| c.register_node("n1", "10.0.0.9"),
+            [false, true, false, false],
+        ),
+        (
+            "shop's node failing",
+            |c| c.set_node_check("n1", Status::Critical),
+            [false, true, false, true],
+        ),
+        (
+            "blog gets a check",
+            |c| c.register(Instance::new("blog", "blog-1", "10.2.1.7", 8080)),
+            [false, false, true, true],
+        ),
+        (
+            "blog deregistered",
+            |c| c.deregister("blog-1"),
+            [true, false, true, true],
+        ),
+        ("bump", |c| c.bump_index(), [true; 4]),
+    ];
+    for (what, write, expected) in cases {
+        let before = endpoint_indexes(&consul).await;
+        let raft = consul.index();
+        write(&consul);
+        assert_eq!(consul.index(), raft + 1, "{what}: one raft write");
+        let after = endpoint_indexes(&consul).await;
+        let mut moved = [false; 4];
+        for (i, moved) in moved.iter_mut().enumerate() {
+            assert!(
+                after[i] >= before[i],
+                "{what}: backwards {before:?} -> {after:?}"
+            );
+            // What moves, moves to the write's index.
+            *moved = after[i] > before[i];
+            if *moved {
+                assert_eq!(after[i], raft + 1, "{what}: {before:?} -> {after:?}");
+            }
+        }
+        assert_eq!(moved, expected, "{what}: {before:?} -> {after:?}");
+    }
+}
+
+/// The one entry of a health answer, and its check by CheckID.
+async fn health_entry(consul: &ConsulDouble, service: &str) -> Value {
+    let answer = get(consul, &format!("{HEALTH_SERVICE}{service}")).await;
+    answer.json()[0].clone()
+}
+
+fn check_of<'a>(entry: &'a Value, check_id: &str) -> &'a Value {
+    entry["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == check_id)
+        .unwrap()
+}
+
+fn raft_indexes(object: &Value) -> (u64, u64) {
+    let index = |key: &str| object[key].as_u64().unwrap();
+    (index("CreateIndex"), index("ModifyIndex"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_keep_their_create_index_and_move_their_modify_index_on_their_own_changes() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let first = consul.index();
+    let entry = health_entry(&consul, "shop").await;
+    assert_eq!(raft_indexes(&entry["Node"]), (first, first));
+    assert_eq!(raft_indexes(&entry["Service"]), (first, first));
+    assert_eq!(
+        raft_indexes(check_of(&entry, "service:shop-1")),
+        (first, first)
+    );
+
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.6", 8080));
+    let moved = consul.index();
+    let entry = health_entry(&consul, "shop").await;
+    assert_eq!(raft_indexes(&entry["Service"]), (first, moved));
+    assert_eq!(
+        raft_indexes(check_of(&entry, "service:shop-1")),
+        (first, first)
+    );
+    assert_eq!(raft_indexes(&entry["Node"]), (first, first));
+
+    consul.set_check("shop-1", Status::Critical);
+    let failed = consul.index();
+    consul.register_node(consul::DEFAULT_NODE, "10.0.0.9");
+    let node_moved = consul.index();
+    let entry = health_entry(&consul, "shop").await;
+    assert_eq!(raft_indexes(&entry["Service"]), (first, moved));
+    assert_eq!(
+        raft_indexes(check_of(&entry, "service:shop-1")),
+        (first, failed)
+    );
+    assert_eq!(raft_indexes(&entry["Node"]), (first, node_moved));
+    assert_eq!(raft_indexes(check_of(&entry, "serfHealth")), (first, first));
+
+    // /v1/health/state/any shows the same check, indexes and all.
+    let state = get(&consul, "/v1/health/state/critical").await.json();
+    assert_eq!(&state[0], check_of(&entry, "service:shop-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_any_wakes_on_a_check_change_not_on_a_move() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    consul.register(blog_at("10.2.1.6"));
+    let state_index = get(&consul, "/v1/health/state/any").await.index();
+    let catalog_index = get(&consul, CATALOG_SERVICES).await.index();
+    let blog = "/v1/health/service/blog";
+    let blog_index = get(&consul, blog).await.index();
+
+    let consul = std::sync::Arc::new(consul);
+    let spawn_get = |path: String| {
+        let consul = consul.clone();
+        tokio::spawn(async move { get(&consul, &path).await })
+    };
+    let wait = Duration::from_millis(500);
+    let start = Instant::now();
+    let state_query = spawn_get(format!(
+        "/v1/health/state/any?index={state_index}&wait=500ms"
+    ));
+    // Consul's longest wait: an answer at all is an early one.
+    let catalog_query = spawn_get(format!("{CATALOG_SERVICES}?index={catalog_index}&wait=10m"));
+    let blog_query = spawn_get(format!("{blog}?index={blog_index}&wait=10m"));
+    consul
+        .wait_for_blocked_queries("/v1/health/state/any", 1)
+        .await;
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    consul.wait_for_blocked_queries(blog, 1).await;
+    consul.register(blog_at("10.2.1.7"));
+
+    let catalog = catalog_query.await.unwrap();
+    assert!(catalog.index() > catalog_index);
+    let blog_answer = blog_query.await.unwrap();
+    assert!(blog_answer.index() > blog_index);
+    assert_eq!(blog_answer.json()[0]["Service"]["Address"], "10.2.1.7");
+    // The checks did not change: state/any ran to its wait, with the same index.
+    let state = state_query.await.unwrap();
+    let elapsed = start.elapsed();
+    assert!(elapsed >= wait, "state/any returned after {elapsed:?}");
+    assert_eq!(state.index(), state_index);
+
+    let state_query = spawn_get(format!("/v1/health/state/any?index={state_index}&wait=10m"));
+    consul
+        .wait_for_blocked_queries("/v1/health/state/any", 1)
+        .await;
+    consul.set_check("shop-1", Status::Critical);
+    let state = tokio::time::timeout(request_timeout(), state_query)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(state.index() > state_index);
+    let shop = &state.json().as_array().unwrap().clone();
+    let shop = shop.iter().find(|c| c["ServiceID"] == "shop-1").unwrap();
+    assert_eq!(shop["Status"], "critical");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_all_loads_ten_thousand_services_in_one_write() {
+    const SERVICES: usize = 10_000;
+    let consul = ConsulDouble::start().await;
+    let before = consul.index();
+    let start = Instant::now();
+    consul.register_all((0..SERVICES).map(|i| {
+        let octets = [10, 3, (i / 250) as u8, (i % 250) as u8 + 1];
+        let address = std::net::Ipv4Addr::from(octets).to_string();
+        Instance::new(&format!("svc{i}"), &format!("svc{i}-1"), &address, 8080)
+    }));
+    eprintln!("{SERVICES} instances registered in {:?}", start.elapsed());
+    let write = consul.index();
+    assert_eq!(write, before + 1, "one write");
+
+    let catalog = get(&consul, CATALOG_SERVICES).await;
+    assert_eq!(catalog.index(), write);
+    assert_eq!(catalog.json().as_object().unwrap().len(), SERVICES + 1);
+    let state = get(&consul, "/v1/health/state/any").await;
+    assert_eq!(state.index(), write);
+    // One service check each, and node1's serfHealth.
+    assert_eq!(state.json().as_array().unwrap().len(), SERVICES + 1);
+    let health = get(&consul, "/v1/health/service/svc9999").await;
+    assert_eq!(health.index(), write);
+    assert_eq!(raft_indexes(&health.json()[0]["Service"]), (write, write));
 }
