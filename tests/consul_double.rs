@@ -10,10 +10,13 @@ use support::fixtures::{self, ShapeRules};
 use support::killable::Served;
 use support::Answer;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 use consul::{
     parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
@@ -1217,7 +1220,7 @@ async fn register_all_loads_ten_thousand_services_in_one_write() {
     let start = Instant::now();
     consul.register_all((0..SERVICES).map(|i| {
         let octets = [10, 3, (i / 250) as u8, (i % 250) as u8 + 1];
-        let address = std::net::Ipv4Addr::from(octets).to_string();
+        let address = Ipv4Addr::from(octets).to_string();
         Instance::new(&format!("svc{i}"), &format!("svc{i}-1"), &address, 8080)
     }));
     eprintln!("{SERVICES} instances registered in {:?}", start.elapsed());
@@ -1234,4 +1237,229 @@ async fn register_all_loads_ten_thousand_services_in_one_write() {
     let health = get(&consul, "/v1/health/service/svc9999").await;
     assert_eq!(health.index(), write);
     assert_eq!(raft_indexes(&health.json()[0]["Service"]), (write, write));
+}
+
+// limits.http_max_conns_per_client
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const LOOPBACK_2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A TCP connection to the double from `source` (any 127/8 address works on loopback),
+/// sending nothing.
+async fn connect_from(consul: &ConsulDouble, source: IpAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(consul.addr).await.unwrap()
+}
+
+/// Everything the double sends on `stream` until it closes it; fails if it does not.
+async fn read_until_closed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    tokio::time::timeout(request_timeout(), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the double did not close the connection")?;
+    Ok(bytes)
+}
+
+/// Consul's answer past the limit, built from its parts as go-connlimit's connlimit.go does.
+fn consuls_429() -> String {
+    let message =
+        "Your IP is issuing too many concurrent connections, please rate limit your calls\n";
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{message}",
+        message.len()
+    )
+}
+
+/// Connects from `source` expecting the 429 and the close, before sending anything.
+async fn assert_refused(consul: &ConsulDouble, source: IpAddr) {
+    let mut stream = connect_from(consul, source).await;
+    let bytes = read_until_closed(&mut stream).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&bytes), consuls_429());
+}
+
+/// Waits until `source` holds `count` open connections to the double.
+async fn wait_for_open(consul: &ConsulDouble, source: IpAddr, count: usize) {
+    let what = format!("{count} connections open from {source}");
+    support::eventually(Duration::from_secs(10), &what, || async {
+        match consul.connections().open_from(source) {
+            open if open == count => Ok(()),
+            open => Err(open),
+        }
+    })
+    .await
+}
+
+/// A GET written on a raw connection; the status line of the answer.
+async fn get_on(stream: &mut TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: consul\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(request_timeout(), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_limit_a_connection_gets_consuls_429_and_is_closed() {
+    let consul = ConsulDouble::builder()
+        .max_conns_per_client(2)
+        .start()
+        .await;
+    let _first = connect_from(&consul, LOOPBACK).await;
+    let _second = connect_from(&consul, LOOPBACK).await;
+    wait_for_open(&consul, LOOPBACK, 2).await;
+
+    // Before any request is read, as Consul's ConnState hook does: the exact bytes, then EOF.
+    assert_refused(&consul, LOOPBACK).await;
+    assert_eq!(consuls_429().as_bytes(), consul::TOO_MANY_CONNECTIONS);
+    let connections = consul.connections();
+    assert_eq!(connections.refused_from(LOOPBACK), 1);
+    assert_eq!(connections.open_from(LOOPBACK), 2);
+    assert_eq!(connections.accepted, 2);
+
+    // A client that sends its request at once reads the 429, or a reset when the close finds
+    // its request unread: as with a real Consul.
+    let mut eager = connect_from(&consul, LOOPBACK).await;
+    eager
+        .write_all(b"GET /v1/catalog/services HTTP/1.1\r\nHost: consul\r\n\r\n")
+        .await
+        .unwrap();
+    match read_until_closed(&mut eager).await {
+        Ok(bytes) => assert_eq!(String::from_utf8_lossy(&bytes), consuls_429()),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    // Refused connections never reach the HTTP server.
+    assert_eq!(consul.requests().total, 0);
+    assert_eq!(consul.connections().refused_total(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_ip_has_its_own_budget() {
+    let consul = ConsulDouble::builder()
+        .max_conns_per_client(1)
+        .start()
+        .await;
+    let _first = connect_from(&consul, LOOPBACK).await;
+    wait_for_open(&consul, LOOPBACK, 1).await;
+    assert_refused(&consul, LOOPBACK).await;
+
+    let mut other = connect_from(&consul, LOOPBACK_2).await;
+    wait_for_open(&consul, LOOPBACK_2, 1).await;
+    assert_eq!(
+        get_on(&mut other, CATALOG_SERVICES).await,
+        "HTTP/1.1 200 OK"
+    );
+    assert_refused(&consul, LOOPBACK_2).await;
+
+    let connections = consul.connections();
+    assert_eq!(connections.open_total(), 2);
+    assert_eq!(connections.peak_total, 2);
+    assert_eq!(
+        (
+            connections.refused_from(LOOPBACK),
+            connections.refused_from(LOOPBACK_2)
+        ),
+        (1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_counts_from_accept_to_close_blocked_and_idle_time_included() {
+    let consul = std::sync::Arc::new(
+        ConsulDouble::builder()
+            .max_conns_per_client(1)
+            .start()
+            .await,
+    );
+    let index = get(&consul, CATALOG_SERVICES).await.index();
+    wait_for_open(&consul, LOOPBACK, 0).await;
+
+    // A blocking query holds its connection for its whole wait.
+    let client = reqwest::Client::builder()
+        .timeout(request_timeout())
+        .build()
+        .unwrap();
+    let query = tokio::spawn({
+        let (client, url) = (client.clone(), consul.url());
+        async move {
+            let url = format!("{url}{CATALOG_SERVICES}?index={index}&wait=10m");
+            client.get(url).send().await.unwrap().status()
+        }
+    });
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    assert_eq!(consul.connections().open_from(LOOPBACK), 1);
+    assert_refused(&consul, LOOPBACK).await;
+
+    // Answered, the connection idles in the client's pool: still open, still counted.
+    consul.bump_index();
+    assert_eq!(query.await.unwrap(), 200);
+    assert_refused(&consul, LOOPBACK).await;
+    assert_eq!(consul.connections().open_from(LOOPBACK), 1);
+
+    // Closed, it frees its place.
+    drop(client);
+    wait_for_open(&consul, LOOPBACK, 0).await;
+    let mut next = connect_from(&consul, LOOPBACK).await;
+    assert_eq!(get_on(&mut next, CATALOG_SERVICES).await, "HTTP/1.1 200 OK");
+    let connections = consul.connections();
+    assert_eq!(connections.peak_from(LOOPBACK), 1);
+    assert_eq!(connections.refused_from(LOOPBACK), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_limit_is_200_zero_is_none_and_a_lower_limit_closes_nothing() {
+    let consul = ConsulDouble::start().await;
+    let mut held = Vec::new();
+    for _ in 0..consul::DEFAULT_MAX_CONNS_PER_CLIENT {
+        held.push(connect_from(&consul, LOOPBACK).await);
+    }
+    wait_for_open(&consul, LOOPBACK, 200).await;
+    assert_refused(&consul, LOOPBACK).await;
+
+    consul.set_max_conns_per_client(0);
+    held.push(connect_from(&consul, LOOPBACK).await);
+    wait_for_open(&consul, LOOPBACK, 201).await;
+
+    // A reload to a lower limit: the open connections stay, and still answer.
+    consul.set_max_conns_per_client(1);
+    assert_refused(&consul, LOOPBACK).await;
+    assert_eq!(
+        get_on(&mut held[0], CATALOG_SERVICES).await,
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(consul.connections().open_from(LOOPBACK), 201);
+    assert_eq!(consul.connections().peak_total, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_body_bytes_are_counted_per_endpoint() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let paths = [
+        (CATALOG_SERVICES, CATALOG_SERVICES),
+        ("/v1/health/service/shop?passing", HEALTH_SERVICE),
+        ("/v1/health/service/", HEALTH_SERVICE),
+        ("/v1/health/state/any", HEALTH_STATE),
+        ("/v1/agent/self", consul::OTHER_PATHS),
+    ];
+    let mut expected: std::collections::BTreeMap<&str, consul::Traffic> = Default::default();
+    for (path, endpoint) in paths {
+        let answer = get(&consul, path).await;
+        let traffic = expected.entry(endpoint).or_default();
+        traffic.requests += 1;
+        traffic.body_bytes += answer.body.len() as u64;
+    }
+    let requests = consul.requests();
+    assert_eq!(requests.by_endpoint, expected);
+    assert_eq!(
+        requests.body_bytes,
+        expected.values().map(|t| t.body_bytes).sum::<u64>()
+    );
+    assert!(requests.endpoint(HEALTH_STATE).body_bytes > 200);
+    assert_eq!(requests.total, 5);
 }
