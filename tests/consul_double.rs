@@ -98,6 +98,24 @@ fn register_docs_redis(consul: &ConsulDouble) {
     );
 }
 
+/// The double's answer on `path` with the docs sample's redis registered, held to the docs
+/// sample `fixture`: a 200 with every key of the sample.
+async fn docs_redis_answer(path: &str, fixture: &str) -> (ConsulDouble, Value) {
+    let fixture = read_fixture(fixture);
+    let consul = ConsulDouble::start().await;
+    register_docs_redis(&consul);
+    let answer = get(&consul, path).await;
+    assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+    assert_eq!(answer.content_type(), "application/json");
+    let ours = answer.json();
+    let differences = fixtures::shape_differences(&fixture, &ours, "", &ConsulShape);
+    assert!(
+        differences.is_empty(),
+        "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
+    );
+    (consul, ours)
+}
+
 fn ids(answer: &Answer) -> Vec<String> {
     let mut ids: Vec<String> = answer
         .json()
@@ -138,18 +156,8 @@ fn routing_content(answer: &Answer) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answer_has_every_key_of_the_docs_sample() {
-    let fixture = read_fixture("health-service-redis.docs.json");
-    let consul = ConsulDouble::start().await;
-    register_docs_redis(&consul);
-
-    let answer = get(&consul, "/v1/health/service/redis").await;
-    assert_eq!(answer.status, 200);
-    let ours = answer.json();
-    let differences = fixtures::shape_differences(&fixture, &ours, "", &ConsulShape);
-    assert!(
-        differences.is_empty(),
-        "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
-    );
+    let (_consul, ours) =
+        docs_redis_answer("/v1/health/service/redis", "health-service-redis.docs.json").await;
 
     // Beyond the sample: what real agents send and the brief asks for.
     let entry = &ours[0];
@@ -868,19 +876,8 @@ async fn a_handler_panic_fails_the_test() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_answer_has_every_key_of_the_docs_sample() {
-    let fixture = read_fixture("health-state-any.docs.json");
-    let consul = ConsulDouble::start().await;
-    register_docs_redis(&consul);
-
-    let answer = get(&consul, "/v1/health/state/any").await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(answer.content_type(), "application/json");
-    let ours = answer.json();
-    let differences = fixtures::shape_differences(&fixture, &ours, "", &ConsulShape);
-    assert!(
-        differences.is_empty(),
-        "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
-    );
+    let (consul, ours) =
+        docs_redis_answer("/v1/health/state/any", "health-state-any.docs.json").await;
     // Beyond the sample: the keys of Consul's structs.HealthCheck, in the order of Consul's
     // checks table (node, then check ID), node checks and service checks alike.
     let checks = ours.as_array().unwrap();
@@ -1115,44 +1112,51 @@ fn raft_indexes(object: &Value) -> (u64, u64) {
     (index("CreateIndex"), index("ModifyIndex"))
 }
 
+/// (CreateIndex, ModifyIndex) of shop's node, of shop-1, of its check and of the node's
+/// serfHealth, from shop's health answer.
+async fn shop_indexes(consul: &ConsulDouble) -> [(u64, u64); 4] {
+    let entry = health_entry(consul, "shop").await;
+    [
+        raft_indexes(&entry["Node"]),
+        raft_indexes(&entry["Service"]),
+        raft_indexes(check_of(&entry, "service:shop-1")),
+        raft_indexes(check_of(&entry, "serfHealth")),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_keep_their_create_index_and_move_their_modify_index_on_their_own_changes() {
     let consul = ConsulDouble::start().await;
     consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
     let first = consul.index();
-    let entry = health_entry(&consul, "shop").await;
-    assert_eq!(raft_indexes(&entry["Node"]), (first, first));
-    assert_eq!(raft_indexes(&entry["Service"]), (first, first));
-    assert_eq!(
-        raft_indexes(check_of(&entry, "service:shop-1")),
-        (first, first)
-    );
+    // Node, service, service check, serfHealth.
+    assert_eq!(shop_indexes(&consul).await, [(first, first); 4]);
 
     consul.register(Instance::new("shop", "shop-1", "10.2.1.6", 8080));
     let moved = consul.index();
-    let entry = health_entry(&consul, "shop").await;
-    assert_eq!(raft_indexes(&entry["Service"]), (first, moved));
-    assert_eq!(
-        raft_indexes(check_of(&entry, "service:shop-1")),
-        (first, first)
-    );
-    assert_eq!(raft_indexes(&entry["Node"]), (first, first));
+    let expected = [
+        (first, first),
+        (first, moved),
+        (first, first),
+        (first, first),
+    ];
+    assert_eq!(shop_indexes(&consul).await, expected);
 
     consul.set_check("shop-1", Status::Critical);
     let failed = consul.index();
     consul.register_node(consul::DEFAULT_NODE, "10.0.0.9");
     let node_moved = consul.index();
-    let entry = health_entry(&consul, "shop").await;
-    assert_eq!(raft_indexes(&entry["Service"]), (first, moved));
-    assert_eq!(
-        raft_indexes(check_of(&entry, "service:shop-1")),
-        (first, failed)
-    );
-    assert_eq!(raft_indexes(&entry["Node"]), (first, node_moved));
-    assert_eq!(raft_indexes(check_of(&entry, "serfHealth")), (first, first));
+    let expected = [
+        (first, node_moved),
+        (first, moved),
+        (first, failed),
+        (first, first),
+    ];
+    assert_eq!(shop_indexes(&consul).await, expected);
 
-    // /v1/health/state/any shows the same check, indexes and all.
+    // /v1/health/state/critical shows the same check, indexes and all.
     let state = get(&consul, "/v1/health/state/critical").await.json();
+    let entry = health_entry(&consul, "shop").await;
     assert_eq!(&state[0], check_of(&entry, "service:shop-1"));
 }
 

@@ -10,7 +10,8 @@
 //! 10 ms deadline, writes `tooManyRequestsResponse` (below, byte for byte) and closes. The
 //! count is freed on `StateClosed` (or `StateHijacked`): a connection counts from accept to
 //! close, idle keep-alive time and blocked queries included (Consul's `http.Server` sets no
-//! idle or read timeout). Lowering the limit closes nothing that is already open.
+//! idle or read timeout, and neither does the double's: `axum::serve` gives hyper no timer).
+//! Lowering the limit closes nothing that is already open.
 //!
 //! Because the 429 goes out before the request is read, a client that has already sent its
 //! request may see the close as a reset (the kernel resets a socket closed with unread data)

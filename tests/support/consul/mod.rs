@@ -21,7 +21,7 @@
 //! | endpoint | `X-Consul-Index` | moved by |
 //! |---|---|---|
 //! | `/v1/catalog/services` | the services table | an instance registered, changed (address, port, tags, meta) or deregistered |
-//! | `/v1/health/service/:name` | `service.<name>` | the same for that service's instances, a change of one of their checks, of their node or of its serfHealth; for a service without instances, the last time any service lost its last instance |
+//! | `/v1/health/service/:name` | `service.<name>` | the same for that service's instances, a change of one of their checks, of their node or of its serfHealth; a service without instances answers the last time any service lost its last instance (or, if none ever did, the latest change of nodes, services or checks) |
 //! | `/v1/health/state/:state` | the checks table | a check added, changed (status, output, the service's tags) or removed, and every deregistration |
 //!
 //! So moving an instance (same ID, a new address, its check unchanged) wakes
@@ -31,11 +31,16 @@
 //! set to the status it has) moves no endpoint's index at all.
 //!
 //! Simplifications: instance IDs are unique across nodes; registering an ID again under
-//! another node or service name deregisters the old instance first (Consul would keep both
-//! node-scoped IDs, and would not wake the old name's queries); an instance has at most one
+//! another node or service name deregisters the old instance first (Consul keys instances by
+//! node and ID: it would keep both under another node, and under another name it would replace
+//! the instance without waking the old name's queries); an instance has at most one
 //! check, `service:<id>`, and a registration carries it as an agent's anti-entropy does (an
 //! instance registered without a check loses the one it had). `bump_index` moves every index
 //! without changing content, which no single Consul write does.
+//!
+//! `?filter` is not implemented: every endpoint answers it with `400 ?filter is not implemented
+//! by the Consul test double` (not Consul's answer: Consul would filter), so that a client that
+//! relies on it fails instead of passing on unfiltered data.
 //!
 //! The connection limit and its 429 are described in `conns.rs`; `connections()` counts what
 //! the front door saw, `requests()` what the HTTP server answered.
@@ -98,6 +103,8 @@ pub enum Status {
     Passing,
     Warning,
     Critical,
+    /// A shortcut of the double: Consul refuses this status for a check (`Bad check status`)
+    /// and shows maintenance mode as an extra critical check, `_service_maintenance:<id>`.
     Maintenance,
 }
 
