@@ -10,13 +10,17 @@ use support::fixtures::{self, ShapeRules};
 use support::killable::Served;
 use support::Answer;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 use consul::{
     parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
+    HEALTH_STATE,
 };
 use serde_json::{Map, Value};
 
@@ -94,6 +98,24 @@ fn register_docs_redis(consul: &ConsulDouble) {
     );
 }
 
+/// The double's answer on `path` with the docs sample's redis registered, held to the docs
+/// sample `fixture`: a 200 with every key of the sample.
+async fn docs_redis_answer(path: &str, fixture: &str) -> (ConsulDouble, Value) {
+    let fixture = read_fixture(fixture);
+    let consul = ConsulDouble::start().await;
+    register_docs_redis(&consul);
+    let answer = get(&consul, path).await;
+    assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+    assert_eq!(answer.content_type(), "application/json");
+    let ours = answer.json();
+    let differences = fixtures::shape_differences(&fixture, &ours, "", &ConsulShape);
+    assert!(
+        differences.is_empty(),
+        "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
+    );
+    (consul, ours)
+}
+
 fn ids(answer: &Answer) -> Vec<String> {
     let mut ids: Vec<String> = answer
         .json()
@@ -134,18 +156,8 @@ fn routing_content(answer: &Answer) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answer_has_every_key_of_the_docs_sample() {
-    let fixture = read_fixture("health-service-redis.docs.json");
-    let consul = ConsulDouble::start().await;
-    register_docs_redis(&consul);
-
-    let answer = get(&consul, "/v1/health/service/redis").await;
-    assert_eq!(answer.status, 200);
-    let ours = answer.json();
-    let differences = fixtures::shape_differences(&fixture, &ours, "", &ConsulShape);
-    assert!(
-        differences.is_empty(),
-        "{differences:#?}\nours: {ours:#}\nfixture: {fixture:#}"
-    );
+    let (_consul, ours) =
+        docs_redis_answer("/v1/health/service/redis", "health-service-redis.docs.json").await;
 
     // Beyond the sample: what real agents send and the brief asks for.
     let entry = &ours[0];
@@ -208,6 +220,8 @@ async fn every_200_carries_the_consul_headers() {
         "/v1/health/service/shop?passing",
         "/v1/health/service/nothing",
         "/v1/catalog/services?stale",
+        "/v1/health/state/any",
+        "/v1/health/state/critical?stale",
     ] {
         let answer = get(&consul, path).await;
         assert_eq!(answer.status, 200, "{path}");
@@ -355,6 +369,11 @@ async fn bad_parameters_are_plain_text_400s() {
         ),
         ("/v1/catalog/services?stale&consistent", stale_consistent),
         ("/v1/health/service/x?stale=&consistent=", stale_consistent),
+        ("/v1/health/state/", "Missing check state"),
+        // Query options are parsed before the state is looked at, as in Consul.
+        ("/v1/health/state/?wait=abc", "Invalid wait time"),
+        ("/v1/health/state/any?index=abc", "Invalid index"),
+        ("/v1/health/state/any?stale&consistent", stale_consistent),
     ];
     for (path, message) in cases {
         let answer = get(&consul, path).await;
@@ -571,10 +590,17 @@ async fn acls_filter_the_anonymous_and_refuse_unknown_tokens() {
     assert_eq!((catalog.status, catalog.body.as_str()), (200, "{}"));
     assert_eq!(catalog.header("X-Consul-Results-Filtered-By-ACLs"), "true");
     assert!(catalog.index() >= 1);
-    let health = get(&consul, "/v1/health/service/shop").await;
-    assert_eq!((health.status, health.body.as_str()), (200, "[]"));
+    for path in ["/v1/health/service/shop", "/v1/health/state/any"] {
+        let answer = get(&consul, path).await;
+        assert_eq!((answer.status, answer.body.as_str()), (200, "[]"), "{path}");
+        assert_eq!(answer.header("X-Consul-Results-Filtered-By-ACLs"), "true");
+    }
     // A token Consul does not know: 403, plain text.
-    for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
+    for path in [
+        CATALOG_SERVICES,
+        "/v1/health/service/shop",
+        "/v1/health/state/any",
+    ] {
         for headers in [
             &[("X-Consul-Token", "wrong")][..],
             &[("Authorization", "Bearer wrong")][..],
@@ -617,7 +643,11 @@ async fn error_faults_answer_plain_text() {
     ];
     for (fault, status, message) in cases {
         consul.set_fault(fault);
-        for path in [CATALOG_SERVICES, "/v1/health/service/shop"] {
+        for path in [
+            CATALOG_SERVICES,
+            "/v1/health/service/shop",
+            "/v1/health/state/any",
+        ] {
             let answer = get(&consul, path).await;
             assert_eq!((answer.status, answer.body.as_str()), (status, message));
             assert!(answer.content_type().starts_with("text/plain"));
@@ -670,6 +700,7 @@ async fn garbage_is_a_200_with_headers_and_a_body_that_does_not_parse() {
         CATALOG_SERVICES,
         "/v1/health/service/shop",
         "/v1/health/service/nothing",
+        "/v1/health/state/any",
     ] {
         let answer = get(&consul, path).await;
         assert_eq!(answer.status, 200);
@@ -839,4 +870,600 @@ async fn a_handler_panic_fails_the_test() {
     let raised = std::panic::catch_unwind(AssertUnwindSafe(|| drop(served)))
         .expect_err("dropping the double re-raises the stream's panic");
     assert_eq!(support::panic_message(&*raised), "the stream's own panic");
+}
+
+// /v1/health/state/:state
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_answer_has_every_key_of_the_docs_sample() {
+    let (consul, ours) =
+        docs_redis_answer("/v1/health/state/any", "health-state-any.docs.json").await;
+    // Beyond the sample: the keys of Consul's structs.HealthCheck, in the order of Consul's
+    // checks table (node, then check ID), node checks and service checks alike.
+    let checks = ours.as_array().unwrap();
+    let ids: Vec<&str> = checks
+        .iter()
+        .map(|c| c["CheckID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["serfHealth", "service:redis"]);
+    for check in checks {
+        for key in [
+            "Node",
+            "CheckID",
+            "Name",
+            "Status",
+            "Notes",
+            "Output",
+            "ServiceID",
+            "ServiceName",
+            "ServiceTags",
+            "Type",
+            "Interval",
+            "Timeout",
+            "ExposedPort",
+            "Definition",
+            "CreateIndex",
+            "ModifyIndex",
+        ] {
+            assert!(check.get(key).is_some(), "check without {key}: {check}");
+        }
+        assert!(check["ModifyIndex"].as_u64().unwrap() >= 1, "{check}");
+    }
+    // Every check of the sample passes: ?passing is the same list.
+    assert_eq!(get(&consul, "/v1/health/state/passing").await.json(), ours);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_lists_the_checks_in_a_status_node_checks_included() {
+    let consul = ConsulDouble::start().await;
+    consul.register_node("n2", "10.0.0.2");
+    consul.register(Instance::new("shop", "a", "10.2.1.1", 80));
+    consul.register(Instance::new("shop", "b", "10.2.1.2", 80).status(Status::Warning));
+    consul.register(
+        Instance::new("blog", "c", "10.2.1.3", 80)
+            .node("n2")
+            .status(Status::Critical),
+    );
+    consul.register(Instance::new("blog", "d", "10.2.1.4", 80).without_check());
+    consul.set_node_check("n2", Status::Critical);
+
+    let cases: [(&str, &[&str]); 8] = [
+        (
+            "any",
+            &[
+                "n2/serfHealth",
+                "n2/service:c",
+                "node1/serfHealth",
+                "node1/service:a",
+                "node1/service:b",
+            ],
+        ),
+        ("passing", &["node1/serfHealth", "node1/service:a"]),
+        ("warning", &["node1/service:b"]),
+        ("critical", &["n2/serfHealth", "n2/service:c"]),
+        // Consul's status index ignores case; `any` is a word of its own.
+        ("CRITICAL", &["n2/serfHealth", "n2/service:c"]),
+        ("ANY", &[]),
+        ("maintenance", &[]),
+        // A state no check has is an empty answer, not an error.
+        ("bogus", &[]),
+    ];
+    for (state, expected) in cases {
+        let answer = get(&consul, &format!("{HEALTH_STATE}{state}")).await;
+        assert_eq!(answer.status, 200, "{state}: {}", answer.body);
+        assert!(answer.index() >= 1, "{state}");
+        let found: Vec<String> = answer
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    c["Node"].as_str().unwrap(),
+                    c["CheckID"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(found, expected, "{state}");
+    }
+}
+
+/// `X-Consul-Index` of `/v1/catalog/services`, of shop's and blog's health, and of
+/// `/v1/health/state/any`, in that order.
+async fn endpoint_indexes(consul: &ConsulDouble) -> [u64; 4] {
+    let mut indexes = [0; 4];
+    let paths = [
+        CATALOG_SERVICES,
+        "/v1/health/service/shop",
+        "/v1/health/service/blog",
+        "/v1/health/state/any",
+    ];
+    for (index, path) in indexes.iter_mut().zip(paths) {
+        *index = get(consul, path).await.index();
+    }
+    indexes
+}
+
+/// shop-1 on node n1.
+fn shop_at(address: &str) -> Instance {
+    Instance::new("shop", "shop-1", address, 8080).node("n1")
+}
+
+/// blog-1, without a check, on node1.
+fn blog_at(address: &str) -> Instance {
+    Instance::new("blog", "blog-1", address, 8080).without_check()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_write_moves_the_indexes_consul_moves() {
+    let consul = ConsulDouble::start().await;
+    consul.register_node("n1", "10.0.0.1");
+    consul.register(shop_at("10.2.1.5"));
+    consul.register(blog_at("10.2.1.6"));
+
+    type Write = fn(&ConsulDouble);
+    // Which moved: [catalog, shop's health, blog's health, state/any].
+    let cases: [(&str, Write, [bool; 4]); 12] = [
+        (
+            "shop registered again as it is",
+            |c| c.register(shop_at("10.2.1.5")),
+            [false; 4],
+        ),
+        (
+            "shop's check set to its status",
+            |c| c.set_check("shop-1", Status::Passing),
+            [false; 4],
+        ),
+        (
+            "blog moved, it has no check",
+            |c| c.register(blog_at("10.2.1.7")),
+            [true, false, true, false],
+        ),
+        (
+            "shop moved, its check unchanged",
+            |c| c.register(shop_at("10.2.1.8")),
+            [true, true, false, false],
+        ),
+        (
+            "shop's check critical",
+            |c| c.set_check("shop-1", Status::Critical),
+            [false, true, false, true],
+        ),
+        (
+            "shop's check output",
+            |c| c.set_check_output("shop-1", "refused"),
+            [false, true, false, true],
+        ),
+        // Its check carries the service's tags: it changes too.
+        (
+            "shop tagged",
+            |c| {
+                c.register(
+                    shop_at("10.2.1.8")
+                        .status(Status::Critical)
+                        .output("refused")
+                        .tag("v2"),
+                )
+            },
+            [true, true, false, true],
+        ),
+        (
+            "shop's node moved",
+            |c| c.register_node("n1", "10.0.0.9"),
+            [false, true, false, false],
+        ),
+        (
+            "shop's node failing",
+            |c| c.set_node_check("n1", Status::Critical),
+            [false, true, false, true],
+        ),
+        (
+            "blog gets a check",
+            |c| c.register(Instance::new("blog", "blog-1", "10.2.1.7", 8080)),
+            [false, false, true, true],
+        ),
+        (
+            "blog deregistered",
+            |c| c.deregister("blog-1"),
+            [true, false, true, true],
+        ),
+        ("bump", |c| c.bump_index(), [true; 4]),
+    ];
+    for (what, write, expected) in cases {
+        let before = endpoint_indexes(&consul).await;
+        let raft = consul.index();
+        write(&consul);
+        assert_eq!(consul.index(), raft + 1, "{what}: one raft write");
+        let after = endpoint_indexes(&consul).await;
+        let mut moved = [false; 4];
+        for (i, moved) in moved.iter_mut().enumerate() {
+            assert!(
+                after[i] >= before[i],
+                "{what}: backwards {before:?} -> {after:?}"
+            );
+            // What moves, moves to the write's index.
+            *moved = after[i] > before[i];
+            if *moved {
+                assert_eq!(after[i], raft + 1, "{what}: {before:?} -> {after:?}");
+            }
+        }
+        assert_eq!(moved, expected, "{what}: {before:?} -> {after:?}");
+    }
+}
+
+/// The one entry of a health answer, and its check by CheckID.
+async fn health_entry(consul: &ConsulDouble, service: &str) -> Value {
+    let answer = get(consul, &format!("{HEALTH_SERVICE}{service}")).await;
+    answer.json()[0].clone()
+}
+
+fn check_of<'a>(entry: &'a Value, check_id: &str) -> &'a Value {
+    entry["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["CheckID"] == check_id)
+        .unwrap()
+}
+
+fn raft_indexes(object: &Value) -> (u64, u64) {
+    let index = |key: &str| object[key].as_u64().unwrap();
+    (index("CreateIndex"), index("ModifyIndex"))
+}
+
+/// (CreateIndex, ModifyIndex) of shop's node, of shop-1, of its check and of the node's
+/// serfHealth, from shop's health answer.
+async fn shop_indexes(consul: &ConsulDouble) -> [(u64, u64); 4] {
+    let entry = health_entry(consul, "shop").await;
+    [
+        raft_indexes(&entry["Node"]),
+        raft_indexes(&entry["Service"]),
+        raft_indexes(check_of(&entry, "service:shop-1")),
+        raft_indexes(check_of(&entry, "serfHealth")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_keep_their_create_index_and_move_their_modify_index_on_their_own_changes() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let first = consul.index();
+    // Node, service, service check, serfHealth.
+    assert_eq!(shop_indexes(&consul).await, [(first, first); 4]);
+
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.6", 8080));
+    let moved = consul.index();
+    let expected = [
+        (first, first),
+        (first, moved),
+        (first, first),
+        (first, first),
+    ];
+    assert_eq!(shop_indexes(&consul).await, expected);
+
+    consul.set_check("shop-1", Status::Critical);
+    let failed = consul.index();
+    consul.register_node(consul::DEFAULT_NODE, "10.0.0.9");
+    let node_moved = consul.index();
+    let expected = [
+        (first, node_moved),
+        (first, moved),
+        (first, failed),
+        (first, first),
+    ];
+    assert_eq!(shop_indexes(&consul).await, expected);
+
+    // /v1/health/state/critical shows the same check, indexes and all.
+    let state = get(&consul, "/v1/health/state/critical").await.json();
+    let entry = health_entry(&consul, "shop").await;
+    assert_eq!(&state[0], check_of(&entry, "service:shop-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_any_wakes_on_a_check_change_not_on_a_move() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    consul.register(blog_at("10.2.1.6"));
+    let state_index = get(&consul, "/v1/health/state/any").await.index();
+    let catalog_index = get(&consul, CATALOG_SERVICES).await.index();
+    let blog = "/v1/health/service/blog";
+    let blog_index = get(&consul, blog).await.index();
+
+    let consul = std::sync::Arc::new(consul);
+    let spawn_get = |path: String| {
+        let consul = consul.clone();
+        tokio::spawn(async move { get(&consul, &path).await })
+    };
+    let wait = Duration::from_millis(500);
+    let start = Instant::now();
+    let state_query = spawn_get(format!(
+        "/v1/health/state/any?index={state_index}&wait=500ms"
+    ));
+    // Consul's longest wait: an answer at all is an early one.
+    let catalog_query = spawn_get(format!("{CATALOG_SERVICES}?index={catalog_index}&wait=10m"));
+    let blog_query = spawn_get(format!("{blog}?index={blog_index}&wait=10m"));
+    consul
+        .wait_for_blocked_queries("/v1/health/state/any", 1)
+        .await;
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    consul.wait_for_blocked_queries(blog, 1).await;
+    consul.register(blog_at("10.2.1.7"));
+
+    let catalog = catalog_query.await.unwrap();
+    assert!(catalog.index() > catalog_index);
+    let blog_answer = blog_query.await.unwrap();
+    assert!(blog_answer.index() > blog_index);
+    assert_eq!(blog_answer.json()[0]["Service"]["Address"], "10.2.1.7");
+    // The checks did not change: state/any ran to its wait, with the same index.
+    let state = state_query.await.unwrap();
+    let elapsed = start.elapsed();
+    assert!(elapsed >= wait, "state/any returned after {elapsed:?}");
+    assert_eq!(state.index(), state_index);
+
+    let state_query = spawn_get(format!("/v1/health/state/any?index={state_index}&wait=10m"));
+    consul
+        .wait_for_blocked_queries("/v1/health/state/any", 1)
+        .await;
+    consul.set_check("shop-1", Status::Critical);
+    let state = tokio::time::timeout(request_timeout(), state_query)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(state.index() > state_index);
+    let shop = &state.json().as_array().unwrap().clone();
+    let shop = shop.iter().find(|c| c["ServiceID"] == "shop-1").unwrap();
+    assert_eq!(shop["Status"], "critical");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_all_loads_ten_thousand_services_in_one_write() {
+    const SERVICES: usize = 10_000;
+    let consul = ConsulDouble::start().await;
+    let before = consul.index();
+    let start = Instant::now();
+    consul.register_all((0..SERVICES).map(|i| {
+        let octets = [10, 3, (i / 250) as u8, (i % 250) as u8 + 1];
+        let address = Ipv4Addr::from(octets).to_string();
+        Instance::new(&format!("svc{i}"), &format!("svc{i}-1"), &address, 8080)
+    }));
+    eprintln!("{SERVICES} instances registered in {:?}", start.elapsed());
+    let write = consul.index();
+    assert_eq!(write, before + 1, "one write");
+
+    let catalog = get(&consul, CATALOG_SERVICES).await;
+    assert_eq!(catalog.index(), write);
+    assert_eq!(catalog.json().as_object().unwrap().len(), SERVICES + 1);
+    let state = get(&consul, "/v1/health/state/any").await;
+    assert_eq!(state.index(), write);
+    // One service check each, and node1's serfHealth.
+    assert_eq!(state.json().as_array().unwrap().len(), SERVICES + 1);
+    let health = get(&consul, "/v1/health/service/svc9999").await;
+    assert_eq!(health.index(), write);
+    assert_eq!(raft_indexes(&health.json()[0]["Service"]), (write, write));
+}
+
+// limits.http_max_conns_per_client
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const LOOPBACK_2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A TCP connection to the double from `source` (any 127/8 address works on loopback),
+/// sending nothing.
+async fn connect_from(consul: &ConsulDouble, source: IpAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    socket.connect(consul.addr).await.unwrap()
+}
+
+/// Everything the double sends on `stream` until it closes it; fails if it does not.
+async fn read_until_closed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    tokio::time::timeout(request_timeout(), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the double did not close the connection")?;
+    Ok(bytes)
+}
+
+/// Consul's answer past the limit, built from its parts as go-connlimit's connlimit.go does.
+fn consuls_429() -> String {
+    let message =
+        "Your IP is issuing too many concurrent connections, please rate limit your calls\n";
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{message}",
+        message.len()
+    )
+}
+
+/// Connects from `source` expecting the 429 and the close, before sending anything.
+async fn assert_refused(consul: &ConsulDouble, source: IpAddr) {
+    let mut stream = connect_from(consul, source).await;
+    let bytes = read_until_closed(&mut stream).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&bytes), consuls_429());
+}
+
+/// Waits until `source` holds `count` open connections to the double.
+async fn wait_for_open(consul: &ConsulDouble, source: IpAddr, count: usize) {
+    let what = format!("{count} connections open from {source}");
+    support::eventually(Duration::from_secs(10), &what, || async {
+        match consul.connections().open_from(source) {
+            open if open == count => Ok(()),
+            open => Err(open),
+        }
+    })
+    .await
+}
+
+/// A GET written on a raw connection; the status line of the answer.
+async fn get_on(stream: &mut TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: consul\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let read = tokio::time::timeout(request_timeout(), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_limit_a_connection_gets_consuls_429_and_is_closed() {
+    let consul = ConsulDouble::builder()
+        .max_conns_per_client(2)
+        .start()
+        .await;
+    let _first = connect_from(&consul, LOOPBACK).await;
+    let _second = connect_from(&consul, LOOPBACK).await;
+    wait_for_open(&consul, LOOPBACK, 2).await;
+
+    // Before any request is read, as Consul's ConnState hook does: the exact bytes, then EOF.
+    assert_refused(&consul, LOOPBACK).await;
+    assert_eq!(consuls_429().as_bytes(), consul::TOO_MANY_CONNECTIONS);
+    let connections = consul.connections();
+    assert_eq!(connections.refused_from(LOOPBACK), 1);
+    assert_eq!(connections.open_from(LOOPBACK), 2);
+    assert_eq!(connections.accepted, 2);
+
+    // A client that sends its request at once reads the 429, or a reset when the close finds
+    // its request unread: as with a real Consul.
+    let mut eager = connect_from(&consul, LOOPBACK).await;
+    eager
+        .write_all(b"GET /v1/catalog/services HTTP/1.1\r\nHost: consul\r\n\r\n")
+        .await
+        .unwrap();
+    match read_until_closed(&mut eager).await {
+        Ok(bytes) => assert_eq!(String::from_utf8_lossy(&bytes), consuls_429()),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    // Refused connections never reach the HTTP server.
+    assert_eq!(consul.requests().total, 0);
+    assert_eq!(consul.connections().refused_total(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_ip_has_its_own_budget() {
+    let consul = ConsulDouble::builder()
+        .max_conns_per_client(1)
+        .start()
+        .await;
+    let _first = connect_from(&consul, LOOPBACK).await;
+    wait_for_open(&consul, LOOPBACK, 1).await;
+    assert_refused(&consul, LOOPBACK).await;
+
+    let mut other = connect_from(&consul, LOOPBACK_2).await;
+    wait_for_open(&consul, LOOPBACK_2, 1).await;
+    assert_eq!(
+        get_on(&mut other, CATALOG_SERVICES).await,
+        "HTTP/1.1 200 OK"
+    );
+    assert_refused(&consul, LOOPBACK_2).await;
+
+    let connections = consul.connections();
+    assert_eq!(connections.open_total(), 2);
+    assert_eq!(connections.peak_total, 2);
+    assert_eq!(
+        (
+            connections.refused_from(LOOPBACK),
+            connections.refused_from(LOOPBACK_2)
+        ),
+        (1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_counts_from_accept_to_close_blocked_and_idle_time_included() {
+    let consul = std::sync::Arc::new(
+        ConsulDouble::builder()
+            .max_conns_per_client(1)
+            .start()
+            .await,
+    );
+    let index = get(&consul, CATALOG_SERVICES).await.index();
+    wait_for_open(&consul, LOOPBACK, 0).await;
+
+    // A blocking query holds its connection for its whole wait.
+    let client = reqwest::Client::builder()
+        .timeout(request_timeout())
+        .build()
+        .unwrap();
+    let query = tokio::spawn({
+        let (client, url) = (client.clone(), consul.url());
+        async move {
+            let url = format!("{url}{CATALOG_SERVICES}?index={index}&wait=10m");
+            client.get(url).send().await.unwrap().status()
+        }
+    });
+    consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
+    assert_eq!(consul.connections().open_from(LOOPBACK), 1);
+    assert_refused(&consul, LOOPBACK).await;
+
+    // Answered, the connection idles in the client's pool: still open, still counted.
+    consul.bump_index();
+    assert_eq!(query.await.unwrap(), 200);
+    assert_refused(&consul, LOOPBACK).await;
+    assert_eq!(consul.connections().open_from(LOOPBACK), 1);
+
+    // Closed, it frees its place.
+    drop(client);
+    wait_for_open(&consul, LOOPBACK, 0).await;
+    let mut next = connect_from(&consul, LOOPBACK).await;
+    assert_eq!(get_on(&mut next, CATALOG_SERVICES).await, "HTTP/1.1 200 OK");
+    let connections = consul.connections();
+    assert_eq!(connections.peak_from(LOOPBACK), 1);
+    assert_eq!(connections.refused_from(LOOPBACK), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_limit_is_200_zero_is_none_and_a_lower_limit_closes_nothing() {
+    let consul = ConsulDouble::start().await;
+    let mut held = Vec::new();
+    for _ in 0..consul::DEFAULT_MAX_CONNS_PER_CLIENT {
+        held.push(connect_from(&consul, LOOPBACK).await);
+    }
+    wait_for_open(&consul, LOOPBACK, 200).await;
+    assert_refused(&consul, LOOPBACK).await;
+
+    consul.set_max_conns_per_client(0);
+    held.push(connect_from(&consul, LOOPBACK).await);
+    wait_for_open(&consul, LOOPBACK, 201).await;
+
+    // A reload to a lower limit: the open connections stay, and still answer.
+    consul.set_max_conns_per_client(1);
+    assert_refused(&consul, LOOPBACK).await;
+    assert_eq!(
+        get_on(&mut held[0], CATALOG_SERVICES).await,
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(consul.connections().open_from(LOOPBACK), 201);
+    assert_eq!(consul.connections().peak_total, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_body_bytes_are_counted_per_endpoint() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let paths = [
+        (CATALOG_SERVICES, CATALOG_SERVICES),
+        ("/v1/health/service/shop?passing", HEALTH_SERVICE),
+        ("/v1/health/service/", HEALTH_SERVICE),
+        ("/v1/health/state/any", HEALTH_STATE),
+        ("/v1/agent/self", consul::OTHER_PATHS),
+    ];
+    let mut expected: std::collections::BTreeMap<&str, consul::Traffic> = Default::default();
+    for (path, endpoint) in paths {
+        let answer = get(&consul, path).await;
+        let traffic = expected.entry(endpoint).or_default();
+        traffic.requests += 1;
+        traffic.body_bytes += answer.body.len() as u64;
+    }
+    let requests = consul.requests();
+    assert_eq!(requests.by_endpoint, expected);
+    assert_eq!(
+        requests.body_bytes,
+        expected.values().map(|t| t.body_bytes).sum::<u64>()
+    );
+    assert!(requests.endpoint(HEALTH_STATE).body_bytes > 200);
+    assert_eq!(requests.total, 5);
 }

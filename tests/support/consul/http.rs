@@ -6,35 +6,55 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{Path, Query, Request, State as AxumState};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::json::{render, render_filtered};
 use super::state::{Endpoint, Shared};
 use super::{
     parse_go_bool, parse_go_duration, parse_go_uint, Fault, CATALOG_SERVICES, DATACENTER,
-    DEFAULT_WAIT, HEALTH_SERVICE, JITTER_FRACTION, MAX_WAIT,
+    DEFAULT_WAIT, HEALTH_SERVICE, HEALTH_STATE, JITTER_FRACTION, MAX_WAIT, OTHER_PATHS,
 };
 
 type SharedState = AxumState<Arc<Shared>>;
 type Params = Query<Vec<(String, String)>>;
 
+/// Counts the request when it arrives (a stalled one too) and its body when it is answered.
 pub(super) async fn record(
     AxumState(shared): SharedState,
     request: Request,
     next: Next,
 ) -> Response {
+    let path = request.uri().path().to_string();
+    let endpoint = [CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE]
+        .into_iter()
+        .find(|prefix| path.starts_with(prefix))
+        .unwrap_or(OTHER_PATHS);
     {
         let mut state = shared.lock();
-        let path = request.uri().path().to_string();
-        state.requests.total += 1;
-        *state.requests.by_path.entry(path.clone()).or_default() += 1;
+        let requests = &mut state.requests;
+        requests.total += 1;
+        requests.by_endpoint.entry(endpoint).or_default().requests += 1;
+        *requests.by_path.entry(path.clone()).or_default() += 1;
         let query = request.uri().query().unwrap_or("").to_string();
         state.last_query.insert(path, query);
     }
-    next.run(request).await
+    let response = next.run(request).await;
+    // Every body the double makes is whole: its size is known.
+    let bytes = response.body().size_hint().lower();
+    let mut state = shared.lock();
+    state.requests.body_bytes += bytes;
+    state
+        .requests
+        .by_endpoint
+        .entry(endpoint)
+        .or_default()
+        .body_bytes += bytes;
+    drop(state);
+    response
 }
 
 pub(super) async fn catalog_services(
@@ -60,8 +80,7 @@ pub(super) async fn health_service(
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
-    let name = name.map(|Path(name)| name);
-    let path = format!("{HEALTH_SERVICE}{}", name.as_deref().unwrap_or_default());
+    let (path, name) = named(HEALTH_SERVICE, name);
     answer(&shared, &headers, &params, path, |params| {
         let name = name.ok_or(Rejection(StatusCode::BAD_REQUEST, "Missing service name"))?;
         let passing = match first(params, "passing") {
@@ -86,6 +105,30 @@ pub(super) async fn health_service(
     .await
 }
 
+/// `/v1/health/state/:state`, and `/v1/health/state/` without one. Consul
+/// (`HealthChecksInState`) only refuses an empty state; any other goes to the state store,
+/// where a state that no check has (`bogus`) is an empty list, not an error.
+pub(super) async fn health_state(
+    AxumState(shared): SharedState,
+    state: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let (path, state) = named(HEALTH_STATE, state);
+    answer(&shared, &headers, &params, path, |_| {
+        let state = state.ok_or(Rejection(StatusCode::BAD_REQUEST, "Missing check state"))?;
+        Ok(Endpoint::State { state })
+    })
+    .await
+}
+
+/// The request's path under `prefix`, and the name in it (none when empty).
+fn named(prefix: &str, name: Option<Path<String>>) -> (String, Option<String>) {
+    let name = name.map(|Path(name)| name);
+    let path = format!("{prefix}{}", name.as_deref().unwrap_or_default());
+    (path, name)
+}
+
 /// The part every endpoint shares: a stall, the checks in Consul's order, the blocking wait, the
 /// answer.
 async fn answer(
@@ -108,8 +151,8 @@ async fn answer(
         let state = shared.lock();
         let index = state.reported(state.endpoint_index(&endpoint));
         let response = match access {
-            Access::Full => state.render(&endpoint),
-            Access::Anonymous => state.render_filtered(&endpoint),
+            Access::Full => render(&state, &endpoint),
+            Access::Anonymous => render_filtered(&endpoint),
         };
         (index, response, state.fault)
     };

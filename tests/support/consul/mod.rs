@@ -1,27 +1,64 @@
-//! A Consul HTTP API test double: `/v1/catalog/services` and `/v1/health/service/:name`, with
-//! blocking queries, ACL tokens and injectable faults, on 127.0.0.1:0.
+//! A Consul HTTP API test double: `/v1/catalog/services`, `/v1/health/service/:name` and
+//! `/v1/health/state/:state`, with blocking queries, per-object and per-table raft indexes, ACL
+//! tokens, injectable faults and Consul's per-client-IP connection limit, on 127.0.0.1:0 or a
+//! given address.
 //!
-//! It follows the Consul reference notes and the docs samples in tests/fixtures/consul/. Tests
-//! change the catalog with plain methods (`register`, `set_check`, ...); every write raises one
-//! raft-like index and wakes the blocked queries, as a Consul server does.
+//! It follows the Consul reference notes, the docs samples in tests/fixtures/consul/ and
+//! Consul's source. Tests change the catalog with plain methods (`register`, `register_all`,
+//! `set_check`, ...); every write is one raft index, as a Consul server applies one log entry.
 //!
 //! ```text
 //! test ── register / set_check / set_fault ──> State (Mutex) ── index ──> watch ──> blocked queries
-//! client ── GET /v1/... ──> record ──> fault? params? token? ──> block ──> JSON + X-Consul-* headers
+//! client ──TCP──> front door (per-IP limit, 429) ──> record ──> fault? params? token? ──> block ──> JSON + X-Consul-*
 //! ```
 //!
-//! Dropping the double aborts its server and kills every open connection, blocked or stalled
+//! Indexes, as Consul's state store keeps them (`agent/consul/state/catalog.go`,
+//! `catalog_ce.go`): every node, instance and check has a CreateIndex and a ModifyIndex that
+//! move when, and only when, that object is written with a change (`IsSame`,
+//! `IsSameService`). Each endpoint answers, and blocks on, one entry of Consul's `index`
+//! table:
+//!
+//! | endpoint | `X-Consul-Index` | moved by |
+//! |---|---|---|
+//! | `/v1/catalog/services` | the services table | an instance registered, changed (address, port, tags, meta) or deregistered |
+//! | `/v1/health/service/:name` | `service.<name>` | the same for that service's instances, a change of one of their checks, of their node or of its serfHealth; a service without instances answers the last time any service lost its last instance (or, if none ever did, the latest change of nodes, services or checks) |
+//! | `/v1/health/state/:state` | the checks table | a check added, changed (status, output, the service's tags) or removed, and every deregistration |
+//!
+//! So moving an instance (same ID, a new address, its check unchanged) wakes
+//! `/v1/catalog/services` (whose body does not change) and that service's health, but not
+//! `/v1/health/state/any`; a check's status or Output wakes the checks table and that service's
+//! health, not the catalog; a write that changes nothing (an identical re-registration, a check
+//! set to the status it has) moves no endpoint's index at all.
+//!
+//! Simplifications: instance IDs are unique across nodes; registering an ID again under
+//! another node or service name deregisters the old instance first (Consul keys instances by
+//! node and ID: it would keep both under another node, and under another name it would replace
+//! the instance without waking the old name's queries); an instance has at most one
+//! check, `service:<id>`, and a registration carries it as an agent's anti-entropy does (an
+//! instance registered without a check loses the one it had). `bump_index` moves every index
+//! without changing content, which no single Consul write does.
+//!
+//! `?filter` is not implemented: every endpoint answers it with `400 ?filter is not implemented
+//! by the Consul test double` (not Consul's answer: Consul would filter), so that a client that
+//! relies on it fails instead of passing on unfiltered data.
+//!
+//! The connection limit and its 429 are described in `conns.rs`; `connections()` counts what
+//! the front door saw, `requests()` what the HTTP server answered.
+//!
+//! Dropping the double closes its address and kills every open connection, blocked or stalled
 //! queries included, so a client sees Consul go away as it would when the agent dies.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use super::killable as conn;
+mod conns;
 mod go;
 mod http;
+mod json;
 mod state;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,21 +68,30 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+// Read by the double's own tests only: the other test crates would call it unused.
+#[allow(unused_imports)]
+pub use self::conns::TOO_MANY_CONNECTIONS;
 pub use self::go::{parse_go_bool, parse_go_duration, parse_go_uint};
 
 use self::conn::Served;
-use self::http::{catalog_services, health_service, record};
-use self::state::{CheckState, InstanceState, Shared, State};
+use self::conns::{FrontDoor, Limiter};
+use self::http::{catalog_services, health_service, health_state, record};
+use self::state::{Shared, State};
 
 pub const DATACENTER: &str = "dc1";
 pub const CATALOG_SERVICES: &str = "/v1/catalog/services";
 pub const HEALTH_SERVICE: &str = "/v1/health/service/";
+pub const HEALTH_STATE: &str = "/v1/health/state/";
+/// The endpoint key in `Requests::by_endpoint` for every other path (404s).
+pub const OTHER_PATHS: &str = "other";
 
 /// Consul's `defaultQueryTime` and `maxQueryTime`.
 const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
 const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
 /// Consul adds up to wait/16 of random jitter to every blocking query (`JitterFraction`).
 const JITTER_FRACTION: u32 = 16;
+/// `limits.http_max_conns_per_client`'s default since Consul 1.7.1.
+pub const DEFAULT_MAX_CONNS_PER_CLIENT: usize = 200;
 /// The address of a node that `register` creates on its own: TEST-NET-1, never routable, so a
 /// client that falls back to it by mistake cannot reach a loopback backend.
 pub const DEFAULT_NODE_ADDRESS: &str = "192.0.2.10";
@@ -57,6 +103,8 @@ pub enum Status {
     Passing,
     Warning,
     Critical,
+    /// A shortcut of the double: Consul refuses this status for a check (`Bad check status`)
+    /// and shows maintenance mode as an extra critical check, `_service_maintenance:<id>`.
     Maintenance,
 }
 
@@ -166,11 +214,24 @@ impl Instance {
     }
 }
 
-/// How many requests the double received: all of them, and per URL path.
+/// How many requests the double's HTTP server received, and the bodies it answered with.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Requests {
     pub total: u64,
     pub by_path: BTreeMap<String, u64>,
+    /// The length of every response body the double handed to a connection (a client that goes
+    /// away early may have read less). Refused connections' 429s are not requests: see
+    /// `Connections::refused`.
+    pub body_bytes: u64,
+    /// Per endpoint: `CATALOG_SERVICES`, `HEALTH_SERVICE`, `HEALTH_STATE`, or `OTHER_PATHS`.
+    pub by_endpoint: BTreeMap<&'static str, Traffic>,
+}
+
+/// Requests to one endpoint and the body bytes it answered with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub requests: u64,
+    pub body_bytes: u64,
 }
 
 impl Requests {
@@ -178,22 +239,58 @@ impl Requests {
     pub fn count(&self, path: &str) -> u64 {
         self.by_path.get(path).copied().unwrap_or(0)
     }
+
+    /// What one endpoint (`CATALOG_SERVICES`, `HEALTH_SERVICE`, ...) received and answered.
+    pub fn endpoint(&self, endpoint: &str) -> Traffic {
+        self.by_endpoint.get(endpoint).copied().unwrap_or_default()
+    }
 }
 
-/// A running double; stopped when dropped.
-pub struct ConsulDouble {
-    pub addr: SocketAddr,
-    shared: Arc<Shared>,
-    /// Dropped with the double: the server and every open connection go, and a panic of a
-    /// handler fails the test.
-    server: Served,
+/// The TCP connections the double's address saw, per client IP (as Consul counts them: from
+/// accept to close, idle keep-alive time and blocked queries included).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connections {
+    /// Open right now (an IP without open connections is absent).
+    pub open: BTreeMap<IpAddr, usize>,
+    /// The most that were open at once.
+    pub peak: BTreeMap<IpAddr, usize>,
+    /// The most that were open at once, all clients together.
+    pub peak_total: usize,
+    /// Admitted since the start, all clients together.
+    pub accepted: u64,
+    /// Answered with the 429 and closed, past `max_conns_per_client`.
+    pub refused: BTreeMap<IpAddr, u64>,
 }
 
-impl ConsulDouble {
-    /// Starts an empty catalog (the index is 1) on 127.0.0.1:0.
-    pub async fn start() -> ConsulDouble {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// What a `ConsulDouble` starts with: 127.0.0.1:0 and Consul's default connection limit.
+#[must_use]
+pub struct ConsulDoubleBuilder {
+    addr: SocketAddr,
+    max_conns_per_client: usize,
+}
+
+impl ConsulDoubleBuilder {
+    /// Listens on `addr` (e.g. an address on a test bridge) instead of 127.0.0.1:0.
+    pub fn bind(mut self, addr: SocketAddr) -> ConsulDoubleBuilder {
+        self.addr = addr;
+        self
+    }
+
+    /// `limits.http_max_conns_per_client`: concurrent connections per client IP; 0: no limit.
+    pub fn max_conns_per_client(mut self, max: usize) -> ConsulDoubleBuilder {
+        self.max_conns_per_client = max;
+        self
+    }
+
+    /// Starts an empty catalog (the index is 1).
+    pub async fn start(self) -> ConsulDouble {
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .unwrap_or_else(|e| panic!("the Consul double cannot listen on {}: {e}", self.addr));
         let addr = listener.local_addr().unwrap();
+        // The HTTP server itself, behind the front door (see conns.rs).
+        let server_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let server_addr = server_listener.local_addr().unwrap();
         let (changes, _) = watch::channel(1);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::new()),
@@ -201,19 +298,55 @@ impl ConsulDouble {
         });
         let app = Router::new()
             .route(CATALOG_SERVICES, get(catalog_services))
-            .route("/v1/health/service/", get(health_service))
+            .route(HEALTH_SERVICE, get(health_service))
             .route("/v1/health/service/{*name}", get(health_service))
+            .route(HEALTH_STATE, get(health_state))
+            .route("/v1/health/state/{*state}", get(health_state))
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
+        let limiter = Arc::new(Limiter::new(self.max_conns_per_client));
         ConsulDouble {
             addr,
             shared,
-            server: Served::start(listener, app),
+            front: FrontDoor::start(listener, server_addr, limiter.clone()),
+            limiter,
+            server: Served::start(server_listener, app),
+        }
+    }
+}
+
+/// A running double; stopped when dropped.
+pub struct ConsulDouble {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    limiter: Arc<Limiter>,
+    /// Dropped first: the address closes and every client connection with it.
+    front: FrontDoor,
+    /// Dropped with the double: the server and every open connection go, and a panic of a
+    /// handler fails the test.
+    server: Served,
+}
+
+impl ConsulDouble {
+    pub fn builder() -> ConsulDoubleBuilder {
+        ConsulDoubleBuilder {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            max_conns_per_client: DEFAULT_MAX_CONNS_PER_CLIENT,
         }
     }
 
-    /// `http://127.0.0.1:<port>`, without a trailing slash.
+    /// An empty catalog on 127.0.0.1:0, with Consul's default connection limit.
+    pub async fn start() -> ConsulDouble {
+        ConsulDouble::builder().start().await
+    }
+
+    /// An empty catalog on `addr`, with Consul's default connection limit.
+    pub async fn start_on(addr: SocketAddr) -> ConsulDouble {
+        ConsulDouble::builder().bind(addr).start().await
+    }
+
+    /// `http://<addr>`, without a trailing slash.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -232,108 +365,64 @@ impl ConsulDouble {
     /// Registers a node (or moves it to `address`), with a passing `serfHealth` check.
     pub fn register_node(&self, name: &str, address: &str) {
         self.shared.write(|state, index| {
-            state.ensure_node(name, index);
-            let node = state.nodes.get_mut(name).unwrap();
-            node.address = address.to_string();
-            node.modify_index = index;
-            state.catalog_index = index;
+            state.ensure_node(name, Some(address), index);
             Ok(())
         });
     }
 
     pub fn set_node_meta(&self, node: &str, key: &str, value: &str) {
-        self.shared.write(|state, index| {
-            let node = state.node_mut(node)?;
-            node.meta.insert(key.to_string(), value.to_string());
-            node.modify_index = index;
-            Ok(())
-        });
+        self.shared
+            .write(|state, index| state.set_node_meta(node, key, value, index));
     }
 
-    /// Registers an instance, replacing one with the same ID (which keeps its CreateIndex).
+    /// Registers an instance, replacing one with the same ID (which keeps its CreateIndex; its
+    /// ModifyIndex, and the indexes that wake queries, move only if something changed).
     pub fn register(&self, instance: Instance) {
+        self.register_all([instance]);
+    }
+
+    /// Registers many instances in one write (one index), e.g. a catalog of 10,000 services.
+    pub fn register_all(&self, instances: impl IntoIterator<Item = Instance>) {
         self.shared.write(|state, index| {
-            if !state.nodes.contains_key(&instance.node) {
-                state.ensure_node(&instance.node, index);
+            for instance in instances {
+                state.ensure_instance(instance, index);
             }
-            let old = state.instances.remove(&instance.id);
-            if let Some(old) = &old {
-                if old.spec.service != instance.service {
-                    state.deregistered.insert(old.spec.service.clone(), index);
-                }
-            }
-            let create_index = old.as_ref().map_or(index, |old| old.create_index);
-            let check = instance.check.map(|status| CheckState {
-                status,
-                output: instance.output.clone(),
-                create_index: old
-                    .as_ref()
-                    .and_then(|old| old.check.as_ref())
-                    .map_or(index, |check| check.create_index),
-                modify_index: index,
-            });
-            state.instances.insert(
-                instance.id.clone(),
-                InstanceState {
-                    spec: instance,
-                    create_index,
-                    modify_index: index,
-                    check,
-                },
-            );
-            state.catalog_index = index;
             Ok(())
         });
     }
 
     pub fn deregister(&self, service_id: &str) {
-        self.shared.write(|state, index| {
-            let Some(gone) = state.instances.remove(service_id) else {
-                return Err(format!("no service instance {service_id:?} to deregister"));
-            };
-            state.deregistered.insert(gone.spec.service, index);
-            state.catalog_index = index;
-            Ok(())
-        });
+        self.shared
+            .write(|state, index| state.remove_instance(service_id, index));
     }
 
-    /// Sets the status of the instance's service check (a write even if it is unchanged).
+    /// Sets the status of the instance's service check. Setting the status it has is a write
+    /// that changes nothing: no query wakes.
     pub fn set_check(&self, service_id: &str, status: Status) {
         self.shared.write(|state, index| {
-            let check = state.check_mut(service_id)?;
-            check.status = status;
-            check.modify_index = index;
-            Ok(())
+            state.update_check(service_id, index, |check| check.status = status)
         });
     }
 
-    /// Changes only the check's Output text: the index rises, nothing a router uses changes.
+    /// Changes only the check's Output text: the indexes move, nothing a router uses changes.
     pub fn set_check_output(&self, service_id: &str, output: &str) {
         self.shared.write(|state, index| {
-            let check = state.check_mut(service_id)?;
-            check.output = output.to_string();
-            check.modify_index = index;
-            Ok(())
+            state.update_check(service_id, index, |check| check.output = output.to_string())
         });
     }
 
     /// Sets the node's `serfHealth`: anything but passing hides all its instances from
     /// `?passing`.
     pub fn set_node_check(&self, node: &str, status: Status) {
-        self.shared.write(|state, index| {
-            let node = state.node_mut(node)?;
-            node.serf.status = status;
-            node.serf.modify_index = index;
-            Ok(())
-        });
+        self.shared
+            .write(|state, index| state.set_node_check(node, status, index));
     }
 
-    /// A write that changes no content, such as an identical re-registration: every endpoint's
-    /// index rises and every blocked query returns the same data again.
+    /// A write that moves every endpoint's index without changing content: every blocked query
+    /// returns the same data again.
     pub fn bump_index(&self) {
         self.shared.write(|state, index| {
-            state.bumped_index = index;
-            state.catalog_index = index;
+            state.bump(index);
             Ok(())
         });
     }
@@ -354,6 +443,16 @@ impl ConsulDouble {
             state.index_offset = 0;
         }
         state.fault = fault;
+    }
+
+    /// Changes `limits.http_max_conns_per_client` (0: no limit) as a config reload does: open
+    /// connections stay open, even past a lowered limit.
+    pub fn set_max_conns_per_client(&self, max: usize) {
+        self.limiter.set_max_per_ip(max);
+    }
+
+    pub fn connections(&self) -> Connections {
+        self.limiter.counts()
     }
 
     pub fn requests(&self) -> Requests {

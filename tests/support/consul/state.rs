@@ -1,20 +1,20 @@
-//! The catalog the double serves: nodes, instances and their checks, the raft-like indexes, and
-//! the JSON a Consul agent writes for them.
+//! The catalog the double serves: nodes, instances and their checks, each with its
+//! CreateIndex/ModifyIndex, and Consul's `index` table (the last change per table and per
+//! service name) that the endpoints answer and block on. The writes follow Consul's state store
+//! (`agent/consul/state/catalog.go` and `catalog_ce.go`): an object's ModifyIndex and the table
+//! indexes move only when the object really changes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{Fault, Instance, Requests, Status, DATACENTER, DEFAULT_NODE_ADDRESS};
+use super::{Fault, Instance, Requests, Status, DEFAULT_NODE_ADDRESS};
 
 pub(super) struct Shared {
     pub(super) state: Mutex<State>,
-    /// The index of the last write; blocked queries wait for it to change.
+    /// The raft index of the last write; blocked queries re-check their endpoint's index when it
+    /// moves, as Consul re-runs a blocking query when its memdb watch fires.
     pub(super) changes: watch::Sender<u64>,
 }
 
@@ -44,15 +44,14 @@ impl Shared {
 }
 
 pub(super) struct State {
+    /// The raft index of the last write, whether or not it changed anything.
     pub(super) index: u64,
-    /// The last write to the service catalog (what `/v1/catalog/services` reports).
-    pub(super) catalog_index: u64,
-    pub(super) bumped_index: u64,
+    pub(super) tables: IndexTable,
     pub(super) nodes: BTreeMap<String, NodeState>,
     /// By service ID: the double keeps IDs unique across nodes.
     pub(super) instances: BTreeMap<String, InstanceState>,
-    /// Service name -> index of its last deregistration.
-    pub(super) deregistered: BTreeMap<String, u64>,
+    /// Service name -> the IDs of its instances, so that one service is read without a scan.
+    pub(super) by_service: BTreeMap<String, BTreeSet<String>>,
     pub(super) token: Option<String>,
     pub(super) fault: Fault,
     /// Subtracted from every reported index while `Fault::IndexBackwards` lasts.
@@ -60,6 +59,26 @@ pub(super) struct State {
     pub(super) requests: Requests,
     pub(super) last_query: BTreeMap<String, String>,
     pub(super) blocked: BTreeMap<String, usize>,
+}
+
+/// Consul's `index` table: the raft index of the last change to each table and to each
+/// service name.
+#[derive(Default)]
+pub(super) struct IndexTable {
+    pub(super) nodes: u64,
+    /// Raised by every instance registered, changed or deregistered (`catalogInsertService`,
+    /// `deleteServiceTxn`); `/v1/catalog/services` answers with it.
+    pub(super) services: u64,
+    /// Raised by every check added, changed or deleted, and by every deregistration
+    /// (`catalogInsertCheck`, `deleteServiceTxn`); `/v1/health/state/:state` answers with it.
+    pub(super) checks: u64,
+    /// `service.<name>`, while the service has instances: raised by its instances, their
+    /// checks, their nodes and the nodes' serfHealth; `/v1/health/service/:name` answers
+    /// with it.
+    pub(super) service: BTreeMap<String, u64>,
+    /// `service_last_extinction`: when a service last lost its last instance. What
+    /// `/v1/health/service/:name` answers for a service without instances.
+    pub(super) service_extinction: u64,
 }
 
 pub(super) struct NodeState {
@@ -78,147 +97,12 @@ pub(super) struct InstanceState {
     pub(super) check: Option<CheckState>,
 }
 
+#[derive(Clone)]
 pub(super) struct CheckState {
     pub(super) status: Status,
     pub(super) output: String,
     pub(super) create_index: u64,
     pub(super) modify_index: u64,
-}
-
-impl State {
-    pub(super) fn new() -> State {
-        State {
-            index: 1,
-            catalog_index: 1,
-            bumped_index: 0,
-            nodes: BTreeMap::new(),
-            instances: BTreeMap::new(),
-            deregistered: BTreeMap::new(),
-            token: None,
-            fault: Fault::None,
-            index_offset: 0,
-            requests: Requests::default(),
-            last_query: BTreeMap::new(),
-            blocked: BTreeMap::new(),
-        }
-    }
-
-    pub(super) fn ensure_node(&mut self, name: &str, index: u64) {
-        let number = self.nodes.len() + 1;
-        self.nodes
-            .entry(name.to_string())
-            .or_insert_with(|| NodeState {
-                id: format!("{number:08x}-0000-4000-8000-{number:012x}"),
-                address: DEFAULT_NODE_ADDRESS.to_string(),
-                meta: BTreeMap::new(),
-                create_index: index,
-                modify_index: index,
-                serf: CheckState {
-                    status: Status::Passing,
-                    output: "Agent alive and reachable".to_string(),
-                    create_index: index,
-                    modify_index: index,
-                },
-            });
-    }
-
-    pub(super) fn node_mut(&mut self, node: &str) -> Result<&mut NodeState, String> {
-        self.nodes
-            .get_mut(node)
-            .ok_or_else(|| format!("no node {node:?}"))
-    }
-
-    pub(super) fn check_mut(&mut self, service_id: &str) -> Result<&mut CheckState, String> {
-        self.instances
-            .get_mut(service_id)
-            .ok_or_else(|| format!("no service instance {service_id:?}"))?
-            .check
-            .as_mut()
-            .ok_or_else(|| format!("service instance {service_id:?} has no check"))
-    }
-
-    pub(super) fn endpoint_index(&self, endpoint: &Endpoint) -> u64 {
-        let index = match endpoint {
-            Endpoint::Catalog => self.catalog_index,
-            Endpoint::Health { name, .. } => {
-                let mut index = self
-                    .bumped_index
-                    .max(self.deregistered.get(name).copied().unwrap_or(0));
-                for instance in self.instances.values().filter(|i| &i.spec.service == name) {
-                    index = index
-                        .max(instance.modify_index)
-                        .max(instance.check.as_ref().map_or(0, |c| c.modify_index));
-                    if let Some(node) = self.nodes.get(&instance.spec.node) {
-                        index = index.max(node.modify_index).max(node.serf.modify_index);
-                    }
-                }
-                index
-            }
-        };
-        index.max(1)
-    }
-
-    /// What a client sees of `index` (lowered while `Fault::IndexBackwards` lasts).
-    pub(super) fn reported(&self, index: u64) -> u64 {
-        index.saturating_sub(self.index_offset).max(1)
-    }
-
-    /// What the anonymous token (no read rights) gets: nothing, as a normal answer.
-    pub(super) fn render_filtered(&self, endpoint: &Endpoint) -> Response {
-        match endpoint {
-            Endpoint::Catalog => Json(BTreeMap::<String, Vec<String>>::new()).into_response(),
-            Endpoint::Health { .. } => Json(Vec::<()>::new()).into_response(),
-        }
-    }
-
-    pub(super) fn render(&self, endpoint: &Endpoint) -> Response {
-        match endpoint {
-            Endpoint::Catalog => Json(self.catalog()).into_response(),
-            Endpoint::Health {
-                name,
-                passing,
-                tags,
-            } => Json(self.health(name, *passing, tags)).into_response(),
-        }
-    }
-
-    fn catalog(&self) -> BTreeMap<String, Vec<String>> {
-        let mut services: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        services.insert("consul".to_string(), BTreeSet::new());
-        for instance in self.instances.values() {
-            services
-                .entry(instance.spec.service.clone())
-                .or_default()
-                .extend(instance.spec.tags.iter().cloned());
-        }
-        services
-            .into_iter()
-            .map(|(name, tags)| (name, tags.into_iter().collect()))
-            .collect()
-    }
-
-    fn health(&self, name: &str, passing: bool, tags: &[String]) -> Vec<HealthEntry> {
-        let mut instances: Vec<&InstanceState> = self
-            .instances
-            .values()
-            .filter(|i| i.spec.service == name)
-            .filter(|i| {
-                tags.iter().all(|wanted| {
-                    let wanted = wanted.to_lowercase();
-                    i.spec.tags.iter().any(|tag| tag.to_lowercase() == wanted)
-                })
-            })
-            .collect();
-        instances.sort_by(|a, b| (&a.spec.node, &a.spec.id).cmp(&(&b.spec.node, &b.spec.id)));
-        instances
-            .into_iter()
-            .filter_map(|instance| {
-                let node = self.nodes.get(&instance.spec.node)?;
-                Some(health_entry(&instance.spec.node, node, instance))
-            })
-            .filter(|entry| !passing || entry.checks.iter().all(|c| c.status == "passing"))
-            .collect()
-    }
 }
 
 /// What a request reads.
@@ -229,228 +113,290 @@ pub(super) enum Endpoint {
         passing: bool,
         tags: Vec<String>,
     },
+    /// `/v1/health/state/:state`: `any`, or the status the checks must have.
+    State {
+        state: String,
+    },
 }
 
-// Serde mirrors of Consul's JSON, fields in the order real agents write them.
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct HealthEntry {
-    node: NodeJson,
-    service: ServiceJson,
-    checks: Vec<CheckJson>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct NodeJson {
-    #[serde(rename = "ID")]
-    id: String,
-    node: String,
-    address: String,
-    datacenter: String,
-    tagged_addresses: BTreeMap<String, String>,
-    meta: BTreeMap<String, String>,
-    create_index: u64,
-    modify_index: u64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct ServiceJson {
-    #[serde(rename = "ID")]
-    id: String,
-    service: String,
-    tags: Vec<String>,
-    address: String,
-    /// Omitted when empty, as Go's `omitempty` does (an instance without an address).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    tagged_addresses: BTreeMap<String, ServiceAddressJson>,
-    /// `null` for an instance registered without meta: a Go nil map, as real agents write it.
-    meta: Option<BTreeMap<String, String>>,
-    port: u16,
-    weights: WeightsJson,
-    enable_tag_override: bool,
-    proxy: ProxyJson,
-    connect: EmptyJson,
-    namespace: String,
-    create_index: u64,
-    modify_index: u64,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct ServiceAddressJson {
-    address: String,
-    port: u16,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct WeightsJson {
-    passing: u32,
-    warning: u32,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct ProxyJson {
-    mode: String,
-    mesh_gateway: EmptyJson,
-    expose: EmptyJson,
-}
-
-#[derive(Serialize)]
-struct EmptyJson {}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct CheckJson {
-    node: String,
-    #[serde(rename = "CheckID")]
-    check_id: String,
-    name: String,
-    status: &'static str,
-    notes: String,
-    output: String,
-    #[serde(rename = "ServiceID")]
-    service_id: String,
-    service_name: String,
-    service_tags: Vec<String>,
-    #[serde(rename = "Type")]
-    kind: String,
-    interval: String,
-    timeout: String,
-    exposed_port: u16,
-    definition: EmptyJson,
-    namespace: String,
-    create_index: u64,
-    modify_index: u64,
-}
-
-impl CheckJson {
-    /// A node check without `service`, a TTL service check with it.
-    fn new(
-        node: &str,
-        check_id: String,
-        name: String,
-        check: &CheckState,
-        service: Option<&Instance>,
-    ) -> CheckJson {
-        CheckJson {
-            node: node.to_string(),
-            check_id,
-            name,
-            status: check.status.as_str(),
-            notes: String::new(),
-            output: check.output.clone(),
-            service_id: service.map(|s| s.id.clone()).unwrap_or_default(),
-            service_name: service.map(|s| s.service.clone()).unwrap_or_default(),
-            service_tags: service.map(|s| s.tags.clone()).unwrap_or_default(),
-            kind: if service.is_some() { "ttl" } else { "" }.to_string(),
-            interval: String::new(),
-            timeout: String::new(),
-            exposed_port: 0,
-            definition: EmptyJson {},
-            namespace: "default".to_string(),
-            create_index: check.create_index,
-            modify_index: check.modify_index,
+impl State {
+    pub(super) fn new() -> State {
+        State {
+            index: 1,
+            tables: IndexTable::default(),
+            nodes: BTreeMap::new(),
+            instances: BTreeMap::new(),
+            by_service: BTreeMap::new(),
+            token: None,
+            fault: Fault::None,
+            index_offset: 0,
+            requests: Requests::default(),
+            last_query: BTreeMap::new(),
+            blocked: BTreeMap::new(),
         }
     }
-}
 
-fn health_entry(node_name: &str, node: &NodeState, instance: &InstanceState) -> HealthEntry {
-    let spec = &instance.spec;
-    let mut node_addresses = BTreeMap::new();
-    let mut node_meta = BTreeMap::from([("consul-network-segment".to_string(), String::new())]);
-    node_meta.extend(node.meta.clone());
-    for (name, suffix) in [("lan", "lan_"), ("wan", "wan_")] {
-        node_addresses.insert(name.to_string(), node.address.clone());
-        if let Some(family) = ip_family(&node.address) {
-            node_addresses.insert(format!("{suffix}{family}"), node.address.clone());
-        }
+    /// The index an endpoint answers with and blocks on (never 0: Consul sends 1 instead).
+    pub(super) fn endpoint_index(&self, endpoint: &Endpoint) -> u64 {
+        let tables = &self.tables;
+        let index = match endpoint {
+            Endpoint::Catalog => tables.services,
+            // `maxIndexAndWatchChForService`: the service's own index, the last extinction for
+            // a service without instances, or the catalog's if no service ever went extinct.
+            Endpoint::Health { name, .. } => match tables.service.get(name) {
+                Some(index) => *index,
+                None if tables.service_extinction > 0 => tables.service_extinction,
+                None => tables.checks.max(tables.services).max(tables.nodes),
+            },
+            Endpoint::State { .. } => tables.checks,
+        };
+        index.max(1)
     }
-    // Agents add lan_ipv4/wan_ipv4 (or _ipv6) from the service address unless given.
-    let mut service_addresses: BTreeMap<String, ServiceAddressJson> = BTreeMap::new();
-    if let Some(family) = ip_family(&spec.address) {
-        for name in ["lan", "wan"] {
-            service_addresses.insert(
-                format!("{name}_{family}"),
-                ServiceAddressJson {
-                    address: spec.address.clone(),
-                    port: spec.port,
+
+    /// What a client sees of `index` (lowered while `Fault::IndexBackwards` lasts).
+    pub(super) fn reported(&self, index: u64) -> u64 {
+        index.saturating_sub(self.index_offset).max(1)
+    }
+
+    /// The instances of `name`, by ID.
+    pub(super) fn instances_of(&self, name: &str) -> impl Iterator<Item = &InstanceState> {
+        self.by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(id))
+    }
+
+    pub(super) fn node_mut(&mut self, node: &str) -> Result<&mut NodeState, String> {
+        self.nodes
+            .get_mut(node)
+            .ok_or_else(|| format!("no node {node:?}"))
+    }
+
+    /// Creates the node, with a passing serfHealth as the leader registers a new member, or
+    /// moves it to `address` (`None`: keep it as it is).
+    pub(super) fn ensure_node(&mut self, name: &str, address: Option<&str>, index: u64) {
+        let Some(node) = self.nodes.get_mut(name) else {
+            let number = self.nodes.len() + 1;
+            self.nodes.insert(
+                name.to_string(),
+                NodeState {
+                    id: format!("{number:08x}-0000-4000-8000-{number:012x}"),
+                    address: address.unwrap_or(DEFAULT_NODE_ADDRESS).to_string(),
+                    meta: BTreeMap::new(),
+                    create_index: index,
+                    modify_index: index,
+                    serf: CheckState {
+                        status: Status::Passing,
+                        output: "Agent alive and reachable".to_string(),
+                        create_index: index,
+                        modify_index: index,
+                    },
                 },
             );
+            self.tables.nodes = index;
+            self.tables.checks = index;
+            return;
+        };
+        if let Some(address) = address.filter(|address| *address != node.address) {
+            node.address = address.to_string();
+            node.modify_index = index;
+            self.node_changed(name, index);
         }
     }
-    for (name, (address, port)) in &spec.tagged_addresses {
-        service_addresses.insert(
-            name.clone(),
-            ServiceAddressJson {
-                address: address.clone(),
-                port: *port,
+
+    pub(super) fn set_node_meta(
+        &mut self,
+        name: &str,
+        key: &str,
+        value: &str,
+        index: u64,
+    ) -> Result<(), String> {
+        let node = self.node_mut(name)?;
+        if node.meta.get(key).map(String::as_str) != Some(value) {
+            node.meta.insert(key.to_string(), value.to_string());
+            node.modify_index = index;
+            self.node_changed(name, index);
+        }
+        Ok(())
+    }
+
+    /// `catalogInsertNode`: node data is part of every health answer of its services.
+    fn node_changed(&mut self, name: &str, index: u64) {
+        self.tables.nodes = index;
+        self.touch_services_on(name, index);
+    }
+
+    /// `updateAllServiceIndexesOfNode`.
+    fn touch_services_on(&mut self, node: &str, index: u64) {
+        for instance in self.instances.values().filter(|i| i.spec.node == node) {
+            self.tables
+                .service
+                .insert(instance.spec.service.clone(), index);
+        }
+    }
+
+    pub(super) fn set_node_check(
+        &mut self,
+        name: &str,
+        status: Status,
+        index: u64,
+    ) -> Result<(), String> {
+        let node = self.node_mut(name)?;
+        if node.serf.status != status {
+            node.serf.status = status;
+            node.serf.modify_index = index;
+            self.tables.checks = index;
+            self.touch_services_on(name, index);
+        }
+        Ok(())
+    }
+
+    /// Registers an instance with its check, as an agent's anti-entropy sends them
+    /// (`ensureRegistrationTxn`): what is unchanged keeps its ModifyIndex and moves no table
+    /// index. The same ID on another node or under another name is a new instance: the old one
+    /// is deregistered first.
+    pub(super) fn ensure_instance(&mut self, spec: Instance, index: u64) {
+        let elsewhere = self
+            .instances
+            .get(&spec.id)
+            .is_some_and(|old| (&old.spec.node, &old.spec.service) != (&spec.node, &spec.service));
+        if elsewhere {
+            // It exists: this cannot fail.
+            let _ = self.remove_instance(&spec.id, index);
+        }
+        self.ensure_node(&spec.node, None, index);
+        let old = self.instances.remove(&spec.id);
+        let service_changed = old
+            .as_ref()
+            .map_or(true, |old| !same_service(&old.spec, &spec));
+        let (create_index, modify_index) = match &old {
+            Some(old) if !service_changed => (old.create_index, old.modify_index),
+            Some(old) => (old.create_index, index),
+            None => (index, index),
+        };
+        // A check carries its service's tags (`ensureCheckTxn` copies them): new tags change it.
+        let tags_changed = old.as_ref().is_some_and(|old| old.spec.tags != spec.tags);
+        let old_check = old.and_then(|old| old.check);
+        let (check, check_changed) = match (old_check, spec.check) {
+            (Some(old), Some(status))
+                if old.status == status && old.output == spec.output && !tags_changed =>
+            {
+                (Some(old), false)
+            }
+            (None, None) => (None, false),
+            // Added, changed, or gone (the agent deregisters a check it no longer has).
+            (old, new) => (
+                new.map(|status| CheckState {
+                    status,
+                    output: spec.output.clone(),
+                    create_index: old.map_or(index, |old| old.create_index),
+                    modify_index: index,
+                }),
+                true,
+            ),
+        };
+        if service_changed {
+            self.tables.services = index;
+            self.tables.nodes = index;
+        }
+        if check_changed {
+            self.tables.checks = index;
+        }
+        if service_changed || check_changed {
+            self.tables.service.insert(spec.service.clone(), index);
+        }
+        self.by_service
+            .entry(spec.service.clone())
+            .or_default()
+            .insert(spec.id.clone());
+        self.instances.insert(
+            spec.id.clone(),
+            InstanceState {
+                spec,
+                create_index,
+                modify_index,
+                check,
             },
         );
     }
-    // Node checks come first, as in Consul's parseCheckServiceNodes.
-    let mut checks = vec![CheckJson::new(
-        node_name,
-        "serfHealth".to_string(),
-        "Serf Health Status".to_string(),
-        &node.serf,
-        None,
-    )];
-    if let Some(check) = &instance.check {
-        checks.push(CheckJson::new(
-            node_name,
-            format!("service:{}", spec.id),
-            format!("Service '{}' check", spec.service),
-            check,
-            Some(spec),
-        ));
+
+    /// Deregisters an instance and its check (`deleteServiceTxn`): the checks table moves even
+    /// when it had no check, and the service's index goes with its last instance.
+    pub(super) fn remove_instance(&mut self, id: &str, index: u64) -> Result<(), String> {
+        let gone = self
+            .instances
+            .remove(id)
+            .ok_or_else(|| format!("no service instance {id:?} to deregister"))?;
+        let name = gone.spec.service;
+        self.tables.checks = index;
+        self.tables.services = index;
+        self.tables.nodes = index;
+        let ids = self.by_service.entry(name.clone()).or_default();
+        ids.remove(id);
+        if ids.is_empty() {
+            self.by_service.remove(&name);
+            self.tables.service.remove(&name);
+            self.tables.service_extinction = index;
+        } else {
+            self.tables.service.insert(name, index);
+        }
+        Ok(())
     }
-    HealthEntry {
-        node: NodeJson {
-            id: node.id.clone(),
-            node: node_name.to_string(),
-            address: node.address.clone(),
-            datacenter: DATACENTER.to_string(),
-            tagged_addresses: node_addresses,
-            meta: node_meta,
-            create_index: node.create_index,
-            modify_index: node.modify_index,
-        },
-        service: ServiceJson {
-            id: spec.id.clone(),
-            service: spec.service.clone(),
-            tags: spec.tags.clone(),
-            address: spec.address.clone(),
-            tagged_addresses: service_addresses,
-            meta: Some(spec.meta.clone()).filter(|meta| !meta.is_empty()),
-            port: spec.port,
-            weights: WeightsJson {
-                passing: 1,
-                warning: 1,
-            },
-            enable_tag_override: false,
-            proxy: ProxyJson {
-                mode: String::new(),
-                mesh_gateway: EmptyJson {},
-                expose: EmptyJson {},
-            },
-            connect: EmptyJson {},
-            namespace: "default".to_string(),
-            create_index: instance.create_index,
-            modify_index: instance.modify_index,
-        },
-        checks,
+
+    /// Changes the instance's check with `change`; if that changes nothing, nothing moves
+    /// (`ensureCheckTxn` compares with `IsSame` before it writes).
+    pub(super) fn update_check(
+        &mut self,
+        id: &str,
+        index: u64,
+        change: impl FnOnce(&mut CheckState),
+    ) -> Result<(), String> {
+        let instance = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| format!("no service instance {id:?}"))?;
+        let check = instance
+            .check
+            .as_mut()
+            .ok_or_else(|| format!("service instance {id:?} has no check"))?;
+        let before = (check.status, check.output.clone());
+        change(check);
+        if (check.status, &check.output) != (before.0, &before.1) {
+            check.modify_index = index;
+            self.tables.checks = index;
+            self.tables
+                .service
+                .insert(instance.spec.service.clone(), index);
+        }
+        Ok(())
+    }
+
+    /// Raises every table index and every service's, as a write would that changes something
+    /// the double does not render.
+    pub(super) fn bump(&mut self, index: u64) {
+        let tables = &mut self.tables;
+        (tables.nodes, tables.services, tables.checks) = (index, index, index);
+        tables.service_extinction = index;
+        for service in tables.service.values_mut() {
+            *service = index;
+        }
     }
 }
 
-fn ip_family(address: &str) -> Option<&'static str> {
-    match address.parse::<IpAddr>() {
-        Ok(IpAddr::V4(_)) => Some("ipv4"),
-        Ok(IpAddr::V6(_)) => Some("ipv6"),
-        Err(_) => None,
-    }
+/// Consul's `IsSameService` for what the double models.
+fn same_service(old: &Instance, new: &Instance) -> bool {
+    (
+        &old.address,
+        old.port,
+        &old.tags,
+        &old.meta,
+        &old.tagged_addresses,
+    ) == (
+        &new.address,
+        new.port,
+        &new.tags,
+        &new.meta,
+        &new.tagged_addresses,
+    )
 }
