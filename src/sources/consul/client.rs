@@ -1,8 +1,11 @@
 //! HTTP to Consul: one client for every request of the source, inside a connection budget.
 //!
-//! Every request holds one of `max_connections` permits while it runs, and a finished request
-//! hands its connection back to the pool before its permit, so the next request reuses it:
-//! weft never holds more connections to Consul than the budget, whatever the catalog's size.
+//! Every request holds one of `max_connections` permits while it runs, and the pool keeps at
+//! most that many idle connections, which the next requests reuse: however big the catalog,
+//! weft runs at most `max_connections` requests at once. The pool hands a finished request's
+//! connection back a moment after the request ends, and a request that starts in that moment
+//! may open one more (seen: the budget + 1, for a moment); a pool of connections weft owns
+//! itself would make the bound exact (not done: reqwest does not offer it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,7 @@ use super::api::{client_timeout, wait_param};
 use crate::config::{Consistency, ConsulSourceConfig};
 use crate::sources::http::{fetch, HttpError};
 
-/// The longest a read that does not block may take.
+/// The longest a read that does not block may take (or a blocking one's timeout, if shorter).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// What Consul 1.8+ writes with the 429 it answers past `limits.http_max_conns_per_client`.
@@ -123,7 +126,7 @@ impl Client {
             pairs.push(("wait", wait_param(self.config.wait)));
             client_timeout(self.config.wait)
         } else {
-            READ_TIMEOUT
+            READ_TIMEOUT.min(client_timeout(self.config.wait))
         };
         if !pairs.is_empty() {
             url.query_pairs_mut().extend_pairs(pairs);
