@@ -53,7 +53,7 @@ pub async fn fetch(request: RequestBuilder, url: &Url) -> Result<(HeaderMap, Vec
 /// The start of an error body as text, cut on a character boundary (any bytes, any encoding).
 /// An HTML error page (Jetty's, in front of Marathon during a leader election, or a proxy's)
 /// is reduced to its title.
-fn error_text(body: &[u8]) -> String {
+pub(crate) fn error_text(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = html_title(&text).unwrap_or(text.trim());
     let end = text

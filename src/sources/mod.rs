@@ -52,12 +52,6 @@ pub enum SourceError {
         source: consul::ConsulError,
     },
     #[error("{source}")]
-    WatchConsul {
-        url: Url,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("{source}")]
     ReadMarathon {
         urls: Vec<Url>,
         #[source]
@@ -76,7 +70,7 @@ impl SourceError {
     pub fn source_id(&self) -> SourceId {
         match self {
             SourceError::ReadFile { .. } | SourceError::WatchFile { .. } => SourceId::File,
-            SourceError::ReadConsul { .. } | SourceError::WatchConsul { .. } => SourceId::Consul,
+            SourceError::ReadConsul { .. } => SourceId::Consul,
             SourceError::ReadMarathon { .. } | SourceError::WatchMarathon { .. } => {
                 SourceId::Marathon
             }
@@ -161,11 +155,11 @@ impl Source {
                     .await
                     .map_err(|source| SourceError::WatchFile { path, source })
             }
+            // Consul needs nothing that can fail before it watches: every failure after that
+            // degrades the source instead.
             Source::Consul { config, domain } => {
-                let url = config.url.clone();
-                consul::run(config, domain, tx, shutdown)
-                    .await
-                    .map_err(|source| SourceError::WatchConsul { url, source })
+                consul::run(config, domain, tx, shutdown).await;
+                Ok(())
             }
             Source::Marathon { config, domain } => {
                 let urls = config.urls.clone();

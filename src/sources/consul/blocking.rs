@@ -71,11 +71,9 @@ impl BlockingQuery {
             };
             let decoded = answer.and_then(|answer| {
                 self.notices.observe(&answer, self.what);
-                let value = decode(&answer.body).map_err(|message| {
-                    crate::sources::http::HttpError::Decode {
-                        url: self.url.clone(),
-                        message,
-                    }
+                let value = decode(&answer.body).map_err(|message| ConsulError::Decode {
+                    url: self.url.clone(),
+                    message,
                 })?;
                 Ok((answer.index, value))
             });

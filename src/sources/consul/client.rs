@@ -1,23 +1,18 @@
-//! HTTP to Consul: one client for every request of the source, inside a connection budget.
-//!
-//! Every request holds one of `max_connections` permits while it runs, and the pool keeps at
-//! most that many idle connections, which the next requests reuse: however big the catalog,
-//! weft runs at most `max_connections` requests at once. The pool hands a finished request's
-//! connection back a moment after the request ends, and a request that starts in that moment
-//! may open one more (seen: the budget + 1, for a moment); a pool of connections weft owns
-//! itself would make the bound exact (not done: reqwest does not offer it).
+//! HTTP to Consul: every request of the source on one budget of connections
+//! ([`Connections`]), so that weft never holds more than `max_connections` to Consul, whatever
+//! the catalog's size; the URL, the token and the answers as Consul's API has them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::HeaderMap;
-use reqwest::{StatusCode, Url};
-use tokio::sync::Semaphore;
+use http::header::{HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use reqwest::Url;
 use tracing::{info, warn};
 
 use super::api::{client_timeout, wait_param};
+use super::connections::{ConnectionError, Connections};
 use crate::config::{Consistency, ConsulSourceConfig};
-use crate::sources::http::{fetch, HttpError};
+use crate::sources::http::error_text;
 
 /// The longest a read that does not block may take (or a blocking one's timeout, if shorter).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,8 +22,20 @@ const TOO_MANY_CONNECTIONS: &str = "too many concurrent connections";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
-    #[error(transparent)]
-    Http(#[from] HttpError),
+    #[error("GET {url}: {source}")]
+    Request {
+        url: Url,
+        #[source]
+        source: ConnectionError,
+    },
+    #[error("GET {url}: {status}: {body}")]
+    Status {
+        url: Url,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("GET {url}: cannot decode the answer: {message}")]
+    Decode { url: Url, message: String },
     #[error("GET {url}: 429: consul refuses more connections from this host's IP (its limits.http_max_conns_per_client); weft holds at most {budget} (sources.consul.max_connections), so the rest are other clients on this host")]
     TooManyConnections { url: Url, budget: usize },
 }
@@ -76,25 +83,16 @@ impl Notices {
 
 /// The HTTP side, shared by every watch and read of the source.
 pub struct Client {
-    http: reqwest::Client,
+    connections: Connections,
     pub config: ConsulSourceConfig,
-    budget: Arc<Semaphore>,
 }
 
 impl Client {
-    pub fn new(config: ConsulSourceConfig) -> Result<Client, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_max_idle_per_host(config.max_connections)
-            // Never follow a redirect: the token would go with it.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        let budget = Arc::new(Semaphore::new(config.max_connections));
-        Ok(Client {
-            http,
+    pub fn new(config: ConsulSourceConfig) -> Client {
+        Client {
+            connections: Connections::new(config.max_connections, CONNECT_TIMEOUT),
             config,
-            budget,
-        })
+        }
     }
 
     pub fn url(&self, segments: &[&str]) -> Url {
@@ -131,34 +129,48 @@ impl Client {
         if !pairs.is_empty() {
             url.query_pairs_mut().extend_pairs(pairs);
         }
-        let mut request = self.http.get(url.clone()).timeout(timeout);
+        let failed = |source| ConsulError::Request {
+            url: url.clone(),
+            source,
+        };
+        let uri = Uri::try_from(url.as_str())
+            .map_err(|e| failed(ConnectionError::Connect(e.to_string())))?;
+        let mut headers = Vec::new();
         if let Some(token) = &self.config.token {
-            request = request.header("X-Consul-Token", token.expose());
+            let value = HeaderValue::from_str(token.expose()).map_err(|_| {
+                failed(ConnectionError::Connect(
+                    "the token is not a valid header value".into(),
+                ))
+            })?;
+            headers.push((HeaderName::from_static("x-consul-token"), value));
         }
-        // Closed only if the client is dropped, when no request runs any more.
-        let _permit = self.budget.acquire().await;
-        let (headers, body) = fetch(request, &url).await.map_err(|err| match err {
-            HttpError::Status { status, body, .. }
-                if status == StatusCode::TOO_MANY_REQUESTS
-                    && body.contains(TOO_MANY_CONNECTIONS) =>
+        let response = self
+            .connections
+            .get(uri, &headers, timeout)
+            .await
+            .map_err(failed)?;
+        if !response.status.is_success() {
+            let body = error_text(&response.body);
+            if response.status == StatusCode::TOO_MANY_REQUESTS
+                && body.contains(TOO_MANY_CONNECTIONS)
             {
-                ConsulError::TooManyConnections {
-                    url: url.clone(),
+                return Err(ConsulError::TooManyConnections {
+                    url,
                     budget: self.config.max_connections,
-                }
+                });
             }
-            other => other.into(),
-        })?;
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            return Err(ConsulError::Status {
+                url,
+                status: response.status,
+                body,
+            });
+        }
+        let header = |name: &str| response.headers.get(name).and_then(|v| v.to_str().ok());
         Ok(Answer {
-            index: consul_index(&headers),
-            body,
+            index: header("X-Consul-Index").and_then(|v| v.parse().ok()),
             acl_filtered: header("X-Consul-Results-Filtered-By-ACLs") == Some("true"),
             known_leader: header("X-Consul-KnownLeader").and_then(|v| v.parse().ok()),
+            body: response.body.to_vec(),
         })
     }
-}
-
-fn consul_index(headers: &HeaderMap) -> Option<u64> {
-    headers.get("X-Consul-Index")?.to_str().ok()?.parse().ok()
 }

@@ -22,6 +22,7 @@
 mod api;
 mod blocking;
 mod client;
+mod connections;
 mod routing;
 
 use std::collections::hash_map::DefaultHasher;
@@ -43,7 +44,6 @@ use self::client::Client;
 use self::routing::{is_exposed, service_def};
 use crate::config::ConsulSourceConfig;
 use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
-use crate::sources::http::HttpError;
 use crate::sources::Backoff;
 
 /// Answers that come within this long of each other are published as one report.
@@ -59,11 +59,11 @@ pub async fn read_once(
     config: ConsulSourceConfig,
     domain: Option<Hostname>,
 ) -> Result<SourceReport, ConsulError> {
-    let client = Client::new(config).map_err(|e| ConsulError::Http(HttpError::Client(e)))?;
+    let client = Client::new(config);
     let url = client.url(&["v1", "catalog", "services"]);
     let answer = client.get(url.clone(), 0, &[]).await?;
-    let catalog = decode_catalog(&answer.body)
-        .map_err(|message| ConsulError::Http(HttpError::Decode { url, message }))?;
+    let catalog =
+        decode_catalog(&answer.body).map_err(|message| ConsulError::Decode { url, message })?;
     let names: Vec<String> = catalog
         .into_iter()
         .filter(|(_, tags)| exposed(&client, tags, domain.as_ref()))
@@ -104,8 +104,8 @@ async fn read_service(
 ) -> Result<Read, ConsulError> {
     let url = client.url(&["v1", "health", "service", name]);
     let answer = client.get(url.clone(), 0, &[]).await?;
-    let entries = decode_health(&answer.body)
-        .map_err(|message| ConsulError::Http(HttpError::Decode { url, message }))?;
+    let entries =
+        decode_health(&answer.body).map_err(|message| ConsulError::Decode { url, message })?;
     let (def, rejected) = service_def(name, &entries, &client.config.tag_prefix, domain);
     let nodes = entries.iter().map(|e| e.node.node.clone()).collect();
     Ok(Read {
@@ -121,8 +121,8 @@ pub async fn run(
     domain: Option<Hostname>,
     tx: watch::Sender<SourceReport>,
     shutdown: CancellationToken,
-) -> Result<(), reqwest::Error> {
-    let client = Arc::new(Client::new(config)?);
+) {
+    let client = Arc::new(Client::new(config));
     let source = Arc::new(Source {
         client,
         domain,
@@ -158,7 +158,6 @@ pub async fn run(
             }
         }
     }
-    Ok(())
 }
 
 /// One exposed service.
@@ -616,7 +615,7 @@ mod tests {
     fn the_degraded_reason_names_a_few_services_and_counts_the_rest() {
         let config = crate::config::Config::parse("[sources.consul]\n", std::path::Path::new("/"));
         let consul = config.unwrap().sources.consul.unwrap();
-        let client = Client::new(consul).unwrap();
+        let client = Client::new(consul);
         let source = Source {
             client: Arc::new(client),
             domain: None,

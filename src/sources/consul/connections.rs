@@ -1,0 +1,185 @@
+//! The connections weft holds to Consul: at most `max_connections`, exactly.
+//!
+//! ```text
+//! request ──> permit (one of max_connections) ──> an idle connection, or a new one if none
+//!                                                  └─ answered: back to idle, then the permit
+//!                                                  └─ failed, timed out, closed by Consul:
+//!                                                     closed, and its socket gone, before the
+//!                                                     permit is
+//! ```
+//!
+//! A connection is either idle or held by a permit, and a new one is opened only when none is
+//! idle, so there are never more than there are permits. reqwest's pool cannot promise that:
+//! it hands a connection back a moment after the request ends, and a request that starts in
+//! that moment opens another.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use http::{Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tower_service::Service;
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
+    Exchange(String),
+    #[error("operation timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// An answer: its status, headers and whole body.
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// One HTTP/1.1 connection, and the task that drives it.
+struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+    driver: JoinHandle<()>,
+}
+
+impl Connection {
+    /// Closes it, and waits until its socket is gone.
+    async fn close(self) {
+        drop(self.sender);
+        self.driver.abort();
+        let _ = self.driver.await;
+    }
+}
+
+pub struct Connections {
+    permits: Semaphore,
+    idle: Mutex<Vec<Connection>>,
+    connector: HttpsConnector<HttpConnector>,
+}
+
+impl Connections {
+    pub fn new(max: usize, connect_timeout: Duration) -> Connections {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Connections {
+            permits: Semaphore::new(max),
+            idle: Mutex::new(Vec::new()),
+            connector,
+        }
+    }
+
+    /// GET `uri` with `headers`, on a connection of the budget, within `timeout` (connecting
+    /// included).
+    pub async fn get(
+        &self,
+        uri: Uri,
+        headers: &[(HeaderName, HeaderValue)],
+        timeout: Duration,
+    ) -> Result<Response, ConnectionError> {
+        // Closed only when `self` is dropped, when no request runs any more.
+        let _permit = self.permits.acquire().await;
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut connection = match idle {
+            Some(connection) if !connection.sender.is_closed() => Some(connection),
+            Some(closed) => {
+                closed.close().await;
+                None
+            }
+            None => None,
+        };
+        let exchange = async {
+            let sender = match &mut connection {
+                Some(connection) => connection,
+                None => connection.insert(self.connect(&uri).await?),
+            };
+            let mut request = Request::get(origin_form(&uri)).body(Empty::new());
+            if let Ok(request) = &mut request {
+                if let Some(authority) = uri.authority() {
+                    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                        request.headers_mut().insert(HOST, host);
+                    }
+                }
+                for (name, value) in headers {
+                    request.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            let request = request.map_err(|e| ConnectionError::Exchange(e.to_string()))?;
+            let exchanged = |e: hyper::Error| ConnectionError::Exchange(error_chain(&e));
+            sender.sender.ready().await.map_err(exchanged)?;
+            let response = sender
+                .sender
+                .send_request(request)
+                .await
+                .map_err(exchanged)?;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.map_err(exchanged)?.to_bytes();
+            Ok(Response {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        let result = match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectionError::Timeout(timeout)),
+        };
+        if let Some(connection) = connection {
+            if result.is_ok() && !connection.sender.is_closed() {
+                self.idle
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(connection);
+            } else {
+                // Its state is unknown (or Consul closed it): never reused.
+                connection.close().await;
+            }
+        }
+        result
+    }
+
+    async fn connect(&self, uri: &Uri) -> Result<Connection, ConnectionError> {
+        let mut connector = self.connector.clone();
+        let stream: MaybeHttpsStream<TokioIo<tokio::net::TcpStream>> = connector
+            .call(uri.clone())
+            .await
+            .map_err(|e| ConnectionError::Connect(error_chain(e.as_ref())))?;
+        let (sender, driver) = http1::handshake(stream)
+            .await
+            .map_err(|e| ConnectionError::Connect(error_chain(&e)))?;
+        let driver = tokio::spawn(async move {
+            let _ = driver.await;
+        });
+        Ok(Connection { sender, driver })
+    }
+}
+
+/// `/path?query` of `uri`, as an HTTP/1.1 request line names it.
+fn origin_form(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    crate::sources::error_chain(err)
+}
