@@ -71,10 +71,8 @@ impl BlockingQuery {
             };
             let decoded = answer.and_then(|answer| {
                 self.notices.observe(&answer, self.what);
-                let value = decode(&answer.body).map_err(|message| ConsulError::Decode {
-                    url: self.url.clone(),
-                    message,
-                })?;
+                let value = decode(&answer.body)
+                    .map_err(|message| ConsulError::decode(self.url.clone(), message))?;
                 Ok((answer.index, value))
             });
             match decoded {

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::api::{client_timeout, wait_param};
 use super::connections::{ConnectionError, Connections};
 use crate::config::{Consistency, ConsulSourceConfig};
-use crate::sources::http::error_text;
+use crate::sources::http::{error_text, HttpError};
 
 /// The longest a read that does not block may take (or a blocking one's timeout, if shorter).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,14 +28,9 @@ pub enum ConsulError {
         #[source]
         source: ConnectionError,
     },
-    #[error("GET {url}: {status}: {body}")]
-    Status {
-        url: Url,
-        status: StatusCode,
-        body: String,
-    },
-    #[error("GET {url}: cannot decode the answer: {message}")]
-    Decode { url: Url, message: String },
+    /// An answer that is not a 2xx (with the start of its body), or that does not decode.
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error("GET {url}: 429: consul refuses more connections from this host's IP (its limits.http_max_conns_per_client); weft holds at most {budget} (sources.consul.max_connections), so the rest are other clients on this host")]
     TooManyConnections { url: Url, budget: usize },
 }
@@ -85,6 +80,12 @@ impl Notices {
 pub struct Client {
     connections: Connections,
     pub config: ConsulSourceConfig,
+}
+
+impl ConsulError {
+    pub fn decode(url: Url, message: String) -> ConsulError {
+        HttpError::Decode { url, message }.into()
+    }
 }
 
 impl Client {
@@ -159,11 +160,8 @@ impl Client {
                     budget: self.config.max_connections,
                 });
             }
-            return Err(ConsulError::Status {
-                url,
-                status: response.status,
-                body,
-            });
+            let status = response.status;
+            return Err(HttpError::Status { url, status, body }.into());
         }
         let header = |name: &str| response.headers.get(name).and_then(|v| v.to_str().ok());
         Ok(Answer {

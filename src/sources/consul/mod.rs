@@ -63,7 +63,7 @@ pub async fn read_once(
     let url = client.url(&["v1", "catalog", "services"]);
     let answer = client.get(url.clone(), 0, &[]).await?;
     let catalog =
-        decode_catalog(&answer.body).map_err(|message| ConsulError::Decode { url, message })?;
+        decode_catalog(&answer.body).map_err(|message| ConsulError::decode(url, message))?;
     let names: Vec<String> = catalog
         .into_iter()
         .filter(|(_, tags)| exposed(&client, tags, domain.as_ref()))
@@ -105,7 +105,7 @@ async fn read_service(
     let url = client.url(&["v1", "health", "service", name]);
     let answer = client.get(url.clone(), 0, &[]).await?;
     let entries =
-        decode_health(&answer.body).map_err(|message| ConsulError::Decode { url, message })?;
+        decode_health(&answer.body).map_err(|message| ConsulError::decode(url, message))?;
     let (def, rejected) = service_def(name, &entries, &client.config.tag_prefix, domain);
     let nodes = entries.iter().map(|e| e.node.node.clone()).collect();
     Ok(Read {
