@@ -395,3 +395,48 @@ async fn stale_reads_ride_out_a_leader_loss_and_acl_filtering_is_said() {
     weft.wait_for_log("consul filtered the answer by ACLs")
         .await;
 }
+
+/// Other clients on the host hold all but one of Consul's connections for weft's IP: weft
+/// meets the 429 Consul answers past `limits.http_max_conns_per_client`, says so in those
+/// words, backs off instead of retrying in a tight loop, and recovers once the limit has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consuls_connection_limit_is_named_backed_off_and_ridden_out() {
+    let a = Backend::start("a").await;
+    let consul = ConsulDouble::builder()
+        .max_conns_per_client(1)
+        .start()
+        .await;
+    consul.register(instance("shop", "shop-1", &a, "shop.test"));
+    let start = Instant::now();
+    // The first request (the state watch) takes the one connection and blocks on it; every
+    // other connection is refused.
+    let weft = Weft::builder()
+        .consul(&consul.url(), "wait = \"5m\"")
+        .start()
+        .await;
+    support::eventually(
+        Duration::from_secs(20),
+        "weft names Consul's connection limit",
+        || async {
+            if weft.log().contains("limits.http_max_conns_per_client") {
+                Ok(())
+            } else {
+                Err(consul.connections().refused_total())
+            }
+        },
+    )
+    .await;
+    // Backoff, not a tight loop: 0.5 s doubling to 30 s, per watch and per service.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refused = consul.connections().refused_total();
+    let seconds = start.elapsed().as_secs_f64();
+    assert!(
+        (refused as f64) <= 10.0 * seconds,
+        "{refused} refused connections in {seconds:.1} s"
+    );
+
+    // The other clients let go: weft reads the catalog and routes.
+    consul.set_max_conns_per_client(0);
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    wait_for_healthz(&weft, "ok").await;
+}
