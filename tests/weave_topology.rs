@@ -18,12 +18,10 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use support::netns::{get_in, wait_until, Netns, NsProcess, NsServer};
+use support::netns::{get_in, wait_until, Netns, NsServer, NsWeft};
 
-const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 const HOST: &str = "app.example.com";
 
 /// Every namespace of the topology. Dropped after the processes and servers that live in
@@ -103,7 +101,7 @@ fn edge_http() -> SocketAddr {
 }
 
 /// Samples requests from the client until both containers have answered, each with 200.
-fn wait_for_both_containers(t: &Topology, weft: &NsProcess, what: &str) {
+fn wait_for_both_containers(t: &Topology, weft: &NsWeft, what: &str) {
     let check = || {
         let answers = (0..6)
             .map(|_| get_in(&t.client, edge_http(), HOST, "/"))
@@ -138,34 +136,18 @@ fn client_reaches_containers_on_both_hosts_and_weft_repairs_the_edge_bridge() {
     let _c1 = NsServer::start(&t.c1, "10.2.1.5:8080".parse().unwrap(), "c1 on host1");
     let _c2 = NsServer::start(&t.c2, "10.2.2.7:8080".parse().unwrap(), "c2 on host2");
 
-    let dir = tempfile::Builder::new()
-        .prefix("weft-topology-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(
-        dir.path().join("weft.toml"),
+    let mut weft = NsWeft::start(
+        &t.edge,
         "[haproxy]\nbind = \"0.0.0.0:80\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\n\
          [network]\nallowed = [\"10.2.0.0/16\"]\n\n\
          [bridge]\nmode = \"ensure\"\nhost_index = 3\n\n\
          [status]\nlisten = \"127.0.0.1:9090\"\n\n\
          [sources.file]\npath = \"services.toml\"\ndebounce = \"50ms\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("services.toml"),
-        format!(
+        Some(&format!(
             "[[service]]\nname = \"app\"\nhosts = [\"{HOST}\"]\n\
              servers = [\"10.2.1.5:8080\", \"10.2.2.7:8080\"]\n"
-        ),
-    )
-    .unwrap();
-    let mut command = t.edge.exec(WEFT);
-    command
-        .args(["run", "-c"])
-        .arg(dir.path().join("weft.toml"))
-        .env("WEFT_LOG", "info,weft=debug");
-    let mut weft = NsProcess::spawn(&mut command, dir.path().join("weft.log"));
+        )),
+    );
 
     // weft configured the bare bridge before HAProxy started; the client reaches both hosts.
     wait_for_both_containers(&t, &weft, "both containers through the edge");
@@ -229,6 +211,6 @@ fn client_reaches_containers_on_both_hosts_and_weft_repairs_the_edge_bridge() {
     assert_eq!(code, 200);
     assert!(page.contains("<h2>Bridge</h2>"), "{page}");
 
-    let status = weft.stop().unwrap();
+    let status = weft.process.stop().unwrap();
     assert!(status.success(), "{status}\n{}", weft.log());
 }

@@ -134,6 +134,23 @@ impl Netns {
         })
     }
 
+    /// A tokio runtime whose worker threads live in this namespace (a thread is made in its
+    /// creator's namespace): what is spawned on it opens its sockets here, e.g. a double that
+    /// listens on an address of this namespace and talks to itself over its loopback. A
+    /// future that `block_on` polls itself runs on the caller's thread, in the caller's
+    /// namespace: spawn it.
+    pub fn runtime(&self) -> tokio::runtime::Runtime {
+        self.spawn(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
     /// The link `dev` as `ip -d link` and `ip addr` show it; `None` when absent.
     pub fn link(&self, dev: &str) -> Option<LinkSnapshot> {
         let json = self
@@ -313,6 +330,46 @@ impl Drop for NsProcess {
         if std::thread::panicking() {
             eprintln!("---- {} ----\n{}", self.log.display(), self.log());
         }
+    }
+}
+
+/// `weft run` inside a namespace, on the `weft.toml` (and `services.toml`) the test wrote into
+/// its own temporary directory (readable by all: HAProxy's workers read the maps there).
+/// Dropping it stops weft (SIGTERM; the namespace's own drop kills what is left, HAProxy
+/// included), then removes the directory.
+pub struct NsWeft {
+    /// Declared first: stopped before its directory goes.
+    pub process: NsProcess,
+    pub dir: tempfile::TempDir,
+}
+
+impl NsWeft {
+    pub fn start(ns: &Netns, config: &str, services: Option<&str>) -> NsWeft {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("weft-{}-", ns.name))
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.path().join("weft.toml"), config).unwrap();
+        if let Some(services) = services {
+            std::fs::write(dir.path().join("services.toml"), services).unwrap();
+        }
+        let mut command = ns.exec(env!("CARGO_BIN_EXE_weft"));
+        command
+            .args(["run", "-c"])
+            .arg(dir.path().join("weft.toml"))
+            .env("WEFT_LOG", "info,weft=debug");
+        let process = NsProcess::spawn(&mut command, dir.path().join("weft.log"));
+        NsWeft { process, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
     }
 }
 
