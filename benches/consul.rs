@@ -333,7 +333,12 @@ async fn size_run(size: usize) {
     let (weft, started) = start_edge(&consul, "").await;
     let pid = weft.pid().unwrap();
     match wait_routed(&weft, size, started).await {
-        Ok(routed) => println!("  start -> all routed in HAProxy: {routed:.2?}"),
+        Ok(routed) => println!(
+            "  start -> all routed in HAProxy: {routed:.2?} (HAProxy reloads meanwhile: {})",
+            weft.show_proc()
+                .await
+                .map_or(u64::MAX, |(reloads, _, _)| reloads)
+        ),
         Err(seen) => {
             println!("  NOT ROUTED: {seen}");
             print_connections(&consul);
@@ -397,24 +402,21 @@ async fn edges_run() {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
+    let mut runs: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    if runs.is_empty() {
+        runs = SIZES.iter().map(ToString::to_string).collect();
+        runs.push("edges".into());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    if args.is_empty() {
-        for size in SIZES {
-            runtime.block_on(size_run(size));
-        }
-        runtime.block_on(edges_run());
-        return;
-    }
-    for arg in args {
-        match arg.as_str() {
+    for run in runs {
+        match run.as_str() {
             "edges" => runtime.block_on(edges_run()),
             size => match size.parse() {
                 Ok(size) if size > 0 => runtime.block_on(size_run(size)),
