@@ -440,3 +440,44 @@ async fn consuls_connection_limit_is_named_backed_off_and_ridden_out() {
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
     wait_for_healthz(&weft, "ok").await;
 }
+
+/// The resync reads every exposed service again within `resync`, from the start: the safety
+/// net for what neither watch shows (an instance moved under its old ID).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resync_reads_every_service_again_and_catches_a_move_under_the_same_id() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let consul = ConsulDouble::start().await;
+    consul.register_all((0..5).map(|i| {
+        instance(
+            &format!("svc{i}"),
+            &format!("svc{i}-1"),
+            &a,
+            &format!("svc{i}.test"),
+        )
+    }));
+    let weft = Weft::builder()
+        .consul(&consul.url(), "wait = \"5m\"\nresync = \"2s\"")
+        .start()
+        .await;
+    wait_for_backends(&weft, "svc4.test", "/", &["a"]).await;
+    let read = |i: usize| consul.requests().count(&format!("{HEALTH_SERVICE}svc{i}"));
+    let before: Vec<u64> = (0..5).map(read).collect();
+    support::eventually(
+        Duration::from_secs(10),
+        "every service read again",
+        || async {
+            let now: Vec<u64> = (0..5).map(read).collect();
+            if now.iter().zip(&before).all(|(n, b)| n > b) {
+                Ok(())
+            } else {
+                Err(format!("{before:?} -> {now:?}"))
+            }
+        },
+    )
+    .await;
+    // svc2-1 re-registered under its own ID on b with its check unchanged: no watch wakes
+    // for it with news, the resync finds it.
+    consul.register(instance("svc2", "svc2-1", &b, "svc2.test"));
+    wait_for_backends(&weft, "svc2.test", "/", &["b"]).await;
+}

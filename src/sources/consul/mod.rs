@@ -50,6 +50,8 @@ use crate::sources::Backoff;
 const PUBLISH_COALESCE: Duration = Duration::from_millis(50);
 /// The two blocking watches' connections.
 const WATCHES: usize = 2;
+/// How often the resync looks at the catalog's size again while it waits.
+const RESYNC_LOOK: Duration = Duration::from_secs(1);
 /// Failing services named in the degraded reason; the rest are counted.
 const NAMED_FAILURES: usize = 5;
 
@@ -414,18 +416,26 @@ impl Source {
     /// address with unchanged checks).
     async fn resync(self: Arc<Self>, shutdown: CancellationToken) {
         let mut last: Option<String> = None;
+        let mut last_read = tokio::time::Instant::now();
         loop {
-            let count = self.state().services.len().max(1) as u32;
-            let pause = self.client.config.resync / count;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+            // The pace follows the catalog as it is now (it may grow from nothing at the
+            // start): looked at again at least every `RESYNC_LOOK`.
+            let (count, complete) = {
+                let state = self.state();
+                (state.services.len() as u32, state.complete)
+            };
+            let due = last_read + self.client.config.resync / count.max(1);
+            let now = tokio::time::Instant::now();
+            if !complete || count == 0 || now < due {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(due.min(now + RESYNC_LOOK)) => {}
+                }
+                continue;
             }
+            last_read = now;
             let next = {
                 let state = self.state();
-                if !state.complete {
-                    continue;
-                }
                 let after = last
                     .as_deref()
                     .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
