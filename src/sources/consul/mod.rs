@@ -464,24 +464,42 @@ impl Source {
                 _ = shutdown.cancelled() => return,
                 read = read_service(&self.client, &name, self.domain.as_ref()) => read,
             };
-            let retry = self.update(|state| {
+            // (was failing before, retry delay): logged outside the lock.
+            let outcome = self.update(|state| {
                 let service = state.services.get_mut(&name)?;
+                let was_failing = service.error.is_some();
                 match read {
                     Ok(read) => {
                         service.content = Some((read.def, read.rejected));
                         service.nodes = read.nodes;
                         service.error = None;
                         service.backoff.reset();
-                        None
+                        Some((was_failing, Ok(())))
                     }
                     Err(err) => {
                         let delay = service.backoff.next_delay();
-                        warn!(service = %name, error = %err, retry_in = ?delay, "consul service read failing, keeping its last good servers");
                         service.error = Some(err.to_string());
-                        Some(delay)
+                        Some((was_failing, Err((err, delay))))
                     }
                 }
             });
+            // One WARN when a service starts failing and one INFO when it recovers: with
+            // Consul down, 10,000 services would otherwise log 10,000 lines every backoff.
+            let retry = match outcome {
+                Some((false, Err((err, delay)))) => {
+                    warn!(service = %name, error = %err, retry_in = ?delay, "consul service read failing, keeping its last good servers");
+                    Some(delay)
+                }
+                Some((true, Err((err, delay)))) => {
+                    debug!(service = %name, error = %err, retry_in = ?delay, "consul service read still failing");
+                    Some(delay)
+                }
+                Some((true, Ok(()))) => {
+                    info!(service = %name, "consul service read again");
+                    None
+                }
+                Some((false, Ok(()))) | None => None,
+            };
             if let Some(delay) = retry {
                 let source = self.clone();
                 let stop = shutdown.clone();
