@@ -23,6 +23,7 @@ mod api;
 mod blocking;
 mod client;
 mod connections;
+mod queue;
 mod routing;
 
 use std::collections::hash_map::DefaultHasher;
@@ -41,6 +42,7 @@ pub use self::client::ConsulError;
 use self::api::StateCheck;
 use self::blocking::BlockingQuery;
 use self::client::Client;
+use self::queue::Queue;
 use self::routing::{is_exposed, service_def};
 use crate::config::ConsulSourceConfig;
 use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
@@ -129,8 +131,7 @@ pub async fn run(
         client,
         domain,
         state: Mutex::new(State::default()),
-        queue: Mutex::new(BTreeSet::new()),
-        queued: Notify::new(),
+        queue: Queue::default(),
         dirty: Notify::new(),
         baseline: Notify::new(),
     });
@@ -173,6 +174,8 @@ struct ServiceState {
     nodes: BTreeSet<String>,
     /// Its tags in the catalog: a change reads it again.
     tags: Vec<String>,
+    /// A failed read's retry is waiting: one at a time, however often it fails.
+    retry_pending: bool,
 }
 
 #[derive(Debug, Default)]
@@ -197,8 +200,7 @@ struct Source {
     domain: Option<Hostname>,
     state: Mutex<State>,
     /// Services to read, each once however often it was asked for.
-    queue: Mutex<BTreeSet<String>>,
-    queued: Notify,
+    queue: Queue,
     /// The state changed: publish.
     dirty: Notify,
     /// The state watch has its first answer.
@@ -218,29 +220,7 @@ impl Source {
     }
 
     fn enqueue(&self, names: impl IntoIterator<Item = String>) {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let before = queue.len();
-        queue.extend(names);
-        if queue.len() > before {
-            // One permit is enough: every reader takes from the queue until it is empty.
-            self.queued.notify_waiters();
-            self.queued.notify_one();
-        }
-    }
-
-    async fn next_queued(&self) -> String {
-        loop {
-            let notified = self.queued.notified();
-            if let Some(name) = self
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop_first()
-            {
-                return name;
-            }
-            notified.await;
-        }
+        self.queue.push(names);
     }
 
     /// Publishes the state as a report when it changed, at most every `PUBLISH_COALESCE`.
@@ -458,57 +438,99 @@ impl Source {
         loop {
             let name = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                name = self.next_queued() => name,
+                name = self.queue.pop() => name,
             };
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 read = read_service(&self.client, &name, self.domain.as_ref()) => read,
             };
-            // (was failing before, retry delay): logged outside the lock.
+            self.queue.done(&name);
             let outcome = self.update(|state| {
                 let service = state.services.get_mut(&name)?;
-                let was_failing = service.error.is_some();
-                match read {
-                    Ok(read) => {
-                        service.content = Some((read.def, read.rejected));
-                        service.nodes = read.nodes;
-                        service.error = None;
-                        service.backoff.reset();
-                        Some((was_failing, Ok(())))
-                    }
-                    Err(err) => {
-                        let delay = service.backoff.next_delay();
-                        service.error = Some(err.to_string());
-                        Some((was_failing, Err((err, delay))))
-                    }
-                }
+                Some(service.record(read))
             });
+            let Some(outcome) = outcome else { continue };
             // One WARN when a service starts failing and one INFO when it recovers: with
             // Consul down, 10,000 services would otherwise log 10,000 lines every backoff.
-            let retry = match outcome {
-                Some((false, Err((err, delay)))) => {
-                    warn!(service = %name, error = %err, retry_in = ?delay, "consul service read failing, keeping its last good servers");
-                    Some(delay)
+            match &outcome {
+                ReadOutcome::Read { was_failing: true } => {
+                    info!(service = %name, "consul service read again")
                 }
-                Some((true, Err((err, delay)))) => {
-                    debug!(service = %name, error = %err, retry_in = ?delay, "consul service read still failing");
-                    Some(delay)
+                ReadOutcome::Read { .. } => {}
+                ReadOutcome::Failed {
+                    error,
+                    delay,
+                    was_failing: false,
+                    ..
+                } => {
+                    warn!(service = %name, %error, retry_in = ?delay, "consul service read failing, keeping its last good servers")
                 }
-                Some((true, Ok(()))) => {
-                    info!(service = %name, "consul service read again");
-                    None
+                ReadOutcome::Failed { error, delay, .. } => {
+                    debug!(service = %name, %error, retry_in = ?delay, "consul service read still failing")
                 }
-                Some((false, Ok(()))) | None => None,
-            };
-            if let Some(delay) = retry {
-                let source = self.clone();
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::time::sleep(delay) => source.enqueue([name]),
-                    }
-                });
+            }
+            if let ReadOutcome::Failed {
+                delay, retry: true, ..
+            } = outcome
+            {
+                self.clone().retry_after(name, delay, shutdown.clone());
+            }
+        }
+    }
+
+    /// Reads `name` again after `delay`: its one pending retry.
+    fn retry_after(self: Arc<Self>, name: String, delay: Duration, shutdown: CancellationToken) {
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {
+                    self.update(|state| {
+                        if let Some(service) = state.services.get_mut(&name) {
+                            service.retry_pending = false;
+                        }
+                    });
+                    self.enqueue([name]);
+                }
+            }
+        });
+    }
+}
+
+/// What one read did to a service.
+enum ReadOutcome {
+    Read {
+        was_failing: bool,
+    },
+    Failed {
+        error: ConsulError,
+        delay: Duration,
+        was_failing: bool,
+        /// No retry was pending: start one.
+        retry: bool,
+    },
+}
+
+impl ServiceState {
+    fn record(&mut self, read: Result<Read, ConsulError>) -> ReadOutcome {
+        let was_failing = self.error.is_some();
+        match read {
+            Ok(read) => {
+                self.content = Some((read.def, read.rejected));
+                self.nodes = read.nodes;
+                self.error = None;
+                self.backoff.reset();
+                ReadOutcome::Read { was_failing }
+            }
+            Err(error) => {
+                let delay = self.backoff.next_delay();
+                self.error = Some(error.to_string());
+                let retry = !std::mem::replace(&mut self.retry_pending, true);
+                ReadOutcome::Failed {
+                    error,
+                    delay,
+                    was_failing,
+                    retry,
+                }
             }
         }
     }
@@ -652,8 +674,7 @@ mod tests {
                 complete: true,
                 ..State::default()
             }),
-            queue: Mutex::new(BTreeSet::new()),
-            queued: Notify::new(),
+            queue: Queue::default(),
             dirty: Notify::new(),
             baseline: Notify::new(),
         };
@@ -673,5 +694,35 @@ mod tests {
         assert!(reason.contains("svc000: GET"), "{reason}");
         assert!(reason.ends_with("and 295 more services"), "{reason}");
         assert!(reason.len() < 1000, "{} bytes", reason.len());
+    }
+
+    /// However often a failing service is asked for (resync, catalog, state), one retry at a
+    /// time waits for it: the retries do not pile up while Consul is down.
+    #[test]
+    fn a_failing_service_has_one_retry_pending_at_a_time() {
+        let failure = || {
+            Err(ConsulError::decode(
+                "http://consul/v1/health/service/shop".parse().unwrap(),
+                "EOF".into(),
+            ))
+        };
+        let mut service = ServiceState::default();
+        let retries: Vec<bool> = (0..5)
+            .map(|_| match service.record(failure()) {
+                ReadOutcome::Failed { retry, .. } => retry,
+                ReadOutcome::Read { .. } => panic!("read"),
+            })
+            .collect();
+        assert_eq!(retries, [true, false, false, false, false]);
+        // The retry fires (and clears the flag): the next failure starts the next one.
+        service.retry_pending = false;
+        assert!(matches!(
+            service.record(failure()),
+            ReadOutcome::Failed {
+                retry: true,
+                was_failing: true,
+                ..
+            }
+        ));
     }
 }
