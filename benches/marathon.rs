@@ -76,7 +76,7 @@ fn run(health_checks: bool) {
         map_dir: "/var/lib/weft".into(),
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
-        maxconn: weft::config::AUTO_MAXCONN_CAP,
+        maxconn: Some(weft::config::AUTO_MAXCONN_CAP),
         slots: weft::config::DEFAULT_SLOTS,
         log: None,
     };
@@ -139,7 +139,7 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
         map_dir: dir.path().to_path_buf(),
         hard_stop_after: Duration::from_secs(30),
         max_reloads: 50,
-        maxconn: weft::config::AUTO_MAXCONN_CAP,
+        maxconn: Some(weft::config::AUTO_MAXCONN_CAP),
         slots: weft::config::DEFAULT_SLOTS,
         log: None,
     };

@@ -187,10 +187,13 @@ fn raise_open_files_limit(haproxy: &HaproxyConfig) {
     }
     // What HAProxy 2.6 sets its limit to, measured: two per connection and 40 of its own (one
     // more per health-checked server).
-    let needed = 2 * u64::from(haproxy.maxconn()) + 40;
+    let Some(maxconn) = haproxy.maxconn() else {
+        return;
+    };
+    let needed = 2 * u64::from(maxconn) + 40;
     if haproxy.mode == HaproxyMode::Managed && needed > hard {
         tracing::warn!(
-            maxconn = haproxy.maxconn(),
+            maxconn,
             needed,
             hard,
             "haproxy.maxconn needs more open files than the hard limit: HAProxy refuses to start \

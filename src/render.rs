@@ -50,8 +50,9 @@ pub struct RenderSettings {
     pub hard_stop_after: Duration,
     /// `mworker-max-reloads`: old workers that survived this many reloads are killed.
     pub max_reloads: u32,
-    /// `maxconn` in `global`: HAProxy's concurrent connections, and so its fd limit.
-    pub maxconn: u32,
+    /// `maxconn` in `global`: HAProxy's concurrent connections, and so its fd limit; `None`:
+    /// none rendered, HAProxy's own choice.
+    pub maxconn: Option<u32>,
     /// Slots per backend come in multiples of this (see [`crate::slots`]).
     pub slots: usize,
     /// Syslog target of the access log (`haproxy.log`), if any.
@@ -118,7 +119,7 @@ struct ConfigTemplate<'a> {
     parked: SocketAddr,
     hard_stop_after: String,
     max_reloads: u32,
-    maxconn: u32,
+    maxconn: Option<u32>,
     log: Option<&'a str>,
     backends: Vec<BackendView>,
 }
@@ -239,7 +240,7 @@ mod tests {
             map_dir: "/var/lib/weft".into(),
             hard_stop_after: Duration::from_secs(30),
             max_reloads: 50,
-            maxconn: 100_000,
+            maxconn: Some(100_000),
             slots: 4,
             log: None,
         }
@@ -311,7 +312,7 @@ mod tests {
     fn golden_config_and_maps() {
         let with_log = RenderSettings {
             log: Some("/dev/log".into()),
-            maxconn: 2000,
+            maxconn: Some(2000),
             ..settings()
         };
         let rendered = render(&sample(), &with_log).unwrap();

@@ -67,7 +67,7 @@ async fn weft_takes_over_a_running_haproxy_and_leaves_it_running() {
 /// once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_haproxy_that_dies_is_reported_down_and_taken_back_when_it_returns() {
-    let (_a, mut haproxy, _, weft) = weft_on_an_external_haproxy().await;
+    let (a, mut haproxy, services, weft) = weft_on_an_external_haproxy().await;
     let up = |want: &'static str| {
         let weft = &weft;
         async move {
@@ -87,8 +87,19 @@ async fn an_external_haproxy_that_dies_is_reported_down_and_taken_back_when_it_r
     eventually(Duration::from_secs(5), "weft_haproxy_up 1", || up("1")).await;
 
     haproxy.kill();
-    // Within the liveness interval (2 s) and its three tries, plus slack.
-    eventually(Duration::from_secs(15), "weft_haproxy_up 0", || up("0")).await;
+    // The routing keeps changing (every 300 ms, faster than the 2 s liveness interval), so the
+    // apply loop keeps waking: the liveness probe must go on through it.
+    let churn = async {
+        for round in 0.. {
+            let extra = service(&format!("churn{round}"), &["churn.test"], None, &[a.addr]);
+            weft.write_services(&format!("{services}{extra}"));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    tokio::select! {
+        () = eventually(Duration::from_secs(15), "weft_haproxy_up 0", || up("0")) => {}
+        () = churn => {}
+    }
     let (code, status) = weft.status("/status").await.unwrap();
     assert_eq!(code, 200);
     assert!(status.contains("\"running\":false"), "{status}");

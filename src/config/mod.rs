@@ -402,15 +402,19 @@ fn absolute(path: PathBuf, base: &Path) -> PathBuf {
 }
 
 impl HaproxyConfig {
-    /// HAProxy's `maxconn`: `haproxy.maxconn`, else what fits a quarter of the hard
-    /// open-files limit that HAProxy inherits (it needs two descriptors per connection, and
-    /// the other half leaves room for health-checked servers, one each), at most
-    /// [`AUTO_MAXCONN_CAP`]. So HAProxy starts under any limit without raising the hard one.
-    pub fn maxconn(&self) -> u32 {
-        self.maxconn.unwrap_or_else(|| {
-            let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                .map_or(1024, |(_, hard)| hard);
-            auto_maxconn(hard)
+    /// HAProxy's `maxconn`: `haproxy.maxconn`, else, for a managed HAProxy, what fits a
+    /// quarter of the hard open-files limit it inherits from weft (it needs two descriptors
+    /// per connection, and the other half leaves room for health-checked servers, one each),
+    /// at most [`AUTO_MAXCONN_CAP`], so that it starts under any limit without raising the
+    /// hard one. An external HAProxy runs under its owner's limits, which weft does not know:
+    /// unset, its `maxconn` is left to it.
+    pub fn maxconn(&self) -> Option<u32> {
+        self.maxconn.or_else(|| {
+            (self.mode == HaproxyMode::Managed).then(|| {
+                let limit =
+                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE);
+                auto_maxconn(limit.map_or(1024, |(_, hard)| hard))
+            })
         })
     }
 }
@@ -784,6 +788,13 @@ listen = { a = 1 }
                 "{bad}"
             );
         }
+        // Resolved: managed, a quarter of the hard limit; external, the owner's choice.
+        let resolved = |keys: &str| parse_haproxy(keys).unwrap().maxconn();
+        assert!(resolved("").is_some_and(|m| (1..=AUTO_MAXCONN_CAP).contains(&m)));
+        let external =
+            "mode = \"external\"\nmaster_socket = \"/run/m.sock\"\nconfig_file = \"/etc/h.cfg\"";
+        assert_eq!(resolved(external), None);
+        assert_eq!(resolved(&format!("{external}\nmaxconn = 5")), Some(5));
         let issues = maxconn("maxconn = -1").unwrap_err();
         assert_eq!(keys_of(&issues), ["haproxy.maxconn"]);
     }

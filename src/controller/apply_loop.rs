@@ -48,12 +48,13 @@ struct LoopState {
 
 impl LoopState {
     /// Reports one apply's result: status page, log, retry schedule.
-    fn record(&mut self, result: Result<Outcome, ApplyError>, table: &RoutingTable) {
+    /// `running`: whether HAProxy runs now, as the applier knows it.
+    fn record(&mut self, result: Result<Outcome, ApplyError>, table: &RoutingTable, running: bool) {
         self.status.send_modify(|s| {
             s.generation += 1;
+            s.running = running;
             match &result {
                 Ok(outcome) => {
-                    s.running = true;
                     s.last_error = None;
                     match outcome {
                         Outcome::Reloaded { reloads } => s.reloads = *reloads,
@@ -187,14 +188,14 @@ pub(super) async fn apply_loop(
                             Ok(Refreshed::Reload(candidate)) => {
                                 let table = candidate.table().clone();
                                 let result = applier.commit(candidate).await;
-                                state.record(result, &table);
+                                state.record(result, &table, applier.running());
                                 continue;
                             }
                             Ok(Refreshed::NotNeeded) => continue,
                             // The structure moved on: apply (and validate) the latest table.
                             Ok(Refreshed::Revalidate) => {}
                             Err(err) => {
-                                state.record(Err(err), &table);
+                                state.record(Err(err), &table, applier.running());
                                 continue;
                             }
                         }
@@ -205,7 +206,7 @@ pub(super) async fn apply_loop(
                         if blamed.len() < MAX_CULPRITS
                             && blamed.add(&backend, done.candidate.table(), &stderr) => {}
                     Err(err) => {
-                        state.record(Err(err), done.candidate.table());
+                        state.record(Err(err), done.candidate.table(), applier.running());
                         if !applier.running() {
                             restart_on_last_good(&mut applier, &mut state).await;
                         }
@@ -223,7 +224,7 @@ pub(super) async fn apply_loop(
         };
         let table = effective(&built, &mut blamed, &state.status);
         match applier.apply(&table).await {
-            Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table),
+            Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table, applier.running()),
             // While a validation runs, its end picks up this table. No timer either: an
             // elapsed one would spin this loop until the validation ends.
             Ok(Step::Reload(_)) if pending.is_some() => state.retry.at = None,
@@ -232,9 +233,9 @@ pub(super) async fn apply_loop(
                     state.retry.at = None;
                     pending = Some(Pending { candidate, check })
                 }
-                Err(err) => state.record(Err(err), &table),
+                Err(err) => state.record(Err(err), &table, applier.running()),
             },
-            Err(err) => state.record(Err(err), &table),
+            Err(err) => state.record(Err(err), &table, applier.running()),
         }
     }
     applier.stop().await;

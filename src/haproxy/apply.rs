@@ -101,8 +101,9 @@ pub struct Applier {
     /// What HAProxy runs now: the last good state.
     applied: Option<Applied>,
     process: Option<Managed>,
-    /// External mode: whether the master answered when last asked.
+    /// External mode: whether the master answered when last asked, and when it is asked next.
     external_up: bool,
+    liveness: process::Liveness,
     generation: u64,
     last_reload: Option<tokio::time::Instant>,
     /// A runtime update failed part way: HAProxy may run something between `applied` and
@@ -119,6 +120,7 @@ impl Applier {
             applied: None,
             process: None,
             external_up: true,
+            liveness: process::Liveness::default(),
             generation: 0,
             last_reload: None,
             in_doubt: false,
@@ -377,7 +379,12 @@ impl Applier {
     async fn reload(&mut self, desired: Applied) -> Result<Outcome, ApplyError> {
         let started = std::time::Instant::now();
         let (socket, timeout) = (&self.config.master_socket, self.config.reload_timeout);
-        let before = process::master_status(socket, timeout).await?;
+        let before = process::master_status(socket, timeout)
+            .await
+            .inspect_err(|_| {
+                // An external master that does not answer is not running, whatever was last seen.
+                self.external_up &= self.config.mode == HaproxyMode::Managed;
+            })?;
         let state = self.server_state_path();
         runtime::save_server_state(&self.admin_socket(), &state, &desired.slots).await;
         self.write_files(None, &desired.rendered, LastGood::Keep)?;
@@ -409,7 +416,7 @@ impl Applier {
         match (&mut self.process, self.config.mode) {
             (Some(process), _) => Gone::Exited(process.wait().await),
             (None, HaproxyMode::External) if self.external_up => {
-                Gone::Silent(process::until_silent(&self.config.master_socket).await)
+                Gone::Silent(self.liveness.until_silent(&self.config.master_socket).await)
             }
             _ => std::future::pending().await,
         }

@@ -249,7 +249,7 @@ pub(crate) mod tests {
             map_dir: "/run/weft".into(),
             hard_stop_after: std::time::Duration::from_secs(30),
             max_reloads: 50,
-            maxconn: 100_000,
+            maxconn: Some(100_000),
             slots: 4,
             log: None,
         }

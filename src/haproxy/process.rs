@@ -169,24 +169,47 @@ pub enum Gone {
     Silent(ProcessError),
 }
 
-/// Asks an external HAProxy's master `show proc` every [`LIVENESS_INTERVAL`], and returns
-/// once it no longer answers: [`SILENT_TRIES`] tries in a row over one interval failed, so
-/// that the moment a reload makes it refuse connections is not taken for a death.
-pub async fn until_silent(master_socket: &Path) -> ProcessError {
-    let mut failed = Vec::new();
-    loop {
-        let pause = if failed.is_empty() {
-            LIVENESS_INTERVAL
-        } else {
-            LIVENESS_INTERVAL / SILENT_TRIES
-        };
-        tokio::time::sleep(pause).await;
-        match show_proc(master_socket).await {
-            Ok(_) => failed.clear(),
-            Err(err) => failed.push(err),
+/// Whether an external HAProxy's master still answers: `show proc` every
+/// [`LIVENESS_INTERVAL`], and [`SILENT_TRIES`] failed tries in a row over one interval make it
+/// gone, so that the moment a reload makes it refuse connections is not taken for a death.
+/// The schedule and the count live here, not in the future that waits: the caller's loop
+/// drops that future whenever something else happens first, and the probe must go on.
+#[derive(Debug)]
+pub struct Liveness {
+    next: tokio::time::Instant,
+    failed: u32,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            next: tokio::time::Instant::now() + LIVENESS_INTERVAL,
+            failed: 0,
         }
-        if failed.len() == SILENT_TRIES as usize {
-            return failed.swap_remove(0);
+    }
+}
+
+impl Liveness {
+    /// Resolves once the master no longer answers; cancel-safe.
+    pub async fn until_silent(&mut self, master_socket: &Path) -> ProcessError {
+        loop {
+            tokio::time::sleep_until(self.next).await;
+            let answer = show_proc(master_socket).await;
+            let now = tokio::time::Instant::now();
+            match answer {
+                Ok(_) => {
+                    self.failed = 0;
+                    self.next = now + LIVENESS_INTERVAL;
+                }
+                Err(err) => {
+                    self.failed += 1;
+                    if self.failed >= SILENT_TRIES {
+                        *self = Liveness::default();
+                        return err;
+                    }
+                    self.next = now + LIVENESS_INTERVAL / SILENT_TRIES;
+                }
+            }
         }
     }
 }
