@@ -108,12 +108,50 @@ impl Connections {
             }
             None => None,
         };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let reused = connection.is_some();
+        let mut result = self
+            .exchange_by(deadline, timeout, &mut connection, &uri, headers)
+            .await;
+        // A kept-alive connection that Consul (or a proxy) closed between two requests fails
+        // before it answers: once, on a new connection. A GET may be sent again.
+        if reused && matches!(result, Err(ConnectionError::Exchange(_))) {
+            if let Some(stale) = connection.take() {
+                stale.close().await;
+            }
+            result = self
+                .exchange_by(deadline, timeout, &mut connection, &uri, headers)
+                .await;
+        }
+        if let Some(connection) = connection {
+            if result.is_ok() && !connection.sender.is_closed() {
+                self.idle
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(connection);
+            } else {
+                // Its state is unknown (or Consul closed it): never reused.
+                connection.close().await;
+            }
+        }
+        result
+    }
+
+    /// One GET on `connection` (opened first when there is none), by `deadline`.
+    async fn exchange_by(
+        &self,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+        connection: &mut Option<Connection>,
+        uri: &Uri,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Response, ConnectionError> {
         let exchange = async {
-            let sender = match &mut connection {
+            let sender = match connection {
                 Some(connection) => connection,
-                None => connection.insert(self.connect(&uri).await?),
+                None => connection.insert(self.connect(uri).await?),
             };
-            let mut request = Request::get(origin_form(&uri)).body(Empty::new());
+            let mut request = Request::get(origin_form(uri)).body(Empty::new());
             if let Ok(request) = &mut request {
                 if let Some(authority) = uri.authority() {
                     if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
@@ -140,22 +178,9 @@ impl Connections {
                 body,
             })
         };
-        let result = match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(ConnectionError::Timeout(timeout)),
-        };
-        if let Some(connection) = connection {
-            if result.is_ok() && !connection.sender.is_closed() {
-                self.idle
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(connection);
-            } else {
-                // Its state is unknown (or Consul closed it): never reused.
-                connection.close().await;
-            }
-        }
-        result
+        tokio::time::timeout_at(deadline, exchange)
+            .await
+            .unwrap_or(Err(ConnectionError::Timeout(timeout)))
     }
 
     async fn connect(&self, uri: &Uri) -> Result<Connection, ConnectionError> {
@@ -182,4 +207,54 @@ fn origin_form(uri: &Uri) -> String {
 
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     crate::sources::error_chain(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A server that answers one request per connection and closes it on the next, without an
+    /// answer and without having said so (no `Connection: close`): as a proxy or an idle
+    /// timeout closes a kept-alive connection under a request that was on its way.
+    async fn one_answer_per_connection() -> (std::net::SocketAddr, JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // The next request on this connection: read, never answered, closed.
+                let _ = stream.read(&mut buffer).await;
+            }
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_between_requests_is_replaced_not_failed() {
+        let (addr, server) = one_answer_per_connection().await;
+        let connections = Connections::new(1, Duration::from_secs(1));
+        let uri: Uri = format!("http://{addr}/v1/health/state/any")
+            .parse()
+            .unwrap();
+        for round in 0..20 {
+            let answer = connections
+                .get(uri.clone(), &[], Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(&answer.body[..], b"ok");
+        }
+        server.abort();
+    }
 }
