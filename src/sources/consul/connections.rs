@@ -28,6 +28,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tower_service::Service;
 
+use crate::sources::error_chain;
+
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -203,10 +205,6 @@ impl Connections {
 fn origin_form(uri: &Uri) -> String {
     uri.path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
-}
-
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    crate::sources::error_chain(err)
 }
 
 #[cfg(test)]

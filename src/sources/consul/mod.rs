@@ -127,14 +127,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let client = Arc::new(Client::new(config));
-    let source = Arc::new(Source {
-        client,
-        domain,
-        state: Mutex::new(State::default()),
-        queue: Queue::default(),
-        dirty: Notify::new(),
-        baseline: Notify::new(),
-    });
+    let source = Arc::new(Source::new(client, domain));
     info!(url = %source.client.config.url, max_connections = source.client.config.max_connections, "watching consul");
     let nudged = source.clone();
     crate::sources::after_start_grace(shutdown.clone(), move || nudged.dirty.notify_one());
@@ -208,6 +201,17 @@ struct Source {
 }
 
 impl Source {
+    fn new(client: Arc<Client>, domain: Option<Hostname>) -> Source {
+        Source {
+            client,
+            domain,
+            state: Mutex::new(State::default()),
+            queue: Queue::default(),
+            dirty: Notify::new(),
+            baseline: Notify::new(),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -217,10 +221,6 @@ impl Source {
         let result = change(&mut self.state());
         self.dirty.notify_one();
         result
-    }
-
-    fn enqueue(&self, names: impl IntoIterator<Item = String>) {
-        self.queue.push(names);
     }
 
     /// Publishes the state as a report when it changed, at most every `PUBLISH_COALESCE`.
@@ -338,7 +338,7 @@ impl Source {
             if !changed.is_empty() {
                 debug!(services = changed.len(), "consul checks changed");
             }
-            self.enqueue(changed);
+            self.queue.push(changed);
         }
     }
 
@@ -387,7 +387,7 @@ impl Source {
                 }
                 to_read
             });
-            self.enqueue(to_read);
+            self.queue.push(to_read);
         }
     }
 
@@ -428,7 +428,7 @@ impl Source {
             };
             if let Some(name) = next {
                 last = Some(name.clone());
-                self.enqueue([name]);
+                self.queue.push([name]);
             }
         }
     }
@@ -489,7 +489,7 @@ impl Source {
                             service.retry_pending = false;
                         }
                     });
-                    self.enqueue([name]);
+                    self.queue.push([name]);
                 }
             }
         });
@@ -666,18 +666,12 @@ mod tests {
         let config = crate::config::Config::parse("[sources.consul]\n", std::path::Path::new("/"));
         let consul = config.unwrap().sources.consul.unwrap();
         let client = Client::new(consul);
-        let source = Source {
-            client: Arc::new(client),
-            domain: None,
-            state: Mutex::new(State {
-                catalog_loaded: true,
-                complete: true,
-                ..State::default()
-            }),
-            queue: Queue::default(),
-            dirty: Notify::new(),
-            baseline: Notify::new(),
-        };
+        let source = Source::new(Arc::new(client), None);
+        {
+            let mut state = source.state();
+            state.catalog_loaded = true;
+            state.complete = true;
+        }
         for i in 0..300 {
             source.state().services.insert(
                 format!("svc{i:03}"),
