@@ -68,9 +68,8 @@ mod tests {
         };
         let built = crate::model::build(
             &[&report],
-            &crate::model::ModelSettings {
-                allowed: config.allowed,
-            },
+            &config.model_settings(),
+            &crate::model::Ledger::default(),
         );
         assert!(built.dropped.is_empty(), "{:?}", built.dropped);
         assert_eq!(built.table.routes.len(), 3);

@@ -16,7 +16,7 @@ use weft::bridge::BridgeState;
 use weft::config::{BridgeConfig, BridgeMode, Config, HaproxyConfig, HaproxyMode};
 use weft::haproxy::files::stage;
 use weft::haproxy::validate::{validate, ValidateError};
-use weft::model::{build, ModelSettings, SourceReport};
+use weft::model::{build, Ledger, SourceReport};
 use weft::render::{render, RenderSettings, CONFIG_FILE};
 use weft::sources::read_all_once;
 
@@ -214,10 +214,14 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
         }
     }
     let refs: Vec<&SourceReport> = reports.iter().collect();
-    let model = ModelSettings {
-        allowed: config.allowed.clone(),
+    let ledger = match weft::controller::claims::LocalStore::open(&config.haproxy.run_dir) {
+        Ok(store) => store.ledger(),
+        Err(err) => {
+            failures.push(err.to_string());
+            Ledger::default()
+        }
     };
-    (build(&refs, &model), failures)
+    (build(&refs, &config.model_settings(), &ledger), failures)
 }
 
 async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {

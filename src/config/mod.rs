@@ -15,14 +15,17 @@ use ipnetwork::Ipv4Network;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::model::Hostname;
+use crate::model::ModelSettings;
 use crate::network::{AllowedNetworks, WEAVE_NETWORK};
 
 mod bridge;
+mod routing;
 mod sources;
 
 use bridge::{validate_bridge, RawBridge};
 pub use bridge::{BridgeConfig, BridgeMode, DEFAULT_BRIDGE_INTERVAL, DEFAULT_BRIDGE_NAME};
+use routing::{validate_routing, RawRouting};
+pub use routing::{ClaimsStore, RoutingConfig, DEFAULT_CLAIMS_PREFIX};
 pub use sources::*;
 use sources::{validate_sources, RawSources};
 
@@ -110,15 +113,6 @@ struct RawNetwork {
     allowed: Option<Vec<String>>,
 }
 
-/// `[routing]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRouting {
-    /// Apollo mode: every Consul service NAME (and Marathon app) is also exposed as
-    /// `NAME.<domain>`. Default: unset.
-    domain: Option<String>,
-}
-
 /// `[status]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,10 +149,14 @@ pub struct HaproxyConfig {
     pub log: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RoutingConfig {
-    /// Apollo mode: `NAME.<domain>` for every service.
-    pub domain: Option<Hostname>,
+impl Config {
+    /// What the model needs of the configuration.
+    pub fn model_settings(&self) -> ModelSettings {
+        ModelSettings {
+            allowed: self.allowed.clone(),
+            ownership: self.routing.ownership.clone(),
+        }
+    }
 }
 
 /// The validated configuration.
@@ -240,8 +238,8 @@ impl Config {
         let haproxy = validate_haproxy(haproxy, base, &mut issues);
         let allowed = validate_network(network, &mut issues);
         let bridge = validate_bridge(bridge, &mut issues);
-        let routing = validate_routing(routing, &mut issues);
         let sources = validate_sources(sources, base, &mut issues);
+        let routing = validate_routing(routing, sources.consul.is_some(), &mut issues);
         let listen_text = status
             .listen
             .unwrap_or_else(|| DEFAULT_STATUS_LISTEN.into());
@@ -600,21 +598,6 @@ fn validate_network(raw: RawNetwork, issues: &mut Issues) -> AllowedNetworks {
         );
     }
     AllowedNetworks::new(networks)
-}
-
-fn validate_routing(raw: RawRouting, issues: &mut Issues) -> RoutingConfig {
-    let domain = raw.domain.and_then(|text| match Hostname::parse(&text) {
-        Ok(domain) if domain.wildcard_suffix().is_none() => Some(domain),
-        Ok(_) => {
-            issues.add("routing.domain", "must not be a wildcard");
-            None
-        }
-        Err(reason) => {
-            issues.add("routing.domain", format!("{text:?} {reason}"));
-            None
-        }
-    });
-    RoutingConfig { domain }
 }
 
 #[cfg(test)]

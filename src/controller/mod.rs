@@ -19,12 +19,17 @@ use tracing::{info, warn};
 use crate::bridge::{BridgeState, Keeper};
 use crate::config::{BridgeMode, Config};
 use crate::haproxy::apply::Applier;
-use crate::model::{build, Built, Dropped, Health, ModelSettings, SourceReport};
+use futures::FutureExt;
+
+use crate::model::{
+    build, Built, ClaimIntents, Dropped, Health, Ledger, ModelSettings, SourceReport,
+};
 use crate::sources::{self, SourceError};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
 mod apply_loop;
 mod blame;
+pub mod claims;
 mod retry;
 use apply_loop::apply_loop;
 
@@ -46,6 +51,8 @@ pub enum RunError {
         #[from]
         source: SourceError,
     },
+    #[error(transparent)]
+    Claims(#[from] claims::ClaimsError),
     #[error("a task of weft's ended unexpectedly: {0}")]
     TaskEnded(String),
 }
@@ -76,9 +83,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let reports = sources::spawn_all(&config, &mut tasks, &shutdown);
 
-    let model = ModelSettings {
-        allowed: config.allowed.clone(),
-    };
+    let model = config.model_settings();
+    let (intents_tx, intents_rx) = watch::channel(ClaimIntents::default());
+    let (ledger_tx, ledger_rx) = watch::channel(None::<Ledger>);
+    let store = claims::LocalStore::open(&config.haproxy.run_dir)?;
+    tasks.spawn(
+        claims::keep_local(
+            store,
+            config.routing.ownership.release_after,
+            intents_rx,
+            ledger_tx,
+            shutdown.clone(),
+        )
+        .map(Ok),
+    );
     let (desired_tx, desired_rx) = watch::channel(None::<Arc<Built>>);
     let (apply_tx, apply_rx) = watch::channel(ApplyStatus::default());
     let feed = StatusFeed {
@@ -93,7 +111,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             .await
             .map_err(|source| RunError::StatusServe { source })
     });
-    tasks.spawn(build_loop(reports, model, desired_tx, shutdown.clone()));
+    tasks.spawn(build_loop(
+        reports,
+        model,
+        ClaimsLink {
+            ledger: ledger_rx,
+            intents: intents_tx,
+        },
+        desired_tx,
+        shutdown.clone(),
+    ));
 
     let applier = Applier::new(config.haproxy.clone());
     let apply = apply_loop(applier, desired_rx, apply_tx, shutdown.clone());
@@ -137,10 +164,18 @@ async fn first_failure(
     }
 }
 
-/// Rebuilds the table whenever a source publishes; publishes only a table that differs.
+/// The build loop's side of the claims ledger.
+struct ClaimsLink {
+    ledger: watch::Receiver<Option<Ledger>>,
+    intents: watch::Sender<ClaimIntents>,
+}
+
+/// Rebuilds the table whenever a source or the ledger publishes; publishes only a table that
+/// differs, and hands the ledger what it should record.
 async fn build_loop(
     mut reports: Vec<watch::Receiver<SourceReport>>,
     model: ModelSettings,
+    mut claims: ClaimsLink,
     desired: watch::Sender<Option<Arc<Built>>>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
@@ -150,11 +185,21 @@ async fn build_loop(
             .iter_mut()
             .map(|r| r.borrow_and_update().clone())
             .collect();
-        // Until every source has read once, a table would be missing routes: wait.
-        if current.iter().all(|r| r.health != Health::Starting) {
+        let ledger = claims.ledger.borrow_and_update().clone();
+        // Until every source has read once, and the ledger too, a table would be missing
+        // routes, or hand hosts to the wrong holder: wait.
+        if let (true, Some(ledger)) = (current.iter().all(|r| r.health != Health::Starting), ledger)
+        {
             let refs: Vec<&SourceReport> = current.iter().collect();
-            let built = build(&refs, &model);
+            let built = build(&refs, &model, &ledger);
             log_drops(&mut reported, &built.dropped);
+            claims.intents.send_if_modified(|old| {
+                if *old == built.intents {
+                    return false;
+                }
+                *old = built.intents.clone();
+                true
+            });
             desired.send_if_modified(|old| {
                 if old.as_deref() == Some(&built) {
                     return false;
@@ -166,6 +211,11 @@ async fn build_loop(
         let changes = reports.iter_mut().map(|r| Box::pin(r.changed()));
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            changed = claims.ledger.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
             (result, _, _) = futures_select_all(changes) => {
                 if result.is_err() {
                     return Ok(());

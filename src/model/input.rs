@@ -14,6 +14,18 @@ pub enum SourceId {
     Marathon,
 }
 
+impl SourceId {
+    /// The inverse of `Display`.
+    pub fn parse(text: &str) -> Option<SourceId> {
+        match text {
+            "file" => Some(SourceId::File),
+            "consul" => Some(SourceId::Consul),
+            "marathon" => Some(SourceId::Marathon),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for SourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -28,6 +40,9 @@ impl fmt::Display for SourceId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceDef {
     pub name: String,
+    /// What the source calls it, matched by `[[routing.teams]]`: the Consul service name, the
+    /// Marathon app id (`/shop/web`), the file's service name.
+    pub origin: String,
     pub hosts: Vec<String>,
     /// Path prefix; `None` means `/`.
     pub path: Option<String>,
@@ -48,6 +63,7 @@ impl ServiceDef {
     pub fn new(name: &str, hosts: &[&str], servers: &[&str]) -> ServiceDef {
         ServiceDef {
             name: name.into(),
+            origin: name.into(),
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             path: None,
             servers: servers.iter().map(|s| s.to_string()).collect(),

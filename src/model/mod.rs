@@ -12,6 +12,7 @@
 mod diff;
 mod input;
 mod names;
+pub mod ownership;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -25,6 +26,8 @@ pub use names::{
 };
 
 use crate::network::AllowedNetworks;
+use ownership::{settle, Claim, Holder, Settled, TeamId};
+pub use ownership::{ClaimIntents, Ledger, Ownership};
 
 /// One HAProxy backend: a service and its servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +98,18 @@ impl fmt::Display for Dropped {
 #[derive(Debug, Clone)]
 pub struct ModelSettings {
     pub allowed: AllowedNetworks,
+    /// Who may claim which hosts.
+    pub ownership: Ownership,
+}
+
+impl ModelSettings {
+    /// Routing to `allowed`, with the default ownership rules.
+    pub fn new(allowed: AllowedNetworks) -> ModelSettings {
+        ModelSettings {
+            allowed,
+            ownership: Ownership::default(),
+        }
+    }
 }
 
 /// The table and everything that was left out of it.
@@ -102,6 +117,11 @@ pub struct ModelSettings {
 pub struct Built {
     pub table: RoutingTable,
     pub dropped: Vec<Dropped>,
+    /// The claims that lost to a host's holder (each is in `dropped` too): what an operator
+    /// alerts on.
+    pub conflicts: Vec<Dropped>,
+    /// What the claims ledger should record.
+    pub intents: ClaimIntents,
 }
 
 /// For tests: the table of `services` from the file source, on the weave network.
@@ -111,18 +131,27 @@ pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
         services,
         ..SourceReport::starting(SourceId::File)
     };
-    let settings = ModelSettings {
-        allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
-    };
-    build(&[&report], &settings).table
+    let settings = ModelSettings::new(AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]));
+    build(&[&report], &settings, &Ledger::default()).table
 }
 
-/// Builds the routing table from every source's report.
+/// A service that passed validation, on its way into the table.
+struct Candidate {
+    holder: Holder,
+    team: TeamId,
+    /// Its backend's name: the service name, or `source:name` when two sources use the name.
+    key: ServiceName,
+    backend: Backend,
+    keys: Vec<RouteKey>,
+}
+
+/// Builds the routing table from every source's report and the claims ledger.
 ///
-/// Conflicts are settled deterministically: a service name defined twice keeps the definition
-/// from the first source (in [`SourceId`] order, then position); a host and path claimed by two
-/// services goes to the service whose name sorts first. The loser is reported as dropped.
-pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
+/// A host goes to whoever holds it in the ledger, as [`ownership`] settles it; a route under a
+/// host to the holder, else to the holder's team's service whose name sorts first. A service
+/// name that two sources use is kept apart (`consul:shop`), never one hiding the other. The
+/// result depends only on the reports and the ledger, not on the order anything arrived in.
+pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledger) -> Built {
     let mut built = Built::default();
     let mut sorted: Vec<&SourceReport> = reports.to_vec();
     sorted.sort_by_key(|r| r.source);
@@ -137,15 +166,15 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
         }
     }
 
-    // route -> every service claiming it, to settle conflicts after all services are read.
-    let mut claims: BTreeMap<RouteKey, BTreeSet<ServiceName>> = BTreeMap::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
     for report in &sorted {
+        let mut seen: BTreeSet<ServiceName> = BTreeSet::new();
         for def in &report.services {
             let Some((name, backend, keys)) = validate(report.source, def, settings, &mut built)
             else {
                 continue;
             };
-            if built.table.backends.contains_key(&name) {
+            if !seen.insert(name.clone()) {
                 built.dropped.push(Dropped {
                     source: report.source,
                     subject: format!("service {:?}", name.as_str()),
@@ -153,30 +182,127 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
                 });
                 continue;
             }
-            for key in keys {
-                claims.entry(key).or_default().insert(name.clone());
-            }
-            built.table.backends.insert(name, backend);
+            candidates.push(Candidate {
+                holder: Holder {
+                    source: report.source,
+                    service: name.clone(),
+                },
+                team: settings.ownership.team_of(report.source, &def.origin),
+                key: name,
+                backend,
+                keys,
+            });
         }
     }
 
-    for (key, services) in claims {
-        let mut services = services.into_iter();
-        let Some(winner) = services.next() else {
+    // One name in two sources: both stay, apart. The file's keeps the plain name.
+    let mut sources_of: BTreeMap<ServiceName, BTreeSet<SourceId>> = BTreeMap::new();
+    for c in &candidates {
+        sources_of
+            .entry(c.holder.service.clone())
+            .or_default()
+            .insert(c.holder.source);
+    }
+    for c in &mut candidates {
+        if sources_of[&c.holder.service].len() > 1 && c.holder.source != SourceId::File {
+            c.key = c.holder.service.qualified(c.holder.source);
+        }
+    }
+
+    // host -> (candidate, paths) for every claim a team may make.
+    let mut by_host: BTreeMap<Hostname, BTreeMap<usize, Vec<PathPrefix>>> = BTreeMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        for key in &c.keys {
+            if let Err(reason) = settings.ownership.may_claim(&c.team, &key.host) {
+                built.dropped.push(Dropped {
+                    source: c.holder.source,
+                    subject: format!("service {:?} route {key}", c.key.as_str()),
+                    reason,
+                });
+                continue;
+            }
+            by_host
+                .entry(key.host.clone())
+                .or_default()
+                .entry(i)
+                .or_default()
+                .push(key.path.clone());
+        }
+    }
+
+    for (host, claimants) in by_host {
+        let claims: Vec<Claim> = claimants
+            .keys()
+            .map(|&i| Claim {
+                holder: candidates[i].holder.clone(),
+                team: candidates[i].team.clone(),
+            })
+            .collect();
+        let (settled, lost) = settle(
+            &host,
+            &claims,
+            ledger,
+            &settings.ownership,
+            &mut built.intents,
+        );
+        for (holder, reason) in lost {
+            let Some((&i, paths)) = claimants
+                .iter()
+                .find(|(&i, _)| candidates[i].holder == holder)
+            else {
+                continue;
+            };
+            for path in paths {
+                let key = RouteKey {
+                    host: host.clone(),
+                    path: path.clone(),
+                };
+                let dropped = Dropped {
+                    source: holder.source,
+                    subject: format!("service {:?} route {key}", candidates[i].key.as_str()),
+                    reason: reason.clone(),
+                };
+                built.conflicts.push(dropped.clone());
+                built.dropped.push(dropped);
+            }
+        }
+        let Settled::Owned { team, holder } = settled else {
             continue;
         };
-        for loser in services {
-            let source = built.table.backends.get(&loser).map(|b| b.source);
-            built.dropped.push(Dropped {
-                source: source.unwrap_or(SourceId::File),
-                subject: format!("service {:?} route {key}", loser.as_str()),
-                reason: format!(
-                    "the route is already claimed by service {:?}",
-                    winner.as_str()
-                ),
-            });
+        // Each route under the host: the holder first, then the team's names in order.
+        let mut routes: BTreeMap<PathPrefix, Vec<usize>> = BTreeMap::new();
+        for (&i, paths) in &claimants {
+            if candidates[i].team == team {
+                for path in paths {
+                    routes.entry(path.clone()).or_default().push(i);
+                }
+            }
         }
-        built.table.routes.insert(key, winner);
+        for (path, mut claimers) in routes {
+            claimers.sort_by_key(|&i| (candidates[i].holder != holder, candidates[i].key.clone()));
+            let key = RouteKey {
+                host: host.clone(),
+                path,
+            };
+            let winner = &candidates[claimers[0]].key;
+            for &loser in &claimers[1..] {
+                let dropped = Dropped {
+                    source: candidates[loser].holder.source,
+                    subject: format!("service {:?} route {key}", candidates[loser].key.as_str()),
+                    reason: format!(
+                        "the route is already claimed by service {:?} of the same team",
+                        winner.as_str()
+                    ),
+                };
+                built.conflicts.push(dropped.clone());
+                built.dropped.push(dropped);
+            }
+            built.table.routes.insert(key, winner.clone());
+        }
+    }
+
+    for c in candidates {
+        built.table.backends.insert(c.key, c.backend);
     }
 
     // A service that lost every route would be an unreachable backend: say so and drop it.
@@ -193,12 +319,13 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings) -> Built {
             built.dropped.push(Dropped {
                 source: backend.source,
                 subject: format!("service {:?}", name.as_str()),
-                reason: "every route it asked for belongs to another service".into(),
+                reason: "it routes no host: every route it asked for was dropped".into(),
             });
         }
     }
 
     built.dropped.sort();
+    built.conflicts.sort();
     built
 }
 
@@ -328,9 +455,7 @@ mod tests {
     use super::*;
 
     fn settings() -> ModelSettings {
-        ModelSettings {
-            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
-        }
+        ModelSettings::new(AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]))
     }
 
     fn def(name: &str, hosts: &[&str], servers: &[&str]) -> ServiceDef {
@@ -357,6 +482,7 @@ mod tests {
                 def("nohost", &["a b"], &["10.2.1.7:80"]),
             ])],
             &settings(),
+            &Ledger::default(),
         );
         let shop = &built.table.backends[&ServiceName::parse("shop").unwrap()];
         assert_eq!(shop.servers.len(), 1);
@@ -384,8 +510,12 @@ mod tests {
             &["shop.example.com", "beta.example.com"],
             &["10.2.1.6:80"],
         );
-        let first = build(&[&report(vec![a.clone(), b.clone()])], &settings());
-        let second = build(&[&report(vec![b, a])], &settings());
+        let first = build(
+            &[&report(vec![a.clone(), b.clone()])],
+            &settings(),
+            &Ledger::default(),
+        );
+        let second = build(&[&report(vec![b, a])], &settings(), &Ledger::default());
         assert_eq!(first, second);
         let key = RouteKey {
             host: Hostname::parse("shop.example.com").unwrap(),
@@ -400,7 +530,7 @@ mod tests {
     fn a_service_left_without_routes_is_dropped() {
         let a = def("alpha", &["shop.example.com"], &["10.2.1.5:80"]);
         let b = def("beta", &["shop.example.com"], &["10.2.1.6:80"]);
-        let built = build(&[&report(vec![a, b])], &settings());
+        let built = build(&[&report(vec![a, b])], &settings(), &Ledger::default());
         assert_eq!(built.table.backends.len(), 1);
         assert_eq!(built.dropped.len(), 2);
     }
@@ -409,7 +539,7 @@ mod tests {
     fn duplicate_names_keep_the_first() {
         let a = def("shop", &["a.example.com"], &["10.2.1.5:80"]);
         let b = def("shop", &["b.example.com"], &["10.2.1.6:80"]);
-        let built = build(&[&report(vec![a, b])], &settings());
+        let built = build(&[&report(vec![a, b])], &settings(), &Ledger::default());
         assert_eq!(built.table.routes.len(), 1);
         assert!(built.dropped[0].reason.contains("already defined"));
     }
@@ -418,7 +548,7 @@ mod tests {
     fn health_checks_are_bounded() {
         let mut d = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
         d.check = Some("/health".into());
-        let built = build(&[&report(vec![d.clone()])], &settings());
+        let built = build(&[&report(vec![d.clone()])], &settings(), &Ledger::default());
         let check = built
             .table
             .backends
@@ -440,7 +570,7 @@ mod tests {
             let mut bad = d.clone();
             bad.check_interval = interval;
             bad.check_fall = fall;
-            let built = build(&[&report(vec![bad])], &settings());
+            let built = build(&[&report(vec![bad])], &settings(), &Ledger::default());
             assert!(built.table.backends.is_empty());
             assert!(built.dropped[0].reason.contains(why), "{:?}", built.dropped);
         }
@@ -454,7 +584,7 @@ mod tests {
             &["10.2.1.5:80"],
         );
         d.path = Some("/api".into());
-        let built = build(&[&report(vec![d])], &settings());
+        let built = build(&[&report(vec![d])], &settings(), &Ledger::default());
         assert_eq!(built.table.routes.len(), 1);
         assert!(built.dropped[0].reason.contains("wildcard"));
     }

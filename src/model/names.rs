@@ -45,6 +45,12 @@ impl ServiceName {
         &self.0
     }
 
+    /// The name of a service whose name another source uses too: `consul:shop`. A parsed name
+    /// never holds ':', so this never meets one.
+    pub fn qualified(&self, source: impl fmt::Display) -> ServiceName {
+        ServiceName(format!("{source}:{}", self.0))
+    }
+
     /// The HAProxy backend that serves this service.
     pub fn backend(&self) -> String {
         format!("{BACKEND_PREFIX}{}", self.0)
@@ -118,6 +124,13 @@ impl Hostname {
     /// For `*.example.com`, the suffix `.example.com` that HAProxy matches with `map_end`.
     pub fn wildcard_suffix(&self) -> Option<&str> {
         self.0.strip_prefix('*')
+    }
+}
+
+/// Lets a map keyed by hostnames be searched with a `&str` (the same order and hash).
+impl std::borrow::Borrow<str> for Hostname {
+    fn borrow(&self) -> &str {
+        self.as_str()
     }
 }
 

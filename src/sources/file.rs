@@ -78,6 +78,7 @@ fn service_def(service: FileService) -> Result<ServiceDef, String> {
         })
         .transpose()?;
     Ok(ServiceDef {
+        origin: service.name.clone(),
         name: service.name,
         hosts: service.hosts,
         path: service.path,

@@ -103,6 +103,7 @@ pub fn service_def(
     (
         ServiceDef {
             name: name.to_string(),
+            origin: name.to_string(),
             hosts,
             path: routing.path,
             servers,

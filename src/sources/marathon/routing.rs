@@ -163,6 +163,7 @@ pub fn app_services(
         servers.dedup();
         services.push(ServiceDef {
             name: service_name(&app.id, index),
+            origin: app.id.clone(),
             hosts,
             path: port_label(app, index, "PATH").map(str::to_string),
             servers,

@@ -1,0 +1,302 @@
+//! The claims ledger, kept: loaded, recorded as the model asks, released after its holder has
+//! been gone for `routing.release_after`.
+//!
+//! ```text
+//! build ──ClaimIntents──> keeper ──record (create only if absent / check-and-set)──> store
+//!   ^                        │ absent holders: timed here, released after release_after
+//!   └────────Ledger──────────┘ <──────── what the store holds (local file, Consul KV) ──┘
+//! ```
+//!
+//! The store decides every race: a record is created only where none exists and replaced only
+//! at the version the model saw, so two edges that claim at once keep the one the store took.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::haproxy::files::write_atomic;
+use crate::model::ownership::{Holder, Holding, Record};
+use crate::model::{ClaimIntents, Hostname, Ledger, ServiceName, SourceId};
+
+/// The local ledger's file name in `run_dir`.
+pub const LOCAL_LEDGER: &str = "claims.json";
+/// How often release timers are looked at.
+const RELEASE_TICK: Duration = Duration::from_secs(1);
+
+/// One entry as it is stored: `{"source":"consul","service":"shop","team":"@consul"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoredHolding {
+    pub source: String,
+    pub service: String,
+    pub team: String,
+    /// The local ledger's own version of the entry (Consul keeps its ModifyIndex instead).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl StoredHolding {
+    pub fn of(record: &Record) -> StoredHolding {
+        StoredHolding {
+            source: record.holder.source.to_string(),
+            service: record.holder.service.as_str().to_string(),
+            team: record.team.key(),
+            version: 0,
+        }
+    }
+
+    /// Back into the model's form; `Err` for an entry weft did not write.
+    pub fn holding(&self, version: u64) -> Result<Holding, String> {
+        let source = SourceId::parse(&self.source)
+            .ok_or_else(|| format!("unknown source {:?}", self.source))?;
+        let service = ServiceName::parse(&self.service)
+            .map_err(|reason| format!("service {:?} {reason}", self.service))?;
+        Ok(Holding {
+            holder: Holder { source, service },
+            team: self.team.clone(),
+            version,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimsError {
+    #[error("cannot read the claims ledger {path}: {reason}; it records who holds each host: repair it, or remove it to let every host be claimed afresh")]
+    Local { path: PathBuf, reason: String },
+}
+
+/// The local ledger: one JSON file, this edge's alone.
+pub struct LocalStore {
+    path: PathBuf,
+    entries: BTreeMap<Hostname, StoredHolding>,
+    next_version: u64,
+}
+
+impl LocalStore {
+    pub fn open(run_dir: &Path) -> Result<LocalStore, ClaimsError> {
+        let path = run_dir.join(LOCAL_LEDGER);
+        let failed = |reason: String| ClaimsError::Local {
+            path: path.clone(),
+            reason,
+        };
+        let raw: BTreeMap<String, StoredHolding> = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| failed(e.to_string()))?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(err) => return Err(failed(err.to_string())),
+        };
+        let mut entries = BTreeMap::new();
+        for (host, stored) in raw {
+            let host = Hostname::parse(&host).map_err(|r| failed(format!("host {host:?} {r}")))?;
+            stored
+                .holding(stored.version)
+                .map_err(|r| failed(format!("host {host}: {r}")))?;
+            entries.insert(host, stored);
+        }
+        let next_version = entries.values().map(|e| e.version).max().unwrap_or(0) + 1;
+        Ok(LocalStore {
+            path,
+            entries,
+            next_version,
+        })
+    }
+
+    pub fn ledger(&self) -> Ledger {
+        Ledger {
+            hosts: self
+                .entries
+                .iter()
+                .filter_map(|(h, s)| Some((h.clone(), s.holding(s.version).ok()?)))
+                .collect(),
+        }
+    }
+
+    /// Records `record` unless another got there first; whether it was recorded.
+    fn record(&mut self, record: &Record) -> bool {
+        let current = self.entries.get(&record.host).map(|e| e.version);
+        if current != record.replaces {
+            return false;
+        }
+        let mut stored = StoredHolding::of(record);
+        stored.version = self.next_version;
+        self.next_version += 1;
+        self.entries.insert(record.host.clone(), stored);
+        true
+    }
+
+    fn release(&mut self, host: &Hostname, version: u64) -> bool {
+        if self.entries.get(host).map(|e| e.version) != Some(version) {
+            return false;
+        }
+        self.entries.remove(host);
+        true
+    }
+
+    fn save(&self) {
+        let raw: BTreeMap<&str, &StoredHolding> =
+            self.entries.iter().map(|(h, s)| (h.as_str(), s)).collect();
+        let text = match serde_json::to_string_pretty(&raw) {
+            Ok(text) => text,
+            Err(err) => {
+                warn!(error = %err, "cannot encode the claims ledger");
+                return;
+            }
+        };
+        if let Err(err) = write_atomic(&self.path, &text) {
+            // Kept in memory: this weft still routes by it; a restart would lose the newest.
+            warn!(error = %err, "cannot save the claims ledger");
+        }
+    }
+}
+
+/// The timers of hosts whose holder claims them no more.
+#[derive(Default)]
+struct Absences {
+    since: BTreeMap<Hostname, Instant>,
+}
+
+impl Absences {
+    /// Starts a timer for each newly absent host, drops those whose holder is back.
+    fn update(&mut self, absent: &[Hostname], now: Instant) {
+        self.since.retain(|host, _| absent.contains(host));
+        for host in absent {
+            self.since.entry(host.clone()).or_insert(now);
+        }
+    }
+
+    /// The hosts absent for `after` or longer.
+    fn due(&self, after: Duration, now: Instant) -> Vec<Hostname> {
+        self.since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= after)
+            .map(|(host, _)| host.clone())
+            .collect()
+    }
+}
+
+/// Keeps the local ledger until `shutdown`: records what the model asks, releases what has
+/// been absent long enough, publishes every change.
+pub async fn keep_local(
+    mut store: LocalStore,
+    release_after: Duration,
+    mut intents: watch::Receiver<ClaimIntents>,
+    ledger: watch::Sender<Option<Ledger>>,
+    shutdown: CancellationToken,
+) {
+    ledger.send_replace(Some(store.ledger()));
+    let mut absences = Absences::default();
+    let mut tick = tokio::time::interval(RELEASE_TICK);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = intents.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let wanted = intents.borrow_and_update().clone();
+                absences.update(&wanted.absent, Instant::now());
+                let mut changed = false;
+                for record in &wanted.record {
+                    if store.record(record) {
+                        info!(host = %record.host, holder = %record.holder, team = %record.team, "host claimed");
+                        changed = true;
+                    }
+                }
+                if changed {
+                    store.save();
+                    ledger.send_replace(Some(store.ledger()));
+                }
+            }
+            _ = tick.tick() => {
+                let due = absences.due(release_after, Instant::now());
+                let mut changed = false;
+                for host in due {
+                    let Some(version) = store.entries.get(&host).map(|e| e.version) else {
+                        continue;
+                    };
+                    if store.release(&host, version) {
+                        info!(host = %host, after = %humantime::format_duration(release_after), "host released: its holder claimed it no more");
+                        absences.since.remove(&host);
+                        changed = true;
+                    }
+                }
+                if changed {
+                    store.save();
+                    ledger.send_replace(Some(store.ledger()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ownership::TeamId;
+
+    fn record(host: &str, name: &str, replaces: Option<u64>) -> Record {
+        Record {
+            host: Hostname::parse(host).unwrap(),
+            holder: Holder {
+                source: SourceId::Consul,
+                service: ServiceName::parse(name).unwrap(),
+            },
+            team: TeamId::Source(SourceId::Consul),
+            replaces,
+        }
+    }
+
+    #[test]
+    fn the_local_ledger_creates_once_replaces_at_its_version_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LocalStore::open(dir.path()).unwrap();
+        assert!(store.record(&record("a.example.com", "first", None)));
+        assert!(!store.record(&record("a.example.com", "second", None)));
+        let version = store.entries[&Hostname::parse("a.example.com").unwrap()].version;
+        assert!(!store.record(&record("a.example.com", "stale", Some(version + 5))));
+        assert!(store.record(&record("a.example.com", "heir", Some(version))));
+        store.save();
+        let reopened = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.ledger(), store.ledger());
+        let holding = &reopened.ledger().hosts[&Hostname::parse("a.example.com").unwrap()];
+        assert_eq!(holding.holder.service.as_str(), "heir");
+        assert!(reopened.next_version > holding.version);
+    }
+
+    #[test]
+    fn a_broken_ledger_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(LOCAL_LEDGER), "{ not json").unwrap();
+        let err = LocalStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("claims.json"), "{err}");
+    }
+
+    #[test]
+    fn absences_are_timed_from_first_sight_and_forgotten_on_return() {
+        let mut absences = Absences::default();
+        let host = Hostname::parse("a.example.com").unwrap();
+        let start = Instant::now();
+        absences.update(std::slice::from_ref(&host), start);
+        absences.update(std::slice::from_ref(&host), start + Duration::from_secs(5));
+        assert!(absences
+            .due(Duration::from_secs(10), start + Duration::from_secs(9))
+            .is_empty());
+        assert_eq!(
+            absences.due(Duration::from_secs(10), start + Duration::from_secs(10)),
+            [host.clone()]
+        );
+        absences.update(&[], start + Duration::from_secs(11));
+        assert!(absences
+            .due(Duration::ZERO, start + Duration::from_secs(12))
+            .is_empty());
+    }
+}
