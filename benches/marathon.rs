@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use weft::config::{HostPorts, MarathonGroup};
-use weft::model::{build, ModelSettings, SourceId, SourceReport};
+use weft::model::{build, Ledger, ModelSettings, SourceId, SourceReport};
 use weft::network::AllowedNetworks;
 use weft::render::{render, RenderSettings};
 use weft::sources::marathon::api::decode_apps;
@@ -67,9 +67,9 @@ fn run(health_checks: bool) {
         domain: None,
         host_ports: HostPorts::Deny,
     };
-    let model = ModelSettings {
-        allowed: AllowedNetworks::new(["10.2.0.0/16".parse().expect("network")]),
-    };
+    let model = ModelSettings::new(AllowedNetworks::new(["10.2.0.0/16"
+        .parse()
+        .expect("network")]));
     let settings = RenderSettings {
         bind: "0.0.0.0:80".parse().expect("bind"),
         run_dir: "/var/lib/weft".into(),
@@ -95,7 +95,7 @@ fn run(health_checks: bool) {
             report.rejected.extend(rejected);
         }
         let routed = Instant::now();
-        let built = build(&[&report], &model);
+        let built = build(&[&report], &model, &Ledger::default());
         let tabled = Instant::now();
         let rendered = render(&built.table, &settings).expect("render");
         let done = Instant::now();

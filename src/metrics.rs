@@ -25,6 +25,8 @@ pub const BACKENDS: &str = "weft_backends";
 pub const EMPTY_BACKENDS: &str = "weft_backends_without_servers";
 /// Inputs dropped with a reason, by source.
 pub const DROPPED: &str = "weft_dropped_inputs";
+/// Claims that lost to a host's holder, by the losing claim's source.
+pub const CONFLICTS: &str = "weft_host_conflicts";
 /// 1 when the source is ok, 0 when degraded or starting; by source.
 pub const SOURCE_UP: &str = "weft_source_up";
 /// Services each source currently reports.
@@ -49,6 +51,8 @@ pub struct Snapshot<'a> {
     pub empty_backends: usize,
     /// `(source, dropped count)`.
     pub dropped: Vec<(&'a str, usize)>,
+    /// `(source, lost claims)`.
+    pub conflicts: Vec<(&'a str, usize)>,
     /// `(source, up, services)`.
     pub sources: Vec<(&'a str, bool, usize)>,
     pub bridge_ok: bool,
@@ -139,6 +143,17 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         dropped.get_or_create(&by_source(source)).set(*count as i64);
     }
     registry.register(DROPPED, "Inputs dropped with a reason, by source", dropped);
+    let conflicts = Family::<Labels, Gauge>::default();
+    for (source, count) in &snapshot.conflicts {
+        conflicts
+            .get_or_create(&by_source(source))
+            .set(*count as i64);
+    }
+    registry.register(
+        CONFLICTS,
+        "Routes refused because another service holds the host, by source",
+        conflicts,
+    );
     let up = Family::<Labels, Gauge>::default();
     let services = Family::<Labels, Gauge>::default();
     for (source, is_up, count) in &snapshot.sources {
@@ -172,6 +187,7 @@ mod tests {
             backends: 3,
             empty_backends: 1,
             dropped: vec![("file", 2)],
+            conflicts: vec![("consul", 1)],
             sources: vec![("file", true, 3), ("consul", false, 0)],
             bridge_ok: true,
         })
@@ -182,6 +198,7 @@ mod tests {
             "weft_routes 4",
             "weft_backends_without_servers 1",
             "weft_dropped_inputs{source=\"file\"} 2",
+            "weft_host_conflicts{source=\"consul\"} 1",
             "weft_source_up{source=\"consul\"} 0",
             "weft_source_services{source=\"file\"} 3",
             "weft_healthy 0",

@@ -88,6 +88,10 @@ struct StatusView {
     sources: Vec<SourceView>,
     routes: Vec<RouteView>,
     dropped: Vec<DroppedView>,
+    /// Claims that lost to a host's holder (also in `dropped`): a tenant reaching for another's
+    /// host. They never fail `/healthz`, which a tenant must not be able to do; alert on
+    /// `weft_host_conflicts` instead.
+    conflicts: Vec<DroppedView>,
     haproxy: ApplyStatus,
     bridge: BridgeState,
 }
@@ -134,6 +138,15 @@ impl StatusFeed {
                 .iter()
                 .any(|r| r.service == service.as_str())
         };
+        let view_of = |d: &crate::model::Dropped| DroppedView {
+            source: d.source.to_string(),
+            subject: d.subject.clone(),
+            reason: d.reason.clone(),
+        };
+        let conflicts: Vec<DroppedView> = built
+            .as_deref()
+            .map(|b| b.conflicts.iter().map(view_of).collect())
+            .unwrap_or_default();
         let (routes, mut dropped): (Vec<RouteView>, Vec<DroppedView>) = match built.as_deref() {
             Some(built) => (
                 built
@@ -154,15 +167,7 @@ impl StatusFeed {
                             .unwrap_or_default(),
                     })
                     .collect(),
-                built
-                    .dropped
-                    .iter()
-                    .map(|d| DroppedView {
-                        source: d.source.to_string(),
-                        subject: d.subject.clone(),
-                        reason: d.reason.clone(),
-                    })
-                    .collect(),
+                built.dropped.iter().map(view_of).collect(),
             ),
             None => (Vec::new(), Vec::new()),
         };
@@ -185,6 +190,7 @@ impl StatusFeed {
             sources,
             routes,
             dropped,
+            conflicts,
             haproxy,
             bridge,
         }
@@ -211,6 +217,11 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
     for d in &view.dropped {
         *dropped.entry(d.source.as_str()).or_default() += 1;
     }
+    let mut conflicts: std::collections::BTreeMap<&str, usize> =
+        view.sources.iter().map(|s| (s.name.as_str(), 0)).collect();
+    for d in &view.conflicts {
+        *conflicts.entry(d.source.as_str()).or_default() += 1;
+    }
     let backends: std::collections::BTreeSet<&str> =
         view.routes.iter().map(|r| r.service.as_str()).collect();
     let empty: std::collections::BTreeSet<&str> = view
@@ -230,6 +241,7 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
         backends: backends.len(),
         empty_backends: empty.len(),
         dropped: dropped.into_iter().collect(),
+        conflicts: conflicts.into_iter().collect(),
         sources: view
             .sources
             .iter()

@@ -25,7 +25,7 @@ mod sources;
 use bridge::{validate_bridge, RawBridge};
 pub use bridge::{BridgeConfig, BridgeMode, DEFAULT_BRIDGE_INTERVAL, DEFAULT_BRIDGE_NAME};
 use routing::{validate_routing, RawRouting};
-pub use routing::{ClaimsStore, RoutingConfig, DEFAULT_CLAIMS_PREFIX};
+pub use routing::{ClaimsStore, RoutingConfig, CLAIMS_CONNECTIONS, DEFAULT_CLAIMS_PREFIX};
 pub use sources::*;
 use sources::{validate_sources, RawSources};
 
@@ -239,7 +239,11 @@ impl Config {
         let allowed = validate_network(network, &mut issues);
         let bridge = validate_bridge(bridge, &mut issues);
         let sources = validate_sources(sources, base, &mut issues);
-        let routing = validate_routing(routing, sources.consul.is_some(), &mut issues);
+        let routing = validate_routing(
+            routing,
+            sources.consul.as_ref().map(|c| c.max_connections),
+            &mut issues,
+        );
         let listen_text = status
             .listen
             .unwrap_or_else(|| DEFAULT_STATUS_LISTEN.into());

@@ -11,6 +11,9 @@ use crate::model::Hostname;
 
 /// Default `routing.claims_prefix`: the Consul KV folder of the claims ledger.
 pub const DEFAULT_CLAIMS_PREFIX: &str = "weft/claims";
+/// The Consul connections the claims ledger takes out of `sources.consul.max_connections`: one
+/// blocking read of the folder, one write at a time.
+pub const CLAIMS_CONNECTIONS: usize = 2;
 /// The shortest `release_after`: a redeploy must not hand a host away.
 const MIN_RELEASE_AFTER: Duration = Duration::from_secs(1);
 
@@ -75,9 +78,10 @@ impl Default for RoutingConfig {
 
 pub(super) fn validate_routing(
     raw: RawRouting,
-    consul_configured: bool,
+    consul_connections: Option<usize>,
     issues: &mut Issues,
 ) -> RoutingConfig {
+    let consul_configured = consul_connections.is_some();
     let domain = raw.domain.and_then(|text| match Hostname::parse(&text) {
         Ok(domain) if domain.wildcard_suffix().is_none() => Some(domain),
         Ok(_) => {
@@ -160,6 +164,18 @@ pub(super) fn validate_routing(
             ClaimsStore::Local
         }
     };
+    let least = super::MIN_CONSUL_CONNECTIONS as usize + CLAIMS_CONNECTIONS;
+    if let (ClaimsStore::Consul { .. }, Some(budget)) = (&claims, consul_connections) {
+        if budget < least {
+            issues.add(
+                "sources.consul.max_connections",
+                format!(
+                    "must be at least {least} with the claims ledger in Consul (routing.claims): \
+                     it takes {CLAIMS_CONNECTIONS} of them"
+                ),
+            );
+        }
+    }
     RoutingConfig {
         domain,
         ownership: Ownership {

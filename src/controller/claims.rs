@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::haproxy::files::write_atomic;
 use crate::model::ownership::{Holder, Holding, Record};
 use crate::model::{ClaimIntents, Hostname, Ledger, ServiceName, SourceId};
+use crate::sources::consul::kv::{KvEntry, KvFolder};
 
 /// The local ledger's file name in `run_dir`.
 pub const LOCAL_LEDGER: &str = "claims.json";
@@ -238,6 +239,136 @@ pub async fn keep_local(
     }
 }
 
+/// How long a record that did not reach Consul waits before it is tried again.
+const RETRY_RECORDS: Duration = Duration::from_secs(5);
+
+/// The Consul ledger's entries, as the model reads them; entries weft did not write are
+/// skipped (and named once).
+fn ledger_of(entries: Vec<KvEntry>, skipped: &mut BTreeMap<String, u64>) -> Ledger {
+    let mut hosts = BTreeMap::new();
+    for entry in entries {
+        let parsed = Hostname::parse(&entry.key)
+            .map_err(|r| format!("key {:?} is not a host: {r}", entry.key))
+            .and_then(|host| {
+                let stored: StoredHolding = serde_json::from_slice(&entry.value)
+                    .map_err(|e| format!("key {:?}: {e}", entry.key))?;
+                Ok((host, stored.holding(entry.modify_index)?))
+            });
+        match parsed {
+            Ok((host, holding)) => {
+                hosts.insert(host, holding);
+            }
+            Err(reason) => {
+                if skipped.insert(entry.key.clone(), entry.modify_index) != Some(entry.modify_index)
+                {
+                    warn!(%reason, "claims ledger: an entry weft cannot read is skipped");
+                }
+            }
+        }
+    }
+    Ledger { hosts }
+}
+
+/// Keeps the ledger in a Consul KV folder until `shutdown`: watches it (every edge's records),
+/// records what the model asks with check-and-set, releases what has been absent long enough.
+pub async fn keep_consul(
+    folder: KvFolder,
+    release_after: Duration,
+    mut intents: watch::Receiver<ClaimIntents>,
+    ledger: watch::Sender<Option<Ledger>>,
+    shutdown: CancellationToken,
+) {
+    let mut kv_watch = folder.watch();
+    let watcher = {
+        let ledger = ledger.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut skipped = BTreeMap::new();
+            let mut failing = false;
+            loop {
+                let next = kv_watch
+                    .next(&shutdown, |err, delay| {
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(error = %err, retry_in = ?delay, "claims ledger: cannot read consul; routing by the last ledger read");
+                        }
+                    })
+                    .await;
+                let Some(entries) = next else { return };
+                if std::mem::replace(&mut failing, false) {
+                    info!("claims ledger: read from consul again");
+                }
+                ledger.send_replace(Some(ledger_of(entries, &mut skipped)));
+            }
+        }
+    };
+    tokio::pin!(watcher);
+    let mut absences = Absences::default();
+    let mut tick = tokio::time::interval(RELEASE_TICK);
+    let mut last_try: Option<Instant> = None;
+    loop {
+        let retry = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = &mut watcher => return,
+            changed = intents.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                true
+            }
+            _ = tick.tick() => last_try.is_some_and(|t| t.elapsed() >= RETRY_RECORDS),
+        };
+        let wanted = intents.borrow_and_update().clone();
+        absences.update(&wanted.absent, Instant::now());
+        if retry && !wanted.record.is_empty() {
+            last_try = None;
+            for record in &wanted.record {
+                let value = match serde_json::to_vec(&StoredHolding::of(record)) {
+                    Ok(value) => value,
+                    Err(_) => continue,
+                };
+                let put = folder
+                    .put(record.host.as_str(), value, record.replaces.unwrap_or(0))
+                    .await;
+                match put {
+                    Ok(true) => {
+                        info!(host = %record.host, holder = %record.holder, team = %record.team, "host claimed")
+                    }
+                    // Another edge recorded it first: its record comes with the next read.
+                    Ok(false) => {}
+                    Err(err) => {
+                        warn!(host = %record.host, error = %err, "claims ledger: cannot record a claim; tried again in 5 s");
+                        last_try = Some(Instant::now());
+                        break;
+                    }
+                }
+            }
+        }
+        let due = absences.due(release_after, Instant::now());
+        let versions: Vec<(Hostname, u64)> = {
+            let current = ledger.borrow();
+            due.into_iter()
+                .filter_map(|host| {
+                    let version = current.as_ref()?.hosts.get(&host)?.version;
+                    Some((host, version))
+                })
+                .collect()
+        };
+        for (host, version) in versions {
+            match folder.delete(host.as_str(), version).await {
+                Ok(released) => {
+                    if released {
+                        info!(host = %host, after = %humantime::format_duration(release_after), "host released: its holder claimed it no more");
+                    }
+                    absences.since.remove(&host);
+                }
+                Err(err) => {
+                    warn!(host = %host, error = %err, "claims ledger: cannot release a host")
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,7 +423,7 @@ mod tests {
             .is_empty());
         assert_eq!(
             absences.due(Duration::from_secs(10), start + Duration::from_secs(10)),
-            [host.clone()]
+            std::slice::from_ref(&host)
         );
         absences.update(&[], start + Duration::from_secs(11));
         assert!(absences

@@ -17,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bridge::{BridgeState, Keeper};
-use crate::config::{BridgeMode, Config};
+use crate::config::{BridgeMode, ClaimsStore, Config};
 use crate::haproxy::apply::Applier;
 use futures::FutureExt;
 
 use crate::model::{
     build, Built, ClaimIntents, Dropped, Health, Ledger, ModelSettings, SourceReport,
 };
+use crate::sources::consul::kv::KvFolder;
 use crate::sources::{self, SourceError};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
@@ -86,17 +87,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let model = config.model_settings();
     let (intents_tx, intents_rx) = watch::channel(ClaimIntents::default());
     let (ledger_tx, ledger_rx) = watch::channel(None::<Ledger>);
-    let store = claims::LocalStore::open(&config.haproxy.run_dir)?;
-    tasks.spawn(
-        claims::keep_local(
-            store,
-            config.routing.ownership.release_after,
-            intents_rx,
-            ledger_tx,
-            shutdown.clone(),
-        )
-        .map(Ok),
-    );
+    let release_after = config.routing.ownership.release_after;
+    match (&config.routing.claims, &config.sources.consul) {
+        (ClaimsStore::Consul { prefix }, Some(consul)) => {
+            let folder = KvFolder::new(consul.clone(), prefix);
+            let keeper = claims::keep_consul(
+                folder,
+                release_after,
+                intents_rx,
+                ledger_tx,
+                shutdown.clone(),
+            );
+            tasks.spawn(keeper.map(Ok));
+        }
+        _ => {
+            let store = claims::LocalStore::open(&config.haproxy.run_dir)?;
+            let keeper = claims::keep_local(
+                store,
+                release_after,
+                intents_rx,
+                ledger_tx,
+                shutdown.clone(),
+            );
+            tasks.spawn(keeper.map(Ok));
+        }
+    }
     let (desired_tx, desired_rx) = watch::channel(None::<Arc<Built>>);
     let (apply_tx, apply_rx) = watch::channel(ApplyStatus::default());
     let feed = StatusFeed {

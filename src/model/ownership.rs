@@ -588,7 +588,7 @@ mod tests {
         );
         assert!(matches!(settled, Settled::Held { .. }));
         assert!(lost[0].1.contains("claims it no more"), "{lost:?}");
-        assert_eq!(intents.absent, [h.clone()]);
+        assert_eq!(intents.absent, std::slice::from_ref(&h));
         assert!(intents.record.is_empty());
 
         let mut intents = ClaimIntents::default();

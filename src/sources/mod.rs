@@ -22,7 +22,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConsulSourceConfig, FileSourceConfig, MarathonSourceConfig};
+use crate::config::{
+    ClaimsStore, Config, ConsulSourceConfig, FileSourceConfig, MarathonSourceConfig,
+    CLAIMS_CONNECTIONS,
+};
 use crate::model::{Hostname, SourceId, SourceReport};
 
 /// Why a source could not be read once or could not start watching: what `weft render` and
@@ -98,9 +101,15 @@ impl Source {
         let domain = &config.routing.domain;
         let sources = &config.sources;
         let file = sources.file.clone().map(Source::File);
-        let consul = sources.consul.clone().map(|config| Source::Consul {
-            config,
-            domain: domain.clone(),
+        let consul = sources.consul.clone().map(|mut consul| {
+            // The claims ledger takes its share of the budget first.
+            if matches!(config.routing.claims, ClaimsStore::Consul { .. }) {
+                consul.max_connections -= CLAIMS_CONNECTIONS;
+            }
+            Source::Consul {
+                config: consul,
+                domain: domain.clone(),
+            }
         });
         let marathon = sources.marathon.clone().map(|config| Source::Marathon {
             config,

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use http::{StatusCode, Uri};
+use http::{Method, StatusCode, Uri};
 use reqwest::Url;
 use tracing::{info, warn};
 
@@ -22,16 +23,17 @@ const TOO_MANY_CONNECTIONS: &str = "too many concurrent connections";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
-    #[error("GET {url}: {source}")]
+    #[error("{method} {url}: {source}")]
     Request {
-        url: Url,
+        method: &'static str,
+        url: Box<Url>,
         #[source]
         source: ConnectionError,
     },
     /// An answer that is not a 2xx (with the start of its body), or that does not decode.
     #[error(transparent)]
     Http(#[from] HttpError),
-    #[error("GET {url}: 429: consul refuses more connections from this host's IP (its limits.http_max_conns_per_client); weft holds at most {budget} (sources.consul.max_connections), so the rest are other clients on this host")]
+    #[error("{url}: 429: consul refuses more connections from this host's IP (its limits.http_max_conns_per_client); weft holds at most {budget} (sources.consul.max_connections), so the rest are other clients on this host")]
     TooManyConnections { url: Url, budget: usize },
 }
 
@@ -130,8 +132,45 @@ impl Client {
         if !pairs.is_empty() {
             url.query_pairs_mut().extend_pairs(pairs);
         }
+        self.send(Method::GET, url, Bytes::new(), timeout).await
+    }
+
+    /// A write (`PUT`, `DELETE`) to `url` with `body`, with the source's datacenter and token.
+    pub async fn write(
+        &self,
+        method: Method,
+        mut url: Url,
+        extra: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Answer, ConsulError> {
+        {
+            let mut pairs = url.query_pairs_mut();
+            pairs.extend_pairs(extra);
+            if let Some(dc) = &self.config.datacenter {
+                pairs.append_pair("dc", dc);
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        self.send(method, url, body, READ_TIMEOUT).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, ConsulError> {
+        let verb = match method {
+            Method::PUT => "PUT",
+            Method::DELETE => "DELETE",
+            _ => "GET",
+        };
         let failed = |source| ConsulError::Request {
-            url: url.clone(),
+            method: verb,
+            url: Box::new(url.clone()),
             source,
         };
         let uri = Uri::try_from(url.as_str())
@@ -147,9 +186,23 @@ impl Client {
         }
         let response = self
             .connections
-            .get(uri, &headers, timeout)
+            .send(method.clone(), uri, &headers, body, timeout)
             .await
             .map_err(failed)?;
+        // A KV read that matches no key is answered 404, with its index: an empty folder.
+        let kv_read = method == Method::GET
+            && url
+                .path_segments()
+                .is_some_and(|mut s| s.any(|x| x == "v1") && s.next() == Some("kv"));
+        if response.status == StatusCode::NOT_FOUND && kv_read {
+            let header = |name: &str| response.headers.get(name).and_then(|v| v.to_str().ok());
+            return Ok(Answer {
+                index: header("X-Consul-Index").and_then(|v| v.parse().ok()),
+                acl_filtered: false,
+                known_leader: header("X-Consul-KnownLeader").and_then(|v| v.parse().ok()),
+                body: b"[]".to_vec(),
+            });
+        }
         if !response.status.is_success() {
             let body = error_text(&response.body);
             if response.status == StatusCode::TOO_MANY_REQUESTS

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, HOST};
-use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -50,7 +50,7 @@ pub struct Response {
 
 /// One HTTP/1.1 connection, and the task that drives it.
 struct Connection {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Full<Bytes>>,
     driver: JoinHandle<()>,
 }
 
@@ -87,14 +87,22 @@ impl Connections {
         }
     }
 
-    /// GET `uri` with `headers`, on a connection of the budget, within `timeout` (connecting
-    /// included).
-    pub async fn get(
+    /// `method` `uri` with `headers` and `body`, on a connection of the budget, within
+    /// `timeout` (connecting included).
+    pub async fn send(
         &self,
+        method: Method,
         uri: Uri,
         headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
         timeout: Duration,
     ) -> Result<Response, ConnectionError> {
+        let message = Message {
+            method,
+            uri,
+            headers,
+            body,
+        };
         // Closed only when `self` is dropped, when no request runs any more.
         let _permit = self.permits.acquire().await;
         let idle = self
@@ -113,16 +121,18 @@ impl Connections {
         let deadline = tokio::time::Instant::now() + timeout;
         let reused = connection.is_some();
         let mut result = self
-            .exchange_by(deadline, timeout, &mut connection, &uri, headers)
+            .exchange_by(deadline, timeout, &mut connection, &message)
             .await;
         // A kept-alive connection that Consul (or a proxy) closed between two requests fails
-        // before it answers: once, on a new connection. A GET may be sent again.
+        // before it answers: once, on a new connection. A GET may be sent again, and so may
+        // the source's writes, which are all check-and-set: a repeat of one that took effect
+        // answers `false`, and the next read shows what the first did.
         if reused && matches!(result, Err(ConnectionError::Exchange(_))) {
             if let Some(stale) = connection.take() {
                 stale.close().await;
             }
             result = self
-                .exchange_by(deadline, timeout, &mut connection, &uri, headers)
+                .exchange_by(deadline, timeout, &mut connection, &message)
                 .await;
         }
         if let Some(connection) = connection {
@@ -139,28 +149,36 @@ impl Connections {
         result
     }
 
-    /// One GET on `connection` (opened first when there is none), by `deadline`.
+    /// One request on `connection` (opened first when there is none), by `deadline`.
     async fn exchange_by(
         &self,
         deadline: tokio::time::Instant,
         timeout: Duration,
         connection: &mut Option<Connection>,
-        uri: &Uri,
-        headers: &[(HeaderName, HeaderValue)],
+        message: &Message<'_>,
     ) -> Result<Response, ConnectionError> {
+        let Message {
+            method,
+            uri,
+            headers,
+            body,
+        } = message;
         let exchange = async {
             let sender = match connection {
                 Some(connection) => connection,
                 None => connection.insert(self.connect(uri).await?),
             };
-            let mut request = Request::get(origin_form(uri)).body(Empty::new());
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri(origin_form(uri))
+                .body(Full::new(body.clone()));
             if let Ok(request) = &mut request {
                 if let Some(authority) = uri.authority() {
                     if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
                         request.headers_mut().insert(HOST, host);
                     }
                 }
-                for (name, value) in headers {
+                for (name, value) in headers.iter() {
                     request.headers_mut().insert(name.clone(), value.clone());
                 }
             }
@@ -199,6 +217,14 @@ impl Connections {
         });
         Ok(Connection { sender, driver })
     }
+}
+
+/// One request, as it may be sent twice.
+struct Message<'a> {
+    method: Method,
+    uri: Uri,
+    headers: &'a [(HeaderName, HeaderValue)],
+    body: Bytes,
 }
 
 /// `/path?query` of `uri`, as an HTTP/1.1 request line names it.
@@ -248,7 +274,13 @@ mod tests {
             .unwrap();
         for round in 0..20 {
             let answer = connections
-                .get(uri.clone(), &[], Duration::from_secs(5))
+                .send(
+                    Method::GET,
+                    uri.clone(),
+                    &[],
+                    Bytes::new(),
+                    Duration::from_secs(5),
+                )
                 .await
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert_eq!(&answer.body[..], b"ok");

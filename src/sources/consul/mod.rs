@@ -23,6 +23,7 @@ mod api;
 mod blocking;
 mod client;
 mod connections;
+pub mod kv;
 mod queue;
 mod routing;
 

@@ -1,0 +1,169 @@
+//! Consul's KV store, for the claims ledger: one folder read with blocking queries, entries
+//! created only where none exists and replaced or deleted only at the version read
+//! (`?cas=`), so that every edge on the same Consul keeps the same holder of a host.
+//!
+//! ```text
+//! GET    /v1/kv/<prefix>/?recurse&index=..   every entry, blocking; 404: none yet
+//! PUT    /v1/kv/<prefix>/<host>?cas=0        record a first claim: true, or false if another edge did
+//! PUT    /v1/kv/<prefix>/<host>?cas=<index>  hand a host to its holder's own team
+//! DELETE /v1/kv/<prefix>/<host>?cas=<index>  release a host whose holder is gone
+//! ```
+//!
+//! Its connections come out of the source's budget: one blocking read, one write at a time.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::Method;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::blocking::BlockingQuery;
+use super::client::{Client, ConsulError};
+use crate::config::{ConsulSourceConfig, CLAIMS_CONNECTIONS};
+
+/// One entry: its key below the folder, its value and its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvEntry {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub modify_index: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawEntry {
+    key: String,
+    value: Option<String>,
+    modify_index: u64,
+}
+
+/// Decodes `GET /v1/kv/<folder>?recurse` (full keys; values in base64, `null` when empty).
+pub fn decode_entries(body: &[u8]) -> Result<Vec<KvEntry>, String> {
+    let raw: Vec<RawEntry> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    raw.into_iter()
+        .map(|e| {
+            let value = match e.value {
+                None => Vec::new(),
+                Some(text) => base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|err| format!("key {:?}: value is not base64: {err}", e.key))?,
+            };
+            Ok(KvEntry {
+                key: e.key,
+                value,
+                modify_index: e.modify_index,
+            })
+        })
+        .collect()
+}
+
+/// A KV folder.
+pub struct KvFolder {
+    client: Arc<Client>,
+    /// `weft/claims`, without slashes at either end.
+    prefix: String,
+}
+
+impl KvFolder {
+    /// The folder `prefix` on the source's Consul, on [`CLAIMS_CONNECTIONS`] of its own.
+    pub fn new(mut config: ConsulSourceConfig, prefix: &str) -> KvFolder {
+        config.max_connections = CLAIMS_CONNECTIONS;
+        KvFolder {
+            client: Arc::new(Client::new(config)),
+            prefix: prefix.trim_matches('/').to_string(),
+        }
+    }
+
+    fn segments<'a>(&'a self, key: &'a str) -> Vec<&'a str> {
+        let mut segments = vec!["v1", "kv"];
+        segments.extend(self.prefix.split('/'));
+        segments.push(key);
+        segments
+    }
+
+    /// A blocking watch of every entry in the folder.
+    pub fn watch(&self) -> KvWatch {
+        KvWatch {
+            query: BlockingQuery::new(
+                &self.client,
+                "claims ledger",
+                &self.segments(""),
+                &[("recurse", "")],
+            ),
+            client: self.client.clone(),
+            prefix: format!("{}/", self.prefix),
+        }
+    }
+
+    /// Writes `value` at `key` if its version is `cas` (0: only if there is none). Whether it
+    /// was written.
+    pub async fn put(&self, key: &str, value: Vec<u8>, cas: u64) -> Result<bool, ConsulError> {
+        let url = self.client.url(&self.segments(key));
+        let cas = cas.to_string();
+        let answer = self
+            .client
+            .write(Method::PUT, url, &[("cas", &cas)], Bytes::from(value))
+            .await?;
+        Ok(answer.body.trim_ascii() == b"true")
+    }
+
+    /// Deletes `key` if its version is `cas`. Whether it was deleted.
+    pub async fn delete(&self, key: &str, cas: u64) -> Result<bool, ConsulError> {
+        let url = self.client.url(&self.segments(key));
+        let cas = cas.to_string();
+        let answer = self
+            .client
+            .write(Method::DELETE, url, &[("cas", &cas)], Bytes::new())
+            .await?;
+        Ok(answer.body.trim_ascii() == b"true")
+    }
+}
+
+/// The folder, watched.
+pub struct KvWatch {
+    query: BlockingQuery,
+    client: Arc<Client>,
+    prefix: String,
+}
+
+impl KvWatch {
+    /// The folder's entries (keys below the folder) each time they change; failures are handed
+    /// to `failed` and tried again. `None` at `stop`.
+    pub async fn next(
+        &mut self,
+        stop: &CancellationToken,
+        failed: impl FnMut(&ConsulError, std::time::Duration),
+    ) -> Option<Vec<KvEntry>> {
+        let entries = self
+            .query
+            .next(&self.client, decode_entries, stop, failed)
+            .await?;
+        Some(
+            entries
+                .into_iter()
+                .filter_map(|mut e| {
+                    e.key = e.key.strip_prefix(&self.prefix)?.to_string();
+                    Some(e)
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_decode_as_consul_writes_them() {
+        let body = br#"[{"LockIndex":0,"Key":"weft/claims/a.example.com","Flags":0,"Value":"eyJhIjoxfQ==","CreateIndex":10,"ModifyIndex":12},
+                       {"LockIndex":0,"Key":"weft/claims/empty","Flags":0,"Value":null,"CreateIndex":11,"ModifyIndex":11}]"#;
+        let entries = decode_entries(body).unwrap();
+        assert_eq!(entries[0].value, br#"{"a":1}"#);
+        assert_eq!(entries[0].modify_index, 12);
+        assert!(entries[1].value.is_empty());
+        assert!(decode_entries(br#"[{"Key":"k","Value":"%%%","ModifyIndex":1}]"#).is_err());
+    }
+}
