@@ -55,6 +55,7 @@ mod conns;
 mod go;
 mod http;
 mod json;
+mod kv;
 mod state;
 
 use std::collections::BTreeMap;
@@ -63,7 +64,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -72,16 +73,23 @@ use tokio::sync::watch;
 #[allow(unused_imports)]
 pub use self::conns::TOO_MANY_CONNECTIONS;
 pub use self::go::{parse_go_bool, parse_go_duration, parse_go_uint};
+pub use self::kv::KvEntry;
 
 use self::conn::Served;
 use self::conns::{FrontDoor, Limiter};
-use self::http::{catalog_services, health_service, health_state, record};
+use self::http::{
+    catalog_services, health_service, health_state, kv_delete, kv_get, kv_method_not_allowed,
+    kv_put, record,
+};
 use self::state::{Shared, State};
 
 pub const DATACENTER: &str = "dc1";
 pub const CATALOG_SERVICES: &str = "/v1/catalog/services";
 pub const HEALTH_SERVICE: &str = "/v1/health/service/";
 pub const HEALTH_STATE: &str = "/v1/health/state/";
+pub const KV: &str = "/v1/kv/";
+/// `kv_max_value_size`'s default: the largest PUT body the KV store takes.
+pub const KV_MAX_VALUE_SIZE: usize = 512 * 1024;
 /// The endpoint key in `Requests::by_endpoint` for every other path (404s).
 pub const OTHER_PATHS: &str = "other";
 
@@ -223,7 +231,8 @@ pub struct Requests {
     /// away early may have read less). Refused connections' 429s are not requests: see
     /// `Connections::refused`.
     pub body_bytes: u64,
-    /// Per endpoint: `CATALOG_SERVICES`, `HEALTH_SERVICE`, `HEALTH_STATE`, or `OTHER_PATHS`.
+    /// Per endpoint: `CATALOG_SERVICES`, `HEALTH_SERVICE`, `HEALTH_STATE`, `KV` (every method),
+    /// or `OTHER_PATHS`.
     pub by_endpoint: BTreeMap<&'static str, Traffic>,
 }
 
@@ -302,6 +311,8 @@ impl ConsulDoubleBuilder {
             .route("/v1/health/service/{*name}", get(health_service))
             .route(HEALTH_STATE, get(health_state))
             .route("/v1/health/state/{*state}", get(health_state))
+            .route(KV, kv_routes())
+            .route("/v1/kv/{*key}", kv_routes())
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
@@ -314,6 +325,13 @@ impl ConsulDoubleBuilder {
             server: Served::start(server_listener, app),
         }
     }
+}
+
+fn kv_routes() -> MethodRouter<Arc<Shared>> {
+    get(kv_get)
+        .put(kv_put)
+        .delete(kv_delete)
+        .fallback(kv_method_not_allowed)
 }
 
 /// A running double; stopped when dropped.
@@ -427,10 +445,55 @@ impl ConsulDouble {
         });
     }
 
+    /// Writes `value` at `key` (flags 0) as one raft write, like `PUT /v1/kv/:key`: a new key's
+    /// CreateIndex and ModifyIndex are the write's index; the same value again changes nothing.
+    pub fn kv_put(&self, key: &str, value: impl AsRef<[u8]>) {
+        let value = value.as_ref().to_vec();
+        self.shared.write(|state, index| {
+            state.kv.set(key, value, 0, index);
+            Ok(())
+        });
+    }
+
+    /// The value at `key` (empty for a key written without a body).
+    pub fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.kv_entry(key).map(|entry| entry.value)
+    }
+
+    /// The entry at `key`, with its flags and raft indexes.
+    pub fn kv_entry(&self, key: &str) -> Option<KvEntry> {
+        self.shared.lock().kv.entries.get(key).cloned()
+    }
+
+    /// Every key that starts with `prefix` (`""`: all), in order.
+    pub fn kv_keys(&self, prefix: &str) -> Vec<String> {
+        let state = self.shared.lock();
+        state.kv.under(prefix).map(|e| e.key.clone()).collect()
+    }
+
+    /// Deletes `key` (a tombstone remembers the deletion's index), like `DELETE /v1/kv/:key`;
+    /// a missing key is a write that changes nothing.
+    pub fn kv_delete(&self, key: &str) {
+        self.shared.write(|state, index| {
+            state.kv.delete(key, index);
+            Ok(())
+        });
+    }
+
+    /// Deletes every key under `prefix`, like `DELETE /v1/kv/:prefix?recurse`.
+    pub fn kv_delete_tree(&self, prefix: &str) {
+        self.shared.write(|state, index| {
+            state.kv.delete_tree(prefix, index);
+            Ok(())
+        });
+    }
+
     /// With `Some(token)`, ACLs are on with a default policy of deny: `X-Consul-Token`,
     /// `Authorization: Bearer` or `?token=` must carry `token` to read anything. No token
     /// reads as anonymous (filtered: `200 []`, a catalog without services); any other token
-    /// is unknown to Consul: `403 ACL not found`.
+    /// is unknown to Consul: `403 ACL not found`. In the KV store, the anonymous token gets
+    /// `403 Permission denied` for a key and for every write, and a 404 for a list (`?recurse`,
+    /// `?keys`; at the root `?keys` is `200 []`), as ACLs filtered every entry away.
     pub fn set_token(&self, token: Option<String>) {
         self.shared.lock().token = token;
     }
