@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 
 use super::json::{render, render_filtered};
 use super::state::{Endpoint, Shared};
@@ -304,6 +305,16 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Response
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(length) = length.filter(|length| *length > KV_MAX_VALUE_SIZE as u64) {
+        // Read (and drop) what the client sends before answering, up to a bound, so that it
+        // gets the 413 instead of a reset: Go's server drains a little of an unread body too.
+        let mut chunks = body.into_data_stream();
+        let mut drained = 0;
+        while drained <= DRAIN_LIMIT {
+            match chunks.next().await {
+                Some(Ok(chunk)) => drained += chunk.len(),
+                Some(Err(_)) | None => break,
+            }
+        }
         return Err(too_large(&length));
     }
     match axum::body::to_bytes(body, KV_MAX_VALUE_SIZE).await {
@@ -311,6 +322,9 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Response
         Err(_) => Err(too_large(&format!("more than {KV_MAX_VALUE_SIZE}"))),
     }
 }
+
+/// How much of a too large body the double reads before it answers the 413.
+const DRAIN_LIMIT: usize = 16 * KV_MAX_VALUE_SIZE;
 
 /// `conflictingFlags`: two of `flags` present is a 400 that quotes the whole query, encoded as
 /// Go's `url.Values.Encode` does (keys sorted).
