@@ -175,7 +175,7 @@ pub(super) async fn kv_put(
     let put = async {
         let options = QueryOptions::parse(&params)?;
         if key.is_empty() {
-            return Err(Rejection(StatusCode::BAD_REQUEST, "Missing key name").into_response());
+            return Err(Rejection(StatusCode::BAD_REQUEST, "Missing key name").into());
         }
         conflicting_flags(&params, &["cas", "acquire", "release"])?;
         let flags = uint_param(&params, "flags")?.unwrap_or(0);
@@ -185,7 +185,7 @@ pub(super) async fn kv_put(
                 StatusCode::BAD_REQUEST,
                 "?acquire and ?release (sessions) are not implemented by the Consul test double",
             )
-            .into_response());
+            .into());
         }
         let value = read_value(&headers, body).await?;
         rpc_write(&shared, &headers, &params, &options)?;
@@ -201,7 +201,7 @@ pub(super) async fn kv_put(
     };
     match put.await {
         Ok(outcome) => write_answer(&shared, outcome).await,
-        Err(response) => response,
+        Err::<_, Refusal>(refusal) => refusal.into_response(),
     }
 }
 
@@ -220,7 +220,7 @@ pub(super) async fn kv_delete(
         conflicting_flags(&params, &["recurse", "cas"])?;
         let recurse = has(&params, "recurse");
         if !recurse && key.is_empty() {
-            return Err(Rejection(StatusCode::BAD_REQUEST, "Missing key name").into_response());
+            return Err(Rejection(StatusCode::BAD_REQUEST, "Missing key name").into());
         }
         let cas = uint_param(&params, "cas")?;
         rpc_write(&shared, &headers, &params, &options)?;
@@ -240,7 +240,7 @@ pub(super) async fn kv_delete(
     };
     match delete() {
         Ok(outcome) => write_answer(&shared, outcome).await,
-        Err(response) => response,
+        Err::<_, Refusal>(refusal) => refusal.into_response(),
     }
 }
 
@@ -266,13 +266,11 @@ fn rpc_write(
     headers: &HeaderMap,
     params: &[(String, String)],
     options: &QueryOptions,
-) -> Result<(), Response> {
+) -> Result<(), Refusal> {
     match rpc(shared, headers, params, options, Rpc::Write) {
         Ok(Access::Full) => Ok(()),
-        Ok(Access::Anonymous) => {
-            Err(Rejection(StatusCode::FORBIDDEN, PERMISSION_DENIED).into_response())
-        }
-        Err(rejection) => Err(rejection.into_response()),
+        Ok(Access::Anonymous) => Err(Rejection(StatusCode::FORBIDDEN, PERMISSION_DENIED).into()),
+        Err(rejection) => Err(rejection.into()),
     }
 }
 
@@ -289,16 +287,15 @@ async fn write_answer(shared: &Arc<Shared>, outcome: bool) -> Response {
 /// The value of a PUT, bounded as `KVSPut` bounds it: a `Content-Length` past
 /// `kv_max_value_size` is a 413 before the body is read. A body without a length (chunked),
 /// which Consul reads whole, is cut at the same bound by the double, with the same 413.
-async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Response> {
+async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Refusal> {
     let too_large = |length: &dyn std::fmt::Display| {
-        (
+        Refusal(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "Request body({length} bytes) too large, max size: {KV_MAX_VALUE_SIZE} bytes. \
                  See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
             ),
         )
-            .into_response()
     };
     let length = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -328,7 +325,7 @@ const DRAIN_LIMIT: usize = 16 * KV_MAX_VALUE_SIZE;
 
 /// `conflictingFlags`: two of `flags` present is a 400 that quotes the whole query, encoded as
 /// Go's `url.Values.Encode` does (keys sorted).
-fn conflicting_flags(params: &[(String, String)], flags: &[&str]) -> Result<(), Response> {
+fn conflicting_flags(params: &[(String, String)], flags: &[&str]) -> Result<(), Refusal> {
     if flags.iter().filter(|flag| has(params, flag)).count() < 2 {
         return Ok(());
     }
@@ -339,7 +336,7 @@ fn conflicting_flags(params: &[(String, String)], flags: &[&str]) -> Result<(), 
         .map(|(key, value)| format!("{}={}", go_query_escape(key), go_query_escape(value)))
         .collect();
     let body = format!("Conflicting flags: {}\n", encoded.join("&"));
-    Err((StatusCode::BAD_REQUEST, body).into_response())
+    Err(Refusal(StatusCode::BAD_REQUEST, body))
 }
 
 /// Go's `url.QueryEscape`.
@@ -359,7 +356,7 @@ fn go_query_escape(text: &str) -> String {
 
 /// `?flags=` or `?cas=`, parsed with `strconv.ParseUint`: a bad one is returned as a plain
 /// error, which Consul's HTTP layer answers with a 500 and the error's text.
-fn uint_param(params: &[(String, String)], key: &str) -> Result<Option<u64>, Response> {
+fn uint_param(params: &[(String, String)], key: &str) -> Result<Option<u64>, Refusal> {
     let Some(text) = first(params, key) else {
         return Ok(None);
     };
@@ -372,7 +369,7 @@ fn uint_param(params: &[(String, String)], key: &str) -> Result<Option<u64>, Res
                 "invalid syntax"
             };
             let body = format!("strconv.ParseUint: parsing {text:?}: {why}");
-            Err((StatusCode::INTERNAL_SERVER_ERROR, body).into_response())
+            Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, body))
         }
     }
 }
@@ -667,9 +664,18 @@ impl IntoResponse for Rejection {
     }
 }
 
-impl From<Rejection> for Response {
-    fn from(rejection: Rejection) -> Response {
-        rejection.into_response()
+/// An error answer with a text made for the request.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Refusal {
+        Refusal(rejection.0, rejection.1.to_string())
     }
 }
 
