@@ -20,7 +20,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use consul::{
     parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
-    HEALTH_STATE,
+    HEALTH_STATE, KV,
 };
 use serde_json::{Map, Value};
 
@@ -1466,4 +1466,456 @@ async fn requests_and_body_bytes_are_counted_per_endpoint() {
     );
     assert!(requests.endpoint(HEALTH_STATE).body_bytes > 200);
     assert_eq!(requests.total, 5);
+}
+
+// The KV store.
+
+/// A request with any method and body, on a fresh client.
+async fn send(
+    consul: &ConsulDouble,
+    method: reqwest::Method,
+    path_and_query: &str,
+    body: impl Into<reqwest::Body>,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let client = reqwest::Client::builder()
+        .timeout(request_timeout())
+        .build()
+        .unwrap();
+    let url = format!("{}{path_and_query}", consul.url());
+    let mut request = client.request(method.clone(), &url).body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+    Answer {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: response.text().await.unwrap(),
+    }
+}
+
+async fn put(consul: &ConsulDouble, path_and_query: &str, body: &str) -> Answer {
+    let path = format!("{KV}{path_and_query}");
+    send(consul, reqwest::Method::PUT, &path, body.to_string(), &[]).await
+}
+
+async fn delete(consul: &ConsulDouble, path_and_query: &str) -> Answer {
+    let path = format!("{KV}{path_and_query}");
+    send(consul, reqwest::Method::DELETE, &path, "", &[]).await
+}
+
+/// A write's answer: 200 and a JSON boolean, without the read headers.
+fn outcome(answer: &Answer) -> bool {
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.content_type(), "application/json");
+    assert!(answer.headers.get("x-consul-index").is_none());
+    answer.json().as_bool().unwrap()
+}
+
+fn kv_keys_of(answer: &Answer) -> Vec<String> {
+    let entries = answer.json();
+    let entries = entries.as_array().unwrap();
+    entries
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_put_get_and_delete_as_the_docs_describe() {
+    let consul = ConsulDouble::start().await;
+    assert!(outcome(&put(&consul, "weft/claims/shop", "edge-1").await));
+    let written = consul.index();
+    let answer = get(&consul, &format!("{KV}weft/claims/shop")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.content_type(), "application/json");
+    // Consul's field order, `Value` in base64, no `Session` on an unlocked key.
+    assert_eq!(
+        answer.body,
+        format!(
+            r#"[{{"LockIndex":0,"Key":"weft/claims/shop","Flags":0,"Value":"ZWRnZS0x","CreateIndex":{written},"ModifyIndex":{written}}}]"#
+        )
+    );
+    assert_eq!(answer.index(), written);
+    assert_eq!(answer.header("x-consul-knownleader"), "true");
+    assert_eq!(answer.header("x-consul-lastcontact"), "0");
+    assert_eq!(consul.kv_get("weft/claims/shop"), Some(b"edge-1".to_vec()));
+
+    let raw = get(&consul, &format!("{KV}weft/claims/shop?raw")).await;
+    assert_eq!((raw.status, raw.body.as_str()), (200, "edge-1"));
+    assert_eq!(raw.content_type(), "text/plain");
+    assert_eq!(raw.header("x-content-type-options"), "nosniff");
+    assert_eq!(raw.header("content-security-policy"), "sandbox");
+    assert_eq!(raw.index(), written);
+
+    // A new value: CreateIndex stays, ModifyIndex moves; the same value again moves nothing.
+    assert!(outcome(
+        &put(&consul, "weft/claims/shop?flags=42", "edge-2").await
+    ));
+    let rewritten = consul.index();
+    assert!(outcome(
+        &put(&consul, "weft/claims/shop?flags=42", "edge-2").await
+    ));
+    let entry = consul.kv_entry("weft/claims/shop").unwrap();
+    assert_eq!(
+        (entry.flags, entry.create_index, entry.modify_index),
+        (42, written, rewritten)
+    );
+    let answer = get(&consul, &format!("{KV}weft/claims/shop")).await;
+    assert_eq!(answer.index(), rewritten);
+    assert_eq!(answer.json()[0]["Flags"], 42);
+
+    // A key without a body has a null Value.
+    assert!(outcome(&put(&consul, "weft/claims/", "").await));
+    let folder = get(&consul, &format!("{KV}weft/claims/")).await;
+    assert_eq!(folder.json()[0]["Value"], Value::Null);
+
+    assert!(outcome(&delete(&consul, "weft/claims/shop").await));
+    let deleted = consul.index();
+    assert_eq!(consul.kv_get("weft/claims/shop"), None);
+    let gone = get(&consul, &format!("{KV}weft/claims/shop")).await;
+    assert_eq!((gone.status, gone.body.as_str()), (404, ""));
+    assert_eq!(gone.index(), deleted);
+    // Deleting what is not there is still `true`.
+    assert!(outcome(&delete(&consul, "weft/claims/shop").await));
+
+    // Every KV request counts under one endpoint, whatever its method.
+    let kv = consul.requests().endpoint(KV);
+    assert_eq!(kv.requests, 11);
+    assert!(kv.body_bytes > 100);
+    assert_eq!(consul.requests().endpoint(consul::OTHER_PATHS).requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_cas_zero_lets_exactly_one_of_two_racing_creates_win() {
+    let consul = std::sync::Arc::new(ConsulDouble::start().await);
+    let claim = |edge: &'static str| {
+        let consul = consul.clone();
+        tokio::spawn(async move { put(&consul, "weft/claims/shop?cas=0", edge).await })
+    };
+    let (first, second) = (claim("edge-1"), claim("edge-2"));
+    let first = outcome(&first.await.unwrap());
+    let second = outcome(&second.await.unwrap());
+    assert!(first ^ second, "exactly one create wins: {first} {second}");
+    let winner = if first { "edge-1" } else { "edge-2" };
+    assert_eq!(
+        consul.kv_get("weft/claims/shop"),
+        Some(winner.as_bytes().to_vec())
+    );
+    // Both writes took a raft index, the loser's changed nothing.
+    let entry = consul.kv_entry("weft/claims/shop").unwrap();
+    assert_eq!(consul.index(), 3);
+    assert_eq!(entry.modify_index, consul.index() - u64::from(first));
+
+    // cas=N: only at ModifyIndex N; a missing key never matches.
+    let current = entry.modify_index;
+    let stale = put(
+        &consul,
+        &format!("weft/claims/shop?cas={}", current - 1),
+        "x",
+    )
+    .await;
+    assert!(!outcome(&stale));
+    assert!(!outcome(&put(&consul, "weft/claims/blog?cas=5", "x").await));
+    assert_eq!(consul.kv_get("weft/claims/blog"), None);
+    let now = put(
+        &consul,
+        &format!("weft/claims/shop?cas={current}"),
+        "edge-3",
+    )
+    .await;
+    assert!(outcome(&now));
+    assert_eq!(consul.kv_get("weft/claims/shop"), Some(b"edge-3".to_vec()));
+
+    // DELETE ?cas: a stale index keeps the key; the current one deletes it; a missing key is
+    // `true` (`kvsDeleteCASTxn`).
+    let current = consul.kv_entry("weft/claims/shop").unwrap().modify_index;
+    let stale = delete(&consul, &format!("weft/claims/shop?cas={current}0")).await;
+    assert!(!outcome(&stale));
+    assert!(consul.kv_get("weft/claims/shop").is_some());
+    let now = delete(&consul, &format!("weft/claims/shop?cas={current}")).await;
+    assert!(outcome(&now));
+    assert_eq!(consul.kv_get("weft/claims/shop"), None);
+    assert!(outcome(&delete(&consul, "weft/claims/shop?cas=7").await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_recurse_lists_a_prefix_and_keys_stop_at_the_separator() {
+    let consul = ConsulDouble::start().await;
+    let empty = get(&consul, &format!("{KV}?keys")).await;
+    assert_eq!((empty.status, empty.body.as_str()), (200, "[]"));
+    for key in [
+        "claims/b",
+        "claims/a",
+        "claims/x/1",
+        "claimsmore",
+        "acme/account",
+    ] {
+        consul.kv_put(key, key);
+    }
+    let newest = consul.kv_entry("claims/x/1").unwrap().modify_index;
+    let list = get(&consul, &format!("{KV}claims/?recurse")).await;
+    assert_eq!(list.status, 200);
+    assert_eq!(kv_keys_of(&list), ["claims/a", "claims/b", "claims/x/1"]);
+    // The highest ModifyIndex under the prefix (claims/x/1, the last of the three written), not
+    // the later writes beside it.
+    assert!(newest < consul.index());
+    assert_eq!(list.index(), newest);
+    assert_eq!(list.json()[0]["Value"], "Y2xhaW1zL2E=");
+    assert_eq!(
+        consul.kv_keys("claims"),
+        ["claims/a", "claims/b", "claims/x/1", "claimsmore"]
+    );
+
+    let keys = get(&consul, &format!("{KV}?keys&separator=/")).await;
+    assert_eq!(
+        keys.json(),
+        serde_json::json!(["acme/", "claims/", "claimsmore"])
+    );
+    let keys = get(&consul, &format!("{KV}claims/?keys&separator=/")).await;
+    assert_eq!(
+        keys.json(),
+        serde_json::json!(["claims/a", "claims/b", "claims/x/"])
+    );
+    assert_eq!(keys.index(), newest);
+    let keys = get(&consul, &format!("{KV}claims/?keys")).await;
+    assert_eq!(keys.json().as_array().unwrap().len(), 3);
+    let none = get(&consul, &format!("{KV}nothing/?keys")).await;
+    assert_eq!((none.status, none.body.as_str()), (404, ""));
+
+    assert!(outcome(&delete(&consul, "claims/?recurse").await));
+    assert_eq!(consul.kv_keys(""), ["acme/account", "claimsmore"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_404s_carry_the_kv_index_and_catalog_writes_do_not_move_it() {
+    let consul = ConsulDouble::start().await;
+    let missing = get(&consul, &format!("{KV}missing")).await;
+    assert_eq!((missing.status, missing.body.as_str()), (404, ""));
+    assert_eq!(missing.index(), 1);
+    assert_eq!(missing.header("x-consul-knownleader"), "true");
+
+    consul.kv_put("acme/account", "key");
+    let kv_write = consul.index();
+    // A missing key answers the KV table's index (`kvsMaxIndex`).
+    assert_eq!(
+        get(&consul, &format!("{KV}missing")).await.index(),
+        kv_write
+    );
+    // A catalog write moves no KV index, a KV write no catalog index.
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    let catalog_write = consul.index();
+    assert_eq!(
+        get(&consul, &format!("{KV}missing")).await.index(),
+        kv_write
+    );
+    assert_eq!(
+        get(&consul, &format!("{KV}acme/account")).await.index(),
+        kv_write
+    );
+    consul.kv_put("acme/order", "1");
+    assert_eq!(get(&consul, CATALOG_SERVICES).await.index(), catalog_write);
+
+    // A prefix whose last key went answers its tombstone's index, not the table's.
+    consul.kv_put("claims/shop", "edge-1");
+    consul.kv_delete("claims/shop");
+    let deletion = consul.index();
+    consul.kv_put("acme/order", "2");
+    let list = get(&consul, &format!("{KV}claims/?recurse")).await;
+    assert_eq!((list.status, list.index()), (404, deletion));
+    // An empty prefix without entries or tombstones answers the table's index.
+    let list = get(&consul, &format!("{KV}other/?recurse")).await;
+    assert_eq!((list.status, list.index()), (404, consul.index()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_blocking_list_wakes_on_a_write_under_its_prefix_not_elsewhere() {
+    let consul = std::sync::Arc::new(ConsulDouble::start().await);
+    consul.kv_put("claims/shop", "edge-1");
+    let path = format!("{KV}claims/");
+    let index = get(&consul, &format!("{path}?recurse")).await.index();
+    let query = tokio::spawn({
+        let consul = consul.clone();
+        let path = path.clone();
+        async move { get(&consul, &format!("{path}?recurse&index={index}&wait=10m")).await }
+    });
+    consul.wait_for_blocked_queries(&path, 1).await;
+    // Writes elsewhere, one right beside the prefix: the query stays blocked.
+    consul.kv_put("acme/account", "key");
+    consul.kv_put("claimsmore", "x");
+    consul.kv_delete("acme/account");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!query.is_finished());
+    assert_eq!(consul.blocked_queries(&path), 1);
+
+    consul.kv_put("claims/blog", "edge-2");
+    let answer = query.await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.index(), consul.index());
+    assert_eq!(kv_keys_of(&answer), ["claims/blog", "claims/shop"]);
+
+    // A deletion under the prefix wakes it too, with the tombstone's index.
+    let index = answer.index();
+    let query = tokio::spawn({
+        let consul = consul.clone();
+        let path = path.clone();
+        async move { get(&consul, &format!("{path}?recurse&index={index}&wait=10m")).await }
+    });
+    consul.wait_for_blocked_queries(&path, 1).await;
+    consul.kv_delete("claims/shop");
+    let answer = query.await.unwrap();
+    assert_eq!(answer.index(), consul.index());
+    assert_eq!(kv_keys_of(&answer), ["claims/blog"]);
+
+    // A blocking query on one key returns after its wait when nothing changed it.
+    let key = format!("{KV}claims/blog");
+    let index = get(&consul, &key).await.index();
+    let start = Instant::now();
+    let again = get(&consul, &format!("{key}?index={index}&wait=200ms")).await;
+    assert!(start.elapsed() >= Duration::from_millis(200));
+    assert_eq!(again.index(), index);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_values_past_512_kib_are_a_413() {
+    let consul = ConsulDouble::start().await;
+    let largest = "v".repeat(consul::KV_MAX_VALUE_SIZE);
+    assert!(outcome(&put(&consul, "acme/cert", &largest).await));
+    let too_large = format!("{largest}v");
+    let answer = put(&consul, "acme/cert", &too_large).await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(
+        answer.body,
+        "Request body(524289 bytes) too large, max size: 524288 bytes. See \
+         https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
+    );
+    assert_eq!(consul.kv_get("acme/cert").unwrap().len(), largest.len());
+
+    // A chunked body (no Content-Length) is held to the same bound.
+    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(too_large.into_bytes())]);
+    let path = format!("{KV}acme/chunked");
+    let body = reqwest::Body::wrap_stream(chunks);
+    let answer = send(&consul, reqwest::Method::PUT, &path, body, &[]).await;
+    assert_eq!(answer.status, 413);
+    assert_eq!(consul.kv_get("acme/chunked"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_tokens_are_checked_for_reads_and_writes() {
+    let consul = ConsulDouble::start().await;
+    consul.kv_put("claims/shop", "edge-1");
+    consul.set_token(Some("s3cret".to_string()));
+    let index = consul.index();
+
+    // The anonymous token: no key, no write, lists filtered to nothing.
+    let key = get(&consul, &format!("{KV}claims/shop")).await;
+    assert_eq!((key.status, key.body.as_str()), (403, "Permission denied"));
+    let write = put(&consul, "claims/shop", "edge-2").await;
+    assert_eq!(
+        (write.status, write.body.as_str()),
+        (403, "Permission denied")
+    );
+    let removal = delete(&consul, "claims/shop").await;
+    assert_eq!(
+        (removal.status, removal.body.as_str()),
+        (403, "Permission denied")
+    );
+    let list = get(&consul, &format!("{KV}claims/?recurse")).await;
+    assert_eq!((list.status, list.index()), (404, index));
+    assert_eq!(list.header("X-Consul-Results-Filtered-By-ACLs"), "true");
+    let keys = get(&consul, &format!("{KV}?keys")).await;
+    assert_eq!((keys.status, keys.body.as_str()), (200, "[]"));
+    // Nothing to filter: no header.
+    let nothing = get(&consul, &format!("{KV}other/?recurse")).await;
+    assert_eq!(nothing.status, 404);
+    assert!(nothing
+        .headers
+        .get("X-Consul-Results-Filtered-By-ACLs")
+        .is_none());
+
+    // A token Consul does not know.
+    let wrong = [("X-Consul-Token", "wrong")];
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let path = format!("{KV}claims/shop");
+        let answer = send(&consul, method.clone(), &path, "edge-3", &wrong).await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (403, "ACL not found"),
+            "{method}"
+        );
+    }
+    assert_eq!(consul.kv_get("claims/shop"), Some(b"edge-1".to_vec()));
+
+    // The right one, wherever it is.
+    let path = format!("{KV}claims/shop?token=s3cret");
+    let write = send(&consul, reqwest::Method::PUT, &path, "edge-4", &[]).await;
+    assert!(outcome(&write));
+    let right = [("Authorization", "Bearer s3cret")];
+    let read = get_with(&consul, &format!("{KV}claims/shop?raw"), &right).await;
+    assert_eq!((read.status, read.body.as_str()), (200, "edge-4"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_bad_requests_answer_as_consul_does() {
+    let consul = ConsulDouble::start().await;
+    let cases = [
+        (reqwest::Method::GET, "", 400, "Missing key name"),
+        (reqwest::Method::PUT, "", 400, "Missing key name"),
+        (reqwest::Method::DELETE, "", 400, "Missing key name"),
+        (
+            reqwest::Method::PUT,
+            "k?cas=x",
+            500,
+            "strconv.ParseUint: parsing \"x\": invalid syntax",
+        ),
+        (
+            reqwest::Method::PUT,
+            "k?flags=-1",
+            500,
+            "strconv.ParseUint: parsing \"-1\": invalid syntax",
+        ),
+        (
+            reqwest::Method::PUT,
+            "k?cas=1&acquire=a b",
+            400,
+            "Conflicting flags: acquire=a+b&cas=1\n",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "k?recurse&cas=1",
+            400,
+            "Conflicting flags: cas=1&recurse=\n",
+        ),
+        (
+            reqwest::Method::GET,
+            "k?wait=soon",
+            400,
+            "Invalid wait time",
+        ),
+        (reqwest::Method::POST, "k", 405, "method POST not allowed"),
+    ];
+    for (method, path, status, body) in cases {
+        let answer = send(&consul, method.clone(), &format!("{KV}{path}"), "", &[]).await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (status, body),
+            "{method} {path}"
+        );
+    }
+    assert!(consul.kv_keys("").is_empty());
+    // Writes go to the leader: ?stale does not get a write past a lost leader.
+    consul.set_fault(Fault::NoLeader);
+    let answer = put(&consul, "k?stale", "v").await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (500, "No cluster leader")
+    );
 }

@@ -11,12 +11,15 @@ use axum::extract::{Path, Query, Request, State as AxumState};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
 
 use super::json::{render, render_filtered};
 use super::state::{Endpoint, Shared};
 use super::{
     parse_go_bool, parse_go_duration, parse_go_uint, Fault, CATALOG_SERVICES, DATACENTER,
-    DEFAULT_WAIT, HEALTH_SERVICE, HEALTH_STATE, JITTER_FRACTION, MAX_WAIT, OTHER_PATHS,
+    DEFAULT_WAIT, HEALTH_SERVICE, HEALTH_STATE, JITTER_FRACTION, KV, KV_MAX_VALUE_SIZE, MAX_WAIT,
+    OTHER_PATHS,
 };
 
 type SharedState = AxumState<Arc<Shared>>;
@@ -29,7 +32,7 @@ pub(super) async fn record(
     next: Next,
 ) -> Response {
     let path = request.uri().path().to_string();
-    let endpoint = [CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE]
+    let endpoint = [CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE, KV]
         .into_iter()
         .find(|prefix| path.starts_with(prefix))
         .unwrap_or(OTHER_PATHS);
@@ -122,6 +125,259 @@ pub(super) async fn health_state(
     .await
 }
 
+/// `GET /v1/kv/:key` (`KVSGet`, `KVSGetKeys` in `agent/kvs_endpoint.go`): `?keys` lists keys,
+/// `?recurse` entries under a prefix, otherwise one key (`?raw`: its value alone).
+pub(super) async fn kv_get(
+    AxumState(shared): SharedState,
+    key: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let (path, key) = named(KV, key);
+    let key = key.unwrap_or_default();
+    answer(&shared, &headers, &params, path, |params| {
+        if has(params, "keys") {
+            // The old spelling first, the right one wins (`KVSGetKeys`).
+            let separator = first(params, "separator")
+                .or_else(|| first(params, "seperator"))
+                .unwrap_or_default()
+                .to_string();
+            return Ok(Endpoint::KvKeys {
+                prefix: key,
+                separator,
+            });
+        }
+        if has(params, "recurse") {
+            return Ok(Endpoint::KvList { prefix: key });
+        }
+        if key.is_empty() {
+            return Err(Rejection(StatusCode::BAD_REQUEST, "Missing key name"));
+        }
+        Ok(Endpoint::KvGet {
+            key,
+            raw: has(params, "raw"),
+        })
+    })
+    .await
+}
+
+/// `PUT /v1/kv/:key` (`KVSPut`): the body is the value; `?flags`, `?cas`. Answers `true`, or
+/// the outcome of a check-and-set.
+pub(super) async fn kv_put(
+    AxumState(shared): SharedState,
+    key: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+    body: Body,
+) -> Response {
+    stall_if_faulted(&shared).await;
+    let key = key.map(|Path(key)| key).unwrap_or_default();
+    let put = async {
+        let options = QueryOptions::parse(&params)?;
+        if key.is_empty() {
+            return Err(Rejection(StatusCode::BAD_REQUEST, "Missing key name").into());
+        }
+        conflicting_flags(&params, &["cas", "acquire", "release"])?;
+        let flags = uint_param(&params, "flags")?.unwrap_or(0);
+        let cas = uint_param(&params, "cas")?;
+        if has(&params, "acquire") || has(&params, "release") {
+            return Err(Rejection(
+                StatusCode::BAD_REQUEST,
+                "?acquire and ?release (sessions) are not implemented by the Consul test double",
+            )
+            .into());
+        }
+        let value = read_value(&headers, body).await?;
+        rpc_write(&shared, &headers, &params, &options)?;
+        Ok(shared.write(|state, index| {
+            Ok(match cas {
+                Some(cas) => state.kv.set_cas(&key, value, flags, cas, index),
+                None => {
+                    state.kv.set(&key, value, flags, index);
+                    true
+                }
+            })
+        }))
+    };
+    match put.await {
+        Ok(outcome) => write_answer(&shared, outcome).await,
+        Err::<_, Refusal>(refusal) => refusal.into_response(),
+    }
+}
+
+/// `DELETE /v1/kv/:key` (`KVSDelete`): `?recurse` deletes a prefix, `?cas` only the key at that
+/// ModifyIndex. Answers `true`, or the outcome of a check-and-set.
+pub(super) async fn kv_delete(
+    AxumState(shared): SharedState,
+    key: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    stall_if_faulted(&shared).await;
+    let key = key.map(|Path(key)| key).unwrap_or_default();
+    let delete = || {
+        let options = QueryOptions::parse(&params)?;
+        conflicting_flags(&params, &["recurse", "cas"])?;
+        let recurse = has(&params, "recurse");
+        if !recurse && key.is_empty() {
+            return Err(Rejection(StatusCode::BAD_REQUEST, "Missing key name").into());
+        }
+        let cas = uint_param(&params, "cas")?;
+        rpc_write(&shared, &headers, &params, &options)?;
+        Ok(shared.write(|state, index| {
+            Ok(match cas {
+                Some(cas) => state.kv.delete_cas(&key, cas, index),
+                None if recurse => {
+                    state.kv.delete_tree(&key, index);
+                    true
+                }
+                None => {
+                    state.kv.delete(&key, index);
+                    true
+                }
+            })
+        }))
+    };
+    match delete() {
+        Ok(outcome) => write_answer(&shared, outcome).await,
+        Err::<_, Refusal>(refusal) => refusal.into_response(),
+    }
+}
+
+/// Any other method on `/v1/kv/` (`MethodNotAllowedError`).
+pub(super) async fn kv_method_not_allowed(method: axum::http::Method) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(axum::http::header::ALLOW, "GET,PUT,DELETE")],
+        format!("method {method} not allowed"),
+    )
+        .into_response()
+}
+
+async fn stall_if_faulted(shared: &Arc<Shared>) {
+    if shared.lock().fault == Fault::Stall {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The RPC checks of a KV write: the anonymous token may not write (`kvsPreApply`).
+fn rpc_write(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    params: &[(String, String)],
+    options: &QueryOptions,
+) -> Result<(), Refusal> {
+    match rpc(shared, headers, params, options, Rpc::Write) {
+        Ok(Access::Full) => Ok(()),
+        Ok(Access::Anonymous) => Err(Rejection(StatusCode::FORBIDDEN, PERMISSION_DENIED).into()),
+        Err(rejection) => Err(rejection.into()),
+    }
+}
+
+/// A write's JSON `true` or `false`, without `X-Consul-*` headers (a write has no query
+/// meta).
+async fn write_answer(shared: &Arc<Shared>, outcome: bool) -> Response {
+    let response = Json(outcome).into_response();
+    if shared.lock().fault == Fault::Garbage {
+        return truncate_body(response).await;
+    }
+    response
+}
+
+/// The value of a PUT, bounded as `KVSPut` bounds it: a `Content-Length` past
+/// `kv_max_value_size` is a 413 before the body is read. A body without a length (chunked),
+/// which Consul reads whole, is cut at the same bound by the double, with the same 413.
+async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Refusal> {
+    let too_large = |length: &dyn std::fmt::Display| {
+        Refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Request body({length} bytes) too large, max size: {KV_MAX_VALUE_SIZE} bytes. \
+                 See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
+            ),
+        )
+    };
+    let length = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = length.filter(|length| *length > KV_MAX_VALUE_SIZE as u64) {
+        // Read (and drop) what the client sends before answering, up to a bound, so that it
+        // gets the 413 instead of a reset: Go's server drains a little of an unread body too.
+        let mut chunks = body.into_data_stream();
+        let mut drained = 0;
+        while drained <= DRAIN_LIMIT {
+            match chunks.next().await {
+                Some(Ok(chunk)) => drained += chunk.len(),
+                Some(Err(_)) | None => break,
+            }
+        }
+        return Err(too_large(&length));
+    }
+    match axum::body::to_bytes(body, KV_MAX_VALUE_SIZE).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(_) => Err(too_large(&format!("more than {KV_MAX_VALUE_SIZE}"))),
+    }
+}
+
+/// How much of a too large body the double reads before it answers the 413.
+const DRAIN_LIMIT: usize = 16 * KV_MAX_VALUE_SIZE;
+
+/// `conflictingFlags`: two of `flags` present is a 400 that quotes the whole query, encoded as
+/// Go's `url.Values.Encode` does (keys sorted).
+fn conflicting_flags(params: &[(String, String)], flags: &[&str]) -> Result<(), Refusal> {
+    if flags.iter().filter(|flag| has(params, flag)).count() < 2 {
+        return Ok(());
+    }
+    let mut sorted: Vec<&(String, String)> = params.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let encoded: Vec<String> = sorted
+        .into_iter()
+        .map(|(key, value)| format!("{}={}", go_query_escape(key), go_query_escape(value)))
+        .collect();
+    let body = format!("Conflicting flags: {}\n", encoded.join("&"));
+    Err(Refusal(StatusCode::BAD_REQUEST, body))
+}
+
+/// Go's `url.QueryEscape`.
+fn go_query_escape(text: &str) -> String {
+    let mut escaped = String::new();
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                escaped.push(char::from(byte));
+            }
+            b' ' => escaped.push('+'),
+            _ => escaped.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    escaped
+}
+
+/// `?flags=` or `?cas=`, parsed with `strconv.ParseUint`: a bad one is returned as a plain
+/// error, which Consul's HTTP layer answers with a 500 and the error's text.
+fn uint_param(params: &[(String, String)], key: &str) -> Result<Option<u64>, Refusal> {
+    let Some(text) = first(params, key) else {
+        return Ok(None);
+    };
+    match parse_go_uint(text) {
+        Some(value) => Ok(Some(value)),
+        None => {
+            let why = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+                "value out of range"
+            } else {
+                "invalid syntax"
+            };
+            let body = format!("strconv.ParseUint: parsing {text:?}: {why}");
+            Err(Refusal(StatusCode::INTERNAL_SERVER_ERROR, body))
+        }
+    }
+}
+
+fn has(params: &[(String, String)], key: &str) -> bool {
+    params.iter().any(|(k, _)| k == key)
+}
+
 /// The request's path under `prefix`, and the name in it (none when empty).
 fn named(prefix: &str, name: Option<Path<String>>) -> (String, Option<String>) {
     let name = name.map(|Path(name)| name);
@@ -147,14 +403,14 @@ async fn answer(
     };
     block(shared, &endpoint, &path, &options).await;
 
-    let (index, response, fault) = {
+    let (index, response, filtered, fault) = {
         let state = shared.lock();
         let index = state.reported(state.endpoint_index(&endpoint));
-        let response = match access {
-            Access::Full => render(&state, &endpoint),
-            Access::Anonymous => render_filtered(&endpoint),
+        let (response, filtered) = match access {
+            Access::Full => (render(&state, &endpoint), false),
+            Access::Anonymous => render_filtered(&state, &endpoint),
         };
-        (index, response, state.fault)
+        (index, response, filtered, state.fault)
     };
     let mut response = with_consul_headers(response, index, options.consistency);
     if fault == Fault::NoLeader {
@@ -163,7 +419,7 @@ async fn answer(
         headers.insert("x-consul-knownleader", HeaderValue::from_static("false"));
         headers.insert("x-consul-lastcontact", HeaderValue::from_static("15000"));
     }
-    if access == Access::Anonymous {
+    if filtered {
         response.headers_mut().insert(
             "X-Consul-Results-Filtered-By-ACLs",
             HeaderValue::from_static("true"),
@@ -195,6 +451,33 @@ fn admit(
 ) -> Result<(QueryOptions, Endpoint, Access), Rejection> {
     let options = QueryOptions::parse(params)?;
     let endpoint = endpoint(params)?;
+    let access = rpc(shared, headers, params, &options, Rpc::Read)?;
+    // `KVS.Get` checks `key:read` in its query, after the rest: the anonymous token is refused.
+    if access == Access::Anonymous && matches!(endpoint, Endpoint::KvGet { .. }) {
+        return Err(Rejection(StatusCode::FORBIDDEN, PERMISSION_DENIED));
+    }
+    Ok((options, endpoint, access))
+}
+
+/// `acl.ErrPermissionDenied`, as `KVS.Get` and `kvsPreApply` return it.
+const PERMISSION_DENIED: &str = "Permission denied";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rpc {
+    Read,
+    /// A write goes to the leader, whatever the consistency parameters say.
+    Write,
+}
+
+/// What the RPC checks, in order: the token, the leader (or a stale read without one), the
+/// rate limit, the datacenter.
+fn rpc(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    params: &[(String, String)],
+    options: &QueryOptions,
+    rpc: Rpc,
+) -> Result<Access, Rejection> {
     let (fault, token) = {
         let state = shared.lock();
         (state.fault, state.token.clone())
@@ -206,9 +489,10 @@ fn admit(
         // A token Consul does not know (never created, or revoked).
         (Some(_), Some(_)) => return Err(Rejection(StatusCode::FORBIDDEN, "ACL not found")),
     };
+    let stale = rpc == Rpc::Read && matches!(options.consistency, Consistency::Stale);
     match fault {
         // A server without a leader still answers stale reads from its own state.
-        Fault::NoLeader if !matches!(options.consistency, Consistency::Stale) => {
+        Fault::NoLeader if !stale => {
             return Err(Rejection(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "No cluster leader",
@@ -232,7 +516,7 @@ fn admit(
             "No path to datacenter",
         ));
     }
-    Ok((options, endpoint, access))
+    Ok(access)
 }
 
 /// Waits while the endpoint's index is still `<= ?index`, up to `?wait` plus jitter.
@@ -377,6 +661,21 @@ struct Rejection(StatusCode, &'static str);
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         (self.0, self.1).into_response()
+    }
+}
+
+/// An error answer with a text made for the request.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Refusal {
+        Refusal(rejection.0, rejection.1.to_string())
     }
 }
 

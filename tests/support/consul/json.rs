@@ -1,13 +1,16 @@
-//! The JSON a Consul agent writes for the catalog: what each endpoint answers, in Consul's
-//! order, with every object's CreateIndex/ModifyIndex.
+//! The JSON a Consul agent writes for the catalog and the KV store: what each endpoint answers,
+//! in Consul's order, with every object's CreateIndex/ModifyIndex.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine;
 use serde::Serialize;
 
+use super::kv::KvEntry;
 use super::state::{CheckState, Endpoint, InstanceState, NodeState, State};
 use super::{Instance, DATACENTER};
 
@@ -21,15 +24,99 @@ pub(super) fn render(state: &State, endpoint: &Endpoint) -> Response {
             tags,
         } => Json(health(state, name, *passing, tags)).into_response(),
         Endpoint::State { state: wanted } => Json(checks_in_state(state, wanted)).into_response(),
+        Endpoint::KvGet { key, raw } => match state.kv.entries.get(key) {
+            None => not_found(),
+            // `KVSGet` with `?raw`: the value alone, with headers that stop a browser from
+            // running it.
+            Some(entry) if *raw => (
+                [
+                    (header::CONTENT_TYPE, "text/plain"),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                    (header::CONTENT_SECURITY_POLICY, "sandbox"),
+                ],
+                entry.value.clone(),
+            )
+                .into_response(),
+            Some(entry) => Json([KvJson::new(entry)]).into_response(),
+        },
+        Endpoint::KvList { prefix } => {
+            let entries: Vec<KvJson> = state.kv.under(prefix).map(KvJson::new).collect();
+            if entries.is_empty() {
+                return not_found();
+            }
+            Json(entries).into_response()
+        }
+        Endpoint::KvKeys { prefix, separator } => {
+            let keys = kv_keys(state.kv.under(prefix), prefix, separator);
+            kv_keys_answer(keys, prefix)
+        }
     }
 }
 
-/// What the anonymous token (no read rights) gets: nothing, as a normal answer.
-pub(super) fn render_filtered(endpoint: &Endpoint) -> Response {
+/// What the anonymous token (no read rights) gets: nothing, as a normal answer; and whether
+/// ACLs took something away (`X-Consul-Results-Filtered-By-ACLs`).
+pub(super) fn render_filtered(state: &State, endpoint: &Endpoint) -> (Response, bool) {
     match endpoint {
-        Endpoint::Catalog => Json(BTreeMap::<String, Vec<String>>::new()).into_response(),
-        Endpoint::Health { .. } | Endpoint::State { .. } => Json(Vec::<()>::new()).into_response(),
+        Endpoint::Catalog => (
+            Json(BTreeMap::<String, Vec<String>>::new()).into_response(),
+            true,
+        ),
+        Endpoint::Health { .. } | Endpoint::State { .. } => {
+            (Json(Vec::<()>::new()).into_response(), true)
+        }
+        // Refused before it gets here (`KVS.Get` answers Permission denied).
+        Endpoint::KvGet { .. } => (
+            (StatusCode::FORBIDDEN, "Permission denied").into_response(),
+            false,
+        ),
+        // `FilterDirEnt` leaves nothing, and an empty list is a 404.
+        Endpoint::KvList { prefix } => (not_found(), state.kv.under(prefix).next().is_some()),
+        Endpoint::KvKeys { prefix, .. } => (
+            kv_keys_answer(Vec::new(), prefix),
+            state.kv.under(prefix).next().is_some(),
+        ),
     }
+}
+
+/// Consul's 404 of the KV store: no body at all.
+fn not_found() -> Response {
+    StatusCode::NOT_FOUND.into_response()
+}
+
+/// `KVSGetKeys`: an empty list is a 404, except at the root, where it is `[]`.
+fn kv_keys_answer(keys: Vec<String>, prefix: &str) -> Response {
+    if keys.is_empty() && !prefix.is_empty() {
+        return not_found();
+    }
+    Json(keys).into_response()
+}
+
+/// `KVS.ListKeys`: every key, or, with a separator, each key cut after the first separator
+/// past the prefix (once per distinct result), in key order.
+fn kv_keys<'a>(
+    entries: impl Iterator<Item = &'a KvEntry>,
+    prefix: &str,
+    separator: &str,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut seen = BTreeSet::new();
+    for entry in entries {
+        if separator.is_empty() {
+            keys.push(entry.key.clone());
+            continue;
+        }
+        let after = &entry.key[prefix.len()..];
+        match after.find(separator) {
+            Some(at) => {
+                let key = &entry.key[..prefix.len() + at + separator.len()];
+                if seen.insert(key.to_string()) {
+                    keys.push(key.to_string());
+                }
+            }
+            None => keys.push(entry.key.clone()),
+        }
+    }
+    keys
 }
 
 fn catalog(state: &State) -> BTreeMap<String, Vec<String>> {
@@ -94,6 +181,36 @@ fn checks_in_state(state: &State, wanted: &str) -> Vec<CheckJson> {
 }
 
 // Serde mirrors of Consul's JSON, fields in the order real agents write them.
+
+/// `structs.DirEntry`: `Value` is base64, `null` for an empty value; `Session` only on a
+/// locked key (never, in the double).
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct KvJson {
+    lock_index: u64,
+    key: String,
+    flags: u64,
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<String>,
+    create_index: u64,
+    modify_index: u64,
+}
+
+impl KvJson {
+    fn new(entry: &KvEntry) -> KvJson {
+        KvJson {
+            lock_index: entry.lock_index,
+            key: entry.key.clone(),
+            flags: entry.flags,
+            value: (!entry.value.is_empty())
+                .then(|| base64::engine::general_purpose::STANDARD.encode(&entry.value)),
+            session: None,
+            create_index: entry.create_index,
+            modify_index: entry.modify_index,
+        }
+    }
+}
 
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]

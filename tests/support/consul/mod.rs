@@ -1,11 +1,12 @@
-//! A Consul HTTP API test double: `/v1/catalog/services`, `/v1/health/service/:name` and
-//! `/v1/health/state/:state`, with blocking queries, per-object and per-table raft indexes, ACL
-//! tokens, injectable faults and Consul's per-client-IP connection limit, on 127.0.0.1:0 or a
-//! given address.
+//! A Consul HTTP API test double: `/v1/catalog/services`, `/v1/health/service/:name`,
+//! `/v1/health/state/:state` and the KV store (`/v1/kv/:key`), with blocking queries,
+//! per-object and per-table raft indexes, ACL tokens, injectable faults and Consul's
+//! per-client-IP connection limit, on 127.0.0.1:0 or a given address.
 //!
 //! It follows the Consul reference notes, the docs samples in tests/fixtures/consul/ and
 //! Consul's source. Tests change the catalog with plain methods (`register`, `register_all`,
-//! `set_check`, ...); every write is one raft index, as a Consul server applies one log entry.
+//! `set_check`, `kv_put`, ...); every write is one raft index, as a Consul server applies one
+//! log entry (a KV PUT or DELETE through the API too, a failed check-and-set included).
 //!
 //! ```text
 //! test ── register / set_check / set_fault ──> State (Mutex) ── index ──> watch ──> blocked queries
@@ -23,6 +24,8 @@
 //! | `/v1/catalog/services` | the services table | an instance registered, changed (address, port, tags, meta) or deregistered |
 //! | `/v1/health/service/:name` | `service.<name>` | the same for that service's instances, a change of one of their checks, of their node or of its serfHealth; a service without instances answers the last time any service lost its last instance (or, if none ever did, the latest change of nodes, services or checks) |
 //! | `/v1/health/state/:state` | the checks table | a check added, changed (status, output, the service's tags) or removed, and every deregistration |
+//! | `/v1/kv/:key` | the key's ModifyIndex; a missing key: the later of the `kvs` and `tombstones` tables (`kvsMaxIndex`) | a write that changes the key; a missing key: any KV write that changes something (as in Consul, hashicorp/consul#9449) |
+//! | `/v1/kv/:prefix?recurse`, `?keys` | the highest ModifyIndex under the prefix and of the prefix's tombstones; if 0, or for the empty prefix, `kvsMaxIndex` | a write or deletion under the prefix |
 //!
 //! So moving an instance (same ID, a new address, its check unchanged) wakes
 //! `/v1/catalog/services` (whose body does not change) and that service's health, but not
@@ -30,13 +33,49 @@
 //! health, not the catalog; a write that changes nothing (an identical re-registration, a check
 //! set to the status it has) moves no endpoint's index at all.
 //!
+//! The KV store follows `agent/kvs_endpoint.go` (HTTP), `agent/consul/kvs_endpoint.go` (RPC,
+//! ACLs) and `agent/consul/state/kvs.go`, `kvs_ce.go`, `graveyard.go` (state, indexes):
+//!
+//! - `GET /v1/kv/:key`: `[{"LockIndex","Key","Flags","Value","CreateIndex","ModifyIndex"}]`,
+//!   `Value` in base64 (`null` when empty); `?raw`: the value alone, `text/plain`, with
+//!   `X-Content-Type-Options: nosniff` and `Content-Security-Policy: sandbox`; `?recurse`: every
+//!   entry under the prefix, in key order; `?keys` (`separator`, or the old `seperator`): the
+//!   keys, each cut after the first separator past the prefix. Nothing found: a 404 without a
+//!   body, with the `X-Consul-*` headers; `?keys` at the root answers `[]` instead. No key and
+//!   neither `?recurse` nor `?keys`: `400 Missing key name`.
+//! - `PUT /v1/kv/:key` (body: the value): `?flags`, `?cas` (0: only if absent; N: only if the
+//!   ModifyIndex is N). A `Content-Length` past `KV_MAX_VALUE_SIZE` (512 KiB,
+//!   `kv_max_value_size`'s default) is Consul's 413. `DELETE /v1/kv/:key`: `?recurse` (a
+//!   prefix, one tombstone for it), `?cas` (N: only at ModifyIndex N; a missing key is `true`).
+//!   Writes answer the JSON `true`, or the check-and-set's outcome, without `X-Consul-*`
+//!   headers. Conflicting flags (`cas` with `acquire`/`release`, `recurse` with `cas`) are
+//!   Consul's `400 Conflicting flags: <query>`; a `flags` or `cas` that is not a number is
+//!   Consul's 500 with Go's `strconv.ParseUint` text; other methods a 405.
+//! - An entry written with the value and flags it has keeps its ModifyIndex (`kvsSetTxn`).
+//!   KV writes move only the KV indexes, catalog writes none of them.
+//! - ACLs (`set_token`): the anonymous token gets `403 Permission denied` for a key and for
+//!   every write; its lists are filtered to nothing (a 404, with
+//!   `X-Consul-Results-Filtered-By-ACLs: true` when there was something to filter).
+//!
+//! KV simplifications: no sessions, so no locks: `?acquire` and `?release` answer `400 ... not
+//! implemented by the Consul test double` (as `?filter` does), `LockIndex` is always 0 and
+//! `Session` never present. Tombstones are never reaped (Consul's leader reaps them after
+//! `tombstone_ttl`, 15 minutes, with a raft write). A PUT body without `Content-Length`, which
+//! Consul reads whole, gets the 413 past the same bound. Key names are not validated: Consul
+//! 1.21.5 and later refuse some keys (path traversal, leading or trailing spaces, and, in some
+//! builds, names ending in `.com`, `.json` and the like: hashicorp/consul#22822, #22850), so a
+//! client should keep to plain `[a-zA-Z0-9_/-]` keys. No `?cas` on a key whose lock is held,
+//! no `/v1/txn`, no namespaces or partitions. A blocking query on a key wakes on whatever
+//! moves its index (see the table); Consul wakes on its memdb watches first, which gives the
+//! same answers.
+//!
 //! Simplifications: instance IDs are unique across nodes; registering an ID again under
 //! another node or service name deregisters the old instance first (Consul keys instances by
 //! node and ID: it would keep both under another node, and under another name it would replace
 //! the instance without waking the old name's queries); an instance has at most one
 //! check, `service:<id>`, and a registration carries it as an agent's anti-entropy does (an
-//! instance registered without a check loses the one it had). `bump_index` moves every index
-//! without changing content, which no single Consul write does.
+//! instance registered without a check loses the one it had). `bump_index` moves every catalog
+//! index without changing content, which no single Consul write does (the KV indexes stay).
 //!
 //! `?filter` is not implemented: every endpoint answers it with `400 ?filter is not implemented
 //! by the Consul test double` (not Consul's answer: Consul would filter), so that a client that
@@ -55,6 +94,7 @@ mod conns;
 mod go;
 mod http;
 mod json;
+mod kv;
 mod state;
 
 use std::collections::BTreeMap;
@@ -63,7 +103,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -72,16 +112,23 @@ use tokio::sync::watch;
 #[allow(unused_imports)]
 pub use self::conns::TOO_MANY_CONNECTIONS;
 pub use self::go::{parse_go_bool, parse_go_duration, parse_go_uint};
+pub use self::kv::KvEntry;
 
 use self::conn::Served;
 use self::conns::{FrontDoor, Limiter};
-use self::http::{catalog_services, health_service, health_state, record};
+use self::http::{
+    catalog_services, health_service, health_state, kv_delete, kv_get, kv_method_not_allowed,
+    kv_put, record,
+};
 use self::state::{Shared, State};
 
 pub const DATACENTER: &str = "dc1";
 pub const CATALOG_SERVICES: &str = "/v1/catalog/services";
 pub const HEALTH_SERVICE: &str = "/v1/health/service/";
 pub const HEALTH_STATE: &str = "/v1/health/state/";
+pub const KV: &str = "/v1/kv/";
+/// `kv_max_value_size`'s default: the largest PUT body the KV store takes.
+pub const KV_MAX_VALUE_SIZE: usize = 512 * 1024;
 /// The endpoint key in `Requests::by_endpoint` for every other path (404s).
 pub const OTHER_PATHS: &str = "other";
 
@@ -223,7 +270,8 @@ pub struct Requests {
     /// away early may have read less). Refused connections' 429s are not requests: see
     /// `Connections::refused`.
     pub body_bytes: u64,
-    /// Per endpoint: `CATALOG_SERVICES`, `HEALTH_SERVICE`, `HEALTH_STATE`, or `OTHER_PATHS`.
+    /// Per endpoint: `CATALOG_SERVICES`, `HEALTH_SERVICE`, `HEALTH_STATE`, `KV` (every method),
+    /// or `OTHER_PATHS`.
     pub by_endpoint: BTreeMap<&'static str, Traffic>,
 }
 
@@ -302,6 +350,8 @@ impl ConsulDoubleBuilder {
             .route("/v1/health/service/{*name}", get(health_service))
             .route(HEALTH_STATE, get(health_state))
             .route("/v1/health/state/{*state}", get(health_state))
+            .route(KV, kv_routes())
+            .route("/v1/kv/{*key}", kv_routes())
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
@@ -314,6 +364,13 @@ impl ConsulDoubleBuilder {
             server: Served::start(server_listener, app),
         }
     }
+}
+
+fn kv_routes() -> MethodRouter<Arc<Shared>> {
+    get(kv_get)
+        .put(kv_put)
+        .delete(kv_delete)
+        .fallback(kv_method_not_allowed)
 }
 
 /// A running double; stopped when dropped.
@@ -418,8 +475,8 @@ impl ConsulDouble {
             .write(|state, index| state.set_node_check(node, status, index));
     }
 
-    /// A write that moves every endpoint's index without changing content: every blocked query
-    /// returns the same data again.
+    /// A write that moves every catalog endpoint's index without changing content: every
+    /// blocked catalog or health query returns the same data again (KV queries stay blocked).
     pub fn bump_index(&self) {
         self.shared.write(|state, index| {
             state.bump(index);
@@ -427,10 +484,55 @@ impl ConsulDouble {
         });
     }
 
+    /// Writes `value` at `key` (flags 0) as one raft write, like `PUT /v1/kv/:key`: a new key's
+    /// CreateIndex and ModifyIndex are the write's index; the same value again changes nothing.
+    pub fn kv_put(&self, key: &str, value: impl AsRef<[u8]>) {
+        let value = value.as_ref().to_vec();
+        self.shared.write(|state, index| {
+            state.kv.set(key, value, 0, index);
+            Ok(())
+        });
+    }
+
+    /// The value at `key` (empty for a key written without a body).
+    pub fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.kv_entry(key).map(|entry| entry.value)
+    }
+
+    /// The entry at `key`, with its flags and raft indexes.
+    pub fn kv_entry(&self, key: &str) -> Option<KvEntry> {
+        self.shared.lock().kv.entries.get(key).cloned()
+    }
+
+    /// Every key that starts with `prefix` (`""`: all), in order.
+    pub fn kv_keys(&self, prefix: &str) -> Vec<String> {
+        let state = self.shared.lock();
+        state.kv.under(prefix).map(|e| e.key.clone()).collect()
+    }
+
+    /// Deletes `key` (a tombstone remembers the deletion's index), like `DELETE /v1/kv/:key`;
+    /// a missing key is a write that changes nothing.
+    pub fn kv_delete(&self, key: &str) {
+        self.shared.write(|state, index| {
+            state.kv.delete(key, index);
+            Ok(())
+        });
+    }
+
+    /// Deletes every key under `prefix`, like `DELETE /v1/kv/:prefix?recurse`.
+    pub fn kv_delete_tree(&self, prefix: &str) {
+        self.shared.write(|state, index| {
+            state.kv.delete_tree(prefix, index);
+            Ok(())
+        });
+    }
+
     /// With `Some(token)`, ACLs are on with a default policy of deny: `X-Consul-Token`,
     /// `Authorization: Bearer` or `?token=` must carry `token` to read anything. No token
     /// reads as anonymous (filtered: `200 []`, a catalog without services); any other token
-    /// is unknown to Consul: `403 ACL not found`.
+    /// is unknown to Consul: `403 ACL not found`. In the KV store, the anonymous token gets
+    /// `403 Permission denied` for a key and for every write, and a 404 for a list (`?recurse`,
+    /// `?keys`; at the root `?keys` is `200 []`), as ACLs filtered every entry away.
     pub fn set_token(&self, token: Option<String>) {
         self.shared.lock().token = token;
     }

@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
+use super::kv::Kv;
 use super::{Fault, Instance, Requests, Status, DEFAULT_NODE_ADDRESS};
 
 pub(super) struct Shared {
@@ -25,8 +26,10 @@ impl Shared {
     }
 
     /// One raft write: `change` gets the new index; blocked queries are woken afterwards. An
-    /// `Err` (a test naming something unknown) fails the test, outside the lock.
-    pub(super) fn write(&self, change: impl FnOnce(&mut State, u64) -> Result<(), String>) {
+    /// `Err` (a test naming something unknown) fails the test, outside the lock. A write whose
+    /// outcome is `false` (a failed check-and-set) is still a raft entry, as in Consul, where
+    /// the FSM decides it.
+    pub(super) fn write<T>(&self, change: impl FnOnce(&mut State, u64) -> Result<T, String>) -> T {
         let mut state = self.lock();
         let index = state.index + 1;
         let result = change(&mut state, index);
@@ -35,8 +38,9 @@ impl Shared {
         }
         drop(state);
         match result {
-            Ok(()) => {
+            Ok(outcome) => {
                 self.changes.send_replace(index);
+                outcome
             }
             Err(message) => panic!("consul double: {message}"),
         }
@@ -52,6 +56,8 @@ pub(super) struct State {
     pub(super) instances: BTreeMap<String, InstanceState>,
     /// Service name -> the IDs of its instances, so that one service is read without a scan.
     pub(super) by_service: BTreeMap<String, BTreeSet<String>>,
+    /// The KV store, with its own table indexes: no catalog index moves with it.
+    pub(super) kv: Kv,
     pub(super) token: Option<String>,
     pub(super) fault: Fault,
     /// Subtracted from every reported index while `Fault::IndexBackwards` lasts.
@@ -117,6 +123,21 @@ pub(super) enum Endpoint {
     State {
         state: String,
     },
+    /// `/v1/kv/:key`: one key, its raw value alone with `?raw`.
+    KvGet {
+        key: String,
+        raw: bool,
+    },
+    /// `/v1/kv/:prefix?recurse`: every entry under the prefix.
+    KvList {
+        prefix: String,
+    },
+    /// `/v1/kv/:prefix?keys`: the keys under the prefix, cut after the separator if one is
+    /// given.
+    KvKeys {
+        prefix: String,
+        separator: String,
+    },
 }
 
 impl State {
@@ -127,6 +148,7 @@ impl State {
             nodes: BTreeMap::new(),
             instances: BTreeMap::new(),
             by_service: BTreeMap::new(),
+            kv: Kv::default(),
             token: None,
             fault: Fault::None,
             index_offset: 0,
@@ -149,6 +171,10 @@ impl State {
                 None => tables.checks.max(tables.services).max(tables.nodes),
             },
             Endpoint::State { .. } => tables.checks,
+            Endpoint::KvGet { key, .. } => self.kv.get_index(key),
+            Endpoint::KvList { prefix } | Endpoint::KvKeys { prefix, .. } => {
+                self.kv.list_index(prefix)
+            }
         };
         index.max(1)
     }
