@@ -239,6 +239,20 @@ pub async fn keep_local(
     }
 }
 
+/// A host's key in the Consul folder: its labels reversed, one per segment
+/// (`shop.example.com` -> `com/example/shop`, `*.shop.example.com` -> `com/example/shop/*`).
+/// No key then ends in something like a file extension, which Consul 1.21.5+ may refuse, and
+/// an operator finds a domain's hosts together (`consul kv get -recurse weft/claims/com/example`).
+pub fn kv_key(host: &Hostname) -> String {
+    host.as_str().rsplit('.').collect::<Vec<_>>().join("/")
+}
+
+/// The host of a key written by [`kv_key`].
+fn host_of_key(key: &str) -> Result<Hostname, String> {
+    let host = key.rsplit('/').collect::<Vec<_>>().join(".");
+    Hostname::parse(&host).map_err(|r| format!("key {key:?} is not a host: {r}"))
+}
+
 /// How long a record that did not reach Consul waits before it is tried again.
 const RETRY_RECORDS: Duration = Duration::from_secs(5);
 
@@ -247,13 +261,11 @@ const RETRY_RECORDS: Duration = Duration::from_secs(5);
 fn ledger_of(entries: Vec<KvEntry>, skipped: &mut BTreeMap<String, u64>) -> Ledger {
     let mut hosts = BTreeMap::new();
     for entry in entries {
-        let parsed = Hostname::parse(&entry.key)
-            .map_err(|r| format!("key {:?} is not a host: {r}", entry.key))
-            .and_then(|host| {
-                let stored: StoredHolding = serde_json::from_slice(&entry.value)
-                    .map_err(|e| format!("key {:?}: {e}", entry.key))?;
-                Ok((host, stored.holding(entry.modify_index)?))
-            });
+        let parsed = host_of_key(&entry.key).and_then(|host| {
+            let stored: StoredHolding = serde_json::from_slice(&entry.value)
+                .map_err(|e| format!("key {:?}: {e}", entry.key))?;
+            Ok((host, stored.holding(entry.modify_index)?))
+        });
         match parsed {
             Ok((host, holding)) => {
                 hosts.insert(host, holding);
@@ -327,7 +339,7 @@ pub async fn keep_consul(
                     Err(_) => continue,
                 };
                 let put = folder
-                    .put(record.host.as_str(), value, record.replaces.unwrap_or(0))
+                    .put(&kv_key(&record.host), value, record.replaces.unwrap_or(0))
                     .await;
                 match put {
                     Ok(true) => {
@@ -354,7 +366,7 @@ pub async fn keep_consul(
                 .collect()
         };
         for (host, version) in versions {
-            match folder.delete(host.as_str(), version).await {
+            match folder.delete(&kv_key(&host), version).await {
                 Ok(released) => {
                     if released {
                         info!(host = %host, after = %humantime::format_duration(release_after), "host released: its holder claimed it no more");
@@ -401,6 +413,19 @@ mod tests {
         let holding = &reopened.ledger().hosts[&Hostname::parse("a.example.com").unwrap()];
         assert_eq!(holding.holder.service.as_str(), "heir");
         assert!(reopened.next_version > holding.version);
+    }
+
+    #[test]
+    fn kv_keys_reverse_the_labels_and_read_back() {
+        for (host, key) in [
+            ("shop.example.com", "com/example/shop"),
+            ("*.shop.example.com", "com/example/shop/*"),
+        ] {
+            let host = Hostname::parse(host).unwrap();
+            assert_eq!(kv_key(&host), key);
+            assert_eq!(host_of_key(key).unwrap(), host);
+        }
+        assert!(host_of_key("com//shop").is_err());
     }
 
     #[test]

@@ -208,11 +208,16 @@ fn wildcard_breadth(host: &Hostname) -> Result<(), String> {
     let rest = &suffix[1..];
     match psl::domain_str(rest) {
         Some(domain) if domain != rest => Ok(()),
-        _ => Err(format!(
-            "wildcard {host} is too broad: it needs at least two labels beneath the public \
-             suffix (e.g. *.shop.{})",
-            psl::domain_str(rest).unwrap_or(rest)
-        )),
+        domain => {
+            let example = match domain {
+                Some(domain) => format!("*.shop.{domain}"),
+                None => format!("*.shop.example.{rest}"),
+            };
+            Err(format!(
+                "wildcard {host} is too broad: it needs at least two labels beneath the public \
+                 suffix (e.g. {example})"
+            ))
+        }
     }
 }
 

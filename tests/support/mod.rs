@@ -142,6 +142,8 @@ pub struct WeftBuilder {
     debounce: Duration,
     sources: String,
     domain: Option<String>,
+    /// More `[routing]` keys (TOML lines).
+    routing: String,
 }
 
 impl Weft {
@@ -156,6 +158,7 @@ impl Weft {
             debounce: Duration::from_millis(50),
             sources: String::new(),
             domain: None,
+            routing: String::new(),
         }
     }
 
@@ -379,6 +382,13 @@ impl WeftBuilder {
         self
     }
 
+    /// More `[routing]` keys (TOML lines, tables such as `[[routing.teams]]` last).
+    pub fn routing(mut self, keys: &str) -> Self {
+        self.routing += keys;
+        self.routing.push('\n');
+        self
+    }
+
     fn haproxy_key(mut self, key: &str, value: &str) -> Self {
         self.haproxy_keys.push(format!("{key} = {value}"));
         self
@@ -396,10 +406,13 @@ impl WeftBuilder {
         });
         let port = self.port.unwrap_or_else(free_port);
         let status_port = free_port();
-        let routing = self
-            .domain
-            .map(|domain| format!("\n[routing]\ndomain = {domain:?}\n"))
-            .unwrap_or_default();
+        let routing = format!(
+            "\n[routing]\n{}{}",
+            self.domain
+                .map(|domain| format!("domain = {domain:?}\n"))
+                .unwrap_or_default(),
+            self.routing
+        );
         let config = format!(
             "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\
              {}{}\n\n\
