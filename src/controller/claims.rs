@@ -118,6 +118,7 @@ impl LocalStore {
                 .iter()
                 .filter_map(|(h, s)| Some((h.clone(), s.holding(s.version).ok()?)))
                 .collect(),
+            unread: false,
         }
     }
 
@@ -278,7 +279,10 @@ fn ledger_of(entries: Vec<KvEntry>, skipped: &mut BTreeMap<String, u64>) -> Ledg
             }
         }
     }
-    Ledger { hosts }
+    Ledger {
+        hosts,
+        unread: false,
+    }
 }
 
 /// Keeps the ledger in a Consul KV folder until `shutdown`: watches it (every edge's records),
@@ -314,6 +318,19 @@ pub async fn keep_consul(
         }
     };
     tokio::pin!(watcher);
+    // A Consul that does not answer at start must not hold back every route: after the
+    // sources' start grace, the uncontested hosts route without the ledger.
+    let stand_in = ledger.clone();
+    crate::sources::after_start_grace(shutdown.clone(), move || {
+        stand_in.send_if_modified(|now| {
+            if now.is_some() {
+                return false;
+            }
+            warn!(after = ?crate::sources::START_GRACE, "claims ledger: consul has not answered; hosts claimed by one team alone route meanwhile, contested ones wait");
+            *now = Some(Ledger::unread());
+            true
+        });
+    });
     let mut absences = Absences::default();
     let mut tick = tokio::time::interval(RELEASE_TICK);
     let mut last_try: Option<Instant> = None;

@@ -249,9 +249,20 @@ pub struct Holding {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ledger {
     pub hosts: BTreeMap<Hostname, Holding>,
+    /// Not read yet (its store did not answer in time): a host that one team alone claims is
+    /// routed, a contested one waits for the ledger, and nothing is recorded.
+    pub unread: bool,
 }
 
 impl Ledger {
+    /// The stand-in for a ledger whose store has not answered yet.
+    pub fn unread() -> Ledger {
+        Ledger {
+            hosts: BTreeMap::new(),
+            unread: true,
+        }
+    }
+
     /// The closest wildcard entry above `host` (`*.b.c` for `a.b.c`), if any.
     fn covering_wildcard(&self, host: &Hostname) -> Option<(&Hostname, &Holding)> {
         let name = host.wildcard_suffix().map_or(host.as_str(), |s| &s[1..]);
@@ -404,6 +415,21 @@ pub fn settle(
             Vec::new(),
         );
     };
+    if ledger.unread {
+        let (team, holder) = (first.team.clone(), first.holder.clone());
+        if sorted.iter().all(|c| c.team == team) {
+            return (Settled::Owned { team, holder }, Vec::new());
+        }
+        let reason = format!(
+            "host {host} is claimed by more than one team, and the claims ledger is not read \
+             yet: it waits for the ledger"
+        );
+        let lost = sorted
+            .iter()
+            .map(|c| (c.holder.clone(), reason.clone()))
+            .collect();
+        return (Settled::Held { reason }, lost);
+    }
     intents.record.push(Record {
         host: host.clone(),
         holder: first.holder.clone(),
@@ -453,6 +479,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            unread: false,
         }
     }
 
@@ -635,6 +662,40 @@ mod tests {
         assert_eq!(one, two);
         assert_eq!(one.record.len(), 1);
         assert_eq!(one.record[0].holder.source, SourceId::Consul);
+    }
+
+    #[test]
+    fn an_unread_ledger_routes_uncontested_hosts_only_and_records_nothing() {
+        let h = host("shop.example.com");
+        let consul = TeamId::Source(SourceId::Consul);
+        let mut intents = ClaimIntents::default();
+        let alone = [claim(SourceId::Consul, "shop", consul.clone())];
+        let (settled, _) = settle(
+            &h,
+            &alone,
+            &Ledger::unread(),
+            &Ownership::default(),
+            &mut intents,
+        );
+        assert!(matches!(settled, Settled::Owned { .. }));
+        let contested = [
+            claim(SourceId::Consul, "shop", consul),
+            claim(
+                SourceId::Marathon,
+                "aaa",
+                TeamId::Source(SourceId::Marathon),
+            ),
+        ];
+        let (settled, lost) = settle(
+            &h,
+            &contested,
+            &Ledger::unread(),
+            &Ownership::default(),
+            &mut intents,
+        );
+        assert!(matches!(settled, Settled::Held { .. }));
+        assert_eq!(lost.len(), 2);
+        assert_eq!(intents, ClaimIntents::default());
     }
 
     #[test]
