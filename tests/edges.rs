@@ -46,8 +46,9 @@ const EDGES: [(&str, &str); 3] = [
     ("edge-b", "192.168.150.12"),
     ("edge-c", "192.168.150.13"),
 ];
-/// `sources.consul.max_connections` of every edge.
-const BUDGET: usize = 4;
+/// `sources.consul.max_connections` of every edge: two watches, two for the claims ledger, two
+/// readers.
+const BUDGET: usize = 6;
 const SERVICES: usize = 20;
 const MAX_INSTANCES: usize = 3;
 /// Changes while the edges start (between two starts), and in the burst after.
