@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use weft::config::{HostPorts, MarathonGroup};
 use weft::model::{build, ModelSettings, SourceId, SourceReport};
-use weft::network::AllowedNetworks;
+use weft::network::{AllowedNetworks, RefusedAddresses};
 use weft::render::{render, RenderSettings};
 use weft::sources::marathon::api::decode_apps;
 use weft::sources::marathon::routing::{app_services, RoutingSettings};
@@ -67,8 +67,10 @@ fn run(health_checks: bool) {
         domain: None,
         host_ports: HostPorts::Deny,
     };
+    let allowed = AllowedNetworks::new(["10.2.0.0/16".parse().expect("network")]);
     let model = ModelSettings {
-        allowed: AllowedNetworks::new(["10.2.0.0/16".parse().expect("network")]),
+        refused: RefusedAddresses::new(&allowed, &[weft::network::BRIDGES], &[]),
+        allowed,
     };
     let settings = RenderSettings {
         bind: "0.0.0.0:80".parse().expect("bind"),

@@ -66,12 +66,7 @@ mod tests {
             services: content.services,
             ..crate::model::SourceReport::starting(crate::model::SourceId::File)
         };
-        let built = crate::model::build(
-            &[&report],
-            &crate::model::ModelSettings {
-                allowed: config.allowed,
-            },
-        );
+        let built = crate::model::build(&[&report], &config.model_settings([]));
         assert!(built.dropped.is_empty(), "{:?}", built.dropped);
         assert_eq!(built.table.routes.len(), 3);
     }

@@ -16,7 +16,7 @@ use weft::bridge::BridgeState;
 use weft::config::{BridgeConfig, BridgeMode, Config, HaproxyConfig, HaproxyMode};
 use weft::haproxy::files::stage;
 use weft::haproxy::validate::{validate, ValidateError};
-use weft::model::{build, ModelSettings, SourceReport};
+use weft::model::{build, SourceReport};
 use weft::render::{render, RenderSettings, CONFIG_FILE};
 use weft::sources::read_all_once;
 
@@ -214,9 +214,7 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
         }
     }
     let refs: Vec<&SourceReport> = reports.iter().collect();
-    let model = ModelSettings {
-        allowed: config.allowed.clone(),
-    };
+    let model = config.model_settings(weft::network::own_addresses());
     (build(&refs, &model), failures)
 }
 

@@ -381,6 +381,22 @@ pub fn local_addresses() -> Result<BTreeSet<IpAddr>, nix::Error> {
     Ok(addresses)
 }
 
+/// [`local_addresses`], logged; none, with a warning, when the kernel cannot list them (the
+/// loop guard in HAProxy's config still stops a request that comes back).
+pub fn own_addresses() -> BTreeSet<IpAddr> {
+    match local_addresses() {
+        Ok(addresses) => {
+            let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+            tracing::info!(addresses = %list.join(", "), "this host's addresses, refused as backends");
+            addresses
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot list this host's addresses: only the bridge's configured one is refused as a backend");
+            BTreeSet::new()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

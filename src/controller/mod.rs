@@ -76,9 +76,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let reports = sources::spawn_all(&config, &mut tasks, &shutdown);
 
-    let model = ModelSettings {
-        allowed: config.allowed.clone(),
-    };
+    // Gathered once: an address this host gains later is still caught by HAProxy's loop guard.
+    let model = config.model_settings(crate::network::own_addresses());
     let (desired_tx, desired_rx) = watch::channel(None::<Arc<Built>>);
     let (apply_tx, apply_rx) = watch::channel(ApplyStatus::default());
     let feed = StatusFeed {

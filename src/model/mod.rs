@@ -24,7 +24,7 @@ pub use names::{
     parse_server, Balance, CheckPath, Hostname, PathPrefix, ServiceName, BACKEND_PREFIX,
 };
 
-use crate::network::AllowedNetworks;
+use crate::network::{AllowedNetworks, RefusedAddresses};
 
 /// One HAProxy backend: a service and its servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +95,9 @@ impl fmt::Display for Dropped {
 #[derive(Debug, Clone)]
 pub struct ModelSettings {
     pub allowed: AllowedNetworks,
+    /// Addresses inside `allowed` that are still no backend's (this edge's own, the bridges,
+    /// network and broadcast addresses, `network.deny`).
+    pub refused: RefusedAddresses,
 }
 
 /// The table and everything that was left out of it.
@@ -111,8 +114,10 @@ pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
         services,
         ..SourceReport::starting(SourceId::File)
     };
+    let allowed = AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]);
     let settings = ModelSettings {
-        allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
+        refused: RefusedAddresses::new(&allowed, &[crate::network::BRIDGES], &[]),
+        allowed,
     };
     build(&[&report], &settings).table
 }
@@ -303,7 +308,7 @@ fn validate(
 
     let mut servers = BTreeSet::new();
     for raw in &def.servers {
-        match parse_server(raw, &settings.allowed) {
+        match parse_server(raw, &settings.allowed, &settings.refused) {
             Ok(addr) => {
                 servers.insert(addr);
             }
@@ -328,8 +333,10 @@ mod tests {
     use super::*;
 
     fn settings() -> ModelSettings {
+        let allowed = AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]);
         ModelSettings {
-            allowed: AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]),
+            refused: RefusedAddresses::new(&allowed, &[crate::network::BRIDGES], &[]),
+            allowed,
         }
     }
 
@@ -457,5 +464,54 @@ mod tests {
         let built = build(&[&report(vec![d])], &settings());
         assert_eq!(built.table.routes.len(), 1);
         assert!(built.dropped[0].reason.contains("wildcard"));
+    }
+
+    /// Inside the allowed network but no container's: each server dropped with its own
+    /// reason, the service's other servers kept.
+    #[test]
+    fn refused_servers_are_dropped_with_their_reason() {
+        let allowed = AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]);
+        let deny = [crate::network::DenyRule::parse("10.2.0.0/16:22").unwrap()];
+        let settings = ModelSettings {
+            refused: RefusedAddresses::new(&allowed, &[crate::network::BRIDGES], &deny)
+                .with_own(["10.2.0.1".parse().unwrap()], [80]),
+            allowed,
+        };
+        let d = def(
+            "shop",
+            &["shop.example.com"],
+            &[
+                "10.2.0.1:80",
+                "10.2.0.0:80",
+                "10.2.255.255:80",
+                "10.2.0.5:80",
+                "10.2.1.5:22",
+                "10.2.1.5:80",
+            ],
+        );
+        let built = build(&[&report(vec![d])], &settings);
+        let shop = &built.table.backends[&ServiceName::parse("shop").unwrap()];
+        assert_eq!(
+            shop.servers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.2.1.5:80"]
+        );
+        let reasons: Vec<String> = built
+            .dropped
+            .iter()
+            .map(|d| format!("{}: {}", d.subject, d.reason))
+            .collect();
+        assert_eq!(reasons.len(), 5, "{reasons:#?}");
+        for want in [
+            "server \"10.2.0.1:80\": address 10.2.0.1 is this edge's own",
+            "server \"10.2.0.0:80\": address 10.2.0.0 is the network address of 10.2.0.0/16",
+            "server \"10.2.255.255:80\": address 10.2.255.255 is the broadcast address",
+            "server \"10.2.0.5:80\": address 10.2.0.5 lies in 10.2.0.0/24 (network.bridges)",
+            "server \"10.2.1.5:22\": address 10.2.1.5:22 is refused by network.deny entry \"10.2.0.0/16:22\"",
+        ] {
+            assert!(reasons.iter().any(|r| r.contains(want)), "{want}: {reasons:#?}");
+        }
     }
 }
