@@ -454,6 +454,30 @@ impl HaproxyConfig {
     }
 }
 
+impl HaproxyConfig {
+    /// This edge's name in HAProxy's loop guard (`X-Weft-Via-<edge id>`): 16 hex digits of a
+    /// hash of `/etc/machine-id`, the hostname and `bind`. Stable across restarts (a restarted
+    /// weft renders the same config, no reload) and distinct between edges, and between two
+    /// HAProxies on one machine; not a secret (a client that sends it only refuses itself).
+    pub fn edge_id(&self) -> String {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let seed = format!(
+            "{}\n{}\n{}",
+            read("/etc/machine-id").trim(),
+            read("/proc/sys/kernel/hostname").trim(),
+            self.bind
+        );
+        format!("{:016x}", fnv1a(seed.as_bytes()))
+    }
+}
+
+/// FNV-1a, 64 bits: a hash whose value is fixed by its definition (std's may change).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// `maxconn` for a hard open-files limit of `hard` (see [`HaproxyConfig::maxconn`]).
 pub fn auto_maxconn(hard: u64) -> u32 {
     let quarter = hard.saturating_sub(40) / 4;
@@ -958,6 +982,19 @@ listen = { a = 1 }
         assert!(why("127.0.0.1:9090").contains("where this edge listens"));
         assert!(why("10.2.1.5:22").contains("network.deny"));
         assert_eq!(why("10.2.1.5:80"), "");
+    }
+
+    #[test]
+    fn edge_ids_are_stable_and_differ_by_bind() {
+        let a = parse_haproxy("bind = \"0.0.0.0:80\"").unwrap();
+        let b = parse_haproxy("bind = \"127.0.0.1:8080\"").unwrap();
+        assert_eq!(a.edge_id(), a.edge_id());
+        assert_ne!(a.edge_id(), b.edge_id());
+        assert_eq!(a.edge_id().len(), 16);
+        assert!(a.edge_id().chars().all(|c| c.is_ascii_hexdigit()));
+        // FNV-1a's published test vectors.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     /// README's config reference lists real keys with the real defaults.
