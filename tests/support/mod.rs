@@ -142,6 +142,7 @@ pub struct WeftBuilder {
     debounce: Duration,
     sources: String,
     domain: Option<String>,
+    network: Option<String>,
 }
 
 impl Weft {
@@ -156,6 +157,7 @@ impl Weft {
             debounce: Duration::from_millis(50),
             sources: String::new(),
             domain: None,
+            network: None,
         }
     }
 
@@ -379,6 +381,12 @@ impl WeftBuilder {
         self
     }
 
+    /// The `[network]` section's keys (TOML lines; default `allowed = ["127.0.0.0/8"]`).
+    pub fn network(mut self, keys: &str) -> Self {
+        self.network = Some(keys.to_string());
+        self
+    }
+
     fn haproxy_key(mut self, key: &str, value: &str) -> Self {
         self.haproxy_keys.push(format!("{key} = {value}"));
         self
@@ -403,7 +411,7 @@ impl WeftBuilder {
         let config = format!(
             "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\
              {}{}\n\n\
-             [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
+             [network]\n{}\n\n\
              [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
              [sources.file]\npath = \"services.toml\"\ndebounce = {}\n{}{routing}",
@@ -411,6 +419,9 @@ impl WeftBuilder {
                 .map(|maxconn| format!("maxconn = {maxconn}\n"))
                 .unwrap_or_default(),
             self.haproxy_keys.join("\n"),
+            self.network
+                .as_deref()
+                .unwrap_or("allowed = [\"127.0.0.0/8\"]"),
             toml_duration(self.debounce),
             self.sources,
         );
