@@ -79,6 +79,7 @@ fn run(health_checks: bool) {
         maxconn: Some(weft::config::AUTO_MAXCONN_CAP),
         slots: weft::config::DEFAULT_SLOTS,
         log: None,
+        edge_id: "0123456789abcdef".into(),
     };
     let (mut decode, mut route, mut table, mut text, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -142,6 +143,7 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
         maxconn: Some(weft::config::AUTO_MAXCONN_CAP),
         slots: weft::config::DEFAULT_SLOTS,
         log: None,
+        edge_id: "0123456789abcdef".into(),
     };
     let rendered = render(table, &settings).expect("render");
     for (name, content) in rendered.files() {

@@ -68,7 +68,7 @@ mod tests {
         };
         let built = crate::model::build(
             &[&report],
-            &config.model_settings(),
+            &config.model_settings([]),
             &crate::model::Ledger::default(),
         );
         assert!(built.dropped.is_empty(), "{:?}", built.dropped);

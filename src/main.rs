@@ -221,7 +221,8 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
             Ledger::default()
         }
     };
-    (build(&refs, &config.model_settings(), &ledger), failures)
+    let model = config.model_settings(weft::network::own_addresses());
+    (build(&refs, &model, &ledger), failures)
 }
 
 async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {

@@ -10,9 +10,13 @@
 //!
 //! The weave network is the only place containers live; an address outside every allowed
 //! network is a registration mistake (a node address, a host port) and is dropped with a reason.
+//! Inside them, [`RefusedAddresses`] refuses what is no container's: this edge's own addresses
+//! (a request there comes back to this HAProxy, in a loop), the bridges' slice, the network
+//! and broadcast address of each allowed network, and the operator's `network.deny` entries.
 
+use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ipnetwork::Ipv4Network;
 
@@ -24,6 +28,13 @@ pub const WEAVE: Ipv4Network = match Ipv4Network::new_checked(Ipv4Addr::new(10, 
     Some(net) => net,
     // Evaluated at compile time: a typo above fails the build, never a running weft.
     None => panic!("the weave network constant is not a network"),
+};
+
+/// The weave layout's bridges' slice, `10.2.0.0/24`: host N's bridge carries `10.2.0.N/16`,
+/// and no container lives there. The default of `network.bridges`.
+pub const BRIDGES: Ipv4Network = match Ipv4Network::new_checked(Ipv4Addr::new(10, 2, 0, 0), 24) {
+    Some(net) => net,
+    None => panic!("the bridges' slice constant is not a network"),
 };
 
 /// A host's 1-based position in the inventory: host N owns `10.2.N.0/24` and its bridge
@@ -105,6 +116,285 @@ impl fmt::Display for AllowedNetworks {
 /// compare equal.
 pub fn normalise(net: Ipv4Network) -> Ipv4Network {
     Ipv4Network::new(net.network(), net.prefix()).unwrap_or(net)
+}
+
+/// Ports `low..=high` (one port: `low == high`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    low: u16,
+    high: u16,
+}
+
+impl PortRange {
+    /// `8500` or `8000-8999`; ports run from 1 to 65535.
+    pub fn parse(text: &str) -> Result<PortRange, String> {
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+            Ok(port) => Ok(port),
+        };
+        let (low, high) = match text.split_once('-') {
+            Some((low, high)) => (port(low)?, port(high)?),
+            None => (port(text)?, port(text)?),
+        };
+        if low > high {
+            return Err(format!("the port range {low}-{high} runs backwards"));
+        }
+        Ok(PortRange { low, high })
+    }
+
+    pub fn contains(self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.low == self.high {
+            write!(f, "{}", self.low)
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
+        }
+    }
+}
+
+/// One `network.deny` entry: an IPv4 address or network, a port (range), or both.
+///
+/// ```text
+/// "10.2.3.4"              that address, every port
+/// "10.2.7.0/24"           that network, every port
+/// ":8500"                 port 8500 on every address ("8000-8999": a range)
+/// "10.2.0.0/16:22"        port 22 in that network ("10.2.3.4:22": on one address)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyRule {
+    /// `None`: every address.
+    network: Option<Ipv4Network>,
+    /// `None`: every port.
+    ports: Option<PortRange>,
+}
+
+impl DenyRule {
+    /// ```
+    /// use weft::network::DenyRule;
+    /// let rule = DenyRule::parse("10.2.0.0/16:22").unwrap();
+    /// assert!(rule.matches("10.2.3.4:22".parse().unwrap()));
+    /// assert!(!rule.matches("10.2.3.4:80".parse().unwrap()));
+    /// assert!(DenyRule::parse("10.2.7.1/24").unwrap_err().contains("10.2.7.0/24"));
+    /// ```
+    pub fn parse(text: &str) -> Result<DenyRule, String> {
+        if text.contains('[') || text.matches(':').count() > 1 {
+            return Err("is IPv6: weft routes to IPv4 backends only".into());
+        }
+        let (address, ports) = match text.split_once(':') {
+            Some((address, ports)) => (address, Some(ports)),
+            None => (text, None),
+        };
+        let ports = ports.map(PortRange::parse).transpose()?;
+        let network = match address {
+            "" if ports.is_some() => None,
+            "" => return Err("is empty: write an address, a network, :port or both".into()),
+            address => Some(parse_exact_network(address)?),
+        };
+        Ok(DenyRule { network, ports })
+    }
+
+    pub fn matches(&self, addr: SocketAddr) -> bool {
+        let IpAddr::V4(ip) = addr.ip() else {
+            return false;
+        };
+        self.network.map_or(true, |net| net.contains(ip))
+            && self.ports.map_or(true, |ports| ports.contains(addr.port()))
+    }
+}
+
+impl fmt::Display for DenyRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.network {
+            Some(net) if net.prefix() == 32 => write!(f, "{}", net.ip())?,
+            Some(net) => write!(f, "{net}")?,
+            None => {}
+        }
+        match self.ports {
+            Some(ports) => write!(f, ":{ports}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `10.2.3.4` (a /32) or `10.2.7.0/24`, refusing host bits after the prefix: in a list that
+/// refuses addresses, `10.2.7.1/24` is too likely a typo to guess what it meant.
+pub fn parse_exact_network(text: &str) -> Result<Ipv4Network, String> {
+    let net = if text.contains('/') {
+        text.parse::<Ipv4Network>()
+            .map_err(|err| format!("{text:?} is not an IPv4 network like \"10.2.7.0/24\": {err}"))?
+    } else {
+        let ip = text
+            .parse::<Ipv4Addr>()
+            .map_err(|_| format!("{text:?} is not an IPv4 address like \"10.2.3.4\""))?;
+        Ipv4Network::from(ip)
+    };
+    if net.ip() != net.network() {
+        return Err(format!(
+            "{text:?} has bits set after its prefix: write {} (the whole network) or {} (one address)",
+            normalise(net),
+            net.ip()
+        ));
+    }
+    Ok(net)
+}
+
+/// Why an address inside the allowed networks is still no backend's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// One of this host's interface addresses (or its configured bridge address).
+    OwnAddress(IpAddr),
+    /// A loopback address at a port this edge listens on (HAProxy, the status page).
+    OwnListener(SocketAddr),
+    /// The first address of an allowed network.
+    NetworkAddress(Ipv4Addr, Ipv4Network),
+    /// The last address of an allowed network.
+    Broadcast(Ipv4Addr, Ipv4Network),
+    /// Inside `network.bridges`.
+    Bridges(Ipv4Addr, Ipv4Network),
+    /// Matched by a `network.deny` entry.
+    Denied(SocketAddr, DenyRule),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::OwnAddress(ip) => write!(
+                f,
+                "address {ip} is this edge's own: HAProxy would send the request back to itself"
+            ),
+            Refusal::OwnListener(addr) => write!(
+                f,
+                "address {addr} is where this edge listens (haproxy.bind or status.listen): \
+                 HAProxy would send the request back to itself"
+            ),
+            Refusal::NetworkAddress(ip, net) => write!(
+                f,
+                "address {ip} is the network address of {net}, not a container's"
+            ),
+            Refusal::Broadcast(ip, net) => write!(
+                f,
+                "address {ip} is the broadcast address of {net}, not a container's"
+            ),
+            Refusal::Bridges(ip, net) => write!(
+                f,
+                "address {ip} lies in {net} (network.bridges), which holds the hosts' bridges, \
+                 not containers"
+            ),
+            Refusal::Denied(addr, rule) => write!(
+                f,
+                "address {addr} is refused by network.deny entry \"{rule}\""
+            ),
+        }
+    }
+}
+
+/// The addresses inside the allowed networks that are still refused, each with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RefusedAddresses {
+    /// `(network, network address, broadcast address)` of every allowed network with room
+    /// for both (prefix /30 or shorter; a /31 or /32 has neither, RFC 3021).
+    ends: Vec<(Ipv4Network, Ipv4Addr, Ipv4Addr)>,
+    bridges: Vec<Ipv4Network>,
+    deny: Vec<DenyRule>,
+    /// This host's addresses; a loopback one is refused only at `own_ports`, since allowing
+    /// a loopback network is the operator's explicit choice to route to this host (the demo).
+    own: BTreeSet<IpAddr>,
+    own_ports: BTreeSet<u16>,
+}
+
+impl RefusedAddresses {
+    pub fn new(allowed: &AllowedNetworks, bridges: &[Ipv4Network], deny: &[DenyRule]) -> Self {
+        let ends = allowed
+            .networks()
+            .iter()
+            .filter(|net| net.prefix() <= 30)
+            .map(|net| (*net, net.network(), net.broadcast()))
+            .collect();
+        RefusedAddresses {
+            ends,
+            bridges: bridges.iter().copied().map(normalise).collect(),
+            deny: deny.to_vec(),
+            own: BTreeSet::new(),
+            own_ports: BTreeSet::new(),
+        }
+    }
+
+    /// Adds this host's addresses, and the ports it listens on (where even a loopback
+    /// address is refused).
+    pub fn with_own(
+        mut self,
+        addresses: impl IntoIterator<Item = IpAddr>,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> Self {
+        self.own.extend(addresses);
+        self.own_ports.extend(ports);
+        self
+    }
+
+    /// Why `addr` may not be a backend, if it may not; the most specific reason first.
+    pub fn refusal(&self, addr: SocketAddr) -> Option<Refusal> {
+        let ip = addr.ip();
+        if ip.is_loopback() || ip.is_unspecified() {
+            if self.own_ports.contains(&addr.port()) {
+                return Some(Refusal::OwnListener(addr));
+            }
+        } else if self.own.contains(&ip) {
+            return Some(Refusal::OwnAddress(ip));
+        }
+        if let IpAddr::V4(v4) = ip {
+            for (net, network, broadcast) in &self.ends {
+                if v4 == *network {
+                    return Some(Refusal::NetworkAddress(v4, *net));
+                }
+                if v4 == *broadcast {
+                    return Some(Refusal::Broadcast(v4, *net));
+                }
+            }
+            if let Some(net) = self.bridges.iter().find(|net| net.contains(v4)) {
+                return Some(Refusal::Bridges(v4, *net));
+            }
+        }
+        let rule = self.deny.iter().find(|rule| rule.matches(addr))?;
+        Some(Refusal::Denied(addr, rule.clone()))
+    }
+}
+
+/// Every address of this host's interfaces (in the network namespace weft runs in), as the
+/// kernel lists them now.
+pub fn local_addresses() -> Result<BTreeSet<IpAddr>, nix::Error> {
+    let mut addresses = BTreeSet::new();
+    for interface in nix::ifaddrs::getifaddrs()? {
+        let Some(address) = interface.address else {
+            continue;
+        };
+        if let Some(v4) = address.as_sockaddr_in() {
+            addresses.insert(IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            addresses.insert(IpAddr::V6(v6.ip()));
+        }
+    }
+    Ok(addresses)
+}
+
+/// [`local_addresses`], logged; none, with a warning, when the kernel cannot list them (the
+/// loop guard in HAProxy's config still stops a request that comes back).
+pub fn own_addresses() -> BTreeSet<IpAddr> {
+    match local_addresses() {
+        Ok(addresses) => {
+            let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+            tracing::info!(addresses = %list.join(", "), "this host's addresses, refused as backends");
+            addresses
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot list this host's addresses: only the bridge's configured one is refused as a backend");
+            BTreeSet::new()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -220,5 +510,181 @@ mod tests {
         assert!(nets.contains("127.0.0.1".parse().unwrap()));
         assert!(nets.contains("10.2.3.4".parse().unwrap()));
         assert_eq!(nets.to_string(), "10.2.0.0/16, 127.0.0.0/8");
+    }
+
+    fn sock(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    fn deny(rules: &[&str]) -> Vec<DenyRule> {
+        rules.iter().map(|r| DenyRule::parse(r).unwrap()).collect()
+    }
+
+    #[test]
+    fn deny_rules_parse_and_match() {
+        for (text, shown, hits, misses) in [
+            (
+                "10.2.3.4",
+                "10.2.3.4",
+                &["10.2.3.4:1", "10.2.3.4:65535"][..],
+                &["10.2.3.5:80"][..],
+            ),
+            (
+                "10.2.7.0/24",
+                "10.2.7.0/24",
+                &["10.2.7.0:80", "10.2.7.255:8080"],
+                &["10.2.8.1:80"],
+            ),
+            (
+                ":8500",
+                ":8500",
+                &["10.2.1.5:8500", "127.0.0.1:8500"],
+                &["10.2.1.5:8501"],
+            ),
+            (
+                ":8000-8999",
+                ":8000-8999",
+                &["10.2.1.5:8000", "10.2.1.5:8999"],
+                &["10.2.1.5:9000"],
+            ),
+            (
+                "10.2.0.0/16:22",
+                "10.2.0.0/16:22",
+                &["10.2.9.9:22"],
+                &["10.2.9.9:23", "10.3.0.1:22"],
+            ),
+            (
+                "10.2.3.4:22",
+                "10.2.3.4:22",
+                &["10.2.3.4:22"],
+                &["10.2.3.4:80", "10.2.3.5:22"],
+            ),
+        ] {
+            let rule = DenyRule::parse(text).unwrap();
+            assert_eq!(rule.to_string(), shown);
+            for hit in hits {
+                assert!(rule.matches(sock(hit)), "{text} should match {hit}");
+            }
+            for miss in misses {
+                assert!(!rule.matches(sock(miss)), "{text} should not match {miss}");
+            }
+            assert!(!rule.matches(sock("[::1]:22")));
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (":", "not a port"),
+            ("10.2.0.0/16:", "not a port"),
+            (":0", "not a port"),
+            (":70000", "not a port"),
+            (":http", "not a port"),
+            (":9000-8000", "backwards"),
+            (
+                "10.2.7.1/24",
+                "write 10.2.7.0/24 (the whole network) or 10.2.7.1 (one address)",
+            ),
+            ("10.2.0.0/33", "not an IPv4 network"),
+            ("shop", "not an IPv4 address"),
+            ("::1", "IPv6"),
+            ("[::1]:80", "IPv6"),
+            ("fd00::/8", "IPv6"),
+        ] {
+            let err = DenyRule::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    fn refused(allowed_nets: &[&str], bridges: &[&str], rules: &[&str]) -> RefusedAddresses {
+        let bridges: Vec<Ipv4Network> = bridges.iter().map(|b| net(b)).collect();
+        RefusedAddresses::new(&allowed(allowed_nets), &bridges, &deny(rules))
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let refused = refused(
+            &["10.2.0.0/16"],
+            &["10.2.0.0/24"],
+            &["10.2.7.0/24", ":8500"],
+        )
+        .with_own(
+            [
+                "10.2.0.1".parse().unwrap(),
+                "192.168.1.10".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+            ],
+            [80, 9090],
+        );
+        let why = |addr: &str| refused.refusal(sock(addr)).map(|r| r.to_string());
+        assert_eq!(why("10.2.1.5:8080"), None);
+        assert!(why("10.2.0.1:80").unwrap().contains("this edge's own"));
+        assert!(why("10.2.0.1:8080").unwrap().contains("this edge's own"));
+        assert!(why("10.2.0.0:80")
+            .unwrap()
+            .contains("network address of 10.2.0.0/16"));
+        assert!(why("10.2.255.255:80")
+            .unwrap()
+            .contains("broadcast address of 10.2.0.0/16"));
+        assert!(why("10.2.0.9:80")
+            .unwrap()
+            .contains("lies in 10.2.0.0/24 (network.bridges)"));
+        assert!(why("10.2.0.255:80").unwrap().contains("hosts' bridges"));
+        assert!(why("10.2.7.3:80")
+            .unwrap()
+            .contains("network.deny entry \"10.2.7.0/24\""));
+        assert!(why("10.2.1.5:8500")
+            .unwrap()
+            .contains("network.deny entry \":8500\""));
+        // Loopback is this host too, but allowing it is the operator's choice: refused only
+        // where this edge listens.
+        assert_eq!(why("127.0.0.1:8080"), None);
+        assert!(why("127.0.0.1:80")
+            .unwrap()
+            .contains("where this edge listens"));
+        assert!(why("127.0.0.2:9090")
+            .unwrap()
+            .contains("where this edge listens"));
+        assert_eq!(
+            why("10.2.1.0:80"),
+            None,
+            "a host's /24 is no network of its own"
+        );
+    }
+
+    #[test]
+    fn small_networks_have_no_network_or_broadcast_address() {
+        let refused = refused(&["10.9.0.0/31", "10.8.0.7/32", "10.7.0.0/30"], &[], &[]);
+        assert_eq!(refused.refusal(sock("10.9.0.0:80")), None);
+        assert_eq!(refused.refusal(sock("10.9.0.1:80")), None);
+        assert_eq!(refused.refusal(sock("10.8.0.7:80")), None);
+        assert!(matches!(
+            refused.refusal(sock("10.7.0.0:80")),
+            Some(Refusal::NetworkAddress(..))
+        ));
+        assert!(matches!(
+            refused.refusal(sock("10.7.0.3:80")),
+            Some(Refusal::Broadcast(..))
+        ));
+        assert_eq!(refused.refusal(sock("10.7.0.1:80")), None);
+    }
+
+    #[test]
+    fn bridges_are_the_first_slice_of_weave() {
+        assert_eq!(BRIDGES, net("10.2.0.0/24"));
+        assert!(BRIDGES.contains(bridge_address(None).ip()));
+        assert!(BRIDGES.contains(bridge_address(Some(HostIndex::new(255).unwrap())).ip()));
+        // Written with a host address, a bridges entry still covers its whole network.
+        let refused = refused(&["10.2.0.0/16"], &["10.2.0.1/24"], &[]);
+        assert!(matches!(
+            refused.refusal(sock("10.2.0.200:80")),
+            Some(Refusal::Bridges(..))
+        ));
+    }
+
+    #[test]
+    fn local_addresses_include_loopback() {
+        let local = local_addresses().unwrap();
+        assert!(
+            local.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()),
+            "{local:?}"
+        );
     }
 }

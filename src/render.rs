@@ -57,6 +57,16 @@ pub struct RenderSettings {
     pub slots: usize,
     /// Syslog target of the access log (`haproxy.log`), if any.
     pub log: Option<String>,
+    /// This edge's name in the loop guard header, [`loop_header`] (hex digits).
+    pub edge_id: String,
+}
+
+/// A request passing this edge once more than this many times is in a loop (508).
+pub const MAX_EDGE_PASSES: u32 = 3;
+
+/// The header each pass through the edge `edge_id` adds to a request: `X-Weft-Via-<id>`.
+pub fn loop_header(edge_id: &str) -> String {
+    format!("X-Weft-Via-{edge_id}")
 }
 
 impl RenderSettings {
@@ -71,6 +81,7 @@ impl RenderSettings {
             maxconn: haproxy.maxconn(),
             slots: haproxy.server_slots,
             log: haproxy.log.clone(),
+            edge_id: haproxy.edge_id(),
         }
     }
 }
@@ -121,6 +132,8 @@ struct ConfigTemplate<'a> {
     max_reloads: u32,
     maxconn: Option<u32>,
     log: Option<&'a str>,
+    loop_header: String,
+    max_passes: u32,
     backends: Vec<BackendView>,
 }
 
@@ -173,6 +186,8 @@ pub fn render_with(
         max_reloads: settings.max_reloads,
         maxconn: settings.maxconn,
         log: settings.log.as_deref(),
+        loop_header: loop_header(&settings.edge_id),
+        max_passes: MAX_EDGE_PASSES,
         backends,
     }
     .render()?;
@@ -243,6 +258,7 @@ mod tests {
             maxconn: Some(100_000),
             slots: 4,
             log: None,
+            edge_id: "0123456789abcdef".into(),
         }
     }
 

@@ -181,12 +181,13 @@ impl<'a> Catalog<'a> {
         }
     }
 
-    /// An address never used before: 10.2.x.y:8000+n.
+    /// An address never used before: 10.2.N.y:8000+n, in a host's /24 (N >= 1: weft refuses
+    /// 10.2.0.0/24, the bridges').
     fn fresh_addr(&mut self) -> SocketAddr {
         self.next_addr += 1;
         let n = self.next_addr;
         SocketAddr::from((
-            [10, 2, (n / 200) as u8, (n % 200 + 1) as u8],
+            [10, 2, (n / 200 + 1) as u8, (n % 200 + 1) as u8],
             8000 + n as u16,
         ))
     }

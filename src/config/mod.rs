@@ -7,7 +7,7 @@
 //! ```
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,7 +16,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::model::ModelSettings;
-use crate::network::{AllowedNetworks, WEAVE_NETWORK};
+use crate::network::{
+    normalise, AllowedNetworks, DenyRule, RefusedAddresses, BRIDGES, WEAVE_NETWORK,
+};
 
 mod bridge;
 mod routing;
@@ -111,6 +113,14 @@ struct RawHaproxy {
 struct RawNetwork {
     /// Backends outside these IPv4 networks are dropped. Default `["10.2.0.0/16"]`.
     allowed: Option<Vec<String>>,
+    /// Where the hosts' bridges live, never a container: backends inside are dropped.
+    /// Default `["10.2.0.0/24"]`, the weave layout's bridges' slice (host N's bridge is
+    /// `10.2.0.N/16`); `[]` for a layout without one.
+    bridges: Option<Vec<String>>,
+    /// Backends refused although inside `allowed`: `"10.2.3.4"`, `"10.2.7.0/24"` (every
+    /// port), `":8500"`, `":8000-8999"` (that port on every address), `"10.2.0.0/16:22"`
+    /// (both). Default `[]`.
+    deny: Option<Vec<String>>,
 }
 
 /// `[status]`.
@@ -149,21 +159,15 @@ pub struct HaproxyConfig {
     pub log: Option<String>,
 }
 
-impl Config {
-    /// What the model needs of the configuration.
-    pub fn model_settings(&self) -> ModelSettings {
-        ModelSettings {
-            allowed: self.allowed.clone(),
-            ownership: self.routing.ownership.clone(),
-        }
-    }
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub haproxy: HaproxyConfig,
     pub allowed: AllowedNetworks,
+    /// `network.bridges`: the hosts' bridges' networks, never a backend.
+    pub bridges: Vec<Ipv4Network>,
+    /// `network.deny`: backends refused inside `allowed`.
+    pub deny: Vec<DenyRule>,
     /// The weave bridge weft keeps up.
     pub bridge: BridgeConfig,
     pub routing: RoutingConfig,
@@ -236,7 +240,7 @@ impl Config {
         }
 
         let haproxy = validate_haproxy(haproxy, base, &mut issues);
-        let allowed = validate_network(network, &mut issues);
+        let (allowed, bridges, deny) = validate_network(network, &mut issues);
         let bridge = validate_bridge(bridge, &mut issues);
         let sources = validate_sources(sources, base, &mut issues);
         let routing = validate_routing(
@@ -260,11 +264,33 @@ impl Config {
         Ok(Config {
             haproxy,
             allowed,
+            bridges,
+            deny,
             bridge,
             routing,
             sources,
             status_listen,
         })
+    }
+}
+
+impl Config {
+    /// What the model validates servers with: the allowed networks, and the addresses inside
+    /// them that are refused. `local` is this host's interface addresses (see
+    /// [`crate::network::local_addresses`]); the bridge's configured address counts as one
+    /// (unless `bridge.mode = "off"`), as do the ports HAProxy and the status page listen on.
+    pub fn model_settings(&self, local: impl IntoIterator<Item = IpAddr>) -> ModelSettings {
+        let mut own: Vec<IpAddr> = local.into_iter().collect();
+        if self.bridge.mode != BridgeMode::Off {
+            own.push(IpAddr::V4(self.bridge.address.ip()));
+        }
+        let ports = [self.haproxy.bind.port(), self.status_listen.port()];
+        ModelSettings {
+            allowed: self.allowed.clone(),
+            refused: RefusedAddresses::new(&self.allowed, &self.bridges, &self.deny)
+                .with_own(own, ports),
+            ownership: self.routing.ownership.clone(),
+        }
     }
 }
 
@@ -419,6 +445,30 @@ impl HaproxyConfig {
             })
         })
     }
+}
+
+impl HaproxyConfig {
+    /// This edge's name in HAProxy's loop guard (`X-Weft-Via-<edge id>`): 16 hex digits of a
+    /// hash of `/etc/machine-id`, the hostname and `bind`. Stable across restarts (a restarted
+    /// weft renders the same config, no reload) and distinct between edges, and between two
+    /// HAProxies on one machine; not a secret (a client that sends it only refuses itself).
+    pub fn edge_id(&self) -> String {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let seed = format!(
+            "{}\n{}\n{}",
+            read("/etc/machine-id").trim(),
+            read("/proc/sys/kernel/hostname").trim(),
+            self.bind
+        );
+        format!("{:016x}", fnv1a(seed.as_bytes()))
+    }
+}
+
+/// FNV-1a, 64 bits: a hash whose value is fixed by its definition (std's may change).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// `maxconn` for a hard open-files limit of `hard` (see [`HaproxyConfig::maxconn`]).
@@ -581,7 +631,10 @@ fn log_target(text: &str) -> Result<String, String> {
     }
 }
 
-fn validate_network(raw: RawNetwork, issues: &mut Issues) -> AllowedNetworks {
+fn validate_network(
+    raw: RawNetwork,
+    issues: &mut Issues,
+) -> (AllowedNetworks, Vec<Ipv4Network>, Vec<DenyRule>) {
     let texts = raw
         .allowed
         .unwrap_or_else(|| vec![WEAVE_NETWORK.to_string()]);
@@ -601,7 +654,38 @@ fn validate_network(raw: RawNetwork, issues: &mut Issues) -> AllowedNetworks {
             "is empty: no backend could ever be routed",
         );
     }
-    AllowedNetworks::new(networks)
+    let bridge_texts = raw.bridges.unwrap_or_else(|| vec![BRIDGES.to_string()]);
+    let mut bridges = Vec::new();
+    for (i, text) in bridge_texts.iter().enumerate() {
+        match text.parse::<Ipv4Network>() {
+            Ok(net) => bridges.push(normalise(net)),
+            Err(err) => issues.add(
+                &format!("network.bridges[{i}]"),
+                format!("{text:?} is not an IPv4 network like \"10.2.0.0/24\": {err}"),
+            ),
+        }
+    }
+    // An allowed network wholly inside the bridges could never route a backend: a typo.
+    for (i, net) in networks.iter().enumerate() {
+        let net = normalise(*net);
+        if let Some(bridge) = bridges.iter().find(|b| net.is_subnet_of(**b)) {
+            issues.add(
+                &format!("network.allowed[{i}]"),
+                format!(
+                    "{net} lies inside network.bridges ({bridge}), which never holds a \
+                     backend: allow the containers' network, or change network.bridges"
+                ),
+            );
+        }
+    }
+    let mut deny = Vec::new();
+    for (i, text) in raw.deny.unwrap_or_default().iter().enumerate() {
+        match DenyRule::parse(text) {
+            Ok(rule) => deny.push(rule),
+            Err(reason) => issues.add(&format!("network.deny[{i}]"), format!("{text:?}: {reason}")),
+        }
+    }
+    (AllowedNetworks::new(networks), bridges, deny)
 }
 
 #[cfg(test)]
@@ -804,6 +888,91 @@ listen = { a = 1 }
             let issues = parse(bad).unwrap_err();
             assert_eq!(issues[0].key, "haproxy.log", "{bad:?}");
         }
+    }
+
+    /// `[network]` with `keys` (TOML lines) and a file source.
+    fn parse_network(keys: &str) -> Result<Config, Vec<ConfigIssue>> {
+        let text = format!("[network]\n{keys}\n[sources.file]\npath = \"s.toml\"\n");
+        Config::parse(&text, Path::new("/"))
+    }
+
+    #[test]
+    fn bridges_and_deny_entries() {
+        let config = parse_network("").unwrap();
+        assert_eq!(config.bridges, [BRIDGES]);
+        assert!(config.deny.is_empty());
+        let config = parse_network(
+            "bridges = []\ndeny = [\"10.2.7.0/24\", \"10.2.3.4\", \":8500\", \"10.2.0.0/16:22\"]",
+        )
+        .unwrap();
+        assert!(config.bridges.is_empty());
+        let shown: Vec<String> = config.deny.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["10.2.7.0/24", "10.2.3.4", ":8500", "10.2.0.0/16:22"]
+        );
+
+        let issues = parse_network(
+            "allowed = [\"10.2.0.0/16\", \"10.2.0.128/25\"]\n\
+             bridges = [\"10.2.0.0/24\", \"nope\"]\n\
+             deny = [\"10.2.7.1/24\", \":0\", \"\", \"::1\", \"10.2.3.4:22\"]",
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys_of(&issues),
+            [
+                "network.bridges[1]",
+                "network.allowed[1]",
+                "network.deny[0]",
+                "network.deny[1]",
+                "network.deny[2]",
+                "network.deny[3]",
+            ]
+        );
+        assert!(issues[1]
+            .message
+            .contains("lies inside network.bridges (10.2.0.0/24)"));
+        assert!(
+            issues[2].message.contains("write 10.2.7.0/24"),
+            "{:?}",
+            issues[2]
+        );
+        assert!(issues[5].message.contains("IPv6"));
+        let issues = parse_network("deny = \"10.2.3.4\"").unwrap_err();
+        assert_eq!(keys_of(&issues), ["network.deny"]);
+    }
+
+    #[test]
+    fn model_settings_refuse_this_host() {
+        let config = parse_network("deny = [\":22\"]").unwrap();
+        let settings = config.model_settings(["10.2.5.5".parse().unwrap()]);
+        let why = |addr: &str| {
+            settings
+                .refused
+                .refusal(addr.parse().unwrap())
+                .map(|r| r.to_string())
+                .unwrap_or_default()
+        };
+        assert!(why("10.2.5.5:8080").contains("this edge's own"));
+        // bridge.mode ensure (the default): its configured address is this host's too.
+        assert!(why("10.2.0.1:80").contains("this edge's own"));
+        assert!(why("127.0.0.1:80").contains("where this edge listens"));
+        assert!(why("127.0.0.1:9090").contains("where this edge listens"));
+        assert!(why("10.2.1.5:22").contains("network.deny"));
+        assert_eq!(why("10.2.1.5:80"), "");
+    }
+
+    #[test]
+    fn edge_ids_are_stable_and_differ_by_bind() {
+        let a = parse_haproxy("bind = \"0.0.0.0:80\"").unwrap();
+        let b = parse_haproxy("bind = \"127.0.0.1:8080\"").unwrap();
+        assert_eq!(a.edge_id(), a.edge_id());
+        assert_ne!(a.edge_id(), b.edge_id());
+        assert_eq!(a.edge_id().len(), 16);
+        assert!(a.edge_id().chars().all(|c| c.is_ascii_hexdigit()));
+        // FNV-1a's published test vectors.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     /// README's config reference lists real keys with the real defaults.

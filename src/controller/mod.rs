@@ -84,7 +84,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let reports = sources::spawn_all(&config, &mut tasks, &shutdown);
 
-    let model = config.model_settings();
+    // Gathered once: an address this host gains later is still caught by HAProxy's loop guard.
+    let model = config.model_settings(crate::network::own_addresses());
     let (intents_tx, intents_rx) = watch::channel(ClaimIntents::default());
     let (ledger_tx, ledger_rx) = watch::channel(None::<Ledger>);
     let release_after = config.routing.ownership.release_after;

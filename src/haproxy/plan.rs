@@ -252,6 +252,7 @@ pub(crate) mod tests {
             maxconn: Some(100_000),
             slots: 4,
             log: None,
+            edge_id: "0123456789abcdef".into(),
         }
     }
 

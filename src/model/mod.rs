@@ -25,7 +25,7 @@ pub use names::{
     parse_server, Balance, CheckPath, Hostname, PathPrefix, ServiceName, BACKEND_PREFIX,
 };
 
-use crate::network::AllowedNetworks;
+use crate::network::{AllowedNetworks, RefusedAddresses};
 use ownership::{settle, Claim, Holder, Settled, TeamId};
 pub use ownership::{ClaimIntents, Ledger, Ownership};
 
@@ -98,14 +98,19 @@ impl fmt::Display for Dropped {
 #[derive(Debug, Clone)]
 pub struct ModelSettings {
     pub allowed: AllowedNetworks,
+    /// Addresses inside `allowed` that are still no backend's (this edge's own, the bridges,
+    /// network and broadcast addresses, `network.deny`).
+    pub refused: RefusedAddresses,
     /// Who may claim which hosts.
     pub ownership: Ownership,
 }
 
 impl ModelSettings {
-    /// Routing to `allowed`, with the default ownership rules.
+    /// Routing to `allowed` except the weave layout's bridges and each network's network and
+    /// broadcast addresses, with the default ownership rules.
     pub fn new(allowed: AllowedNetworks) -> ModelSettings {
         ModelSettings {
+            refused: RefusedAddresses::new(&allowed, &[crate::network::BRIDGES], &[]),
             allowed,
             ownership: Ownership::default(),
         }
@@ -430,7 +435,7 @@ fn validate(
 
     let mut servers = BTreeSet::new();
     for raw in &def.servers {
-        match parse_server(raw, &settings.allowed) {
+        match parse_server(raw, &settings.allowed, &settings.refused) {
             Ok(addr) => {
                 servers.insert(addr);
             }
@@ -587,5 +592,55 @@ mod tests {
         let built = build(&[&report(vec![d])], &settings(), &Ledger::default());
         assert_eq!(built.table.routes.len(), 1);
         assert!(built.dropped[0].reason.contains("wildcard"));
+    }
+
+    /// Inside the allowed network but no container's: each server dropped with its own
+    /// reason, the service's other servers kept.
+    #[test]
+    fn refused_servers_are_dropped_with_their_reason() {
+        let allowed = AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]);
+        let deny = [crate::network::DenyRule::parse("10.2.0.0/16:22").unwrap()];
+        let settings = ModelSettings {
+            refused: RefusedAddresses::new(&allowed, &[crate::network::BRIDGES], &deny)
+                .with_own(["10.2.0.1".parse().unwrap()], [80]),
+            allowed,
+            ownership: Ownership::default(),
+        };
+        let d = def(
+            "shop",
+            &["shop.example.com"],
+            &[
+                "10.2.0.1:80",
+                "10.2.0.0:80",
+                "10.2.255.255:80",
+                "10.2.0.5:80",
+                "10.2.1.5:22",
+                "10.2.1.5:80",
+            ],
+        );
+        let built = build(&[&report(vec![d])], &settings, &Ledger::default());
+        let shop = &built.table.backends[&ServiceName::parse("shop").unwrap()];
+        assert_eq!(
+            shop.servers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.2.1.5:80"]
+        );
+        let reasons: Vec<String> = built
+            .dropped
+            .iter()
+            .map(|d| format!("{}: {}", d.subject, d.reason))
+            .collect();
+        assert_eq!(reasons.len(), 5, "{reasons:#?}");
+        for want in [
+            "server \"10.2.0.1:80\": address 10.2.0.1 is this edge's own",
+            "server \"10.2.0.0:80\": address 10.2.0.0 is the network address of 10.2.0.0/16",
+            "server \"10.2.255.255:80\": address 10.2.255.255 is the broadcast address",
+            "server \"10.2.0.5:80\": address 10.2.0.5 lies in 10.2.0.0/24 (network.bridges)",
+            "server \"10.2.1.5:22\": address 10.2.1.5:22 is refused by network.deny entry \"10.2.0.0/16:22\"",
+        ] {
+            assert!(reasons.iter().any(|r| r.contains(want)), "{want}: {reasons:#?}");
+        }
     }
 }

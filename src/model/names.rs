@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::network::AllowedNetworks;
+use crate::network::{AllowedNetworks, RefusedAddresses};
 
 /// Longest hostname DNS allows.
 const MAX_HOSTNAME_LEN: usize = 253;
@@ -305,14 +305,22 @@ impl Balance {
     }
 }
 
-/// Parses `ip:port` and checks it against the allowed networks.
-pub fn parse_server(raw: &str, allowed: &AllowedNetworks) -> Result<SocketAddr, String> {
+/// Parses `ip:port` and checks it against the allowed networks, then against the addresses
+/// inside them that are still no container's (this edge's own, the bridges, ...).
+pub fn parse_server(
+    raw: &str,
+    allowed: &AllowedNetworks,
+    refused: &RefusedAddresses,
+) -> Result<SocketAddr, String> {
     let addr = parse_socket_addr(raw)?;
     if !allowed.contains(addr.ip()) {
         return Err(format!(
             "address {} is outside the allowed networks ({allowed}); register the container's weave IP",
             addr.ip()
         ));
+    }
+    if let Some(refusal) = refused.refusal(addr) {
+        return Err(refusal.to_string());
     }
     Ok(addr)
 }
@@ -402,8 +410,10 @@ mod tests {
     #[test]
     fn servers() {
         let allowed = AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]);
+        let refused = RefusedAddresses::new(&allowed, &[crate::network::BRIDGES], &[])
+            .with_own(["10.2.0.1".parse().unwrap()], [80]);
         assert_eq!(
-            parse_server("10.2.1.5:8080", &allowed).unwrap(),
+            parse_server("10.2.1.5:8080", &allowed, &refused).unwrap(),
             "10.2.1.5:8080".parse().unwrap()
         );
         for (bad, why) in [
@@ -414,8 +424,12 @@ mod tests {
             ("shop:80", "not an IP"),
             ("192.168.1.4:80", "outside the allowed networks"),
             ("[::1]:80", "outside the allowed networks"),
+            ("10.2.0.1:80", "this edge's own"),
+            ("10.2.0.0:80", "network address of 10.2.0.0/16"),
+            ("10.2.255.255:80", "broadcast address of 10.2.0.0/16"),
+            ("10.2.0.7:80", "hosts' bridges"),
         ] {
-            let err = parse_server(bad, &allowed).unwrap_err();
+            let err = parse_server(bad, &allowed, &refused).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
     }

@@ -144,6 +144,7 @@ pub struct WeftBuilder {
     domain: Option<String>,
     /// More `[routing]` keys (TOML lines).
     routing: String,
+    network: Option<String>,
 }
 
 impl Weft {
@@ -159,6 +160,7 @@ impl Weft {
             sources: String::new(),
             domain: None,
             routing: String::new(),
+            network: None,
         }
     }
 
@@ -389,6 +391,12 @@ impl WeftBuilder {
         self
     }
 
+    /// The `[network]` section's keys (TOML lines; default `allowed = ["127.0.0.0/8"]`).
+    pub fn network(mut self, keys: &str) -> Self {
+        self.network = Some(keys.to_string());
+        self
+    }
+
     fn haproxy_key(mut self, key: &str, value: &str) -> Self {
         self.haproxy_keys.push(format!("{key} = {value}"));
         self
@@ -416,7 +424,7 @@ impl WeftBuilder {
         let config = format!(
             "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\
              {}{}\n\n\
-             [network]\nallowed = [\"127.0.0.0/8\"]\n\n\
+             [network]\n{}\n\n\
              [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
              [sources.file]\npath = \"services.toml\"\ndebounce = {}\n{}{routing}",
@@ -424,6 +432,9 @@ impl WeftBuilder {
                 .map(|maxconn| format!("maxconn = {maxconn}\n"))
                 .unwrap_or_default(),
             self.haproxy_keys.join("\n"),
+            self.network
+                .as_deref()
+                .unwrap_or("allowed = [\"127.0.0.0/8\"]"),
             toml_duration(self.debounce),
             self.sources,
         );
