@@ -27,7 +27,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::consul::{
-    ConsulDouble, Instance, Requests, Status, CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE,
+    ConsulDouble, Instance, Requests, Status, CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE, KV,
 };
 use support::Weft;
 use weft::haproxy::runtime::parse_servers_state;
@@ -188,7 +188,7 @@ fn memory_mib(pid: u32, key: &str) -> f64 {
 
 /// What the double received and answered between two snapshots.
 fn since(before: &Requests, after: &Requests) -> BTreeMap<&'static str, (u64, u64)> {
-    [CATALOG_SERVICES, HEALTH_STATE, HEALTH_SERVICE]
+    [CATALOG_SERVICES, HEALTH_STATE, HEALTH_SERVICE, KV]
         .into_iter()
         .map(|endpoint| {
             let (b, a) = (before.endpoint(endpoint), after.endpoint(endpoint));
@@ -326,6 +326,30 @@ fn print_connections(consul: &ConsulDouble) {
     );
 }
 
+/// Waits until the claims ledger in Consul's KV holds every host (each a first claim, written
+/// one at a time after routing), and says how long that took and what it cost.
+async fn claims_recorded(consul: &ConsulDouble, size: usize, started: Instant) {
+    let deadline = started + ROUTE_DEADLINE;
+    loop {
+        let recorded = consul.kv_keys("weft/claims/").len();
+        if recorded >= size {
+            let kv = consul.requests().endpoint(KV);
+            println!(
+                "  claims ledger: {recorded} hosts recorded in Consul KV {:.2?} after start ({} KV requests, {:.1} MiB answered)",
+                started.elapsed(),
+                kv.requests,
+                kv.body_bytes as f64 / 1048576.0
+            );
+            return;
+        }
+        if Instant::now() > deadline {
+            println!("  claims ledger: only {recorded} of {size} hosts recorded");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// One size, one edge: every measurement.
 async fn size_run(size: usize) {
     println!("{size} services x 2 instances, one edge");
@@ -350,6 +374,7 @@ async fn size_run(size: usize) {
         memory_mib(pid, "VmRSS"),
         memory_mib(pid, "VmHWM")
     );
+    claims_recorded(&consul, size, started).await;
     let idle = idle_requests(&consul, 1).await;
     println!("  idle requests to Consul: {idle:.0} a minute");
     flips(&consul, &weft, size).await;

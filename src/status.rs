@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{unix_seconds, BridgeState};
-use crate::model::{Built, Health, ServiceName, SourceReport};
+use crate::model::{Built, Health, Ledger, ServiceName, SourceReport};
 
 /// What the apply loop last did, as the status page shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -53,6 +53,21 @@ pub struct StatusFeed {
     pub built: watch::Receiver<Option<Arc<Built>>>,
     pub apply: watch::Receiver<ApplyStatus>,
     pub bridge: watch::Receiver<BridgeState>,
+    /// The claims ledger, as its keeper publishes it.
+    pub ledger: watch::Receiver<Option<Ledger>>,
+}
+
+/// The claims ledger at a glance.
+#[derive(Debug, Serialize)]
+struct ClaimsView {
+    /// `ok`, `starting` (not read yet), `unread` (its store did not answer: only uncontested
+    /// hosts route), `failing` (a read or a write fails now).
+    state: &'static str,
+    /// Hosts it holds.
+    hosts: usize,
+    /// Claims routed by this edge that its store does not hold yet.
+    unrecorded: usize,
+    trouble: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,6 +107,7 @@ struct StatusView {
     /// host. They never fail `/healthz`, which a tenant must not be able to do; alert on
     /// `weft_host_conflicts` instead.
     conflicts: Vec<DroppedView>,
+    claims: ClaimsView,
     haproxy: ApplyStatus,
     bridge: BridgeState,
 }
@@ -184,6 +200,29 @@ impl StatusFeed {
         }
         let bridge = self.bridge.borrow().clone();
         problems.extend(bridge.problems());
+        let claims = match self.ledger.borrow().as_ref() {
+            None => ClaimsView {
+                state: "starting",
+                hosts: 0,
+                unrecorded: 0,
+                trouble: None,
+            },
+            Some(ledger) => ClaimsView {
+                state: match (&ledger.trouble, ledger.unread) {
+                    (Some(_), _) => "failing",
+                    (None, true) => "unread",
+                    (None, false) => "ok",
+                },
+                hosts: ledger.hosts.len(),
+                unrecorded: ledger.hosts.values().filter(|h| !h.recorded).count(),
+                trouble: ledger.trouble.clone(),
+            },
+        };
+        // The ledger's store is the operator's (a token without KV write, a full disk): unlike a
+        // conflict, which any tenant can cause, it fails /healthz.
+        if let Some(trouble) = &claims.trouble {
+            problems.push(format!("claims ledger: {trouble}"));
+        }
         StatusView {
             healthy: problems.is_empty(),
             problems,
@@ -191,6 +230,7 @@ impl StatusFeed {
             routes,
             dropped,
             conflicts,
+            claims,
             haproxy,
             bridge,
         }

@@ -1,14 +1,16 @@
-//! The claims ledger, kept: loaded, recorded as the model asks, released after its holder has
-//! been gone for `routing.release_after`.
+//! The claims ledger, kept: loaded, recorded as the model asks, released (or handed to the
+//! holder's team) after its holder has been gone for `routing.release_after`.
 //!
 //! ```text
-//! build ──ClaimIntents──> keeper ──record (create only if absent / check-and-set)──> store
-//!   ^                        │ absent holders: timed here, released after release_after
-//!   └────────Ledger──────────┘ <──────── what the store holds (local file, Consul KV) ──┘
+//! build ──ClaimIntents──> keeper ──create only if absent / check-and-set at the version seen──> store
+//!   ^                        │ gone holders: timed here from when this edge last saw them
+//!   └────────Ledger──────────┘ <──────── what the store holds (Consul KV, or a local file) ──┘
 //! ```
 //!
-//! The store decides every race: a record is created only where none exists and replaced only
-//! at the version the model saw, so two edges that claim at once keep the one the store took.
+//! The store decides every race: an entry is created only where none exists and replaced or
+//! deleted only at the version the model saw, so edges that claim at once all keep the one the
+//! store took. A claim this edge routes but could not record yet stays in its ledger as
+//! unrecorded, so that a store that fails never hands the host to whatever claims it next.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,18 +23,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::haproxy::files::write_atomic;
-use crate::model::ownership::{Holder, Holding, Record};
+use crate::model::ownership::{Absent, Holder, Holding, Record};
 use crate::model::{ClaimIntents, Hostname, Ledger, ServiceName, SourceId};
 use crate::sources::consul::kv::{KvEntry, KvFolder};
+use crate::sources::consul::ConsulError;
+use crate::sources::START_GRACE;
 
 /// The local ledger's file name in `run_dir`.
 pub const LOCAL_LEDGER: &str = "claims.json";
-/// How often release timers are looked at.
-const RELEASE_TICK: Duration = Duration::from_secs(1);
+/// How often release timers are looked at, and failed writes retried.
+const TICK: Duration = Duration::from_secs(1);
+/// How long a write that failed waits before it is tried again.
+const RETRY_WRITES: Duration = Duration::from_secs(5);
 
-/// One entry as it is stored: `{"source":"consul","service":"shop","team":"@consul"}`.
+/// One entry as it is stored: `{"source":"consul","service":"shop","team":"@consul:shop"}`.
+/// Unknown fields are ignored, so a newer weft's entries still read.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct StoredHolding {
     pub source: String,
     pub service: String,
@@ -66,6 +72,7 @@ impl StoredHolding {
             holder: Holder { source, service },
             team: self.team.clone(),
             version,
+            recorded: true,
         })
     }
 }
@@ -75,6 +82,10 @@ pub enum ClaimsError {
     #[error("cannot read the claims ledger {path}: {reason}; it records who holds each host: repair it, or remove it to let every host be claimed afresh")]
     Local { path: PathBuf, reason: String },
 }
+
+/// A write the store could not make: said once in the log and on the status page.
+#[derive(Debug)]
+struct WriteFailed(String);
 
 /// The local ledger: one JSON file, this edge's alone.
 pub struct LocalStore {
@@ -118,14 +129,15 @@ impl LocalStore {
                 .iter()
                 .filter_map(|(h, s)| Some((h.clone(), s.holding(s.version).ok()?)))
                 .collect(),
-            unread: false,
+            ..Ledger::default()
         }
     }
 
-    /// Records `record` unless another got there first; whether it was recorded.
-    fn record(&mut self, record: &Record) -> bool {
-        let current = self.entries.get(&record.host).map(|e| e.version);
-        if current != record.replaces {
+    /// Writes `record` if the entry's version is `cas` (0: only if there is none); whether it
+    /// was written.
+    fn put(&mut self, record: &Record, cas: u64) -> bool {
+        let current = self.entries.get(&record.host).map_or(0, |e| e.version);
+        if current != cas {
             return false;
         }
         let mut stored = StoredHolding::of(record);
@@ -135,108 +147,21 @@ impl LocalStore {
         true
     }
 
-    fn release(&mut self, host: &Hostname, version: u64) -> bool {
-        if self.entries.get(host).map(|e| e.version) != Some(version) {
+    fn delete(&mut self, host: &Hostname, cas: u64) -> bool {
+        if self.entries.get(host).map(|e| e.version) != Some(cas) {
             return false;
         }
         self.entries.remove(host);
         true
     }
 
-    fn save(&self) {
+    fn save(&self) -> Result<(), WriteFailed> {
         let raw: BTreeMap<&str, &StoredHolding> =
             self.entries.iter().map(|(h, s)| (h.as_str(), s)).collect();
-        let text = match serde_json::to_string_pretty(&raw) {
-            Ok(text) => text,
-            Err(err) => {
-                warn!(error = %err, "cannot encode the claims ledger");
-                return;
-            }
-        };
-        if let Err(err) = write_atomic(&self.path, &text) {
-            // Kept in memory: this weft still routes by it; a restart would lose the newest.
-            warn!(error = %err, "cannot save the claims ledger");
-        }
-    }
-}
-
-/// The timers of hosts whose holder claims them no more.
-#[derive(Default)]
-struct Absences {
-    since: BTreeMap<Hostname, Instant>,
-}
-
-impl Absences {
-    /// Starts a timer for each newly absent host, drops those whose holder is back.
-    fn update(&mut self, absent: &[Hostname], now: Instant) {
-        self.since.retain(|host, _| absent.contains(host));
-        for host in absent {
-            self.since.entry(host.clone()).or_insert(now);
-        }
-    }
-
-    /// The hosts absent for `after` or longer.
-    fn due(&self, after: Duration, now: Instant) -> Vec<Hostname> {
-        self.since
-            .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= after)
-            .map(|(host, _)| host.clone())
-            .collect()
-    }
-}
-
-/// Keeps the local ledger until `shutdown`: records what the model asks, releases what has
-/// been absent long enough, publishes every change.
-pub async fn keep_local(
-    mut store: LocalStore,
-    release_after: Duration,
-    mut intents: watch::Receiver<ClaimIntents>,
-    ledger: watch::Sender<Option<Ledger>>,
-    shutdown: CancellationToken,
-) {
-    ledger.send_replace(Some(store.ledger()));
-    let mut absences = Absences::default();
-    let mut tick = tokio::time::interval(RELEASE_TICK);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = intents.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let wanted = intents.borrow_and_update().clone();
-                absences.update(&wanted.absent, Instant::now());
-                let mut changed = false;
-                for record in &wanted.record {
-                    if store.record(record) {
-                        info!(host = %record.host, holder = %record.holder, team = %record.team, "host claimed");
-                        changed = true;
-                    }
-                }
-                if changed {
-                    store.save();
-                    ledger.send_replace(Some(store.ledger()));
-                }
-            }
-            _ = tick.tick() => {
-                let due = absences.due(release_after, Instant::now());
-                let mut changed = false;
-                for host in due {
-                    let Some(version) = store.entries.get(&host).map(|e| e.version) else {
-                        continue;
-                    };
-                    if store.release(&host, version) {
-                        info!(host = %host, after = %humantime::format_duration(release_after), "host released: its holder claimed it no more");
-                        absences.since.remove(&host);
-                        changed = true;
-                    }
-                }
-                if changed {
-                    store.save();
-                    ledger.send_replace(Some(store.ledger()));
-                }
-            }
-        }
+        let text = serde_json::to_string_pretty(&raw).map_err(|e| WriteFailed(e.to_string()))?;
+        // Kept in memory when it fails: this weft still routes by it; a restart would lose
+        // the newest entries.
+        write_atomic(&self.path, &text).map_err(|e| WriteFailed(e.to_string()))
     }
 }
 
@@ -254,12 +179,12 @@ fn host_of_key(key: &str) -> Result<Hostname, String> {
     Hostname::parse(&host).map_err(|r| format!("key {key:?} is not a host: {r}"))
 }
 
-/// How long a record that did not reach Consul waits before it is tried again.
-const RETRY_RECORDS: Duration = Duration::from_secs(5);
-
-/// The Consul ledger's entries, as the model reads them; entries weft did not write are
-/// skipped (and named once).
-fn ledger_of(entries: Vec<KvEntry>, skipped: &mut BTreeMap<String, u64>) -> Ledger {
+/// The Consul folder's entries, as the model reads them; entries weft did not write are
+/// skipped (and named once: `skipped` remembers them).
+fn hosts_of(
+    entries: Vec<KvEntry>,
+    skipped: &mut BTreeMap<String, u64>,
+) -> BTreeMap<Hostname, Holding> {
     let mut hosts = BTreeMap::new();
     for entry in entries {
         let parsed = host_of_key(&entry.key).and_then(|host| {
@@ -279,122 +204,328 @@ fn ledger_of(entries: Vec<KvEntry>, skipped: &mut BTreeMap<String, u64>) -> Ledg
             }
         }
     }
-    Ledger {
-        hosts,
-        unread: false,
+    hosts
+}
+
+/// What the Consul folder's watch has seen last.
+enum KvView {
+    Waiting,
+    Entries(Vec<KvEntry>),
+    Failing(String),
+}
+
+/// The store behind the keeper.
+pub enum Store {
+    Local(LocalStore),
+    Consul(ConsulStore),
+}
+
+/// The Consul folder, and what this edge knows of it.
+pub struct ConsulStore {
+    folder: KvFolder,
+    /// The folder as last read; `None` before the first answer.
+    hosts: Option<BTreeMap<Hostname, Holding>>,
+    /// Claims this edge routes by but that the folder does not show yet.
+    pending: BTreeMap<Hostname, Holding>,
+    skipped: BTreeMap<String, u64>,
+    /// A read that fails now.
+    read_trouble: Option<String>,
+}
+
+impl ConsulStore {
+    pub fn new(folder: KvFolder) -> ConsulStore {
+        ConsulStore {
+            folder,
+            hosts: None,
+            pending: BTreeMap::new(),
+            skipped: BTreeMap::new(),
+            read_trouble: None,
+        }
     }
 }
 
-/// Keeps the ledger in a Consul KV folder until `shutdown`: watches it (every edge's records),
-/// records what the model asks with check-and-set, releases what has been absent long enough.
-pub async fn keep_consul(
-    folder: KvFolder,
+impl Store {
+    /// What the model settles by now; `None` while a Consul folder has not answered and the
+    /// start grace has not passed.
+    fn ledger(&self, grace_over: bool, write_trouble: &Option<String>) -> Option<Ledger> {
+        match self {
+            Store::Local(store) => Some(Ledger {
+                trouble: write_trouble.clone(),
+                ..store.ledger()
+            }),
+            Store::Consul(store) => {
+                let trouble = store.read_trouble.clone().or(write_trouble.clone());
+                let Some(hosts) = &store.hosts else {
+                    return grace_over.then(|| Ledger::unread(trouble));
+                };
+                let mut hosts = hosts.clone();
+                for (host, holding) in &store.pending {
+                    hosts.entry(host.clone()).or_insert_with(|| holding.clone());
+                }
+                Some(Ledger {
+                    hosts,
+                    unread: false,
+                    trouble,
+                })
+            }
+        }
+    }
+
+    /// Creates the entries of first claims; stops at the first write that fails.
+    async fn record(&mut self, records: &[Record]) -> Result<bool, WriteFailed> {
+        match self {
+            Store::Local(store) => {
+                let mut changed = false;
+                for record in records {
+                    if store.put(record, 0) {
+                        info!(host = %record.host, holder = %record.holder, team = %record.team, "host claimed");
+                        changed = true;
+                    }
+                }
+                if changed {
+                    store.save()?;
+                }
+                Ok(changed)
+            }
+            Store::Consul(store) => {
+                // A pending claim whose holder the model no longer asks for is forgotten.
+                let before = store.pending.len();
+                store
+                    .pending
+                    .retain(|host, _| records.iter().any(|r| r.host == *host));
+                let mut changed = store.pending.len() != before;
+                for record in records {
+                    if store
+                        .hosts
+                        .as_ref()
+                        .is_some_and(|h| h.contains_key(&record.host))
+                    {
+                        continue;
+                    }
+                    let unrecorded = Holding {
+                        holder: record.holder.clone(),
+                        team: record.team.key(),
+                        version: 0,
+                        recorded: false,
+                    };
+                    match put(&store.folder, record, 0).await {
+                        Ok(true) => {
+                            info!(host = %record.host, holder = %record.holder, team = %record.team, "host claimed");
+                            // Until the folder's next answer shows it.
+                            let recorded = Holding {
+                                recorded: true,
+                                ..unrecorded
+                            };
+                            store.pending.insert(record.host.clone(), recorded);
+                            changed = true;
+                        }
+                        // Another edge recorded it first: its entry comes with the next read.
+                        Ok(false) => changed |= store.pending.remove(&record.host).is_some(),
+                        Err(err) => {
+                            store.pending.insert(record.host.clone(), unrecorded);
+                            return Err(WriteFailed(format!(
+                                "cannot record a claim on {}: {err}",
+                                record.host
+                            )));
+                        }
+                    }
+                }
+                Ok(changed)
+            }
+        }
+    }
+
+    /// Releases `absent`'s entry, or hands it to its heir, at the version seen.
+    async fn release(&mut self, absent: &Absent) -> Result<bool, WriteFailed> {
+        let failed = |err: ConsulError| {
+            WriteFailed(format!(
+                "cannot release the claim on {}: {err}",
+                absent.host
+            ))
+        };
+        let done = match (self, &absent.heir) {
+            (Store::Local(store), Some(heir)) => store.put(heir, absent.version),
+            (Store::Local(store), None) => store.delete(&absent.host, absent.version),
+            (Store::Consul(store), Some(heir)) => put(&store.folder, heir, absent.version)
+                .await
+                .map_err(failed)?,
+            (Store::Consul(store), None) => store
+                .folder
+                .delete(&kv_key(&absent.host), absent.version)
+                .await
+                .map_err(failed)?,
+        };
+        Ok(done)
+    }
+
+    fn save(&self) -> Result<(), WriteFailed> {
+        match self {
+            Store::Local(store) => store.save(),
+            Store::Consul(_) => Ok(()),
+        }
+    }
+}
+
+async fn put(folder: &KvFolder, record: &Record, cas: u64) -> Result<bool, ConsulError> {
+    let value = serde_json::to_vec(&StoredHolding::of(record)).unwrap_or_default();
+    folder.put(&kv_key(&record.host), value, cas).await
+}
+
+/// When each host's holder was first seen gone, by this edge.
+#[derive(Default)]
+struct Absences {
+    since: BTreeMap<Hostname, Instant>,
+}
+
+impl Absences {
+    /// Starts a timer for each newly absent host, drops those whose holder is back.
+    fn update(&mut self, absent: &[Absent], now: Instant) {
+        self.since
+            .retain(|host, _| absent.iter().any(|a| a.host == *host));
+        for a in absent {
+            self.since.entry(a.host.clone()).or_insert(now);
+        }
+    }
+
+    /// The hosts absent for `after` or longer.
+    fn due(&self, after: Duration, now: Instant) -> Vec<Hostname> {
+        self.since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= after)
+            .map(|(host, _)| host.clone())
+            .collect()
+    }
+}
+
+/// Keeps the ledger until `shutdown`: publishes what the store holds, records what the model
+/// asks, releases what has been gone for `release_after`.
+pub async fn keep(
+    mut store: Store,
     release_after: Duration,
     mut intents: watch::Receiver<ClaimIntents>,
     ledger: watch::Sender<Option<Ledger>>,
     shutdown: CancellationToken,
 ) {
-    let mut kv_watch = folder.watch();
-    let watcher = {
-        let ledger = ledger.clone();
+    let (view_tx, mut view_rx) = watch::channel(KvView::Waiting);
+    if let Store::Consul(consul) = &store {
+        let mut kv_watch = consul.folder.watch();
         let shutdown = shutdown.clone();
-        async move {
-            let mut skipped = BTreeMap::new();
-            let mut failing = false;
-            loop {
-                let next = kv_watch
-                    .next(&shutdown, |err, delay| {
-                        if !std::mem::replace(&mut failing, true) {
-                            warn!(error = %err, retry_in = ?delay, "claims ledger: cannot read consul; routing by the last ledger read");
-                        }
-                    })
-                    .await;
-                let Some(entries) = next else { return };
-                if std::mem::replace(&mut failing, false) {
-                    info!("claims ledger: read from consul again");
-                }
-                ledger.send_replace(Some(ledger_of(entries, &mut skipped)));
+        tokio::spawn(async move {
+            while let Some(entries) = kv_watch
+                .next(&shutdown, |err, _| {
+                    view_tx.send_replace(KvView::Failing(err.to_string()));
+                })
+                .await
+            {
+                view_tx.send_replace(KvView::Entries(entries));
             }
-        }
-    };
-    tokio::pin!(watcher);
-    // A Consul that does not answer at start must not hold back every route: after the
-    // sources' start grace, the uncontested hosts route without the ledger.
-    let stand_in = ledger.clone();
-    crate::sources::after_start_grace(shutdown.clone(), move || {
-        stand_in.send_if_modified(|now| {
-            if now.is_some() {
-                return false;
-            }
-            warn!(after = ?crate::sources::START_GRACE, "claims ledger: consul has not answered; hosts claimed by one team alone route meanwhile, contested ones wait");
-            *now = Some(Ledger::unread());
-            true
         });
-    });
+    }
+    let started = Instant::now();
     let mut absences = Absences::default();
-    let mut tick = tokio::time::interval(RELEASE_TICK);
-    let mut last_try: Option<Instant> = None;
+    let mut tick = tokio::time::interval(TICK);
+    let mut write_trouble: Option<String> = None;
+    let mut last_failure: Option<Instant> = None;
+    let mut said: Option<String> = None;
     loop {
-        let retry = tokio::select! {
+        let mut write = false;
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            () = &mut watcher => return,
             changed = intents.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                true
+                write = true;
             }
-            _ = tick.tick() => last_try.is_some_and(|t| t.elapsed() >= RETRY_RECORDS),
-        };
-        let wanted = intents.borrow_and_update().clone();
-        absences.update(&wanted.absent, Instant::now());
-        if retry && !wanted.record.is_empty() {
-            last_try = None;
-            for record in &wanted.record {
-                let value = match serde_json::to_vec(&StoredHolding::of(record)) {
-                    Ok(value) => value,
-                    Err(_) => continue,
-                };
-                let put = folder
-                    .put(&kv_key(&record.host), value, record.replaces.unwrap_or(0))
-                    .await;
-                match put {
-                    Ok(true) => {
-                        info!(host = %record.host, holder = %record.holder, team = %record.team, "host claimed")
-                    }
-                    // Another edge recorded it first: its record comes with the next read.
-                    Ok(false) => {}
-                    Err(err) => {
-                        warn!(host = %record.host, error = %err, "claims ledger: cannot record a claim; tried again in 5 s");
-                        last_try = Some(Instant::now());
-                        break;
+            changed = view_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if let Store::Consul(consul) = &mut store {
+                    match &*view_rx.borrow_and_update() {
+                        KvView::Waiting => {}
+                        KvView::Entries(entries) => {
+                            let hosts = hosts_of(entries.clone(), &mut consul.skipped);
+                            consul.pending.retain(|host, _| !hosts.contains_key(host));
+                            consul.hosts = Some(hosts);
+                            consul.read_trouble = None;
+                        }
+                        KvView::Failing(err) => {
+                            consul.read_trouble = Some(format!("cannot read consul: {err}"));
+                        }
                     }
                 }
             }
+            _ = tick.tick() => {
+                write = last_failure.is_some_and(|t| t.elapsed() >= RETRY_WRITES);
+            }
         }
-        let due = absences.due(release_after, Instant::now());
-        let versions: Vec<(Hostname, u64)> = {
-            let current = ledger.borrow();
-            due.into_iter()
-                .filter_map(|host| {
-                    let version = current.as_ref()?.hosts.get(&host)?.version;
-                    Some((host, version))
-                })
-                .collect()
-        };
-        for (host, version) in versions {
-            match folder.delete(&kv_key(&host), version).await {
-                Ok(released) => {
-                    if released {
-                        info!(host = %host, after = %humantime::format_duration(release_after), "host released: its holder claimed it no more");
+        let wanted = intents.borrow_and_update().clone();
+        absences.update(&wanted.absent, Instant::now());
+        let mut changed = false;
+        if write {
+            last_failure = None;
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                outcome = store.record(&wanted.record) => outcome,
+            };
+            match outcome {
+                Ok(recorded) => {
+                    changed |= recorded;
+                    write_trouble = None;
+                }
+                Err(WriteFailed(err)) => {
+                    write_trouble = Some(err);
+                    last_failure = Some(Instant::now());
+                    changed = true;
+                }
+            }
+        }
+        for host in absences.due(release_after, Instant::now()) {
+            let Some(absent) = wanted.absent.iter().find(|a| a.host == host) else {
+                continue;
+            };
+            match store.release(absent).await {
+                Ok(done) => {
+                    if done {
+                        let to = absent
+                            .heir
+                            .as_ref()
+                            .map_or_else(|| "nobody".to_string(), |h| h.holder.to_string());
+                        info!(host = %host, after = %humantime::format_duration(release_after), to, "host released: its holder claimed it no more");
+                        changed = true;
                     }
                     absences.since.remove(&host);
                 }
-                Err(err) => {
-                    warn!(host = %host, error = %err, "claims ledger: cannot release a host")
+                Err(WriteFailed(err)) => {
+                    write_trouble = Some(err);
+                    changed = true;
                 }
             }
         }
+        if changed {
+            if let Err(WriteFailed(err)) = store.save() {
+                write_trouble = Some(format!("cannot save the claims ledger: {err}"));
+            }
+        }
+        let now = store.ledger(started.elapsed() >= START_GRACE, &write_trouble);
+        let trouble = now.as_ref().and_then(|l| l.trouble.clone());
+        if trouble != said {
+            match &trouble {
+                Some(trouble) => {
+                    warn!(%trouble, "claims ledger: hosts stay with the holders this edge knows; new claims are retried every 5 s")
+                }
+                None => info!("claims ledger: its store works again"),
+            }
+            said = trouble;
+        }
+        ledger.send_if_modified(|old| {
+            if *old == now {
+                return false;
+            }
+            *old = now;
+            true
+        });
     }
 }
 
@@ -403,15 +534,15 @@ mod tests {
     use super::*;
     use crate::model::ownership::TeamId;
 
-    fn record(host: &str, name: &str, replaces: Option<u64>) -> Record {
+    fn record(host: &str, name: &str) -> Record {
+        let holder = Holder {
+            source: SourceId::Consul,
+            service: ServiceName::parse(name).unwrap(),
+        };
         Record {
             host: Hostname::parse(host).unwrap(),
-            holder: Holder {
-                source: SourceId::Consul,
-                service: ServiceName::parse(name).unwrap(),
-            },
-            team: TeamId::Source(SourceId::Consul),
-            replaces,
+            team: TeamId::Alone(holder.clone()),
+            holder,
         }
     }
 
@@ -419,17 +550,20 @@ mod tests {
     fn the_local_ledger_creates_once_replaces_at_its_version_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = LocalStore::open(dir.path()).unwrap();
-        assert!(store.record(&record("a.example.com", "first", None)));
-        assert!(!store.record(&record("a.example.com", "second", None)));
+        assert!(store.put(&record("a.example.com", "first"), 0));
+        assert!(!store.put(&record("a.example.com", "second"), 0));
         let version = store.entries[&Hostname::parse("a.example.com").unwrap()].version;
-        assert!(!store.record(&record("a.example.com", "stale", Some(version + 5))));
-        assert!(store.record(&record("a.example.com", "heir", Some(version))));
-        store.save();
+        assert!(!store.put(&record("a.example.com", "stale"), version + 5));
+        assert!(store.put(&record("a.example.com", "heir"), version));
+        store.save().unwrap();
         let reopened = LocalStore::open(dir.path()).unwrap();
         assert_eq!(reopened.ledger(), store.ledger());
         let holding = &reopened.ledger().hosts[&Hostname::parse("a.example.com").unwrap()];
         assert_eq!(holding.holder.service.as_str(), "heir");
         assert!(reopened.next_version > holding.version);
+        let mut reopened = reopened;
+        assert!(!reopened.delete(&Hostname::parse("a.example.com").unwrap(), 1));
+        assert!(reopened.delete(&Hostname::parse("a.example.com").unwrap(), holding.version));
     }
 
     #[test]
@@ -446,6 +580,34 @@ mod tests {
     }
 
     #[test]
+    fn entries_weft_did_not_write_are_skipped_and_newer_fields_ignored() {
+        let entry = |key: &str, value: &str| KvEntry {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            modify_index: 3,
+        };
+        let hosts = hosts_of(
+            vec![
+                entry(
+                    "com/example/shop",
+                    r#"{"source":"consul","service":"shop","team":"@consul:shop","since":"later"}"#,
+                ),
+                entry("com/example/junk", "not json"),
+                entry(
+                    "com/example/odd",
+                    r#"{"source":"ldap","service":"x","team":"t"}"#,
+                ),
+            ],
+            &mut BTreeMap::new(),
+        );
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(
+            hosts[&Hostname::parse("shop.example.com").unwrap()].version,
+            3
+        );
+    }
+
+    #[test]
     fn a_broken_ledger_is_refused_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(LOCAL_LEDGER), "{ not json").unwrap();
@@ -457,9 +619,14 @@ mod tests {
     fn absences_are_timed_from_first_sight_and_forgotten_on_return() {
         let mut absences = Absences::default();
         let host = Hostname::parse("a.example.com").unwrap();
+        let absent = [Absent {
+            host: host.clone(),
+            version: 1,
+            heir: None,
+        }];
         let start = Instant::now();
-        absences.update(std::slice::from_ref(&host), start);
-        absences.update(std::slice::from_ref(&host), start + Duration::from_secs(5));
+        absences.update(&absent, start);
+        absences.update(&absent, start + Duration::from_secs(5));
         assert!(absences
             .due(Duration::from_secs(10), start + Duration::from_secs(9))
             .is_empty());

@@ -88,31 +88,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let model = config.model_settings(crate::network::own_addresses());
     let (intents_tx, intents_rx) = watch::channel(ClaimIntents::default());
     let (ledger_tx, ledger_rx) = watch::channel(None::<Ledger>);
-    let release_after = config.routing.ownership.release_after;
-    match (&config.routing.claims, &config.sources.consul) {
-        (ClaimsStore::Consul { prefix }, Some(consul)) => {
-            let folder = KvFolder::new(consul.clone(), prefix);
-            let keeper = claims::keep_consul(
-                folder,
-                release_after,
-                intents_rx,
-                ledger_tx,
-                shutdown.clone(),
-            );
-            tasks.spawn(keeper.map(Ok));
-        }
-        _ => {
-            let store = claims::LocalStore::open(&config.haproxy.run_dir)?;
-            let keeper = claims::keep_local(
-                store,
-                release_after,
-                intents_rx,
-                ledger_tx,
-                shutdown.clone(),
-            );
-            tasks.spawn(keeper.map(Ok));
-        }
-    }
+    let store = match (&config.routing.claims, &config.sources.consul) {
+        (ClaimsStore::Consul { prefix }, Some(consul)) => claims::Store::Consul(
+            claims::ConsulStore::new(KvFolder::new(consul.clone(), prefix)),
+        ),
+        _ => claims::Store::Local(claims::LocalStore::open(&config.haproxy.run_dir)?),
+    };
+    tasks.spawn(
+        claims::keep(
+            store,
+            config.routing.ownership.release_after,
+            intents_rx,
+            ledger_tx,
+            shutdown.clone(),
+        )
+        .map(Ok),
+    );
     let (desired_tx, desired_rx) = watch::channel(None::<Arc<Built>>);
     let (apply_tx, apply_rx) = watch::channel(ApplyStatus::default());
     let feed = StatusFeed {
@@ -120,6 +111,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         built: desired_rx.clone(),
         apply: apply_rx,
         bridge: bridge_rx,
+        ledger: ledger_rx.clone(),
     };
     let token = shutdown.clone();
     tasks.spawn(async move {

@@ -54,6 +54,9 @@ pub const DEFAULT_CHECK_FALL: u32 = 3;
 const CHECK_INTERVAL_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(3600));
 const MAX_CHECK_FALL: u32 = 100;
+/// The most hosts one service routes: each is a claim, and a claim is a write to the ledger
+/// that every edge reads.
+pub const MAX_HOSTS_PER_SERVICE: usize = 64;
 
 /// Where a request goes: a hostname and a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -174,7 +177,27 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     let mut candidates: Vec<Candidate> = Vec::new();
     for report in &sorted {
         let mut seen: BTreeSet<ServiceName> = BTreeSet::new();
+        // Names are lowercased: `SHOP-web` would take `shop-web`'s place, and its hosts.
+        let mut spellings: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
         for def in &report.services {
+            spellings
+                .entry(def.name.to_ascii_lowercase())
+                .or_default()
+                .insert(&def.name);
+        }
+        for def in &report.services {
+            let lower = def.name.to_ascii_lowercase();
+            if def.name != lower && spellings[&lower].len() > 1 {
+                built.dropped.push(Dropped {
+                    source: report.source,
+                    subject: format!("service {:?}", def.name),
+                    reason: format!(
+                        "its name differs from another service's only in letter case; names \
+                         are lowercased, so it would take {lower:?}'s place"
+                    ),
+                });
+                continue;
+            }
             let Some((name, backend, keys)) = validate(report.source, def, settings, &mut built)
             else {
                 continue;
@@ -187,12 +210,13 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 });
                 continue;
             }
+            let holder = Holder {
+                source: report.source,
+                service: name.clone(),
+            };
             candidates.push(Candidate {
-                holder: Holder {
-                    source: report.source,
-                    service: name.clone(),
-                },
-                team: settings.ownership.team_of(report.source, &def.origin),
+                team: settings.ownership.team_of(&holder, &def.origin),
+                holder,
                 key: name,
                 backend,
                 keys,
@@ -235,6 +259,18 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
+    // Only a source read in full can show that a holder is gone.
+    let healthy: BTreeSet<SourceId> = sorted
+        .iter()
+        .filter(|r| r.health == Health::Ok)
+        .map(|r| r.source)
+        .collect();
+    built.intents.absent.extend(ownership::unclaimed(
+        ledger,
+        |host| by_host.contains_key(host),
+        &healthy,
+    ));
+
     for (host, claimants) in by_host {
         let claims: Vec<Claim> = claimants
             .keys()
@@ -248,6 +284,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
             &claims,
             ledger,
             &settings.ownership,
+            &healthy,
             &mut built.intents,
         );
         for (holder, reason) in lost {
@@ -412,7 +449,16 @@ fn validate(
     };
 
     let mut keys = Vec::new();
-    for raw in &def.hosts {
+    if def.hosts.len() > MAX_HOSTS_PER_SERVICE {
+        drop(
+            subject.clone(),
+            format!(
+                "asks for {} hosts: only the first {MAX_HOSTS_PER_SERVICE} are routed",
+                def.hosts.len()
+            ),
+        );
+    }
+    for raw in def.hosts.iter().take(MAX_HOSTS_PER_SERVICE) {
         match Hostname::parse(raw) {
             Ok(host) if host.wildcard_suffix().is_some() && !path.is_root() => drop(
                 format!("{subject} host {raw:?}"),
@@ -579,6 +625,108 @@ mod tests {
             assert!(built.table.backends.is_empty());
             assert!(built.dropped[0].reason.contains(why), "{:?}", built.dropped);
         }
+    }
+
+    fn consul(services: Vec<ServiceDef>) -> SourceReport {
+        SourceReport {
+            services,
+            health: Health::Ok,
+            ..SourceReport::starting(SourceId::Consul)
+        }
+    }
+
+    /// `build`, then the ledger as a store would hold it after the intents were written.
+    fn build_and_record(reports: &[&SourceReport], ledger: &mut Ledger) -> Built {
+        let built = build(reports, &settings(), ledger);
+        for record in &built.intents.record {
+            ledger.hosts.entry(record.host.clone()).or_insert(ownership::Holding {
+                holder: record.holder.clone(),
+                team: record.team.key(),
+                version: 1,
+                recorded: true,
+            });
+        }
+        built
+    }
+
+    #[test]
+    fn a_name_that_differs_only_in_case_never_takes_the_services_place() {
+        let real = def("shop-web", &["shop.example.com"], &["10.2.1.5:80"]);
+        let mut ledger = Ledger::default();
+        build_and_record(&[&consul(vec![real.clone()])], &mut ledger);
+        let impostor = def("SHOP-WEB", &["shop.example.com"], &["10.2.9.9:80"]);
+        for services in [vec![impostor.clone(), real.clone()], vec![real, impostor]] {
+            let built = build(&[&consul(services)], &settings(), &ledger);
+            let shop = &built.table.backends[&ServiceName::parse("shop-web").unwrap()];
+            assert_eq!(shop.servers.len(), 1);
+            assert!(shop.servers.contains(&"10.2.1.5:80".parse().unwrap()));
+            assert!(built
+                .dropped
+                .iter()
+                .any(|d| d.subject == "service \"SHOP-WEB\"" && d.reason.contains("letter case")));
+        }
+    }
+
+    #[test]
+    fn a_squatter_of_the_same_source_inherits_nothing_and_adds_no_path() {
+        let shop = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
+        let squatter = def("aaa", &["shop.example.com"], &["10.2.9.9:80"]);
+        let mut login = def("zzz", &["shop.example.com"], &["10.2.9.9:80"]);
+        login.path = Some("/login".into());
+        let mut ledger = Ledger::default();
+        build_and_record(&[&consul(vec![shop.clone()])], &mut ledger);
+        let built = build(
+            &[&consul(vec![shop.clone(), squatter.clone(), login])],
+            &settings(),
+            &ledger,
+        );
+        assert_eq!(built.table.routes.len(), 1, "{:?}", built.table.routes);
+        assert_eq!(built.conflicts.len(), 2, "{:?}", built.conflicts);
+        // The holder redeploys: gone from one build. The host waits for it.
+        let built = build_and_record(&[&consul(vec![squatter.clone()])], &mut ledger);
+        assert!(built.table.routes.is_empty());
+        assert_eq!(built.intents.absent.len(), 1);
+        assert!(built.intents.absent[0].heir.is_none());
+        let built = build(&[&consul(vec![squatter, shop])], &settings(), &ledger);
+        let key = RouteKey {
+            host: Hostname::parse("shop.example.com").unwrap(),
+            path: PathPrefix::root(),
+        };
+        assert_eq!(built.table.routes[&key].as_str(), "shop");
+    }
+
+    #[test]
+    fn a_ledger_entry_nobody_claims_is_released_in_time() {
+        let shop = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
+        let mut ledger = Ledger::default();
+        build_and_record(&[&consul(vec![shop])], &mut ledger);
+        let built = build(&[&consul(Vec::new())], &settings(), &ledger);
+        assert_eq!(built.intents.absent.len(), 1);
+        // Not while the source is not read in full.
+        let degraded = SourceReport {
+            health: Health::Degraded {
+                reason: "down".into(),
+                since: std::time::SystemTime::now(),
+            },
+            ..consul(Vec::new())
+        };
+        let built = build(&[&degraded], &settings(), &ledger);
+        assert!(built.intents.absent.is_empty());
+    }
+
+    #[test]
+    fn a_service_routes_at_most_so_many_hosts() {
+        let hosts: Vec<String> = (0..MAX_HOSTS_PER_SERVICE + 10)
+            .map(|i| format!("h{i}.example.com"))
+            .collect();
+        let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let built = build(
+            &[&consul(vec![def("many", &hosts, &["10.2.1.5:80"])])],
+            &settings(),
+            &Ledger::default(),
+        );
+        assert_eq!(built.table.routes.len(), MAX_HOSTS_PER_SERVICE);
+        assert!(built.dropped.iter().any(|d| d.reason.contains("only the first 64")));
     }
 
     #[test]

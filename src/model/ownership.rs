@@ -17,16 +17,20 @@
 //!   `*.example.com` or `*.co.uk`.
 //! - The first claim on a host is recorded in the ledger; from then on the host stays with its
 //!   holder's team, whatever sorts first and whichever edge looks. A newcomer from another team
-//!   is dropped with a reason that names the holder. A holder that stops claiming keeps the host
-//!   for `release_after`, so a redeploy does not hand it away; its own team may take it over at
-//!   once.
+//!   is dropped with a reason that names the holder. A service in no declared team is a team of
+//!   its own.
+//! - A holder that stops claiming keeps the host for `release_after`, so a redeploy does not
+//!   hand it away; meanwhile a service of its declared team may serve it, and takes it over
+//!   when it is released. Only a holder whose source this edge reads in full (`Ok`) can be
+//!   found gone: a degraded or missing source never releases a host.
 //! - Paths under a host are added only by the holder's team.
-//! - A host beneath a wildcard held by another team is that team's.
+//! - A host beneath a wildcard held by another team is that team's; a wildcard above a host
+//!   another team holds is refused.
 //!
 //! Everything here is pure: the ledger comes in as data, and what should be written to it goes
 //! out as [`ClaimIntents`] for the controller to record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -107,28 +111,36 @@ pub enum TeamId {
     Operator,
     /// A declared team.
     Named(String),
-    /// The services of a source that no team claims: each source is one team by default.
-    Source(SourceId),
+    /// A service in no declared team: a team of its own.
+    Alone(Holder),
 }
 
 impl TeamId {
-    /// The form kept in the ledger: `shop`, or `@consul` for a source's default team (a team
-    /// name never holds `@`).
+    /// The form kept in the ledger: `shop`, `@consul:web` for a service in no team, `@file`
+    /// (a team name never holds `@`).
     pub fn key(&self) -> String {
         match self {
             TeamId::Operator => "@file".into(),
             TeamId::Named(name) => name.clone(),
-            TeamId::Source(source) => format!("@{source}"),
+            TeamId::Alone(holder) => format!("@{}:{}", holder.source, holder.service),
         }
     }
 
     pub fn from_key(key: &str) -> TeamId {
-        match key.strip_prefix('@') {
-            Some("file") => TeamId::Operator,
-            Some("consul") => TeamId::Source(SourceId::Consul),
-            Some("marathon") => TeamId::Source(SourceId::Marathon),
-            _ => TeamId::Named(key.to_string()),
+        let Some(rest) = key.strip_prefix('@') else {
+            return TeamId::Named(key.to_string());
+        };
+        if rest == "file" {
+            return TeamId::Operator;
         }
+        let alone = rest.split_once(':').and_then(|(source, name)| {
+            Some(Holder {
+                source: SourceId::parse(source)?,
+                service: ServiceName::parse(name).ok()?,
+            })
+        });
+        // An unreadable key names no team anyone is in: the host stays with its holder.
+        alone.map_or_else(|| TeamId::Named(key.to_string()), TeamId::Alone)
     }
 }
 
@@ -137,21 +149,22 @@ impl fmt::Display for TeamId {
         match self {
             TeamId::Operator => f.write_str("the operator (file source)"),
             TeamId::Named(name) => write!(f, "team {name:?}"),
-            TeamId::Source(source) => write!(f, "the {source} services of no team"),
+            TeamId::Alone(_) => f.write_str("in no team"),
         }
     }
 }
 
 impl Ownership {
     /// The team of a service: the first team whose prefixes match its origin (Consul service
-    /// name, Marathon app id), else its source's default team.
-    pub fn team_of(&self, source: SourceId, origin: &str) -> TeamId {
-        let prefixes = |team: &Team| match source {
+    /// name, Marathon app id; letter case aside), else a team of its own.
+    pub fn team_of(&self, holder: &Holder, origin: &str) -> TeamId {
+        let origin = origin.to_ascii_lowercase();
+        let prefixes = |team: &Team| match holder.source {
             SourceId::File => Vec::new(),
             SourceId::Consul => team.consul.clone(),
             SourceId::Marathon => team.marathon.clone(),
         };
-        if source == SourceId::File {
+        if holder.source == SourceId::File {
             return TeamId::Operator;
         }
         self.teams
@@ -159,11 +172,12 @@ impl Ownership {
             .find(|team| {
                 prefixes(team)
                     .iter()
-                    .any(|p| origin.starts_with(p.as_str()))
+                    .any(|p| origin.starts_with(&p.to_ascii_lowercase()))
             })
-            .map_or(TeamId::Source(source), |team| {
-                TeamId::Named(team.name.clone())
-            })
+            .map_or_else(
+                || TeamId::Alone(holder.clone()),
+                |team| TeamId::Named(team.name.clone()),
+            )
     }
 
     /// Whether `team` may claim `host` at all; `Err` says why not.
@@ -240,9 +254,12 @@ pub struct Holding {
     pub holder: Holder,
     /// The holder's team when it was recorded ([`TeamId::key`]).
     pub team: String,
-    /// The store's version of the entry (Consul's ModifyIndex; 0 in a local ledger), for
-    /// check-and-set writes.
+    /// The store's version of the entry (Consul's ModifyIndex; the local ledger's counter),
+    /// for check-and-set writes.
     pub version: u64,
+    /// In the store. `false`: this edge routes by it but could not record it yet, so that a
+    /// store that fails never hands a host to whatever claims it next.
+    pub recorded: bool,
 }
 
 /// The claims ledger: which service holds each host, as recorded when it first claimed it.
@@ -252,14 +269,17 @@ pub struct Ledger {
     /// Not read yet (its store did not answer in time): a host that one team alone claims is
     /// routed, a contested one waits for the ledger, and nothing is recorded.
     pub unread: bool,
+    /// What is wrong with the store now (a read or a write failing), for the operator.
+    pub trouble: Option<String>,
 }
 
 impl Ledger {
     /// The stand-in for a ledger whose store has not answered yet.
-    pub fn unread() -> Ledger {
+    pub fn unread(trouble: Option<String>) -> Ledger {
         Ledger {
             hosts: BTreeMap::new(),
             unread: true,
+            trouble,
         }
     }
 
@@ -278,16 +298,27 @@ impl Ledger {
         }
         None
     }
+
+    /// Hosts beneath the wildcard `host` that the ledger holds.
+    fn beneath<'a>(
+        &'a self,
+        host: &'a Hostname,
+    ) -> impl Iterator<Item = (&'a Hostname, &'a Holding)> + 'a {
+        let suffix = host.wildcard_suffix().unwrap_or("\0");
+        self.hosts
+            .iter()
+            .filter(move |(h, _)| *h != host && h.as_str().ends_with(suffix))
+    }
 }
 
 /// What the ledger should record after a build.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimIntents {
-    /// Hosts to record for a holder: new ones (`replaces` None), or taken over by the absent
-    /// holder's own team (`replaces` the version seen).
+    /// First claims, to be created where the store has no entry yet.
     pub record: Vec<Record>,
-    /// Hosts whose recorded holder claims them no more: released after `release_after`.
-    pub absent: Vec<Hostname>,
+    /// Entries whose holder claims them no more (seen from a source read in full): each
+    /// released, or handed to its team's heir, after `release_after`.
+    pub absent: Vec<Absent>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,8 +326,16 @@ pub struct Record {
     pub host: Hostname,
     pub holder: Holder,
     pub team: TeamId,
-    /// The version of the entry this replaces; `None`: create only if absent.
-    pub replaces: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Absent {
+    pub host: Hostname,
+    /// The version of the entry seen: the release is a check-and-set on it.
+    pub version: u64,
+    /// A service of the holder's declared team that claims the host now: it takes the entry
+    /// over instead of it being deleted.
+    pub heir: Option<Record>,
 }
 
 /// One service's claim on one host, as `settle` sees it.
@@ -315,131 +354,196 @@ pub enum Settled {
     Held { reason: String },
 }
 
-/// Settles one host among its claimants (every claimant already passed [`Ownership::may_claim`]).
-/// Returns the outcome, and the losing claimants each with its reason.
+/// The ledger entries nobody claims any more, whose holder's source is read in full here: the
+/// rest of [`ClaimIntents::absent`], so that the ledger does not grow with every host ever
+/// routed.
+pub fn unclaimed<'a>(
+    ledger: &'a Ledger,
+    claimed: impl Fn(&Hostname) -> bool + 'a,
+    healthy: &'a BTreeSet<SourceId>,
+) -> impl Iterator<Item = Absent> + 'a {
+    ledger
+        .hosts
+        .iter()
+        .filter(move |(host, holding)| {
+            holding.recorded && healthy.contains(&holding.holder.source) && !claimed(host)
+        })
+        .map(|(host, holding)| Absent {
+            host: host.clone(),
+            version: holding.version,
+            heir: None,
+        })
+}
+
+/// Settles one host among its claimants (every claimant already passed [`Ownership::may_claim`];
+/// `healthy`: the sources this edge reads in full). Returns the outcome, and the losing
+/// claimants each with its reason.
 pub fn settle(
     host: &Hostname,
     claims: &[Claim],
     ledger: &Ledger,
     ownership: &Ownership,
+    healthy: &BTreeSet<SourceId>,
     intents: &mut ClaimIntents,
 ) -> (Settled, Vec<(Holder, String)>) {
     let mut sorted: Vec<&Claim> = claims.iter().collect();
     sorted.sort_by(|a, b| a.holder.cmp(&b.holder));
-    let losers = |owner: &TeamId, why: &dyn Fn() -> String| -> Vec<(Holder, String)> {
+    let all_lose = |reason: &str| -> Vec<(Holder, String)> {
         sorted
             .iter()
-            .filter(|c| c.team != *owner)
-            .map(|c| (c.holder.clone(), why()))
+            .map(|c| (c.holder.clone(), reason.to_string()))
             .collect()
+    };
+    let owned = |team: TeamId, holder: Holder, why: String| {
+        let lost = sorted
+            .iter()
+            .filter(|c| c.team != team)
+            .map(|c| (c.holder.clone(), why.clone()))
+            .collect();
+        (Settled::Owned { team, holder }, lost)
     };
 
     // The operator's file outranks every ledger entry.
     if let Some(file) = sorted.iter().find(|c| c.team == TeamId::Operator) {
-        let holder = file.holder.clone();
-        let lost = losers(&TeamId::Operator, &|| {
-            format!("host {host} belongs to the operator: the file source routes it ({holder})")
-        });
-        return (
-            Settled::Owned {
-                team: TeamId::Operator,
-                holder: file.holder.clone(),
-            },
-            lost,
+        let why = format!(
+            "host {host} belongs to the operator: the file source routes it ({})",
+            file.holder
         );
+        return owned(TeamId::Operator, file.holder.clone(), why);
     }
 
-    if let Some(holding) = ledger.hosts.get(host) {
+    // A holding this edge could not record yet counts only while its holder claims the host.
+    let holding = ledger
+        .hosts
+        .get(host)
+        .filter(|h| h.recorded || sorted.iter().any(|c| c.holder == h.holder));
+    if let Some(holding) = holding {
         if let Some(present) = sorted.iter().find(|c| c.holder == holding.holder) {
-            let team = present.team.clone();
-            let holder = holding.holder.clone();
-            let lost = losers(&team, &|| {
-                format!("host {host} is held by {holder} ({team}), which claimed it first")
-            });
-            return (Settled::Owned { team, holder }, lost);
+            if !holding.recorded {
+                intents.record.push(Record {
+                    host: host.clone(),
+                    holder: present.holder.clone(),
+                    team: present.team.clone(),
+                });
+            }
+            let why = format!(
+                "host {host} is held by {} ({}), which claimed it first",
+                holding.holder, present.team
+            );
+            return owned(present.team.clone(), holding.holder.clone(), why);
         }
-        // Its holder claims it no more: its own team may take it over, nobody else until the
+        if !healthy.contains(&holding.holder.source) {
+            let reason = format!(
+                "host {host} is held by {}, and this edge does not read that source in full now \
+                 (degraded, or not configured): the host waits for it",
+                holding.holder
+            );
+            return (
+                Settled::Held {
+                    reason: reason.clone(),
+                },
+                all_lose(&reason),
+            );
+        }
+        // Its holder claims it no more: its declared team may serve it, nobody else until the
         // ledger releases it.
-        intents.absent.push(host.clone());
         let team = TeamId::from_key(&holding.team);
-        if let Some(heir) = sorted.iter().find(|c| c.team == team) {
-            intents.record.push(Record {
+        let heir = sorted.iter().find(|c| c.team == team);
+        intents.absent.push(Absent {
+            host: host.clone(),
+            version: holding.version,
+            heir: heir.map(|c| Record {
                 host: host.clone(),
-                holder: heir.holder.clone(),
+                holder: c.holder.clone(),
                 team: team.clone(),
-                replaces: Some(holding.version),
-            });
-            let holder = heir.holder.clone();
-            let lost = losers(&team, &|| {
-                format!("host {host} is held by {team}, now through {holder}")
-            });
-            return (Settled::Owned { team, holder }, lost);
+            }),
+        });
+        let released = humantime::format_duration(ownership.release_after);
+        if let Some(heir) = heir {
+            let why = format!(
+                "host {host} is held by {team}, served by {} while {} is gone",
+                heir.holder, holding.holder
+            );
+            return owned(team.clone(), heir.holder.clone(), why);
         }
         let reason = format!(
-            "host {host} is held by {} ({team}), which claims it no more; it is released {} \
+            "host {host} is held by {}, which claims it no more; it is released {released} \
              after that service was last seen",
-            holding.holder,
-            humantime::format_duration(ownership.release_after)
+            holding.holder
         );
-        let lost = sorted
-            .iter()
-            .map(|c| (c.holder.clone(), reason.clone()))
-            .collect();
-        return (Settled::Held { reason }, lost);
+        return (
+            Settled::Held {
+                reason: reason.clone(),
+            },
+            all_lose(&reason),
+        );
     }
 
     // A host beneath another team's wildcard is that team's.
+    let mut open: Vec<&Claim> = sorted.clone();
+    let mut lost = Vec::new();
     if let Some((wildcard, holding)) = ledger.covering_wildcard(host) {
         let team = TeamId::from_key(&holding.team);
-        let outsiders = sorted.iter().all(|c| c.team != team);
-        if outsiders {
-            let reason = format!(
-                "host {host} lies beneath {wildcard}, held by {} ({team})",
-                holding.holder
-            );
-            let lost = sorted
+        let reason = format!(
+            "host {host} lies beneath {wildcard}, held by {} ({team})",
+            holding.holder
+        );
+        open.retain(|c| {
+            let keep = c.team == team;
+            if !keep {
+                lost.push((c.holder.clone(), reason.clone()));
+            }
+            keep
+        });
+    }
+    // A wildcard above a host another team holds would catch that host's other paths.
+    if host.wildcard_suffix().is_some() {
+        let beneath: Vec<(&Hostname, &Holding)> = ledger.beneath(host).collect();
+        open.retain(|c| {
+            let other = beneath
                 .iter()
-                .map(|c| (c.holder.clone(), reason.clone()))
-                .collect();
-            return (Settled::Held { reason }, lost);
-        }
+                .find(|(_, h)| TeamId::from_key(&h.team) != c.team);
+            if let Some((below, h)) = other {
+                lost.push((
+                    c.holder.clone(),
+                    format!("host {below}, beneath {host}, is held by {}", h.holder),
+                ));
+            }
+            other.is_none()
+        });
     }
 
     // A first claim: recorded, so that every edge and every later claimant sees its holder.
     // Claims that arrive together are settled alike on every edge: source, then name.
-    let Some(first) = sorted.first() else {
-        return (
-            Settled::Held {
-                reason: format!("nobody claims host {host}"),
-            },
-            Vec::new(),
-        );
+    let Some(first) = open.first() else {
+        let reason = lost
+            .first()
+            .map_or_else(|| format!("nobody claims host {host}"), |(_, r)| r.clone());
+        return (Settled::Held { reason }, lost);
     };
+    let (team, holder) = (first.team.clone(), first.holder.clone());
     if ledger.unread {
-        let (team, holder) = (first.team.clone(), first.holder.clone());
-        if sorted.iter().all(|c| c.team == team) {
-            return (Settled::Owned { team, holder }, Vec::new());
+        if open.iter().all(|c| c.team == team) {
+            return (Settled::Owned { team, holder }, lost);
         }
         let reason = format!(
             "host {host} is claimed by more than one team, and the claims ledger is not read \
              yet: it waits for the ledger"
         );
-        let lost = sorted
-            .iter()
-            .map(|c| (c.holder.clone(), reason.clone()))
-            .collect();
+        lost.extend(open.iter().map(|c| (c.holder.clone(), reason.clone())));
         return (Settled::Held { reason }, lost);
     }
     intents.record.push(Record {
         host: host.clone(),
-        holder: first.holder.clone(),
-        team: first.team.clone(),
-        replaces: None,
+        holder: holder.clone(),
+        team: team.clone(),
     });
-    let (team, holder) = (first.team.clone(), first.holder.clone());
-    let lost = losers(&team, &|| {
-        format!("host {host} is claimed at the same time by {holder} ({team}), which sorts first")
-    });
+    let why = format!("host {host} is claimed at the same time by {holder}, which sorts first");
+    lost.extend(
+        open.iter()
+            .filter(|c| c.team != team)
+            .map(|c| (c.holder.clone(), why.clone())),
+    );
     (Settled::Owned { team, holder }, lost)
 }
 
@@ -451,42 +555,74 @@ mod tests {
         Hostname::parse(h).unwrap()
     }
 
-    fn claim(source: SourceId, name: &str, team: TeamId) -> Claim {
-        Claim {
-            holder: Holder {
-                source,
-                service: ServiceName::parse(name).unwrap(),
-            },
-            team,
+    fn holder(source: SourceId, name: &str) -> Holder {
+        Holder {
+            source,
+            service: ServiceName::parse(name).unwrap(),
         }
     }
 
-    fn ledger(entries: &[(&str, SourceId, &str, TeamId)]) -> Ledger {
+    /// A claim by a service in no team.
+    fn alone(source: SourceId, name: &str) -> Claim {
+        let holder = holder(source, name);
+        Claim {
+            team: TeamId::Alone(holder.clone()),
+            holder,
+        }
+    }
+
+    fn in_team(source: SourceId, name: &str, team: &str) -> Claim {
+        Claim {
+            holder: holder(source, name),
+            team: TeamId::Named(team.into()),
+        }
+    }
+
+    fn ledger(entries: &[(&str, &Claim)]) -> Ledger {
         Ledger {
             hosts: entries
                 .iter()
-                .map(|(h, source, name, team)| {
+                .map(|(h, claim)| {
                     (
                         host(h),
                         Holding {
-                            holder: Holder {
-                                source: *source,
-                                service: ServiceName::parse(name).unwrap(),
-                            },
-                            team: team.key(),
+                            holder: claim.holder.clone(),
+                            team: claim.team.key(),
                             version: 7,
+                            recorded: true,
                         },
                     )
                 })
                 .collect(),
-            unread: false,
+            ..Ledger::default()
         }
+    }
+
+    fn everything() -> BTreeSet<SourceId> {
+        [SourceId::File, SourceId::Consul, SourceId::Marathon].into()
+    }
+
+    fn settle_now(
+        h: &str,
+        claims: &[Claim],
+        book: &Ledger,
+    ) -> (Settled, Vec<(Holder, String)>, ClaimIntents) {
+        let mut intents = ClaimIntents::default();
+        let (settled, lost) = settle(
+            &host(h),
+            claims,
+            book,
+            &Ownership::default(),
+            &everything(),
+            &mut intents,
+        );
+        (settled, lost, intents)
     }
 
     #[test]
     fn wildcards_need_two_labels_beneath_the_public_suffix() {
         let rules = Ownership::default();
-        let consul = TeamId::Source(SourceId::Consul);
+        let consul = alone(SourceId::Consul, "x").team;
         for bad in ["*.com", "*.example.com", "*.co.uk", "*.example.co.uk"] {
             let err = rules.may_claim(&consul, &host(bad)).unwrap_err();
             assert!(err.contains("too broad"), "{bad}: {err}");
@@ -517,13 +653,19 @@ mod tests {
             }],
             ..Ownership::default()
         };
-        let shop = rules.team_of(SourceId::Marathon, "/shop/web");
+        let shop = rules.team_of(&holder(SourceId::Marathon, "shop_web"), "/shop/web");
         assert_eq!(shop, TeamId::Named("shop".into()));
+        // Letter case does not take a service out of its team, nor into another.
         assert_eq!(
-            rules.team_of(SourceId::Consul, "shopping"),
-            TeamId::Source(SourceId::Consul)
+            rules.team_of(&holder(SourceId::Consul, "shop-web"), "SHOP-web"),
+            shop
         );
-        let other = rules.team_of(SourceId::Consul, "ads");
+        let outsider = holder(SourceId::Consul, "shopping");
+        assert_eq!(
+            rules.team_of(&outsider, "shopping"),
+            TeamId::Alone(outsider.clone())
+        );
+        let other = rules.team_of(&holder(SourceId::Consul, "ads"), "ads");
         for h in [
             "shop.example.com",
             "a.shop.example.com",
@@ -542,27 +684,27 @@ mod tests {
     }
 
     #[test]
+    fn team_keys_read_back() {
+        for team in [
+            TeamId::Operator,
+            TeamId::Named("shop".into()),
+            TeamId::Alone(holder(SourceId::Marathon, "team_web")),
+        ] {
+            assert_eq!(TeamId::from_key(&team.key()), team);
+        }
+    }
+
+    #[test]
     fn the_holder_keeps_its_host_whatever_sorts_first() {
-        let h = host("shop.example.com");
-        let marathon = TeamId::Source(SourceId::Marathon);
-        let consul = TeamId::Source(SourceId::Consul);
-        let book = ledger(&[(
-            "shop.example.com",
-            SourceId::Marathon,
-            "zzz",
-            marathon.clone(),
-        )]);
-        let claims = [
-            claim(SourceId::Consul, "aaa", consul),
-            claim(SourceId::Marathon, "zzz", marathon.clone()),
-        ];
-        let mut intents = ClaimIntents::default();
-        let (settled, lost) = settle(&h, &claims, &book, &Ownership::default(), &mut intents);
+        let holder_claim = alone(SourceId::Marathon, "zzz");
+        let book = ledger(&[("shop.example.com", &holder_claim)]);
+        let claims = [alone(SourceId::Consul, "aaa"), holder_claim.clone()];
+        let (settled, lost, intents) = settle_now("shop.example.com", &claims, &book);
         assert_eq!(
             settled,
             Settled::Owned {
-                team: marathon,
-                holder: claims[1].holder.clone()
+                team: holder_claim.team.clone(),
+                holder: holder_claim.holder.clone()
             }
         );
         assert_eq!(lost.len(), 1);
@@ -575,20 +717,13 @@ mod tests {
 
     #[test]
     fn the_file_outranks_the_ledger() {
-        let h = host("shop.example.com");
-        let consul = TeamId::Source(SourceId::Consul);
-        let book = ledger(&[("shop.example.com", SourceId::Consul, "aaa", consul.clone())]);
-        let claims = [
-            claim(SourceId::Consul, "aaa", consul),
-            claim(SourceId::File, "shop", TeamId::Operator),
-        ];
-        let (settled, lost) = settle(
-            &h,
-            &claims,
-            &book,
-            &Ownership::default(),
-            &mut ClaimIntents::default(),
-        );
+        let squatter = alone(SourceId::Consul, "aaa");
+        let book = ledger(&[("shop.example.com", &squatter)]);
+        let file = Claim {
+            holder: holder(SourceId::File, "shop"),
+            team: TeamId::Operator,
+        };
+        let (settled, lost, _) = settle_now("shop.example.com", &[squatter, file], &book);
         assert!(matches!(
             settled,
             Settled::Owned {
@@ -600,136 +735,167 @@ mod tests {
     }
 
     #[test]
-    fn an_absent_holder_keeps_its_host_from_other_teams_but_not_its_own() {
-        let h = host("shop.example.com");
-        let marathon = TeamId::Source(SourceId::Marathon);
-        let consul = TeamId::Source(SourceId::Consul);
-        let book = ledger(&[(
+    fn a_gone_holder_in_no_team_keeps_its_host_from_everyone() {
+        let gone = alone(SourceId::Consul, "shop");
+        let book = ledger(&[("shop.example.com", &gone)]);
+        // Even a service of the same source: a service in no team is a team of its own.
+        let (settled, lost, intents) =
+            settle_now("shop.example.com", &[alone(SourceId::Consul, "aaa")], &book);
+        assert!(matches!(settled, Settled::Held { .. }));
+        assert!(lost[0].1.contains("claims it no more"), "{lost:?}");
+        assert_eq!(
+            intents.absent,
+            [Absent {
+                host: host("shop.example.com"),
+                version: 7,
+                heir: None
+            }]
+        );
+        assert!(intents.record.is_empty());
+    }
+
+    #[test]
+    fn a_gone_holders_team_serves_its_host_and_inherits_it_on_release() {
+        let gone = in_team(SourceId::Marathon, "old", "shop");
+        let book = ledger(&[("shop.example.com", &gone)]);
+        let heir = in_team(SourceId::Consul, "shop-new", "shop");
+        let (settled, lost, intents) = settle_now(
             "shop.example.com",
-            SourceId::Marathon,
-            "old",
-            marathon.clone(),
-        )]);
+            &[alone(SourceId::Consul, "aaa"), heir.clone()],
+            &book,
+        );
+        assert_eq!(
+            settled,
+            Settled::Owned {
+                team: heir.team.clone(),
+                holder: heir.holder.clone()
+            }
+        );
+        assert_eq!(lost.len(), 1);
+        // Nothing written now: the heir takes the entry over only when it is released.
+        assert!(intents.record.is_empty());
+        assert_eq!(intents.absent[0].heir.as_ref().unwrap().holder, heir.holder);
+    }
+
+    #[test]
+    fn a_holder_whose_source_is_not_read_in_full_is_never_found_gone() {
+        let holder_claim = alone(SourceId::Marathon, "shop");
+        let book = ledger(&[("shop.example.com", &holder_claim)]);
         let mut intents = ClaimIntents::default();
         let (settled, lost) = settle(
-            &h,
-            &[claim(SourceId::Consul, "aaa", consul.clone())],
+            &host("shop.example.com"),
+            &[alone(SourceId::Consul, "aaa")],
             &book,
             &Ownership::default(),
+            &[SourceId::Consul].into(),
             &mut intents,
         );
         assert!(matches!(settled, Settled::Held { .. }));
-        assert!(lost[0].1.contains("claims it no more"), "{lost:?}");
-        assert_eq!(intents.absent, std::slice::from_ref(&h));
-        assert!(intents.record.is_empty());
-
-        let mut intents = ClaimIntents::default();
-        let (settled, _) = settle(
-            &h,
-            &[
-                claim(SourceId::Consul, "aaa", consul),
-                claim(SourceId::Marathon, "new", marathon.clone()),
-            ],
-            &book,
-            &Ownership::default(),
-            &mut intents,
+        assert!(
+            lost[0].1.contains("does not read that source in full"),
+            "{lost:?}"
         );
-        assert!(matches!(settled, Settled::Owned { ref team, .. } if *team == marathon));
-        assert_eq!(intents.record[0].replaces, Some(7));
+        assert_eq!(intents, ClaimIntents::default());
+        let unclaimed: Vec<Absent> =
+            unclaimed(&book, |_| false, &[SourceId::Consul].into()).collect();
+        assert!(unclaimed.is_empty());
+        let unclaimed: Vec<Absent> = unclaimed_all(&book);
+        assert_eq!(unclaimed.len(), 1);
+    }
+
+    fn unclaimed_all(book: &Ledger) -> Vec<Absent> {
+        let healthy = everything();
+        unclaimed(book, |_| false, &healthy).collect()
     }
 
     #[test]
     fn a_first_claim_is_recorded_and_settled_alike_in_any_order() {
-        let h = host("new.example.com");
-        let a = claim(
-            SourceId::Marathon,
-            "zzz",
-            TeamId::Source(SourceId::Marathon),
-        );
-        let b = claim(SourceId::Consul, "zzz", TeamId::Source(SourceId::Consul));
-        let mut one = ClaimIntents::default();
-        let mut two = ClaimIntents::default();
-        let rules = Ownership::default();
-        let first = settle(
-            &h,
+        let a = alone(SourceId::Marathon, "zzz");
+        let b = alone(SourceId::Consul, "zzz");
+        let first = settle_now(
+            "new.example.com",
             &[a.clone(), b.clone()],
             &Ledger::default(),
-            &rules,
-            &mut one,
         );
-        let second = settle(&h, &[b, a], &Ledger::default(), &rules, &mut two);
+        let second = settle_now("new.example.com", &[b, a], &Ledger::default());
         assert_eq!(first, second);
-        assert_eq!(one, two);
-        assert_eq!(one.record.len(), 1);
-        assert_eq!(one.record[0].holder.source, SourceId::Consul);
+        assert_eq!(first.2.record.len(), 1);
+        assert_eq!(first.2.record[0].holder.source, SourceId::Consul);
+    }
+
+    #[test]
+    fn an_unrecorded_holding_keeps_its_host_and_is_recorded_again() {
+        let incumbent = alone(SourceId::Consul, "zzz");
+        let mut book = ledger(&[("shop.example.com", &incumbent)]);
+        book.hosts.values_mut().for_each(|h| h.recorded = false);
+        let (settled, _, intents) = settle_now(
+            "shop.example.com",
+            &[alone(SourceId::Consul, "aaa"), incumbent.clone()],
+            &book,
+        );
+        assert!(
+            matches!(settled, Settled::Owned { ref holder, .. } if *holder == incumbent.holder)
+        );
+        assert_eq!(intents.record[0].holder, incumbent.holder);
+        // Gone before it was recorded: it is forgotten, not waited for.
+        let (settled, _, intents) =
+            settle_now("shop.example.com", &[alone(SourceId::Consul, "aaa")], &book);
+        assert!(matches!(settled, Settled::Owned { .. }));
+        assert!(intents.absent.is_empty());
     }
 
     #[test]
     fn an_unread_ledger_routes_uncontested_hosts_only_and_records_nothing() {
-        let h = host("shop.example.com");
-        let consul = TeamId::Source(SourceId::Consul);
-        let mut intents = ClaimIntents::default();
-        let alone = [claim(SourceId::Consul, "shop", consul.clone())];
-        let (settled, _) = settle(
-            &h,
-            &alone,
-            &Ledger::unread(),
-            &Ownership::default(),
-            &mut intents,
+        let shop = in_team(SourceId::Consul, "shop", "shop");
+        let (settled, _, intents) = settle_now(
+            "shop.example.com",
+            std::slice::from_ref(&shop),
+            &Ledger::unread(None),
         );
         assert!(matches!(settled, Settled::Owned { .. }));
-        let contested = [
-            claim(SourceId::Consul, "shop", consul),
-            claim(
-                SourceId::Marathon,
-                "aaa",
-                TeamId::Source(SourceId::Marathon),
-            ),
-        ];
-        let (settled, lost) = settle(
-            &h,
-            &contested,
-            &Ledger::unread(),
-            &Ownership::default(),
-            &mut intents,
-        );
+        assert_eq!(intents, ClaimIntents::default());
+        let contested = [shop, alone(SourceId::Marathon, "aaa")];
+        let (settled, lost, intents) =
+            settle_now("shop.example.com", &contested, &Ledger::unread(None));
         assert!(matches!(settled, Settled::Held { .. }));
         assert_eq!(lost.len(), 2);
         assert_eq!(intents, ClaimIntents::default());
     }
 
     #[test]
-    fn a_host_beneath_another_teams_wildcard_is_theirs() {
-        let shop = TeamId::Named("shop".into());
-        let book = ledger(&[(
-            "*.shop.example.com",
-            SourceId::Consul,
-            "shop-web",
-            shop.clone(),
-        )]);
-        let (settled, lost) = settle(
-            &host("login.shop.example.com"),
-            &[claim(
-                SourceId::Consul,
-                "evil",
-                TeamId::Source(SourceId::Consul),
-            )],
+    fn a_host_beneath_another_teams_wildcard_is_theirs_and_the_reverse() {
+        let wide = in_team(SourceId::Consul, "shop-web", "shop");
+        let book = ledger(&[("*.shop.example.com", &wide)]);
+        let (settled, lost, _) = settle_now(
+            "login.shop.example.com",
+            &[alone(SourceId::Consul, "evil")],
             &book,
-            &Ownership::default(),
-            &mut ClaimIntents::default(),
         );
         assert!(matches!(settled, Settled::Held { .. }));
         assert!(
             lost[0].1.contains("lies beneath *.shop.example.com"),
             "{lost:?}"
         );
-        let (settled, _) = settle(
-            &host("login.shop.example.com"),
-            &[claim(SourceId::Consul, "shop-login", shop)],
+        let (settled, _, _) = settle_now(
+            "login.shop.example.com",
+            &[in_team(SourceId::Consul, "shop-login", "shop")],
             &book,
-            &Ownership::default(),
-            &mut ClaimIntents::default(),
         );
         assert!(matches!(settled, Settled::Owned { .. }));
+
+        // A later wildcard above a host another team holds is refused.
+        let login = alone(SourceId::Marathon, "login");
+        let book = ledger(&[("login.shop.example.com", &login)]);
+        let (settled, lost, intents) = settle_now(
+            "*.shop.example.com",
+            &[alone(SourceId::Consul, "wild")],
+            &book,
+        );
+        assert!(matches!(settled, Settled::Held { .. }));
+        assert!(
+            lost[0].1.contains("beneath *.shop.example.com, is held by"),
+            "{lost:?}"
+        );
+        assert!(intents.record.is_empty());
     }
 }
