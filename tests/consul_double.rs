@@ -1606,10 +1606,12 @@ async fn kv_cas_zero_lets_exactly_one_of_two_racing_creates_win() {
         consul.kv_get("weft/claims/shop"),
         Some(winner.as_bytes().to_vec())
     );
-    // Both writes took a raft index, the loser's changed nothing.
+    // A losing create is still a raft entry that changes nothing.
     let entry = consul.kv_entry("weft/claims/shop").unwrap();
-    assert_eq!(consul.index(), 3);
-    assert_eq!(entry.modify_index, consul.index() - u64::from(first));
+    let before = consul.index();
+    assert!(!outcome(&put(&consul, "weft/claims/shop?cas=0", "late").await));
+    assert_eq!(consul.index(), before + 1);
+    assert_eq!(consul.kv_entry("weft/claims/shop").unwrap(), entry);
 
     // cas=N: only at ModifyIndex N; a missing key never matches.
     let current = entry.modify_index;
