@@ -1609,7 +1609,9 @@ async fn kv_cas_zero_lets_exactly_one_of_two_racing_creates_win() {
     // A losing create is still a raft entry that changes nothing.
     let entry = consul.kv_entry("weft/claims/shop").unwrap();
     let before = consul.index();
-    assert!(!outcome(&put(&consul, "weft/claims/shop?cas=0", "late").await));
+    assert!(!outcome(
+        &put(&consul, "weft/claims/shop?cas=0", "late").await
+    ));
     assert_eq!(consul.index(), before + 1);
     assert_eq!(consul.kv_entry("weft/claims/shop").unwrap(), entry);
 

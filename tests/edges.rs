@@ -102,7 +102,8 @@ fn start_edge(ns: &Netns) -> NsWeft {
              [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:9090\"\n\n\
              [sources.consul]\nurl = \"http://{CONSUL}\"\nmax_connections = {BUDGET}\n\
-             resync = \"{RESYNC}\"\n"
+             resync = \"{RESYNC}\"\n\n\
+             [[routing.teams]]\nname = \"shop\"\nconsul = [\"svc14\", \"svc15\", \"svc16\", \"svc17\"]\n"
         ),
         None,
     )
@@ -133,6 +134,7 @@ fn routes(service: usize) -> (Vec<String>, Vec<String>) {
             ],
             vec![format!("{name}.edge.test"), format!("www.{name}.edge.test")],
         ),
+        // One host, a path each: a team, so that any of them may hold the host for the rest.
         14..=17 => (
             vec![
                 "weft.host=shop.edge.test".into(),

@@ -117,10 +117,21 @@ async fn the_operators_file_keeps_its_host_and_its_paths_from_consul_and_maratho
             ("HAPROXY_0_PATH", "/login"),
         ],
     ));
+    // The operator lets one Consul service add its path.
+    let api = Backend::start_at("api", "127.0.0.4:0").await;
+    consul.register(consul_service(
+        "api",
+        &api,
+        &["weft.host=shop.test", "weft.path=/api"],
+    ));
     let weft = weft_on(&consul, &marathon)
-        .services(&service("shop", &["shop.test"], None, &[shop.addr]))
+        .services(&format!(
+            "{}share = [\"consul:api\"]\n",
+            service("shop", &["shop.test"], None, &[shop.addr])
+        ))
         .start()
         .await;
+    wait_for_backends(&weft, "shop.test", "/api/x", &["api"]).await;
 
     wait_for_conflicts(
         &weft,

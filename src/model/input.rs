@@ -55,6 +55,9 @@ pub struct ServiceDef {
     pub check_interval: Option<Duration>,
     /// Failed checks in a row before a server is taken out; `None`: weft's default (3).
     pub check_fall: Option<u32>,
+    /// Services allowed to add paths under the hosts this service holds: `name`, `name*` (a
+    /// prefix), of this service's source, or `consul:name` / `marathon:name` / `file:name`.
+    pub share: Vec<String>,
 }
 
 #[cfg(test)]
@@ -71,6 +74,7 @@ impl ServiceDef {
             check: None,
             check_interval: None,
             check_fall: None,
+            share: Vec::new(),
         }
     }
 }

@@ -26,7 +26,7 @@ pub use names::{
 };
 
 use crate::network::{AllowedNetworks, RefusedAddresses};
-use ownership::{settle, Claim, Holder, Settled, TeamId};
+use ownership::{settle, Claim, Holder, Settled, Share, TeamId};
 pub use ownership::{ClaimIntents, Ledger, Ownership};
 
 /// One HAProxy backend: a service and its servers.
@@ -151,6 +151,8 @@ struct Candidate {
     key: ServiceName,
     backend: Backend,
     keys: Vec<RouteKey>,
+    /// Who may add paths under the hosts it holds.
+    share: Vec<Share>,
 }
 
 /// Builds the routing table from every source's report and the claims ledger.
@@ -214,7 +216,19 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 source: report.source,
                 service: name.clone(),
             };
+            let mut share = Vec::new();
+            for raw in &def.share {
+                match Share::parse(raw) {
+                    Ok(pattern) => share.push(pattern),
+                    Err(reason) => built.dropped.push(Dropped {
+                        source: report.source,
+                        subject: format!("service {:?} share {raw:?}", name.as_str()),
+                        reason: format!("invalid share pattern: {reason}"),
+                    }),
+                }
+            }
             candidates.push(Candidate {
+                share,
                 team: settings.ownership.team_of(&holder, &def.origin),
                 holder,
                 key: name,
@@ -287,6 +301,25 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
             &healthy,
             &mut built.intents,
         );
+        // The holder may share its host's paths (never `/`) with named services of other teams.
+        let sharing: &[Share] = match &settled {
+            Settled::Owned { holder, .. } => candidates
+                .iter()
+                .find(|c| c.holder == *holder)
+                .map_or(&[], |c| c.share.as_slice()),
+            Settled::Held { .. } => &[],
+        };
+        let owner_source = match &settled {
+            Settled::Owned { holder, .. } => holder.source,
+            Settled::Held { .. } => SourceId::File,
+        };
+        let owned = matches!(settled, Settled::Owned { .. });
+        let guest = |i: usize| {
+            owned
+                && sharing
+                    .iter()
+                    .any(|s| s.admits(owner_source, &candidates[i].holder))
+        };
         for (holder, reason) in lost {
             let Some((&i, paths)) = claimants
                 .iter()
@@ -295,6 +328,9 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 continue;
             };
             for path in paths {
+                if guest(i) && !path.is_root() {
+                    continue;
+                }
                 let key = RouteKey {
                     host: host.clone(),
                     path: path.clone(),
@@ -308,20 +344,29 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 built.dropped.push(dropped);
             }
         }
-        let Settled::Owned { team, holder } = settled else {
+        let Settled::Owned { team, holder } = &settled else {
             continue;
         };
-        // Each route under the host: the holder first, then the team's names in order.
+        let (team, holder) = (team.clone(), holder.clone());
+        // Each route under the host: the holder first, then its team, then the services it
+        // shares paths with; within each, names in order.
         let mut routes: BTreeMap<PathPrefix, Vec<usize>> = BTreeMap::new();
         for (&i, paths) in &claimants {
-            if candidates[i].team == team {
-                for path in paths {
+            let member = candidates[i].team == team;
+            if member || guest(i) {
+                for path in paths.iter().filter(|p| member || !p.is_root()) {
                     routes.entry(path.clone()).or_default().push(i);
                 }
             }
         }
         for (path, mut claimers) in routes {
-            claimers.sort_by_key(|&i| (candidates[i].holder != holder, candidates[i].key.clone()));
+            claimers.sort_by_key(|&i| {
+                (
+                    candidates[i].holder != holder,
+                    candidates[i].team != team,
+                    candidates[i].key.clone(),
+                )
+            });
             let key = RouteKey {
                 host: host.clone(),
                 path,
@@ -332,7 +377,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                     source: candidates[loser].holder.source,
                     subject: format!("service {:?} route {key}", candidates[loser].key.as_str()),
                     reason: format!(
-                        "the route is already claimed by service {:?} of the same team",
+                        "the route is already claimed by service {:?}, which the host's holder \
+                         lets route it",
                         winner.as_str()
                     ),
                 };
@@ -639,12 +685,15 @@ mod tests {
     fn build_and_record(reports: &[&SourceReport], ledger: &mut Ledger) -> Built {
         let built = build(reports, &settings(), ledger);
         for record in &built.intents.record {
-            ledger.hosts.entry(record.host.clone()).or_insert(ownership::Holding {
-                holder: record.holder.clone(),
-                team: record.team.key(),
-                version: 1,
-                recorded: true,
-            });
+            ledger
+                .hosts
+                .entry(record.host.clone())
+                .or_insert(ownership::Holding {
+                    holder: record.holder.clone(),
+                    team: record.team.key(),
+                    version: 1,
+                    recorded: true,
+                });
         }
         built
     }
@@ -726,7 +775,10 @@ mod tests {
             &Ledger::default(),
         );
         assert_eq!(built.table.routes.len(), MAX_HOSTS_PER_SERVICE);
-        assert!(built.dropped.iter().any(|d| d.reason.contains("only the first 64")));
+        assert!(built
+            .dropped
+            .iter()
+            .any(|d| d.reason.contains("only the first 64")));
     }
 
     #[test]

@@ -235,6 +235,51 @@ fn wildcard_breadth(host: &Hostname) -> Result<(), String> {
     }
 }
 
+/// Who else may add paths under a holder's hosts: `name` or `name*` (a prefix) of the
+/// holder's own source, or `consul:name`, `marathon:name*`, `file:name` of another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    source: Option<SourceId>,
+    name: String,
+    prefix: bool,
+}
+
+impl Share {
+    pub fn parse(raw: &str) -> Result<Share, String> {
+        let (source, rest) = match raw.split_once(':') {
+            Some((source, rest)) => (
+                Some(SourceId::parse(source).ok_or_else(|| {
+                    format!("{source:?} is not a source (file, consul, marathon)")
+                })?),
+                rest,
+            ),
+            None => (None, raw),
+        };
+        let (name, prefix) = match rest.strip_suffix('*') {
+            Some(name) => (name, true),
+            None => (rest, false),
+        };
+        // A bare `*` would open the host to every service: name at least a prefix.
+        ServiceName::parse(name).map_err(|reason| format!("{raw:?}: the name {reason}"))?;
+        Ok(Share {
+            source,
+            name: name.to_ascii_lowercase(),
+            prefix,
+        })
+    }
+
+    /// Whether a service of `owner`'s source shares with `guest` by this pattern.
+    pub fn admits(&self, owner: SourceId, guest: &Holder) -> bool {
+        let name = guest.service.as_str();
+        self.source.unwrap_or(owner) == guest.source
+            && if self.prefix {
+                name.starts_with(&self.name)
+            } else {
+                name == self.name
+            }
+    }
+}
+
 /// Who holds a host: one service of one source.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Holder {
@@ -681,6 +726,22 @@ mod tests {
             ..rules
         };
         assert!(locked.may_claim(&other, &host("ads.example.com")).is_err());
+    }
+
+    #[test]
+    fn share_patterns_name_services_of_the_holders_source_unless_qualified() {
+        let owner = SourceId::Consul;
+        let svc15 = holder(SourceId::Consul, "svc15");
+        assert!(Share::parse("svc*").unwrap().admits(owner, &svc15));
+        assert!(Share::parse("svc15").unwrap().admits(owner, &svc15));
+        assert!(!Share::parse("svc1").unwrap().admits(owner, &svc15));
+        assert!(!Share::parse("marathon:svc*").unwrap().admits(owner, &svc15));
+        assert!(Share::parse("marathon:svc*")
+            .unwrap()
+            .admits(owner, &holder(SourceId::Marathon, "svc_a")));
+        for bad in ["*", "ldap:x", "a b*", ""] {
+            assert!(Share::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -66,6 +66,9 @@ struct FileService {
     check: Option<String>,
     check_interval: Option<String>,
     check_fall: Option<u32>,
+    /// Services that may add paths under this service's hosts.
+    #[serde(default)]
+    share: Vec<String>,
 }
 
 fn service_def(service: FileService) -> Result<ServiceDef, String> {
@@ -87,6 +90,7 @@ fn service_def(service: FileService) -> Result<ServiceDef, String> {
         check: service.check,
         check_interval,
         check_fall: service.check_fall,
+        share: service.share,
     })
 }
 

@@ -12,6 +12,7 @@ struct TagRouting {
     path: Option<String>,
     balance: Option<String>,
     check: Option<String>,
+    share: Vec<String>,
     ignored: Vec<String>,
 }
 
@@ -27,6 +28,12 @@ fn tag_routing(tags: &[String], prefix: &str) -> TagRouting {
             Some(("path", path)) => routing.path = Some(path.to_string()),
             Some(("balance", balance)) => routing.balance = Some(balance.to_string()),
             Some(("check", check)) => routing.check = Some(check.to_string()),
+            Some(("share", list)) => routing.share.extend(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            ),
             _ => routing.ignored.push(tag.clone()),
         }
     }
@@ -96,7 +103,7 @@ pub fn service_def(
         .map(|tag| Rejected {
             subject: format!("service {name:?} tag {tag:?}"),
             reason: format!(
-                "unknown {prefix} tag, ignored (known: host, enable, path, balance, check)"
+                "unknown {prefix} tag, ignored (known: host, enable, path, balance, check, share)"
             ),
         })
         .collect();
@@ -111,6 +118,7 @@ pub fn service_def(
             check: routing.check,
             check_interval: None,
             check_fall: None,
+            share: routing.share,
         },
         rejected,
     )

@@ -33,7 +33,7 @@ fn is_supported_label(label: &str) -> bool {
     };
     match rest.split_once('_') {
         Some((index, key)) if index.parse::<usize>().is_ok() => {
-            matches!(key, "VHOST" | "PATH" | "BALANCE" | "GROUP")
+            matches!(key, "VHOST" | "PATH" | "BALANCE" | "GROUP" | "SHARE")
         }
         _ => false,
     }
@@ -175,6 +175,15 @@ pub fn app_services(
             check_fall: check
                 .and_then(|c| c.max_consecutive_failures)
                 .filter(|f| *f > 0),
+            share: port_label(app, index, "SHARE")
+                .map(|list| {
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
 
@@ -196,7 +205,7 @@ pub fn app_services(
             rejected.push(Rejected {
                 subject: app_subject,
                 reason: format!(
-                    "labels ignored (weft reads HAPROXY_GROUP and HAPROXY_n_VHOST/PATH/BALANCE/GROUP): {}",
+                    "labels ignored (weft reads HAPROXY_GROUP and HAPROXY_n_VHOST/PATH/BALANCE/GROUP/SHARE): {}",
                     ignored.join(", ")
                 ),
             });
