@@ -11,6 +11,8 @@ use support::{wait_for_404, wait_for_backends, wait_for_healthz, Backend, Weft};
 
 /// The state watch's path.
 const STATE_ANY: &str = "/v1/health/state/any";
+/// The claims ledger watch's path.
+const CLAIMS: &str = "/v1/kv/weft/claims/";
 
 fn instance(service: &str, id: &str, backend: &Backend, host: &str) -> Instance {
     Instance::new(
@@ -113,9 +115,11 @@ async fn fifty_quiet_services_cost_few_requests_and_index_storms_no_reloads() {
     for i in [0, SERVICES / 2, SERVICES - 1] {
         wait_for_backends(&weft, &format!("svc{i}.test"), "/", &["a"]).await;
     }
-    // Both watches are parked on a blocking query: the quiet period starts.
+    // The three watches (the catalog, the checks, the claims ledger's KV folder) are parked on
+    // a blocking query: the quiet period starts.
     consul.wait_for_blocked_queries(CATALOG_SERVICES, 1).await;
     consul.wait_for_blocked_queries(STATE_ANY, 1).await;
+    consul.wait_for_blocked_queries(CLAIMS, 1).await;
     assert_eq!(
         consul
             .requests()
@@ -128,8 +132,8 @@ async fn fifty_quiet_services_cost_few_requests_and_index_storms_no_reloads() {
     tokio::time::sleep(WAIT * 3).await;
     let made = consul.requests().total - before;
     let elapsed = start.elapsed();
-    // Two watches, each re-armed once per wait (and a little jitter): however many services.
-    let bound = 2.0 * (elapsed.as_secs_f64() / WAIT.as_secs_f64() + 1.0);
+    // Three watches, each re-armed once per wait (and a little jitter): however many services.
+    let bound = 3.0 * (elapsed.as_secs_f64() / WAIT.as_secs_f64() + 1.0);
     eprintln!(
         "{made} requests in {elapsed:?} for {SERVICES} services, wait {WAIT:?}; bound {bound:.0}"
     );
