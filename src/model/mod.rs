@@ -179,26 +179,32 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     let mut candidates: Vec<Candidate> = Vec::new();
     for report in &sorted {
         let mut seen: BTreeSet<ServiceName> = BTreeSet::new();
-        // Names are lowercased: `SHOP-web` would take `shop-web`'s place, and its hosts.
+        // Names are lowercased: `SHOP-web` would take `shop-web`'s place, and its hosts. Only
+        // a report with such a name pays for the check.
+        let has_upper = |name: &str| name.bytes().any(|b| b.is_ascii_uppercase());
         let mut spellings: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
-        for def in &report.services {
-            spellings
-                .entry(def.name.to_ascii_lowercase())
-                .or_default()
-                .insert(&def.name);
+        if report.services.iter().any(|d| has_upper(&d.name)) {
+            for def in &report.services {
+                spellings
+                    .entry(def.name.to_ascii_lowercase())
+                    .or_default()
+                    .insert(&def.name);
+            }
         }
         for def in &report.services {
-            let lower = def.name.to_ascii_lowercase();
-            if def.name != lower && spellings[&lower].len() > 1 {
-                built.dropped.push(Dropped {
-                    source: report.source,
-                    subject: format!("service {:?}", def.name),
-                    reason: format!(
-                        "its name differs from another service's only in letter case; names \
-                         are lowercased, so it would take {lower:?}'s place"
-                    ),
-                });
-                continue;
+            if has_upper(&def.name) {
+                let lower = def.name.to_ascii_lowercase();
+                if spellings.get(&lower).is_some_and(|s| s.len() > 1) {
+                    built.dropped.push(Dropped {
+                        source: report.source,
+                        subject: format!("service {:?}", def.name),
+                        reason: format!(
+                            "its name differs from another service's only in letter case; \
+                             names are lowercased, so it would take {lower:?}'s place"
+                        ),
+                    });
+                    continue;
+                }
             }
             let Some((name, backend, keys)) = validate(report.source, def, settings, &mut built)
             else {
@@ -302,11 +308,13 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
             &mut built.intents,
         );
         // The holder may share its host's paths (never `/`) with named services of other teams.
+        // The holder is one of the host's claimants (a holder that claims it no more holds
+        // it, not routes it).
         let sharing: &[Share] = match &settled {
-            Settled::Owned { holder, .. } => candidates
-                .iter()
-                .find(|c| c.holder == *holder)
-                .map_or(&[], |c| c.share.as_slice()),
+            Settled::Owned { holder, .. } => claimants
+                .keys()
+                .find(|&&i| candidates[i].holder == *holder)
+                .map_or(&[], |&i| candidates[i].share.as_slice()),
             Settled::Held { .. } => &[],
         };
         let owner_source = match &settled {

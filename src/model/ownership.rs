@@ -158,6 +158,12 @@ impl Ownership {
     /// The team of a service: the first team whose prefixes match its origin (Consul service
     /// name, Marathon app id; letter case aside), else a team of its own.
     pub fn team_of(&self, holder: &Holder, origin: &str) -> TeamId {
+        if self.teams.is_empty() || holder.source == SourceId::File {
+            return match holder.source {
+                SourceId::File => TeamId::Operator,
+                _ => TeamId::Alone(holder.clone()),
+            };
+        }
         let origin = origin.to_ascii_lowercase();
         let prefixes = |team: &Team| match holder.source {
             SourceId::File => Vec::new(),
@@ -439,22 +445,28 @@ pub fn settle(
             .map(|c| (c.holder.clone(), reason.to_string()))
             .collect()
     };
-    let owned = |team: TeamId, holder: Holder, why: String| {
-        let lost = sorted
-            .iter()
-            .filter(|c| c.team != team)
-            .map(|c| (c.holder.clone(), why.clone()))
-            .collect();
+    // The reason is written only when someone lost: most hosts have one claimant.
+    let owned = |team: TeamId, holder: Holder, why: &dyn Fn() -> String| {
+        let mut losers = sorted.iter().filter(|c| c.team != team).peekable();
+        let lost = match losers.peek() {
+            None => Vec::new(),
+            Some(_) => {
+                let why = why();
+                losers.map(|c| (c.holder.clone(), why.clone())).collect()
+            }
+        };
         (Settled::Owned { team, holder }, lost)
     };
 
     // The operator's file outranks every ledger entry.
     if let Some(file) = sorted.iter().find(|c| c.team == TeamId::Operator) {
-        let why = format!(
-            "host {host} belongs to the operator: the file source routes it ({})",
-            file.holder
-        );
-        return owned(TeamId::Operator, file.holder.clone(), why);
+        let why = || {
+            format!(
+                "host {host} belongs to the operator: the file source routes it ({})",
+                file.holder
+            )
+        };
+        return owned(TeamId::Operator, file.holder.clone(), &why);
     }
 
     // A holding this edge could not record yet counts only while its holder claims the host.
@@ -471,11 +483,13 @@ pub fn settle(
                     team: present.team.clone(),
                 });
             }
-            let why = format!(
-                "host {host} is held by {} ({}), which claimed it first",
-                holding.holder, present.team
-            );
-            return owned(present.team.clone(), holding.holder.clone(), why);
+            let why = || {
+                format!(
+                    "host {host} is held by {} ({}), which claimed it first",
+                    holding.holder, present.team
+                )
+            };
+            return owned(present.team.clone(), holding.holder.clone(), &why);
         }
         if !healthy.contains(&holding.holder.source) {
             let reason = format!(
@@ -505,11 +519,13 @@ pub fn settle(
         });
         let released = humantime::format_duration(ownership.release_after);
         if let Some(heir) = heir {
-            let why = format!(
-                "host {host} is held by {team}, served by {} while {} is gone",
-                heir.holder, holding.holder
-            );
-            return owned(team.clone(), heir.holder.clone(), why);
+            let why = || {
+                format!(
+                    "host {host} is held by {team}, served by {} while {} is gone",
+                    heir.holder, holding.holder
+                )
+            };
+            return owned(team.clone(), heir.holder.clone(), &why);
         }
         let reason = format!(
             "host {host} is held by {}, which claims it no more; it is released {released} \
@@ -583,12 +599,14 @@ pub fn settle(
         holder: holder.clone(),
         team: team.clone(),
     });
-    let why = format!("host {host} is claimed at the same time by {holder}, which sorts first");
-    lost.extend(
-        open.iter()
-            .filter(|c| c.team != team)
-            .map(|c| (c.holder.clone(), why.clone())),
-    );
+    if open.iter().any(|c| c.team != team) {
+        let why = format!("host {host} is claimed at the same time by {holder}, which sorts first");
+        lost.extend(
+            open.iter()
+                .filter(|c| c.team != team)
+                .map(|c| (c.holder.clone(), why.clone())),
+        );
+    }
     (Settled::Owned { team, holder }, lost)
 }
 
