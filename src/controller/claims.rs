@@ -427,8 +427,12 @@ pub async fn keep(
     let mut write_trouble: Option<String> = None;
     let mut last_failure: Option<Instant> = None;
     let mut said: Option<String> = None;
+    let mut grace_was = false;
+    // A local ledger is read already; a Consul folder publishes once it answers.
+    ledger.send_replace(store.ledger(false, &None));
     loop {
         let mut write = false;
+        let mut store_read = false;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = intents.changed() => {
@@ -441,6 +445,7 @@ pub async fn keep(
                 if changed.is_err() {
                     return;
                 }
+                store_read = true;
                 if let Store::Consul(consul) = &mut store {
                     match &*view_rx.borrow_and_update() {
                         KvView::Waiting => {}
@@ -508,7 +513,14 @@ pub async fn keep(
                 write_trouble = Some(format!("cannot save the claims ledger: {err}"));
             }
         }
-        let now = store.ledger(started.elapsed() >= START_GRACE, &write_trouble);
+        // Published only when something may have changed: the store, a write's outcome, the
+        // start grace ending; not every tick (the ledger can hold every routed host).
+        let grace_over = started.elapsed() >= START_GRACE;
+        if !(changed || store_read || write || grace_over != grace_was) {
+            continue;
+        }
+        grace_was = grace_over;
+        let now = store.ledger(grace_over, &write_trouble);
         let trouble = now.as_ref().and_then(|l| l.trouble.clone());
         if trouble != said {
             match &trouble {

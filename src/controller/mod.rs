@@ -193,13 +193,23 @@ async fn build_loop(
             .iter_mut()
             .map(|r| r.borrow_and_update().clone())
             .collect();
-        let ledger = claims.ledger.borrow_and_update().clone();
         // Until every source has read once, and the ledger too, a table would be missing
-        // routes, or hand hosts to the wrong holder: wait.
-        if let (true, Some(ledger)) = (current.iter().all(|r| r.health != Health::Starting), ledger)
-        {
-            let refs: Vec<&SourceReport> = current.iter().collect();
-            let built = build(&refs, &model, &ledger);
+        // routes, or hand hosts to the wrong holder: wait. (The ledger is read in place: the
+        // build is synchronous, and the keeper's next publish waits for it.)
+        let built = {
+            let ledger = claims.ledger.borrow_and_update();
+            match (
+                current.iter().all(|r| r.health != Health::Starting),
+                &*ledger,
+            ) {
+                (true, Some(ledger)) => {
+                    let refs: Vec<&SourceReport> = current.iter().collect();
+                    Some(build(&refs, &model, ledger))
+                }
+                _ => None,
+            }
+        };
+        if let Some(built) = built {
             log_drops(&mut reported, &built.dropped);
             claims.intents.send_if_modified(|old| {
                 if *old == built.intents {
