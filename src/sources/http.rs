@@ -27,19 +27,40 @@ pub enum HttpError {
     },
     #[error("GET {url}: cannot decode the answer: {message}")]
     Decode { url: Url, message: String },
+    #[error("GET {url}: the answer is larger than {} MiB, weft's bound; nothing of it is used", .max >> 20)]
+    TooLarge { url: Url, max: usize },
 }
 
-/// Sends `request` (for `url`) and returns the headers and body of a 2xx answer; any other
-/// status is an error carrying the start of the body (Consul's and Marathon's error texts).
-pub async fn fetch(request: RequestBuilder, url: &Url) -> Result<(HeaderMap, Vec<u8>), HttpError> {
+/// Sends `request` (for `url`) and returns the headers and body of a 2xx answer, of at most
+/// `max` bytes (read as it comes: a larger answer is cut off there, never held whole); any
+/// other status is an error carrying the start of the body (Consul's and Marathon's error
+/// texts).
+pub async fn fetch(
+    request: RequestBuilder,
+    url: &Url,
+    max: usize,
+) -> Result<(HeaderMap, Vec<u8>), HttpError> {
     let failed = |source| HttpError::Request {
         url: url.clone(),
         source,
     };
-    let response = request.send().await.map_err(failed)?;
+    let mut response = request.send().await.map_err(failed)?;
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response.bytes().await.map_err(failed)?.to_vec();
+    let too_large = || HttpError::TooLarge {
+        url: url.clone(),
+        max,
+    };
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
     if !status.is_success() {
         return Err(HttpError::Status {
             url: url.clone(),

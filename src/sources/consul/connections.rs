@@ -39,7 +39,13 @@ pub enum ConnectionError {
     Exchange(String),
     #[error("operation timed out after {0:?}")]
     Timeout(Duration),
+    #[error("the answer is larger than {} MiB, weft's bound; nothing of it is used", .0 >> 20)]
+    TooLarge(usize),
 }
+
+/// The largest answer weft reads from Consul: the whole health state of 10,000 services with
+/// two instances each is about 6.5 MiB.
+pub const MAX_ANSWER: usize = 64 << 20;
 
 /// An answer: its status, headers and whole body.
 pub struct Response {
@@ -191,7 +197,17 @@ impl Connections {
                 .await
                 .map_err(exchanged)?;
             let (parts, body) = response.into_parts();
-            let body = body.collect().await.map_err(exchanged)?.to_bytes();
+            let body = http_body_util::Limited::new(body, MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        ConnectionError::TooLarge(MAX_ANSWER)
+                    } else {
+                        ConnectionError::Exchange(error_chain(e.as_ref()))
+                    }
+                })?
+                .to_bytes();
             Ok(Response {
                 status: parts.status,
                 headers: parts.headers,

@@ -38,6 +38,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first event of every stream.
 const ATTACHED: &str = "event_stream_attached";
 
+/// The largest `/v2/apps` answer weft reads: 10,000 apps with 3 tasks each are about 20 MiB.
+pub const MAX_APPS_BODY: usize = 256 << 20;
+/// The longest line of the event stream: an event is one `data:` line, and Marathon's largest
+/// (`deployment_info`, `api_post_event` with a whole app or group) stay far below it.
+pub const MAX_EVENT_LINE: usize = 16 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MarathonError {
     #[error(transparent)]
@@ -121,7 +127,7 @@ impl Client {
         let request = self
             .request(url.clone())
             .timeout(self.config.request_timeout);
-        let (_, body) = fetch(request, &url).await?;
+        let (_, body) = fetch(request, &url, MAX_APPS_BODY).await?;
         api::decode_apps(&body).map_err(|message| HttpError::Decode { url, message }.into())
     }
 
@@ -374,6 +380,7 @@ async fn follow_events(
 enum ReadError {
     Http(reqwest::Error),
     Silent,
+    TooLong,
 }
 
 impl std::fmt::Display for ReadError {
@@ -381,17 +388,60 @@ impl std::fmt::Display for ReadError {
         match self {
             ReadError::Http(err) => f.write_str(&error_chain(err)),
             ReadError::Silent => f.write_str("silent"),
+            ReadError::TooLong => write!(
+                f,
+                "a line longer than {} MiB: not an event stream weft reads",
+                MAX_EVENT_LINE >> 20
+            ),
         }
     }
 }
 
 impl std::error::Error for ReadError {}
 
+/// When the stream's current line must end: `read_timeout` after the last one ended, and
+/// before it is `MAX_EVENT_LINE` long.
+struct LineWatch {
+    read_timeout: Duration,
+    last_line: tokio::time::Instant,
+    open: usize,
+}
+
+impl LineWatch {
+    fn new(read_timeout: Duration) -> LineWatch {
+        LineWatch {
+            read_timeout,
+            last_line: tokio::time::Instant::now(),
+            open: 0,
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        self.last_line + self.read_timeout
+    }
+
+    fn saw(&mut self, chunk: &[u8]) -> Result<(), ReadError> {
+        match chunk.iter().rposition(|b| *b == b'\n' || *b == b'\r') {
+            Some(end) => {
+                self.last_line = tokio::time::Instant::now();
+                self.open = chunk.len() - end - 1;
+            }
+            None => self.open += chunk.len(),
+        }
+        if self.open > MAX_EVENT_LINE {
+            return Err(ReadError::TooLong);
+        }
+        Ok(())
+    }
+}
+
 /// Reads one stream until it ends, fails or stays silent for the read timeout.
 ///
-/// The timeout applies to bytes, not events: Marathon's Jetty sends a bare line as a
+/// The timeout applies to lines, not events: Marathon's Jetty sends a bare line as a
 /// keep-alive every 10 s, which keeps a quiet but healthy stream alive, while a stream that
-/// hangs (a proxy, a stuck leader) sends nothing at all.
+/// hangs (a proxy, a stuck leader) sends nothing at all, and one that sends bytes without a
+/// newline never completes an event (both are reconnected; a line longer than
+/// `MAX_EVENT_LINE` is too).
 async fn read_stream(
     client: &Client,
     refetch: &Notify,
@@ -403,17 +453,23 @@ async fn read_stream(
     publisher.update(|state| state.stream_error = None);
     // Whatever happened while no stream was attached: catch up.
     refetch.notify_one();
+    // A line must end within `read_timeout` of the last one, and within MAX_EVENT_LINE bytes:
+    // a stream that trickles bytes without a newline is as dead as a silent one.
     let bytes = futures::stream::unfold(
-        (response.bytes_stream(), false),
-        move |(mut stream, done)| async move {
+        (response.bytes_stream(), LineWatch::new(read_timeout), false),
+        move |(mut stream, mut lines, done)| async move {
             if done {
                 return None;
             }
-            match tokio::time::timeout(read_timeout, stream.next()).await {
-                Ok(Some(Ok(chunk))) => Some((Ok(chunk), (stream, false))),
-                Ok(Some(Err(err))) => Some((Err(ReadError::Http(err)), (stream, true))),
+            let next = tokio::time::timeout_at(lines.deadline(), stream.next()).await;
+            match next {
+                Ok(Some(Ok(chunk))) => match lines.saw(&chunk) {
+                    Ok(()) => Some((Ok(chunk), (stream, lines, false))),
+                    Err(err) => Some((Err(err), (stream, lines, true))),
+                },
+                Ok(Some(Err(err))) => Some((Err(ReadError::Http(err)), (stream, lines, true))),
                 Ok(None) => None,
-                Err(_) => Some((Err(ReadError::Silent), (stream, true))),
+                Err(_) => Some((Err(ReadError::Silent), (stream, lines, true))),
             }
         },
     );
