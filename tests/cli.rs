@@ -204,3 +204,30 @@ fn a_reader_that_goes_away_early_is_no_error() {
         assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+/// A run_dir that others may write (umask 000, a careless chmod) is refused at start: whoever
+/// can write it can replace haproxy.cfg. A fresh one is made 0750 whatever the umask.
+#[test]
+fn weft_run_refuses_a_run_dir_others_may_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("weft.toml"),
+        "[haproxy]\nrun_dir = \"run\"\nbind = \"127.0.0.1:1\"\n\
+         [bridge]\nmode = \"off\"\n[status]\nlisten = \"127.0.0.1:0\"\n\
+         [sources.file]\npath = \"services.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("services.toml"), "").unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let output = weft(dir.path(), &["run"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("lets a group or other users write it"),
+        "{stderr}"
+    );
+    assert!(!run.join("haproxy.cfg").exists());
+}

@@ -54,12 +54,15 @@ pub enum RunError {
     },
     #[error(transparent)]
     Claims(#[from] claims::ClaimsError),
+    #[error(transparent)]
+    RunDir(#[from] crate::haproxy::files::RunDirError),
     #[error("a task of weft's ended unexpectedly: {0}")]
     TaskEnded(String),
 }
 
 /// Runs weft until `shutdown` is cancelled, then stops HAProxy (managed mode).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    crate::haproxy::files::prepare_run_dir(&config.haproxy.run_dir)?;
     let status_listener = TcpListener::bind(config.status_listen)
         .await
         .map_err(|source| RunError::StatusListen {

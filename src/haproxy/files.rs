@@ -28,6 +28,69 @@ pub fn stage(dir: &Path, rendered: &Rendered) -> Result<(), WriteError> {
     write_atomic(&dir.join(SERVER_STATE_FILE), EMPTY_SERVER_STATE)
 }
 
+/// Why run_dir cannot be used: whoever can write it can replace haproxy.cfg (and so run code
+/// as HAProxy's user) or the claims ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("cannot create run_dir {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("run_dir {path} is not a directory weft may use: {reason}")]
+    Unsafe { path: PathBuf, reason: String },
+}
+
+/// Makes run_dir (0750, whatever the umask) if it is missing, and checks it: a real directory
+/// (not a symlink), owned by weft's user, writable by no group and no other user.
+pub fn prepare_run_dir(dir: &Path) -> Result<(), RunDirError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let unsafe_dir = |reason: String| RunDirError::Unsafe {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)))
+            .map_err(|source| RunDirError::Create {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| RunDirError::Create {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "it is a symlink; give the directory itself".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by weft's user (uid {me}): chown it",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "its mode {mode:04o} lets a group or other users write it, and so replace \
+             haproxy.cfg: chmod 750 {}",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 pub fn create_dir(dir: &Path) -> Result<(), WriteError> {
     std::fs::create_dir_all(dir).map_err(|source| WriteError {
         path: dir.to_path_buf(),
@@ -55,6 +118,31 @@ pub fn last_good_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".last-good");
     path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod run_dir_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn run_dir_is_made_private_and_an_open_one_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("run");
+        prepare_run_dir(&dir).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o750);
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = prepare_run_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("mode 0777"), "{err}");
+
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let err = prepare_run_dir(&link).unwrap_err().to_string();
+        assert!(err.contains("symlink"), "{err}");
+    }
 }
 
 #[cfg(test)]
