@@ -139,16 +139,24 @@ async fn run(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// SIGTERM, SIGINT and SIGHUP stop weft gracefully (a managed HAProxy with it). SIGHUP's
+/// default would kill weft on the spot and leave its HAProxy behind; weft.toml is read at
+/// start only, so a SIGHUP from a config-management tool means "restart me".
 async fn stop_on_signal(shutdown: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot listen for SIGTERM");
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(term), Ok(hup)) => (term, hup),
+        (Err(err), _) | (_, Err(err)) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM and SIGHUP");
             return;
         }
     };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM, stopping"),
+        _ = hup.recv() => tracing::info!("SIGHUP, stopping: weft reads weft.toml at start only, so restart it to apply a change"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT, stopping"),
     }
     shutdown.cancel();

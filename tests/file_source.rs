@@ -564,3 +564,26 @@ async fn a_link_to_a_configmap_mount_follows_every_update() {
         wait_for_backends(&weft, "shop.test", "/", &[name]).await;
     }
 }
+
+/// SIGHUP (what config-management tools send) stops weft as SIGTERM does: its HAProxy stops
+/// with it, rather than weft dying on the spot and leaving HAProxy behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_stops_weft_and_its_haproxy_gracefully() {
+    let a = Backend::start("a").await;
+    let mut weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
+        .start()
+        .await;
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let haproxy = weft.haproxy_pid().unwrap();
+    support::signal(weft.pid().unwrap() as i32, "HUP");
+    support::eventually(Duration::from_secs(15), "haproxy stopped", || async {
+        (!support::process_alive(haproxy))
+            .then_some(())
+            .ok_or("still running")
+    })
+    .await;
+    let status = weft.stop().unwrap();
+    assert!(status.success(), "weft exits cleanly on SIGHUP: {status}");
+    assert!(weft.log().contains("SIGHUP, stopping"), "{}", weft.log());
+}
