@@ -387,16 +387,27 @@ fn first_line(message: &str) -> String {
         .to_string()
 }
 
+/// The longest duration any key takes: past it, deadlines computed from it could overflow
+/// (`Instant + Duration` panics), and no timer of weft's needs more.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn duration(raw: Option<String>, default: Duration, key: &str, issues: &mut Issues) -> Duration {
     match raw {
         None => default,
-        Some(text) => humantime::parse_duration(&text).unwrap_or_else(|err| {
-            issues.add(
-                key,
-                format!("{text:?} is not a duration like \"30s\": {err}"),
-            );
-            default
-        }),
+        Some(text) => match humantime::parse_duration(&text) {
+            Ok(value) if value <= MAX_DURATION => value,
+            Ok(_) => {
+                issues.add(key, format!("{text:?} is longer than a year"));
+                default
+            }
+            Err(err) => {
+                issues.add(
+                    key,
+                    format!("{text:?} is not a duration like \"30s\": {err}"),
+                );
+                default
+            }
+        },
     }
 }
 
@@ -717,6 +728,36 @@ mod tests {
         assert_eq!(
             config.sources.file.unwrap().path,
             PathBuf::from("/etc/weft/services.toml")
+        );
+    }
+
+    /// A duration so long that a deadline computed from it would overflow (and panic) is a
+    /// config error, for every key that takes one.
+    #[test]
+    fn durations_longer_than_a_year_are_refused() {
+        let text = r#"
+[haproxy]
+hard_stop_after = "1000000000y"
+[routing]
+release_after = "2y"
+[sources.consul]
+url = "http://127.0.0.1:8500"
+resync = "500000000y"
+"#;
+        let issues = Config::parse(text, Path::new("/")).unwrap_err();
+        let keys = keys_of(&issues);
+        for key in [
+            "haproxy.hard_stop_after",
+            "routing.release_after",
+            "sources.consul.resync",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {issues:?}");
+        }
+        assert!(
+            issues
+                .iter()
+                .all(|i| i.message.contains("longer than a year")),
+            "{issues:?}"
         );
     }
 
