@@ -88,7 +88,24 @@ pub fn prepare_run_dir(dir: &Path) -> Result<(), RunDirError> {
             dir.display()
         )));
     }
+    remove_stale_temporaries(dir);
+    remove_stale_temporaries(&dir.join(STAGING_DIR));
     Ok(())
+}
+
+/// The half-written files a weft killed mid-write left behind ([`write_atomic`]'s `.tmp*`):
+/// never read, since only a rename installs a file, but they would pile up.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry.file_name().to_string_lossy().starts_with(".tmp")
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 pub fn create_dir(dir: &Path) -> Result<(), WriteError> {
@@ -137,6 +154,13 @@ mod run_dir_tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = prepare_run_dir(&dir).unwrap_err().to_string();
         assert!(err.contains("mode 0777"), "{err}");
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::fs::write(dir.join(".tmpAbC123"), "half a config").unwrap();
+        std::fs::write(dir.join("haproxy.cfg"), "kept").unwrap();
+        prepare_run_dir(&dir).unwrap();
+        assert!(!dir.join(".tmpAbC123").exists());
+        assert!(dir.join("haproxy.cfg").exists());
 
         let link = base.path().join("link");
         std::os::unix::fs::symlink(&dir, &link).unwrap();
