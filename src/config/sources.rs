@@ -154,6 +154,17 @@ impl MarathonGroup {
         }
     }
 
+    /// Whether `group` misses this one only by letter case or surrounding spaces (`External`,
+    /// `external `): almost certainly meant to match, so it is worth saying why it does not.
+    pub fn near_miss(&self, group: Option<&str>) -> bool {
+        match (self, group) {
+            (MarathonGroup::Named(name), Some(group)) => {
+                group != name && group.trim().eq_ignore_ascii_case(name)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether an app (or service port) in `group` is routed.
     pub fn matches(&self, group: Option<&str>) -> bool {
         match self {

@@ -118,6 +118,20 @@ pub fn app_services(
     let mut in_group = false;
     for index in 0..port_count {
         let group = port_label(app, index, "GROUP").or(app_group);
+        if settings.group.near_miss(group) {
+            rejected.push(Rejected {
+                subject: format!("{app_subject} port {index}"),
+                reason: format!(
+                    "its group {:?} is not weft's {:?}: groups match exactly, letter case and \
+                     spaces included, so it is not routed",
+                    group.unwrap_or_default(),
+                    match &settings.group {
+                        crate::config::MarathonGroup::Named(name) => name.as_str(),
+                        crate::config::MarathonGroup::All => "*",
+                    }
+                ),
+            });
+        }
         if !settings.group.matches(group) {
             continue;
         }
@@ -347,6 +361,27 @@ mod tests {
 
     fn app(json: &str) -> MarathonApp {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_group_that_misses_by_case_or_spaces_is_said_not_silently_skipped() {
+        let shop = app(r#"{
+            "id": "/shop",
+            "labels": {"HAPROXY_GROUP": "External ", "HAPROXY_0_VHOST": "shop.example.com"},
+            "tasks": []
+        }"#);
+        let (services, rejected) =
+            app_services(&shop, &settings("external", None, HostPorts::Deny));
+        assert!(services.is_empty());
+        assert!(
+            rejected[0]
+                .reason
+                .contains("its group \"External \" is not weft's \"external\""),
+            "{rejected:?}"
+        );
+        let other = app(r#"{"id": "/db", "labels": {"HAPROXY_GROUP": "internal"}, "tasks": []}"#);
+        let (_, rejected) = app_services(&other, &settings("external", None, HostPorts::Deny));
+        assert!(rejected.is_empty(), "{rejected:?}");
     }
 
     #[test]
