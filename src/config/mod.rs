@@ -834,23 +834,20 @@ urls = ["http://m1:8080", "http://u:s3cret@m2:8080", "https://m3:8443/?access_to
         assert_eq!(
             keys_of(&issues),
             [
+                "sources.consul.url",
                 "sources.marathon.urls[1]",
                 "sources.marathon.urls[2]",
-                "sources.consul.url"
             ]
         );
         let messages: Vec<&str> = issues.iter().map(|i| i.message.as_str()).collect();
+        assert!(messages[0].contains("sources.consul.token_file"));
         assert!(
-            messages[0].contains("credentials in the URL"),
+            messages[1].contains("credentials in the URL"),
             "{messages:?}"
         );
-        assert!(messages[0].contains("sources.marathon.credentials_file"));
-        assert!(messages[0].contains("sources.marathon.token_file"));
-        assert!(messages[1].contains("access_token="), "{messages:?}");
-        assert!(
-            messages[2].contains("sources.consul.token_file"),
-            "{messages:?}"
-        );
+        assert!(messages[1].contains("sources.marathon.credentials_file"));
+        assert!(messages[1].contains("sources.marathon.token_file"));
+        assert!(messages[2].contains("access_token="), "{messages:?}");
         for message in messages {
             for secret in ["hunter2", "s3cret", "abc123", "weft:"] {
                 assert!(!message.contains(secret), "{message}");

@@ -604,11 +604,13 @@ mod tests {
             "http://redacted@[bad:8500"
         );
         assert_eq!(
-            redact_text("http://u:p@a@host/x@y"),
-            "http://redacted@host/x@y"
+            redact_text("http://u:p@a@[bad/x@y"),
+            "http://redacted@[bad/x@y"
         );
+        assert_eq!(redact_text("http://u:p@a@host/x@y"), "http://host/x@y");
         assert_eq!(redact_text("http://[bad:8500"), "http://[bad:8500");
         assert_eq!(redact_text("no scheme u:p@x"), "no scheme u:p@x");
         assert_eq!(redact_text("http://u:p@ok:1/"), "http://ok:1/");
+        assert_eq!(redact_text("http://u:p@a@host/x@y"), "http://host/x@y");
     }
 }

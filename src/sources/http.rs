@@ -62,7 +62,10 @@ impl HttpError {
         let to = headers
             .get(LOCATION)
             .and_then(|value| value.to_str().ok())
-            .map_or_else(|| "nowhere (no Location)".to_string(), |location| redirect_target(url, location));
+            .map_or_else(
+                || "nowhere (no Location)".to_string(),
+                |location| redirect_target(url, location),
+            );
         Some(HttpError::Redirect {
             method,
             url: url.clone(),
@@ -151,16 +154,27 @@ mod tests {
             "GET http://consul:8500/v1/kv/x?token=redacted&dc=a: 403 Forbidden: ACL not found"
         );
         let mut headers = HeaderMap::new();
-        headers.insert(LOCATION, "http://evil:pw@other.example:9000/steal?token=x".parse().unwrap());
+        headers.insert(
+            LOCATION,
+            "http://evil:pw@other.example:9000/steal?token=x"
+                .parse()
+                .unwrap(),
+        );
         let redirect = HttpError::redirect("GET", &url, StatusCode::FOUND, &headers).unwrap();
         let text = redirect.to_string();
-        assert!(text.contains("302 Found: redirected to http://other.example:9000;"), "{text}");
+        assert!(
+            text.contains("302 Found: redirected to http://other.example:9000;"),
+            "{text}"
+        );
         for secret in ["pass", "t0k", "evil", "pw", "steal"] {
             assert!(!text.contains(secret), "{text}");
         }
         headers.insert(LOCATION, "/elsewhere".parse().unwrap());
         let relative = HttpError::redirect("GET", &url, StatusCode::MOVED_PERMANENTLY, &headers);
-        assert!(relative.unwrap().to_string().contains("redirected to http://consul:8500;"));
+        assert!(relative
+            .unwrap()
+            .to_string()
+            .contains("redirected to http://consul:8500;"));
         assert!(HttpError::redirect("GET", &url, StatusCode::OK, &headers).is_none());
     }
 

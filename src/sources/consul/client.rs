@@ -206,8 +206,7 @@ impl Client {
             });
         }
         // The connections follow no redirect: a 3xx is an error naming where it pointed.
-        if let Some(redirect) =
-            HttpError::redirect(verb, &url, response.status, &response.headers)
+        if let Some(redirect) = HttpError::redirect(verb, &url, response.status, &response.headers)
         {
             return Err(redirect.into());
         }
