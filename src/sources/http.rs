@@ -31,7 +31,7 @@ pub enum HttpError {
     #[error("{method} {}: {status}: redirected to {to}; weft follows no redirects (no credential may reach another host): configure the URL that answers itself", redact(url))]
     Redirect {
         method: &'static str,
-        url: Url,
+        url: Box<Url>,
         status: StatusCode,
         /// Where the answer pointed: scheme, host and port only.
         to: String,
@@ -68,7 +68,7 @@ impl HttpError {
             );
         Some(HttpError::Redirect {
             method,
-            url: url.clone(),
+            url: Box::new(url.clone()),
             status,
             to,
         })
