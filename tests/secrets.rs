@@ -144,6 +144,56 @@ async fn source_clients_follow_no_redirect() {
         .iter()
         .any(|(_, headers)| headers.get("x-consul-token").is_some()));
 
+    // `weft run`: the fetch and the event stream are refused alike, and /status says why.
+    let dir = tempfile::Builder::new()
+        .prefix("weft-test-")
+        .tempdir()
+        .unwrap();
+    std::fs::write(dir.path().join("marathon.token"), "secret-token-123\n").unwrap();
+    let weft = Weft::builder()
+        .dir(dir)
+        .marathon(
+            &[format!("http://{}", redirector.addr)],
+            "token_file = \"marathon.token\"\nread_timeout = \"2s\"",
+        )
+        .start()
+        .await;
+    let status = eventually(
+        Duration::from_secs(10),
+        "/status names the redirect",
+        || async {
+            let (_, body) = weft.status("/status").await?;
+            if body.contains(&named) {
+                Ok(body)
+            } else {
+                Err(body)
+            }
+        },
+    )
+    .await;
+    assert!(!status.contains("secret-token-123"), "{status}");
+    let (_, healthz) = weft.status("/healthz").await.unwrap();
+    assert!(!healthz.contains("secret-token-123"), "{healthz}");
+    // The event stream is refused alike (a WARN line).
+    eventually(
+        Duration::from_secs(10),
+        "the stream's redirect logged",
+        || async {
+            let log = weft.log();
+            let stream = log
+                .lines()
+                .any(|line| line.contains("/v2/events?") && line.contains(&named));
+            if stream {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    )
+    .await;
+    assert!(!weft.log().contains("secret-token-123"));
+    drop(weft);
+
     // The redirect's target never heard of weft: no request, so no token.
     assert_eq!(
         target.requests().len(),
@@ -177,6 +227,30 @@ async fn credentials_in_a_source_url_are_refused_and_never_printed() {
     );
     for secret in ["hunter2", "s3cret", "weft:hunter2", "ops:s3cret"] {
         assert!(!output.contains(secret), "{output}");
+    }
+    // `weft render` and `weft run` refuse the same config, printing no secret either.
+    for command in ["render", "run"] {
+        let output = tokio::time::timeout(
+            support::patience(Duration::from_secs(10)),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+                .arg(command)
+                .arg("-c")
+                .arg(dir.path().join("weft.toml"))
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(!output.status.success(), "weft {command} took the config");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(text.contains("sources.consul.url"), "{command}: {text}");
+        for secret in ["hunter2", "s3cret"] {
+            assert!(!text.contains(secret), "{command}: {text}");
+        }
     }
 }
 
