@@ -864,6 +864,54 @@ listen = { a = 1 }
     }
 
     #[test]
+    fn credentials_in_source_urls_are_refused_with_their_key() {
+        let text = r#"
+[sources.consul]
+url = "http://weft:hunter2@consul:8500"
+[sources.marathon]
+urls = ["http://m1:8080", "http://u:s3cret@m2:8080", "https://m3:8443/?access_token=abc123"]
+"#;
+        let issues = Config::parse(text, Path::new("/")).unwrap_err();
+        assert_eq!(
+            keys_of(&issues),
+            [
+                "sources.consul.url",
+                "sources.marathon.urls[1]",
+                "sources.marathon.urls[2]",
+            ]
+        );
+        let messages: Vec<&str> = issues.iter().map(|i| i.message.as_str()).collect();
+        assert!(messages[0].contains("sources.consul.token_file"));
+        assert!(
+            messages[1].contains("credentials in the URL"),
+            "{messages:?}"
+        );
+        assert!(messages[1].contains("sources.marathon.credentials_file"));
+        assert!(messages[1].contains("sources.marathon.token_file"));
+        assert!(messages[2].contains("access_token="), "{messages:?}");
+        for message in messages {
+            for secret in ["hunter2", "s3cret", "abc123", "weft:"] {
+                assert!(!message.contains(secret), "{message}");
+            }
+        }
+        // A user name alone is a credential too.
+        let issues = Config::parse(
+            "[sources.consul]\nurl = \"http://weft@consul:8500\"\n",
+            Path::new("/"),
+        )
+        .unwrap_err();
+        assert_eq!(keys_of(&issues), ["sources.consul.url"]);
+        // An unparseable URL is not echoed with its credentials either.
+        let issues = Config::parse(
+            "[sources.consul]\nurl = \"http://u:pw@[bad:8500\"\n",
+            Path::new("/"),
+        )
+        .unwrap_err();
+        assert_eq!(keys_of(&issues), ["sources.consul.url"]);
+        assert!(!issues[0].message.contains("pw"), "{}", issues[0].message);
+    }
+
+    #[test]
     fn external_mode_needs_the_socket_and_the_file() {
         let text = "[haproxy]\nmode = \"external\"\n[sources.file]\npath = \"s.toml\"\n";
         let issues = Config::parse(text, Path::new("/")).unwrap_err();

@@ -225,15 +225,103 @@ fn read_secret(path: PathBuf, base: &Path, key: &str, issues: &mut Issues) -> Op
     }
 }
 
-fn http_url(text: &str, key: &str, issues: &mut Issues) -> Option<reqwest::Url> {
+/// `url` as it may be printed: without its userinfo (`user:password@`) and with the value of
+/// every query parameter whose name looks like a secret (`token`, `password`, `key`, ...)
+/// replaced by `redacted`. Every message that names a source URL prints it through this.
+pub fn redact(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    // Only URLs that cannot have a host (`mailto:`) refuse these; there is nothing to hide.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    if url.query_pairs().any(|(name, _)| secret_name(&name)) {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if secret_name(&name) {
+                    "redacted".to_string()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+/// A URL's text as it may be printed, whether it parses or not: [`redact`] for a URL, and for
+/// text that does not parse, everything between `://` and the last `@` of the authority
+/// replaced by `redacted`.
+pub fn redact_text(text: &str) -> String {
+    if let Ok(url) = reqwest::Url::parse(text) {
+        return redact(&url);
+    }
+    let Some(start) = text.find("://").map(|i| i + 3) else {
+        return text.to_string();
+    };
+    let authority_end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    match text[start..authority_end].rfind('@') {
+        Some(at) => format!("{}redacted@{}", &text[..start], &text[start + at + 1..]),
+        None => text.to_string(),
+    }
+}
+
+/// Whether a query parameter's name looks like it carries a secret.
+fn secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "token",
+        "pass",
+        "pwd",
+        "secret",
+        "key",
+        "auth",
+        "credential",
+        "signature",
+        "sig",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
+}
+
+/// An http(s) URL without credentials: a URL's userinfo or a secret in its query would be
+/// printed in logs, `/status` and errors, and sent along wherever the URL leads; `secret_keys`
+/// names the keys that hold them instead.
+fn http_url(text: &str, key: &str, secret_keys: &str, issues: &mut Issues) -> Option<reqwest::Url> {
+    let shown = redact_text(text);
     match reqwest::Url::parse(text) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+            if !url.username().is_empty() || url.password().is_some() {
+                issues.add(
+                    key,
+                    format!(
+                        "{shown:?}: credentials in the URL (user:password@) are refused, they \
+                         would be printed in logs and errors; use {secret_keys}"
+                    ),
+                );
+                return None;
+            }
+            if let Some((name, _)) = url.query_pairs().find(|(name, _)| secret_name(name)) {
+                issues.add(
+                    key,
+                    format!(
+                        "{shown:?}: a secret in the query ({name}=) is refused, it would be \
+                         printed in logs and errors; use {secret_keys}"
+                    ),
+                );
+                return None;
+            }
+            Some(url)
+        }
         Ok(_) => {
-            issues.add(key, format!("{text:?} is not an http(s) URL"));
+            issues.add(key, format!("{shown:?} is not an http(s) URL"));
             None
         }
         Err(err) => {
-            issues.add(key, format!("{text:?}: {err}"));
+            issues.add(key, format!("{shown:?}: {err}"));
             None
         }
     }
@@ -253,7 +341,14 @@ fn validate_marathon(
     let urls = texts
         .iter()
         .enumerate()
-        .filter_map(|(i, text)| http_url(text, &format!("sources.marathon.urls[{i}]"), issues))
+        .filter_map(|(i, text)| {
+            http_url(
+                text,
+                &format!("sources.marathon.urls[{i}]"),
+                "sources.marathon.credentials_file (user:password) or sources.marathon.token_file",
+                issues,
+            )
+        })
         .collect();
     let group = MarathonGroup::parse(&raw.group.unwrap_or_else(|| DEFAULT_MARATHON_GROUP.into()));
     let basic = raw.credentials_file.and_then(|path| {
@@ -386,9 +481,13 @@ pub const CONSUL_TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
 
 fn validate_consul(raw: RawConsulSource, base: &Path, issues: &mut Issues) -> ConsulSourceConfig {
     let url_text = raw.url.unwrap_or_else(|| DEFAULT_CONSUL_URL.into());
-    let url = http_url(&url_text, "sources.consul.url", issues).unwrap_or_else(|| {
-        reqwest::Url::parse(DEFAULT_CONSUL_URL).expect("the default URL parses")
-    });
+    let url = http_url(
+        &url_text,
+        "sources.consul.url",
+        "sources.consul.token_file (or $CONSUL_HTTP_TOKEN)",
+        issues,
+    )
+    .unwrap_or_else(|| reqwest::Url::parse(DEFAULT_CONSUL_URL).expect("the default URL parses"));
     let token = match raw.token_file {
         Some(path) => read_secret(path, base, "sources.consul.token_file", issues).map(Token),
         None => std::env::var(CONSUL_TOKEN_ENV)
@@ -466,5 +565,63 @@ fn validate_consul(raw: RawConsulSource, base: &Path, issues: &mut Issues) -> Co
         max_rate,
         max_connections: max_connections.max(MIN_CONSUL_CONNECTIONS) as usize,
         resync,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(text: &str) -> reqwest::Url {
+        reqwest::Url::parse(text).unwrap()
+    }
+
+    #[test]
+    fn redact_removes_userinfo() {
+        assert_eq!(
+            redact(&url("http://user:pass@consul:8500/v1/catalog")),
+            "http://consul:8500/v1/catalog"
+        );
+        assert_eq!(redact(&url("https://user@m:8443/")), "https://m:8443/");
+        assert_eq!(redact(&url("http://:pass@m/")), "http://m/");
+        assert_eq!(
+            redact(&url(
+                "http://consul:8500/v1/health/state/any?index=3&wait=300s"
+            )),
+            "http://consul:8500/v1/health/state/any?index=3&wait=300s"
+        );
+    }
+
+    #[test]
+    fn redact_hides_secret_query_values_only() {
+        assert_eq!(
+            redact(&url(
+                "http://c:8500/v1/kv/x?token=abc&dc=dc1&Api_Key=k&password=p"
+            )),
+            "http://c:8500/v1/kv/x?token=redacted&dc=dc1&Api_Key=redacted&password=redacted"
+        );
+        assert_eq!(
+            redact(&url(
+                "http://u:p@m:8080/v2/events?access_token=t&event_type=a"
+            )),
+            "http://m:8080/v2/events?access_token=redacted&event_type=a"
+        );
+    }
+
+    #[test]
+    fn redact_text_handles_what_does_not_parse() {
+        assert_eq!(
+            redact_text("http://u:p@[bad:8500"),
+            "http://redacted@[bad:8500"
+        );
+        assert_eq!(
+            redact_text("http://u:p@a@[bad/x@y"),
+            "http://redacted@[bad/x@y"
+        );
+        assert_eq!(redact_text("http://u:p@a@host/x@y"), "http://host/x@y");
+        assert_eq!(redact_text("http://[bad:8500"), "http://[bad:8500");
+        assert_eq!(redact_text("no scheme u:p@x"), "no scheme u:p@x");
+        assert_eq!(redact_text("http://u:p@ok:1/"), "http://ok:1/");
+        assert_eq!(redact_text("http://u:p@a@host/x@y"), "http://host/x@y");
     }
 }

@@ -24,6 +24,24 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+/// The only variables of weft's environment HAProxy gets (everything else, such as
+/// `CONSUL_HTTP_TOKEN`, would be readable with `show env` on its CLI): PATH, and the time zone
+/// and locale its log lines use.
+pub const KEPT_ENV: [&str; 4] = ["PATH", "TZ", "LANG", "LC_ALL"];
+
+/// `command` with a scrubbed environment: only [`KEPT_ENV`] of weft's own. Applied to the
+/// first exec of the managed master, whose reloads re-execute it with its own environment, so
+/// every later master and worker is as clean; and to every `haproxy -c`.
+pub fn scrub_env(command: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    command.env_clear();
+    for name in KEPT_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+}
+
 /// The longest a CLI command may take, connect to last byte.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -236,7 +236,7 @@ impl Managed {
     pub async fn start(launch: &Launch) -> Result<Managed, ProcessError> {
         stop_leftover(launch).await;
         let _ = std::fs::remove_file(&launch.master_socket);
-        let mut child = Command::new(&launch.binary)
+        let mut child = super::scrub_env(&mut Command::new(&launch.binary))
             .arg("-W")
             .arg("-S")
             .arg(format!("{},mode,600", launch.master_socket.display()))

@@ -25,7 +25,7 @@ pub async fn check_config(
     binary: &Path,
     config: &Path,
 ) -> Result<std::process::Output, ValidateError> {
-    Command::new(binary)
+    super::scrub_env(&mut Command::new(binary))
         .arg("-c")
         .arg("-f")
         .arg(config)
@@ -74,6 +74,28 @@ fn culprit(stderr: &str, config: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `haproxy -c` sees only the kept variables: a stand-in binary prints its environment.
+    #[tokio::test]
+    async fn the_check_runs_with_a_scrubbed_environment() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("haproxy");
+        std::fs::write(&binary, "#!/bin/sh\nexec env\n").unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let output = check_config(&binary, Path::new("/dev/null")).await.unwrap();
+        let env = String::from_utf8_lossy(&output.stdout);
+        let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+        // The test process runs with CARGO_* and the like; none may pass.
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some() || std::env::var_os("HOME").is_some());
+        for name in &names {
+            // sh adds PWD (and SHLVL, _) itself.
+            assert!(
+                super::super::KEPT_ENV.contains(name) || ["PWD", "SHLVL", "_"].contains(name),
+                "{name} passed to haproxy -c:\n{env}"
+            );
+        }
+    }
 
     #[test]
     fn culprit_is_the_enclosing_backend() {

@@ -1,10 +1,13 @@
 //! HTTP for the API sources (Consul, Marathon): one request, its body read whole, and errors
-//! that say which URL failed and why.
+//! that say which URL failed and why. URLs are printed through [`redact`] (no userinfo, no
+//! secret query values), and redirects are never followed: a 3xx is an error that names where
+//! it pointed, so that no token or password is ever sent to another host.
 
-use reqwest::header::HeaderMap;
+use reqwest::header::{HeaderMap, LOCATION};
 use reqwest::{RequestBuilder, StatusCode, Url};
 
 use super::error_chain;
+use crate::config::redact;
 
 /// Longest part of an error body kept in a message.
 const MAX_BODY_IN_ERROR: usize = 200;
@@ -13,22 +16,80 @@ const MAX_BODY_IN_ERROR: usize = 200;
 pub enum HttpError {
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
-    #[error("GET {url}: {}", error_chain(source))]
+    #[error("GET {}: {}", redact(url), error_chain(source))]
     Request {
         url: Url,
         #[source]
         source: reqwest::Error,
     },
-    #[error("GET {url}: {status}: {body}")]
+    #[error("GET {}: {status}: {body}", redact(url))]
     Status {
         url: Url,
         status: StatusCode,
         body: String,
     },
-    #[error("GET {url}: cannot decode the answer: {message}")]
+    #[error("{method} {}: {status}: redirected to {to}; weft follows no redirects (no credential may reach another host): configure the URL that answers itself", redact(url))]
+    Redirect {
+        method: &'static str,
+        url: Box<Url>,
+        status: StatusCode,
+        /// Where the answer pointed: scheme, host and port only.
+        to: String,
+    },
+    #[error("GET {}: cannot decode the answer: {message}", redact(url))]
     Decode { url: Url, message: String },
-    #[error("GET {url}: the answer is larger than {} MiB, weft's bound; nothing of it is used", .max >> 20)]
+    #[error("GET {}: the answer is larger than {} MiB, weft's bound; nothing of it is used", redact(url), .max >> 20)]
     TooLarge { url: Url, max: usize },
+}
+
+impl HttpError {
+    /// A failed request; reqwest's own message would print the URL again, unredacted.
+    pub fn request(url: &Url, source: reqwest::Error) -> HttpError {
+        HttpError::Request {
+            url: url.clone(),
+            source: source.without_url(),
+        }
+    }
+
+    /// The error for a 3xx answer to `method url`, or `None` for any other status.
+    pub fn redirect(
+        method: &'static str,
+        url: &Url,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<HttpError> {
+        if !status.is_redirection() {
+            return None;
+        }
+        let to = headers
+            .get(LOCATION)
+            .and_then(|value| value.to_str().ok())
+            .map_or_else(
+                || "nowhere (no Location)".to_string(),
+                |location| redirect_target(url, location),
+            );
+        Some(HttpError::Redirect {
+            method,
+            url: Box::new(url.clone()),
+            status,
+            to,
+        })
+    }
+}
+
+/// Where a `Location` (absolute or relative to `url`) points, as `scheme://host:port`: never
+/// its userinfo, path or query.
+fn redirect_target(url: &Url, location: &str) -> String {
+    match url.join(location) {
+        Ok(target) => {
+            let host = target.host_str().unwrap_or("?");
+            match target.port() {
+                Some(port) => format!("{}://{host}:{port}", target.scheme()),
+                None => format!("{}://{host}", target.scheme()),
+            }
+        }
+        Err(_) => "an unreadable Location".to_string(),
+    }
 }
 
 /// Sends `request` (for `url`) and returns the headers and body of a 2xx answer, of at most
@@ -40,13 +101,13 @@ pub async fn fetch(
     url: &Url,
     max: usize,
 ) -> Result<(HeaderMap, Vec<u8>), HttpError> {
-    let failed = |source| HttpError::Request {
-        url: url.clone(),
-        source,
-    };
+    let failed = |source| HttpError::request(url, source);
     let mut response = request.send().await.map_err(failed)?;
     let status = response.status();
     let headers = response.headers().clone();
+    if let Some(redirect) = HttpError::redirect("GET", url, status, &headers) {
+        return Err(redirect);
+    }
     let too_large = || HttpError::TooLarge {
         url: url.clone(),
         max,
@@ -100,6 +161,43 @@ fn html_title(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_print_urls_without_credentials() {
+        let url = Url::parse("http://user:pass@consul:8500/v1/kv/x?token=t0k&dc=a").unwrap();
+        let status = HttpError::Status {
+            url: url.clone(),
+            status: StatusCode::FORBIDDEN,
+            body: "ACL not found".into(),
+        };
+        assert_eq!(
+            status.to_string(),
+            "GET http://consul:8500/v1/kv/x?token=redacted&dc=a: 403 Forbidden: ACL not found"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            LOCATION,
+            "http://evil:pw@other.example:9000/steal?token=x"
+                .parse()
+                .unwrap(),
+        );
+        let redirect = HttpError::redirect("GET", &url, StatusCode::FOUND, &headers).unwrap();
+        let text = redirect.to_string();
+        assert!(
+            text.contains("302 Found: redirected to http://other.example:9000;"),
+            "{text}"
+        );
+        for secret in ["pass", "t0k", "evil", "pw", "steal"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        headers.insert(LOCATION, "/elsewhere".parse().unwrap());
+        let relative = HttpError::redirect("GET", &url, StatusCode::MOVED_PERMANENTLY, &headers);
+        assert!(relative
+            .unwrap()
+            .to_string()
+            .contains("redirected to http://consul:8500;"));
+        assert!(HttpError::redirect("GET", &url, StatusCode::OK, &headers).is_none());
+    }
 
     #[test]
     fn an_html_error_page_reads_as_its_title() {

@@ -122,6 +122,8 @@ pub struct Weft {
     /// Where weft's status endpoints listen.
     pub status_port: u16,
     child: Option<Child>,
+    /// Variables added to weft's environment.
+    env: Vec<(String, String)>,
 }
 
 /// What a [`Weft`] starts with: a `weft.toml` with HAProxy in managed mode on a free loopback
@@ -145,6 +147,7 @@ pub struct WeftBuilder {
     /// More `[routing]` keys (TOML lines).
     routing: String,
     network: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Weft {
@@ -161,6 +164,7 @@ impl Weft {
             domain: None,
             routing: String::new(),
             network: None,
+            env: Vec::new(),
         }
     }
 
@@ -182,6 +186,7 @@ impl Weft {
             .arg("-c")
             .arg(self.dir.path().join("weft.toml"))
             .env("WEFT_LOG", "info,weft=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -397,6 +402,12 @@ impl WeftBuilder {
         self
     }
 
+    /// Adds `name=value` to weft's environment.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
     fn haproxy_key(mut self, key: &str, value: &str) -> Self {
         self.haproxy_keys.push(format!("{key} = {value}"));
         self
@@ -450,6 +461,7 @@ impl WeftBuilder {
             port,
             status_port,
             child: None,
+            env: self.env,
         };
         weft.spawn(self.soft_open_files);
         let pid = weft.child.as_ref().unwrap().id() as i32;

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::api::{client_timeout, wait_param};
 use super::connections::{ConnectionError, Connections};
-use crate::config::{Consistency, ConsulSourceConfig};
+use crate::config::{redact, Consistency, ConsulSourceConfig};
 use crate::sources::http::{error_text, HttpError};
 
 /// The longest a read that does not block may take (or a blocking one's timeout, if shorter).
@@ -23,7 +23,7 @@ const TOO_MANY_CONNECTIONS: &str = "too many concurrent connections";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsulError {
-    #[error("{method} {url}: {source}")]
+    #[error("{method} {}: {source}", redact(url))]
     Request {
         method: &'static str,
         url: Box<Url>,
@@ -33,7 +33,7 @@ pub enum ConsulError {
     /// An answer that is not a 2xx (with the start of its body), or that does not decode.
     #[error(transparent)]
     Http(#[from] HttpError),
-    #[error("{url}: 429: consul refuses more connections from this host's IP (its limits.http_max_conns_per_client); weft holds at most {budget} (sources.consul.max_connections), so the rest are other clients on this host")]
+    #[error("{}: 429: consul refuses more connections from this host's IP (its limits.http_max_conns_per_client); weft holds at most {budget} (sources.consul.max_connections), so the rest are other clients on this host", redact(url))]
     TooManyConnections { url: Url, budget: usize },
 }
 
@@ -177,11 +177,13 @@ impl Client {
             .map_err(|e| failed(ConnectionError::Connect(e.to_string())))?;
         let mut headers = Vec::new();
         if let Some(token) = &self.config.token {
-            let value = HeaderValue::from_str(token.expose()).map_err(|_| {
+            let mut value = HeaderValue::from_str(token.expose()).map_err(|_| {
                 failed(ConnectionError::Connect(
                     "the token is not a valid header value".into(),
                 ))
             })?;
+            // Never in a debug print of the request.
+            value.set_sensitive(true);
             headers.push((HeaderName::from_static("x-consul-token"), value));
         }
         let response = self
@@ -202,6 +204,11 @@ impl Client {
                 known_leader: header("X-Consul-KnownLeader").and_then(|v| v.parse().ok()),
                 body: b"[]".to_vec(),
             });
+        }
+        // The connections follow no redirect: a 3xx is an error naming where it pointed.
+        if let Some(redirect) = HttpError::redirect(verb, &url, response.status, &response.headers)
+        {
+            return Err(redirect.into());
         }
         if !response.status.is_success() {
             let body = error_text(&response.body);

@@ -129,7 +129,7 @@ pub async fn run(
 ) {
     let client = Arc::new(Client::new(config));
     let source = Arc::new(Source::new(client, domain));
-    info!(url = %source.client.config.url, max_connections = source.client.config.max_connections, "watching consul");
+    info!(url = %crate::config::redact(&source.client.config.url), max_connections = source.client.config.max_connections, "watching consul");
     let nudged = source.clone();
     crate::sources::after_start_grace(shutdown.clone(), move || nudged.dirty.notify_one());
     let mut tasks = tokio::task::JoinSet::new();

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
+use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::Url;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +32,7 @@ use tracing::{debug, info, warn};
 use self::routing::{app_services, RoutingSettings};
 use super::http::{fetch, HttpError};
 use super::{error_chain, Backoff};
-use crate::config::{MarathonAuth, MarathonSourceConfig};
+use crate::config::{redact, MarathonAuth, MarathonSourceConfig};
 use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -48,9 +49,9 @@ pub const MAX_EVENT_LINE: usize = 16 << 20;
 pub enum MarathonError {
     #[error(transparent)]
     Http(#[from] HttpError),
-    #[error("event stream from {url}: {message}")]
+    #[error("event stream from {}: {message}", redact(url))]
     Stream { url: Url, message: String },
-    #[error("event stream from {url}: silent for {after:?}")]
+    #[error("event stream from {}: silent for {after:?}", redact(url))]
     Silent { url: Url, after: Duration },
     #[error("no Marathon URL answered: {}", errors.join("; "))]
     AllFailed { errors: Vec<String> },
@@ -68,6 +69,9 @@ impl Client {
     fn new(config: MarathonSourceConfig) -> Result<Client, MarathonError> {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            // A redirect would carry the Authorization header to wherever it points (reqwest
+            // drops it only across hosts, and keeps it from https to http): a 3xx is an error.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(HttpError::Client)?;
         Ok(Client {
@@ -89,11 +93,19 @@ impl Client {
         let request = self.http.get(url);
         match &self.config.auth {
             None => request,
+            // reqwest marks the basic-auth header sensitive itself.
             Some(MarathonAuth::Basic { user, password }) => {
                 request.basic_auth(user, Some(password.expose()))
             }
             Some(MarathonAuth::Token(token)) => {
-                request.header("Authorization", format!("token={}", token.expose()))
+                match HeaderValue::from_str(&format!("token={}", token.expose())) {
+                    Ok(mut value) => {
+                        value.set_sensitive(true);
+                        request.header(AUTHORIZATION, value)
+                    }
+                    // Refused by reqwest when sent, with a message that does not echo it.
+                    Err(_) => request.header("Authorization", format!("token={}", token.expose())),
+                }
             }
         }
     }
@@ -156,10 +168,17 @@ impl Client {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok((url, response));
                 }
-                Ok(Ok(response)) => errors.push(format!("GET {url}: {}", response.status())),
-                Ok(Err(source)) => errors.push(HttpError::Request { url, source }.to_string()),
+                Ok(Ok(response)) => errors.push(
+                    HttpError::redirect("GET", &url, response.status(), response.headers())
+                        .map_or_else(
+                            || format!("GET {}: {}", redact(&url), response.status()),
+                            |redirect| redirect.to_string(),
+                        ),
+                ),
+                Ok(Err(source)) => errors.push(HttpError::request(&url, source).to_string()),
                 Err(_) => errors.push(format!(
-                    "GET {url}: no answer within the read timeout ({:?})",
+                    "GET {}: no answer within the read timeout ({:?})",
+                    redact(&url),
                     self.config.read_timeout
                 )),
             }
@@ -277,7 +296,7 @@ pub async fn run(
     let nudged = publisher.clone();
     super::after_start_grace(shutdown.clone(), move || nudged.update(|_| {}));
     let refetch = Arc::new(Notify::new());
-    let urls: Vec<String> = client.config.urls.iter().map(ToString::to_string).collect();
+    let urls: Vec<String> = client.config.urls.iter().map(redact).collect();
     info!(urls = ?urls, group = ?settings.group, "watching marathon");
 
     let mut stream = tokio::spawn(follow_events(
@@ -449,7 +468,7 @@ async fn read_stream(
 ) -> Result<(), MarathonError> {
     let (url, response) = client.open_stream().await?;
     let read_timeout = client.config.read_timeout;
-    info!(%url, "marathon event stream connected");
+    info!(url = %redact(&url), "marathon event stream connected");
     publisher.update(|state| state.stream_error = None);
     // Whatever happened while no stream was attached: catch up.
     refetch.notify_one();
@@ -467,7 +486,10 @@ async fn read_stream(
                     Ok(()) => Some((Ok(chunk), (stream, lines, false))),
                     Err(err) => Some((Err(err), (stream, lines, true))),
                 },
-                Ok(Some(Err(err))) => Some((Err(ReadError::Http(err)), (stream, lines, true))),
+                Ok(Some(Err(err))) => Some((
+                    Err(ReadError::Http(err.without_url())),
+                    (stream, lines, true),
+                )),
                 Ok(None) => None,
                 Err(_) => Some((Err(ReadError::Silent), (stream, lines, true))),
             }
@@ -491,7 +513,7 @@ async fn read_stream(
             }
         };
         if event.event == ATTACHED {
-            debug!(%url, "marathon event stream attached");
+            debug!(url = %redact(&url), "marathon event stream attached");
         } else if client.config.event_types.contains(&event.event) {
             debug!(event = %event.event, "marathon event");
             refetch.notify_one();
