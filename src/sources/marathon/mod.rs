@@ -51,7 +51,10 @@ pub enum MarathonError {
     Http(#[from] HttpError),
     #[error("event stream from {}: {message}", redact(url))]
     Stream { url: Url, message: String },
-    #[error("event stream from {}: silent for {after:?}", redact(url))]
+    #[error(
+        "event stream from {}: no complete line for {after:?} (silent, or bytes without a newline)",
+        redact(url)
+    )]
     Silent { url: Url, after: Duration },
     #[error("no Marathon URL answered: {}", errors.join("; "))]
     AllFailed { errors: Vec<String> },
@@ -479,6 +482,11 @@ async fn read_stream(
         move |(mut stream, mut lines, done)| async move {
             if done {
                 return None;
+            }
+            // Checked before reading too: `timeout_at` polls the stream first, and a stream
+            // that always has bytes ready would never let it fire.
+            if tokio::time::Instant::now() >= lines.deadline() {
+                return Some((Err(ReadError::Silent), (stream, lines, true)));
             }
             let next = tokio::time::timeout_at(lines.deadline(), stream.next()).await;
             match next {
