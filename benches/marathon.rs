@@ -80,6 +80,7 @@ fn run(health_checks: bool) {
         slots: weft::config::DEFAULT_SLOTS,
         log: None,
         edge_id: "0123456789abcdef".into(),
+        worker: None,
     };
     let (mut decode, mut route, mut table, mut text, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -144,6 +145,7 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
         slots: weft::config::DEFAULT_SLOTS,
         log: None,
         edge_id: "0123456789abcdef".into(),
+        worker: None,
     };
     let rendered = render(table, &settings).expect("render");
     for (name, content) in rendered.files() {

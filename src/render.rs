@@ -59,6 +59,8 @@ pub struct RenderSettings {
     pub log: Option<String>,
     /// This edge's name in the loop guard header, [`loop_header`] (hex digits).
     pub edge_id: String,
+    /// The uid and gid HAProxy's workers switch to; `None`: they stay who started HAProxy.
+    pub worker: Option<(u32, u32)>,
 }
 
 /// A request passing this edge once more than this many times is in a loop (508).
@@ -82,6 +84,7 @@ impl RenderSettings {
             slots: haproxy.server_slots,
             log: haproxy.log.clone(),
             edge_id: haproxy.edge_id(),
+            worker: haproxy.worker_ids(),
         }
     }
 }
@@ -131,6 +134,7 @@ struct ConfigTemplate<'a> {
     hard_stop_after: String,
     max_reloads: u32,
     maxconn: Option<u32>,
+    worker: Option<(u32, u32)>,
     log: Option<&'a str>,
     loop_header: String,
     max_passes: u32,
@@ -185,6 +189,7 @@ pub fn render_with(
         hard_stop_after: haproxy_duration(settings.hard_stop_after),
         max_reloads: settings.max_reloads,
         maxconn: settings.maxconn,
+        worker: settings.worker,
         log: settings.log.as_deref(),
         loop_header: loop_header(&settings.edge_id),
         max_passes: MAX_EDGE_PASSES,
@@ -259,6 +264,7 @@ mod tests {
             slots: 4,
             log: None,
             edge_id: "0123456789abcdef".into(),
+            worker: None,
         }
     }
 

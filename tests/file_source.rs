@@ -587,3 +587,51 @@ async fn sighup_stops_weft_and_its_haproxy_gracefully() {
     assert!(status.success(), "weft exits cleanly on SIGHUP: {status}");
     assert!(weft.log().contains("SIGHUP, stopping"), "{}", weft.log());
 }
+
+/// HAProxy's workers, which parse every request from the internet, do not run as root: weft
+/// (root here) renders `uid`/`gid` of `haproxy.user` (Debian's `haproxy`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxys_workers_do_not_run_as_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: not root, so HAProxy cannot switch users anyway");
+        return;
+    }
+    let a = Backend::start("a").await;
+    let weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
+        .start()
+        .await;
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let master = weft.haproxy_pid().unwrap();
+    let uid_of = |pid: &str| -> Option<u32> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+        line.split_whitespace().nth(2)?.parse().ok()
+    };
+    let parent_of = |pid: &str| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let workers: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|pid| pid.chars().all(|c| c.is_ascii_digit()))
+        .filter(|pid| parent_of(pid) == Some(master))
+        .filter_map(|pid| uid_of(&pid))
+        .collect();
+    let haproxy = nix::unistd::User::from_name("haproxy").unwrap().unwrap();
+    assert!(!workers.is_empty(), "no worker of master {master}");
+    assert!(
+        workers.iter().all(|uid| *uid == haproxy.uid.as_raw()),
+        "workers' effective uids {workers:?}, haproxy is {}",
+        haproxy.uid
+    );
+    // And they still serve, reload and take runtime changes as before.
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+}

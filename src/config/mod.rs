@@ -105,6 +105,9 @@ struct RawHaproxy {
     /// HAProxy's access log (`option httplog`) to syslog: a unix socket path such as
     /// `/dev/log`, or `ip:port` (UDP). Default: unset, no access log.
     log: Option<String>,
+    /// The user HAProxy's workers run as when weft runs as root. Default `haproxy` (Debian's
+    /// package makes it); `root` keeps them root.
+    user: Option<String>,
 }
 
 /// `[network]`.
@@ -157,7 +160,12 @@ pub struct HaproxyConfig {
     pub server_slots: usize,
     /// Syslog target of the access log, as HAProxy's `log` line takes it.
     pub log: Option<String>,
+    /// `haproxy.user`: who HAProxy's workers run as (see [`HaproxyConfig::worker_ids`]).
+    pub user: String,
 }
+
+/// Default `haproxy.user`.
+pub const DEFAULT_USER: &str = "haproxy";
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,6 +467,18 @@ impl HaproxyConfig {
 }
 
 impl HaproxyConfig {
+    /// The uid and gid HAProxy's workers switch to (`uid`/`gid` in `global`): `haproxy.user`'s,
+    /// when weft runs as root and the user exists; `None` otherwise (a non-root HAProxy cannot
+    /// switch, and `root` keeps them root).
+    pub fn worker_ids(&self) -> Option<(u32, u32)> {
+        // Only root may switch; and `root` keeps the workers root on purpose.
+        if !nix::unistd::geteuid().is_root() || self.user == "root" {
+            return None;
+        }
+        let user = nix::unistd::User::from_name(&self.user).ok().flatten()?;
+        Some((user.uid.as_raw(), user.gid.as_raw()))
+    }
+
     /// This edge's name in HAProxy's loop guard (`X-Weft-Via-<edge id>`): 16 hex digits of a
     /// hash of `/etc/machine-id`, the hostname and `bind`. Stable across restarts (a restarted
     /// weft renders the same config, no reload) and distinct between edges, and between two
@@ -598,6 +618,15 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         }
         ok
     });
+    let user = raw.user.unwrap_or_else(|| DEFAULT_USER.into());
+    let user_ok = !user.is_empty()
+        && user.len() <= 32
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !user_ok {
+        issues.add("haproxy.user", format!("{user:?} is not a user name"));
+    }
     let log = raw.log.and_then(|text| match log_target(&text) {
         Ok(target) => Some(target),
         Err(reason) => {
@@ -620,6 +649,7 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         runtime_updates,
         server_slots,
         log,
+        user,
     }
 }
 

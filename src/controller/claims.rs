@@ -437,12 +437,16 @@ pub async fn keep(
             _ = shutdown.cancelled() => return,
             changed = intents.changed() => {
                 if changed.is_err() {
+                    // The build loop ended: whatever ended it says why; this waits for the
+                    // shutdown that follows, so that it is never taken for the cause.
+                    shutdown.cancelled().await;
                     return;
                 }
                 write = true;
             }
             changed = view_rx.changed() => {
                 if changed.is_err() {
+                    shutdown.cancelled().await;
                     return;
                 }
                 store_read = true;

@@ -253,6 +253,7 @@ pub(crate) mod tests {
             slots: 4,
             log: None,
             edge_id: "0123456789abcdef".into(),
+            worker: None,
         }
     }
 
