@@ -57,6 +57,9 @@ const MAX_CHECK_FALL: u32 = 100;
 /// The most hosts one service routes: each is a claim, and a claim is a write to the ledger
 /// that every edge reads.
 pub const MAX_HOSTS_PER_SERVICE: usize = 64;
+/// The most share patterns one service gives: each is matched against every claimant of its
+/// hosts.
+pub const MAX_SHARES_PER_SERVICE: usize = 64;
 
 /// Where a request goes: a hostname and a path prefix.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -223,7 +226,18 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 service: name.clone(),
             };
             let mut share = Vec::new();
-            for raw in &def.share {
+            if def.share.len() > MAX_SHARES_PER_SERVICE {
+                built.dropped.push(Dropped {
+                    source: report.source,
+                    subject: format!("service {:?}", name.as_str()),
+                    reason: format!(
+                        "names {} services to share with: only the first \
+                         {MAX_SHARES_PER_SERVICE} count",
+                        def.share.len()
+                    ),
+                });
+            }
+            for raw in def.share.iter().take(MAX_SHARES_PER_SERVICE) {
                 match Share::parse(raw) {
                     Ok(pattern) => share.push(pattern),
                     Err(reason) => built.dropped.push(Dropped {
@@ -787,6 +801,16 @@ mod tests {
             .dropped
             .iter()
             .any(|d| d.reason.contains("only the first 64")));
+
+        let mut sharing = def("sharing", &["s.example.com"], &["10.2.1.5:80"]);
+        sharing.share = (0..MAX_SHARES_PER_SERVICE + 1)
+            .map(|i| format!("svc{i}"))
+            .collect();
+        let built = build(&[&consul(vec![sharing])], &settings(), &Ledger::default());
+        assert!(built
+            .dropped
+            .iter()
+            .any(|d| d.reason.contains("names 65 services to share with")));
     }
 
     #[test]
