@@ -1,11 +1,31 @@
-//! How long weft takes from a `/v2/apps?embed=apps.tasks` body to a rendered haproxy.cfg.
+//! How long weft takes from Marathon's `/v2/apps?embed=apps.tasks` to HAProxy's files.
 //!
-//! `cargo bench --bench marathon` — 5000 apps with 3 tasks each (the shape marathon-lb's own
-//! benchmark uses), without and with HTTP health checks. Each phase is timed over several runs
-//! and the median printed; BENCHMARKS.md records the numbers.
+//! ```text
+//! cargo bench --bench marathon            # 1000, 10000 and 20000 apps
+//! cargo bench --bench marathon -- 10000   # one size (any number of apps; several may be given)
+//! ```
+//!
+//! Apps of 3 tasks each (the shape marathon-lb's own benchmark uses, Marathon 1.5: docker USER
+//! network, `container.portMappings`, weave IPs), without and with HTTP health checks. For
+//! each size and shape:
+//! - the stages in this process (decode, labels, table, render, and their total), median of
+//!   [`RUNS`];
+//! - `weft render --out DIR` end to end, as an operator runs it: the release binary, its
+//!   weft.toml naming the Marathon double on loopback, which serves the same body (built once:
+//!   a real Marathon's own time to answer is not weft's), the files written; the wall clock of
+//!   the process from spawn to exit, median of [`RUNS`];
+//! - `haproxy -c` on the rendered config, for scale: the validation every apply runs.
+//!
+//! BENCHMARKS.md records the numbers.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::marathon::MarathonDouble;
 use weft::config::{HostPorts, MarathonGroup};
 use weft::model::{build, Ledger, ModelSettings, SourceId, SourceReport};
 use weft::network::AllowedNetworks;
@@ -13,25 +33,32 @@ use weft::render::{render, RenderSettings};
 use weft::sources::marathon::api::decode_apps;
 use weft::sources::marathon::routing::{app_services, RoutingSettings};
 
-const APPS: usize = 5000;
+/// weft's own allocator (see main.rs), so that the stages here cost what they cost in weft.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SIZES: [usize; 3] = [1_000, 10_000, 20_000];
 const TASKS: usize = 3;
 const RUNS: usize = 7;
+/// `haproxy -c` runs, at several hundred ms each.
+const CHECK_RUNS: usize = 3;
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
-/// A Marathon 1.5-style app list: docker USER network on weave, one service port, `TASKS`
-/// running tasks on 10.2.x.y, optionally an HTTP health check with alive results.
-fn apps_json(health_checks: bool) -> String {
-    let mut apps = Vec::with_capacity(APPS);
-    for i in 0..APPS {
-        let checks = if health_checks {
-            r#"[{"protocol":"HTTP","path":"/health","portIndex":0,"intervalSeconds":3,"timeoutSeconds":15,"maxConsecutiveFailures":10,"gracePeriodSeconds":15}]"#
-        } else {
-            "[]"
-        };
-        let results = if health_checks {
-            r#"[{"alive":true,"consecutiveFailures":0,"firstSuccess":"2016-02-01T22:14:08.666Z","lastFailure":null,"lastSuccess":"2016-02-01T23:10:30.986Z"}]"#
-        } else {
-            "[]"
-        };
+/// A Marathon 1.5-style app list of `apps` apps: docker USER network on weave, one service
+/// port, `TASKS` running tasks on 10.2.x.y, optionally an HTTP health check with alive results.
+fn apps_json(apps: usize, health_checks: bool) -> String {
+    let checks = if health_checks {
+        r#"[{"protocol":"HTTP","path":"/health","portIndex":0,"intervalSeconds":3,"timeoutSeconds":15,"maxConsecutiveFailures":10,"gracePeriodSeconds":15}]"#
+    } else {
+        "[]"
+    };
+    let results = if health_checks {
+        r#"[{"alive":true,"consecutiveFailures":0,"firstSuccess":"2016-02-01T22:14:08.666Z","lastFailure":null,"lastSuccess":"2016-02-01T23:10:30.986Z"}]"#
+    } else {
+        "[]"
+    };
+    let mut list = Vec::with_capacity(apps);
+    for i in 0..apps {
         let tasks: Vec<String> = (0..TASKS)
             .map(|t| {
                 let n = i * TASKS + t;
@@ -45,14 +72,14 @@ fn apps_json(health_checks: bool) -> String {
                 )
             })
             .collect();
-        apps.push(format!(
+        list.push(format!(
             r#"{{"id":"/app-{i}","cmd":null,"instances":{TASKS},"cpus":0.1,"mem":65,"labels":{{"HAPROXY_GROUP":"external","HAPROXY_0_VHOST":"app-{i}.example.com"}},"portDefinitions":[{{"port":{}}}],"container":{{"type":"DOCKER","docker":{{"image":"nginx","network":"USER"}},"portMappings":[{{"containerPort":8080,"hostPort":0,"servicePort":{}}}]}},"networks":[{{"mode":"container","name":"weave"}}],"healthChecks":{checks},"version":"2016-02-01T22:57:48.784Z","tasks":[{}]}}"#,
             10000 + i,
             10000 + i,
             tasks.join(",")
         ));
     }
-    format!(r#"{{"apps":[{}]}}"#, apps.join(","))
+    format!(r#"{{"apps":[{}]}}"#, list.join(","))
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -60,8 +87,36 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
-fn run(health_checks: bool) {
-    let body = apps_json(health_checks);
+fn ms(duration: Duration) -> String {
+    format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+fn render_settings(dir: &Path) -> RenderSettings {
+    RenderSettings {
+        bind: "0.0.0.0:80".parse().expect("bind"),
+        clients: weft::render::ClientSettings::default(),
+        run_dir: dir.to_path_buf(),
+        map_dir: dir.to_path_buf(),
+        hard_stop_after: Duration::from_secs(30),
+        max_reloads: 50,
+        maxconn: Some(weft::config::AUTO_MAXCONN_CAP),
+        pool: weft::config::Pool {
+            spares: weft::config::DEFAULT_SPARE_BACKENDS,
+            spare_slots: weft::config::DEFAULT_SPARE_SLOTS,
+        },
+        log: None,
+        edge_id: "0123456789abcdef".into(),
+        worker: None,
+        tls: None,
+    }
+}
+
+/// The stages in this process, median of [`RUNS`]; returns the last table.
+fn in_process(apps: usize, body: &str) -> weft::model::RoutingTable {
     let routing = RoutingSettings {
         group: MarathonGroup::parse("external"),
         domain: None,
@@ -70,28 +125,17 @@ fn run(health_checks: bool) {
     let model = ModelSettings::new(AllowedNetworks::new(["10.2.0.0/16"
         .parse()
         .expect("network")]));
-    let settings = RenderSettings {
-        bind: "0.0.0.0:80".parse().expect("bind"),
-        run_dir: "/var/lib/weft".into(),
-        map_dir: "/var/lib/weft".into(),
-        hard_stop_after: Duration::from_secs(30),
-        max_reloads: 50,
-        maxconn: Some(weft::config::AUTO_MAXCONN_CAP),
-        slots: weft::config::DEFAULT_SLOTS,
-        log: None,
-        edge_id: "0123456789abcdef".into(),
-        worker: None,
-    };
+    let settings = render_settings(Path::new("/var/lib/weft"));
     let (mut decode, mut route, mut table, mut text, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut size = 0;
     let mut last_table = None;
     for _ in 0..RUNS {
         let start = Instant::now();
-        let apps = decode_apps(body.as_bytes()).expect("decode");
+        let decoded_apps = decode_apps(body.as_bytes()).expect("decode");
         let decoded = Instant::now();
         let mut report = SourceReport::starting(SourceId::Marathon);
-        for app in &apps.apps {
+        for app in &decoded_apps.apps.records {
             let (services, rejected) = app_services(app, &routing);
             report.services.extend(services);
             report.rejected.extend(rejected);
@@ -101,7 +145,7 @@ fn run(health_checks: bool) {
         let tabled = Instant::now();
         let rendered = render(&built.table, &settings).expect("render");
         let done = Instant::now();
-        assert_eq!(built.table.backends.len(), APPS);
+        assert_eq!(built.table.backends.len(), apps);
         assert!(built.dropped.is_empty());
         size = rendered.config.len() + rendered.hosts_map.len();
         decode.push(decoded - start);
@@ -112,50 +156,100 @@ fn run(health_checks: bool) {
         last_table = Some(built.table);
     }
     println!(
-        "{APPS} apps x {TASKS} tasks, health checks {}: body {:.1} MiB, config+map {:.1} MiB, median of {RUNS}: decode {:?}, labels {:?}, table {:?}, render {:?}, total {:?}",
-        if health_checks { "on " } else { "off" },
-        body.len() as f64 / 1048576.0,
-        size as f64 / 1048576.0,
-        median(decode),
-        median(route),
-        median(table),
-        median(text),
-        median(total),
+        "  in process: config+map {}, median of {RUNS}: decode {}, labels {}, table {}, render {}, total {}",
+        mib(size),
+        ms(median(decode)),
+        ms(median(route)),
+        ms(median(table)),
+        ms(median(text)),
+        ms(median(total)),
     );
-    if let Some(table) = last_table {
-        check_with_haproxy(&table);
+    last_table.expect("at least one run")
+}
+
+/// `weft render --out DIR` against the double serving `body`: the process's wall clock,
+/// median of [`RUNS`].
+fn end_to_end(apps: usize, body: &str, marathon: &MarathonDouble) {
+    marathon.serve_apps_body(Some(body.to_string().into()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run_dir = dir.path().join("run");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&run_dir).expect("run dir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[haproxy]\nrun_dir = {run_dir:?}\n[bridge]\nmode = \"off\"\n\
+             [sources.marathon]\nurls = [\"{}\"]\n",
+            marathon.url()
+        ),
+    )
+    .expect("weft.toml");
+    let (mut samples, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let cpu_before = children_cpu();
+        let start = Instant::now();
+        let output = Command::new(WEFT)
+            .arg("render")
+            .arg("-c")
+            .arg(&config)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("weft render");
+        samples.push(start.elapsed());
+        cpu.push(children_cpu().saturating_sub(cpu_before));
+        assert!(
+            output.status.success(),
+            "weft render failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let hosts = std::fs::read_to_string(out.join(weft::render::HOSTS_MAP)).expect("hosts.map");
+        assert_eq!(hosts.lines().count(), apps, "every app routed");
     }
+    marathon.check();
+    println!(
+        "  weft render --out DIR over HTTP, wall clock, median of {RUNS}: {} (min {}, max {}); its CPU time (user+sys): {}",
+        ms(median(samples.clone())),
+        ms(*samples.iter().min().expect("runs")),
+        ms(*samples.iter().max().expect("runs")),
+        ms(median(cpu)),
+    );
+}
+
+/// The CPU time (user + system) of every child process waited for so far: on a shared
+/// machine, what a run cost, beside how long it waited for a core.
+fn children_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
+    let time = |t: nix::sys::time::TimeVal| {
+        Duration::new(t.tv_sec().max(0) as u64, (t.tv_usec().max(0) as u32) * 1000)
+    };
+    time(usage.user_time()) + time(usage.system_time())
 }
 
 /// `haproxy -c` on the rendered files, for scale: the validation every apply runs.
 fn check_with_haproxy(table: &weft::model::RoutingTable) {
-    let haproxy = std::path::Path::new("/usr/sbin/haproxy");
+    let haproxy = Path::new(support::HAPROXY);
     if !haproxy.exists() {
-        println!("haproxy -c: skipped, /usr/sbin/haproxy is not installed");
+        println!(
+            "  haproxy -c: skipped, {} is not installed",
+            support::HAPROXY
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let settings = RenderSettings {
-        bind: "127.0.0.1:8080".parse().expect("bind"),
-        run_dir: dir.path().to_path_buf(),
-        map_dir: dir.path().to_path_buf(),
-        hard_stop_after: Duration::from_secs(30),
-        max_reloads: 50,
-        maxconn: Some(weft::config::AUTO_MAXCONN_CAP),
-        slots: weft::config::DEFAULT_SLOTS,
-        log: None,
-        edge_id: "0123456789abcdef".into(),
-        worker: None,
-    };
+    let mut settings = render_settings(dir.path());
+    settings.bind = "127.0.0.1:8080".parse().expect("bind");
     let rendered = render(table, &settings).expect("render");
     for (name, content) in rendered.files() {
         std::fs::write(dir.path().join(name), content).expect("write");
     }
     std::fs::write(dir.path().join("server-state"), "1\n").expect("write");
     let mut samples = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..CHECK_RUNS {
         let start = Instant::now();
-        let status = std::process::Command::new(haproxy)
+        let status = Command::new(haproxy)
             .arg("-c")
             .arg("-f")
             .arg(dir.path().join("haproxy.cfg"))
@@ -169,12 +263,43 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
         samples.push(start.elapsed());
     }
     println!(
-        "haproxy -c on that config: median of 3: {:?}",
-        median(samples)
+        "  haproxy -c on that config, median of {CHECK_RUNS}: {}",
+        ms(median(samples))
     );
 }
 
+/// The sizes asked for on the command line (cargo adds `--bench`), else [`SIZES`].
+fn sizes() -> Vec<usize> {
+    let asked: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .map(|arg| {
+            arg.replace([',', '_'], "")
+                .parse()
+                .unwrap_or_else(|_| panic!("{arg:?} is not a number of apps"))
+        })
+        .collect();
+    if asked.is_empty() {
+        SIZES.to_vec()
+    } else {
+        asked
+    }
+}
+
 fn main() {
-    run(false);
-    run(true);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let marathon = runtime.block_on(MarathonDouble::start());
+    for apps in sizes() {
+        for health_checks in [false, true] {
+            let body = apps_json(apps, health_checks);
+            println!(
+                "{apps} apps x {TASKS} tasks, health checks {}: body {}",
+                if health_checks { "on" } else { "off" },
+                mib(body.len()),
+            );
+            let table = in_process(apps, &body);
+            end_to_end(apps, &body, &marathon);
+            check_with_haproxy(&table);
+        }
+    }
 }

@@ -63,6 +63,7 @@ mod tests {
         assert_eq!(content.services.len(), 3);
         assert!(content.rejected.is_empty());
         let report = crate::model::SourceReport {
+            certificates: Default::default(),
             services: content.services,
             ..crate::model::SourceReport::starting(crate::model::SourceId::File)
         };

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: sources -> routing table -> render -> apply.
 //!
+//! - [`escape`]: source text made safe for terminals and log lines ([`escape::Escaped`]).
 //! - [`config`]: weft.toml, validated once, every error at once.
 //! - [`sources`]: where service definitions come from (services file, Consul, Marathon), each
 //!   configured source listed once for the single read and the running tasks.
@@ -18,8 +19,8 @@
 //! - [`demo`]: the embedded default: demo backends and services for `weft demo`.
 //!
 //! Imports run one way, and not in the data's order: a module uses only the modules to its
-//! left in `network <- model <- config <- sources <- slots <- render <- haproxy <- bridge <-
-//! metrics <- status <- controller <- demo` (the binary, `main.rs`, on top). The model owns
+//! left in `escape <- network <- model <- config <- sources <- slots <- render <- haproxy <-
+//! bridge <- metrics <- status <- controller <- demo` (the binary, `main.rs`, on top). The model owns
 //! what the sources report (its input), and config owns the defaults it fills in, so neither
 //! looks up. `cargo test --test layers` checks it, test modules included.
 
@@ -27,6 +28,7 @@ pub mod bridge;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod escape;
 pub mod haproxy;
 pub mod metrics;
 pub mod model;

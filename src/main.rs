@@ -10,15 +10,25 @@ use clap::{Parser, Subcommand};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
 use tracing_subscriber::EnvFilter;
 
 use weft::bridge::BridgeState;
 use weft::config::{BridgeConfig, BridgeMode, Config, HaproxyConfig, HaproxyMode};
+use weft::escape::Escaped;
 use weft::haproxy::files::stage;
 use weft::haproxy::validate::{validate, ValidateError};
 use weft::model::{build, Ledger, SourceReport};
 use weft::render::{render, RenderSettings, CONFIG_FILE};
 use weft::sources::read_all_once;
+
+/// mimalloc, not glibc's malloc: glibc keeps what a render or a reload freed in its per-thread
+/// arenas (up to 8 per core) and hands little of it back, so that weft's RSS at 10,000 services
+/// was three to six times what it held (BENCHMARKS.md, "10,000 services"); and building the
+/// routing table makes and frees many small values (a million for 10,000 Marathon apps), which
+/// mimalloc does in far fewer instructions.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A line on stdout; a failed write (a closed pipe) is an error, not a panic.
 macro_rules! out {
@@ -33,8 +43,17 @@ macro_rules! out {
     about = "HAProxy edge controller for Weave container networks"
 )]
 struct Cli {
+    /// Log lines as text (default) or as one JSON object per line, for a log collector.
+    #[arg(long, global = true, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +91,18 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Print a running weft's /status as a table (routes, sources, problems); exit 1 when it is
+    /// unhealthy or does not answer (a container health check).
+    Status {
+        #[arg(short, long, default_value = "weft.toml")]
+        config: PathBuf,
+    },
+    /// Stop the HAProxy a weft left serving (haproxy.on_exit = "keep", the default), gracefully:
+    /// takes the edge out of service. Stop weft first: a running weft would start it again.
+    Stop {
+        #[arg(short, long, default_value = "weft.toml")]
+        config: PathBuf,
+    },
     /// Run the embedded default: HAProxy on 127.0.0.1:8080, the file source, two demo backends.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -80,14 +111,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // The same fields as the text lines, the span's among them; one object a line.
+        LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -118,7 +152,7 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => run(Config::load(&config)?).await,
+        Command::Run { config } => run(&config).await,
         Command::Render { config, out } => render_once(&Config::load(&config)?, out).await,
         Command::Check { config, strict } => check(&config, strict).await,
         Command::Bridge {
@@ -126,40 +160,234 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             check,
             watch,
         } => bridge(&config, check, watch).await,
+        Command::Stop { config } => stop(&config).await,
+        Command::Status { config } => status(&config).await,
         Command::Demo { bind } => demo(bind).await,
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<ExitCode> {
-    require_binary(&config.haproxy.binary)?;
-    raise_open_files_limit(&config.haproxy);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    weft::controller::run(config, shutdown).await?;
+/// The most of `/status` `weft status` reads (10,000 routes are a few MiB).
+const MAX_STATUS_BYTES: usize = 64 << 20;
+/// Rows of each list `weft status` prints; `/status` has them all.
+const SHOWN_ROWS: usize = 50;
+
+async fn status(path: &Path) -> anyhow::Result<ExitCode> {
+    use weft::escape::Escaped;
+    let mut listen = Config::load(path)?.status_listen;
+    if listen.ip().is_unspecified() {
+        listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{listen}/status");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()?;
+    let mut answer = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("no weft answers at {url}"))?;
+    let mut body = Vec::new();
+    while let Some(chunk) = answer.chunk().await? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_STATUS_BYTES {
+            bail!("{url} answered more than {MAX_STATUS_BYTES} bytes");
+        }
+    }
+    let view: serde_json::Value =
+        serde_json::from_slice(&body).with_context(|| format!("{url} is not weft's /status"))?;
+    let text = |value: &serde_json::Value| match value {
+        serde_json::Value::String(text) => Escaped(text.clone()).to_string(),
+        serde_json::Value::Null => "-".into(),
+        other => Escaped(other.to_string()).to_string(),
+    };
+    let list = |key: &str| view[key].as_array().cloned().unwrap_or_default();
+    let healthy = view["healthy"].as_bool().unwrap_or(false);
+    out!(
+        "weft at {listen}: {}",
+        if healthy { "healthy" } else { "UNHEALTHY" }
+    );
+    for problem in list("problems") {
+        out!("  problem: {}", text(&problem));
+    }
+    let haproxy = &view["haproxy"];
+    out!(
+        "haproxy: {}, {} reloads, {} runtime updates{}",
+        if haproxy["running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "NOT RUNNING"
+        },
+        haproxy["reloads"],
+        haproxy["runtime_updates"],
+        match &haproxy["last_error"] {
+            serde_json::Value::Null => String::new(),
+            error => format!(", last error: {}", text(error)),
+        }
+    );
+    out!("\nsources:");
+    out!("  {:<12} {:<10} {:>8}  reason", "name", "state", "services");
+    for source in list("sources") {
+        out!(
+            "  {:<12} {:<10} {:>8}  {}",
+            text(&source["name"]),
+            text(&source["state"]),
+            source["services"],
+            text(&source["reason"])
+        );
+    }
+    let routes = list("routes");
+    out!("\nroutes ({}):", routes.len());
+    for route in routes.iter().take(SHOWN_ROWS) {
+        let servers: Vec<String> = route["servers"]
+            .as_array()
+            .map(|s| s.iter().map(text).collect())
+            .unwrap_or_default();
+        out!(
+            "  {}{} -> {} [{}]",
+            text(&route["host"]),
+            text(&route["path"]),
+            text(&route["service"]),
+            servers.join(", ")
+        );
+    }
+    if routes.len() > SHOWN_ROWS {
+        out!("  ... {} more in {url}", routes.len() - SHOWN_ROWS);
+    }
+    let dropped = list("dropped");
+    out!("\ndropped ({}):", dropped.len());
+    for drop in dropped.iter().take(SHOWN_ROWS) {
+        out!(
+            "  {} {}: {}",
+            text(&drop["source"]),
+            text(&drop["subject"]),
+            text(&drop["reason"])
+        );
+    }
+    if dropped.len() > SHOWN_ROWS {
+        out!("  ... {} more in {url}", dropped.len() - SHOWN_ROWS);
+    }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn stop(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?.haproxy;
+    if config.mode == HaproxyMode::External {
+        bail!("haproxy.mode is \"external\": that HAProxy is not weft's to stop");
+    }
+    // Held by a running weft, which would start HAProxy again at once.
+    let _lock = weft::haproxy::files::lock_run_dir(&config.run_dir)?;
+    let launch = weft::haproxy::process::Launch::new(&config);
+    let grace = config.hard_stop_after + std::time::Duration::from_secs(5);
+    match weft::haproxy::process::stop_kept(&launch, grace).await {
+        Some(pid) => out!("haproxy (pid {pid}) stopped"),
+        None => out!("no haproxy of weft's runs on {}", config.run_dir.display()),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// SIGTERM, SIGINT and SIGHUP stop weft gracefully (a managed HAProxy with it). SIGHUP's
-/// default would kill weft on the spot and leave its HAProxy behind; weft.toml is read at
-/// start only, so a SIGHUP from a config-management tool means "restart me".
+async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    require_binary(&config.haproxy.binary)?;
+    raise_open_files_limit(&config.haproxy);
+    let shutdown = CancellationToken::new();
+    let handover = CancellationToken::new();
+    tokio::spawn(stop_or_reexec_on_signal(
+        path.to_path_buf(),
+        shutdown.clone(),
+        handover.clone(),
+    ));
+    weft::controller::run(config, shutdown, handover.clone()).await?;
+    if handover.is_cancelled() {
+        reexec()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT stop weft gracefully; its HAProxy keeps serving or stops, as
+/// `haproxy.on_exit` says. SIGHUP re-reads weft.toml the only way weft reads it, at start: if
+/// the file is sound, weft hands its HAProxy over (whatever `on_exit` says) and executes
+/// itself again, under the same pid, and the new image adopts HAProxy with no request lost;
+/// if it is not, weft says why and runs on as it was.
+async fn stop_or_reexec_on_signal(
+    path: PathBuf,
+    shutdown: CancellationToken,
+    handover: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return stop_on_signal(shutdown).await;
+    };
+    let hangups = async {
+        loop {
+            hup.recv().await;
+            match Config::load(&path) {
+                Ok(_) => {
+                    tracing::info!(config = %path.display(), "SIGHUP: weft.toml is sound, restarting weft in place; haproxy keeps serving");
+                    return;
+                }
+                Err(err) => tracing::error!(
+                    error = %weft::sources::error_chain(&err),
+                    "SIGHUP: weft.toml has errors, running on as before"
+                ),
+            }
+        }
+    };
+    tokio::select! {
+        () = terminated() => {}
+        () = hangups => handover.cancel(),
+    }
+    shutdown.cancel();
+}
+
+/// Executes weft's binary again with the same arguments: the file at weft's path now (after
+/// a package upgrade, the new version), under the same pid.
+fn reexec() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("cannot find weft's own binary")?;
+    let text = exe.to_string_lossy();
+    let exe = PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text));
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).with_context(|| format!("cannot execute {}", exe.display()))
+}
+
+/// SIGTERM, SIGINT and SIGHUP stop weft gracefully (SIGHUP's default would kill weft on the
+/// spot).
 async fn stop_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(term), Ok(hup)) => (term, hup),
-        (Err(err), _) | (_, Err(err)) => {
-            tracing::error!(error = %err, "cannot listen for SIGTERM and SIGHUP");
-            return;
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => tokio::select! {
+            () = terminated() => {}
+            _ = hup.recv() => tracing::info!("SIGHUP, stopping"),
+        },
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGHUP");
+            terminated().await
+        }
+    }
+    shutdown.cancel();
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM");
+            return std::future::pending().await;
         }
     };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM, stopping"),
-        _ = hup.recv() => tracing::info!("SIGHUP, stopping: weft reads weft.toml at start only, so restart it to apply a change"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT, stopping"),
     }
-    shutdown.cancel();
 }
 
 fn require_binary(binary: &Path) -> anyhow::Result<()> {
@@ -235,17 +463,23 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
 
 async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let (built, failures) = build_once(config).await;
+    // Source text (names, tags, labels, error bodies) is escaped: one line each, no terminal
+    // control sequences.
     for failure in &failures {
-        eprintln!("weft: {failure}");
+        eprintln!("weft: {}", Escaped(failure));
     }
     for dropped in &built.dropped {
-        eprintln!("dropped: {dropped}");
+        eprintln!("dropped: {}", Escaped(dropped));
     }
     match out {
         None => {
             let rendered = render(
                 &built.table,
-                &RenderSettings::new(&config.haproxy, &config.haproxy.run_dir),
+                &RenderSettings::new(
+                    &config.haproxy,
+                    &config.haproxy.run_dir,
+                    &default_cert(config)?,
+                ),
             )?;
             std::io::stdout().write_all(rendered.config.as_bytes())?;
         }
@@ -253,7 +487,8 @@ async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<Ex
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let dir = std::path::absolute(&dir)?;
-            let rendered = render(&built.table, &RenderSettings::new(&config.haproxy, &dir))?;
+            let settings = RenderSettings::new(&config.haproxy, &dir, &default_cert(config)?);
+            let rendered = render(&built.table, &settings)?;
             stage(&dir, &rendered)?;
         }
     }
@@ -261,6 +496,15 @@ async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<Ex
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// A default certificate for `weft render` and `weft check`, which touch no run_dir: a new
+/// one each time (`weft run` keeps its own in run_dir).
+fn default_cert(config: &Config) -> anyhow::Result<String> {
+    Ok(match config.haproxy.tls {
+        Some(_) => weft::haproxy::tls::generate_default()?,
+        None => String::new(),
     })
 }
 
@@ -274,7 +518,7 @@ async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
     }
     let (built, failures) = build_once(&config).await;
     for failure in &failures {
-        out!("{failure}");
+        out!("{}", Escaped(failure));
         problems += 1;
     }
     out!(
@@ -284,7 +528,7 @@ async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         built.dropped.len()
     );
     for dropped in &built.dropped {
-        out!("dropped: {dropped}");
+        out!("dropped: {}", Escaped(dropped));
         if strict {
             problems += 1;
         }
@@ -307,14 +551,17 @@ async fn check(path: &Path, strict: bool) -> anyhow::Result<ExitCode> {
         let dir = tempfile::tempdir()?;
         let rendered = render(
             &built.table,
-            &RenderSettings::new(&config.haproxy, dir.path()),
+            &RenderSettings::new(&config.haproxy, dir.path(), &default_cert(&config)?),
         )?;
         stage(dir.path(), &rendered)?;
         let staged = dir.path().join(CONFIG_FILE);
         match validate(&config.haproxy.binary, &staged, &rendered.config).await {
             Ok(()) => out!("haproxy -c: ok"),
             Err(ValidateError::Rejected { stderr, .. }) => {
-                out!("haproxy -c: rejected:\n{stderr}");
+                out!("haproxy -c: rejected:");
+                for line in stderr.lines() {
+                    out!("{}", Escaped(line));
+                }
                 problems += 1;
             }
             Err(err) => return Err(err.into()),
@@ -421,6 +668,6 @@ async fn demo(bind: SocketAddr) -> anyhow::Result<ExitCode> {
         services.display()
     );
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    weft::controller::run(config, shutdown).await?;
+    weft::controller::run(config, shutdown, CancellationToken::new()).await?;
     Ok(ExitCode::SUCCESS)
 }

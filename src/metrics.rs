@@ -33,6 +33,12 @@ pub const SOURCE_UP: &str = "weft_source_up";
 pub const SOURCE_SERVICES: &str = "weft_source_services";
 /// 1 when the weave bridge is as configured (or off), 0 with a problem.
 pub const BRIDGE_OK: &str = "weft_bridge_ok";
+/// Sockets on HAProxy's binds that are not HAProxy's (a process sharing its port).
+pub const FOREIGN_LISTENERS: &str = "weft_foreign_listeners";
+/// With `[tls]`: certificates served (weft's default not counted), and the earliest notAfter
+/// among them, unix seconds (absent with none).
+pub const TLS_CERTIFICATES: &str = "weft_tls_certificates";
+pub const TLS_EARLIEST_EXPIRY: &str = "weft_tls_certificate_earliest_expiry_seconds";
 /// 1 when `/healthz` answers 200.
 pub const HEALTHY: &str = "weft_healthy";
 
@@ -56,6 +62,9 @@ pub struct Snapshot<'a> {
     /// `(source, up, services)`.
     pub sources: Vec<(&'a str, bool, usize)>,
     pub bridge_ok: bool,
+    pub foreign_listeners: usize,
+    /// With `[tls]`: `(certificates, earliest notAfter)`.
+    pub tls: Option<(usize, Option<i64>)>,
 }
 
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
@@ -133,6 +142,12 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     );
     gauge(
         &mut registry,
+        FOREIGN_LISTENERS,
+        "Sockets on HAProxy's binds held by a process that is not HAProxy",
+        snapshot.foreign_listeners as i64,
+    );
+    gauge(
+        &mut registry,
         HEALTHY,
         "weft is healthy (/healthz answers 200)",
         snapshot.healthy.into(),
@@ -165,6 +180,23 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     registry.register(SOURCE_UP, "The source is ok (0: degraded or starting)", up);
     registry.register(SOURCE_SERVICES, "Services the source reports", services);
 
+    if let Some((count, earliest)) = snapshot.tls {
+        gauge(
+            &mut registry,
+            TLS_CERTIFICATES,
+            "TLS certificates served (weft's default not counted)",
+            count as i64,
+        );
+        if let Some(earliest) = earliest {
+            gauge(
+                &mut registry,
+                TLS_EARLIEST_EXPIRY,
+                "The earliest notAfter of the TLS certificates served, unix seconds",
+                earliest,
+            );
+        }
+    }
+
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
@@ -190,6 +222,8 @@ mod tests {
             conflicts: vec![("consul", 1)],
             sources: vec![("file", true, 3), ("consul", false, 0)],
             bridge_ok: true,
+            foreign_listeners: 2,
+            tls: Some((2, Some(1_800_000_000))),
         })
         .unwrap();
         for line in [
@@ -202,6 +236,9 @@ mod tests {
             "weft_source_up{source=\"consul\"} 0",
             "weft_source_services{source=\"file\"} 3",
             "weft_healthy 0",
+            "weft_foreign_listeners 2",
+            "weft_tls_certificates 2",
+            "weft_tls_certificate_earliest_expiry_seconds 1800000000",
             "# EOF",
         ] {
             assert!(

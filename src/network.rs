@@ -269,7 +269,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::OwnListener(addr) => write!(
                 f,
-                "address {addr} is where this edge listens (haproxy.bind or status.listen): \
+                "address {addr} is where this edge listens (haproxy.bind, tls.listen or status.listen): \
                  HAProxy would send the request back to itself"
             ),
             Refusal::NetworkAddress(ip, net) => write!(

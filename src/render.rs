@@ -1,7 +1,9 @@
 //! Render: the routing table as `haproxy.cfg` and its map files.
 //!
-//! A pure function of the table and the settings: the same input gives byte-identical output,
-//! so every edge node renders the same files and "nothing changed" is a string comparison.
+//! A pure function of the table, the slots and the settings: the same input gives
+//! byte-identical output, so "nothing changed" is a string comparison. From scratch (`render`,
+//! as `weft render` does) every edge renders the same files; a running edge's slots also
+//! depend on the changes it saw (which spare a new service took, which slot a server holds).
 //!
 //! Routing in HAProxy, in the order it is tried:
 //! 1. `paths.map` (`map_beg`): `host/path/` -> backend, longest prefix first; the frontend
@@ -9,7 +11,13 @@
 //! 2. `hosts.map` (exact): `host` -> backend;
 //! 3. `wildcards.map` (`map_end`): `.example.com` -> backend for `*.example.com`, longest first;
 //! 4. `no_route`: 404.
+//!
+//! With `[tls]`, the same frontend has a second bind, `ssl crt-list certs.list alpn
+//! h2,http/1.1`: the same rules, the same maps. `certs.list` names weft's own default
+//! certificate first (what a client without SNI, or with a name no certificate covers, gets),
+//! then each certificate of the table, whose SANs HAProxy serves by SNI.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,12 +25,12 @@ use std::time::Duration;
 
 use askama::Template;
 
-use crate::config::HaproxyConfig;
+use crate::config::{HaproxyConfig, ProxyProtocol, DEFAULT_TUNNEL_TIMEOUT};
 // Config owns the config file's name (its `haproxy.config_file` default is made of it). It is
 // re-exported here, beside the other names of HAProxy's files.
 pub use crate::config::CONFIG_FILE;
-use crate::model::RoutingTable;
-use crate::slots::{slot_name, Slots, PARKED};
+use crate::model::{CheckKind, HealthCheck, Hsts, Redirect, RoutingTable};
+use crate::slots::{Pool, Slots, PARKED};
 
 /// The names of HAProxy's files, in the one place every part of weft reads them from. The
 /// map files the config refers to, by file name inside the map directory:
@@ -32,16 +40,42 @@ pub const WILDCARDS_MAP: &str = "wildcards.map";
 /// In the run directory: the admin stats socket the config opens, and the server state that
 /// a reload hands from the old worker to the new.
 pub const ADMIN_SOCKET: &str = "admin.sock";
+/// HAProxy's Prometheus exporter's socket in run_dir: `http-request use-service
+/// prometheus-exporter` on a frontend of its own that only weft (run_dir is private) reaches.
+pub const PROMETHEUS_SOCKET: &str = "prometheus.sock";
 pub const SERVER_STATE_FILE: &str = "server-state";
 /// An empty server-state file in the format HAProxy writes: version line only. Without it
 /// HAProxy warns that it cannot read the file.
 pub const EMPTY_SERVER_STATE: &str = "1\n";
+/// With `[tls]`, in the map directory: the crt-list of the TLS bind, weft's default
+/// certificate, and the directory of the installed certificates (`certs/NAME.pem`).
+pub const CRT_LIST: &str = "certs.list";
+pub const DEFAULT_CERT: &str = "tls-default.pem";
+pub const CERTS_DIR: &str = "certs";
+/// ALPN offered on the TLS bind: HTTP/2 first.
+pub const ALPN: &str = "h2,http/1.1";
+
+/// The file name (relative to the map directory) of the installed certificate `name`.
+pub fn cert_file(name: &str) -> String {
+    format!("{CERTS_DIR}/{name}.pem")
+}
+
+/// The TLS bind, when `[tls]` is configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    /// weft's own self-signed certificate and key (PEM), served to clients without SNI or
+    /// with a name no certificate covers; it names no real host.
+    pub default_cert: String,
+}
 
 /// What the rendered files depend on besides the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderSettings {
     /// Where HAProxy listens for clients.
     pub bind: SocketAddr,
+    /// What the binds expect from in front of them, and how long tunnels live.
+    pub clients: ClientSettings,
     /// Absolute directory of the admin socket and the server-state file.
     pub run_dir: PathBuf,
     /// Absolute directory the map files are read from.
@@ -53,14 +87,85 @@ pub struct RenderSettings {
     /// `maxconn` in `global`: HAProxy's concurrent connections, and so its fd limit; `None`:
     /// none rendered, HAProxy's own choice.
     pub maxconn: Option<u32>,
-    /// Slots per backend come in multiples of this (see [`crate::slots`]).
-    pub slots: usize,
+    /// The spare backends each reload declares (see [`crate::slots`]).
+    pub pool: Pool,
     /// Syslog target of the access log (`haproxy.log`), if any.
     pub log: Option<String>,
     /// This edge's name in the loop guard header, [`loop_header`] (hex digits).
     pub edge_id: String,
-    /// The uid and gid HAProxy's workers switch to; `None`: they stay who started HAProxy.
-    pub worker: Option<(u32, u32)>,
+    /// Who HAProxy's workers become once started; `None`: they stay who started HAProxy.
+    pub worker: Option<Worker>,
+    /// The TLS bind; `None`: none.
+    pub tls: Option<TlsSettings>,
+}
+
+/// What HAProxy's workers, which parse every request from the internet, give up at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    /// The uid and gid they switch to (`haproxy.user`'s).
+    pub uid: u32,
+    pub gid: u32,
+    /// The empty directory they are chrooted into ([`JAIL_DIR`] in run_dir): a worker taken
+    /// over through a flaw in HAProxy sees no file at all. `None` when the access log goes to
+    /// a unix socket, whose path would be outside.
+    pub jail: Option<PathBuf>,
+}
+
+/// The empty directory inside run_dir that HAProxy's workers are chrooted into.
+pub const JAIL_DIR: &str = "empty";
+
+/// What the frontend does with what arrives from in front of it (see [`HaproxyConfig`]'s
+/// fields of the same names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSettings {
+    /// Peers whose `X-Forwarded-For/Proto/Port` are kept; from any other peer they are
+    /// replaced by HAProxy's own.
+    pub trusted_proxies: Vec<ipnetwork::IpNetwork>,
+    /// `accept-proxy` on the binds.
+    pub proxy_protocol: ProxyProtocol,
+    /// `timeout tunnel`: the idle timeout of a WebSocket once upgraded.
+    pub tunnel_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    /// Nobody trusted, no PROXY protocol, weft's default tunnel timeout.
+    fn default() -> Self {
+        ClientSettings {
+            trusted_proxies: Vec::new(),
+            proxy_protocol: ProxyProtocol::Off,
+            tunnel_timeout: DEFAULT_TUNNEL_TIMEOUT,
+        }
+    }
+}
+
+impl ClientSettings {
+    fn new(haproxy: &HaproxyConfig) -> Self {
+        ClientSettings {
+            trusted_proxies: haproxy.trusted_proxies.clone(),
+            proxy_protocol: haproxy.proxy_protocol,
+            tunnel_timeout: haproxy.tunnel_timeout,
+        }
+    }
+
+    /// What every client bind carries after its address (`accept-proxy`), with its leading
+    /// space; the same for any bind the frontend gets.
+    fn bind_options(&self) -> &'static str {
+        match self.proxy_protocol {
+            ProxyProtocol::Off => "",
+            ProxyProtocol::Accept => " accept-proxy",
+        }
+    }
+
+    /// The trusted proxies as an ACL's patterns, space-separated; `None` when there are none.
+    fn trusted_patterns(&self) -> Option<String> {
+        (!self.trusted_proxies.is_empty()).then(|| {
+            self.trusted_proxies
+                .iter()
+                .map(|net| net.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+    }
 }
 
 /// A request passing this edge once more than this many times is in a loop (508).
@@ -72,19 +177,40 @@ pub fn loop_header(edge_id: &str) -> String {
 }
 
 impl RenderSettings {
-    /// The settings of `haproxy` for files installed in `run_dir` (maps and sockets there).
-    pub fn new(haproxy: &HaproxyConfig, run_dir: &Path) -> RenderSettings {
+    /// Every TCP address the rendered config binds: the one frontend's (the admin socket is a
+    /// unix socket). Whoever else listens there takes a share of HAProxy's connections.
+    pub fn binds(&self) -> Vec<SocketAddr> {
+        let mut binds = vec![self.bind];
+        binds.extend(self.tls.as_ref().map(|tls| tls.listen));
+        binds
+    }
+
+    /// The settings of `haproxy` for files installed in `run_dir` (maps and sockets there);
+    /// `default_cert` is weft's default certificate for the TLS bind, if `[tls]` is set.
+    pub fn new(haproxy: &HaproxyConfig, run_dir: &Path, default_cert: &str) -> RenderSettings {
         RenderSettings {
             bind: haproxy.bind,
+            clients: ClientSettings::new(haproxy),
             run_dir: run_dir.to_path_buf(),
             map_dir: run_dir.to_path_buf(),
             hard_stop_after: haproxy.hard_stop_after,
             max_reloads: haproxy.max_reloads,
             maxconn: haproxy.maxconn(),
-            slots: haproxy.server_slots,
+            pool: haproxy.pool(),
             log: haproxy.log.clone(),
             edge_id: haproxy.edge_id(),
-            worker: haproxy.worker_ids(),
+            worker: haproxy.worker_ids().map(|(uid, gid)| Worker {
+                uid,
+                gid,
+                jail: match &haproxy.log {
+                    Some(log) if log.starts_with('/') => None,
+                    _ => Some(run_dir.join(JAIL_DIR)),
+                },
+            }),
+            tls: haproxy.tls.as_ref().map(|tls| TlsSettings {
+                listen: tls.listen,
+                default_cert: default_cert.to_string(),
+            }),
         }
     }
 }
@@ -96,28 +222,79 @@ pub struct Rendered {
     pub hosts_map: String,
     pub paths_map: String,
     pub wildcards_map: String,
+    /// With `[tls]`: the crt-list and the certificates it names.
+    pub tls: Option<RenderedTls>,
+}
+
+/// The TLS bind's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedTls {
+    pub crt_list: String,
+    pub default_cert: String,
+    /// PEM of each certificate, by name (installed as [`cert_file`]).
+    pub certs: BTreeMap<String, String>,
 }
 
 impl Rendered {
-    /// `(file name, content)` of each file, maps first: they must be in place before the
-    /// config that reads them.
-    pub fn files(&self) -> [(&'static str, &str); 4] {
-        [
-            (HOSTS_MAP, &self.hosts_map),
-            (PATHS_MAP, &self.paths_map),
-            (WILDCARDS_MAP, &self.wildcards_map),
-            (CONFIG_FILE, &self.config),
-        ]
+    /// `(file name, content)` of each file, relative to the map directory (the config: its
+    /// own name), in the order they must be written: what a file names is in place before it
+    /// (maps and certificates, the crt-list, the config last).
+    pub fn files(&self) -> Vec<(String, &str)> {
+        let mut files = vec![
+            (HOSTS_MAP.to_string(), self.hosts_map.as_str()),
+            (PATHS_MAP.to_string(), self.paths_map.as_str()),
+            (WILDCARDS_MAP.to_string(), self.wildcards_map.as_str()),
+        ];
+        if let Some(tls) = &self.tls {
+            files.push((DEFAULT_CERT.to_string(), tls.default_cert.as_str()));
+            files.extend(
+                tls.certs
+                    .iter()
+                    .map(|(name, pem)| (cert_file(name), pem.as_str())),
+            );
+            files.push((CRT_LIST.to_string(), tls.crt_list.as_str()));
+        }
+        files.push((CONFIG_FILE.to_string(), self.config.as_str()));
+        files
     }
 }
 
 struct BackendView {
     name: String,
     balance: &'static str,
-    /// `(path, interval, fall)` of the HTTP health check.
-    check: Option<(String, String, u32)>,
-    /// `(slot name, server address)`; `None` is a free slot.
-    servers: Vec<(String, Option<String>)>,
+    check: Option<CheckView>,
+    /// `(slot number, server address)`: the server `s<number>` (see
+    /// [`crate::slots::slot_name`]); `None` is a free slot.
+    servers: Vec<(usize, Option<SocketAddr>)>,
+}
+
+/// ACME HTTP-01 challenges are answered on plain HTTP: never redirected.
+pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+/// The `Strict-Transport-Security` value of a service with HSTS.
+pub const HSTS_VALUE: &str = "max-age=31536000";
+
+/// A backend's health check as the template writes it.
+struct CheckView {
+    /// `option httpchk GET <path>`; `None`: a TCP check.
+    httpchk: Option<String>,
+    interval: String,
+    fall: u32,
+    /// `timeout check`, if set.
+    timeout: Option<String>,
+}
+
+impl CheckView {
+    fn new(check: &HealthCheck) -> CheckView {
+        CheckView {
+            httpchk: match &check.kind {
+                CheckKind::Http(path) => Some(path.to_string()),
+                CheckKind::Tcp => None,
+            },
+            interval: haproxy_duration(check.interval),
+            fall: check.fall,
+            timeout: check.timeout.map(haproxy_duration),
+        }
+    }
 }
 
 #[derive(Template)]
@@ -125,7 +302,11 @@ struct BackendView {
 struct ConfigTemplate<'a> {
     version: &'a str,
     bind: SocketAddr,
+    bind_options: &'static str,
+    trusted_proxies: Option<String>,
+    tunnel_timeout: String,
     admin_socket: String,
+    prometheus_socket: String,
     server_state: String,
     hosts_map: String,
     paths_map: String,
@@ -134,17 +315,23 @@ struct ConfigTemplate<'a> {
     hard_stop_after: String,
     max_reloads: u32,
     maxconn: Option<u32>,
-    worker: Option<(u32, u32)>,
+    worker: Option<Worker>,
     log: Option<&'a str>,
     loop_header: String,
     max_passes: u32,
+    /// `(listen, crt-list path, ALPN)` of the TLS bind.
+    tls: Option<(SocketAddr, String, &'static str)>,
     backends: Vec<BackendView>,
+    acme_challenge: &'static str,
+    hsts_value: &'static str,
+    /// `:PORT` of the TLS bind in redirects, empty for 443.
+    https_port: String,
 }
 
-/// Renders the config and the maps.
-/// Renders the config and the maps from scratch: servers in sorted slots.
+/// Renders the config and the maps from scratch: every service on its own backend, servers
+/// in sorted slots, the pool full.
 pub fn render(table: &RoutingTable, settings: &RenderSettings) -> Result<Rendered, askama::Error> {
-    let slots = Slots::assign(&Slots::default(), table, settings.slots);
+    let slots = Slots::assign(&Slots::default(), table, settings.pool);
     render_with(table, &slots, settings)
 }
 
@@ -154,33 +341,29 @@ pub fn render_with(
     slots: &Slots,
     settings: &RenderSettings,
 ) -> Result<Rendered, askama::Error> {
-    let backends = table
+    let backends = slots
         .backends
         .iter()
-        .map(|(name, backend)| BackendView {
-            name: name.backend(),
-            balance: backend.balance.as_str(),
-            check: backend
-                .check
-                .as_ref()
-                .map(|c| (c.path.to_string(), haproxy_duration(c.interval), c.fall)),
-            servers: slots
-                .backends
-                .get(name)
-                .map(|slots| {
-                    slots
-                        .iter()
-                        .enumerate()
-                        .map(|(i, slot)| (slot_name(i), slot.map(|a| a.to_string())))
-                        .collect()
-                })
-                .unwrap_or_default(),
+        .map(|(name, declared)| BackendView {
+            name: name.clone(),
+            balance: declared.flavour.balance.as_str(),
+            check: declared.flavour.check.as_ref().map(CheckView::new),
+            servers: declared
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| (i + 1, *slot))
+                .collect(),
         })
         .collect();
     let config = ConfigTemplate {
         version: env!("CARGO_PKG_VERSION"),
         bind: settings.bind,
+        bind_options: settings.clients.bind_options(),
+        trusted_proxies: settings.clients.trusted_patterns(),
+        tunnel_timeout: haproxy_duration(settings.clients.tunnel_timeout),
         admin_socket: in_dir(&settings.run_dir, ADMIN_SOCKET),
+        prometheus_socket: in_dir(&settings.run_dir, PROMETHEUS_SOCKET),
         server_state: in_dir(&settings.run_dir, SERVER_STATE_FILE),
         hosts_map: in_dir(&settings.map_dir, HOSTS_MAP),
         paths_map: in_dir(&settings.map_dir, PATHS_MAP),
@@ -189,20 +372,54 @@ pub fn render_with(
         hard_stop_after: haproxy_duration(settings.hard_stop_after),
         max_reloads: settings.max_reloads,
         maxconn: settings.maxconn,
-        worker: settings.worker,
+        worker: settings.worker.clone(),
         log: settings.log.as_deref(),
         loop_header: loop_header(&settings.edge_id),
         max_passes: MAX_EDGE_PASSES,
+        tls: settings
+            .tls
+            .as_ref()
+            .map(|tls| (tls.listen, in_dir(&settings.map_dir, CRT_LIST), ALPN)),
         backends,
+        acme_challenge: ACME_CHALLENGE,
+        hsts_value: HSTS_VALUE,
+        https_port: match settings.tls.as_ref().map(|tls| tls.listen.port()) {
+            None | Some(443) => String::new(),
+            Some(port) => format!(":{port}"),
+        },
     }
     .render()?;
-    let (hosts_map, paths_map, wildcards_map) = render_maps(table);
+    let (hosts_map, paths_map, wildcards_map) = render_maps(table, slots);
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(|tls| render_tls(table, tls, &settings.map_dir));
     Ok(Rendered {
         config,
         hosts_map,
         paths_map,
         wildcards_map,
+        tls,
     })
+}
+
+/// The crt-list (weft's default certificate first: HAProxy serves the first one to a client
+/// whose SNI no certificate covers, and never lets it be removed at runtime) and the
+/// certificates. No SNI filters: HAProxy takes each certificate's names from its SANs.
+fn render_tls(table: &RoutingTable, tls: &TlsSettings, dir: &Path) -> RenderedTls {
+    let mut crt_list = format!("{}\n", in_dir(dir, DEFAULT_CERT));
+    for name in table.certificates.keys() {
+        let _ = writeln!(crt_list, "{}", in_dir(dir, &cert_file(name)));
+    }
+    RenderedTls {
+        crt_list,
+        default_cert: tls.default_cert.clone(),
+        certs: table
+            .certificates
+            .iter()
+            .map(|(name, cert)| (name.clone(), cert.pem.clone()))
+            .collect(),
+    }
 }
 
 /// HAProxy's time format: whole seconds as `30s`, anything finer in milliseconds.
@@ -221,16 +438,34 @@ fn in_dir(dir: &Path, name: &str) -> String {
 
 /// The three maps. `map_beg` and `map_end` take the first match in file order, so longer keys
 /// come first; ties sort by key, keeping the output deterministic.
-fn render_maps(table: &RoutingTable) -> (String, String, String) {
+///
+/// Each value is a [`RouteValue`]: the backend, the service (the access log names it, never a
+/// spare's name) and the route's flags, so that a spare takes any service at runtime.
+fn render_maps(table: &RoutingTable, slots: &Slots) -> (String, String, String) {
     let mut hosts = Vec::new();
     let mut paths = Vec::new();
     let mut wildcards = Vec::new();
     for (key, service) in &table.routes {
-        let backend = service.backend();
+        let Some(backend) = slots.backend_of(service) else {
+            continue;
+        };
+        let https = table.backends.get(service).map(|b| {
+            let redirect =
+                matches!(&b.redirect, Redirect::Https(covered) if covered.contains(&key.host));
+            (redirect, b.hsts == Hsts::On)
+        });
+        let (redirect, hsts) = https.unwrap_or_default();
+        let value = RouteValue {
+            backend,
+            service: service.as_str(),
+            redirect,
+            hsts,
+        }
+        .to_string();
         match (key.host.wildcard_suffix(), key.path.is_root()) {
-            (Some(suffix), _) => wildcards.push((suffix.to_string(), backend)),
-            (None, true) => hosts.push((key.host.to_string(), backend)),
-            (None, false) => paths.push((format!("{}{}/", key.host, key.path), backend)),
+            (Some(suffix), _) => wildcards.push((suffix.to_string(), value)),
+            (None, true) => hosts.push((key.host.to_string(), value)),
+            (None, false) => paths.push((format!("{}{}/", key.host, key.path), value)),
         }
     }
     let longest_first =
@@ -238,6 +473,25 @@ fn render_maps(table: &RoutingTable) -> (String, String, String) {
     paths.sort_by(longest_first);
     wildcards.sort_by(longest_first);
     (map_text(&hosts), map_text(&paths), map_text(&wildcards))
+}
+
+/// A route's value in the maps: `BACKEND;SERVICE;FLAGS`, FLAGS holding `r` (plain HTTP is
+/// redirected to HTTPS: the service asks for it and a certificate covers the host) and `h`
+/// (HSTS on HTTPS answers). The frontend reads the fields with `field(N,;)`; no part can hold
+/// a `;` (service names are `[a-z0-9._:-]`).
+struct RouteValue<'a> {
+    backend: &'a str,
+    service: &'a str,
+    redirect: bool,
+    hsts: bool,
+}
+
+impl std::fmt::Display for RouteValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redirect = if self.redirect { "r" } else { "" };
+        let hsts = if self.hsts { "h" } else { "" };
+        write!(f, "{};{};{redirect}{hsts}", self.backend, self.service)
+    }
 }
 
 fn map_text(entries: &[(String, String)]) -> String {
@@ -251,20 +505,25 @@ fn map_text(entries: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{test_table, ServiceDef};
+    use crate::model::{test_table, CheckDef, ServiceDef};
 
     fn settings() -> RenderSettings {
         RenderSettings {
             bind: "0.0.0.0:80".parse().unwrap(),
+            clients: ClientSettings::default(),
             run_dir: "/var/lib/weft".into(),
             map_dir: "/var/lib/weft".into(),
             hard_stop_after: Duration::from_secs(30),
             max_reloads: 50,
             maxconn: Some(100_000),
-            slots: 4,
+            pool: Pool {
+                spares: 2,
+                spare_slots: 4,
+            },
             log: None,
             edge_id: "0123456789abcdef".into(),
             worker: None,
+            tls: None,
         }
     }
 
@@ -306,7 +565,8 @@ mod tests {
             None,
             &["10.2.2.7:8080", "10.2.1.5:8080"],
         );
-        shop.check = Some("/health".into());
+        shop.check = Some(CheckDef::Http("/health".into()));
+        shop.check_timeout = Some("5s".into());
         let mut api = svc(
             "shop-api",
             &["shop.example.com"],
@@ -320,12 +580,15 @@ mod tests {
             Some("/api/v2"),
             &["10.2.3.4:9000"],
         );
-        let wild = svc(
+        let mut wild = svc(
             "tenants",
             &["*.tenants.example.com"],
             None,
             &["10.2.1.20:80"],
         );
+        // A Marathon TCP check: no httpchk, marathon-lb's fall.
+        wild.check = Some(CheckDef::Tcp);
+        wild.check_fall = Some(4);
         let empty = svc("scaled-down", &["down.example.com"], None, &[]);
         table(vec![shop, api, v2, wild, empty])
     }
@@ -335,6 +598,7 @@ mod tests {
         let with_log = RenderSettings {
             log: Some("/dev/log".into()),
             maxconn: Some(2000),
+            clients: behind_a_load_balancer(),
             ..settings()
         };
         let rendered = render(&sample(), &with_log).unwrap();
@@ -342,6 +606,70 @@ mod tests {
         golden("sample.hosts.map", &rendered.hosts_map);
         golden("sample.paths.map", &rendered.paths_map);
         golden("sample.wildcards.map", &rendered.wildcards_map);
+    }
+
+    /// An edge behind a load balancer that speaks the PROXY protocol and sets X-Forwarded-*.
+    fn behind_a_load_balancer() -> ClientSettings {
+        ClientSettings {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            proxy_protocol: ProxyProtocol::Accept,
+            tunnel_timeout: Duration::from_secs(7200),
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_are_replaced_unless_from_a_trusted_proxy() {
+        let plain = render(&sample(), &settings()).unwrap().config;
+        assert!(plain.contains("\n    http-request del-header X-Forwarded-For\n"));
+        assert!(plain.contains("\n    option forwardfor\n"));
+        assert!(plain.contains("\n    timeout tunnel 3600s\n"));
+        assert!(!plain.contains("acl trusted_proxy"));
+        assert!(plain.contains("\n    bind 0.0.0.0:80\n"));
+        let behind = RenderSettings {
+            clients: behind_a_load_balancer(),
+            ..settings()
+        };
+        let config = render(&sample(), &behind).unwrap().config;
+        assert!(config.contains("\n    acl trusted_proxy src 10.0.0.0/8 fd00::/8\n"));
+        assert!(config.contains("del-header X-Forwarded-For unless trusted_proxy\n"));
+        assert!(config.contains("\n    bind 0.0.0.0:80 accept-proxy\n"));
+        assert!(config.contains("\n    timeout tunnel 7200s\n"));
+    }
+
+    /// HAProxy itself accepts both forms of the forwarded headers' rules.
+    #[test]
+    fn haproxy_accepts_the_forwarded_rules() {
+        let haproxy = Path::new("/usr/sbin/haproxy");
+        assert!(
+            haproxy.exists(),
+            "/usr/sbin/haproxy is missing: apt-get install haproxy"
+        );
+        for clients in [ClientSettings::default(), behind_a_load_balancer()] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = RenderSettings {
+                bind: "127.0.0.1:1".parse().unwrap(),
+                run_dir: dir.path().into(),
+                map_dir: dir.path().into(),
+                clients,
+                ..settings()
+            };
+            let rendered = render(&sample(), &settings).unwrap();
+            for (name, text) in rendered.files() {
+                std::fs::write(dir.path().join(name), text).unwrap();
+            }
+            std::fs::write(dir.path().join(SERVER_STATE_FILE), EMPTY_SERVER_STATE).unwrap();
+            let out = std::process::Command::new(haproxy)
+                .arg("-c")
+                .arg("-f")
+                .arg(dir.path().join(CONFIG_FILE))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "haproxy -c: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     #[test]
@@ -356,8 +684,82 @@ mod tests {
         let rendered = render(&sample(), &settings()).unwrap();
         assert_eq!(
             rendered.paths_map,
-            "shop.example.com/api/v2/ be_shop-api-v2\nshop.example.com/api/ be_shop-api\n"
+            "shop.example.com/api/v2/ be_shop-api-v2;shop-api-v2;\nshop.example.com/api/ be_shop-api;shop-api;\n"
         );
+    }
+
+    #[test]
+    fn golden_tls_bind_and_crt_list() {
+        let mut table = sample();
+        for name in ["shop", "api"] {
+            table.certificates.insert(
+                name.into(),
+                crate::model::certs::Certificate {
+                    name: name.into(),
+                    sans: vec![format!("{name}.example.com")],
+                    not_after: 1_800_000_000,
+                    serial: "01".into(),
+                    pem: format!("PEM of {name}\n"),
+                },
+            );
+        }
+        let with_tls = RenderSettings {
+            tls: Some(TlsSettings {
+                listen: "0.0.0.0:443".parse().unwrap(),
+                default_cert: "DEFAULT\n".into(),
+            }),
+            ..settings()
+        };
+        let rendered = render(&table, &with_tls).unwrap();
+        golden("tls.haproxy.cfg", &rendered.config);
+        let tls = rendered.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.crt_list,
+            "/var/lib/weft/tls-default.pem\n/var/lib/weft/certs/api.pem\n/var/lib/weft/certs/shop.pem\n"
+        );
+        let names: Vec<String> = rendered.files().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "hosts.map",
+                "paths.map",
+                "wildcards.map",
+                "tls-default.pem",
+                "certs/api.pem",
+                "certs/shop.pem",
+                "certs.list",
+                "haproxy.cfg"
+            ]
+        );
+        // Without [tls], nothing of it.
+        let plain = render(&table, &settings()).unwrap();
+        assert!(plain.tls.is_none() && !plain.config.contains("ssl crt-list"));
+        assert_eq!(with_tls.binds().len(), 2);
+    }
+
+    #[test]
+    fn golden_redirect_and_hsts() {
+        let mut shop = svc(
+            "shop",
+            &["shop.example.com", "*.t.example.com", "plain.example.com"],
+            None,
+            &["10.2.1.5:8080"],
+        );
+        shop.redirect = Some("https".into());
+        shop.hsts = Some(true);
+        let report = crate::model::SourceReport {
+            services: vec![shop],
+            health: crate::model::Health::Ok,
+            ..crate::model::SourceReport::starting(crate::model::SourceId::File)
+        };
+        let tls = crate::model::tests::tls_report(&["shop.example.com", "*.t.example.com"]);
+        let settings =
+            crate::model::ModelSettings::new(crate::network::AllowedNetworks::new(["10.2.0.0/16"
+                .parse()
+                .unwrap()]));
+        let built = crate::model::build(&[&report, &tls], &settings, &Default::default());
+        let rendered = render(&built.table, &self::tests::settings()).unwrap();
+        golden("redirect.haproxy.cfg", &rendered.config);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! Read-only views of the controller's watch channels; serving them never blocks the data path.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use askama::Template;
@@ -17,7 +18,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{unix_seconds, BridgeState};
-use crate::model::{Built, Health, Ledger, ServiceName, SourceReport};
+use crate::escape::Escaped;
+use crate::haproxy::listeners::ForeignListeners;
+use crate::haproxy::stats::{BackendStats, Stats, StatsCache};
+use crate::model::{Built, Health, Ledger, ServiceName, SourceId, SourceReport};
 
 /// What the apply loop last did, as the status page shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -30,6 +34,10 @@ pub struct ApplyStatus {
     pub reloads: u64,
     /// Servers and maps changed through the runtime API, without a reload, since start.
     pub runtime_updates: u64,
+    /// The HAProxy backend that serves each service (its own, `be_NAME`, or a spare of the
+    /// pool), for reading HAProxy's figures by service.
+    #[serde(skip)]
+    pub backends: Arc<BTreeMap<ServiceName, String>>,
     /// The last apply's error; `None` once an apply succeeds again.
     pub last_error: Option<String>,
     /// Unix seconds of the last successful change.
@@ -55,6 +63,12 @@ pub struct StatusFeed {
     pub bridge: watch::Receiver<BridgeState>,
     /// The claims ledger, as its keeper publishes it.
     pub ledger: watch::Receiver<Option<Ledger>>,
+    /// Processes other than HAProxy listening on its binds.
+    pub listeners: watch::Receiver<ForeignListeners>,
+    /// HAProxy's live figures, read when asked for.
+    pub stats: Arc<StatsCache>,
+    /// HAProxy's Prometheus exporter, for `/metrics/haproxy`.
+    pub prometheus: std::path::PathBuf,
 }
 
 /// The claims ledger at a glance.
@@ -88,6 +102,16 @@ struct RouteView {
     servers: Vec<String>,
 }
 
+/// A TLS certificate served by SNI.
+#[derive(Debug, Serialize)]
+struct CertificateView {
+    name: String,
+    sans: Vec<String>,
+    /// Unix seconds.
+    not_after: i64,
+    serial: String,
+}
+
 #[derive(Debug, Serialize)]
 struct DroppedView {
     source: String,
@@ -109,10 +133,27 @@ struct StatusView {
     conflicts: Vec<DroppedView>,
     claims: ClaimsView,
     haproxy: ApplyStatus,
+    /// Sockets on HAProxy's binds that no HAProxy process of weft's holds (at most
+    /// `listeners::MAX_SHOWN` listed, `count` all of them).
+    foreign_listeners: ForeignListeners,
     bridge: BridgeState,
+    /// HAProxy's live figures per routed service (its servers: those the service has now),
+    /// read from `show stat` at most every 2 s; `null` when HAProxy did not answer.
+    traffic: Option<BTreeMap<String, BackendStats>>,
+    /// With `[tls]`: the certificates served by SNI (dropped ones are in `dropped`, source
+    /// `tls`); `null` without `[tls]`.
+    certificates: Option<Vec<CertificateView>>,
 }
 
 impl StatusFeed {
+    /// The view with HAProxy's live figures, read (at a bounded rate) for it.
+    async fn view_with_traffic(&self) -> StatusView {
+        let stats = self.stats.get().await;
+        let mut view = self.view();
+        view.traffic = stats.map(|stats| traffic(&stats, &view.routes));
+        view
+    }
+
     fn view(&self) -> StatusView {
         let mut problems = Vec::new();
         let sources: Vec<SourceView> = self
@@ -174,7 +215,11 @@ impl StatusFeed {
                         host: key.host.to_string(),
                         path: key.path.to_string(),
                         service: service.to_string(),
-                        backend: service.backend(),
+                        backend: haproxy
+                            .backends
+                            .get(service)
+                            .cloned()
+                            .unwrap_or_else(|| service.backend()),
                         servers: built
                             .table
                             .backends
@@ -223,6 +268,43 @@ impl StatusFeed {
         if let Some(trouble) = &claims.trouble {
             problems.push(format!("claims ledger: {trouble}"));
         }
+        let tls = self
+            .reports
+            .iter()
+            .any(|r| r.borrow().source == SourceId::Tls);
+        let certificates = tls.then(|| {
+            built
+                .as_deref()
+                .map(|b| {
+                    b.table
+                        .certificates
+                        .values()
+                        .map(|c| CertificateView {
+                            name: c.name.clone(),
+                            sans: c.sans.clone(),
+                            not_after: c.not_after,
+                            serial: c.serial.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let foreign_listeners = self.listeners.borrow().clone();
+        problems.extend(foreign_listeners.listeners.iter().map(|l| {
+            let owner = match (l.pid, &l.process) {
+                (Some(pid), Some(name)) => format!("pid {pid} ({name:?})"),
+                (Some(pid), None) => format!("pid {pid}"),
+                (None, _) => "a process weft cannot see".to_string(),
+            };
+            format!(
+                "foreign listener on {}: {owner} is not haproxy and takes a share of its connections",
+                l.address
+            )
+        }));
+        let unlisted = foreign_listeners.count - foreign_listeners.listeners.len();
+        if unlisted > 0 {
+            problems.push(format!("{unlisted} more foreign listeners"));
+        }
         StatusView {
             healthy: problems.is_empty(),
             problems,
@@ -232,9 +314,26 @@ impl StatusFeed {
             conflicts,
             claims,
             haproxy,
+            foreign_listeners,
             bridge,
+            traffic: None,
+            certificates,
         }
     }
+}
+
+/// Each routed service's figures, its servers those it routes to now (free slots left out).
+fn traffic(stats: &Stats, routes: &[RouteView]) -> BTreeMap<String, BackendStats> {
+    routes
+        .iter()
+        .filter_map(|route| {
+            let mut figures = stats.get(&route.backend)?.clone();
+            figures
+                .servers
+                .retain(|server| route.servers.contains(&server.address));
+            Some((route.service.clone(), figures))
+        })
+        .collect()
 }
 
 #[derive(Template)]
@@ -242,10 +341,73 @@ impl StatusFeed {
 struct StatusPage<'a> {
     version: &'a str,
     status: &'a StatusView,
+    /// What the filter box holds: rows whose text contains it, case-insensitively.
+    filter: &'a str,
+    routes: Shown<'a, RouteView>,
+    conflicts: Shown<'a, DroppedView>,
+    dropped: Shown<'a, DroppedView>,
+}
+
+/// The most rows of one list the page shows: at 10,000 routes a page stays a few hundred KB,
+/// and the filter box (or `/status`) reaches the rest.
+pub const PAGE_ROWS: usize = 500;
+/// The longest filter the page takes.
+const MAX_FILTER: usize = 200;
+
+/// The rows of one list that match the filter, at most [`PAGE_ROWS`] of them.
+struct Shown<'a, T> {
+    rows: Vec<&'a T>,
+    /// How many match, shown or not.
+    matching: usize,
+    /// How many there are.
+    total: usize,
+}
+
+impl<'a, T> Shown<'a, T> {
+    fn of(all: &'a [T], text: impl Fn(&T) -> String, filter: &str) -> Self {
+        let filter = filter.to_lowercase();
+        let matching: Vec<&T> = all
+            .iter()
+            .filter(|row| filter.is_empty() || text(row).to_lowercase().contains(&filter))
+            .collect();
+        Shown {
+            matching: matching.len(),
+            total: all.len(),
+            rows: matching.into_iter().take(PAGE_ROWS).collect(),
+        }
+    }
+
+    /// "N" or "N of M", and what is left out.
+    fn count(&self) -> String {
+        let mut text = if self.matching == self.total {
+            self.total.to_string()
+        } else {
+            format!("{} of {}", self.matching, self.total)
+        };
+        if self.rows.len() < self.matching {
+            text += &format!(
+                ", the first {} shown: narrow with the filter",
+                self.rows.len()
+            );
+        }
+        text
+    }
+}
+
+/// `/?q=...`: the page's filter.
+#[derive(Debug, Default, serde::Deserialize)]
+struct PageQuery {
+    q: Option<String>,
+}
+
+impl StatusPage<'_> {
+    fn traffic_of(&self, service: &str) -> Option<&BackendStats> {
+        self.status.traffic.as_ref()?.get(service)
+    }
 }
 
 async fn status_json(State(feed): State<StatusFeed>) -> Json<StatusView> {
-    Json(feed.view())
+    Json(feed.view_with_traffic().await)
 }
 
 async fn metrics(State(feed): State<StatusFeed>) -> Response {
@@ -288,6 +450,11 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
             .map(|s| (s.name.as_str(), s.state == "ok", s.services))
             .collect(),
         bridge_ok: view.bridge.problems().is_empty(),
+        foreign_listeners: view.foreign_listeners.count,
+        tls: view
+            .certificates
+            .as_ref()
+            .map(|certs| (certs.len(), certs.iter().map(|c| c.not_after).min())),
     };
     match crate::metrics::encode_snapshot(&snapshot) {
         Ok(text) => (
@@ -302,21 +469,82 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
     }
 }
 
+/// HAProxy's own Prometheus exporter, passed through (`?scope=backend&scope=server`,
+/// `?no-maint` as HAProxy reads them), spares in use named after their services.
+async fn haproxy_metrics(State(feed): State<StatusFeed>, uri: axum::http::Uri) -> Response {
+    use crate::haproxy::stats::{exporter, ExporterError};
+    match exporter(&feed.prometheus, uri.query()).await {
+        Ok(answer) => {
+            let (parts, body) = answer.into_parts();
+            let renames: Vec<(String, String)> = feed
+                .apply
+                .borrow()
+                .backends
+                .iter()
+                .filter(|(_, backend)| backend.starts_with(crate::slots::SPARE_PREFIX))
+                .map(|(service, spare)| {
+                    (
+                        format!("proxy=\"{spare}\""),
+                        format!("proxy=\"{}\"", service.backend()),
+                    )
+                })
+                .collect();
+            let body = crate::haproxy::stats::spares_renamed(body, renames);
+            let mut response = axum::body::Body::from_stream(body).into_response();
+            *response.status_mut() = parts.status;
+            if let Some(kind) = parts.headers.get(header::CONTENT_TYPE) {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, kind.clone());
+            }
+            response
+        }
+        Err(err @ ExporterError::Query) => {
+            (StatusCode::BAD_REQUEST, err.to_string()).into_response()
+        }
+        Err(err) => (StatusCode::BAD_GATEWAY, err.to_string()).into_response(),
+    }
+}
+
 async fn healthz(State(feed): State<StatusFeed>) -> Response {
     let view = feed.view();
     if view.healthy {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        let body = view.problems.join("\n") + "\n";
+        // One line per problem, whatever a source's reason holds: the body is read in terminals.
+        let body: String = view
+            .problems
+            .iter()
+            .map(|problem| format!("{}\n", Escaped(problem)))
+            .collect();
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
 }
 
-async fn page(State(feed): State<StatusFeed>) -> Response {
-    let view = feed.view();
+async fn page(
+    State(feed): State<StatusFeed>,
+    axum::extract::Query(query): axum::extract::Query<PageQuery>,
+) -> Response {
+    let view = feed.view_with_traffic().await;
+    let filter: String = query
+        .q
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(MAX_FILTER)
+        .collect();
+    let dropped_text = |d: &DroppedView| format!("{} {} {}", d.source, d.subject, d.reason);
     let page = StatusPage {
         version: env!("CARGO_PKG_VERSION"),
         status: &view,
+        filter: &filter,
+        routes: Shown::of(
+            &view.routes,
+            |r| format!("{}{} {} {}", r.host, r.path, r.service, r.servers.join(" ")),
+            &filter,
+        ),
+        conflicts: Shown::of(&view.conflicts, dropped_text, &filter),
+        dropped: Shown::of(&view.dropped, dropped_text, &filter),
     };
     match page.render() {
         Ok(html) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
@@ -335,8 +563,43 @@ pub async fn serve(
         .route("/status", get(status_json))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/metrics/haproxy", get(haproxy_metrics))
         .with_state(feed);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    /// At 1,000 services the page lists at most PAGE_ROWS routes, says how many more there
+    /// are, and the filter finds any of them.
+    #[test]
+    fn a_thousand_routes_are_shown_bounded_and_filtered() {
+        let routes: Vec<RouteView> = (0..1000)
+            .map(|i| RouteView {
+                host: format!("svc{i}.example.com"),
+                path: "/".into(),
+                service: format!("svc{i}"),
+                backend: format!("be_svc{i}"),
+                servers: vec![format!("10.2.1.{}:80", i % 250)],
+            })
+            .collect();
+        let text = |r: &RouteView| format!("{}{} {}", r.host, r.path, r.service);
+        let all = Shown::of(&routes, text, "");
+        assert_eq!(
+            (all.rows.len(), all.matching, all.total),
+            (PAGE_ROWS, 1000, 1000)
+        );
+        assert_eq!(
+            all.count(),
+            "1000, the first 500 shown: narrow with the filter"
+        );
+        let one = Shown::of(&routes, text, "SVC999.");
+        assert_eq!(one.rows.len(), 1);
+        assert_eq!(one.rows[0].service, "svc999");
+        assert_eq!(one.count(), "1 of 1000");
+    }
 }

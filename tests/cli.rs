@@ -114,14 +114,15 @@ fn render_drops_hostile_entries_with_reasons_and_haproxy_accepts_the_rest() {
     }
 
     let config = std::fs::read_to_string(out.join("haproxy.cfg")).unwrap();
-    assert!(config.contains(&format!("map({}/hosts.map,no_route)", out.display())));
+    assert!(config.contains(&format!("map({}/hosts.map)", out.display())));
     assert!(config.contains("server s1 10.2.1.5:8080 check"));
     assert!(!config.contains("192.168.7.10"));
     let hosts = std::fs::read_to_string(out.join("hosts.map")).unwrap();
     assert_eq!(
         hosts,
-        "outside.test be_outside\nport0.test be_port0\nport70000.test be_port70000\n\
-         shop.example.com be_shop\nwww.shop.example.com be_shop\n"
+        "outside.test be_outside;outside;\nport0.test be_port0;port0;\n\
+         port70000.test be_port70000;port70000;\n\
+         shop.example.com be_shop;shop;\nwww.shop.example.com be_shop;shop;\n"
     );
 
     let check = Command::new(support::HAPROXY)
@@ -230,4 +231,90 @@ fn weft_run_refuses_a_run_dir_others_may_write() {
         "{stderr}"
     );
     assert!(!run.join("haproxy.cfg").exists());
+}
+
+/// Services-file text that would rewrite the operator's terminal (`ESC [31m`) or forge a log
+/// line (a newline, then a timestamp). TOML decodes the escapes: the file holds them raw.
+const FORGING: &str = r#"
+[[service]]
+name = "paint\u001b[31m\n2026-01-01T00:00:00Z  INFO forged"
+hosts = ["paint.test"]
+servers = ["10.2.1.5:8080"]
+
+[[service]]
+name = "key"
+hosts = ["key.test"]
+servers = ["10.2.1.5:8080"]
+"unknown\u001b[31m\n2026-01-01T00:00:00Z  INFO forged" = 1
+
+[[service]]
+name = "balance"
+hosts = ["balance.test"]
+servers = ["10.2.1.5:8080"]
+balance = "x\u001b[31m\n2026-01-01T00:00:00Z  INFO forged"
+"#;
+
+/// Every drop of [`FORGING`] is one line holding the forged text escaped, and nothing
+/// printed holds a raw ESC or starts a line with the forged timestamp.
+fn assert_escaped(output: &str, prefix: &str) {
+    assert!(!output.contains('\x1b'), "a raw ESC in:\n{output}");
+    assert!(
+        !output
+            .lines()
+            .any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a forged line in:\n{output}"
+    );
+    let drops: Vec<&str> = output.lines().filter(|l| l.starts_with(prefix)).collect();
+    assert_eq!(drops.len(), 3, "{output}");
+    for drop in drops {
+        assert!(
+            drop.contains(r"\u{1b}[31m\n2026-01-01T00:00:00Z  INFO forged"),
+            "{drop}"
+        );
+    }
+}
+
+#[test]
+fn check_and_render_escape_source_text() {
+    let dir = setup(FORGING);
+    let check = weft(dir.path(), &["check"]);
+    assert_escaped(&String::from_utf8_lossy(&check.stdout), "dropped: ");
+    let render = weft(dir.path(), &["render"]);
+    assert!(render.status.success());
+    assert_escaped(&String::from_utf8_lossy(&render.stderr), "dropped: ");
+}
+
+/// `weft run` logs each drop as one line: the newline in a source's text cannot start a
+/// forged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_logs_each_drop_on_one_line() {
+    let weft = support::Weft::builder().services(FORGING).start().await;
+    support::eventually(
+        std::time::Duration::from_secs(10),
+        "three drops logged",
+        || async {
+            let log = weft.log();
+            let count = log.lines().filter(|l| l.contains("input dropped")).count();
+            (count == 3).then_some(()).ok_or(count)
+        },
+    )
+    .await;
+    let log = weft.log();
+    let drops: String = log
+        .lines()
+        .filter(|l| l.contains("input dropped"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    // The log's lines start with their own timestamp: take them from "input dropped" on.
+    let from_message: String = drops
+        .lines()
+        .map(|l| format!("dropped: {}\n", &l[l.find("input dropped").unwrap()..]))
+        .collect();
+    assert_escaped(&from_message, "dropped: ");
+    assert!(!log.contains('\x1b'), "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("INFO forged") && !l.contains("input dropped")),
+        "{log}"
+    );
 }

@@ -485,3 +485,79 @@ async fn the_resync_reads_every_service_again_and_catches_a_move_under_the_same_
     consul.register(instance("svc2", "svc2-1", &b, "svc2.test"));
     wait_for_backends(&weft, "svc2.test", "/", &["b"]).await;
 }
+
+/// One bad instance among good ones, `"Port": -1` in one service and `"Port": "8080"` in
+/// another: each is dropped alone, named with its reason on /status; the other instances
+/// serve, and the source stays ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_does_not_decode_is_dropped_alone() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let consul = ConsulDouble::start().await;
+    consul.register(instance("shop", "shop-1", &a, "shop.test"));
+    consul.register(instance("shop", "shop-2", &b, "shop.test"));
+    consul.register(instance("cart", "cart-1", &c, "cart.test"));
+    consul.register(instance("cart", "cart-2", &a, "cart.test"));
+    // The double's own entries, each with a port no Consul writes, served as they are.
+    for (service, id, port) in [
+        ("shop", "shop-2", serde_json::json!(-1)),
+        ("cart", "cart-2", serde_json::json!("8080")),
+    ] {
+        let url = format!("{}{HEALTH_SERVICE}{service}", consul.url());
+        let entries: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let entries = entries.as_array().unwrap().iter();
+        let mut entry = entries
+            .clone()
+            .find(|e| e["Service"]["ID"] == id)
+            .unwrap()
+            .clone();
+        entry["Service"]["Port"] = port;
+        consul.set_raw_health_entry(id, Some(entry));
+    }
+
+    let weft = Weft::builder().consul(&consul.url(), "").start().await;
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    wait_for_backends(&weft, "cart.test", "/", &["c"]).await;
+
+    let (_, json) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let source = status["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "consul");
+    assert_eq!(source.unwrap()["state"], "ok", "{json}");
+    let dropped: Vec<(&str, &str)> = status["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["subject"].as_str().unwrap(),
+                d["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(dropped.len(), 2, "{dropped:#?}");
+    let expected = [
+        (
+            "service \"cart\" instance \"cart-2\" on node ",
+            "does not decode, dropped: Service.Port: invalid type: string \"8080\", expected u32",
+        ),
+        (
+            "service \"shop\" instance \"shop-2\" on node ",
+            "does not decode, dropped: Service.Port: invalid value: integer `-1`, expected u32",
+        ),
+    ];
+    for ((subject, reason), (want_subject, want_reason)) in dropped.iter().zip(expected) {
+        assert!(subject.starts_with(want_subject), "{subject}");
+        assert_eq!(*reason, want_reason);
+    }
+    let log = weft.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("input dropped") && l.contains("shop-2")),
+        "{log}"
+    );
+}

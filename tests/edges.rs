@@ -363,9 +363,11 @@ async fn running_routing(edge: &NsWeft) -> Result<Routing, String> {
         for line in answer.lines().filter(|l| !l.trim().is_empty()) {
             // `<entry pointer> <key> <value>`
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [_, key, backend] = fields[..] else {
+            let [_, key, value] = fields[..] else {
                 return Err(format!("show map {}: {answer}", file.display()));
             };
+            // `BACKEND;SERVICE;FLAGS`: a service may run on a spare backend of the pool.
+            let backend = value.split(';').next().unwrap_or(value);
             let servers = backends
                 .get(backend)
                 .cloned()
@@ -376,11 +378,23 @@ async fn running_routing(edge: &NsWeft) -> Result<Routing, String> {
     Ok(routing)
 }
 
-/// The map files as the edge wrote them.
+/// The map files as the edge wrote them, each value without its backend: which spare of
+/// the pool a service took depends on the changes an edge saw on the way (`key SERVICE;FLAGS`).
 fn map_files(edge: &NsWeft) -> Vec<String> {
     ["hosts.map", "paths.map", "wildcards.map"]
         .iter()
-        .map(|map| std::fs::read_to_string(edge.path(&format!("run/{map}"))).unwrap_or_default())
+        .map(|map| {
+            let text =
+                std::fs::read_to_string(edge.path(&format!("run/{map}"))).unwrap_or_default();
+            text.lines()
+                .map(|line| match line.split_once(' ') {
+                    Some((key, value)) => {
+                        format!("{key} {}\n", value.split_once(';').map_or(value, |v| v.1))
+                    }
+                    None => format!("{line}\n"),
+                })
+                .collect()
+        })
         .collect()
 }
 

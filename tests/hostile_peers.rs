@@ -195,8 +195,13 @@ async fn a_marathon_answer_past_the_bound_is_refused_unread_and_weft_stays_small
         .await;
         let peak = peak_rss_mib(weft.pid().unwrap());
         eprintln!("{what}: {reason}; weft's peak RSS {peak:.0} MiB");
-        // The bound itself, plus weft: never the whole 300 MiB answer and a copy.
-        assert!(peak < 300.0, "{what}: weft's peak RSS {peak:.0} MiB");
+        // The bound itself (256 MiB), plus weft (about 60 MiB here) and its allocator's and
+        // reader's slack (336-364 MiB seen in all): never the whole 300 MiB answer and a copy
+        // (a buffer doubled as it grew took 772 MiB).
+        assert!(
+            peak < 256.0 + 128.0,
+            "{what}: weft's peak RSS {peak:.0} MiB"
+        );
     }
 }
 

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::marathon::{App, Fault, MarathonDouble, Task};
+use support::marathon::{App, Fault, MarathonDouble, NetworkMode, Task};
 use support::{wait_for_404, wait_for_backends, wait_for_healthz, Backend, Weft, WeftBuilder};
 
 /// Three backends on 127.0.0.1-3, one port.
@@ -77,6 +77,15 @@ async fn scaling_killing_and_failing_health_move_traffic() {
     .start()
     .await;
     wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    // The app's health check as marathon-lb maps it: every 1 s, fall after 3 + 1 failures,
+    // 20 s (timeoutSeconds) each at most.
+    let config = std::fs::read_to_string(weft.run_dir().join("haproxy.cfg")).unwrap();
+    assert!(
+        config.contains(
+            "    option httpchk GET /\n    timeout check 20s\n    default-server inter 1s fall 4 rise 2\n"
+        ),
+        "{config}"
+    );
     marathon.wait_for_open_streams(1).await;
     let connections = marathon.event_connections();
 
@@ -274,4 +283,120 @@ async fn a_marathon_that_never_answers_holds_back_no_other_route() {
     weft.write_services(&support::service("files", &["files.test"], None, &[a.addr]));
     wait_for_healthz(&weft, "no answer yet").await;
     wait_for_backends(&weft, "files.test", "/", &["a"]).await;
+}
+
+/// What `GET /v2/apps?embed=apps.tasks` answers for app `id` now, to be edited into a record
+/// no Marathon writes and put back raw.
+fn app_json(marathon: &MarathonDouble, id: &str) -> serde_json::Value {
+    let apps = marathon.apps_json();
+    let app = apps["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id);
+    app.unwrap().clone()
+}
+
+/// One bad record among good ones: an app with `containerPort: -1`, an app whose VHOST label
+/// is a number, a task whose port is -1. Each is dropped alone, named with its reason on
+/// /status; every other app and task is routed, and the source stays ok.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_or_a_task_that_does_not_decode_is_dropped_alone() {
+    let (_a, _b, _c, port) = backends().await;
+    let marathon = MarathonDouble::start().await;
+    marathon.put_app(shop(port).task(task("shop.1", "127.0.0.1")));
+    let app = |id: &str, host: &str| {
+        App::new(id)
+            .label("HAPROXY_GROUP", "external")
+            .label("HAPROXY_0_VHOST", host)
+            .container_port(port)
+    };
+    marathon.put_app(
+        app("/cart", "cart.test")
+            .task(task("cart.1", "127.0.0.2"))
+            .task(task("cart.2", "127.0.0.3")),
+    );
+    let mut cart = app_json(&marathon, "/cart");
+    let bad_task = cart["tasks"].as_array_mut().unwrap().iter_mut();
+    bad_task
+        .filter(|t| t["id"] == "cart.2")
+        .for_each(|t| t["ports"] = serde_json::json!([-1]));
+    marathon.put_raw_app(cart);
+    // Marathon 1.5+: the port mappings in `container`.
+    marathon.put_app(
+        app("/broken", "broken.test")
+            .network_mode(NetworkMode::Container("weave".into()))
+            .task(task("broken.1", "127.0.0.3")),
+    );
+    let mut broken = app_json(&marathon, "/broken");
+    broken["container"]["portMappings"][0]["containerPort"] = serde_json::json!(-1);
+    marathon.put_raw_app(broken);
+    marathon.put_app(app("/numeric", "numeric.test").task(task("numeric.1", "127.0.0.3")));
+    let mut numeric = app_json(&marathon, "/numeric");
+    numeric["labels"]["HAPROXY_0_VHOST"] = serde_json::json!(5);
+    marathon.put_raw_app(numeric);
+
+    let weft = weft_on(&[marathon.url()], &[]).start().await;
+    wait_for_backends(&weft, "shop.test", "/", &["a"]).await;
+    wait_for_backends(&weft, "cart.test", "/", &["b"]).await;
+    wait_for_404(&weft, "broken.test", "/").await;
+
+    let (_, json) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let marathon_source = status["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "marathon");
+    assert_eq!(marathon_source.unwrap()["state"], "ok", "{json}");
+    let routes: Vec<&str> = status["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(routes, ["cart.test", "shop.test"], "{json}");
+    let dropped: Vec<(&str, &str)> = status["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["subject"].as_str().unwrap(),
+                d["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        (
+            "app \"/broken\"",
+            "does not decode, dropped: container.portMappings[0].containerPort: invalid value: integer `-1`, expected u32",
+        ),
+        (
+            "app \"/cart\" task \"cart.2\"",
+            "does not decode, dropped: ports[0]: invalid value: integer `-1`, expected u32",
+        ),
+        (
+            "app \"/numeric\"",
+            "does not decode, dropped: labels.HAPROXY_0_VHOST: invalid type: integer `5`, expected a string",
+        ),
+    ];
+    for (subject, reason) in expected {
+        assert!(
+            dropped.contains(&(subject, reason)),
+            "{subject}: {reason} not in {dropped:#?}"
+        );
+    }
+    assert_eq!(dropped.len(), 3, "{dropped:#?}");
+    let log = weft.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("input dropped") && l.contains("/numeric")),
+        "{log}"
+    );
+    let (_, metrics) = weft.status("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("weft_dropped_inputs{source=\"marathon\"} 3"),
+        "{metrics}"
+    );
 }

@@ -16,7 +16,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use support::{service, wait_for_backends, Backend, Weft};
+use support::{reloading_service, service, wait_for_backends, Backend, Weft};
 
 const WRAPPER: &str = r#"#!/bin/sh
 if [ "$1" = "-c" ]; then
@@ -123,7 +123,9 @@ async fn haproxy_dying_while_the_routing_is_rejected_comes_back_on_the_last_good
     let (weft, good) = serving_good(&a).await;
 
     // A routing HAProxy rejects with nobody to blame; then HAProxy dies.
-    weft.write_services(&(good.clone() + &service("broken", &["broken.test"], None, &[b.addr])));
+    weft.write_services(
+        &(good.clone() + &reloading_service("broken", &["broken.test"], &[b.addr])),
+    );
     weft.wait_for_log("haproxy rejected the config").await;
     let pid = weft.haproxy_pid().unwrap();
     support::signal(pid, "KILL");
@@ -141,7 +143,9 @@ async fn a_fix_arriving_during_a_rejected_validation_is_applied() {
     let (weft, good) = serving_good(&a).await;
 
     // A config HAProxy rejects with nobody to blame; its check takes two seconds...
-    weft.write_services(&(good.clone() + &service("broken", &["broken.test"], None, &[b.addr])));
+    weft.write_services(
+        &(good.clone() + &reloading_service("broken", &["broken.test"], &[b.addr])),
+    );
     let checking = weft.run_dir().join("staging/haproxy.cfg.checking");
     support::eventually(
         Duration::from_secs(10),
@@ -149,8 +153,9 @@ async fn a_fix_arriving_during_a_rejected_validation_is_applied() {
         || async { checking.exists().then_some(()).ok_or(()) },
     )
     .await;
-    // ...and meanwhile the operator fixes it: the fix is applied when the check fails.
-    weft.write_services(&(good + &service("fixed", &["fixed.test"], None, &[b.addr])));
+    // ...and meanwhile the operator fixes it (with a change that needs a reload too): the fix
+    // is applied when the check fails.
+    weft.write_services(&(good + &reloading_service("fixed", &["fixed.test"], &[b.addr])));
     wait_for_backends(&weft, "fixed.test", "/", &["b"]).await;
     wait_for_backends(&weft, "good.test", "/", &["a"]).await;
     assert!(

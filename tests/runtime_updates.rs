@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{service, wait_for_404, wait_for_backends, Backend, Weft};
+use support::{reloading_service, service, wait_for_404, wait_for_backends, Backend, Weft};
 
 async fn reloads(weft: &Weft) -> u64 {
     weft.show_proc().await.unwrap().0
@@ -66,18 +66,40 @@ async fn servers_added_removed_and_moved_need_no_reload() {
         "{json}"
     );
 
-    // The files say what runs: a reload (caused by a new service) changes no routing.
+    // A new service takes a spare backend of the pool: no reload either, and /status names
+    // the spare it runs on.
     let d = Backend::start("d").await;
     weft.write_services(
         &(service("alpha", &["alpha2.test"], None, &[c.addr])
             + &service("delta", &["delta.test"], None, &[d.addr])),
     );
     wait_for_backends(&weft, "delta.test", "/", &["d"]).await;
+    assert_eq!(reloads(&weft).await, before, "a new service takes a spare");
+    let (_, json) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let delta = status["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "delta")
+        .unwrap();
+    assert_eq!(delta["backend"], "spare_1", "{json}");
+
+    // The files say what runs: a reload (caused by a service of a flavour no spare has)
+    // changes no routing.
+    let e = Backend::start("e").await;
+    weft.write_services(
+        &(service("alpha", &["alpha2.test"], None, &[c.addr])
+            + &service("delta", &["delta.test"], None, &[d.addr])
+            + &reloading_service("echo", &["echo.test"], &[e.addr])),
+    );
+    wait_for_backends(&weft, "echo.test", "/", &["e"]).await;
     assert_eq!(
         reloads(&weft).await,
         before + 1,
-        "a new service is one reload"
+        "a new service of another flavour is one reload"
     );
+    wait_for_backends(&weft, "delta.test", "/", &["d"]).await;
     wait_for_backends(&weft, "alpha2.test", "/", &["c"]).await;
     wait_for_404(&weft, "alpha.test", "/").await;
 }

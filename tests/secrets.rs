@@ -299,7 +299,7 @@ async fn haproxy_runs_with_a_scrubbed_environment_across_reloads() {
     weft.overwrite_services(&format!(
         "{}{}",
         service("shop", &["shop.test"], None, &[shop.addr]),
-        service("cart", &["cart.test"], None, &[cart.addr])
+        support::reloading_service("cart", &["cart.test"], &[cart.addr])
     ));
     support::wait_for_backends(&weft, "cart.test", "/", &["cart"]).await;
     eventually(Duration::from_secs(10), "the reload is done", || async {

@@ -21,15 +21,20 @@ use crate::network::{
 };
 
 mod bridge;
+mod forwarded;
 mod routing;
 mod sources;
+mod tls;
 
 use bridge::{validate_bridge, RawBridge};
 pub use bridge::{BridgeConfig, BridgeMode, DEFAULT_BRIDGE_INTERVAL, DEFAULT_BRIDGE_NAME};
+pub use forwarded::{ProxyProtocol, DEFAULT_TUNNEL_TIMEOUT, MAX_TRUSTED_PROXIES};
 use routing::{validate_routing, RawRouting};
 pub use routing::{ClaimsStore, RoutingConfig, CLAIMS_CONNECTIONS, DEFAULT_CLAIMS_PREFIX};
 pub use sources::*;
 use sources::{validate_sources, RawSources};
+use tls::{validate_tls, RawTls};
+pub use tls::{TlsConfig, DEFAULT_TLS_LISTEN};
 
 /// Default path of the HAProxy binary (Debian's package). Always absolute: the master re-execs
 /// its argv[0] on reload.
@@ -49,8 +54,28 @@ pub const AUTO_MAXCONN_CAP: u32 = 100_000;
 /// The largest `haproxy.maxconn`, against typos. Above 524268 HAProxy needs more descriptors
 /// than Linux's default `fs.nr_open` (1048576) lets a process have: raise that sysctl too.
 pub const MAX_MAXCONN: u32 = 1_000_000;
-/// Default `haproxy.server_slots`: a backend's server slots come in multiples of it.
-pub const DEFAULT_SLOTS: usize = 8;
+/// Default `haproxy.spare_backends`: the pool's spare backends, declared at every reload.
+pub const DEFAULT_SPARE_BACKENDS: usize = 20;
+/// Default `haproxy.spare_slots`: the server slots of each spare backend.
+pub const DEFAULT_SPARE_SLOTS: usize = 8;
+/// How many spare backends each reload declares, and the slots of each (see `crate::slots`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    pub spares: usize,
+    pub spare_slots: usize,
+}
+
+impl Pool {
+    /// No spare backend: every new service reloads.
+    pub const NONE: Pool = Pool {
+        spares: 0,
+        spare_slots: 0,
+    };
+}
+
+/// The largest pool and spare, against typos: each slot costs HAProxy about 5 KB.
+const MAX_SPARE_BACKENDS: usize = 10_000;
+const MAX_SPARE_SLOTS: usize = 1_000;
 /// The rendered config's file name: `haproxy.config_file` defaults to `<run_dir>/haproxy.cfg`,
 /// and render writes the config under this name.
 pub const CONFIG_FILE: &str = "haproxy.cfg";
@@ -99,15 +124,36 @@ struct RawHaproxy {
     /// or paths of existing backends, are applied through the runtime API without a reload.
     /// `off`: every change reloads (what marathon-lb does; for comparison).
     runtime_updates: Option<String>,
-    /// Server slots per backend come in multiples of this (spares for runtime updates).
-    /// Default 8.
+    /// Replaced by `spare_backends` and `spare_slots`: a backend's slots follow its servers.
+    /// Refused with that reason, so that nobody believes it still works.
     server_slots: Option<usize>,
+    /// Spare backends each reload declares, which new services take at runtime. Default 20;
+    /// 0: every new service reloads.
+    spare_backends: Option<usize>,
+    /// Server slots of each spare backend. Default 8.
+    spare_slots: Option<usize>,
     /// HAProxy's access log (`option httplog`) to syslog: a unix socket path such as
     /// `/dev/log`, or `ip:port` (UDP). Default: unset, no access log.
     log: Option<String>,
     /// The user HAProxy's workers run as when weft runs as root. Default `haproxy` (Debian's
     /// package makes it); `root` keeps them root.
     user: Option<String>,
+    /// What becomes of a managed HAProxy when weft exits (SIGTERM, SIGINT, SIGHUP's re-exec,
+    /// an error): `keep` (default) leaves it serving its last good config, and the next weft
+    /// adopts it, so restarts and upgrades of weft cost no request; `stop` stops it gracefully
+    /// with weft. `weft stop` stops a kept one.
+    on_exit: Option<String>,
+    /// Upstream proxies (a cloud load balancer) whose `X-Forwarded-For`, `-Proto` and `-Port`
+    /// headers are kept (HAProxy appends the peer to `X-Forwarded-For`): networks or
+    /// addresses, IPv4 or IPv6. From anyone else these headers are replaced by HAProxy's own.
+    /// Default `[]`: nobody is trusted.
+    trusted_proxies: Option<Vec<String>>,
+    /// `off` (default) or `accept`: every connection on HAProxy's binds opens with a PROXY
+    /// protocol header (v1 or v2) from a load balancer, which gives the client's address.
+    proxy_protocol: Option<String>,
+    /// `timeout tunnel`: how long a connection that became a tunnel (a WebSocket after its
+    /// upgrade) may stay idle. Default `1h`.
+    tunnel_timeout: Option<String>,
 }
 
 /// `[network]`.
@@ -157,11 +203,32 @@ pub struct HaproxyConfig {
     pub reload_timeout: Duration,
     pub min_reload_interval: Duration,
     pub runtime_updates: RuntimeUpdates,
-    pub server_slots: usize,
+    /// The spare backends (`haproxy.spare_backends`, `haproxy.spare_slots`).
+    pub pool: Pool,
     /// Syslog target of the access log, as HAProxy's `log` line takes it.
     pub log: Option<String>,
     /// `haproxy.user`: who HAProxy's workers run as (see [`HaproxyConfig::worker_ids`]).
     pub user: String,
+    /// `haproxy.on_exit`.
+    pub on_exit: OnExit,
+    /// `haproxy.trusted_proxies`: peers whose `X-Forwarded-*` headers are kept; sorted.
+    pub trusted_proxies: Vec<ipnetwork::IpNetwork>,
+    /// `haproxy.proxy_protocol`.
+    pub proxy_protocol: ProxyProtocol,
+    /// `haproxy.tunnel_timeout`: HAProxy's `timeout tunnel`.
+    pub tunnel_timeout: Duration,
+    /// `[tls]`: the TLS bind and its certificates' directory (`None`: no TLS bind). Its own
+    /// section in weft.toml, kept here because it is what HAProxy binds.
+    pub tls: Option<TlsConfig>,
+}
+
+/// What becomes of a managed HAProxy when weft exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// It keeps serving; the next weft adopts it.
+    Keep,
+    /// weft stops it gracefully on its way out.
+    Stop,
 }
 
 /// Default `haproxy.user`.
@@ -240,14 +307,18 @@ impl Config {
         let routing: RawRouting = section(&mut table, "routing", &mut issues);
         let sources: RawSources = section(&mut table, "sources", &mut issues);
         let status: RawStatus = section(&mut table, "status", &mut issues);
+        let tls: Option<RawTls> = table
+            .contains_key("tls")
+            .then(|| section(&mut table, "tls", &mut issues));
         for key in table.keys() {
             issues.add(
                 key,
-                "unknown section (known: haproxy, network, bridge, routing, sources, status)",
+                "unknown section (known: haproxy, network, bridge, routing, sources, status, tls)",
             );
         }
 
-        let haproxy = validate_haproxy(haproxy, base, &mut issues);
+        let mut haproxy = validate_haproxy(haproxy, base, &mut issues);
+        haproxy.tls = validate_tls(tls, base, &mut issues);
         let (allowed, bridges, deny) = validate_network(network, &mut issues);
         let bridge = validate_bridge(bridge, &mut issues);
         let sources = validate_sources(sources, base, &mut issues);
@@ -292,7 +363,8 @@ impl Config {
         if self.bridge.mode != BridgeMode::Off {
             own.push(IpAddr::V4(self.bridge.address.ip()));
         }
-        let ports = [self.haproxy.bind.port(), self.status_listen.port()];
+        let mut ports = vec![self.haproxy.bind.port(), self.status_listen.port()];
+        ports.extend(self.haproxy.tls.as_ref().map(|tls| tls.listen.port()));
         ModelSettings {
             allowed: self.allowed.clone(),
             refused: RefusedAddresses::new(&self.allowed, &self.bridges, &self.deny)
@@ -439,6 +511,23 @@ fn duration_at_least(
     value
 }
 
+/// An address HAProxy binds (`haproxy.bind`, `tls.listen`): `text`, else `default` (an address
+/// like it is the example in the message); port 0 is refused.
+fn haproxy_bind(text: Option<String>, default: &str, key: &str, issues: &mut Issues) -> SocketAddr {
+    let fallback: SocketAddr = default
+        .parse()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 80)));
+    let text = text.unwrap_or_else(|| default.into());
+    let bind = text.parse().unwrap_or_else(|_| {
+        issues.add(key, format!("{text:?} is not an address like {default:?}"));
+        fallback
+    });
+    if bind.port() == 0 {
+        issues.add(key, "needs a port: HAProxy refuses port 0");
+    }
+    bind
+}
+
 fn absolute(path: PathBuf, base: &Path) -> PathBuf {
     if path.is_absolute() {
         path
@@ -455,6 +544,10 @@ impl HaproxyConfig {
     /// at most [`AUTO_MAXCONN_CAP`], so that it starts under any limit without raising the
     /// hard one. An external HAProxy runs under its owner's limits, which weft does not know:
     /// unset, its `maxconn` is left to it.
+    pub fn pool(&self) -> Pool {
+        self.pool
+    }
+
     pub fn maxconn(&self) -> Option<u32> {
         self.maxconn.or_else(|| {
             (self.mode == HaproxyMode::Managed).then(|| {
@@ -530,17 +623,7 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         }
     };
     let run_dir = absolute(raw.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into()), base);
-    let bind_text = raw.bind.unwrap_or_else(|| DEFAULT_BIND.into());
-    let bind: SocketAddr = bind_text.parse().unwrap_or_else(|_| {
-        issues.add(
-            "haproxy.bind",
-            format!("{bind_text:?} is not an address like \"0.0.0.0:80\""),
-        );
-        SocketAddr::from(([0, 0, 0, 0], 80))
-    });
-    if bind.port() == 0 {
-        issues.add("haproxy.bind", "needs a port: HAProxy refuses port 0");
-    }
+    let bind = haproxy_bind(raw.bind, DEFAULT_BIND, "haproxy.bind", issues);
     if mode == HaproxyMode::External && raw.master_socket.is_none() {
         issues.add(
             "haproxy.master_socket",
@@ -600,9 +683,28 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
             RuntimeUpdates::On
         }
     };
-    let server_slots = raw.server_slots.unwrap_or(DEFAULT_SLOTS);
-    if !(1..=1000).contains(&server_slots) {
-        issues.add("haproxy.server_slots", "must lie between 1 and 1000");
+    if raw.server_slots.is_some() {
+        issues.add(
+            "haproxy.server_slots",
+            "is gone: a backend's slots now follow its servers, and new services take spare \
+             backends (haproxy.spare_backends, haproxy.spare_slots); remove it",
+        );
+    }
+    let pool = Pool {
+        spares: raw.spare_backends.unwrap_or(DEFAULT_SPARE_BACKENDS),
+        spare_slots: raw.spare_slots.unwrap_or(DEFAULT_SPARE_SLOTS),
+    };
+    if pool.spares > MAX_SPARE_BACKENDS {
+        issues.add(
+            "haproxy.spare_backends",
+            format!("must lie between 0 and {MAX_SPARE_BACKENDS}"),
+        );
+    }
+    if !(1..=MAX_SPARE_SLOTS).contains(&pool.spare_slots) {
+        issues.add(
+            "haproxy.spare_slots",
+            format!("must lie between 1 and {MAX_SPARE_SLOTS}"),
+        );
     }
     let max_reloads = raw.max_reloads.unwrap_or(DEFAULT_MAX_RELOADS);
     if max_reloads == 0 {
@@ -627,6 +729,17 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
     if !user_ok {
         issues.add("haproxy.user", format!("{user:?} is not a user name"));
     }
+    let on_exit = match raw.on_exit.as_deref() {
+        None | Some("keep") => OnExit::Keep,
+        Some("stop") => OnExit::Stop,
+        Some(other) => {
+            issues.add(
+                "haproxy.on_exit",
+                format!("{other:?} is not one of keep, stop"),
+            );
+            OnExit::Keep
+        }
+    };
     let log = raw.log.and_then(|text| match log_target(&text) {
         Ok(target) => Some(target),
         Err(reason) => {
@@ -647,9 +760,14 @@ fn validate_haproxy(raw: RawHaproxy, base: &Path, issues: &mut Issues) -> Haprox
         reload_timeout,
         min_reload_interval,
         runtime_updates,
-        server_slots,
+        pool,
         log,
         user,
+        on_exit,
+        trusted_proxies: forwarded::trusted_proxies(raw.trusted_proxies, issues),
+        proxy_protocol: forwarded::proxy_protocol(raw.proxy_protocol, issues),
+        tunnel_timeout: forwarded::tunnel_timeout(raw.tunnel_timeout, issues),
+        tls: None,
     }
 }
 
@@ -763,6 +881,27 @@ mod tests {
 
     /// A duration so long that a deadline computed from it would overflow (and panic) is a
     /// config error, for every key that takes one.
+    #[test]
+    fn the_pool_is_bounded_and_the_old_slots_key_refused_with_what_replaced_it() {
+        let text = "[haproxy]\nserver_slots = 8\nspare_backends = 20000\nspare_slots = 0\n";
+        let issues = Config::parse(text, Path::new("/")).unwrap_err();
+        let keys = keys_of(&issues);
+        for key in [
+            "haproxy.server_slots",
+            "haproxy.spare_backends",
+            "haproxy.spare_slots",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {issues:?}");
+        }
+        assert!(
+            issues.iter().any(|i| i.message.contains("spare_backends")),
+            "{issues:?}"
+        );
+        let text = "[haproxy]\nspare_backends = 0\n[sources.file]\npath = \"s.toml\"\n";
+        let config = Config::parse(text, Path::new("/")).unwrap();
+        assert_eq!(config.haproxy.pool().spares, 0);
+    }
+
     #[test]
     fn durations_longer_than_a_year_are_refused() {
         let text = r#"
@@ -1082,6 +1221,42 @@ urls = ["http://m1:8080", "http://u:s3cret@m2:8080", "https://m3:8443/?access_to
     }
 
     #[test]
+    fn trusted_proxies_proxy_protocol_and_tunnel_timeout() {
+        let h = parse_haproxy(
+            "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"fd00::/8\", \"10.0.0.0/8\"]\n\
+             proxy_protocol = \"accept\"\ntunnel_timeout = \"2h\"",
+        )
+        .unwrap();
+        let nets: Vec<String> = h.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]);
+        assert_eq!(h.proxy_protocol, ProxyProtocol::Accept);
+        assert_eq!(h.tunnel_timeout, Duration::from_secs(7200));
+
+        let defaults = parse_haproxy("").unwrap();
+        assert!(defaults.trusted_proxies.is_empty());
+        assert_eq!(defaults.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(defaults.tunnel_timeout, DEFAULT_TUNNEL_TIMEOUT);
+
+        let issues = parse_haproxy(
+            "trusted_proxies = [\"10.0.0.1/8\", \"nope\"]\nproxy_protocol = \"yes\"\n\
+             tunnel_timeout = \"10ms\"",
+        )
+        .unwrap_err();
+        let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "haproxy.trusted_proxies[0]",
+                "haproxy.trusted_proxies[1]",
+                "haproxy.proxy_protocol",
+                "haproxy.tunnel_timeout"
+            ],
+            "{issues:?}"
+        );
+        assert!(issues[0].message.contains("say 10.0.0.0/8 or 10.0.0.1"));
+    }
+
+    #[test]
     fn edge_ids_are_stable_and_differ_by_bind() {
         let a = parse_haproxy("bind = \"0.0.0.0:80\"").unwrap();
         let b = parse_haproxy("bind = \"127.0.0.1:8080\"").unwrap();
@@ -1104,11 +1279,30 @@ urls = ["http://m1:8080", "http://u:s3cret@m2:8080", "https://m3:8443/?access_to
         let base = Path::new("/etc/weft");
         let documented = Config::parse(block, base).unwrap();
         let defaults = Config::parse(
-            "[sources.file]\npath = \"services.toml\"\n[sources.consul]\n[sources.marathon]\n",
+            "[sources.file]\npath = \"services.toml\"\n[sources.consul]\n[sources.marathon]\n\
+             [tls]\ncerts = \"certs\"\n",
             base,
         )
         .unwrap();
         assert_eq!(documented, defaults);
+    }
+
+    #[test]
+    fn tls_takes_listen_and_a_required_certs_directory() {
+        let base = Path::new("/etc/weft");
+        let parse = |tls: &str| {
+            Config::parse(
+                &format!("[sources.file]\npath = \"s.toml\"\n[tls]\n{tls}"),
+                base,
+            )
+        };
+        let tls = parse("certs = \"certs\"\n").unwrap().haproxy.tls.unwrap();
+        assert_eq!(tls.listen.to_string(), DEFAULT_TLS_LISTEN);
+        assert_eq!(tls.certs, Path::new("/etc/weft/certs"));
+        let issues = parse("listen = \"nope\"\ncrts = \"x\"\n").unwrap_err();
+        assert_eq!(keys_of(&issues), ["tls.crts", "tls.listen", "tls.certs"]);
+        let none = Config::parse("[sources.file]\npath = \"s.toml\"\n", base).unwrap();
+        assert_eq!(none.haproxy.tls, None);
     }
 
     #[test]

@@ -40,19 +40,27 @@ struct Pending {
 
 /// What the loop remembers between applies.
 struct LoopState {
-    /// The last table applied in full, for the change log.
-    applied: RoutingTable,
+    /// The last table applied in full, for the change log (shared with the applier).
+    applied: Arc<RoutingTable>,
     retry: Retry,
     status: watch::Sender<ApplyStatus>,
 }
 
 impl LoopState {
     /// Reports one apply's result: status page, log, retry schedule.
-    /// `running`: whether HAProxy runs now, as the applier knows it.
-    fn record(&mut self, result: Result<Outcome, ApplyError>, table: &RoutingTable, running: bool) {
+    fn record(
+        &mut self,
+        result: Result<Outcome, ApplyError>,
+        table: &Arc<RoutingTable>,
+        applier: &Applier,
+    ) {
+        let running = applier.running();
         self.status.send_modify(|s| {
             s.generation += 1;
             s.running = running;
+            if let Some(serving) = applier.serving().filter(|now| **now != *s.backends) {
+                s.backends = Arc::new(serving.clone());
+            }
             match &result {
                 Ok(outcome) => {
                     s.last_error = None;
@@ -83,7 +91,7 @@ impl LoopState {
                     let changes = self.applied.diff(table);
                     info!(?outcome, services = table.backends.len(), routes = table.routes.len(), %changes, "routing applied");
                 }
-                self.applied = table.clone();
+                self.applied = Arc::clone(table);
             }
             // The same table would be rejected again: wait for the next change.
             Err(err @ ApplyError::Validate(_)) => {
@@ -137,14 +145,18 @@ pub(super) async fn apply_loop(
     mut desired: watch::Receiver<Option<Arc<Built>>>,
     status: watch::Sender<ApplyStatus>,
     shutdown: CancellationToken,
+    handover: CancellationToken,
 ) {
     let mut state = LoopState {
-        applied: RoutingTable::default(),
+        applied: Arc::default(),
         retry: Retry::default(),
         status,
     };
     let mut pending: Option<Pending> = None;
     let mut blamed = Blamed::default();
+    if applier.adopt().await {
+        state.status.send_modify(|s| s.running = true);
+    }
     loop {
         let retry_at = state.retry.at;
         let retry_sleep = async move {
@@ -170,7 +182,7 @@ pub(super) async fn apply_loop(
                 state.retry.after_gone(tokio::time::Instant::now());
                 let retry_in = state.retry.at.map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
                 match gone {
-                    Gone::Exited(status) => error!(?status, ?retry_in, "haproxy exited unexpectedly, restarting it"),
+                    Gone::Exited(how) => error!(%how, ?retry_in, "haproxy exited unexpectedly, restarting it on the last good config"),
                     Gone::Silent(err) => error!(error = %err, ?retry_in, "the external haproxy stopped answering; weft reloads it once it answers again"),
                 }
                 applier.mark_gone();
@@ -186,16 +198,16 @@ pub(super) async fn apply_loop(
                         let table = effective(&built, &mut blamed, &state.status);
                         match applier.refresh(done.candidate, &table) {
                             Ok(Refreshed::Reload(candidate)) => {
-                                let table = candidate.table().clone();
+                                let table = candidate.shared_table();
                                 let result = applier.commit(candidate).await;
-                                state.record(result, &table, applier.running());
+                                state.record(result, &table, &applier);
                                 continue;
                             }
                             Ok(Refreshed::NotNeeded) => continue,
                             // The structure moved on: apply (and validate) the latest table.
                             Ok(Refreshed::Revalidate) => {}
                             Err(err) => {
-                                state.record(Err(err), &table, applier.running());
+                                state.record(Err(err), &table, &applier);
                                 continue;
                             }
                         }
@@ -204,9 +216,9 @@ pub(super) async fn apply_loop(
                     // it) or, finding none, leaves the error to the arm below.
                     Err(ApplyError::Validate(ValidateError::Rejected { stderr, culprit: Some(backend) }))
                         if blamed.len() < MAX_CULPRITS
-                            && blamed.add(&backend, done.candidate.table(), &stderr) => {}
+                            && blamed.add(done.candidate.service_of(&backend), done.candidate.table(), &stderr) => {}
                     Err(err) => {
-                        state.record(Err(err), done.candidate.table(), applier.running());
+                        state.record(Err(err), &done.candidate.shared_table(), &applier);
                         if !applier.running() {
                             restart_on_last_good(&mut applier, &mut state).await;
                         }
@@ -224,7 +236,7 @@ pub(super) async fn apply_loop(
         };
         let table = effective(&built, &mut blamed, &state.status);
         match applier.apply(&table).await {
-            Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table, applier.running()),
+            Ok(Step::Done(outcome)) => state.record(Ok(outcome), &table, &applier),
             // While a validation runs, its end picks up this table. No timer either: an
             // elapsed one would spin this loop until the validation ends.
             Ok(Step::Reload(_)) if pending.is_some() => state.retry.at = None,
@@ -233,10 +245,10 @@ pub(super) async fn apply_loop(
                     state.retry.at = None;
                     pending = Some(Pending { candidate, check })
                 }
-                Err(err) => state.record(Err(err), &table, applier.running()),
+                Err(err) => state.record(Err(err), &table, &applier),
             },
-            Err(err) => state.record(Err(err), &table, applier.running()),
+            Err(err) => state.record(Err(err), &table, &applier),
         }
     }
-    applier.stop().await;
+    applier.stop(handover.is_cancelled()).await;
 }

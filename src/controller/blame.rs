@@ -7,6 +7,7 @@
 //! lift the blame, or every change would cost another rejected `haproxy -c`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 use tracing::error;
@@ -65,12 +66,15 @@ impl Blamed {
         table
     }
 
-    /// Blames the service behind `backend` in `validated`; `false` if there is none.
-    pub(super) fn add(&mut self, backend: &str, validated: &RoutingTable, stderr: &str) -> bool {
-        let service = backend
-            .strip_prefix(crate::model::BACKEND_PREFIX)
-            .and_then(|name| ServiceName::parse(name).ok());
-        let Some((service, backend)) = service.and_then(|service| {
+    /// Blames `service` (the one behind the backend `haproxy -c` named) in `validated`;
+    /// `false` if there is none.
+    pub(super) fn add(
+        &mut self,
+        service: Option<&ServiceName>,
+        validated: &RoutingTable,
+        stderr: &str,
+    ) -> bool {
+        let Some((service, backend)) = service.cloned().and_then(|service| {
             let backend = validated.backends.get(&service)?;
             Some((service, backend))
         }) else {
@@ -118,7 +122,7 @@ pub(super) fn effective(
     built: &Built,
     blamed: &mut Blamed,
     status: &watch::Sender<ApplyStatus>,
-) -> RoutingTable {
+) -> Arc<RoutingTable> {
     blamed.prune(&built.table);
     let rejected = blamed.report(&built.table);
     status.send_if_modified(|s| {
@@ -128,7 +132,7 @@ pub(super) fn effective(
         s.rejected = rejected;
         true
     });
-    blamed.apply_to(&built.table)
+    Arc::new(blamed.apply_to(&built.table))
 }
 
 #[cfg(test)]
@@ -151,9 +155,10 @@ mod tests {
     fn a_blamed_service_stays_out_until_its_definition_changes() {
         let mut blamed = Blamed::default();
         let before = table("10.2.1.5:80", "roundrobin");
-        assert!(blamed.add("be_shop", &before, ALERT));
-        assert!(!blamed.add("no_route", &before, ALERT));
-        assert!(!blamed.add("be_gone", &before, ALERT));
+        let name = |n: &str| ServiceName::parse(n).unwrap();
+        assert!(blamed.add(Some(&name("shop")), &before, ALERT));
+        assert!(!blamed.add(None, &before, ALERT));
+        assert!(!blamed.add(Some(&name("gone")), &before, ALERT));
 
         let out = blamed.apply_to(&before);
         let names: Vec<&str> = out.backends.keys().map(|n| n.as_str()).collect();

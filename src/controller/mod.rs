@@ -5,6 +5,7 @@
 //!                                       (drops logged                (one at a time; bursts
 //!                                        as they change)              coalesce in the watch)
 //! bridge keeper (first pass before HAProxy; then netlink events + interval) ──watch──> status
+//! listener watch (first check before HAProxy; then every 10 s) ──────────────watch──> status
 //! ```
 
 use std::collections::BTreeSet;
@@ -18,7 +19,9 @@ use tracing::{info, warn};
 
 use crate::bridge::{BridgeState, Keeper};
 use crate::config::{BridgeMode, ClaimsStore, Config};
+use crate::escape::Escaped;
 use crate::haproxy::apply::Applier;
+use crate::haproxy::listeners::{ForeignListeners, ListenerWatch};
 use futures::FutureExt;
 
 use crate::model::{
@@ -60,9 +63,16 @@ pub enum RunError {
     TaskEnded(String),
 }
 
-/// Runs weft until `shutdown` is cancelled, then stops HAProxy (managed mode).
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+/// Runs weft until `shutdown` is cancelled. A managed HAProxy then keeps serving or stops, as
+/// `haproxy.on_exit` says; it keeps serving regardless when `handover` was cancelled first (weft
+/// is about to execute itself again and adopt it).
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    handover: CancellationToken,
+) -> Result<(), RunError> {
     crate::haproxy::files::prepare_run_dir(&config.haproxy.run_dir)?;
+    let _lock = crate::haproxy::files::lock_run_dir(&config.haproxy.run_dir)?;
     let status_listener = TcpListener::bind(config.status_listen)
         .await
         .map_err(|source| RunError::StatusListen {
@@ -84,6 +94,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             Ok(())
         });
     }
+
+    // Who else listens on HAProxy's port, checked once before HAProxy starts (each one an
+    // ERROR) and then periodically. HAProxy starts anyway: refusing would take the edge down
+    // because of a stranger; /healthz and weft_foreign_listeners say it loudly instead.
+    let (listeners_tx, listeners_rx) = watch::channel(ForeignListeners::default());
+    let mut listener_watch = ListenerWatch::new(config.haproxy.clone(), listeners_tx);
+    listener_watch.check().await;
+    tasks.spawn(listener_watch.run(shutdown.clone()).map(Ok));
 
     let reports = sources::spawn_all(&config, &mut tasks, &shutdown);
 
@@ -115,6 +133,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         apply: apply_rx,
         bridge: bridge_rx,
         ledger: ledger_rx.clone(),
+        listeners: listeners_rx,
+        stats: Arc::new(crate::haproxy::stats::StatsCache::new(
+            config.haproxy.run_dir.join(crate::render::ADMIN_SOCKET),
+        )),
+        prometheus: config
+            .haproxy
+            .run_dir
+            .join(crate::haproxy::stats::PROMETHEUS_SOCKET),
     };
     let token = shutdown.clone();
     tasks.spawn(async move {
@@ -134,7 +160,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     ));
 
     let applier = Applier::new(config.haproxy.clone());
-    let apply = apply_loop(applier, desired_rx, apply_tx, shutdown.clone());
+    let apply = apply_loop(applier, desired_rx, apply_tx, shutdown.clone(), handover);
     tokio::pin!(apply);
     let failure = tokio::select! {
         () = &mut apply => None,
@@ -192,21 +218,20 @@ async fn build_loop(
 ) -> Result<(), RunError> {
     let mut reported: BTreeSet<Dropped> = BTreeSet::new();
     loop {
-        let current: Vec<SourceReport> = reports
-            .iter_mut()
-            .map(|r| r.borrow_and_update().clone())
-            .collect();
         // Until every source has read once, and the ledger too, a table would be missing
-        // routes, or hand hosts to the wrong holder: wait. (The ledger is read in place: the
-        // build is synchronous, and the keeper's next publish waits for it.)
+        // routes, or hand hosts to the wrong holder: wait. (The reports and the ledger are read
+        // in place, not copied: the build is synchronous, and their next publish waits for it.
+        // A copy of every report lived on here until the next change.)
         let built = {
+            let current: Vec<watch::Ref<'_, SourceReport>> =
+                reports.iter_mut().map(|r| r.borrow_and_update()).collect();
             let ledger = claims.ledger.borrow_and_update();
             match (
                 current.iter().all(|r| r.health != Health::Starting),
                 &*ledger,
             ) {
                 (true, Some(ledger)) => {
-                    let refs: Vec<&SourceReport> = current.iter().collect();
+                    let refs: Vec<&SourceReport> = current.iter().map(|r| &**r).collect();
                     Some(build(&refs, &model, ledger))
                 }
                 _ => None,
@@ -260,10 +285,10 @@ async fn futures_select_all<F: std::future::Future + Unpin>(
 fn log_drops(reported: &mut BTreeSet<Dropped>, now: &[Dropped]) {
     let now: BTreeSet<Dropped> = now.iter().cloned().collect();
     for dropped in now.difference(reported) {
-        warn!(source = %dropped.source, subject = %dropped.subject, reason = %dropped.reason, "input dropped");
+        warn!(source = %dropped.source, subject = %Escaped(&dropped.subject), reason = %Escaped(&dropped.reason), "input dropped");
     }
     for gone in reported.difference(&now) {
-        info!(source = %gone.source, subject = %gone.subject, "no longer dropped");
+        info!(source = %gone.source, subject = %Escaped(&gone.subject), "no longer dropped");
     }
     *reported = now;
 }
@@ -287,7 +312,12 @@ mod tests {
         // The apply loop also ends when the source's end closes the table's channel: whichever
         // of the two weft sees first, the error is the source's. Once was not enough to see it.
         for _ in 0..20 {
-            let result = run(config.clone(), CancellationToken::new()).await;
+            let result = run(
+                config.clone(),
+                CancellationToken::new(),
+                CancellationToken::new(),
+            )
+            .await;
             assert!(
                 matches!(
                     result,

@@ -6,8 +6,9 @@
 //! deferred until T ───────> retry at T (min_reload_interval)
 //! rejected by haproxy -c ─> no retry: the same table would be rejected again; wait for a change
 //! failed otherwise ───────> retry after the delay, which doubles up to RETRY_MAX
-//! HAProxy gone ───────────> restart after the delay, which doubles; at once (RETRY_MIN) if it
-//!                           had run STABLE_RUN: only quick repeated deaths back off
+//! HAProxy gone ───────────> restart at once if it had run STABLE_RUN (or was adopted); quick
+//!                           repeated deaths back off from RETRY_MIN, doubling. A delay of
+//!                           its own: failed applies (a full disk, say) never slow a restart
 //! ```
 
 use std::time::Duration;
@@ -52,6 +53,8 @@ pub struct Retry {
     pub at: Option<Instant>,
     /// When HAProxy was last started.
     started_at: Option<Instant>,
+    /// The wait before the last restart after a death.
+    restart_delay: Duration,
 }
 
 impl Default for Retry {
@@ -60,6 +63,7 @@ impl Default for Retry {
             delay: RETRY_MIN,
             at: None,
             started_at: None,
+            restart_delay: Duration::ZERO,
         }
     }
 }
@@ -87,13 +91,15 @@ impl Retry {
 
     /// HAProxy exited or stopped answering.
     pub fn after_gone(&mut self, now: Instant) {
-        if self
+        let stable = !self
             .started_at
-            .is_some_and(|at| now.saturating_duration_since(at) >= STABLE_RUN)
-        {
-            self.delay = RETRY_MIN;
-        }
-        self.back_off(now);
+            .is_some_and(|at| now.saturating_duration_since(at) < STABLE_RUN);
+        self.restart_delay = if stable {
+            Duration::ZERO
+        } else {
+            (self.restart_delay * 2).clamp(RETRY_MIN, RETRY_MAX)
+        };
+        self.at = Some(now + self.restart_delay);
     }
 
     fn back_off(&mut self, now: Instant) {
@@ -147,19 +153,32 @@ mod tests {
         let mut retry = Retry::default();
         retry.after(Ended::Started, start);
         // A start is no proof: the delay keeps growing while HAProxy keeps dying.
-        retry.after_gone(start + Duration::from_secs(1));
+        let first = start + Duration::from_secs(1);
+        retry.after_gone(first);
+        assert_eq!(retry.at, Some(first + RETRY_MIN));
         retry.after(Ended::Started, start + Duration::from_secs(2));
-        retry.after_gone(start + Duration::from_secs(3));
-        assert_eq!(
-            retry.at,
-            Some(start + Duration::from_secs(3) + RETRY_MIN * 2)
-        );
-        assert_eq!(retry.delay(), RETRY_MIN * 4);
-        // After a minute up, a death restarts after the shortest delay.
+        let second = start + Duration::from_secs(3);
+        retry.after_gone(second);
+        assert_eq!(retry.at, Some(second + RETRY_MIN * 2));
+        // After a minute up, a death restarts at once.
         retry.after(Ended::Started, start + Duration::from_secs(4));
         let later = start + Duration::from_secs(4) + STABLE_RUN;
         retry.after_gone(later);
-        assert_eq!(retry.at, Some(later + RETRY_MIN));
+        assert_eq!(retry.at, Some(later));
+    }
+
+    /// Applies that keep failing (a full disk) do not slow the restart of a HAProxy that
+    /// died: one adopted from an earlier weft (never started by this one) restarts at once.
+    #[test]
+    fn failed_applies_do_not_delay_a_restart() {
+        let now = Instant::now();
+        let mut retry = Retry::default();
+        for _ in 0..8 {
+            retry.after(Ended::Failed, now);
+        }
+        assert_eq!(retry.delay(), RETRY_MAX);
+        retry.after_gone(now);
+        assert_eq!(retry.at, Some(now));
     }
 
     #[test]

@@ -11,23 +11,25 @@
 //! One apply runs at a time (the caller owns the `Applier`). Which way a change goes is
 //! decided by [`super::decision`]; this module carries it out.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::decision::{decide, refresh, Decision, Refresh, Situation};
 use super::files::STAGING_DIR;
-use super::files::{create_dir, last_good_path, stage, write_atomic, WriteError, PID_FILE};
+use super::files::{create_dir, last_good_path, prune_certs, stage, write_atomic, WriteError};
 use super::plan::{runtime_part, runtime_plan, Applied};
 use super::process::{self, Gone, Launch, Managed, ProcessError};
 use super::runtime::{self, RuntimeError};
 use super::validate::{validate, ValidateError};
-use crate::config::{HaproxyConfig, HaproxyMode};
-use crate::model::RoutingTable;
+use crate::config::{HaproxyConfig, HaproxyMode, OnExit};
+use crate::model::{RoutingTable, ServiceName};
 use crate::render::{
-    render_with, RenderSettings, Rendered, ADMIN_SOCKET, CONFIG_FILE, EMPTY_SERVER_STATE,
-    SERVER_STATE_FILE,
+    render_with, RenderSettings, Rendered, ADMIN_SOCKET, CERTS_DIR, CONFIG_FILE, DEFAULT_CERT,
+    EMPTY_SERVER_STATE, SERVER_STATE_FILE,
 };
 use crate::slots::Slots;
 
@@ -74,12 +76,29 @@ pub enum Step {
 /// A config to reload into, once `haproxy -c` accepted it.
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    desired: Applied,
+    /// Boxed: a whole config, maps and certificates, moved through every step.
+    desired: Box<Applied>,
 }
 
 impl Candidate {
+    fn new(desired: Applied) -> Candidate {
+        Candidate {
+            desired: Box::new(desired),
+        }
+    }
+
     pub fn table(&self) -> &RoutingTable {
         &self.desired.table
+    }
+
+    /// The table, shared.
+    pub fn shared_table(&self) -> Arc<RoutingTable> {
+        Arc::clone(&self.desired.table)
+    }
+
+    /// The service the candidate's backend `backend` serves.
+    pub fn service_of(&self, backend: &str) -> Option<&ServiceName> {
+        self.desired.slots.service_of(backend)
     }
 }
 
@@ -113,7 +132,15 @@ pub struct Applier {
 
 impl Applier {
     pub fn new(config: HaproxyConfig) -> Self {
-        let live = RenderSettings::new(&config, &config.run_dir);
+        // Made once, kept in run_dir: every reload and restart serves the same one.
+        let default_cert = match &config.tls {
+            Some(_) => super::tls::default_certificate(&config.run_dir).unwrap_or_else(|err| {
+                error!(error = %err, "HTTPS cannot start without a default certificate");
+                String::new()
+            }),
+            None => String::new(),
+        };
+        let live = RenderSettings::new(&config, &config.run_dir, &default_cert);
         Applier {
             config,
             live,
@@ -125,6 +152,11 @@ impl Applier {
             last_reload: None,
             in_doubt: false,
         }
+    }
+
+    /// The HAProxy backend that serves each service, as last installed.
+    pub fn serving(&self) -> Option<&BTreeMap<ServiceName, String>> {
+        self.applied.as_ref().map(|a| &a.slots.serving)
     }
 
     /// Whether HAProxy runs: a managed one that weft started and has not exited, an external
@@ -143,11 +175,70 @@ impl Applier {
             .filter(|_| self.running() && !self.in_doubt)
     }
 
+    /// Managed mode, before the first apply: takes over the HAProxy an earlier weft left
+    /// serving on this run_dir, so that a restart of weft costs no request. What it runs is
+    /// not known here: the first apply validates and reloads. Returns whether it adopted one.
+    pub async fn adopt(&mut self) -> bool {
+        if self.config.mode != HaproxyMode::Managed || self.process.is_some() {
+            return false;
+        }
+        self.process = Managed::adopt(&self.launch()).await;
+        self.process.is_some()
+    }
+
+    /// A managed HAProxy that died comes back at once on what it ran, from memory: no render,
+    /// no `haproxy -c`, and no write where the files on disk already say it (so a full disk
+    /// does not keep it down). Nothing happens when nothing ran before, or when it runs.
+    /// Returns whether it started one.
+    async fn restart_from_memory(&mut self) -> bool {
+        if self.config.mode != HaproxyMode::Managed || self.process.is_some() {
+            return false;
+        }
+        let Some(good) = self.applied.clone() else {
+            return false;
+        };
+        let started = std::time::Instant::now();
+        let result = async {
+            self.restore_files(&good.rendered)?;
+            // A state file describes servers as they were at the last reload, not now.
+            let _ = std::fs::remove_file(self.server_state_path());
+            self.process = Some(Managed::start(&self.launch()).await?);
+            Ok::<(), ApplyError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.in_doubt = false;
+                info!(took = ?started.elapsed(), "haproxy started again on the last good config");
+                true
+            }
+            // The apply goes on without it: render, validate, start.
+            Err(err) => {
+                warn!(error = %err, "cannot start haproxy again on the last good config");
+                false
+            }
+        }
+    }
+
+    /// Makes the installed files say `rendered`, writing only those that differ.
+    fn restore_files(&self, rendered: &Rendered) -> Result<(), ApplyError> {
+        for (name, content) in rendered.files() {
+            let path = self.installed_path(&name);
+            if std::fs::read(&path).is_ok_and(|on_disk| on_disk == content.as_bytes()) {
+                continue;
+            }
+            write_atomic(&path, content)?;
+        }
+        prune_certs(&self.config.run_dir, rendered);
+        Ok(())
+    }
+
     /// Brings HAProxy to `table`: through the runtime API where the config's structure stays,
     /// else (and to start a managed HAProxy) validate, install, reload or start, confirm.
     #[tracing::instrument(name = "apply", skip_all, fields(generation = self.generation + 1))]
-    pub async fn apply(&mut self, table: &RoutingTable) -> Result<Step, ApplyError> {
+    pub async fn apply(&mut self, table: &Arc<RoutingTable>) -> Result<Step, ApplyError> {
         self.generation += 1;
+        let restarted = self.restart_from_memory().await;
         let desired = self.desired(table)?;
         let situation = Situation {
             applied: self.applied.as_ref().filter(|_| self.running()),
@@ -158,10 +249,15 @@ impl Applier {
                 .map(|at| at + self.config.min_reload_interval),
         };
         let decision = decide(&situation, &desired, tokio::time::Instant::now());
-        let applied = situation.applied.cloned();
-        match (decision, applied) {
+        // What runs, moved out while it is compared (never copied: at 10,000 services it is
+        // megabytes); put back below unless replaced.
+        let running = self.running();
+        let applied = if running { self.applied.take() } else { None };
+        let step = match (decision, &applied) {
+            // A restart counts as one, so that quick repeated deaths back off.
+            (Decision::Unchanged, _) if restarted => Ok(Step::Done(Outcome::Started)),
             (Decision::Unchanged, _) => Ok(Step::Done(Outcome::Unchanged)),
-            (Decision::Runtime, Some(applied)) => match self.runtime(&applied, &desired).await {
+            (Decision::Runtime, Some(applied)) => match self.runtime(applied, &desired).await {
                 Ok(updates) => {
                     self.applied = Some(desired);
                     Ok(Step::Done(Outcome::Runtime { updates }))
@@ -169,7 +265,7 @@ impl Applier {
                 Err(err) => {
                     warn!(error = %err, "runtime update failed, reloading instead");
                     self.in_doubt = true;
-                    Ok(Step::Reload(Candidate { desired }))
+                    Ok(Step::Reload(Candidate::new(desired)))
                 }
             },
             (
@@ -181,33 +277,63 @@ impl Applier {
             ) => {
                 // Server changes do not wait for the reload.
                 let updates = if runtime_part {
-                    self.apply_runtime_part(&applied, table).await
+                    self.apply_runtime_part(applied, table).await
                 } else {
                     0
                 };
                 match deferred_until {
                     Some(until) => Ok(Step::Done(Outcome::Deferred { updates, until })),
                     // The slots start from what runs now, the runtime part included.
-                    None => Ok(Step::Reload(Candidate {
-                        desired: self.desired(table)?,
-                    })),
+                    None => {
+                        // From what runs now: the runtime part, if it went out.
+                        let runs = self.applied.as_ref().unwrap_or(applied);
+                        self.packed(table, Some(&runs.slots), desired)
+                            .map(|d| Step::Reload(Candidate::new(d)))
+                    }
                 }
             }
-            _ => Ok(Step::Reload(Candidate { desired })),
+            (_, applied) => {
+                let previous = self.applied.as_ref().or(applied.as_ref());
+                self.packed(table, previous.map(|a| &a.slots), desired)
+                    .map(|d| Step::Reload(Candidate::new(d)))
+            }
+        };
+        if self.applied.is_none() {
+            self.applied = applied;
         }
+        step
+    }
+
+    /// For a reload: every service on a backend of its own, the pool full again (servers
+    /// keep their slots where they stay on the same backend as in `previous`). `placed`, the
+    /// same table as [`Self::desired`] gave it, is taken as it is when it is packed already
+    /// (it is whenever the table did not fit what runs): a 10,000-service config is not
+    /// rendered twice.
+    fn packed(
+        &self,
+        table: &Arc<RoutingTable>,
+        previous: Option<&Slots>,
+        placed: Applied,
+    ) -> Result<Applied, ApplyError> {
+        let slots = Slots::pack(previous.unwrap_or(&Slots::default()), table, self.live.pool);
+        if placed.slots == slots {
+            return Ok(placed);
+        }
+        let rendered = render_with(table, &slots, &self.live)?;
+        Ok(Applied {
+            table: Arc::clone(table),
+            slots,
+            rendered,
+        })
     }
 
     /// Slots and files for `table`, slots assigned from what runs.
-    fn desired(&self, table: &RoutingTable) -> Result<Applied, ApplyError> {
+    fn desired(&self, table: &Arc<RoutingTable>) -> Result<Applied, ApplyError> {
         let previous = self.applied.as_ref().map(|a| &a.slots);
-        let slots = Slots::assign(
-            previous.unwrap_or(&Slots::default()),
-            table,
-            self.live.slots,
-        );
+        let slots = Slots::assign(previous.unwrap_or(&Slots::default()), table, self.live.pool);
         let rendered = render_with(table, &slots, &self.live)?;
         Ok(Applied {
-            table: table.clone(),
+            table: Arc::clone(table),
             slots,
             rendered,
         })
@@ -240,15 +366,24 @@ impl Applier {
     pub fn refresh(
         &self,
         candidate: Candidate,
-        table: &RoutingTable,
+        table: &Arc<RoutingTable>,
     ) -> Result<Refreshed, ApplyError> {
         if candidate.desired.table == *table {
             return Ok(Refreshed::Reload(candidate));
         }
-        let latest = self.desired(table)?;
+        // The routing went back to what runs: nothing to reload.
+        let placed = self.desired(table)?;
+        if self
+            .known()
+            .is_some_and(|known| placed.rendered == known.rendered)
+        {
+            return Ok(Refreshed::NotNeeded);
+        }
+        let previous = self.applied.as_ref().map(|a| &a.slots);
+        let latest = self.packed(table, previous, placed)?;
         Ok(match refresh(&candidate.desired, &latest, self.known()) {
             Refresh::Candidate => Refreshed::Reload(candidate),
-            Refresh::Latest => Refreshed::Reload(Candidate { desired: latest }),
+            Refresh::Latest => Refreshed::Reload(Candidate::new(latest)),
             Refresh::Revalidate => Refreshed::Revalidate,
             Refresh::NotNeeded => Refreshed::NotNeeded,
         })
@@ -272,18 +407,18 @@ impl Applier {
     #[tracing::instrument(name = "reload", skip_all, fields(generation = self.generation))]
     pub async fn commit(&mut self, candidate: Candidate) -> Result<Outcome, ApplyError> {
         if self.config.mode == HaproxyMode::External || self.running() {
-            return self.reload(candidate.desired).await;
+            return self.reload(*candidate.desired).await;
         }
         self.start(&candidate.desired.rendered, LastGood::Keep)
             .await?;
-        self.applied = Some(candidate.desired);
+        self.applied = Some(*candidate.desired);
         Ok(Outcome::Started)
     }
 
     /// While a reload waits: the changes that fit the running config, at runtime.
     async fn apply_runtime_part(&mut self, applied: &Applied, table: &RoutingTable) -> usize {
         let part = runtime_part(applied, table);
-        let slots = Slots::assign(&applied.slots, &part, self.live.slots);
+        let slots = Slots::assign(&applied.slots, &part, self.live.pool);
         let Ok(rendered) = render_with(&part, &slots, &self.live) else {
             return 0;
         };
@@ -291,7 +426,7 @@ impl Applier {
             return 0;
         }
         let partial = Applied {
-            table: part,
+            table: Arc::new(part),
             slots,
             rendered,
         };
@@ -331,7 +466,8 @@ impl Applier {
     }
 
     /// Writes the files HAProxy reads that differ from `previous` (all of them without one);
-    /// with `LastGood::Keep`, the version each replaces is kept as `.last-good`.
+    /// with `LastGood::Keep`, the version each replaces (as weft last installed it, from
+    /// memory: never a copy of whatever the path holds now) is kept as `.last-good`.
     fn write_files(
         &self,
         previous: Option<&Rendered>,
@@ -343,21 +479,43 @@ impl Applier {
         if !state.exists() {
             write_atomic(&state, EMPTY_SERVER_STATE)?;
         }
-        let before = previous.map(Rendered::files);
-        for (i, (name, content)) in rendered.files().into_iter().enumerate() {
-            if before.is_some_and(|files| files[i].1 == content) {
+        let before: BTreeMap<String, &str> = previous
+            .map(|p| p.files().into_iter().collect())
+            .unwrap_or_default();
+        let good: BTreeMap<String, &str> = match last_good {
+            LastGood::Keep => self
+                .applied
+                .as_ref()
+                .map(|a| a.rendered.files().into_iter().collect())
+                .unwrap_or_default(),
+            LastGood::Skip => BTreeMap::new(),
+        };
+        for (name, content) in rendered.files() {
+            if before.get(&name) == Some(&content) {
                 continue;
             }
-            let path = match name {
-                CONFIG_FILE => self.config.config_file.clone(),
-                _ => self.config.run_dir.join(name),
-            };
-            if last_good == LastGood::Keep && path.exists() {
-                let _ = std::fs::copy(&path, last_good_path(&path));
+            let path = self.installed_path(&name);
+            // No second copy of a private key: a failed reload restores from memory anyway.
+            let keyless = !name.starts_with(CERTS_DIR) && name != DEFAULT_CERT;
+            if let Some(good) = good.get(&name).filter(|_| keyless) {
+                write_atomic(&last_good_path(&path), good)?;
             }
             write_atomic(&path, content)?;
         }
+        prune_certs(&self.config.run_dir, rendered);
         Ok(())
+    }
+
+    /// Where an installed file of HAProxy's lives.
+    fn installed_path(&self, name: &str) -> PathBuf {
+        match name {
+            CONFIG_FILE => self.config.config_file.clone(),
+            _ => self.config.run_dir.join(name),
+        }
+    }
+
+    fn launch(&self) -> Launch {
+        Launch::new(&self.config)
     }
 
     /// Starts a managed HAProxy on `rendered` (written first), with no server state: a state
@@ -365,13 +523,7 @@ impl Applier {
     async fn start(&mut self, rendered: &Rendered, last_good: LastGood) -> Result<(), ApplyError> {
         write_atomic(&self.server_state_path(), EMPTY_SERVER_STATE)?;
         self.write_files(None, rendered, last_good)?;
-        let launch = Launch {
-            binary: self.config.binary.clone(),
-            master_socket: self.config.master_socket.clone(),
-            config_file: self.config.config_file.clone(),
-            pid_file: self.config.run_dir.join(PID_FILE),
-        };
-        self.process = Some(Managed::start(&launch).await?);
+        self.process = Some(Managed::start(&self.launch()).await?);
         self.in_doubt = false;
         Ok(())
     }
@@ -429,12 +581,21 @@ impl Applier {
         self.external_up = false;
     }
 
-    /// Stops a managed HAProxy gracefully; leaves an external one as configured.
-    pub async fn stop(&mut self) {
-        if let Some(process) = self.process.take() {
-            process
-                .stop(self.config.hard_stop_after + Duration::from_secs(5))
-                .await;
+    /// weft exits: a managed HAProxy keeps serving for the next weft, or stops gracefully,
+    /// as `haproxy.on_exit` says (`handover`: it keeps serving regardless); an external one
+    /// is left as configured.
+    pub async fn stop(&mut self, handover: bool) {
+        let Some(process) = self.process.take() else {
+            return;
+        };
+        match self.config.on_exit {
+            _ if handover => process.release(),
+            OnExit::Keep => process.release(),
+            OnExit::Stop => {
+                process
+                    .stop(self.config.hard_stop_after + Duration::from_secs(5))
+                    .await
+            }
         }
     }
 }

@@ -57,7 +57,7 @@ pub fn decide(situation: &Situation, desired: &Applied, now: Instant) -> Decisio
         if applied.rendered == desired.rendered {
             return Decision::Unchanged;
         }
-        if runtime && same_structure(applied, &desired.table, &desired.slots) {
+        if runtime && same_structure(&applied.slots, &desired.slots) {
             return Decision::Runtime;
         }
     }
@@ -87,7 +87,7 @@ pub fn refresh(candidate: &Applied, latest: &Applied, applied: Option<&Applied>)
         Refresh::Candidate
     } else if applied.is_some_and(|a| a.rendered == latest.rendered) {
         Refresh::NotNeeded
-    } else if same_structure(candidate, &latest.table, &latest.slots) {
+    } else if same_structure(&candidate.slots, &latest.slots) {
         Refresh::Latest
     } else {
         Refresh::Revalidate

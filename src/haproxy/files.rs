@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::render::{Rendered, EMPTY_SERVER_STATE, SERVER_STATE_FILE};
+use tracing::warn;
+
+use crate::render::{Rendered, CERTS_DIR, EMPTY_SERVER_STATE, SERVER_STATE_FILE};
 
 /// The directory inside `run_dir` where candidates are checked before they are installed.
 pub const STAGING_DIR: &str = "staging";
@@ -25,7 +27,34 @@ pub fn stage(dir: &Path, rendered: &Rendered) -> Result<(), WriteError> {
     for (name, content) in rendered.files() {
         write_atomic(&dir.join(name), content)?;
     }
+    prune_certs(dir, rendered);
     write_atomic(&dir.join(SERVER_STATE_FILE), EMPTY_SERVER_STATE)
+}
+
+/// Removes the installed (or staged) certificates `rendered` no longer names (a removed one is
+/// deleted from HAProxy at runtime, or gone after the reload): the directory holds what runs,
+/// and no private key it no longer needs.
+pub fn prune_certs(run_dir: &Path, rendered: &Rendered) {
+    let Ok(entries) = std::fs::read_dir(run_dir.join(CERTS_DIR)) else {
+        return;
+    };
+    let wanted = |name: &str| {
+        crate::model::certs::cert_name(name).is_some_and(|cert| {
+            rendered
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.certs.contains_key(cert))
+        })
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let keep = name.to_str().is_some_and(wanted);
+        if !keep && entry.file_type().is_ok_and(|t| t.is_file()) {
+            if let Err(err) = std::fs::remove_file(entry.path()) {
+                warn!(path = %entry.path().display(), error = %err, "cannot remove a certificate no longer served");
+            }
+        }
+    }
 }
 
 /// Why run_dir cannot be used: whoever can write it can replace haproxy.cfg (and so run code
@@ -40,6 +69,54 @@ pub enum RunDirError {
     },
     #[error("run_dir {path} is not a directory weft may use: {reason}")]
     Unsafe { path: PathBuf, reason: String },
+    #[error("another weft ({holder}) runs on run_dir {path}: two would fight over one HAProxy")]
+    Busy { path: PathBuf, holder: String },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The lock one weft holds on its run_dir while it runs (an exec or a death releases it).
+pub const LOCK_FILE: &str = "weft.lock";
+
+/// Who holds run_dir: the lock, kept for as long as weft runs.
+pub type RunDirLock = nix::fcntl::Flock<std::fs::File>;
+
+/// Takes run_dir's lock, or says which weft holds it; writes weft's pid into the lock file
+/// (best effort: only for that message).
+pub fn lock_run_dir(dir: &Path) -> Result<RunDirLock, RunDirError> {
+    let path = dir.join(LOCK_FILE);
+    let lock_err = |source| RunDirError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(lock_err)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            use std::io::{Seek, Write};
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = write!(lock, "{}", std::process::id());
+            Ok(lock)
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(RunDirError::Busy {
+            path: dir.to_path_buf(),
+            holder: match std::fs::read_to_string(&path) {
+                Ok(pid) if !pid.trim().is_empty() => format!("pid {}", pid.trim()),
+                _ => "pid unknown".into(),
+            },
+        }),
+        Err((_, errno)) => Err(lock_err(errno.into())),
+    }
 }
 
 /// Makes run_dir (0750, whatever the umask) if it is missing, and checks it: a real directory
@@ -90,6 +167,17 @@ pub fn prepare_run_dir(dir: &Path) -> Result<(), RunDirError> {
     }
     remove_stale_temporaries(dir);
     remove_stale_temporaries(&dir.join(STAGING_DIR));
+    // HAProxy's workers' chroot (render::JAIL_DIR): empty, and theirs to read only.
+    let jail = dir.join(crate::render::JAIL_DIR);
+    if std::fs::symlink_metadata(&jail).is_err() {
+        std::fs::DirBuilder::new()
+            .mode(0o555)
+            .create(&jail)
+            .map_err(|source| RunDirError::Create {
+                path: jail.clone(),
+                source,
+            })?;
+    }
     Ok(())
 }
 
@@ -123,6 +211,10 @@ pub fn write_atomic(path: &Path, content: &str) -> Result<(), WriteError> {
         source,
     };
     let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.exists() {
+        // `certs/` in run_dir or a staging directory.
+        create_dir(dir)?;
+    }
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
     std::io::Write::write_all(&mut tmp, content.as_bytes()).map_err(err)?;
     tmp.as_file().sync_all().map_err(err)?;
@@ -181,6 +273,7 @@ mod tests {
             hosts_map: "a.example.com be_a\n".into(),
             paths_map: String::new(),
             wildcards_map: String::new(),
+            tls: None,
         };
         let staging = dir.path().join(STAGING_DIR);
         stage(&staging, &rendered).unwrap();

@@ -3,18 +3,24 @@
 //!
 //! - `process`: start and supervise HAProxy in master-worker mode; the master CLI.
 //! - `runtime`: the admin stats socket (server state).
+//! - `stats`: live traffic per backend (`show stat`, bounded rate), the Prometheus exporter.
 //! - `plan`: what a change takes: runtime commands or a reload (pure).
 //! - `decision`: which way an apply goes: unchanged, runtime, deferred or reload (pure).
 //! - `files`: HAProxy's files on disk, written atomically; the staged set.
 //! - `validate`: `haproxy -c` and the service it blames.
 //! - `apply`: the only writer: runtime updates, or validate, install, reload, confirm.
+//! - `listeners`: who else listens on HAProxy's binds (a foreign `SO_REUSEPORT` listener).
+//! - `tls`: weft's default certificate for the TLS bind.
 
 pub mod apply;
 pub mod decision;
 pub mod files;
+pub mod listeners;
 pub mod plan;
 pub mod process;
 pub mod runtime;
+pub mod stats;
+pub mod tls;
 pub mod validate;
 
 use std::io::ErrorKind;
@@ -80,6 +86,33 @@ impl CliError {
 /// answer. The stats socket closes after one command, but 2.6's master CLI keeps the
 /// connection open: a trailing `quit` makes both close once they have answered.
 pub async fn cli_command(path: &Path, command: &str) -> Result<String, CliError> {
+    exchange(path, command, format!("{command};quit\n")).await
+}
+
+/// Sends one command line that ends in `<<` followed by its payload (HAProxy's CLI reads the
+/// payload up to the first empty line) on the stats socket, which answers and closes. The
+/// payload's lines must not be empty; trailing newlines are dropped.
+pub async fn cli_payload(path: &Path, command: &str, payload: &str) -> Result<String, CliError> {
+    let payload = payload.trim_end_matches('\n');
+    if payload
+        .split('\n')
+        .any(|line| line.trim_end_matches('\r').is_empty())
+    {
+        return Err(CliError::Io {
+            path: path.to_path_buf(),
+            command: command.to_string(),
+            source: std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "a payload with an empty line would end early",
+            ),
+        });
+    }
+    exchange(path, command, format!("{command} <<\n{payload}\n\n")).await
+}
+
+/// Writes `bytes` to the socket and reads the answer to its end, within [`CLI_TIMEOUT`];
+/// `command` names it in errors.
+async fn exchange(path: &Path, command: &str, bytes: String) -> Result<String, CliError> {
     let exchange = async {
         let mut stream = UnixStream::connect(path)
             .await
@@ -92,10 +125,7 @@ pub async fn cli_command(path: &Path, command: &str) -> Result<String, CliError>
             command: command.to_string(),
             source,
         };
-        stream
-            .write_all(format!("{command};quit\n").as_bytes())
-            .await
-            .map_err(io_err)?;
+        stream.write_all(bytes.as_bytes()).await.map_err(io_err)?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.map_err(io_err)?;
         Ok(answer)

@@ -10,9 +10,12 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tracing::{debug, info, warn};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
 
+use super::files::PID_FILE;
 use super::{cli_command, CliError};
+use crate::config::HaproxyConfig;
 
 /// How long a fresh HAProxy may take to answer on its master socket with a worker running.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,6 +28,15 @@ pub const SILENT_TRIES: u32 = 3;
 const RELOAD_POLL: Duration = Duration::from_millis(5);
 /// Lines of HAProxy's own output kept for error messages.
 const KEPT_OUTPUT_LINES: usize = 20;
+/// How often an adopted master (not weft's child, so no exit notice) is looked for in /proc.
+const ADOPTED_POLL: Duration = Duration::from_millis(50);
+/// How long a leftover master that does not answer gets to stop before SIGKILL.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(5);
+
+/// HAProxy's stdout and stderr, inside run_dir: a FIFO rather than a pipe to weft, so that a
+/// later weft, which adopts this HAProxy, reads what it prints. While no weft runs, HAProxy's
+/// writes fail (EPIPE; HAProxy ignores SIGPIPE) and those lines are lost.
+pub const OUTPUT_FIFO: &str = "haproxy.output";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -163,8 +175,8 @@ pub async fn reload(
 /// Why HAProxy no longer runs.
 #[derive(Debug)]
 pub enum Gone {
-    /// The managed master exited.
-    Exited(std::io::Result<ExitStatus>),
+    /// The managed master exited: how, as far as weft can tell.
+    Exited(String),
     /// The external master stopped answering on its socket.
     Silent(ProcessError),
 }
@@ -214,11 +226,22 @@ impl Liveness {
     }
 }
 
-/// A HAProxy master that weft started and supervises.
+/// A HAProxy master that weft supervises: one it started, or one an earlier weft left running
+/// on the same run_dir, adopted.
 pub struct Managed {
-    child: Child,
+    master: Master,
     pid: u32,
     output: Arc<Mutex<VecDeque<String>>>,
+    /// Reads [`OUTPUT_FIFO`]; it never ends by itself (weft holds the FIFO's write side too).
+    /// `None` when the FIFO of an adopted HAProxy could not be opened.
+    reader: Option<JoinHandle<()>>,
+}
+
+enum Master {
+    /// weft's child: its exit is a notice.
+    Child(Child),
+    /// Another weft's child (now init's), or weft's own from before an exec: watched in /proc.
+    Adopted,
 }
 
 /// How to start HAProxy.
@@ -228,15 +251,46 @@ pub struct Launch {
     pub master_socket: PathBuf,
     pub config_file: PathBuf,
     pub pid_file: PathBuf,
+    pub output_fifo: PathBuf,
+}
+
+impl Launch {
+    pub fn new(config: &HaproxyConfig) -> Launch {
+        Launch {
+            binary: config.binary.clone(),
+            master_socket: config.master_socket.clone(),
+            config_file: config.config_file.clone(),
+            pid_file: config.run_dir.join(PID_FILE),
+            output_fifo: config.run_dir.join(OUTPUT_FIFO),
+        }
+    }
+}
+
+/// `weft stop`: stops the HAProxy a weft left serving on `launch`'s files ([`is_ours`]),
+/// gracefully: SIGUSR1, SIGKILL after `grace`. Returns its pid, `None` when there was none.
+pub async fn stop_kept(launch: &Launch, grace: Duration) -> Option<u32> {
+    let pid = read_pid_file(&launch.pid_file).filter(|pid| is_ours(launch, *pid) && alive(*pid))?;
+    stop_pid(pid, grace).await;
+    Some(pid)
 }
 
 impl Managed {
     /// Starts `haproxy -W -S <socket>,mode,600 -f <config> -p <pidfile>` and waits until the
-    /// master answers with a worker running.
+    /// master answers with a worker running. HAProxy gets a process group of its own (a ^C
+    /// meant for weft is weft's to handle) and no `kill_on_drop`: whether it outlives weft is
+    /// `haproxy.on_exit`'s to say, and a weft killed outright leaves it serving.
     pub async fn start(launch: &Launch) -> Result<Managed, ProcessError> {
         stop_leftover(launch).await;
         let _ = std::fs::remove_file(&launch.master_socket);
-        let mut child = super::scrub_env(&mut Command::new(&launch.binary))
+        let output = Arc::new(Mutex::new(VecDeque::new()));
+        let spawn_err = |source| ProcessError::Spawn {
+            binary: launch.binary.clone(),
+            source,
+        };
+        let (reader, writer) =
+            open_output(&launch.output_fifo, output.clone()).map_err(spawn_err)?;
+        let stderr = writer.try_clone().map_err(spawn_err)?;
+        let spawned = super::scrub_env(&mut Command::new(&launch.binary))
             .arg("-W")
             .arg("-S")
             .arg(format!("{},mode,600", launch.master_socket.display()))
@@ -245,31 +299,34 @@ impl Managed {
             .arg("-p")
             .arg(&launch.pid_file)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| ProcessError::Spawn {
-                binary: launch.binary.clone(),
-                source,
-            })?;
+            .stdout(writer)
+            .stderr(stderr)
+            .process_group(0)
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(source) => {
+                reader.abort();
+                return Err(spawn_err(source));
+            }
+        };
         let pid = child.id().unwrap_or_default();
-        let output = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(forward_output(stdout, output.clone()));
-        }
-        if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(forward_output(stderr, output.clone()));
-        }
-        let mut managed = Managed { child, pid, output };
+        let mut managed = Managed {
+            master: Master::Child(child),
+            pid,
+            output,
+            reader: Some(reader),
+        };
 
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = managed.child.try_wait().ok().flatten() {
-                return Err(ProcessError::ExitedAtStart {
-                    status,
-                    output: managed.recent_output(),
-                });
+            if let Master::Child(child) = &mut managed.master {
+                if let Some(status) = child.try_wait().ok().flatten() {
+                    return Err(ProcessError::ExitedAtStart {
+                        status,
+                        output: managed.recent_output(),
+                    });
+                }
             }
             match show_proc(&launch.master_socket).await {
                 Ok(proc) if !proc.workers.is_empty() => {
@@ -290,22 +347,83 @@ impl Managed {
         }
     }
 
+    /// Takes over the HAProxy an earlier weft left running on this run_dir, if there is one
+    /// and it is sound: the pid file names a process whose executable is `launch.binary` and
+    /// whose arguments are this config file and master socket ([`is_ours`]), and that master
+    /// answers `show proc` under the same pid with a worker running. One of ours that does not
+    /// answer is stopped (weft starts its own); anything else is left alone.
+    pub async fn adopt(launch: &Launch) -> Option<Managed> {
+        let pid = read_pid_file(&launch.pid_file)?;
+        if !is_ours(launch, pid) {
+            return None;
+        }
+        match master_status(&launch.master_socket, LEFTOVER_GRACE).await {
+            Ok(proc) if proc.master_pid == pid && !proc.workers.is_empty() => {
+                let output = Arc::new(Mutex::new(VecDeque::new()));
+                let reader = match open_output(&launch.output_fifo, output.clone()) {
+                    Ok((reader, _writer)) => Some(reader),
+                    Err(err) => {
+                        warn!(error = %err, fifo = %launch.output_fifo.display(), "cannot read the adopted haproxy's output");
+                        None
+                    }
+                };
+                info!(
+                    pid,
+                    reloads = proc.reloads,
+                    workers = proc.workers.len(),
+                    "adopted the haproxy an earlier weft left serving"
+                );
+                Some(Managed {
+                    master: Master::Adopted,
+                    pid,
+                    output,
+                    reader,
+                })
+            }
+            answer => {
+                let answer = match answer {
+                    Ok(proc) => format!("{proc:?}"),
+                    Err(err) => err.to_string(),
+                };
+                warn!(pid, %answer, "a haproxy of an earlier weft runs on this config but its master does not answer as expected: stopping it");
+                stop_pid(pid, LEFTOVER_GRACE).await;
+                None
+            }
+        }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// The last lines HAProxy printed, for error messages.
     pub fn recent_output(&self) -> String {
         let lines = self.output.lock().map(|o| o.clone()).unwrap_or_default();
         Vec::from(lines).join(" | ")
     }
 
-    /// Resolves when the master exits.
-    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+    /// Resolves when the master exits; says how.
+    pub async fn wait(&mut self) -> String {
+        match &mut self.master {
+            Master::Child(child) => match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(err) => format!("cannot wait for it: {err}"),
+            },
+            Master::Adopted => {
+                while alive(self.pid) {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                format!("the adopted master (pid {}) is gone", self.pid)
+            }
+        }
     }
 
     /// Soft stop (SIGUSR1: workers finish their connections), then SIGKILL after `grace`.
     pub async fn stop(mut self, grace: Duration) {
         if signal(self.pid, Signal::SIGUSR1) {
-            if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
-                info!(pid = self.pid, %status, "haproxy stopped");
+            if let Ok(how) = tokio::time::timeout(grace, self.wait()).await {
+                info!(pid = self.pid, %how, "haproxy stopped");
                 return;
             }
             warn!(
@@ -317,9 +435,74 @@ impl Managed {
         self.kill().await;
     }
 
-    async fn kill(&mut self) {
-        let _ = self.child.kill().await;
+    /// Leaves HAProxy serving on its own, for the next weft to adopt.
+    pub fn release(self) {
+        info!(
+            pid = self.pid,
+            "haproxy keeps serving its last good config: the next weft adopts it, `weft stop` stops it"
+        );
     }
+
+    async fn kill(&mut self) {
+        match &mut self.master {
+            Master::Child(child) => {
+                let _ = child.kill().await;
+            }
+            Master::Adopted => {
+                signal(self.pid, Signal::SIGKILL);
+                let _ = tokio::time::timeout(START_TIMEOUT, self.wait()).await;
+            }
+        }
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        if let Some(reader) = &self.reader {
+            reader.abort();
+        }
+    }
+}
+
+/// Makes HAProxy's output FIFO if it is missing (0600; anything else at its path is replaced)
+/// and opens it: a task that forwards each line to the log, and the write side for HAProxy.
+/// weft's side is opened read-write, so it never reads an end while weft runs.
+fn open_output(
+    path: &Path,
+    kept: Arc<Mutex<VecDeque<String>>>,
+) -> std::io::Result<(JoinHandle<()>, std::fs::File)> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_fifo = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    if !is_fifo {
+        let _ = std::fs::remove_file(path);
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .map_err(std::io::Error::from)?;
+    }
+    let receiver = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)?;
+    let writer = std::fs::OpenOptions::new().write(true).open(path)?;
+    Ok((tokio::spawn(forward_output(receiver, kept)), writer))
+}
+
+/// Whether `pid` runs (a zombie does not: it is reaped here if it is weft's own child, as a
+/// master started before an exec of weft is).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    if zombie {
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = nix::sys::wait::waitpid(
+                Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+    !zombie
 }
 
 fn signal(pid: u32, signal: Signal) -> bool {
@@ -349,39 +532,73 @@ async fn forward_output(stream: impl AsyncRead + Unpin, kept: Arc<Mutex<VecDeque
     }
 }
 
-/// A HAProxy left running by an earlier weft that died without stopping it would hold the
-/// port: stop it, but only if the pid file names a haproxy started on this very config.
-async fn stop_leftover(launch: &Launch) {
-    let Ok(text) = std::fs::read_to_string(&launch.pid_file) else {
-        return;
-    };
-    let Some(pid) = text
+/// The master's pid, as the pid file's first line says.
+pub fn read_pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path)
+        .ok()?
         .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<u32>().ok())
-    else {
-        return;
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is a HAProxy master weft started on `launch`: its executable is
+/// `launch.binary` (or was, before a package upgrade replaced the file), and its arguments
+/// name this config file after `-f` and this master socket after `-S`. Never a guess from a
+/// substring: weft signals what passes.
+pub fn is_ours(launch: &Launch, pid: u32) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
     };
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return;
-    };
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    let config = launch.config_file.display().to_string();
-    if !cmdline.contains("haproxy") || !cmdline.contains(&config) {
-        return;
+    let exe = exe.to_string_lossy();
+    let exe = exe.strip_suffix(" (deleted)").unwrap_or(&exe);
+    let binary = std::fs::canonicalize(&launch.binary).unwrap_or_else(|_| launch.binary.clone());
+    if Path::new(exe) != binary {
+        return false;
     }
-    warn!(
-        pid,
-        "stopping a haproxy left running by an earlier weft on the same config"
-    );
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let follows = |flag: &str, value: &dyn Fn(&[u8]) -> bool| {
+        args.windows(2)
+            .any(|pair| pair[0] == flag.as_bytes() && value(pair[1]))
+    };
+    let config = launch.config_file.as_os_str().as_encoded_bytes();
+    let socket = launch.master_socket.as_os_str().as_encoded_bytes();
+    follows("-f", &|arg| arg == config)
+        && follows("-S", &|arg| {
+            arg.split(|b| *b == b',').next() == Some(socket)
+        })
+}
+
+/// A HAProxy master of an earlier weft on this config that still runs when weft starts its own
+/// would hold the port: stop it ([`is_ours`] decides; a stranger is left alone).
+async fn stop_leftover(launch: &Launch) {
+    let Some(pid) = read_pid_file(&launch.pid_file) else {
+        return;
+    };
+    if is_ours(launch, pid) && alive(pid) {
+        warn!(
+            pid,
+            "stopping a haproxy left running by an earlier weft on the same config"
+        );
+        stop_pid(pid, LEFTOVER_GRACE).await;
+    }
+}
+
+/// SIGUSR1 to `pid`, then SIGKILL after `grace`.
+async fn stop_pid(pid: u32, grace: Duration) {
     signal(pid, Signal::SIGUSR1);
-    for _ in 0..200 {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + grace;
+    while alive(pid) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(POLL).await;
     }
-    signal(pid, Signal::SIGKILL);
+    if alive(pid) {
+        error!(pid, ?grace, "haproxy did not stop in time, killing it");
+        signal(pid, Signal::SIGKILL);
+    }
 }
 
 #[cfg(test)]

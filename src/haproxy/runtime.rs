@@ -12,8 +12,9 @@ use std::path::Path;
 use tracing::warn;
 
 use super::files::write_atomic;
-use super::plan::{commands, filter_server_state, RuntimePlan};
-use super::{cli_command, CliError};
+use super::plan::{commands, filter_server_state, CertChange, MapUpdate, RuntimePlan};
+use super::{cli_command, cli_payload, CliError};
+use crate::render::{cert_file, CRT_LIST};
 use crate::slots::Slots;
 
 /// Longest command line sent at once; HAProxy's CLI buffer is 16 kB by default.
@@ -103,16 +104,99 @@ fn check_answer(command: &str, answer: &str) -> Result<(), RuntimeError> {
 /// Runs a same-structure plan: servers put in service first (a moved backend is never
 /// empty), then the maps, then servers taken out; then confirms every touched slot.
 pub async fn execute(admin: &Path, map_dir: &Path, plan: &RuntimePlan) -> Result<(), RuntimeError> {
+    for change in &plan.certs {
+        change_cert(admin, map_dir, change).await?;
+    }
     run_commands(admin, &commands(&plan.enable)).await?;
-    for (file, entries) in &plan.maps {
-        let entries: Vec<(&str, &str)> = entries
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        replace_map(admin, &map_dir.join(file), &entries).await?;
+    for (file, update) in &plan.maps {
+        let map = map_dir.join(file);
+        match update {
+            MapUpdate::Replace(entries) => {
+                let entries: Vec<(&str, &str)> = entries
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                replace_map(admin, &map, &entries).await?;
+            }
+            MapUpdate::Entries { del, set, add } => {
+                run_commands(admin, &entry_commands(&map, del, set, add)).await?
+            }
+        }
     }
     run_commands(admin, &commands(&plan.disable)).await?;
     verify_servers(admin, &plan.expected).await
+}
+
+/// The commands that change a map entry by entry: `del map`, `set map`, `add map`.
+fn entry_commands(
+    map: &Path,
+    del: &[String],
+    set: &[(String, String)],
+    add: &[(String, String)],
+) -> Vec<String> {
+    let map = escape(&map.display().to_string());
+    let del = del
+        .iter()
+        .map(|key| format!("del map {map} {}", escape(key)));
+    let set = set
+        .iter()
+        .map(|(key, value)| format!("set map {map} {} {}", escape(key), escape(value)));
+    let add = add
+        .iter()
+        .map(|(key, value)| format!("add map {map} {} {}", escape(key), escape(value)));
+    del.chain(set).chain(add).collect()
+}
+
+/// Adds, renews or removes one certificate of the TLS bind's crt-list (`map_dir/certs.list`),
+/// named by its installed path (`map_dir/certs/NAME.pem`): the name a reload loads it under.
+pub async fn change_cert(
+    admin: &Path,
+    map_dir: &Path,
+    change: &CertChange,
+) -> Result<(), RuntimeError> {
+    let list = map_dir.join(CRT_LIST).display().to_string();
+    let path = |name: &str| map_dir.join(cert_file(name)).display().to_string();
+    match change {
+        CertChange::Add { name, pem } => {
+            let path = path(name);
+            run_commands(admin, &[format!("new ssl cert {path}")]).await?;
+            set_cert(admin, &path, pem).await?;
+            run_commands(admin, &[format!("add ssl crt-list {list} {path}")]).await
+        }
+        CertChange::Update { name, pem } => set_cert(admin, &path(name), pem).await,
+        CertChange::Remove { name } => {
+            let path = path(name);
+            run_commands(
+                admin,
+                &[
+                    format!("del ssl crt-list {list} {path}"),
+                    format!("del ssl cert {path}"),
+                ],
+            )
+            .await
+        }
+    }
+}
+
+/// `set ssl cert` with the PEM as payload, then `commit ssl cert`: HAProxy swaps the
+/// certificate for new handshakes; connections that run keep theirs.
+async fn set_cert(admin: &Path, path: &str, pem: &str) -> Result<(), RuntimeError> {
+    let command = format!("set severity-output number;set ssl cert {path}");
+    let answer = cli_payload(admin, &command, pem).await?;
+    check_answer(&command, &answer)?;
+    if !answer.contains("Transaction created") && !answer.contains("Transaction updated") {
+        return Err(RuntimeError::Answer { command, answer });
+    }
+    let commit = format!("set severity-output number;commit ssl cert {path}");
+    let answer = cli_command(admin, &commit).await?;
+    check_answer(&commit, &answer)?;
+    if !answer.contains("Success!") {
+        return Err(RuntimeError::Answer {
+            command: commit,
+            answer,
+        });
+    }
+    Ok(())
 }
 
 /// Dumps the running servers' state to `path` for the next worker, without the servers whose

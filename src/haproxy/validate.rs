@@ -92,7 +92,9 @@ fn culprit(stderr: &str, config: &str) -> Option<String> {
         .filter_map(|l| l.strip_prefix("backend "))
         .last()
         .map(|b| b.trim().to_string())
-        .filter(|b| b.starts_with(crate::model::BACKEND_PREFIX))
+        .filter(|b| {
+            b.starts_with(crate::model::BACKEND_PREFIX) || b.starts_with(crate::slots::SPARE_PREFIX)
+        })
 }
 
 #[cfg(test)]

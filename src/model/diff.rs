@@ -35,6 +35,18 @@ impl RoutingTable {
             .filter(|key| !desired.routes.contains_key(*key))
             .cloned()
             .collect();
+        for (name, cert) in &desired.certificates {
+            match self.certificates.get(name) {
+                None => diff.certificates.push(format!("+{name}")),
+                Some(old) if old != cert => diff.certificates.push(format!("~{name}")),
+                Some(_) => {}
+            }
+        }
+        for name in self.certificates.keys() {
+            if !desired.certificates.contains_key(name) {
+                diff.certificates.push(format!("-{name}"));
+            }
+        }
         diff
     }
 }
@@ -50,6 +62,8 @@ pub struct TableDiff {
     pub removed_routes: Vec<RouteKey>,
     /// Same host and path, another service.
     pub moved_routes: Vec<RouteKey>,
+    /// TLS certificates, by name: `+new`, `~renewed`, `-removed`.
+    pub certificates: Vec<String>,
 }
 
 impl TableDiff {
@@ -82,6 +96,9 @@ impl fmt::Display for TableDiff {
         }
         if !routes.is_empty() {
             parts.push(format!("routes {}", routes.join(" ")));
+        }
+        if !self.certificates.is_empty() {
+            parts.push(format!("certificates {}", self.certificates.join(" ")));
         }
         if parts.is_empty() {
             parts.push("none".into());

@@ -12,6 +12,8 @@ pub enum SourceId {
     File,
     Consul,
     Marathon,
+    /// The certificates' directory, `tls.certs`.
+    Tls,
 }
 
 impl SourceId {
@@ -21,6 +23,7 @@ impl SourceId {
             "file" => Some(SourceId::File),
             "consul" => Some(SourceId::Consul),
             "marathon" => Some(SourceId::Marathon),
+            "tls" => Some(SourceId::Tls),
             _ => None,
         }
     }
@@ -32,6 +35,7 @@ impl fmt::Display for SourceId {
             SourceId::File => "file",
             SourceId::Consul => "consul",
             SourceId::Marathon => "marathon",
+            SourceId::Tls => "tls",
         })
     }
 }
@@ -49,15 +53,23 @@ pub struct ServiceDef {
     /// `ip:port` strings.
     pub servers: Vec<String>,
     pub balance: Option<String>,
-    /// HTTP health check path.
-    pub check: Option<String>,
+    /// HAProxy's active health check of every server, if any.
+    pub check: Option<CheckDef>,
     /// Time between two checks; `None`: weft's default (2 s).
     pub check_interval: Option<Duration>,
     /// Failed checks in a row before a server is taken out; `None`: weft's default (3).
     pub check_fall: Option<u32>,
+    /// How long one check may take (`timeout check`), as the source wrote it (`"2s"`);
+    /// `None`: HAProxy's default, the check interval.
+    pub check_timeout: Option<String>,
     /// Services allowed to add paths under the hosts this service holds: `name`, `name*` (a
     /// prefix), of this service's source, or `consul:name` / `marathon:name` / `file:name`.
     pub share: Vec<String>,
+    /// `https`: plain HTTP requests to this service's hosts are redirected to HTTPS (where a
+    /// certificate covers the host).
+    pub redirect: Option<String>,
+    /// `Strict-Transport-Security` on this service's HTTPS answers.
+    pub hsts: Option<bool>,
 }
 
 #[cfg(test)]
@@ -74,9 +86,21 @@ impl ServiceDef {
             check: None,
             check_interval: None,
             check_fall: None,
+            check_timeout: None,
             share: Vec::new(),
+            redirect: None,
+            hsts: None,
         }
     }
+}
+
+/// The kind of health check a source asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckDef {
+    /// `GET <path>`: a 2xx or 3xx answer passes.
+    Http(String),
+    /// A TCP connection that opens passes.
+    Tcp,
 }
 
 /// A definition the source itself could not read (a broken TOML entry, a bad label): it never
@@ -108,6 +132,9 @@ pub struct SourceReport {
     pub services: Vec<ServiceDef>,
     pub rejected: Vec<Rejected>,
     pub health: Health,
+    /// The TLS certificates that passed validation (only the certificates' directory, `tls.certs`,
+    /// reports any).
+    pub certificates: super::certs::Certificates,
 }
 
 impl SourceReport {
@@ -126,6 +153,7 @@ impl SourceReport {
 
     pub fn starting(source: SourceId) -> Self {
         SourceReport {
+            certificates: Default::default(),
             source,
             services: Vec::new(),
             rejected: Vec::new(),

@@ -9,6 +9,7 @@
 //! dropped with a reason and everything else goes on routing. `build` is pure and deterministic:
 //! the same reports give the same table, whatever order the sources arrived in.
 
+pub mod certs;
 mod diff;
 mod input;
 mod names;
@@ -20,7 +21,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use diff::TableDiff;
-pub use input::{Health, Rejected, ServiceDef, SourceId, SourceReport};
+pub use input::{CheckDef, Health, Rejected, ServiceDef, SourceId, SourceReport};
 pub use names::{
     parse_server, Balance, CheckPath, Hostname, PathPrefix, ServiceName, BACKEND_PREFIX,
 };
@@ -38,15 +39,48 @@ pub struct Backend {
     pub servers: BTreeSet<SocketAddr>,
     /// Where the service came from.
     pub source: SourceId,
+    /// Plain HTTP requests redirected to HTTPS.
+    pub redirect: Redirect,
+    /// `Strict-Transport-Security` on HTTPS answers.
+    pub hsts: Hsts,
 }
 
-/// An HTTP health check HAProxy runs against every server of a backend.
+/// A service's redirect to HTTPS (`redirect = "https"`, `weft.redirect=https`,
+/// `HAPROXY_n_REDIRECT_TO_HTTPS`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redirect {
+    Off,
+    /// For these hosts of the service: the ones a TLS certificate covers (the others are
+    /// reported, and stay on HTTP). ACME HTTP-01 challenges (`/.well-known/acme-challenge/`)
+    /// are never redirected.
+    Https(BTreeSet<Hostname>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hsts {
+    Off,
+    /// `Strict-Transport-Security: max-age=31536000` on the service's HTTPS answers.
+    On,
+}
+
+/// A health check HAProxy runs against every server of a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
-    pub path: CheckPath,
+    pub kind: CheckKind,
     pub interval: Duration,
     /// Failed checks in a row before a server is taken out.
     pub fall: u32,
+    /// `timeout check`: how long one check may take; `None`: HAProxy's default (`inter`).
+    pub timeout: Option<Duration>,
+}
+
+/// What a health check asks of a server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CheckKind {
+    /// `option httpchk GET <path>`.
+    Http(CheckPath),
+    /// A TCP connection (HAProxy's plain `check`).
+    Tcp,
 }
 
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -54,6 +88,8 @@ pub const DEFAULT_CHECK_FALL: u32 = 3;
 const CHECK_INTERVAL_RANGE: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(3600));
 const MAX_CHECK_FALL: u32 = 100;
+const CHECK_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
 /// The most hosts one service routes: each is a claim, and a claim is a write to the ledger
 /// that every edge reads.
 pub const MAX_HOSTS_PER_SERVICE: usize = 64;
@@ -83,6 +119,8 @@ impl fmt::Display for RouteKey {
 pub struct RoutingTable {
     pub backends: BTreeMap<ServiceName, Backend>,
     pub routes: BTreeMap<RouteKey, ServiceName>,
+    /// The TLS certificates that passed validation (see [`certs`]); empty without `[tls]`.
+    pub certificates: certs::Certificates,
 }
 
 /// An input that did not make it into the table, and why.
@@ -139,6 +177,7 @@ pub struct Built {
 #[cfg(test)]
 pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
     let report = SourceReport {
+        certificates: Default::default(),
         services,
         ..SourceReport::starting(SourceId::File)
     };
@@ -170,6 +209,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     sorted.sort_by_key(|r| r.source);
 
     for report in &sorted {
+        built.table.certificates.extend(report.certificates.clone());
         for rejected in &report.rejected {
             built.dropped.push(Dropped {
                 source: report.source,
@@ -434,17 +474,52 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
+    redirect_covered_hosts(&mut built);
     built.dropped.sort();
     built.conflicts.sort();
     built
 }
 
+/// Fills each redirecting service's hosts: those of its routes a certificate covers. A host
+/// no certificate covers stays on plain HTTP (a redirect would send browsers to weft's
+/// default certificate), and is reported.
+fn redirect_covered_hosts(built: &mut Built) {
+    let table = &mut built.table;
+    for (name, backend) in table.backends.iter_mut() {
+        let Redirect::Https(covered) = &mut backend.redirect else {
+            continue;
+        };
+        let hosts: BTreeSet<&Hostname> = table
+            .routes
+            .iter()
+            .filter(|(_, service)| *service == name)
+            .map(|(key, _)| &key.host)
+            .collect();
+        for host in hosts {
+            if certs::covers(&table.certificates, host.as_str()) {
+                covered.insert(host.clone());
+            } else {
+                built.dropped.push(Dropped {
+                    source: backend.source,
+                    subject: format!("service {:?} redirect of host {:?}", name.as_str(), host.as_str()),
+                    reason: format!(
+                        "no TLS certificate covers {host}: it is served on plain HTTP, not redirected to HTTPS"
+                    ),
+                });
+            }
+        }
+    }
+}
+
 fn validate_check(def: &ServiceDef) -> Result<Option<HealthCheck>, String> {
-    let Some(raw) = def.check.as_deref() else {
-        return Ok(None);
+    let kind = match &def.check {
+        None => return Ok(None),
+        Some(CheckDef::Http(raw)) => CheckKind::Http(
+            CheckPath::parse(raw)
+                .map_err(|reason| format!("invalid health check path: {reason}"))?,
+        ),
+        Some(CheckDef::Tcp) => CheckKind::Tcp,
     };
-    let path =
-        CheckPath::parse(raw).map_err(|reason| format!("invalid health check path: {reason}"))?;
     let interval = def.check_interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
     let (min, max) = CHECK_INTERVAL_RANGE;
     if interval < min || interval > max {
@@ -458,11 +533,31 @@ fn validate_check(def: &ServiceDef) -> Result<Option<HealthCheck>, String> {
             "invalid health check fall count {fall}: must lie between 1 and {MAX_CHECK_FALL}"
         ));
     }
+    let timeout = def
+        .check_timeout
+        .as_deref()
+        .map(validate_check_timeout)
+        .transpose()?;
     Ok(Some(HealthCheck {
-        path,
+        kind,
         interval,
         fall,
+        timeout,
     }))
+}
+
+/// `timeout check`, as a source wrote it (`"2s"`, `"500ms"`), within [`CHECK_TIMEOUT_RANGE`].
+fn validate_check_timeout(raw: &str) -> Result<Duration, String> {
+    let (min, max) = CHECK_TIMEOUT_RANGE;
+    match humantime::parse_duration(raw) {
+        Ok(timeout) if (min..=max).contains(&timeout) => Ok(timeout),
+        Ok(_) => Err(format!(
+            "invalid health check timeout {raw:?}: must lie between {min:?} and {max:?}"
+        )),
+        Err(err) => Err(format!(
+            "invalid health check timeout {raw:?}: not a duration like \"2s\": {err}"
+        )),
+    }
 }
 
 /// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,
@@ -557,6 +652,21 @@ fn validate(
         }
     }
 
+    let redirect = match def.redirect.as_deref() {
+        None => Redirect::Off,
+        Some(to) if to.eq_ignore_ascii_case("https") => Redirect::Https(BTreeSet::new()),
+        Some(other) => {
+            drop(
+                subject,
+                format!("invalid redirect {other:?}: the one redirect is \"https\""),
+            );
+            return None;
+        }
+    };
+    let hsts = match def.hsts {
+        Some(true) => Hsts::On,
+        _ => Hsts::Off,
+    };
     Some((
         name,
         Backend {
@@ -564,14 +674,76 @@ fn validate(
             check,
             servers,
             source,
+            redirect,
+            hsts,
         },
         keys,
     ))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The certificates' report of a directory holding one certificate for `sans`.
+    pub(crate) fn tls_report(sans: &[&str]) -> SourceReport {
+        let cert = certs::Certificate {
+            name: "cert".into(),
+            sans: sans.iter().map(|s| s.to_string()).collect(),
+            not_after: 1_800_000_000,
+            serial: "01".into(),
+            pem: String::new(),
+        };
+        SourceReport {
+            certificates: [("cert".to_string(), cert)].into(),
+            health: Health::Ok,
+            ..SourceReport::starting(SourceId::Tls)
+        }
+    }
+
+    #[test]
+    fn a_redirect_takes_the_hosts_a_certificate_covers_and_reports_the_others() {
+        let mut shop = def(
+            "shop",
+            &[
+                "shop.example.com",
+                "a.t.example.com",
+                "*.w.example.com",
+                "plain.example.com",
+            ],
+            &["10.2.1.5:80"],
+        );
+        shop.redirect = Some("HTTPS".into());
+        shop.hsts = Some(true);
+        let tls = tls_report(&["shop.example.com", "*.t.example.com", "*.w.example.com"]);
+        let built = build(
+            &[&report(vec![shop]), &tls],
+            &settings(),
+            &Ledger::default(),
+        );
+        let backend = &built.table.backends[&ServiceName::parse("shop").unwrap()];
+        let hosts: Vec<&str> = match &backend.redirect {
+            Redirect::Https(hosts) => hosts.iter().map(Hostname::as_str).collect(),
+            Redirect::Off => panic!("no redirect"),
+        };
+        assert_eq!(
+            hosts,
+            ["*.w.example.com", "a.t.example.com", "shop.example.com"]
+        );
+        assert_eq!(backend.hsts, Hsts::On);
+        assert_eq!(built.dropped.len(), 1, "{:?}", built.dropped);
+        assert_eq!(
+            built.dropped[0].reason,
+            "no TLS certificate covers plain.example.com: it is served on plain HTTP, not redirected to HTTPS"
+        );
+        let mut bad = def("bad", &["bad.example.com"], &["10.2.1.5:80"]);
+        bad.redirect = Some("http".into());
+        let built = build(&[&report(vec![bad])], &settings(), &Ledger::default());
+        assert!(built.table.backends.is_empty());
+        assert!(built.dropped[0]
+            .reason
+            .starts_with("invalid redirect \"http\""));
+    }
 
     fn settings() -> ModelSettings {
         ModelSettings::new(AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]))
@@ -583,6 +755,7 @@ mod tests {
 
     fn report(services: Vec<ServiceDef>) -> SourceReport {
         SourceReport {
+            certificates: Default::default(),
             services,
             ..SourceReport::starting(SourceId::File)
         }
@@ -666,7 +839,7 @@ mod tests {
     #[test]
     fn health_checks_are_bounded() {
         let mut d = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
-        d.check = Some("/health".into());
+        d.check = Some(CheckDef::Http("/health".into()));
         let built = build(&[&report(vec![d.clone()])], &settings(), &Ledger::default());
         let check = built
             .table
@@ -681,22 +854,52 @@ mod tests {
             (check.interval, check.fall),
             (DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_FALL)
         );
-        for (interval, fall, why) in [
-            (Some(Duration::from_millis(10)), None, "interval"),
-            (None, Some(0), "fall"),
-            (None, Some(1000), "fall"),
+        assert_eq!(check.timeout, None);
+        for (interval, fall, timeout, why) in [
+            (Some(Duration::from_millis(10)), None, None, "interval"),
+            (None, Some(0), None, "fall"),
+            (None, Some(1000), None, "fall"),
+            (
+                None,
+                None,
+                Some("50ms"),
+                "timeout \"50ms\": must lie between",
+            ),
+            (None, None, Some("2h"), "timeout \"2h\": must lie between"),
+            (None, None, Some("soon"), "timeout \"soon\": not a duration"),
         ] {
             let mut bad = d.clone();
             bad.check_interval = interval;
             bad.check_fall = fall;
+            bad.check_timeout = timeout.map(Into::into);
             let built = build(&[&report(vec![bad])], &settings(), &Ledger::default());
             assert!(built.table.backends.is_empty());
             assert!(built.dropped[0].reason.contains(why), "{:?}", built.dropped);
         }
     }
 
+    #[test]
+    fn check_timeouts_and_tcp_checks() {
+        let mut d = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
+        d.check = Some(CheckDef::Tcp);
+        d.check_timeout = Some("1500ms".into());
+        d.check_fall = Some(4);
+        let built = build(&[&report(vec![d])], &settings(), &Ledger::default());
+        let check = built.table.backends.values().next().unwrap().check.clone();
+        assert_eq!(
+            check,
+            Some(HealthCheck {
+                kind: CheckKind::Tcp,
+                interval: DEFAULT_CHECK_INTERVAL,
+                fall: 4,
+                timeout: Some(Duration::from_millis(1500)),
+            })
+        );
+    }
+
     fn consul(services: Vec<ServiceDef>) -> SourceReport {
         SourceReport {
+            certificates: Default::default(),
             services,
             health: Health::Ok,
             ..SourceReport::starting(SourceId::Consul)
@@ -775,6 +978,7 @@ mod tests {
         assert_eq!(built.intents.absent.len(), 1);
         // Not while the source is not read in full.
         let degraded = SourceReport {
+            certificates: Default::default(),
             health: Health::Degraded {
                 reason: "down".into(),
                 since: std::time::SystemTime::now(),

@@ -18,19 +18,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::dir_watch::DirWatch;
 use crate::config::FileSourceConfig;
-use crate::model::{Health, Rejected, ServiceDef, SourceId, SourceReport};
-
-/// Safety net for missed file events.
-const REREAD_INTERVAL: Duration = Duration::from_secs(30);
+use crate::escape::Escaped;
+use crate::model::{CheckDef, Health, Rejected, ServiceDef, SourceId, SourceReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -40,6 +38,8 @@ pub enum FileError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is larger than {max} bytes, the most weft reads of a services file")]
+    TooLarge { path: PathBuf, max: u64 },
     #[error("{path} is not valid TOML: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -66,9 +66,15 @@ struct FileService {
     check: Option<String>,
     check_interval: Option<String>,
     check_fall: Option<u32>,
+    /// `timeout check`: how long one check may take (`"2s"`).
+    check_timeout: Option<String>,
     /// Services that may add paths under this service's hosts.
     #[serde(default)]
     share: Vec<String>,
+    /// `"https"`: redirect HTTP to HTTPS where a certificate covers the host.
+    redirect: Option<String>,
+    /// `Strict-Transport-Security` on HTTPS answers.
+    hsts: Option<bool>,
 }
 
 fn service_def(service: FileService) -> Result<ServiceDef, String> {
@@ -87,10 +93,13 @@ fn service_def(service: FileService) -> Result<ServiceDef, String> {
         path: service.path,
         servers: service.servers,
         balance: service.balance,
-        check: service.check,
+        check: service.check.map(CheckDef::Http),
         check_interval,
         check_fall: service.check_fall,
+        check_timeout: service.check_timeout,
         share: service.share,
+        redirect: service.redirect,
+        hsts: service.hsts,
     })
 }
 
@@ -101,14 +110,31 @@ pub struct FileContent {
     pub rejected: Vec<Rejected>,
 }
 
+/// The largest services file weft reads: some 100,000 services' entries, far above any real
+/// estate's file, and a bound on what a runaway generator can make weft hold.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
 /// Reads and parses the services file once.
 pub async fn read(path: &Path) -> Result<FileContent, FileError> {
-    let text = tokio::fs::read_to_string(path)
+    use tokio::io::AsyncReadExt;
+    let read_err = |source| FileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = tokio::fs::File::open(path).await.map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
         .await
-        .map_err(|source| FileError::Read {
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(FileError::TooLarge {
             path: path.to_path_buf(),
-            source,
-        })?;
+            max: MAX_FILE_BYTES,
+        });
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|err| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, err)))?;
     parse(&text, path)
 }
 
@@ -186,7 +212,6 @@ pub async fn run(
     tx: watch::Sender<SourceReport>,
     shutdown: CancellationToken,
 ) -> Result<(), FileError> {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
     let dir = config
         .path
         .parent()
@@ -195,53 +220,27 @@ pub async fn run(
     // What the watcher's events are matched against; a symlink's can change at every read.
     let names = Arc::new(Mutex::new(Vec::new()));
     let matched = names.clone();
-    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
-        let relevant = match result {
-            // Reading the file is an event too (open, close): weft's own reads must not
-            // trigger more reads.
-            Ok(event) if event.kind.is_access() => false,
-            Ok(event) => {
-                let names = matched.lock().map(|n| n.clone()).unwrap_or_default();
-                event.paths.iter().any(|p| {
-                    p.file_name()
-                        .is_some_and(|n| names.iter().any(|name| name == n))
-                })
-            }
-            // An error from the watcher: re-read to be safe.
-            Err(_) => true,
-        };
-        if relevant {
-            let _ = events_tx.send(());
-        }
+    let mut watch = DirWatch::new(&dir, config.debounce, move |path| {
+        let names = matched.lock().map(|n| n.clone()).unwrap_or_default();
+        path.file_name()
+            .is_some_and(|n| names.iter().any(|name| name == n))
     })
     .map_err(|source| FileError::Watch {
         path: dir.clone(),
         source,
     })?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| FileError::Watch {
-            path: dir.clone(),
-            source,
-        })?;
     let mut link = Link::default();
-    link.follow(&config.path, &dir, &mut watcher, &names);
+    link.follow(&config.path, &dir, watch.watcher(), &names);
     info!(path = %config.path.display(), symlinked = link.symlinked, "watching services file");
 
-    let mut reread = tokio::time::interval(REREAD_INTERVAL);
     loop {
         refresh(&config.path, &tx).await;
-        link.follow(&config.path, &dir, &mut watcher, &names);
+        link.follow(&config.path, &dir, watch.watcher(), &names);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            Some(()) = events.recv() => {
-                // Throttle, not debounce: read `debounce` after the first event of a burst,
-                // so that a file that changes all the time is still read that often.
-                tokio::time::sleep(config.debounce).await;
-                while events.try_recv().is_ok() {}
+            () = watch.changed() => {
                 debug!(path = %config.path.display(), "services file changed");
             }
-            _ = reread.tick() => {}
         }
     }
 }
@@ -318,25 +317,30 @@ fn watched_names(path: &Path, symlinked: bool) -> Vec<std::ffi::OsString> {
 /// Reads the file and publishes what changed; on failure keeps the last good services.
 async fn refresh(path: &Path, tx: &watch::Sender<SourceReport>) {
     let result = read(path).await;
-    tx.send_if_modified(|report| {
-        let before = report.clone();
-        match &result {
-            Ok(content) => {
-                if report.health != Health::Ok && report.health != Health::Starting {
-                    info!(path = %path.display(), "services file readable again");
-                }
-                report.services = content.services.clone();
-                report.rejected = content.rejected.clone();
+    // Compared and moved in place: no copy of the whole report (10,000 services) per read.
+    tx.send_if_modified(|report| match result {
+        Ok(content) => {
+            if report.health != Health::Ok && report.health != Health::Starting {
+                info!(path = %path.display(), "services file readable again");
+            }
+            let changed = report.services != content.services
+                || report.rejected != content.rejected
+                || report.health != Health::Ok;
+            if changed {
+                report.services = content.services;
+                report.rejected = content.rejected;
                 report.health = Health::Ok;
             }
-            Err(err) => {
-                let reason = err.to_string();
-                if report.degrade(reason.clone()) {
-                    warn!(error = %reason, services = report.services.len(), "services file unusable, keeping the last good services");
-                }
-            }
+            changed
         }
-        *report != before
+        Err(err) => {
+            let reason = err.to_string();
+            let changed = report.degrade(reason.clone());
+            if changed {
+                warn!(error = %Escaped(&reason), services = report.services.len(), "services file unusable, keeping the last good services");
+            }
+            changed
+        }
     });
 }
 
@@ -344,6 +348,7 @@ async fn refresh(path: &Path, tx: &watch::Sender<SourceReport>) {
 pub async fn read_once(path: &Path) -> Result<SourceReport, FileError> {
     let content = read(path).await?;
     Ok(SourceReport {
+        certificates: Default::default(),
         source: SourceId::File,
         services: content.services,
         rejected: content.rejected,
@@ -355,6 +360,18 @@ pub async fn read_once(path: &Path) -> Result<SourceReport, FileError> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_file_over_the_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("services.toml");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let err = read(&path).await.unwrap_err().to_string();
+        assert!(err.contains("larger than 67108864 bytes"), "{err}");
+        file.set_len(0).unwrap();
+        assert!(read(&path).await.unwrap().services.is_empty());
+    }
+
     #[test]
     fn parses_services() {
         let text = r#"
@@ -363,10 +380,15 @@ name = "shop"
 hosts = ["shop.example.com"]
 servers = ["10.2.1.5:8080"]
 check = "/health"
+check_timeout = "2s"
 "#;
         let content = parse(text, Path::new("s.toml")).unwrap();
         assert_eq!(content.services.len(), 1);
-        assert_eq!(content.services[0].check.as_deref(), Some("/health"));
+        assert_eq!(
+            content.services[0].check,
+            Some(CheckDef::Http("/health".into()))
+        );
+        assert_eq!(content.services[0].check_timeout.as_deref(), Some("2s"));
         assert!(content.rejected.is_empty());
     }
 
@@ -402,7 +424,7 @@ servers = "10.2.1.5:8080"
         .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "s.toml is not valid TOML: line 3, column 10: invalid table header expected `.`, `]]`"
+            "s.toml is not valid TOML: line 3, column 10: unclosed array table, expected `]]`"
         );
     }
 

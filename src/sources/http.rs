@@ -92,6 +92,9 @@ fn redirect_target(url: &Url, location: &str) -> String {
     }
 }
 
+/// The pages an answer without a Content-Length is read into.
+const PAGE: usize = 1 << 20;
+
 /// Sends `request` (for `url`) and returns the headers and body of a 2xx answer, of at most
 /// `max` bytes (read as it comes: a larger answer is cut off there, never held whole); any
 /// other status is an error carrying the start of the body (Consul's and Marathon's error
@@ -115,12 +118,38 @@ pub async fn fetch(
     if response.content_length().is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    let mut body = Vec::new();
+    // Never a buffer doubled as it grows: each doubling copies the body, and the allocator
+    // may keep every smaller buffer for a while (a refused 256 MiB answer took weft to 772
+    // MiB that way). With a Content-Length, one allocation of that size; without, pages of
+    // 1 MiB filled as the chunks come, joined once at the end.
+    let known = response.content_length().map(|n| n.min(max as u64));
+    let mut body = Vec::with_capacity(known.and_then(|n| usize::try_from(n).ok()).unwrap_or(0));
+    // Without a Content-Length: full pages, and the one being filled.
+    let (mut pages, mut page): (Vec<Vec<u8>>, Vec<u8>) = (Vec::new(), Vec::new());
+    let mut length = 0;
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
-        if body.len() + chunk.len() > max {
+        length += chunk.len();
+        if length > max {
             return Err(too_large());
         }
-        body.extend_from_slice(&chunk);
+        if known.is_some() {
+            body.extend_from_slice(&chunk);
+            continue;
+        }
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            page.reserve_exact(PAGE - page.len());
+            let (now, later) = rest.split_at(rest.len().min(PAGE - page.len()));
+            page.extend_from_slice(now);
+            rest = later;
+            if page.len() == PAGE {
+                pages.push(std::mem::take(&mut page));
+            }
+        }
+    }
+    if known.is_none() {
+        pages.push(page);
+        body = pages.concat();
     }
     if !status.is_success() {
         return Err(HttpError::Status {

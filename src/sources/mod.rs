@@ -9,10 +9,13 @@
 //! configured sources are listed once, in `Source::configured`: [`read_all_once`] (`weft
 //! render`, `weft check`) and [`spawn_all`] (`weft run`) both go through it.
 
+pub mod certs;
 pub mod consul;
+pub mod dir_watch;
 pub mod file;
 pub mod http;
 pub mod marathon;
+pub mod records;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{
-    ClaimsStore, Config, ConsulSourceConfig, FileSourceConfig, MarathonSourceConfig,
+    ClaimsStore, Config, ConsulSourceConfig, FileSourceConfig, MarathonSourceConfig, TlsConfig,
     CLAIMS_CONNECTIONS,
 };
 use crate::model::{Hostname, SourceId, SourceReport};
@@ -66,6 +69,11 @@ pub enum SourceError {
         #[source]
         source: marathon::MarathonError,
     },
+    #[error("{source}")]
+    Certs {
+        #[from]
+        source: certs::CertsError,
+    },
 }
 
 impl SourceError {
@@ -77,6 +85,7 @@ impl SourceError {
             SourceError::ReadMarathon { .. } | SourceError::WatchMarathon { .. } => {
                 SourceId::Marathon
             }
+            SourceError::Certs { .. } => SourceId::Tls,
         }
     }
 }
@@ -93,6 +102,8 @@ enum Source {
         config: MarathonSourceConfig,
         domain: Option<Hostname>,
     },
+    /// The certificates' directory of `[tls]`.
+    Tls(TlsConfig),
 }
 
 impl Source {
@@ -115,7 +126,11 @@ impl Source {
             config,
             domain: domain.clone(),
         });
-        [file, consul, marathon].into_iter().flatten().collect()
+        let tls = config.haproxy.tls.clone().map(Source::Tls);
+        [file, consul, marathon, tls]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     fn id(&self) -> SourceId {
@@ -123,6 +138,7 @@ impl Source {
             Source::File(_) => SourceId::File,
             Source::Consul { .. } => SourceId::Consul,
             Source::Marathon { .. } => SourceId::Marathon,
+            Source::Tls(_) => SourceId::Tls,
         }
     }
 
@@ -148,6 +164,7 @@ impl Source {
                     .await
                     .map_err(|source| SourceError::ReadMarathon { urls, source })
             }
+            Source::Tls(config) => Ok(certs::read_once(&config).await?),
         }
     }
 
@@ -176,6 +193,7 @@ impl Source {
                     .await
                     .map_err(|source| SourceError::WatchMarathon { urls, source })
             }
+            Source::Tls(config) => Ok(certs::run(config, tx, shutdown).await?),
         }
     }
 }

@@ -26,8 +26,11 @@ pub mod fixtures;
 pub mod killable;
 pub mod marathon;
 pub mod netns;
+pub mod tls;
 
-use axum::extract::Request;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequest, Request};
+use axum::response::IntoResponse;
 use axum::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
@@ -57,7 +60,8 @@ pub fn require_haproxy() {
     );
 }
 
-/// An HTTP server on 127.0.0.1:0 that answers every request with its name.
+/// An HTTP server on 127.0.0.1:0 that answers every request with its name, and echoes the
+/// messages of a WebSocket when asked to upgrade.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
@@ -75,9 +79,18 @@ impl Backend {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let body = name.to_string();
-        let app = Router::new().fallback(move |_: Request| {
+        let app = Router::new().fallback(move |request: Request| {
             let body = body.clone();
-            async move { body }
+            async move {
+                // A WebSocket upgrade: every message comes back (benches/churn.rs).
+                if request.headers().contains_key(axum::http::header::UPGRADE) {
+                    return match WebSocketUpgrade::from_request(request, &()).await {
+                        Ok(upgrade) => upgrade.on_upgrade(echo),
+                        Err(rejection) => rejection.into_response(),
+                    };
+                }
+                body.into_response()
+            }
         });
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -86,6 +99,20 @@ impl Backend {
             name: name.to_string(),
             addr,
             task,
+        }
+    }
+}
+
+/// Echoes every text and binary message of a WebSocket until it closes.
+async fn echo(mut socket: WebSocket) {
+    while let Some(Ok(message)) = socket.recv().await {
+        let echoed = match message {
+            WsMessage::Text(_) | WsMessage::Binary(_) => socket.send(message).await,
+            WsMessage::Close(_) => return,
+            _ => Ok(()),
+        };
+        if echoed.is_err() {
+            return;
         }
     }
 }
@@ -124,6 +151,8 @@ pub struct Weft {
     child: Option<Child>,
     /// Variables added to weft's environment.
     env: Vec<(String, String)>,
+    /// With [`WeftBuilder::tls`]: where HAProxy's TLS bind listens.
+    pub tls_port: Option<u16>,
 }
 
 /// What a [`Weft`] starts with: a `weft.toml` with HAProxy in managed mode on a free loopback
@@ -148,6 +177,8 @@ pub struct WeftBuilder {
     routing: String,
     network: Option<String>,
     env: Vec<(String, String)>,
+    hard_stop_after: Duration,
+    tls: bool,
 }
 
 impl Weft {
@@ -165,7 +196,14 @@ impl Weft {
             routing: String::new(),
             network: None,
             env: Vec::new(),
+            hard_stop_after: Duration::from_secs(5),
+            tls: false,
         }
+    }
+
+    /// The certificates' directory of `[tls]` ([`WeftBuilder::tls`]).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.path("certs")
     }
 
     /// Starts `weft run`; with `soft_open_files`, under that soft open-files limit (prlimit
@@ -291,6 +329,43 @@ impl Weft {
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         terminate(self.child.take()?)
     }
+
+    /// SIGKILL to weft, as a crash or the OOM killer would; waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts `weft run` again on the same directory (after [`stop`](Self::stop) or
+    /// [`kill`](Self::kill)) and waits until its status endpoint answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "weft still runs");
+        // A new log for the new weft, the old one kept beside it.
+        let log = self.log_path();
+        let mut old = log.clone().into_os_string();
+        old.push(".old");
+        let mut previous = std::fs::read(&old).unwrap_or_default();
+        previous.extend(std::fs::read(&log).unwrap_or_default());
+        std::fs::write(&old, previous).unwrap();
+        self.spawn(None);
+        self.wait_until_up().await;
+    }
+
+    async fn wait_until_up(&self) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        eventually(
+            Duration::from_secs(10),
+            "weft's status endpoint answers",
+            || async {
+                // Dropping `weft` on this panic prints its log.
+                assert!(process_alive(pid), "weft exited as it started");
+                self.status("/healthz").await.map(|_| ())
+            },
+        )
+        .await
+    }
 }
 
 impl WeftBuilder {
@@ -361,6 +436,13 @@ impl WeftBuilder {
         self
     }
 
+    /// `[tls]` on a free loopback port, with the certificates' directory `certs` (created
+    /// here, empty unless the test wrote into it first).
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// `sources.file.debounce` (default 50 ms, quicker than weft's 200 ms).
     pub fn debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
@@ -408,7 +490,19 @@ impl WeftBuilder {
         self
     }
 
-    fn haproxy_key(mut self, key: &str, value: &str) -> Self {
+    /// `haproxy.hard_stop_after` (default 5 s, so that old workers go quickly).
+    pub fn hard_stop_after(mut self, after: Duration) -> Self {
+        self.hard_stop_after = after;
+        self
+    }
+
+    /// `haproxy.on_exit`: `keep` (weft's default) or `stop`.
+    pub fn on_exit(self, what: &str) -> Self {
+        self.haproxy_key("on_exit", &toml_string(what))
+    }
+
+    /// One more `[haproxy]` key: `value` is TOML (`"\"accept\""`, `["10.0.0.0/8"]`).
+    pub fn haproxy_key(mut self, key: &str, value: &str) -> Self {
         self.haproxy_keys.push(format!("{key} = {value}"));
         self
     }
@@ -433,12 +527,13 @@ impl WeftBuilder {
             self.routing
         );
         let config = format!(
-            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\
+            "[haproxy]\nbind = \"127.0.0.1:{port}\"\nrun_dir = \"run\"\nhard_stop_after = {}\n\
              {}{}\n\n\
              [network]\n{}\n\n\
              [bridge]\nmode = \"off\"\n\n\
              [status]\nlisten = \"127.0.0.1:{status_port}\"\n\n\
              [sources.file]\npath = \"services.toml\"\ndebounce = {}\n{}{routing}",
+            toml_duration(self.hard_stop_after),
             self.maxconn
                 .map(|maxconn| format!("maxconn = {maxconn}\n"))
                 .unwrap_or_default(),
@@ -449,6 +544,16 @@ impl WeftBuilder {
             toml_duration(self.debounce),
             self.sources,
         );
+        let tls_port = self.tls.then(free_port);
+        let config = match tls_port {
+            Some(tls) => {
+                format!("{config}\n[tls]\nlisten = \"127.0.0.1:{tls}\"\ncerts = \"certs\"\n")
+            }
+            None => config,
+        };
+        if self.tls {
+            std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        }
         std::fs::write(dir.path().join("weft.toml"), config).unwrap();
         let services_file = dir.path().join("services.toml");
         match self.services {
@@ -462,19 +567,10 @@ impl WeftBuilder {
             status_port,
             child: None,
             env: self.env,
+            tls_port,
         };
         weft.spawn(self.soft_open_files);
-        let pid = weft.child.as_ref().unwrap().id() as i32;
-        eventually(
-            Duration::from_secs(10),
-            "weft's status endpoint answers",
-            || async {
-                // Dropping `weft` on this panic prints its log.
-                assert!(process_alive(pid), "weft exited as it started");
-                weft.status("/healthz").await.map(|_| ())
-            },
-        )
-        .await;
+        weft.wait_until_up().await;
         weft
     }
 }
@@ -491,12 +587,16 @@ fn toml_duration(duration: Duration) -> String {
 
 impl Drop for Weft {
     fn drop(&mut self) {
-        let pid = self.haproxy_pid();
         self.stop();
-        // If weft could not stop its HAProxy, do it here: no process outlives the test.
-        if let Some(pid) = pid {
+        // weft leaves its HAProxy serving when it exits (haproxy.on_exit = "keep"), for the
+        // next weft: no process outlives the test. Its workers exit with the master.
+        if let Some(pid) = self.haproxy_pid() {
             if process_alive(pid) {
                 signal(pid, "KILL");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while process_alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
         if std::thread::panicking() {
@@ -737,6 +837,16 @@ pub fn service(name: &str, hosts: &[&str], path: Option<&str>, servers: &[Socket
         "[[service]]\nname = {name:?}\nhosts = [{}]\n{path}servers = [{}]\n\n",
         hosts.join(", "),
         servers.join(", ")
+    )
+}
+
+/// A service no spare backend of the pool can take (balance `first`, a flavour no other
+/// service has): adding one is a reload.
+pub fn reloading_service(name: &str, hosts: &[&str], servers: &[SocketAddr]) -> String {
+    service(name, hosts, None, servers).replacen(
+        "[[service]]\n",
+        "[[service]]\nbalance = \"first\"\n",
+        1,
     )
 }
 

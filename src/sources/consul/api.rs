@@ -1,12 +1,16 @@
 //! Consul's JSON, as the HTTP API documents it (unknown fields ignored; Go's `null` for an
-//! empty list read as empty), and the rules of its blocking queries.
+//! empty list read as empty), and the rules of its blocking queries. Lists are decoded record
+//! by record: an instance, a check or a catalog entry that does not decode is dropped with
+//! its reason, never the whole answer.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::sources::nullable;
+use crate::sources::records::{decode_record, quoted, Record, Records};
 
 /// Slack on top of wait * 17/16 before a blocking query counts as hung.
 const TIMEOUT_SLACK: Duration = Duration::from_secs(5);
@@ -79,18 +83,97 @@ pub struct StateCheck {
     pub service_name: String,
 }
 
-/// `/v1/catalog/services`: service name -> union of its tags.
-pub type CatalogServices = BTreeMap<String, Option<Vec<String>>>;
+/// `/v1/catalog/services`: service name -> union of its tags, in name order.
+pub type CatalogServices = Records<(String, Option<Vec<String>>)>;
 
-pub fn decode_health(body: &[u8]) -> Result<Vec<HealthEntry>, String> {
+/// What names a record that does not decode, each part read where it can be.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EntryName {
+    #[serde(default)]
+    node: Option<Lenient<NodeName>>,
+    #[serde(default)]
+    service: Option<Lenient<InstanceId>>,
+}
+
+#[derive(Deserialize)]
+struct NodeName {
+    #[serde(rename = "Node")]
+    node: Lenient<String>,
+}
+
+#[derive(Deserialize)]
+struct InstanceId {
+    #[serde(rename = "ID")]
+    id: Lenient<String>,
+}
+
+/// A value read if it has the expected shape, else nothing (and no error).
+struct Lenient<T>(Option<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = <&RawValue>::deserialize(deserializer)?;
+        Ok(Lenient(serde_json::from_str(raw.get()).ok()))
+    }
+}
+
+/// `"shop-1" on node "n1"`, from whichever of the two can be read.
+fn instance_name(id: Option<String>, node: Option<String>) -> Option<String> {
+    match (id, node) {
+        (Some(id), Some(node)) => Some(format!("{} on node {}", quoted(&id), quoted(&node))),
+        (Some(id), None) => Some(quoted(&id)),
+        (None, Some(node)) => Some(format!("on node {}", quoted(&node))),
+        (None, None) => None,
+    }
+}
+
+impl Record for HealthEntry {
+    fn name(raw: &str) -> Option<String> {
+        let name: EntryName = serde_json::from_str(raw).ok()?;
+        instance_name(
+            name.service.and_then(|s| s.0).and_then(|s| s.id.0),
+            name.node.and_then(|n| n.0).and_then(|n| n.node.0),
+        )
+    }
+}
+
+impl Record for StateCheck {
+    fn name(raw: &str) -> Option<String> {
+        #[derive(Deserialize)]
+        struct CheckName {
+            #[serde(default, rename = "CheckID")]
+            check_id: Option<Lenient<String>>,
+            #[serde(default, rename = "Node")]
+            node: Option<Lenient<String>>,
+        }
+        let name: CheckName = serde_json::from_str(raw).ok()?;
+        instance_name(name.check_id.and_then(|c| c.0), name.node.and_then(|n| n.0))
+    }
+}
+
+/// The instances of `/v1/health/service/:service`; one that does not decode is among the
+/// `dropped`. Only an answer that is not a JSON array fails.
+pub fn decode_health(body: &[u8]) -> Result<Records<HealthEntry>, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
+/// The catalog; a service whose tags do not decode is among the `dropped`. Only an answer that
+/// is not a JSON object fails.
 pub fn decode_catalog(body: &[u8]) -> Result<CatalogServices, String> {
-    serde_json::from_slice(body).map_err(|e| e.to_string())
+    // Names and raw values borrowed from the answer; each service's tags decoded alone.
+    let raw: BTreeMap<String, &RawValue> =
+        serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let mut catalog = CatalogServices::default();
+    for (name, tags) in raw {
+        let decoded = decode_record(tags.get()).map(|tags| (name.clone(), tags));
+        catalog.push(decoded, || Some(quoted(&name)));
+    }
+    Ok(catalog)
 }
 
-pub fn decode_state(body: &[u8]) -> Result<Vec<StateCheck>, String> {
+/// Every check; one that does not decode is among the `dropped`.
+pub fn decode_state(body: &[u8]) -> Result<Records<StateCheck>, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
@@ -157,7 +240,9 @@ mod tests {
 
     #[test]
     fn decodes_the_health_fixture() {
-        let entries = decode_health(&fixture("health-service-redis.docs.json")).unwrap();
+        let entries = decode_health(&fixture("health-service-redis.docs.json"))
+            .unwrap()
+            .records;
         assert_eq!(entries.len(), 1);
         let entry = &entries[0];
         assert_eq!(entry.node.node, "foobar");
@@ -183,7 +268,7 @@ mod tests {
               "TaggedAddresses":{"lan_ipv4":{"Address":"10.2.1.5","Port":8080}},
               "Weights":{"Passing":1,"Warning":1},"Locality":null},
             "Checks":[]}]"#;
-        let entries = decode_health(body).unwrap();
+        let entries = decode_health(body).unwrap().records;
         let tagged = entries[0].service.tagged_addresses.as_ref().unwrap();
         assert_eq!(tagged["lan_ipv4"].address, "10.2.1.5");
     }
@@ -197,23 +282,25 @@ mod tests {
             "Service":{"ID":"shop-1","Service":"shop","Tags":null,"Address":null,"Port":8080,
               "Meta":null,"TaggedAddresses":null},
             "Checks":null}]"#;
-        let entries = decode_health(body).unwrap();
+        let entries = decode_health(body).unwrap().records;
         assert!(entries[0].checks.is_empty());
         assert!(entries[0].service.address.is_empty());
         let state = decode_state(
             br#"[{"Node":"n1","CheckID":"serfHealth","Name":"Serf","Status":"passing",
                   "ServiceID":null,"ServiceName":null,"ServiceTags":null,"Output":"ok"}]"#,
         )
-        .unwrap();
+        .unwrap()
+        .records;
         assert_eq!(state[0].service_name, "");
     }
 
     #[test]
     fn decodes_the_catalog_fixture() {
         let catalog = decode_catalog(&fixture("catalog-services.docs.json")).unwrap();
-        assert_eq!(catalog.len(), 3);
+        assert_eq!(catalog.records.len(), 3);
+        let postgresql = catalog.records.iter().find(|(n, _)| n == "postgresql");
         assert_eq!(
-            catalog["postgresql"].as_deref(),
+            postgresql.unwrap().1.as_deref(),
             Some(&["primary".to_string(), "secondary".to_string()][..])
         );
     }
@@ -223,5 +310,103 @@ mod tests {
         assert!(decode_health(b"[{\"Node\":").is_err());
         assert!(decode_catalog(b"<html>").is_err());
         assert!(decode_state(b"{}").is_err());
+        assert!(decode_health(br#"{"Node":{}}"#).is_err());
+        assert!(decode_catalog(b"[]").is_err());
+    }
+
+    fn instance(id: &str, node: &str, port: &str) -> String {
+        format!(
+            r#"{{"Node":{{"Node":"{node}","Address":"10.2.0.3"}},
+                "Service":{{"ID":"{id}","Service":"shop","Address":"10.2.1.5","Port":{port}}},
+                "Checks":[]}}"#
+        )
+    }
+
+    /// One bad instance among good ones: the good ones decode, the bad one is named by its
+    /// ID and node, with the field and why.
+    fn one_bad_instance(port: &str) -> Records<HealthEntry> {
+        let body = format!(
+            "[{},{},{}]",
+            instance("shop-1", "n1", "8080"),
+            instance("shop-2", "n2", port),
+            instance("shop-3", "n3", "8080")
+        );
+        decode_health(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn an_instance_with_port_minus_one_is_dropped_alone() {
+        let entries = one_bad_instance("-1");
+        let ids: Vec<&str> = entries
+            .records
+            .iter()
+            .map(|e| e.service.id.as_str())
+            .collect();
+        assert_eq!(ids, ["shop-1", "shop-3"]);
+        assert_eq!(entries.dropped.len(), 1);
+        let dropped = &entries.dropped[0];
+        assert_eq!(
+            dropped.subject("instance"),
+            "instance \"shop-2\" on node \"n2\""
+        );
+        assert_eq!(
+            dropped.reason,
+            "Service.Port: invalid value: integer `-1`, expected u32"
+        );
+    }
+
+    #[test]
+    fn an_instance_with_a_port_as_text_is_dropped_alone() {
+        let entries = one_bad_instance(r#""8080""#);
+        assert_eq!(entries.records.len(), 2);
+        let dropped = &entries.dropped[0];
+        assert_eq!(
+            dropped.subject("instance"),
+            "instance \"shop-2\" on node \"n2\""
+        );
+        assert_eq!(
+            dropped.reason,
+            "Service.Port: invalid type: string \"8080\", expected u32"
+        );
+    }
+
+    #[test]
+    fn an_instance_is_named_by_what_of_it_can_be_read() {
+        let body = br#"[{"Node":{"Node":"n1"},"Service":{"ID":7,"Port":1}},
+                        {"Node":5,"Service":{"ID":"b","Port":"x"}},
+                        {"Service":null}]"#;
+        let entries = decode_health(body).unwrap();
+        let subjects: Vec<String> = entries
+            .dropped
+            .iter()
+            .map(|d| d.subject("instance"))
+            .collect();
+        assert_eq!(
+            subjects,
+            ["instance on node \"n1\"", "instance \"b\"", "instance #3"]
+        );
+    }
+
+    #[test]
+    fn a_catalog_entry_or_a_check_that_does_not_decode_is_dropped_alone() {
+        let catalog =
+            decode_catalog(br#"{"shop":["weft.host=shop.test"],"bad":[1],"db":null}"#).unwrap();
+        let names: Vec<&str> = catalog.records.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["db", "shop"]);
+        assert_eq!(catalog.dropped[0].subject("service"), "service \"bad\"");
+        assert_eq!(
+            catalog.dropped[0].reason,
+            "[0]: invalid type: integer `1`, expected a string"
+        );
+        let state = decode_state(
+            br#"[{"Node":"n1","CheckID":"serfHealth","Status":"passing"},
+                 {"Node":"n1","CheckID":"service:x","Status":7}]"#,
+        )
+        .unwrap();
+        assert_eq!(state.records.len(), 1);
+        assert_eq!(
+            state.dropped[0].subject("check"),
+            "check \"service:x\" on node \"n1\""
+        );
     }
 }

@@ -46,6 +46,7 @@ use self::client::Client;
 use self::queue::Queue;
 use self::routing::{is_exposed, service_def};
 use crate::config::ConsulSourceConfig;
+use crate::escape::Escaped;
 use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
 use crate::sources::Backoff;
 
@@ -69,7 +70,9 @@ pub async fn read_once(
     let answer = client.get(url.clone(), 0, &[]).await?;
     let catalog =
         decode_catalog(&answer.body).map_err(|message| ConsulError::decode(url, message))?;
+    let catalog_rejected = catalog_rejected(&catalog);
     let names: Vec<String> = catalog
+        .records
         .into_iter()
         .filter(|(_, tags)| exposed(&client, tags, domain.as_ref()))
         .map(|(name, _)| name)
@@ -78,7 +81,9 @@ pub async fn read_once(
         .iter()
         .map(|name| read_service(&client, name, domain.as_ref()));
     let mut report = SourceReport {
+        certificates: Default::default(),
         health: Health::Ok,
+        rejected: catalog_rejected,
         ..SourceReport::starting(SourceId::Consul)
     };
     for read in futures::future::join_all(reads).await {
@@ -87,6 +92,13 @@ pub async fn read_once(
         report.rejected.extend(read.rejected);
     }
     Ok(report)
+}
+
+/// The catalog entries that did not decode: those services are not routed.
+fn catalog_rejected(catalog: &api::CatalogServices) -> Vec<Rejected> {
+    catalog.rejected("catalog service", |service| {
+        format!("{} tags", service.subject("service"))
+    })
 }
 
 fn exposed(client: &Client, tags: &Option<Vec<String>>, domain: Option<&Hostname>) -> bool {
@@ -111,8 +123,19 @@ async fn read_service(
     let answer = client.get(url.clone(), 0, &[]).await?;
     let entries =
         decode_health(&answer.body).map_err(|message| ConsulError::decode(url, message))?;
-    let (def, rejected) = service_def(name, &entries, &client.config.tag_prefix, domain);
-    let nodes = entries.iter().map(|e| e.node.node.clone()).collect();
+    let (def, mut rejected) =
+        service_def(name, &entries.records, &client.config.tag_prefix, domain);
+    // An instance that did not decode serves nothing; the others do.
+    rejected.extend(
+        entries.rejected(&format!("service {name:?} instance"), |instance| {
+            format!("service {name:?} {}", instance.subject("instance"))
+        }),
+    );
+    let nodes = entries
+        .records
+        .iter()
+        .map(|e| e.node.node.clone())
+        .collect();
     Ok(Read {
         def,
         rejected,
@@ -176,9 +199,13 @@ struct ServiceState {
 struct State {
     catalog_loaded: bool,
     catalog_error: Option<String>,
+    /// The catalog entries of the last answer that did not decode.
+    catalog_rejected: Vec<Rejected>,
     /// The state watch's first answer came (or it failed): the catalog may be read.
     baseline: bool,
     state_error: Option<String>,
+    /// The checks of the last state answer that did not decode.
+    state_rejected: Vec<Rejected>,
     started: crate::sources::StartGrace,
     services: BTreeMap<String, ServiceState>,
     /// Set once the catalog and every exposed service answered once: from then on the report
@@ -268,7 +295,13 @@ impl Source {
             state.complete = all_answered;
         }
         let mut report = SourceReport {
+            certificates: Default::default(),
             health: Health::Ok,
+            rejected: [&state.catalog_rejected, &state.state_rejected]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect(),
             ..SourceReport::starting(SourceId::Consul)
         };
         let mut errors: Vec<String> = state.catalog_error.iter().cloned().collect();
@@ -314,7 +347,7 @@ impl Source {
             &[],
         );
         let failed = |err: &ConsulError, delay: Duration| {
-            warn!(error = %err, retry_in = ?delay, "consul health state watch failing, changes are seen by the catalog watch and the resync meanwhile");
+            warn!(error = %Escaped(&err), retry_in = ?delay, "consul health state watch failing, changes are seen by the catalog watch and the resync meanwhile");
             self.update(|state| {
                 state.state_error = Some(format!("health state: {err}"));
                 state.baseline = true;
@@ -322,8 +355,14 @@ impl Source {
             self.baseline.notify_waiters();
         };
         while let Some(checks) = query.next(&client, decode_state, &shutdown, failed).await {
-            let (services, nodes) = digests(&checks);
+            let (services, nodes) = digests(&checks.records);
+            // Not a routing input itself (a service is read whole, its checks with it), but
+            // what Consul sent that weft could not read.
+            let rejected = checks.rejected("health state check", |check| {
+                format!("health state {}", check.subject("check"))
+            });
             let changed = self.update(|state| {
+                state.state_rejected = rejected;
                 let changed = if state.baseline {
                     changed_services(state, &services, &nodes)
                 } else {
@@ -360,11 +399,13 @@ impl Source {
         let client = self.client.clone();
         let mut query = BlockingQuery::new(&client, "catalog", &["v1", "catalog", "services"], &[]);
         let failed = |err: &ConsulError, delay: Duration| {
-            warn!(error = %err, retry_in = ?delay, "consul catalog watch failing, keeping the last good services");
+            warn!(error = %Escaped(&err), retry_in = ?delay, "consul catalog watch failing, keeping the last good services");
             self.update(|state| state.catalog_error = Some(format!("catalog: {err}")));
         };
         while let Some(catalog) = query.next(&client, decode_catalog, &shutdown, failed).await {
+            let rejected = catalog_rejected(&catalog);
             let exposed: BTreeMap<String, Vec<String>> = catalog
+                .records
                 .into_iter()
                 .filter(|(_, tags)| exposed(&client, tags, self.domain.as_ref()))
                 .map(|(name, tags)| (name, tags.unwrap_or_default()))
@@ -372,6 +413,7 @@ impl Source {
             let to_read = self.update(|state| {
                 state.catalog_loaded = true;
                 state.catalog_error = None;
+                state.catalog_rejected = rejected;
                 state.services.retain(|name, _| exposed.contains_key(name));
                 let mut to_read = Vec::new();
                 for (name, tags) in exposed {
@@ -455,7 +497,7 @@ impl Source {
             // Consul down, 10,000 services would otherwise log 10,000 lines every backoff.
             match &outcome {
                 ReadOutcome::Read { was_failing: true } => {
-                    info!(service = %name, "consul service read again")
+                    info!(service = %Escaped(&name), "consul service read again")
                 }
                 ReadOutcome::Read { .. } => {}
                 ReadOutcome::Failed {
@@ -464,10 +506,10 @@ impl Source {
                     was_failing: false,
                     ..
                 } => {
-                    warn!(service = %name, %error, retry_in = ?delay, "consul service read failing, keeping its last good servers")
+                    warn!(service = %Escaped(&name), error = %Escaped(error), retry_in = ?delay, "consul service read failing, keeping its last good servers")
                 }
                 ReadOutcome::Failed { error, delay, .. } => {
-                    debug!(service = %name, %error, retry_in = ?delay, "consul service read still failing")
+                    debug!(service = %Escaped(&name), error = %Escaped(error), retry_in = ?delay, "consul service read still failing")
                 }
             }
             if let ReadOutcome::Failed {

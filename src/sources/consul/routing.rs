@@ -2,7 +2,7 @@
 //! services are exposed, and the servers of a service's passing instances.
 
 use super::api::HealthEntry;
-use crate::model::{Hostname, Rejected, ServiceDef};
+use crate::model::{CheckDef, Hostname, Rejected, ServiceDef};
 
 /// The routing a service's tags ask for, with `prefix` = `weft.`.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -12,7 +12,10 @@ struct TagRouting {
     path: Option<String>,
     balance: Option<String>,
     check: Option<String>,
+    check_timeout: Option<String>,
     share: Vec<String>,
+    redirect: Option<String>,
+    hsts: Option<bool>,
     ignored: Vec<String>,
 }
 
@@ -28,6 +31,10 @@ fn tag_routing(tags: &[String], prefix: &str) -> TagRouting {
             Some(("path", path)) => routing.path = Some(path.to_string()),
             Some(("balance", balance)) => routing.balance = Some(balance.to_string()),
             Some(("check", check)) => routing.check = Some(check.to_string()),
+            Some(("check_timeout", timeout)) => routing.check_timeout = Some(timeout.to_string()),
+            Some(("redirect", to)) => routing.redirect = Some(to.to_string()),
+            Some(("hsts", "true")) => routing.hsts = Some(true),
+            Some(("hsts", "false")) => routing.hsts = Some(false),
             Some(("share", list)) => routing.share.extend(
                 list.split(',')
                     .map(str::trim)
@@ -103,7 +110,7 @@ pub fn service_def(
         .map(|tag| Rejected {
             subject: format!("service {name:?} tag {tag:?}"),
             reason: format!(
-                "unknown {prefix} tag, ignored (known: host, enable, path, balance, check, share)"
+                "unknown {prefix} tag or value, ignored (known: host, enable, path, balance, check, check_timeout, share, redirect, hsts=true|false)"
             ),
         })
         .collect();
@@ -115,10 +122,13 @@ pub fn service_def(
             path: routing.path,
             servers,
             balance: routing.balance,
-            check: routing.check,
+            check: routing.check.map(CheckDef::Http),
             check_interval: None,
             check_fall: None,
+            check_timeout: routing.check_timeout,
             share: routing.share,
+            redirect: routing.redirect,
+            hsts: routing.hsts,
         },
         rejected,
     )
@@ -128,6 +138,22 @@ pub fn service_def(
 mod tests {
     use super::super::api::decode_health;
     use super::*;
+
+    #[test]
+    fn redirect_and_hsts_tags() {
+        let tags = [
+            "weft.redirect=https".to_string(),
+            "weft.hsts=true".to_string(),
+        ];
+        let routing = tag_routing(&tags, "weft.");
+        assert_eq!(routing.redirect.as_deref(), Some("https"));
+        assert_eq!(routing.hsts, Some(true));
+        assert!(routing.ignored.is_empty());
+        // A value it does not take is reported, not read as "off".
+        let routing = tag_routing(&["weft.hsts=yes".to_string()], "weft.");
+        assert_eq!(routing.hsts, None);
+        assert_eq!(routing.ignored, ["weft.hsts=yes"]);
+    }
 
     fn tags(list: &[&str]) -> Vec<String> {
         list.iter().map(|t| t.to_string()).collect()
@@ -156,11 +182,12 @@ mod tests {
     fn routing_from_tags() {
         let entries = decode_health(
             br#"[{"Node":{"Node":"n1","Address":"10.1.0.1"},
-                  "Service":{"ID":"b","Service":"shop","Tags":["weft.host=shop.test","weft.path=/api","weft.balance=leastconn","weft.check=/health","weft.colour=blue"],"Address":"10.2.2.7","Port":80}},
+                  "Service":{"ID":"b","Service":"shop","Tags":["weft.host=shop.test","weft.path=/api","weft.balance=leastconn","weft.check=/health","weft.check_timeout=2s","weft.colour=blue"],"Address":"10.2.2.7","Port":80}},
                  {"Node":{"Node":"n2","Address":"10.1.0.2"},
                   "Service":{"ID":"a","Service":"shop","Tags":["weft.host=www.shop.test","weft.host=shop.test"],"Address":"10.2.1.5","Port":80}}]"#,
         )
-        .unwrap();
+        .unwrap()
+        .records;
         let domain = Hostname::parse("example.com").unwrap();
         let (def, rejected) = service_def("shop", &entries, "weft.", Some(&domain));
         assert_eq!(
@@ -170,7 +197,9 @@ mod tests {
         assert_eq!(def.servers, ["10.2.1.5:80", "10.2.2.7:80"]);
         assert_eq!(def.path.as_deref(), Some("/api"));
         assert_eq!(def.balance.as_deref(), Some("leastconn"));
-        assert_eq!(def.check.as_deref(), Some("/health"));
+        assert_eq!(def.check, Some(CheckDef::Http("/health".into())));
+        // Validated (bounds, units) in the model, as every other tag's value.
+        assert_eq!(def.check_timeout.as_deref(), Some("2s"));
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].subject.contains("weft.colour=blue"));
     }
@@ -190,7 +219,8 @@ mod tests {
                   "Service":{"ID":"c","Service":"shop","Tags":["weft.host=shop.test"],"Address":"10.2.1.9","Port":80},
                   "Checks":[{"CheckID":"service:c","Status":"warning","ServiceID":"c"}]}]"#,
         )
-        .unwrap();
+        .unwrap()
+        .records;
         let (def, _) = service_def("shop", &entries, "weft.", None);
         assert_eq!(def.servers, ["10.2.0.3:80"]);
     }

@@ -1,18 +1,42 @@
 //! Marathon's JSON, as `/v2/apps?embed=apps.tasks` and `/v2/events` send it. Every field
 //! weft does not use is ignored, every field it uses may be missing or null (each Marathon
-//! version added or moved some).
+//! version added or moved some). Apps, and the tasks inside each, are decoded one by one: an
+//! app or task that does not decode is dropped with its reason, never the whole answer.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 use crate::sources::nullable;
+use crate::sources::records::{self, quoted, Record, Records};
 
 /// `GET /v2/apps?embed=apps.tasks`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct AppsResponse {
     #[serde(default, deserialize_with = "nullable")]
-    pub apps: Vec<MarathonApp>,
+    pub apps: Records<MarathonApp>,
+}
+
+/// Just the `id`, to name an app or task that does not decode.
+#[derive(Deserialize)]
+struct Id {
+    id: String,
+}
+
+impl Record for MarathonApp {
+    fn name(raw: &str) -> Option<String> {
+        serde_json::from_str::<Id>(raw)
+            .ok()
+            .map(|app| quoted(&app.id))
+    }
+}
+
+impl Record for MarathonTask {
+    fn name(raw: &str) -> Option<String> {
+        serde_json::from_str::<Id>(raw)
+            .ok()
+            .map(|task| quoted(&task.id))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -33,7 +57,7 @@ pub struct MarathonApp {
     #[serde(default, deserialize_with = "nullable")]
     pub health_checks: Vec<HealthCheckSpec>,
     #[serde(default, deserialize_with = "nullable")]
-    pub tasks: Vec<MarathonTask>,
+    pub tasks: Records<MarathonTask>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -120,6 +144,9 @@ pub struct HealthCheckSpec {
     pub interval_seconds: Option<u64>,
     #[serde(default)]
     pub max_consecutive_failures: Option<u32>,
+    /// How long one check may take (Marathon's default 20).
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -155,8 +182,10 @@ pub struct HealthCheckResult {
     pub alive: bool,
 }
 
+/// The apps of an answer; an app or task that does not decode is among their `dropped`. Only
+/// an answer that is not JSON, or whose `apps` is not a list, fails.
 pub fn decode_apps(body: &[u8]) -> Result<AppsResponse, String> {
-    serde_json::from_slice(body).map_err(|e| e.to_string())
+    records::decode_answer(body)
 }
 
 #[cfg(test)]
@@ -169,10 +198,140 @@ mod tests {
             br#"{"apps":[{"id":"/a","labels":null,"ipAddress":null,"tasks":[{"id":"t","ports":null,"startedAt":null,"extra":1}]},{"id":"/b"}]}"#,
         )
         .unwrap();
-        assert_eq!(apps.apps.len(), 2);
-        assert!(apps.apps[0].labels.is_empty());
-        assert!(apps.apps[0].ip_address.is_none());
-        assert!(apps.apps[0].tasks[0].ports.is_empty());
-        assert!(apps.apps[1].tasks.is_empty());
+        let apps = &apps.apps.records;
+        assert_eq!(apps.len(), 2);
+        assert!(apps[0].labels.is_empty());
+        assert!(apps[0].ip_address.is_none());
+        assert!(apps[0].tasks.records[0].ports.is_empty());
+        assert!(apps[1].tasks.records.is_empty());
+    }
+
+    fn good_app(id: &str) -> String {
+        format!(
+            r#"{{"id":"{id}","labels":{{"HAPROXY_0_VHOST":"{id}.test"}},
+                "container":{{"portMappings":[{{"containerPort":8080}}]}},
+                "tasks":[{{"id":"{id}.1","ipAddresses":[{{"ipAddress":"10.2.1.5"}}],"ports":[31000]}}]}}"#
+        )
+    }
+
+    /// One bad app among good ones: the good ones decode, the bad one is named with its
+    /// field and why.
+    fn one_bad_app(bad: &str) -> AppsResponse {
+        let body = format!(
+            r#"{{"apps":[{},{bad},{}]}}"#,
+            good_app("/a"),
+            good_app("/c")
+        );
+        decode_apps(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn an_app_with_container_port_minus_one_is_dropped_alone() {
+        let apps = one_bad_app(
+            r#"{"id":"/b","container":{"portMappings":[{"containerPort":-1}]},"tasks":[]}"#,
+        );
+        let ids: Vec<&str> = apps.apps.records.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["/a", "/c"]);
+        assert_eq!(apps.apps.dropped.len(), 1);
+        let dropped = &apps.apps.dropped[0];
+        assert_eq!(dropped.subject("app"), "app \"/b\"");
+        assert_eq!(
+            dropped.reason,
+            "container.portMappings[0].containerPort: invalid value: integer `-1`, expected u32"
+        );
+    }
+
+    #[test]
+    fn an_app_with_a_numeric_label_value_is_dropped_alone() {
+        let apps = one_bad_app(r#"{"id":"/b","labels":{"HAPROXY_0_VHOST":5}}"#);
+        assert_eq!(apps.apps.records.len(), 2);
+        let dropped = &apps.apps.dropped[0];
+        assert_eq!(dropped.subject("app"), "app \"/b\"");
+        assert_eq!(
+            dropped.reason,
+            "labels.HAPROXY_0_VHOST: invalid type: integer `5`, expected a string"
+        );
+    }
+
+    #[test]
+    fn an_app_whose_id_cannot_be_read_is_named_by_its_place() {
+        let apps = one_bad_app(r#"{"id":42}"#);
+        assert_eq!(apps.apps.records.len(), 2);
+        assert_eq!(apps.apps.dropped[0].subject("app"), "app #2");
+    }
+
+    /// A bad task drops that task, not its app.
+    #[test]
+    fn a_task_with_a_bad_port_is_dropped_alone() {
+        let apps = one_bad_app(
+            r#"{"id":"/b","labels":{"HAPROXY_0_VHOST":"b.test"},"tasks":[
+                {"id":"/b.1","ports":[31000]},
+                {"id":"/b.2","ports":[-5]},
+                {"id":"/b.3","ports":["31002"]}]}"#,
+        );
+        assert!(apps.apps.dropped.is_empty());
+        let b = &apps.apps.records[1];
+        assert_eq!(b.id, "/b");
+        let ids: Vec<&str> = b.tasks.records.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["/b.1"]);
+        let dropped: Vec<(String, &str)> = b
+            .tasks
+            .dropped
+            .iter()
+            .map(|d| (d.subject("task"), d.reason.as_str()))
+            .collect();
+        assert_eq!(
+            dropped,
+            [
+                (
+                    "task \"/b.2\"".to_string(),
+                    "ports[0]: invalid value: integer `-5`, expected u32"
+                ),
+                (
+                    "task \"/b.3\"".to_string(),
+                    "ports[0]: invalid type: string \"31002\", expected u32"
+                ),
+            ]
+        );
+    }
+
+    /// The one pass ([`records::decode_answer`]) and the record-by-record way (what a failing
+    /// record falls back to) read the same apps.
+    #[test]
+    fn one_pass_and_record_by_record_agree() {
+        let zdd = crate::sources::fixture("marathon/zdd_apps.json");
+        let mixed = format!(
+            r#"{{"apps":[{},{}]}}"#,
+            good_app("/a"),
+            r#"{"id":"/b","labels":{"HAPROXY_0_VHOST":"b.test"},"tasks":[{"id":"/b.1","ports":[31000]}]}"#
+        );
+        for body in [&zdd[..], mixed.as_bytes()] {
+            let one_pass = decode_apps(body).unwrap();
+            let each: AppsResponse = serde_json::from_slice(body).unwrap();
+            assert!(!one_pass.apps.records.is_empty());
+            assert_eq!(format!("{one_pass:?}"), format!("{each:?}"));
+        }
+    }
+
+    /// Bytes that are not UTF-8 fail the answer, even in a field weft ignores, as they did
+    /// before the one pass (which does not look inside ignored fields).
+    #[test]
+    fn an_answer_that_is_not_utf8_fails() {
+        assert!(decode_apps(b"{\"apps\":[{\"id\":\"/a\",\"cmd\":\"\xff\"}]}").is_err());
+        assert!(decode_apps(b"{\"apps\":[{\"id\":\"/a\",\"cmd\":\"x\"}]}").is_ok());
+    }
+
+    #[test]
+    fn a_malformed_envelope_still_fails() {
+        assert!(decode_apps(b"<html>").is_err());
+        assert!(decode_apps(br#"{"apps":{"id":"/a"}}"#).is_err());
+        assert!(decode_apps(br#"{"apps":[{"id":"/a"}"#).is_err());
+        // A task list that is not a list fails its app, not the answer.
+        let apps = decode_apps(br#"{"apps":[{"id":"/a","tasks":{}},{"id":"/b"}]}"#).unwrap();
+        assert_eq!(apps.apps.records.len(), 1);
+        assert_eq!(
+            apps.apps.dropped[0].reason,
+            "tasks: invalid type: map, expected an array"
+        );
     }
 }

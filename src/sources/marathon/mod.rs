@@ -33,6 +33,7 @@ use self::routing::{app_services, RoutingSettings};
 use super::http::{fetch, HttpError};
 use super::{error_chain, Backoff};
 use crate::config::{redact, MarathonAuth, MarathonSourceConfig};
+use crate::escape::Escaped;
 use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -243,14 +244,15 @@ impl Publisher {
     }
 }
 
-/// Turns a fetched app list into services.
+/// Turns a fetched app list into services; the apps that did not decode are rejected (of
+/// any group: a group label may be what failed).
 fn services(
     apps: &api::AppsResponse,
     settings: &RoutingSettings,
 ) -> (Vec<ServiceDef>, Vec<Rejected>) {
     let mut services = Vec::new();
-    let mut rejected = Vec::new();
-    for app in &apps.apps {
+    let mut rejected = apps.apps.rejected("app", |app| app.subject("app"));
+    for app in &apps.apps.records {
         let (app_services, app_rejected) = app_services(app, settings);
         services.extend(app_services);
         rejected.extend(app_rejected);
@@ -271,6 +273,7 @@ pub async fn read_once(
     let client = Client::new(config)?;
     let (services, rejected) = services(&client.fetch_apps().await?, &settings);
     Ok(SourceReport {
+        certificates: Default::default(),
         source: SourceId::Marathon,
         services,
         rejected,
@@ -332,7 +335,8 @@ pub async fn run(
                 backoff.reset();
                 let content = services(&apps, &settings);
                 debug!(
-                    apps = apps.apps.len(),
+                    apps = apps.apps.records.len(),
+                    dropped = apps.apps.dropped.len() + apps.apps.more_dropped,
                     services = content.0.len(),
                     "marathon apps fetched"
                 );
@@ -343,7 +347,7 @@ pub async fn run(
             }
             Err(err) => {
                 let delay = backoff.next_delay();
-                warn!(error = %err, retry_in = ?delay, "marathon fetch failing, keeping the last good services");
+                warn!(error = %Escaped(&err), retry_in = ?delay, "marathon fetch failing, keeping the last good services");
                 publisher.update(|state| state.fetch_error = Some(err.to_string()));
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -382,10 +386,10 @@ async fn follow_events(
         let delay = backoff.next_delay();
         match result {
             Err(err @ MarathonError::Silent { .. }) => {
-                info!(error = %err, "marathon event stream silent, reconnecting and refetching")
+                info!(error = %Escaped(&err), "marathon event stream silent, reconnecting and refetching")
             }
             Err(err) => {
-                warn!(error = %err, retry_in = ?delay, "marathon event stream down, relying on resync until it is back");
+                warn!(error = %Escaped(&err), retry_in = ?delay, "marathon event stream down, relying on resync until it is back");
                 publisher.update(|state| state.stream_error = Some(err.to_string()));
             }
             Ok(()) => {}
@@ -523,7 +527,7 @@ async fn read_stream(
         if event.event == ATTACHED {
             debug!(url = %redact(&url), "marathon event stream attached");
         } else if client.config.event_types.contains(&event.event) {
-            debug!(event = %event.event, "marathon event");
+            debug!(event = %Escaped(&event.event), "marathon event");
             refetch.notify_one();
         }
     }

@@ -5,7 +5,10 @@
 //!   HAPROXY_GROUP / HAPROXY_n_GROUP    must match weft's group ("*": every app)
 //!   HAPROXY_n_VHOST  (comma list)      hosts; with routing.domain, port 0 also shop.team.<domain>
 //!   HAPROXY_n_PATH / HAPROXY_n_BALANCE path prefix, balance
-//!   first HTTP health check of port n  httpchk path, interval, fall
+//!   health check of port n             the first HTTP (else TCP) one, as marathon-lb maps it:
+//!                                      httpchk path, inter intervalSeconds,
+//!                                      fall maxConsecutiveFailures + 1,
+//!                                      timeout check timeoutSeconds
 //!   running tasks (all health results alive where the app has checks)
 //!     -> task weave IP (ipAddresses[0]) : container port n
 //!     -> or, only with host_ports = "allow", agent host : host port n
@@ -13,7 +16,7 @@
 
 use super::api::{HealthCheckSpec, MarathonApp, MarathonTask};
 use crate::config::{HostPorts, MarathonGroup};
-use crate::model::{Hostname, Rejected, ServiceDef};
+use crate::model::{CheckDef, Hostname, Rejected, ServiceDef};
 
 /// What turning apps into services depends on.
 #[derive(Debug, Clone)]
@@ -33,16 +36,42 @@ fn is_supported_label(label: &str) -> bool {
     };
     match rest.split_once('_') {
         Some((index, key)) if index.parse::<usize>().is_ok() => {
-            matches!(key, "VHOST" | "PATH" | "BALANCE" | "GROUP" | "SHARE")
+            matches!(
+                key,
+                "VHOST" | "PATH" | "BALANCE" | "GROUP" | "SHARE" | "REDIRECT_TO_HTTPS" | "USE_HSTS"
+            )
         }
         _ => false,
     }
 }
 
 fn port_label<'a>(app: &'a MarathonApp, index: usize, key: &str) -> Option<&'a str> {
-    app.labels
-        .get(&format!("HAPROXY_{index}_{key}"))
-        .map(String::as_str)
+    // The label's name is built on the stack, without formatting: this runs for every key of
+    // every port of every app. Every name fits (20 digits of an index, the longest key).
+    let mut name = [0u8; 64];
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| -> Option<()> {
+        name.get_mut(len..len + bytes.len())?.copy_from_slice(bytes);
+        len += bytes.len();
+        Some(())
+    };
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = index;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    push(b"HAPROXY_")?;
+    push(&digits[start..])?;
+    push(b"_")?;
+    push(key.as_bytes())?;
+    let name = std::str::from_utf8(&name[..len]).ok()?;
+    app.labels.get(name).map(String::as_str)
 }
 
 /// Container ports, by service port index: 1.5+ `container.portMappings`, then
@@ -64,13 +93,18 @@ fn container_ports(app: &MarathonApp) -> Vec<Option<u32>> {
 
 /// `/team/shop` -> `team_shop` (Marathon ids never hold `_`, so no two apps collide).
 fn service_name(app_id: &str, index: usize) -> String {
-    let base: Vec<&str> = app_id.split('/').filter(|s| !s.is_empty()).collect();
-    let base = base.join("_");
-    if index == 0 {
-        base
-    } else {
-        format!("{base}_{index}")
+    let mut name = String::with_capacity(app_id.len() + 4);
+    for segment in app_id.split('/').filter(|s| !s.is_empty()) {
+        if !name.is_empty() {
+            name.push('_');
+        }
+        name.push_str(segment);
     }
+    if index != 0 {
+        use std::fmt::Write as _;
+        let _ = write!(name, "_{index}");
+    }
+    name
 }
 
 /// Apollo mode: `/team/shop` -> `shop.team.<domain>`.
@@ -80,11 +114,36 @@ fn apollo_host(app_id: &str, domain: &Hostname) -> String {
     format!("{}.{domain}", segments.join("."))
 }
 
-fn is_http_check(check: &HealthCheckSpec) -> bool {
-    matches!(
-        check.protocol.as_deref(),
-        Some("HTTP" | "MESOS_HTTP") | None
-    )
+/// What HAProxy can check of a Marathon health check: HTTP (Marathon's default protocol) and
+/// TCP ones; HTTPS and COMMAND checks have no HAProxy counterpart here.
+fn check_def(check: &HealthCheckSpec) -> Option<CheckDef> {
+    match check.protocol.as_deref() {
+        Some("HTTP" | "MESOS_HTTP") | None => Some(CheckDef::Http(
+            check.path.clone().unwrap_or_else(|| "/".into()),
+        )),
+        Some("TCP" | "MESOS_TCP") => Some(CheckDef::Tcp),
+        Some(_) => None,
+    }
+}
+
+/// The health check of service port `index`: the app's first HTTP one for that port, else
+/// its first TCP one (marathon-lb takes the first of either).
+fn port_check(app: &MarathonApp, index: usize) -> Option<(CheckDef, &HealthCheckSpec)> {
+    let checks = app
+        .health_checks
+        .iter()
+        .filter(|c| c.port_index.unwrap_or(0) == index)
+        .filter_map(|c| Some((check_def(c)?, c)));
+    let mut first_tcp = None;
+    for (def, spec) in checks {
+        match def {
+            CheckDef::Http(_) => return Some((def, spec)),
+            CheckDef::Tcp => {
+                first_tcp.get_or_insert((def, spec));
+            }
+        }
+    }
+    first_tcp
 }
 
 /// Running, and (where the app has health checks) every result alive. Tasks of versions
@@ -107,7 +166,8 @@ pub fn app_services(
 ) -> (Vec<ServiceDef>, Vec<Rejected>) {
     let mut services = Vec::new();
     let mut rejected = Vec::new();
-    let app_subject = format!("app {:?}", app.id);
+    // Named only in what is rejected, which most apps have nothing of.
+    let app_subject = || format!("app {:?}", app.id);
     let app_group = app.labels.get("HAPROXY_GROUP").map(String::as_str);
     let ports = container_ports(app);
     let port_count = ports
@@ -120,7 +180,7 @@ pub fn app_services(
         let group = port_label(app, index, "GROUP").or(app_group);
         if settings.group.near_miss(group) {
             rejected.push(Rejected {
-                subject: format!("{app_subject} port {index}"),
+                subject: format!("{} port {index}", app_subject()),
                 reason: format!(
                     "its group {:?} is not weft's {:?}: groups match exactly, letter case and \
                      spaces included, so it is not routed",
@@ -151,12 +211,9 @@ pub fn app_services(
         if hosts.is_empty() {
             continue;
         }
-        let check = app
-            .health_checks
-            .iter()
-            .find(|c| is_http_check(c) && c.port_index.unwrap_or(0) == index);
+        let (check, spec) = port_check(app, index).unzip();
         let mut servers = Vec::new();
-        for task in &app.tasks {
+        for task in &app.tasks.records {
             if !is_routable(task, !app.health_checks.is_empty()) {
                 continue;
             }
@@ -168,7 +225,7 @@ pub fn app_services(
             ) {
                 Ok(address) => servers.push(address),
                 Err(reason) => rejected.push(Rejected {
-                    subject: format!("{app_subject} task {:?} port {index}", task.id),
+                    subject: format!("{} task {:?} port {index}", app_subject(), task.id),
                     reason,
                 }),
             }
@@ -182,13 +239,19 @@ pub fn app_services(
             path: port_label(app, index, "PATH").map(str::to_string),
             servers,
             balance: port_label(app, index, "BALANCE").map(str::to_string),
-            check: check.map(|c| c.path.clone().unwrap_or_else(|| "/".into())),
-            check_interval: check
+            check,
+            check_interval: spec
                 .and_then(|c| c.interval_seconds)
                 .map(std::time::Duration::from_secs),
-            check_fall: check
+            // marathon-lb's mapping: Marathon kills a task after more than
+            // maxConsecutiveFailures failures (0: never), HAProxy takes it out after this.
+            check_fall: spec
                 .and_then(|c| c.max_consecutive_failures)
-                .filter(|f| *f > 0),
+                .map(|failures| failures.saturating_add(1)),
+            check_timeout: spec
+                .and_then(|c| c.timeout_seconds)
+                .filter(|seconds| *seconds > 0)
+                .map(|seconds| format!("{seconds}s")),
             share: port_label(app, index, "SHARE")
                 .map(|list| {
                     list.split(',')
@@ -198,13 +261,25 @@ pub fn app_services(
                         .collect()
                 })
                 .unwrap_or_default(),
+            // marathon-lb's labels: "true" turns them on.
+            redirect: port_label(app, index, "REDIRECT_TO_HTTPS")
+                .filter(|v| v.eq_ignore_ascii_case("true"))
+                .map(|_| "https".to_string()),
+            hsts: port_label(app, index, "USE_HSTS").map(|v| v.eq_ignore_ascii_case("true")),
         });
     }
 
     let is_grouped = in_group || settings.group.matches(app_group);
+    if is_grouped && (!app.tasks.dropped.is_empty() || app.tasks.more_dropped > 0) {
+        // A task that did not decode serves none of the app's services.
+        let app_subject = app_subject();
+        rejected.extend(app.tasks.rejected(&format!("{app_subject} task"), |task| {
+            format!("{app_subject} {}", task.subject("task"))
+        }));
+    }
     if is_grouped && services.is_empty() {
         rejected.push(Rejected {
-            subject: app_subject.clone(),
+            subject: app_subject(),
             reason: "no HAPROXY_{n}_VHOST label (and no routing.domain): nothing to route".into(),
         });
     }
@@ -217,9 +292,9 @@ pub fn app_services(
             .collect();
         if !ignored.is_empty() {
             rejected.push(Rejected {
-                subject: app_subject,
+                subject: app_subject(),
                 reason: format!(
-                    "labels ignored (weft reads HAPROXY_GROUP and HAPROXY_n_VHOST/PATH/BALANCE/GROUP/SHARE): {}",
+                    "labels ignored (weft reads HAPROXY_GROUP and HAPROXY_n_VHOST/PATH/BALANCE/GROUP/SHARE/REDIRECT_TO_HTTPS/USE_HSTS): {}",
                     ignored.join(", ")
                 ),
             });
@@ -275,7 +350,25 @@ mod tests {
         assert!(is_supported_label("team"));
         assert!(!is_supported_label("HAPROXY_0_STICKY"));
         assert!(!is_supported_label("HAPROXY_DEPLOYMENT_GROUP"));
-        assert!(!is_supported_label("HAPROXY_0_REDIRECT_TO_HTTPS"));
+        assert!(is_supported_label("HAPROXY_0_REDIRECT_TO_HTTPS"));
+        assert!(!is_supported_label("HAPROXY_0_STICKY"));
+    }
+
+    #[test]
+    fn port_labels_by_index_and_key() {
+        let mut app = MarathonApp::default();
+        for (label, value) in [
+            ("HAPROXY_0_VHOST", "a"),
+            ("HAPROXY_12_PATH", "b"),
+            ("HAPROXY_1_PATH", "c"),
+        ] {
+            app.labels.insert(label.into(), value.into());
+        }
+        assert_eq!(port_label(&app, 0, "VHOST"), Some("a"));
+        assert_eq!(port_label(&app, 12, "PATH"), Some("b"));
+        assert_eq!(port_label(&app, 1, "PATH"), Some("c"));
+        assert_eq!(port_label(&app, 2, "PATH"), None);
+        assert_eq!(port_label(&app, usize::MAX, "REDIRECT_TO_HTTPS"), None);
     }
 
     #[test]
@@ -291,10 +384,10 @@ mod tests {
     /// VHOST labels, tasks on docker0 (172.17.x) with healthy results.
     #[test]
     fn zdd_fixture_without_domain_routes_nothing_and_says_why() {
-        let apps = decode_apps(&fixture("zdd_apps.json")).unwrap();
-        assert_eq!(apps.apps.len(), 2);
+        let apps = decode_apps(&fixture("zdd_apps.json")).unwrap().apps.records;
+        assert_eq!(apps.len(), 2);
         let s = settings("external", None, HostPorts::Deny);
-        for app in &apps.apps {
+        for app in &apps {
             let (services, rejected) = app_services(app, &s);
             assert!(services.is_empty());
             let reasons: Vec<&str> = rejected.iter().map(|r| r.reason.as_str()).collect();
@@ -309,9 +402,9 @@ mod tests {
 
     #[test]
     fn zdd_fixture_in_apollo_mode() {
-        let apps = decode_apps(&fixture("zdd_apps.json")).unwrap();
+        let apps = decode_apps(&fixture("zdd_apps.json")).unwrap().apps.records;
         let s = settings("external", Some("example.com"), HostPorts::Deny);
-        let green = apps.apps.iter().find(|a| a.id == "/nginx-green").unwrap();
+        let green = apps.iter().find(|a| a.id == "/nginx-green").unwrap();
         let (services, _) = app_services(green, &s);
         assert_eq!(services.len(), 1);
         let shop = &services[0];
@@ -327,21 +420,22 @@ mod tests {
             "{:?}",
             shop.servers
         );
-        // The HTTP health check: path /, every 3 s, 10 failures.
-        assert_eq!(shop.check.as_deref(), Some("/"));
+        // The HTTP health check: path /, every 3 s, 10 failures (fall 11), 15 s each at most.
+        assert_eq!(shop.check, Some(CheckDef::Http("/".into())));
         assert_eq!(shop.check_interval, Some(std::time::Duration::from_secs(3)));
-        assert_eq!(shop.check_fall, Some(10));
+        assert_eq!(shop.check_fall, Some(11));
+        assert_eq!(shop.check_timeout.as_deref(), Some("15s"));
     }
 
     #[test]
     fn other_groups_are_skipped_silently() {
-        let apps = decode_apps(&fixture("zdd_apps.json")).unwrap();
+        let apps = decode_apps(&fixture("zdd_apps.json")).unwrap().apps.records;
         let s = settings("internal", Some("example.com"), HostPorts::Deny);
-        for app in &apps.apps {
+        for app in &apps {
             assert_eq!(app_services(app, &s), (vec![], vec![]));
         }
         let all = settings("*", Some("example.com"), HostPorts::Deny);
-        assert_eq!(app_services(&apps.apps[0], &all).0.len(), 1);
+        assert_eq!(app_services(&apps[0], &all).0.len(), 1);
     }
 
     #[test]
@@ -407,11 +501,99 @@ mod tests {
         assert_eq!(shop.servers, ["10.2.1.5:8080"]);
         assert_eq!(shop.path.as_deref(), Some("/api"));
         assert_eq!(shop.balance.as_deref(), Some("leastconn"));
-        assert_eq!(shop.check.as_deref(), Some("/health"));
+        // The HTTP check wins over the TCP one before it.
+        assert_eq!(shop.check, Some(CheckDef::Http("/health".into())));
         assert_eq!(
-            shop.check_fall, None,
-            "0 failures means never kill: weft's default"
+            shop.check_fall,
+            Some(1),
+            "0 failures (Marathon never kills): marathon-lb's fall 1"
         );
+        assert_eq!(shop.check_timeout, None);
+    }
+
+    /// marathon-lb's mapping, per protocol: `fall` = maxConsecutiveFailures + 1, `timeout
+    /// check` = timeoutSeconds, `inter` = intervalSeconds; TCP checks are plain `check`s;
+    /// COMMAND and HTTPS checks have no HAProxy check; each port has its own.
+    #[test]
+    fn health_checks_map_as_marathon_lb_maps_them() {
+        let app = app(r#"{
+            "id": "/checked",
+            "labels": {"HAPROXY_GROUP": "external", "HAPROXY_0_VHOST": "a.example.com", "HAPROXY_1_VHOST": "b.example.com", "HAPROXY_2_VHOST": "c.example.com", "HAPROXY_3_VHOST": "d.example.com"},
+            "container": {"portMappings": [{"containerPort": 80}, {"containerPort": 81}, {"containerPort": 82}, {"containerPort": 83}]},
+            "healthChecks": [
+                {"protocol": "COMMAND", "portIndex": 0, "intervalSeconds": 1},
+                {"protocol": "TCP", "portIndex": 0, "intervalSeconds": 10, "timeoutSeconds": 20, "maxConsecutiveFailures": 3},
+                {"protocol": "MESOS_TCP", "portIndex": 1, "intervalSeconds": 7, "timeoutSeconds": 2, "maxConsecutiveFailures": 0},
+                {"protocol": "HTTPS", "portIndex": 2, "path": "/secure"},
+                {"portIndex": 3, "path": "/ping", "intervalSeconds": 60, "timeoutSeconds": 0}
+            ],
+            "tasks": []}"#);
+        let (services, rejected) = app_services(&app, &settings("external", None, HostPorts::Deny));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let check = |i: usize| {
+            let s = &services[i];
+            (
+                s.check.clone(),
+                s.check_interval.map(|d| d.as_secs()),
+                s.check_fall,
+                s.check_timeout.clone(),
+            )
+        };
+        assert_eq!(
+            check(0),
+            (Some(CheckDef::Tcp), Some(10), Some(4), Some("20s".into()))
+        );
+        assert_eq!(
+            check(1),
+            (Some(CheckDef::Tcp), Some(7), Some(1), Some("2s".into()))
+        );
+        assert_eq!(check(2), (None, None, None, None));
+        // Marathon's default protocol is HTTP; a timeout of 0 is none.
+        assert_eq!(
+            check(3),
+            (Some(CheckDef::Http("/ping".into())), Some(60), None, None)
+        );
+    }
+
+    /// A task that does not decode is dropped alone, named with its app; the app's other
+    /// tasks serve. In an app of another group, it is nobody's concern here.
+    #[test]
+    fn a_task_that_does_not_decode_is_rejected_with_its_app() {
+        let body = br#"{"apps":[{
+            "id": "/shop",
+            "labels": {"HAPROXY_GROUP": "external", "HAPROXY_0_VHOST": "shop.example.com"},
+            "container": {"portMappings": [{"containerPort": 8080}]},
+            "tasks": [
+                {"id": "good", "ipAddresses": [{"ipAddress": "10.2.1.5"}], "state": "TASK_RUNNING"},
+                {"id": "bad", "ipAddresses": [{"ipAddress": "10.2.1.6"}], "ports": [-1], "state": "TASK_RUNNING"}
+            ]}]}"#;
+        let apps = decode_apps(body).unwrap().apps.records;
+        let (services, rejected) =
+            app_services(&apps[0], &settings("external", None, HostPorts::Deny));
+        assert_eq!(services[0].servers, ["10.2.1.5:8080"]);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].subject, "app \"/shop\" task \"bad\"");
+        assert_eq!(
+            rejected[0].reason,
+            "does not decode, dropped: ports[0]: invalid value: integer `-1`, expected u32"
+        );
+        let (_, rejected) = app_services(&apps[0], &settings("internal", None, HostPorts::Deny));
+        assert!(rejected.is_empty(), "{rejected:?}");
+    }
+
+    #[test]
+    fn marathon_lbs_redirect_and_hsts_labels() {
+        let app = app(r#"{
+            "id": "/shop",
+            "labels": {"HAPROXY_GROUP": "external", "HAPROXY_0_VHOST": "shop.example.com", "HAPROXY_0_REDIRECT_TO_HTTPS": "true", "HAPROXY_0_USE_HSTS": "true", "HAPROXY_1_VHOST": "plain.example.com", "HAPROXY_1_REDIRECT_TO_HTTPS": "false"},
+            "container": {"portMappings": [{"containerPort": 8080}, {"containerPort": 8081}]},
+            "tasks": []}"#);
+        let (services, rejected) = app_services(&app, &settings("external", None, HostPorts::Deny));
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(services[0].redirect.as_deref(), Some("https"));
+        assert_eq!(services[0].hsts, Some(true));
+        assert_eq!(services[1].redirect, None);
+        assert_eq!(services[1].hsts, None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub(super) fn render(state: &State, endpoint: &Endpoint) -> Response {
             name,
             passing,
             tags,
-        } => Json(health(state, name, *passing, tags)).into_response(),
+        } => Json(health_json(state, name, *passing, tags)).into_response(),
         Endpoint::State { state: wanted } => Json(checks_in_state(state, wanted)).into_response(),
         Endpoint::KvGet { key, raw } => match state.kv.entries.get(key) {
             None => not_found(),
@@ -131,6 +131,24 @@ fn catalog(state: &State) -> BTreeMap<String, Vec<String>> {
     services
         .into_iter()
         .map(|(name, tags)| (name, tags.into_iter().collect()))
+        .collect()
+}
+
+/// The health entries, each instance with a raw entry set by a test served as that JSON.
+fn health_json(
+    state: &State,
+    name: &str,
+    passing: bool,
+    tags: &[String],
+) -> Vec<serde_json::Value> {
+    health(state, name, passing, tags)
+        .into_iter()
+        .map(
+            |entry| match state.raw_health_entries.get(&entry.service.id) {
+                Some(raw) => raw.clone(),
+                None => serde_json::to_value(entry).expect("a health entry is JSON"),
+            },
+        )
         .collect()
 }
 

@@ -448,6 +448,21 @@ impl ConsulDouble {
         });
     }
 
+    /// Serves `entry`, as it is, in place of the `/v1/health/service/:name` entry of the
+    /// registered instance `service_id` (whose catalog entry, checks and indexes stay its own):
+    /// a record no Consul writes (`"Port": -1`, `"Port": "8080"`), for a client's decoder.
+    /// `None` serves the instance again. It moves no index: set it before the service is read,
+    /// or follow it with a write that wakes the service.
+    pub fn set_raw_health_entry(&self, service_id: &str, entry: Option<serde_json::Value>) {
+        let mut state = self.shared.lock();
+        match entry {
+            Some(entry) => state
+                .raw_health_entries
+                .insert(service_id.to_string(), entry),
+            None => state.raw_health_entries.remove(service_id),
+        };
+    }
+
     pub fn deregister(&self, service_id: &str) {
         self.shared
             .write(|state, index| state.remove_instance(service_id, index));

@@ -65,6 +65,8 @@ pub(super) struct State {
     pub(super) requests: Requests,
     pub(super) last_query: BTreeMap<String, String>,
     pub(super) blocked: BTreeMap<String, usize>,
+    /// By service ID: JSON a test serves, as it is, in place of that instance's health entry.
+    pub(super) raw_health_entries: BTreeMap<String, serde_json::Value>,
 }
 
 /// Consul's `index` table: the raft index of the last change to each table and to each
@@ -154,6 +156,7 @@ impl State {
             index_offset: 0,
             requests: Requests::default(),
             last_query: BTreeMap::new(),
+            raw_health_entries: BTreeMap::new(),
             blocked: BTreeMap::new(),
         }
     }

@@ -48,7 +48,13 @@ pub(super) async fn list_apps(
     if let Err(refusal) = count_and_admit(&shared, &headers, Endpoint::Apps, query).await {
         return refusal;
     }
-    let apps = shared.lock().render_apps(embeds_tasks(&params));
+    let apps = {
+        let state = shared.lock();
+        if let Some(body) = &state.apps_body {
+            return ([(CONTENT_TYPE, "application/json")], body.clone()).into_response();
+        }
+        state.render_apps(embeds_tasks(&params))
+    };
     Json(apps).into_response()
 }
 

@@ -48,6 +48,7 @@ use std::time::{Duration, SystemTime};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
@@ -197,6 +198,22 @@ impl MarathonDouble {
         });
     }
 
+    /// Creates or replaces the app `app["id"]` with `app`, served as it is (tasks embedded
+    /// as `app["tasks"]` gives them): a record no Marathon writes (`"containerPort": -1`, a
+    /// label that is a number), for a client's decoder. Event: `api_post_event`.
+    pub fn put_raw_app(&self, app: Value) {
+        self.shared.change(|state| {
+            let id = app["id"].clone();
+            let now = state.now();
+            state.publish("api_post_event", &events::api_post(&app, &now));
+            match state.apps.iter().position(|stored| stored["id"] == id) {
+                Some(index) => state.apps[index] = app,
+                None => state.apps.push(app),
+            }
+            Ok(())
+        });
+    }
+
     /// Deletes an app: a TASK_KILLED `status_update_event` per task, then `app_terminated_event`.
     pub fn remove_app(&self, id: &str) {
         self.shared.change(|state| {
@@ -258,6 +275,16 @@ impl MarathonDouble {
                 return Err("load_apps_json wants {\"apps\": [...]}".to_string());
             };
             state.apps = list.clone();
+            Ok(())
+        });
+    }
+
+    /// Answers every `GET /v2/apps` with exactly `body` (`None`: the apps again), whatever the
+    /// apps and the query: a recorded or generated answer served as it is, without the cost of
+    /// building it per request (the Marathon benchmark's 20,000 apps). Auth and faults apply.
+    pub fn serve_apps_body(&self, body: Option<Bytes>) {
+        self.shared.change(|state| {
+            state.apps_body = body;
             Ok(())
         });
     }
@@ -423,6 +450,8 @@ impl Shared {
 struct State {
     /// Apps as /v2/apps embeds them (with `tasks`), in the order they were created.
     apps: Vec<Value>,
+    /// What /v2/apps answers instead of the apps, when set (`serve_apps_body`).
+    apps_body: Option<Bytes>,
     /// Service ports per app, for the `servicePorts` of new tasks.
     service_ports: BTreeMap<String, Vec<u16>>,
     /// Assigned service ports by (app, port index): stable across `put_app`s.
@@ -450,6 +479,7 @@ impl State {
     fn new() -> State {
         State {
             apps: Vec::new(),
+            apps_body: None,
             service_ports: BTreeMap::new(),
             assigned_ports: BTreeMap::new(),
             next_service_port: FIRST_SERVICE_PORT,
