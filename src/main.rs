@@ -212,7 +212,7 @@ async fn status(path: &Path) -> anyhow::Result<ExitCode> {
     }
     let haproxy = &view["haproxy"];
     out!(
-        "haproxy: {}, {} reloads, {} runtime updates{}",
+        "haproxy: {}, {} reloads, {} runtime updates, {} of {} spare backends free{}",
         if haproxy["running"].as_bool() == Some(true) {
             "running"
         } else {
@@ -220,6 +220,8 @@ async fn status(path: &Path) -> anyhow::Result<ExitCode> {
         },
         haproxy["reloads"],
         haproxy["runtime_updates"],
+        haproxy["pool"]["free"],
+        haproxy["pool"]["declared"],
         match &haproxy["last_error"] {
             serde_json::Value::Null => String::new(),
             error => format!(", last error: {}", text(error)),

@@ -39,6 +39,10 @@ pub const FOREIGN_LISTENERS: &str = "weft_foreign_listeners";
 /// among them, unix seconds (absent with none).
 pub const TLS_CERTIFICATES: &str = "weft_tls_certificates";
 pub const TLS_EARLIEST_EXPIRY: &str = "weft_tls_certificate_earliest_expiry_seconds";
+/// The backend pool: spare backends the running config declares, and those free (as many new
+/// services can come without a reload; at 0, the next one waits for a reload).
+pub const POOL_SPARES: &str = "weft_pool_spare_backends";
+pub const POOL_FREE: &str = "weft_pool_spare_backends_free";
 /// 1 when `/healthz` answers 200.
 pub const HEALTHY: &str = "weft_healthy";
 
@@ -55,6 +59,8 @@ pub struct Snapshot<'a> {
     pub routes: usize,
     pub backends: usize,
     pub empty_backends: usize,
+    /// `(declared, free)` spare backends.
+    pub pool: (usize, usize),
     /// `(source, dropped count)`.
     pub dropped: Vec<(&'a str, usize)>,
     /// `(source, lost claims)`.
@@ -133,6 +139,18 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         EMPTY_BACKENDS,
         "Backends without a server (503)",
         snapshot.empty_backends as i64,
+    );
+    gauge(
+        &mut registry,
+        POOL_SPARES,
+        "Spare backends the running config declares for new services",
+        snapshot.pool.0 as i64,
+    );
+    gauge(
+        &mut registry,
+        POOL_FREE,
+        "Spare backends free: new services that can come without a reload",
+        snapshot.pool.1 as i64,
     );
     gauge(
         &mut registry,
@@ -218,6 +236,7 @@ mod tests {
             routes: 4,
             backends: 3,
             empty_backends: 1,
+            pool: (20, 7),
             dropped: vec![("file", 2)],
             conflicts: vec![("consul", 1)],
             sources: vec![("file", true, 3), ("consul", false, 0)],
@@ -231,6 +250,8 @@ mod tests {
             "weft_haproxy_runtime_updates_total 17",
             "weft_routes 4",
             "weft_backends_without_servers 1",
+            "weft_pool_spare_backends 20",
+            "weft_pool_spare_backends_free 7",
             "weft_dropped_inputs{source=\"file\"} 2",
             "weft_host_conflicts{source=\"consul\"} 1",
             "weft_source_up{source=\"consul\"} 0",

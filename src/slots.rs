@@ -226,14 +226,34 @@ impl Slots {
             .map(|(service, _)| service)
     }
 
-    /// Spares that serve no service now.
-    pub fn free_spares(&self) -> usize {
+    /// The pool: the spare backends declared, and those that serve no service now.
+    pub fn spares(&self) -> PoolUse {
         let used: BTreeSet<&String> = self.serving.values().collect();
-        self.backends
+        let spares = self
+            .backends
             .keys()
-            .filter(|name| name.starts_with(SPARE_PREFIX) && !used.contains(name))
-            .count()
+            .filter(|name| name.starts_with(SPARE_PREFIX));
+        let (declared, free) = spares.fold((0, 0), |(declared, free), name| {
+            (declared + 1, free + usize::from(!used.contains(name)))
+        });
+        PoolUse { declared, free }
     }
+
+    /// Spares that serve no service now.
+    #[cfg(test)]
+    fn free_spares(&self) -> usize {
+        self.spares().free
+    }
+}
+
+/// How much of the pool is in use: what `/status` and the metrics show, so that an operator
+/// sees it run dry before new services start to wait for reloads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PoolUse {
+    /// Spare backends declared by the running config.
+    pub declared: usize,
+    /// Of them, those that serve no service: as many new services can come without a reload.
+    pub free: usize,
 }
 
 /// A spare's number, for ordering (`spare_2` before `spare_10`); other names last.

@@ -22,6 +22,7 @@ use crate::escape::Escaped;
 use crate::haproxy::listeners::ForeignListeners;
 use crate::haproxy::stats::{BackendStats, Stats, StatsCache};
 use crate::model::{Built, Health, Ledger, ServiceName, SourceId, SourceReport};
+use crate::slots::PoolUse;
 
 /// What the apply loop last did, as the status page shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -38,6 +39,8 @@ pub struct ApplyStatus {
     /// pool), for reading HAProxy's figures by service.
     #[serde(skip)]
     pub backends: Arc<BTreeMap<ServiceName, String>>,
+    /// The backend pool: spare backends declared, and free for new services.
+    pub pool: PoolUse,
     /// The last apply's error; `None` once an apply succeeds again.
     pub last_error: Option<String>,
     /// Unix seconds of the last successful change.
@@ -442,6 +445,7 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
         routes: view.routes.len(),
         backends: backends.len(),
         empty_backends: empty.len(),
+        pool: (view.haproxy.pool.declared, view.haproxy.pool.free),
         dropped: dropped.into_iter().collect(),
         conflicts: conflicts.into_iter().collect(),
         sources: view

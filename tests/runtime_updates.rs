@@ -195,3 +195,72 @@ async fn a_tampered_server_is_caught_by_the_confirmation_and_repaired() {
     wait_for_backends(&weft, "alpha.test", "/", &["a", "b", "c"]).await;
     assert_eq!(reloads(&weft).await, before + 1);
 }
+
+/// `(declared, free)` spare backends, as `/status` and `/metrics` say them; the page's words.
+async fn pool(weft: &Weft) -> ((u64, u64), (u64, u64), String) {
+    let (_, json) = weft.status("/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let pool = &status["haproxy"]["pool"];
+    let from_status = (
+        pool["declared"].as_u64().unwrap(),
+        pool["free"].as_u64().unwrap(),
+    );
+    let (_, metrics) = weft.status("/metrics").await.unwrap();
+    let gauge = |name: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} missing in:\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let from_metrics = (
+        gauge("weft_pool_spare_backends"),
+        gauge("weft_pool_spare_backends_free"),
+    );
+    let (_, page) = weft.status("/").await.unwrap();
+    (from_status, from_metrics, page)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_up_pool_is_shown_and_the_next_new_service_reloads_and_refills_it() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let c = Backend::start("c").await;
+    let weft = Weft::builder()
+        .services(&service("alpha", &["alpha.test"], None, &[a.addr]))
+        .haproxy_key("spare_backends", "1")
+        .min_reload_interval(Duration::ZERO)
+        .start()
+        .await;
+    wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
+    let before = reloads(&weft).await;
+    let (status, metrics, page) = pool(&weft).await;
+    assert_eq!((status, metrics), ((1, 1), (1, 1)));
+    assert!(page.contains("1 of 1 spare backends free"), "{page}");
+
+    // The one spare taken: no reload, and the pool reads empty everywhere.
+    let two = service("alpha", &["alpha.test"], None, &[a.addr])
+        + &service("beta", &["beta.test"], None, &[b.addr]);
+    weft.write_services(&two);
+    wait_for_backends(&weft, "beta.test", "/", &["b"]).await;
+    assert_eq!(reloads(&weft).await, before, "beta takes the spare");
+    let (status, metrics, page) = pool(&weft).await;
+    assert_eq!((status, metrics), ((1, 0), (1, 0)));
+    assert!(
+        page.contains("0 of 1 spare backends free")
+            && page.contains("the next new service waits for a reload"),
+        "{page}"
+    );
+    weft.wait_for_log("the backend pool is used up").await;
+
+    // The next new service waits for a reload, which gives every service its own backend
+    // and the pool its spare back.
+    weft.write_services(&(two + &service("gamma", &["gamma.test"], None, &[c.addr])));
+    wait_for_backends(&weft, "gamma.test", "/", &["c"]).await;
+    assert_eq!(reloads(&weft).await, before + 1, "gamma needs a reload");
+    let (status, metrics, _) = pool(&weft).await;
+    assert_eq!((status, metrics), ((1, 1), (1, 1)));
+    for (host, name) in [("alpha.test", "a"), ("beta.test", "b")] {
+        wait_for_backends(&weft, host, "/", &[name]).await;
+    }
+}

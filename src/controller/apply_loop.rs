@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::blame::{effective, Blamed};
 use super::retry::{Ended, Retry};
@@ -60,6 +60,15 @@ impl LoopState {
             s.running = running;
             if let Some(serving) = applier.serving().filter(|now| **now != *s.backends) {
                 s.backends = Arc::new(serving.clone());
+            }
+            if let Some(pool) = applier.pool() {
+                if pool.declared > 0 && pool.free == 0 && s.pool.free > 0 {
+                    warn!(
+                        spares = pool.declared,
+                        "the backend pool is used up: the next new service waits for a reload, which refills it (haproxy.spare_backends)"
+                    );
+                }
+                s.pool = pool;
             }
             match &result {
                 Ok(outcome) => {

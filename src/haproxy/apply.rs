@@ -31,7 +31,7 @@ use crate::render::{
     render_with, RenderSettings, Rendered, ADMIN_SOCKET, CERTS_DIR, CONFIG_FILE, DEFAULT_CERT,
     EMPTY_SERVER_STATE, SERVER_STATE_FILE,
 };
-use crate::slots::Slots;
+use crate::slots::{PoolUse, Slots};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -157,6 +157,11 @@ impl Applier {
     /// The HAProxy backend that serves each service, as last installed.
     pub fn serving(&self) -> Option<&BTreeMap<ServiceName, String>> {
         self.applied.as_ref().map(|a| &a.slots.serving)
+    }
+
+    /// How much of the backend pool the installed config uses.
+    pub fn pool(&self) -> Option<PoolUse> {
+        self.applied.as_ref().map(|a| a.slots.spares())
     }
 
     /// Whether HAProxy runs: a managed one that weft started and has not exited, an external
