@@ -54,6 +54,12 @@ impl Flavour {
             check: backend.check.clone(),
         }
     }
+
+    /// Whether a backend of this flavour can serve `backend` (`Flavour::of(backend) == self`,
+    /// without building one).
+    fn suits(&self, backend: &Backend) -> bool {
+        self.balance == backend.balance && self.check == backend.check
+    }
 }
 
 /// One backend of the config: its flavour and its slots (`None`: a free slot).
@@ -61,6 +67,16 @@ impl Flavour {
 pub struct Declared {
     pub flavour: Flavour,
     pub slots: Vec<Option<SocketAddr>>,
+}
+
+impl Declared {
+    /// The same backend with every slot free.
+    fn emptied(&self) -> Declared {
+        Declared {
+            flavour: self.flavour.clone(),
+            slots: vec![None; self.slots.len()],
+        }
+    }
 }
 
 /// Every backend of the config, and the one that serves each service.
@@ -99,29 +115,19 @@ impl Slots {
     /// services that found no place: a new one is left out, one that ran before keeps its
     /// backend and its servers as they were.
     pub fn place(&self, table: &RoutingTable) -> (Slots, Vec<ServiceName>) {
-        let mut backends: BTreeMap<String, Declared> = self
-            .backends
-            .iter()
-            .map(|(name, declared)| {
-                let free = Declared {
-                    flavour: declared.flavour.clone(),
-                    slots: vec![None; declared.slots.len()],
-                };
-                (name.clone(), free)
-            })
-            .collect();
+        let mut backends: BTreeMap<String, Declared> = BTreeMap::new();
         let mut serving = BTreeMap::new();
         let mut moving = Vec::new();
         for (service, backend) in &table.backends {
-            let current = self.serving.get(service).and_then(|name| {
-                let declared = self.backends.get(name)?;
-                let fits = declared.flavour == Flavour::of(backend)
+            let current = self.serving.get_key_value(service).and_then(|(_, name)| {
+                let (name, declared) = self.backends.get_key_value(name)?;
+                let fits = declared.flavour.suits(backend)
                     && backend.servers.len() <= declared.slots.len();
                 fits.then_some((name, declared))
             });
             match current {
                 Some((name, declared)) => {
-                    backends.insert(name.clone(), fill(declared.clone(), backend));
+                    backends.insert(name.clone(), fill(declared, backend));
                     serving.insert(service.clone(), name.clone());
                 }
                 None => moving.push((service, backend)),
@@ -138,16 +144,15 @@ impl Slots {
         spares.sort_by_key(|name| spare_number(name));
         let mut unplaced = Vec::new();
         for (service, backend) in moving {
-            let flavour = Flavour::of(backend);
             let spare = spares.iter().position(|name| {
                 let declared = &self.backends[*name];
-                declared.flavour == flavour && backend.servers.len() <= declared.slots.len()
+                declared.flavour.suits(backend) && backend.servers.len() <= declared.slots.len()
             });
             match spare {
                 Some(at) => {
                     let name = spares.remove(at);
-                    let free = backends[name].clone();
-                    backends.insert(name.clone(), fill(free, backend));
+                    let free = self.backends[name].emptied();
+                    backends.insert(name.clone(), fill(&free, backend));
                     serving.insert(service.clone(), name.clone());
                 }
                 None => {
@@ -157,6 +162,12 @@ impl Slots {
                     }
                     unplaced.push(service.clone());
                 }
+            }
+        }
+        // Every other backend stays declared, its slots free.
+        for (name, declared) in &self.backends {
+            if !backends.contains_key(name) {
+                backends.insert(name.clone(), declared.emptied());
             }
         }
         (Slots { backends, serving }, unplaced)
@@ -194,7 +205,7 @@ impl Slots {
                 Some(declared) => declared.slots.clone(),
                 None => vec![None; capacity],
             };
-            backends.insert(name.clone(), fill(Declared { flavour, slots }, backend));
+            backends.insert(name.clone(), fill(&Declared { flavour, slots }, backend));
             serving.insert(service.clone(), name);
         }
         // The most common flavour; the first seen (in service name order) on a tie.
@@ -266,12 +277,14 @@ fn spare_number(name: &str) -> usize {
 /// `declared`'s slots holding `backend`'s servers: each server that has a slot keeps it, the
 /// others take the free slots in order, and a slot whose server went is freed. Linear in the
 /// slots and servers. The caller made sure they fit.
-fn fill(declared: Declared, backend: &Backend) -> Declared {
+fn fill(declared: &Declared, backend: &Backend) -> Declared {
     let wanted = &backend.servers;
-    let Declared { flavour, mut slots } = declared;
-    for slot in slots.iter_mut() {
-        *slot = slot.filter(|addr| wanted.contains(addr));
-    }
+    let flavour = declared.flavour.clone();
+    let mut slots: Vec<Option<SocketAddr>> = declared
+        .slots
+        .iter()
+        .map(|slot| slot.filter(|addr| wanted.contains(addr)))
+        .collect();
     // A hash set where a backend has many slots; a scan is faster for the usual handful.
     let placed: Option<HashSet<SocketAddr>> =
         (slots.len() > 16).then(|| slots.iter().flatten().copied().collect());

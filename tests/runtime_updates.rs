@@ -7,7 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{reloading_service, service, wait_for_404, wait_for_backends, Backend, Weft};
+use support::{
+    eventually, reloading_service, service, wait_for_404, wait_for_backends, Backend, Weft,
+};
 
 async fn reloads(weft: &Weft) -> u64 {
     weft.show_proc().await.unwrap().0
@@ -196,6 +198,20 @@ async fn a_tampered_server_is_caught_by_the_confirmation_and_repaired() {
     assert_eq!(reloads(&weft).await, before + 1);
 }
 
+/// Waits until `/status` and `/metrics` both say `(declared, free)` spare backends (the
+/// status follows an apply's end, which may come after its traffic); returns the page.
+async fn pool_reads(weft: &Weft, want: (u64, u64)) -> String {
+    eventually(Duration::from_secs(5), "the pool as expected", || async {
+        let (status, metrics, page) = pool(weft).await;
+        if (status, metrics) == (want, want) {
+            Ok(page)
+        } else {
+            Err(format!("status {status:?}, metrics {metrics:?}"))
+        }
+    })
+    .await
+}
+
 /// `(declared, free)` spare backends, as `/status` and `/metrics` say them; the page's words.
 async fn pool(weft: &Weft) -> ((u64, u64), (u64, u64), String) {
     let (_, json) = weft.status("/status").await.unwrap();
@@ -234,8 +250,7 @@ async fn a_used_up_pool_is_shown_and_the_next_new_service_reloads_and_refills_it
         .await;
     wait_for_backends(&weft, "alpha.test", "/", &["a"]).await;
     let before = reloads(&weft).await;
-    let (status, metrics, page) = pool(&weft).await;
-    assert_eq!((status, metrics), ((1, 1), (1, 1)));
+    let page = pool_reads(&weft, (1, 1)).await;
     assert!(page.contains("1 of 1 spare backends free"), "{page}");
 
     // The one spare taken: no reload, and the pool reads empty everywhere.
@@ -244,8 +259,7 @@ async fn a_used_up_pool_is_shown_and_the_next_new_service_reloads_and_refills_it
     weft.write_services(&two);
     wait_for_backends(&weft, "beta.test", "/", &["b"]).await;
     assert_eq!(reloads(&weft).await, before, "beta takes the spare");
-    let (status, metrics, page) = pool(&weft).await;
-    assert_eq!((status, metrics), ((1, 0), (1, 0)));
+    let page = pool_reads(&weft, (1, 0)).await;
     assert!(
         page.contains("0 of 1 spare backends free")
             && page.contains("the next new service waits for a reload"),
@@ -258,8 +272,7 @@ async fn a_used_up_pool_is_shown_and_the_next_new_service_reloads_and_refills_it
     weft.write_services(&(two + &service("gamma", &["gamma.test"], None, &[c.addr])));
     wait_for_backends(&weft, "gamma.test", "/", &["c"]).await;
     assert_eq!(reloads(&weft).await, before + 1, "gamma needs a reload");
-    let (status, metrics, _) = pool(&weft).await;
-    assert_eq!((status, metrics), ((1, 1), (1, 1)));
+    pool_reads(&weft, (1, 1)).await;
     for (host, name) in [("alpha.test", "a"), ("beta.test", "b")] {
         wait_for_backends(&weft, host, "/", &[name]).await;
     }

@@ -141,15 +141,19 @@ pub async fn read(path: &Path) -> Result<FileContent, FileError> {
 /// Parses the services file. Syntax errors and unknown top-level keys fail the whole file (a
 /// typo like `[[services]]` must not read as "no services"); a broken entry is rejected alone.
 pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
-    let mut table: toml::Table = text
-        .parse()
-        .map_err(|err: toml::de::Error| FileError::Parse {
+    use toml::de::{DeTable, DeValue, ValueDeserializer};
+    // toml's own document tree, which borrows its strings from `text`: each entry is
+    // deserialized from it directly, with no owned `toml::Value` tree in between (at 10,000
+    // services that tree was a third of a read).
+    let mut document = DeTable::parse(text)
+        .map_err(|err| FileError::Parse {
             path: path.to_path_buf(),
             message: one_line(text, &err),
-        })?;
-    let entries = match table.remove("service") {
-        None => Vec::new(),
-        Some(toml::Value::Array(entries)) => entries,
+        })?
+        .into_inner();
+    let entries = match document.remove("service").map(|v| v.into_inner()) {
+        None => Default::default(),
+        Some(DeValue::Array(entries)) => entries,
         Some(_) => {
             return Err(FileError::Shape {
                 path: path.to_path_buf(),
@@ -157,24 +161,28 @@ pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
             })
         }
     };
-    if let Some(key) = table.keys().next() {
+    if let Some(key) = document.keys().next() {
         return Err(FileError::Shape {
             path: path.to_path_buf(),
-            message: format!("unknown top-level key `{key}` (expected [[service]] entries)"),
+            message: format!(
+                "unknown top-level key `{}` (expected [[service]] entries)",
+                key.get_ref()
+            ),
         });
     }
     let mut content = FileContent {
-        services: Vec::new(),
+        services: Vec::with_capacity(entries.len()),
         rejected: Vec::new(),
     };
     for (i, entry) in entries.into_iter().enumerate() {
-        let name = entry
-            .get("name")
-            .and_then(toml::Value::as_str)
-            .map(|n| format!(" ({n:?})"))
-            .unwrap_or_default();
-        let service = entry
-            .try_into::<FileService>()
+        let name = match entry.get_ref() {
+            DeValue::Table(table) => match table.get("name").map(|n| n.get_ref()) {
+                Some(DeValue::String(n)) => format!(" ({n:?})"),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
+        let service = FileService::deserialize(ValueDeserializer::from(entry))
             .map_err(|err| err.to_string().trim().to_string())
             .and_then(service_def);
         match service {
