@@ -25,10 +25,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod entries;
+
 use super::dir_watch::DirWatch;
 use crate::config::FileSourceConfig;
 use crate::escape::Escaped;
 use crate::model::{CheckDef, Health, Rejected, ServiceDef, SourceId, SourceReport};
+use entries::Entries;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -116,6 +119,12 @@ pub const MAX_FILE_BYTES: u64 = 64 << 20;
 
 /// Reads and parses the services file once.
 pub async fn read(path: &Path) -> Result<FileContent, FileError> {
+    let text = read_text(path).await?;
+    parse(&text, path)
+}
+
+/// The services file's text, within [`MAX_FILE_BYTES`].
+async fn read_text(path: &Path) -> Result<String, FileError> {
     use tokio::io::AsyncReadExt;
     let read_err = |source| FileError::Read {
         path: path.to_path_buf(),
@@ -133,48 +142,65 @@ pub async fn read(path: &Path) -> Result<FileContent, FileError> {
             max: MAX_FILE_BYTES,
         });
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|err| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, err)))?;
-    parse(&text, path)
+    String::from_utf8(bytes)
+        .map_err(|err| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, err)))
 }
 
 /// Parses the services file. Syntax errors and unknown top-level keys fail the whole file (a
 /// typo like `[[services]]` must not read as "no services"); a broken entry is rejected alone.
 pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
+    let entries = parse_entries(text).map_err(|failure| failure.into_error(text, path))?;
+    Ok(number(entries.into_iter()))
+}
+
+/// One `[[service]]` entry as read: its service, or the name it gives (`" (\"shop\")"`, or
+/// empty) and why it was rejected.
+pub(crate) type Entry = Result<ServiceDef, (String, String)>;
+
+/// Why a document fails whole.
+pub(crate) enum Failure {
+    Syntax(toml::de::Error),
+    Shape(String),
+}
+
+impl Failure {
+    fn into_error(self, text: &str, path: &Path) -> FileError {
+        match self {
+            Failure::Syntax(err) => FileError::Parse {
+                path: path.to_path_buf(),
+                message: one_line(text, &err),
+            },
+            Failure::Shape(message) => FileError::Shape {
+                path: path.to_path_buf(),
+                message,
+            },
+        }
+    }
+}
+
+/// The entries of one TOML document, in order.
+pub(crate) fn parse_entries(text: &str) -> Result<Vec<Entry>, Failure> {
     use toml::de::{DeTable, DeValue, ValueDeserializer};
     // toml's own document tree, which borrows its strings from `text`: each entry is
     // deserialized from it directly, with no owned `toml::Value` tree in between (at 10,000
     // services that tree was a third of a read).
-    let mut document = DeTable::parse(text)
-        .map_err(|err| FileError::Parse {
-            path: path.to_path_buf(),
-            message: one_line(text, &err),
-        })?
-        .into_inner();
+    let mut document = DeTable::parse(text).map_err(Failure::Syntax)?.into_inner();
     let entries = match document.remove("service").map(|v| v.into_inner()) {
         None => Default::default(),
         Some(DeValue::Array(entries)) => entries,
         Some(_) => {
-            return Err(FileError::Shape {
-                path: path.to_path_buf(),
-                message: "`service` must be an array of tables ([[service]])".into(),
-            })
+            return Err(Failure::Shape(
+                "`service` must be an array of tables ([[service]])".into(),
+            ))
         }
     };
     if let Some(key) = document.keys().next() {
-        return Err(FileError::Shape {
-            path: path.to_path_buf(),
-            message: format!(
-                "unknown top-level key `{}` (expected [[service]] entries)",
-                key.get_ref()
-            ),
-        });
+        return Err(Failure::Shape(format!(
+            "unknown top-level key `{}` (expected [[service]] entries)",
+            key.get_ref()
+        )));
     }
-    let mut content = FileContent {
-        services: Vec::with_capacity(entries.len()),
-        rejected: Vec::new(),
-    };
-    for (i, entry) in entries.into_iter().enumerate() {
+    let parsed = entries.into_iter().map(|entry| {
         let name = match entry.get_ref() {
             DeValue::Table(table) => match table.get("name").map(|n| n.get_ref()) {
                 Some(DeValue::String(n)) => format!(" ({n:?})"),
@@ -182,18 +208,30 @@ pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
             },
             _ => String::new(),
         };
-        let service = FileService::deserialize(ValueDeserializer::from(entry))
+        FileService::deserialize(ValueDeserializer::from(entry))
             .map_err(|err| err.to_string().trim().to_string())
-            .and_then(service_def);
-        match service {
+            .and_then(service_def)
+            .map_err(|reason| (name, reason))
+    });
+    Ok(parsed.collect())
+}
+
+/// The file's content from its entries in file order: rejected ones named by their place.
+pub(crate) fn number(entries: impl Iterator<Item = Entry>) -> FileContent {
+    let mut content = FileContent {
+        services: Vec::new(),
+        rejected: Vec::new(),
+    };
+    for (i, entry) in entries.enumerate() {
+        match entry {
             Ok(service) => content.services.push(service),
-            Err(reason) => content.rejected.push(Rejected {
+            Err((name, reason)) => content.rejected.push(Rejected {
                 subject: format!("service #{}{name}", i + 1),
                 reason,
             }),
         }
     }
-    Ok(content)
+    content
 }
 
 /// A TOML error as one log-friendly line: `line 3, column 9: invalid table header`.
@@ -239,10 +277,11 @@ pub async fn run(
     })?;
     let mut link = Link::default();
     link.follow(&config.path, &dir, watch.watcher(), &names);
+    let mut entries = Entries::default();
     info!(path = %config.path.display(), symlinked = link.symlinked, "watching services file");
 
     loop {
-        refresh(&config.path, &tx).await;
+        refresh(&config.path, &tx, &mut entries).await;
         link.follow(&config.path, &dir, watch.watcher(), &names);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -323,8 +362,11 @@ fn watched_names(path: &Path, symlinked: bool) -> Vec<std::ffi::OsString> {
 }
 
 /// Reads the file and publishes what changed; on failure keeps the last good services.
-async fn refresh(path: &Path, tx: &watch::Sender<SourceReport>) {
-    let result = read(path).await;
+async fn refresh(path: &Path, tx: &watch::Sender<SourceReport>, entries: &mut Entries) {
+    let result = match read_text(path).await {
+        Ok(text) => entries.parse(&text, path),
+        Err(err) => Err(err),
+    };
     // Compared and moved in place: no copy of the whole report (10,000 services) per read.
     tx.send_if_modified(|report| match result {
         Ok(content) => {
