@@ -115,8 +115,10 @@ impl Slots {
     /// services that found no place: a new one is left out, one that ran before keeps its
     /// backend and its servers as they were.
     pub fn place(&self, table: &RoutingTable) -> (Slots, Vec<ServiceName>) {
-        let mut backends: BTreeMap<String, Declared> = BTreeMap::new();
-        let mut serving = BTreeMap::new();
+        // Lists first, maps built from them in bulk: most services stay where they are, in
+        // order, and a B-tree built from a list costs no search per entry.
+        let mut staying: Vec<(String, Declared)> = Vec::with_capacity(table.backends.len());
+        let mut serving: Vec<(ServiceName, String)> = Vec::with_capacity(table.backends.len());
         let mut moving = Vec::new();
         for (service, backend) in &table.backends {
             let current = self.serving.get_key_value(service).and_then(|(_, name)| {
@@ -127,12 +129,14 @@ impl Slots {
             });
             match current {
                 Some((name, declared)) => {
-                    backends.insert(name.clone(), fill(declared, backend));
-                    serving.insert(service.clone(), name.clone());
+                    staying.push((name.clone(), fill(declared, backend)));
+                    serving.push((service.clone(), name.clone()));
                 }
                 None => moving.push((service, backend)),
             }
         }
+        let mut backends: BTreeMap<String, Declared> = staying.into_iter().collect();
+        let mut serving: BTreeMap<ServiceName, String> = serving.into_iter().collect();
         // Spares: free before this change (a backend given back now waits for the next one,
         // so a removed service's draining requests never meet another's servers).
         let used: BTreeSet<&String> = self.serving.values().collect();

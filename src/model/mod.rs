@@ -345,6 +345,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         &healthy,
     ));
 
+    // Every route, in key order (hosts in order, each host's paths in order).
+    let mut routes_found = Vec::new();
     for (host, claimants) in by_host {
         let claims: Vec<Claim> = claimants
             .keys()
@@ -447,13 +449,14 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 built.conflicts.push(dropped.clone());
                 built.dropped.push(dropped);
             }
-            built.table.routes.insert(key, winner.clone());
+            routes_found.push((key, winner.clone()));
         }
     }
+    built.table.routes = routes_found.into_iter().collect();
 
-    for c in candidates {
-        built.table.backends.insert(c.key, c.backend);
-    }
+    // Built in bulk from one list (sorted once, no search per insert): at 10,000 services
+    // inserting one by one was a quarter of a build.
+    built.table.backends = candidates.into_iter().map(|c| (c.key, c.backend)).collect();
 
     // A service that lost every route would be an unreachable backend: say so and drop it.
     let routed: BTreeSet<&ServiceName> = built.table.routes.values().collect();
