@@ -21,6 +21,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -29,6 +30,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::percentile;
 use futures::{SinkExt, StreamExt};
 use support::tls::{install, wait_for_serial, TestCa};
 use support::{Backend, Weft};
@@ -132,13 +134,6 @@ fn services_toml(services: &[Service], pool: &[SocketAddr]) -> String {
         );
     }
     text
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Where the load sends its requests: plain HTTP to HAProxy's port, or HTTPS to its TLS bind

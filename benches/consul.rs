@@ -18,6 +18,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -26,11 +27,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{memory_mib, percentile, serving};
 use support::consul::{
     ConsulDouble, Instance, Requests, Status, CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE, KV,
 };
 use support::Weft;
-use weft::haproxy::runtime::parse_servers_state;
 
 const SIZES: [usize; 3] = [100, 1_000, 10_000];
 /// The size of the 1-vs-2 edges comparison.
@@ -89,22 +90,6 @@ async fn start_edge(consul: &ConsulDouble, keys: &str) -> (Weft, Instant) {
     let started = Instant::now();
     let weft = Weft::builder().consul(&consul.url(), keys).start().await;
     (weft, started)
-}
-
-/// Each backend's servers that HAProxy has in service: running (`srv_op_state` 2) and in no
-/// kind of maintenance (`srv_admin_state` 0). Parked slots are in maintenance.
-fn serving(answer: &str) -> BTreeMap<String, BTreeSet<SocketAddr>> {
-    let mut backends: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
-    for (server, line) in parse_servers_state(answer) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let servers = backends.entry(server.backend).or_default();
-        if fields[5] == "2" && fields[6] == "0" {
-            if let Ok(ip) = server.addr.parse() {
-                servers.insert(SocketAddr::new(ip, server.port));
-            }
-        }
-    }
-    backends
 }
 
 fn admin_socket(weft: &Weft) -> std::path::PathBuf {
@@ -175,17 +160,6 @@ async fn wait_backend(
     None
 }
 
-/// `VmRSS`, `VmHWM`, ... of `pid`, in MiB.
-fn memory_mib(pid: u32, key: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(f64::NAN);
-    kib / 1024.0
-}
-
 /// What the double received and answered between two snapshots.
 fn since(before: &Requests, after: &Requests) -> BTreeMap<&'static str, (u64, u64)> {
     [CATALOG_SERVICES, HEALTH_STATE, HEALTH_SERVICE, KV]
@@ -222,13 +196,6 @@ async fn idle_requests(consul: &ConsulDouble, edges: usize) -> f64 {
         by_endpoint.join(", ")
     );
     (after.total - before.total) as f64 * per_minute
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    match sorted.len() {
-        0 => Duration::ZERO,
-        n => sorted[((n - 1) as f64 * p).round() as usize],
-    }
 }
 
 /// `FLIPS` check flips of `svcK-2` over services spread across the catalog, each waited for

@@ -28,17 +28,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::{memory_mib, percentile, serving};
 use support::{Backend, Weft};
-use weft::haproxy::runtime::parse_servers_state;
 
 const DEFAULT_SIZE: usize = 10_000;
 const POOL: usize = 64;
@@ -80,39 +81,6 @@ fn services_toml(services: &[Service], pool: &[SocketAddr]) -> String {
         );
     }
     text
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    match sorted.len() {
-        0 => Duration::ZERO,
-        n => sorted[((n - 1) as f64 * p).round() as usize],
-    }
-}
-
-/// `VmRSS`, `VmHWM`, ... of `pid`, in MiB.
-fn memory_mib(pid: u32, key: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(f64::NAN);
-    kib / 1024.0
-}
-
-/// Each backend's servers in service (running, no maintenance).
-fn serving(answer: &str) -> BTreeMap<String, BTreeSet<SocketAddr>> {
-    let mut backends: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
-    for (server, line) in parse_servers_state(answer) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let servers = backends.entry(server.backend).or_default();
-        if fields[5] == "2" && fields[6] == "0" {
-            if let Ok(ip) = server.addr.parse() {
-                servers.insert(SocketAddr::new(ip, server.port));
-            }
-        }
-    }
-    backends
 }
 
 fn want(service: &Service, pool: &[SocketAddr]) -> BTreeSet<SocketAddr> {

@@ -528,16 +528,9 @@ async fn an_instance_that_does_not_decode_is_dropped_alone() {
         .iter()
         .find(|s| s["name"] == "consul");
     assert_eq!(source.unwrap()["state"], "ok", "{json}");
-    let dropped: Vec<(&str, &str)> = status["dropped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["subject"].as_str().unwrap(),
-                d["reason"].as_str().unwrap(),
-            )
-        })
+    let dropped: Vec<(String, String)> = support::dropped(&status)
+        .into_iter()
+        .map(|(_, subject, reason)| (subject, reason))
         .collect();
     assert_eq!(dropped.len(), 2, "{dropped:#?}");
     let expected = [
@@ -552,7 +545,7 @@ async fn an_instance_that_does_not_decode_is_dropped_alone() {
     ];
     for ((subject, reason), (want_subject, want_reason)) in dropped.iter().zip(expected) {
         assert!(subject.starts_with(want_subject), "{subject}");
-        assert_eq!(*reason, want_reason);
+        assert_eq!(reason, want_reason);
     }
     let log = weft.log();
     assert!(

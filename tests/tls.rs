@@ -270,17 +270,10 @@ async fn broken_pems_are_dropped_with_their_reason_while_the_others_serve() {
     );
 
     let status = status_json(&weft).await;
-    let dropped: Vec<(String, String)> = status["dropped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|d| d["source"] == "tls")
-        .map(|d| {
-            (
-                d["subject"].as_str().unwrap().to_string(),
-                d["reason"].as_str().unwrap().to_string(),
-            )
-        })
+    let dropped: Vec<(String, String)> = support::dropped(&status)
+        .into_iter()
+        .filter(|(source, _, _)| source == "tls")
+        .map(|(_, subject, reason)| (subject, reason))
         .collect();
     assert_eq!(dropped.len(), 3, "{dropped:?}");
     let reason = |file: &str| {

@@ -765,6 +765,17 @@ pub async fn wait_for_healthz(weft: &Weft, want: &str) {
     .await;
 }
 
+/// `(source, subject, reason)` of each input `/status` lists as dropped.
+pub fn dropped(status: &serde_json::Value) -> Vec<(String, String, String)> {
+    let text = |d: &serde_json::Value, key: &str| d[key].as_str().unwrap().to_string();
+    status["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (text(d, "source"), text(d, "subject"), text(d, "reason")))
+        .collect()
+}
+
 /// Waits until `host` + `path` answers weft's 404.
 pub async fn wait_for_404(weft: &Weft, host: &str, path: &str) {
     eventually(

@@ -1,0 +1,46 @@
+//! What several benchmarks measure alike: percentiles, a process's memory, HAProxy's servers
+//! in service. Each bench includes it as `mod common;`.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use weft::haproxy::runtime::parse_servers_state;
+
+/// The `p` percentile (0.0 to 1.0) of `sorted`, nearest rank; zero when it is empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    match sorted.len() {
+        0 => Duration::ZERO,
+        n => sorted[((n - 1) as f64 * p).round() as usize],
+    }
+}
+
+/// `VmRSS`, `VmHWM`, ... of `pid`, in MiB.
+pub fn memory_mib(pid: u32, key: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    kib / 1024.0
+}
+
+/// Each backend's servers that HAProxy has in service (`show servers state`): running
+/// (`srv_op_state` 2) and in no kind of maintenance (`srv_admin_state` 0). Parked slots are in
+/// maintenance.
+pub fn serving(answer: &str) -> BTreeMap<String, BTreeSet<SocketAddr>> {
+    let mut backends: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
+    for (server, line) in parse_servers_state(answer) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let servers = backends.entry(server.backend).or_default();
+        if fields[5] == "2" && fields[6] == "0" {
+            if let Ok(ip) = server.addr.parse() {
+                servers.insert(SocketAddr::new(ip, server.port));
+            }
+        }
+    }
+    backends
+}
