@@ -32,15 +32,17 @@ struct RawMarathonSource {
     credentials_file: Option<PathBuf>,
     /// File holding a token, sent as `Authorization: token=<token>` (DC/OS). Default: none.
     token_file: Option<PathBuf>,
-    /// Event types that trigger a refetch. Default: marathon-lb's `status_update_event`,
-    /// `health_status_changed_event`, `api_post_event`.
+    /// Event types weft subscribes to. Default: marathon-lb's `status_update_event`,
+    /// `health_status_changed_event`, `api_post_event`, and `app_terminated_event`.
     event_types: Option<Vec<String>>,
     /// Full refetch as a safety net for missed events. Default `5m`.
     resync: Option<String>,
+    /// Full fetches are at least this far apart (the first is not delayed). Default `5s`.
+    full_fetch_interval: Option<String>,
     /// An event stream silent this long is reconnected (and the state refetched). Default
     /// `60s`.
     read_timeout: Option<String>,
-    /// Timeout of one `/v2/apps` request. Default `30s`.
+    /// Timeout of one `/v2/apps` or `/v2/apps/{id}` request. Default `30s`.
     request_timeout: Option<String>,
     /// `deny` (default): route only to a task's weave IP and container port; `allow`: tasks
     /// without one are routed to the agent's host and host port.
@@ -193,6 +195,7 @@ pub struct MarathonSourceConfig {
     pub auth: Option<MarathonAuth>,
     pub event_types: Vec<String>,
     pub resync: Duration,
+    pub full_fetch_interval: Duration,
     pub read_timeout: Duration,
     pub request_timeout: Duration,
     pub host_ports: HostPorts,
@@ -200,11 +203,13 @@ pub struct MarathonSourceConfig {
 
 pub const DEFAULT_MARATHON_URL: &str = "http://127.0.0.1:8080";
 pub const DEFAULT_MARATHON_GROUP: &str = "external";
-pub const DEFAULT_EVENT_TYPES: [&str; 3] = [
+pub const DEFAULT_EVENT_TYPES: [&str; 4] = [
     "status_update_event",
     "health_status_changed_event",
     "api_post_event",
+    "app_terminated_event",
 ];
+pub const DEFAULT_FULL_FETCH_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -397,6 +402,12 @@ fn validate_marathon(
             HostPorts::Deny
         }
     };
+    let full_fetch_interval = duration(
+        raw.full_fetch_interval,
+        DEFAULT_FULL_FETCH_INTERVAL,
+        "sources.marathon.full_fetch_interval",
+        issues,
+    );
     let mut positive = |raw: Option<String>, default, key: &str| {
         let value = duration(raw, default, key, issues);
         if value.is_zero() {
@@ -410,6 +421,7 @@ fn validate_marathon(
         auth: basic.or(token),
         event_types,
         resync: positive(raw.resync, DEFAULT_RESYNC, "sources.marathon.resync"),
+        full_fetch_interval,
         read_timeout: positive(
             raw.read_timeout,
             DEFAULT_READ_TIMEOUT,

@@ -43,6 +43,10 @@ impl Record for MarathonTask {
 #[serde(rename_all = "camelCase")]
 pub struct MarathonApp {
     pub id: String,
+    /// When the definition (or its scale) last changed, as Marathon writes it: an ISO 8601 UTC
+    /// timestamp, so that a later version sorts after an earlier one.
+    #[serde(default)]
+    pub version: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, deserialize_with = "nullable")]
@@ -164,6 +168,9 @@ pub struct MarathonTask {
     /// TASK_RUNNING, TASK_STAGING, ...; older versions omit it.
     #[serde(default)]
     pub state: Option<String>,
+    /// The app version it was started with.
+    #[serde(default)]
+    pub version: Option<String>,
     #[serde(default)]
     pub started_at: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
@@ -180,6 +187,115 @@ pub struct TaskIp {
 pub struct HealthCheckResult {
     #[serde(default)]
     pub alive: bool,
+}
+
+/// `GET /v2/apps/{id}?embed=app.tasks`: the app is decoded on its own, as one record of a full
+/// answer would be.
+#[derive(Debug, Deserialize)]
+pub struct AppResponse<'a> {
+    #[serde(borrow)]
+    pub app: &'a serde_json::value::RawValue,
+}
+
+/// What one app's own answer holds.
+#[derive(Debug)]
+pub enum FetchedApp {
+    Found(Box<MarathonApp>),
+    /// It does not decode: why.
+    Broken(String),
+}
+
+/// Decodes `{"app": {...}}`: only an answer that is not JSON, or has no `app`, fails; an app
+/// that does not decode is [`FetchedApp::Broken`], as in a full answer.
+pub fn decode_app(body: &[u8]) -> Result<FetchedApp, String> {
+    let text = std::str::from_utf8(body).map_err(|err| err.to_string())?;
+    let response: AppResponse = serde_json::from_str(text).map_err(|err| err.to_string())?;
+    Ok(
+        match records::decode_record::<MarathonApp>(response.app.get()) {
+            Ok(app) => FetchedApp::Found(Box::new(app)),
+            Err(reason) => FetchedApp::Broken(reason),
+        },
+    )
+}
+
+/// `status_update_event`: a task moved to `task_status`, with where it runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusUpdate {
+    pub task_id: String,
+    pub task_status: String,
+    pub app_id: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ip_addresses: Vec<TaskIp>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub ports: Vec<u32>,
+    /// The app version the task runs.
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
+/// `health_status_changed_event`: Marathon 1.4+ names the instance, earlier ones the task.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthChanged {
+    pub app_id: String,
+    #[serde(default)]
+    pub task_id: Option<String>,
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    pub alive: bool,
+}
+
+/// `api_post_event`: a definition was posted; only its target is read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiPost {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub app_definition: Option<DefinitionId>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DefinitionId {
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// `app_terminated_event`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppTerminated {
+    pub app_id: String,
+}
+
+/// `deployment_info`, `deployment_success`, `deployment_failed`, `deployment_step_*`: the apps
+/// of the plan's steps (`plan-format=light` keeps them).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeploymentEvent {
+    pub plan: Plan,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Plan {
+    #[serde(default, deserialize_with = "nullable")]
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Step {
+    #[serde(default, deserialize_with = "nullable")]
+    pub actions: Vec<Action>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Action {
+    #[serde(default)]
+    pub app: Option<String>,
 }
 
 /// The apps of an answer; an app or task that does not decode is among their `dropped`. Only

@@ -1,12 +1,16 @@
-//! The Marathon source: the event stream says when, a full `/v2/apps` fetch says what.
+//! The Marathon source: events change the apps in place where they carry enough, single-app
+//! fetches fill in where they do not, and full fetches only (re)synchronize.
 //!
 //! ```text
-//! /v2/events (SSE) ── relevant event ──┐
-//! stream (re)attached ─────────────────┼──> refetch (coalesced: one Notify permit)
-//! resync timer (5 min) ────────────────┘        │
-//!                                               v
-//!                     /v2/apps?embed=apps.tasks ──> routing::app_services ──> SourceReport
-//!                                                   (published only when routing changed)
+//! /v2/events (SSE) ── event ──> queue ──> state::Apps::apply ─ Applied ──────────────┐
+//!                                             │ FetchApp(id), coalesced              │
+//!                                             v                                      │
+//!                                  /v2/apps/{id}?embed=app.tasks ──> replace app ────┤
+//! stream (re)attached, resync timer,                                                 │
+//! an event weft cannot trust ──> /v2/apps?embed=apps.tasks ──> Apps::from_full ──────┤
+//!   (at most one per full_fetch_interval)                                            v
+//!                            each app's services (routing::app_services) ──> SourceReport
+//!                                                       (published only when routing changed)
 //! ```
 //!
 //! Several URLs (one per Marathon master) are tried in order, the last one that answered
@@ -16,8 +20,10 @@
 
 pub mod api;
 pub mod routing;
+pub mod state;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,11 +31,12 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use reqwest::Url;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::routing::{app_services, RoutingSettings};
+use self::routing::RoutingSettings;
+use self::state::{Apps, Outcome};
 use super::http::{fetch, HttpError};
 use super::{error_chain, Backoff};
 use crate::config::{redact, MarathonAuth, MarathonSourceConfig};
@@ -42,6 +49,75 @@ const ATTACHED: &str = "event_stream_attached";
 
 /// The largest `/v2/apps` answer weft reads: 10,000 apps with 3 tasks each are about 20 MiB.
 pub const MAX_APPS_BODY: usize = 256 << 20;
+/// The largest `/v2/apps/{id}` answer weft reads: one app with 1,000 tasks is about 1 MiB.
+pub const MAX_APP_BODY: usize = 16 << 20;
+/// Events read but not yet applied: the stream waits (and, past its read timeout, reconnects
+/// and is caught up by a full fetch) while this many are queued.
+pub const EVENT_QUEUE: usize = 4096;
+/// App fetches queued at once; past it, one full fetch replaces them.
+pub const MAX_PENDING_APPS: usize = 1000;
+/// How long the first full fetch waits for the event stream to attach, so that no event
+/// between the two is missed and the attach needs no second full fetch.
+const ATTACH_WAIT: Duration = Duration::from_secs(1);
+
+/// What weft asks Marathon for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// `/v2/apps?embed=apps.tasks`: every app.
+    Full = 0,
+    /// `/v2/apps/{id}?embed=app.tasks`: one app.
+    App = 1,
+}
+
+/// How an event was used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventUse {
+    /// Applied in place.
+    Applied = 0,
+    /// Its app fetched alone.
+    FetchedApp = 1,
+    /// A full fetch.
+    FetchedAll = 2,
+    /// Nothing routed depends on it.
+    Ignored = 3,
+}
+
+/// Counts since weft started, for the metrics: requests and bytes by [`Fetch`], events by
+/// [`EventUse`].
+pub struct Counters {
+    requests: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+    events: [AtomicU64; 4],
+}
+
+pub static COUNTERS: Counters = Counters {
+    requests: [AtomicU64::new(0), AtomicU64::new(0)],
+    bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+    events: [
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    ],
+};
+
+impl Counters {
+    pub fn requests(&self, kind: Fetch) -> u64 {
+        self.requests[kind as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn bytes(&self, kind: Fetch) -> u64 {
+        self.bytes[kind as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn events(&self, used: EventUse) -> u64 {
+        self.events[used as usize].load(Ordering::Relaxed)
+    }
+
+    fn count_event(&self, used: EventUse) {
+        self.events[used as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
 /// The longest line of the event stream: an event is one `data:` line, and Marathon's largest
 /// (`deployment_info`, `api_post_event` with a whole app or group) stay far below it.
 pub const MAX_EVENT_LINE: usize = 16 << 20;
@@ -124,27 +200,67 @@ impl Client {
 
     /// `/v2/apps?embed=apps.tasks` from the first URL that answers.
     async fn fetch_apps(&self) -> Result<api::AppsResponse, MarathonError> {
+        let apps = self
+            .get_from_any(&["v2", "apps"], "apps.tasks", Fetch::Full, api::decode_apps)
+            .await?;
+        apps.ok_or_else(|| MarathonError::AllFailed {
+            errors: vec!["/v2/apps: 404".into()],
+        })
+    }
+
+    /// `/v2/apps/{id}?embed=app.tasks` from the first URL that answers; `None`: there is no
+    /// such app (404). `id` must pass [`state::is_app_id`].
+    async fn fetch_app(&self, id: &str) -> Result<Option<api::FetchedApp>, MarathonError> {
+        let mut segments = vec!["v2", "apps"];
+        segments.extend(id.split('/').filter(|segment| !segment.is_empty()));
+        self.get_from_any(&segments, "app.tasks", Fetch::App, api::decode_app)
+            .await
+    }
+
+    /// GETs `segments?embed=...` from the first URL whose answer decodes; `None` when one
+    /// answers that there is no such app (404).
+    async fn get_from_any<T>(
+        &self,
+        segments: &[&str],
+        embed: &str,
+        kind: Fetch,
+        decode: fn(&[u8]) -> Result<T, String>,
+    ) -> Result<Option<T>, MarathonError> {
+        let max = match kind {
+            Fetch::Full => MAX_APPS_BODY,
+            Fetch::App => MAX_APP_BODY,
+        };
         let mut errors = Vec::new();
         for (index, base) in self.urls() {
-            let mut url = Self::endpoint(base, &["v2", "apps"]);
-            url.query_pairs_mut().append_pair("embed", "apps.tasks");
-            match self.fetch_one(url).await {
-                Ok(apps) => {
+            let mut url = Self::endpoint(base, segments);
+            url.query_pairs_mut().append_pair("embed", embed);
+            let request = self
+                .request(url.clone())
+                .timeout(self.config.request_timeout);
+            COUNTERS.requests[kind as usize].fetch_add(1, Ordering::Relaxed);
+            let body = match fetch(request, &url, max).await {
+                Ok((_, body)) => body,
+                Err(HttpError::Status { status, .. })
+                    if status == reqwest::StatusCode::NOT_FOUND && kind == Fetch::App =>
+                {
                     self.preferred.store(index, Ordering::Relaxed);
-                    return Ok(apps);
+                    return Ok(None);
                 }
-                Err(err) => errors.push(err.to_string()),
+                Err(err) => {
+                    errors.push(err.to_string());
+                    continue;
+                }
+            };
+            COUNTERS.bytes[kind as usize].fetch_add(body.len() as u64, Ordering::Relaxed);
+            match decode(&body) {
+                Ok(decoded) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(Some(decoded));
+                }
+                Err(message) => errors.push(HttpError::Decode { url, message }.to_string()),
             }
         }
         Err(MarathonError::AllFailed { errors })
-    }
-
-    async fn fetch_one(&self, url: Url) -> Result<api::AppsResponse, MarathonError> {
-        let request = self
-            .request(url.clone())
-            .timeout(self.config.request_timeout);
-        let (_, body) = fetch(request, &url, MAX_APPS_BODY).await?;
-        api::decode_apps(&body).map_err(|message| HttpError::Decode { url, message }.into())
     }
 
     /// Opens `/v2/events` on the first URL that accepts it.
@@ -244,22 +360,6 @@ impl Publisher {
     }
 }
 
-/// Turns a fetched app list into services; the apps that did not decode are rejected (of
-/// any group: a group label may be what failed).
-fn services(
-    apps: &api::AppsResponse,
-    settings: &RoutingSettings,
-) -> (Vec<ServiceDef>, Vec<Rejected>) {
-    let mut services = Vec::new();
-    let mut rejected = apps.apps.rejected("app", |app| app.subject("app"));
-    for app in &apps.apps.records {
-        let (app_services, app_rejected) = app_services(app, settings);
-        services.extend(app_services);
-        rejected.extend(app_rejected);
-    }
-    (services, rejected)
-}
-
 /// Fetches the apps once, for `weft render` and `weft check`.
 pub async fn read_once(
     config: MarathonSourceConfig,
@@ -271,7 +371,7 @@ pub async fn read_once(
         host_ports: config.host_ports,
     };
     let client = Client::new(config)?;
-    let (services, rejected) = services(&client.fetch_apps().await?, &settings);
+    let (services, rejected) = Apps::from_full(client.fetch_apps().await?, &settings).content();
     Ok(SourceReport {
         certificates: Default::default(),
         source: SourceId::Marathon,
@@ -281,7 +381,78 @@ pub async fn read_once(
     })
 }
 
+/// What the stream hands the fetcher, in the stream's order.
+#[derive(Debug)]
+enum Incoming {
+    /// A stream (re)attached: whatever happened while none was attached is unknown.
+    Attached,
+    Event {
+        kind: String,
+        data: String,
+    },
+}
+
+/// What the fetcher still has to do.
+struct Wants {
+    /// A full fetch, when due.
+    full: bool,
+    /// Apps to fetch alone, each once however many events asked.
+    apps: BTreeSet<String>,
+    /// When the last full fetch ended: the next waits for `full_fetch_interval` after it.
+    last_full: Option<tokio::time::Instant>,
+    /// After a failure, nothing is fetched before this.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Wants {
+    /// When the full fetch wanted may run.
+    fn full_due(
+        &self,
+        spacing: Duration,
+        now: tokio::time::Instant,
+    ) -> Option<tokio::time::Instant> {
+        if !self.full {
+            return None;
+        }
+        let spaced = self.last_full.map(|at| at + spacing);
+        Some(
+            [spaced, self.retry_at]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(now),
+        )
+    }
+
+    /// Takes what an event asks for.
+    fn ask(&mut self, outcome: Outcome) {
+        let used = match outcome {
+            Outcome::Applied => EventUse::Applied,
+            Outcome::Ignored => EventUse::Ignored,
+            Outcome::FetchApp(id) => {
+                if self.apps.len() >= MAX_PENDING_APPS {
+                    self.full = true;
+                } else {
+                    self.apps.insert(id);
+                }
+                EventUse::FetchedApp
+            }
+            Outcome::FetchAll => {
+                self.full = true;
+                EventUse::FetchedAll
+            }
+        };
+        COUNTERS.count_event(used);
+    }
+}
+
 /// Runs the Marathon source until `shutdown`.
+///
+/// One task reads the stream and queues its events; this one applies them in order to the
+/// apps it knows, and fetches, one request at a time, what they do not carry. An event that
+/// arrives while a fetch is under way is applied after the fetch's answer: events are changes
+/// to the latest state, so applying again one that the answer already holds changes nothing,
+/// and every later one follows it in the stream's order.
 pub async fn run(
     config: MarathonSourceConfig,
     domain: Option<Hostname>,
@@ -294,6 +465,7 @@ pub async fn run(
         host_ports: config.host_ports,
     };
     let resync = config.resync;
+    let spacing = config.full_fetch_interval;
     let client = Arc::new(Client::new(config)?);
     let publisher = Publisher {
         state: Arc::new(Mutex::new(State::default())),
@@ -301,63 +473,148 @@ pub async fn run(
     };
     let nudged = publisher.clone();
     super::after_start_grace(shutdown.clone(), move || nudged.update(|_| {}));
-    let refetch = Arc::new(Notify::new());
+    let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
     let urls: Vec<String> = client.config.urls.iter().map(redact).collect();
     info!(urls = ?urls, group = ?settings.group, "watching marathon");
 
     let mut stream = tokio::spawn(follow_events(
         client.clone(),
-        refetch.clone(),
+        events_tx,
         publisher.clone(),
         shutdown.clone(),
     ));
+    // The first full fetch waits briefly for the stream's attach, which it then covers.
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        first = tokio::time::timeout(ATTACH_WAIT, events.recv()) => first.ok().flatten(),
+    };
+    let mut pending: Vec<Incoming> = first
+        .into_iter()
+        .filter(|incoming| !matches!(incoming, Incoming::Attached))
+        .collect();
+    let mut apps: Option<Apps> = None;
+    let mut wants = Wants {
+        full: true,
+        apps: BTreeSet::new(),
+        last_full: None,
+        retry_at: None,
+    };
     let mut backoff = Backoff::default();
-    let mut resync_timer = tokio::time::interval(resync);
-    refetch.notify_one();
+    // A fetch succeeded since the last publish: the fetch error, if any, is over.
+    let mut recovered = false;
+    let mut resync_timer = tokio::time::interval_at(tokio::time::Instant::now() + resync, resync);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            // It returns only at shutdown; a panic is weft's to report, not to hide.
-            ended = &mut stream => match ended {
-                Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
-                _ => break,
-            },
-            () = refetch.notified() => {}
-            _ = resync_timer.tick() => debug!("marathon periodic resync"),
-        }
-        // A hung leader costs the request timeout per URL: shutdown does not wait for it.
-        let fetched = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            fetched = client.fetch_apps() => fetched,
-        };
-        match fetched {
-            Ok(apps) => {
-                backoff.reset();
-                let content = services(&apps, &settings);
-                debug!(
-                    apps = apps.apps.records.len(),
-                    dropped = apps.apps.dropped.len() + apps.apps.more_dropped,
-                    services = content.0.len(),
-                    "marathon apps fetched"
-                );
-                publisher.update(|state| {
-                    state.content = Some(content);
-                    state.fetch_error = None;
-                });
-            }
-            Err(err) => {
-                let delay = backoff.next_delay();
-                warn!(error = %Escaped(&err), retry_in = ?delay, "marathon fetch failing, keeping the last good services");
-                publisher.update(|state| state.fetch_error = Some(err.to_string()));
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => refetch.notify_one(),
+        // Events first, in order: those queued during a fetch apply to its answer.
+        for incoming in pending.drain(..) {
+            match (incoming, &mut apps) {
+                (Incoming::Attached, _) => wants.full = true,
+                // Before the first full answer, that answer holds it all.
+                (Incoming::Event { .. }, None) => {}
+                (Incoming::Event { kind, data }, Some(apps)) => {
+                    let outcome = apps.apply(&kind, &data);
+                    debug!(event = %Escaped(&kind), ?outcome, "marathon event");
+                    wants.ask(outcome);
                 }
             }
+        }
+        // Published once per batch of events and fetch answers, and only with a change.
+        let changed = apps.as_mut().is_some_and(Apps::take_changed);
+        if changed || recovered {
+            let content = apps.as_ref().filter(|_| changed).map(Apps::content);
+            publisher.update(|state| {
+                if content.is_some() {
+                    state.content = content;
+                }
+                if recovered {
+                    state.fetch_error = None;
+                }
+            });
+            recovered = false;
+        }
+        let now = tokio::time::Instant::now();
+        let full_due = wants.full_due(spacing, now);
+        let app_due = wants.retry_at.map_or(true, |at| at <= now) && !wants.apps.is_empty();
+        if full_due.is_some_and(|due| due <= now) {
+            // A hung leader costs the request timeout per URL: shutdown does not wait for it.
+            let fetched = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                fetched = client.fetch_apps() => fetched,
+            };
+            match fetched {
+                Ok(answer) => {
+                    backoff.reset();
+                    let state = Apps::from_full(answer, &settings);
+                    debug!(apps = state.len(), "marathon apps fetched");
+                    apps = Some(state);
+                    wants.full = false;
+                    wants.apps.clear();
+                    wants.retry_at = None;
+                    recovered = true;
+                }
+                Err(err) => failed(&mut wants, &mut backoff, &publisher, err),
+            }
+            wants.last_full = Some(tokio::time::Instant::now());
+        } else if let (true, Some(known)) = (app_due, apps.as_mut()) {
+            let Some(id) = wants.apps.pop_first() else {
+                continue;
+            };
+            let fetched = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                fetched = client.fetch_app(&id) => fetched,
+            };
+            match fetched {
+                Ok(fetched) => {
+                    debug!(app = %Escaped(&id), found = fetched.is_some(), "marathon app fetched");
+                    known.replace(&id, fetched);
+                    wants.retry_at = None;
+                    recovered = true;
+                }
+                // What it would have said is unknown now: a full fetch catches up.
+                Err(err) => {
+                    wants.full = true;
+                    failed(&mut wants, &mut backoff, &publisher, err);
+                }
+            }
+        } else {
+            let wake = full_due.or(wants.retry_at.filter(|_| !wants.apps.is_empty()));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                // It returns only at shutdown; a panic is weft's to report, not to hide.
+                ended = &mut stream => match ended {
+                    Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+                    _ => break,
+                },
+                incoming = events.recv() => pending.extend(incoming),
+                _ = resync_timer.tick() => {
+                    debug!("marathon periodic resync");
+                    wants.full = true;
+                }
+                () = sleep_until_some(wake) => {}
+            }
+        }
+        // Whatever else is queued joins the next batch.
+        while let Ok(incoming) = events.try_recv() {
+            pending.push(incoming);
         }
     }
     stream.abort();
     Ok(())
+}
+
+/// A fetch failed: the last good services stay, the source is degraded, and nothing is fetched
+/// again before the backoff's delay.
+fn failed(wants: &mut Wants, backoff: &mut Backoff, publisher: &Publisher, err: MarathonError) {
+    let delay = backoff.next_delay();
+    warn!(error = %Escaped(&err), retry_in = ?delay, "marathon fetch failing, keeping the last good services");
+    wants.retry_at = Some(tokio::time::Instant::now() + delay);
+    publisher.update(|state| state.fetch_error = Some(err.to_string()));
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How long a stream must have lasted for the reconnect backoff to start over
@@ -367,7 +624,7 @@ const HEALTHY_STREAM: Duration = Duration::from_secs(600);
 /// Follows `/v2/events`: every relevant event, and every (re)attach, asks for a refetch.
 async fn follow_events(
     client: Arc<Client>,
-    refetch: Arc<Notify>,
+    events: mpsc::Sender<Incoming>,
     publisher: Publisher,
     shutdown: CancellationToken,
 ) {
@@ -376,7 +633,7 @@ async fn follow_events(
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            result = read_stream(&client, &refetch, &publisher) => result,
+            result = read_stream(&client, &events, &publisher) => result,
         };
         // Only a stream that stayed up a while earns a quick reconnect: one that Marathon (or
         // a proxy) closes right after it opened must not cost a full refetch every moment.
@@ -470,15 +727,13 @@ impl LineWatch {
 /// `MAX_EVENT_LINE` is too).
 async fn read_stream(
     client: &Client,
-    refetch: &Notify,
+    queue: &mpsc::Sender<Incoming>,
     publisher: &Publisher,
 ) -> Result<(), MarathonError> {
     let (url, response) = client.open_stream().await?;
     let read_timeout = client.config.read_timeout;
     info!(url = %redact(&url), "marathon event stream connected");
     publisher.update(|state| state.stream_error = None);
-    // Whatever happened while no stream was attached: catch up.
-    refetch.notify_one();
     // A line must end within `read_timeout` of the last one, and within MAX_EVENT_LINE bytes:
     // a stream that trickles bytes without a newline is as dead as a silent one.
     let bytes = futures::stream::unfold(
@@ -524,11 +779,21 @@ async fn read_stream(
                 })
             }
         };
-        if event.event == ATTACHED {
+        let incoming = if event.event == ATTACHED {
             debug!(url = %redact(&url), "marathon event stream attached");
+            // Whatever happened while no stream was attached: caught up by a full fetch.
+            Incoming::Attached
         } else if client.config.event_types.contains(&event.event) {
-            debug!(event = %Escaped(&event.event), "marathon event");
-            refetch.notify_one();
+            Incoming::Event {
+                kind: event.event,
+                data: event.data,
+            }
+        } else {
+            continue;
+        };
+        // The fetcher is gone only at shutdown.
+        if queue.send(incoming).await.is_err() {
+            return Ok(());
         }
     }
     Err(MarathonError::Stream {

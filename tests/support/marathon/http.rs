@@ -48,14 +48,14 @@ pub(super) async fn list_apps(
     if let Err(refusal) = count_and_admit(&shared, &headers, Endpoint::Apps, query).await {
         return refusal;
     }
-    let apps = {
-        let state = shared.lock();
-        if let Some(body) = &state.apps_body {
-            return ([(CONTENT_TYPE, "application/json")], body.clone()).into_response();
-        }
-        state.render_apps(embeds_tasks(&params))
-    };
-    Json(apps).into_response()
+    let mut state = shared.lock();
+    if let Some(body) = state.apps_body.clone() {
+        state.served_bytes += body.len() as u64;
+        return ([(CONTENT_TYPE, "application/json")], body).into_response();
+    }
+    let body = state.render_apps(embeds_tasks(&params)).to_string();
+    state.served_bytes += body.len() as u64;
+    ([(CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// `GET /v2/apps/{id}`: `{"app": {...}}`, tasks always embedded (Marathon adds them for
@@ -65,13 +65,18 @@ pub(super) async fn show_app(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    shared.lock().app_requests += 1;
     if let Err(refusal) = admit(&shared, &headers, Endpoint::Apps).await {
         return refusal;
     }
     let id = format!("/{}", id.trim_matches('/'));
-    let state = shared.lock();
+    let mut state = shared.lock();
     match state.app_index(&id) {
-        Some(index) => Json(json!({ "app": render_app(&state.apps[index], true) })).into_response(),
+        Some(index) => {
+            let body = json!({ "app": render_app(&state.apps[index], true) }).to_string();
+            state.served_bytes += body.len() as u64;
+            ([(CONTENT_TYPE, "application/json")], body).into_response()
+        }
         None => (
             StatusCode::NOT_FOUND,
             Json(json!({ "message": format!("App '{id}' does not exist") })),

@@ -233,7 +233,8 @@ impl MarathonDouble {
         });
     }
 
-    /// Adds a task to an app; event: `status_update_event` with the task's state.
+    /// Adds a task to an app; events: `status_update_event` with the task's state, then, for a
+    /// task given a health result, the `health_status_changed_event` of its first check.
     pub fn add_task(&self, app_id: &str, task: Task) {
         self.shared.change(|state| state.add_task(app_id, &task));
     }
@@ -389,6 +390,16 @@ impl MarathonDouble {
         self.shared.lock().apps_requests
     }
 
+    /// `GET /v2/apps/{id}` requests so far, refused ones included.
+    pub fn app_requests(&self) -> u64 {
+        self.shared.lock().app_requests
+    }
+
+    /// Bytes of the `/v2/apps` and `/v2/apps/{id}` answers served so far (the JSON bodies).
+    pub fn served_bytes(&self) -> u64 {
+        self.shared.lock().served_bytes
+    }
+
     /// `GET /v2/events` requests so far, refused ones included.
     pub fn events_requests(&self) -> u64 {
         self.shared.lock().events_requests
@@ -469,6 +480,8 @@ struct State {
     health_event_id: HealthEventId,
     frozen_time: Option<String>,
     apps_requests: u64,
+    app_requests: u64,
+    served_bytes: u64,
     events_requests: u64,
     event_connections: u64,
     last_apps_query: Option<String>,
@@ -495,6 +508,8 @@ impl State {
             health_event_id: HealthEventId::InstanceId,
             frozen_time: None,
             apps_requests: 0,
+            app_requests: 0,
+            served_bytes: 0,
             events_requests: 0,
             event_connections: 0,
             last_apps_query: None,
@@ -566,6 +581,11 @@ impl State {
             "status_update_event",
             &events::status_update(&json, status, &now),
         );
+        // A task added with a health result: Marathon's first check of it says so.
+        if let Some(alive) = task.health {
+            let event = events::health_changed(&json, alive, self.health_event_id, &now);
+            self.publish("health_status_changed_event", &event);
+        }
         Ok(())
     }
 
