@@ -43,6 +43,12 @@ pub const TLS_EARLIEST_EXPIRY: &str = "weft_tls_certificate_earliest_expiry_seco
 /// services can come without a reload; at 0, the next one waits for a reload).
 pub const POOL_SPARES: &str = "weft_pool_spare_backends";
 pub const POOL_FREE: &str = "weft_pool_spare_backends_free";
+/// With the Marathon source: requests and bytes by kind (`full`: `/v2/apps`, `app`:
+/// `/v2/apps/{id}`), and events by how they were used (`applied` in place, `fetched_app`,
+/// `fetched_all`, `ignored`).
+pub const MARATHON_REQUESTS: &str = "weft_marathon_requests";
+pub const MARATHON_BYTES: &str = "weft_marathon_bytes";
+pub const MARATHON_EVENTS: &str = "weft_marathon_events";
 /// 1 when `/healthz` answers 200.
 pub const HEALTHY: &str = "weft_healthy";
 
@@ -71,6 +77,16 @@ pub struct Snapshot<'a> {
     pub foreign_listeners: usize,
     /// With `[tls]`: `(certificates, earliest notAfter)`.
     pub tls: Option<(usize, Option<i64>)>,
+    /// With the Marathon source.
+    pub marathon: Option<MarathonCounts>,
+}
+
+/// What the Marathon source asked and read, since weft started.
+pub struct MarathonCounts {
+    /// `(kind, requests, bytes)`.
+    pub requests: Vec<(&'static str, u64, u64)>,
+    /// `(use, events)`.
+    pub events: Vec<(&'static str, u64)>,
 }
 
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
@@ -197,6 +213,36 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     }
     registry.register(SOURCE_UP, "The source is ok (0: degraded or starting)", up);
     registry.register(SOURCE_SERVICES, "Services the source reports", services);
+    if let Some(marathon) = &snapshot.marathon {
+        let requests = Family::<Labels, Counter>::default();
+        let bytes = Family::<Labels, Counter>::default();
+        for (kind, count, read) in &marathon.requests {
+            let labels = vec![("kind".to_string(), kind.to_string())];
+            requests.get_or_create(&labels).inc_by(*count);
+            bytes.get_or_create(&labels).inc_by(*read);
+        }
+        registry.register(
+            MARATHON_REQUESTS,
+            "Requests to Marathon, by kind (full: /v2/apps, app: /v2/apps/{id})",
+            requests,
+        );
+        registry.register(
+            MARATHON_BYTES,
+            "Bytes of Marathon's answers read, by kind",
+            bytes,
+        );
+        let events = Family::<Labels, Counter>::default();
+        for (used, count) in &marathon.events {
+            events
+                .get_or_create(&vec![("use".to_string(), used.to_string())])
+                .inc_by(*count);
+        }
+        registry.register(
+            MARATHON_EVENTS,
+            "Marathon events, by use (applied in place, fetched_app, fetched_all, ignored)",
+            events,
+        );
+    }
 
     if let Some((count, earliest)) = snapshot.tls {
         gauge(
@@ -243,6 +289,10 @@ mod tests {
             bridge_ok: true,
             foreign_listeners: 2,
             tls: Some((2, Some(1_800_000_000))),
+            marathon: Some(MarathonCounts {
+                requests: vec![("full", 2, 40_000_000), ("app", 9, 20_000)],
+                events: vec![("applied", 1200), ("fetched_app", 9)],
+            }),
         })
         .unwrap();
         for line in [
@@ -260,6 +310,9 @@ mod tests {
             "weft_foreign_listeners 2",
             "weft_tls_certificates 2",
             "weft_tls_certificate_earliest_expiry_seconds 1800000000",
+            "weft_marathon_requests_total{kind=\"full\"} 2",
+            "weft_marathon_bytes_total{kind=\"app\"} 20000",
+            "weft_marathon_events_total{use=\"applied\"} 1200",
             "# EOF",
         ] {
             assert!(

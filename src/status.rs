@@ -105,6 +105,26 @@ struct RouteView {
     servers: Vec<String>,
 }
 
+/// The Marathon source's counters, for the metrics.
+fn marathon_counts() -> crate::metrics::MarathonCounts {
+    use crate::sources::marathon::{EventUse, Fetch, COUNTERS};
+    crate::metrics::MarathonCounts {
+        requests: [("full", Fetch::Full), ("app", Fetch::App)]
+            .into_iter()
+            .map(|(name, kind)| (name, COUNTERS.requests(kind), COUNTERS.bytes(kind)))
+            .collect(),
+        events: [
+            ("applied", EventUse::Applied),
+            ("fetched_app", EventUse::FetchedApp),
+            ("fetched_all", EventUse::FetchedAll),
+            ("ignored", EventUse::Ignored),
+        ]
+        .into_iter()
+        .map(|(name, used)| (name, COUNTERS.events(used)))
+        .collect(),
+    }
+}
+
 /// A TLS certificate served by SNI.
 #[derive(Debug, Serialize)]
 struct CertificateView {
@@ -459,6 +479,11 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
             .certificates
             .as_ref()
             .map(|certs| (certs.len(), certs.iter().map(|c| c.not_after).min())),
+        marathon: view
+            .sources
+            .iter()
+            .any(|s| s.name == crate::model::SourceId::Marathon.to_string())
+            .then(marathon_counts),
     };
     match crate::metrics::encode_snapshot(&snapshot) {
         Ok(text) => (

@@ -111,6 +111,26 @@ async fn scaling_killing_and_failing_health_move_traffic() {
         connections,
         "weft reconnected"
     );
+
+    // All of it came from the events themselves: one full fetch at the start, and one app
+    // fetch, for the app whose last task went (404: it is gone).
+    assert_eq!(marathon.apps_requests(), 1);
+    assert_eq!(marathon.app_requests(), 1);
+    let (_, metrics) = weft.status("/metrics").await.unwrap();
+    for line in [
+        "weft_marathon_requests_total{kind=\"full\"} 1",
+        "weft_marathon_requests_total{kind=\"app\"} 1",
+        // shop.2 running, its first check, unhealthy, healthy, killed; the app terminated.
+        "weft_marathon_events_total{use=\"applied\"} 6",
+        // shop.1 killed, the app's last task.
+        "weft_marathon_events_total{use=\"fetched_app\"} 1",
+        "weft_marathon_events_total{use=\"fetched_all\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing in:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
