@@ -29,14 +29,16 @@ pub fn memory_mib(pid: u32, key: &str) -> f64 {
 }
 
 /// Each backend's servers that HAProxy has in service (`show servers state`): running
-/// (`srv_op_state` 2) and in no kind of maintenance (`srv_admin_state` 0). Parked slots are in
-/// maintenance.
+/// (`srv_op_state` 2), and neither in maintenance nor draining by `srv_admin_state` (HAProxy's
+/// `SRV_ADMF_MAINT` 0x23 and `SRV_ADMF_DRAIN` 0x18; 0x04, `SRV_ADMF_CMAINT`, alone is a slot
+/// declared `disabled` and since made ready). Parked slots are in maintenance.
 pub fn serving(answer: &str) -> BTreeMap<String, BTreeSet<SocketAddr>> {
     let mut backends: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
     for (server, line) in parse_servers_state(answer) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let servers = backends.entry(server.backend).or_default();
-        if fields[5] == "2" && fields[6] == "0" {
+        let admin: u32 = fields[6].parse().unwrap_or(u32::MAX);
+        if fields[5] == "2" && admin & 0x3b == 0 {
             if let Ok(ip) = server.addr.parse() {
                 servers.insert(SocketAddr::new(ip, server.port));
             }
