@@ -200,16 +200,16 @@ async fn run(size: usize) {
             marathon.put_app(app(k, port, &version));
             tokio::time::sleep(EVENT_SPACING).await;
         }
-        for j in 0..TASKS {
+        // Task by task, each app's replacement started before its old task is killed.
+        for slot in 0..TASKS {
             for &k in &apps {
-                let old = tasks[k][j];
                 let new = next_task;
                 next_task += 1;
+                let old = std::mem::replace(&mut tasks[k][slot], new);
                 marathon.add_task(&format!("/app{k}"), task(k, new).version(&version));
                 tokio::time::sleep(EVENT_SPACING).await;
                 marathon.remove_task(&format!("app{k}.t{old}"));
                 tokio::time::sleep(EVENT_SPACING).await;
-                tasks[k][j] = new;
                 task_events += 3;
             }
         }
