@@ -201,11 +201,13 @@ async fn run(size: usize) {
             tokio::time::sleep(EVENT_SPACING).await;
         }
         // Task by task, each app's replacement started before its old task is killed.
-        for slot in 0..TASKS {
+        for _ in 0..TASKS {
             for &k in &apps {
                 let new = next_task;
                 next_task += 1;
-                let old = std::mem::replace(&mut tasks[k][slot], new);
+                // The oldest task goes.
+                let old = tasks[k].remove(0);
+                tasks[k].push(new);
                 marathon.add_task(&format!("/app{k}"), task(k, new).version(&version));
                 tokio::time::sleep(EVENT_SPACING).await;
                 marathon.remove_task(&format!("app{k}.t{old}"));
