@@ -197,6 +197,45 @@ async fn with_marathon_down_the_last_routes_keep_serving() {
     );
 }
 
+/// An event that needs its app fetched while Marathon fails: the last good routes stay, the
+/// source says why, and once Marathon answers again a full fetch (after the backoff) catches
+/// up with what changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_app_fetch_keeps_the_routes_and_a_full_fetch_catches_up() {
+    let (marathon, (_a, _b, _c, port)) = marathon_with_shop().await;
+    let weft = weft_serving_shop(
+        &[marathon.url()],
+        &[("resync", "1h"), ("read_timeout", "1h")],
+        &["a"],
+    )
+    .await;
+    marathon.wait_for_open_streams(1).await;
+    let full = marathon.apps_requests();
+
+    marathon.set_apps_fault(Fault::Status(503));
+    // A new app: its api_post_event asks for /v2/apps/cart, which fails.
+    marathon.put_app(
+        App::new("/cart")
+            .label("HAPROXY_GROUP", "external")
+            .label("HAPROXY_0_VHOST", "cart.test")
+            .container_port(port)
+            .task(task("cart.1", "127.0.0.2")),
+    );
+    wait_for_healthz(
+        &weft,
+        r#"503 Service Unavailable: {"message":"Service Unavailable"}"#,
+    )
+    .await;
+    assert!(marathon.app_requests() >= 1);
+    assert_eq!(weft.get("shop.test", "/").await.unwrap().0, 200);
+    wait_for_404(&weft, "cart.test", "/").await;
+
+    marathon.set_apps_fault(Fault::None);
+    wait_for_backends(&weft, "cart.test", "/", &["b"]).await;
+    wait_for_healthz(&weft, "ok").await;
+    assert!(marathon.apps_requests() > full, "caught up by a full fetch");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_second_url_serves_when_the_first_is_dead() {
     let (marathon, _backends) = marathon_with_shop().await;
