@@ -17,6 +17,52 @@ pub struct AppsResponse {
     pub apps: Records<MarathonApp>,
 }
 
+/// An app's labels, sorted by name: a list, as apps carry a few (a map's node would cost
+/// ten times the memory, and weft keeps every app between fetches).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "BTreeMap<String, String>")]
+pub struct Labels(Vec<(String, String)>);
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(map: BTreeMap<String, String>) -> Labels {
+        Labels(map.into_iter().collect())
+    }
+}
+
+impl Labels {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(key, _)| key.as_str().cmp(name))
+            .ok()
+            .map(|index| self.0[index].1.as_str())
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(key, _)| key.as_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets one label (tests build apps this way).
+    pub fn insert(&mut self, name: String, value: String) {
+        match self.0.binary_search_by(|(key, _)| key.cmp(&name)) {
+            Ok(index) => self.0[index].1 = value,
+            Err(index) => self.0.insert(index, (name, value)),
+        }
+    }
+}
+
+/// Whether a field is there and not null, whatever it holds.
+fn is_set<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    Option::<serde::de::IgnoredAny>::deserialize(deserializer).map(|value| value.is_some())
+}
+
 /// Just the `id`, to name an app or task that does not decode.
 #[derive(Deserialize)]
 struct Id {
@@ -48,7 +94,7 @@ pub struct MarathonApp {
     #[serde(default)]
     pub version: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     #[serde(default, deserialize_with = "nullable")]
     pub port_definitions: Vec<PortDefinition>,
     #[serde(default)]
@@ -168,11 +214,9 @@ pub struct MarathonTask {
     /// TASK_RUNNING, TASK_STAGING, ...; older versions omit it.
     #[serde(default)]
     pub state: Option<String>,
-    /// The app version it was started with.
-    #[serde(default)]
-    pub version: Option<String>,
-    #[serde(default)]
-    pub started_at: Option<String>,
+    /// `startedAt` is set (not null): it started.
+    #[serde(default, rename = "startedAt", deserialize_with = "is_set")]
+    pub started: bool,
     #[serde(default, deserialize_with = "nullable")]
     pub health_check_results: Vec<HealthCheckResult>,
 }

@@ -71,7 +71,7 @@ fn port_label<'a>(app: &'a MarathonApp, index: usize, key: &str) -> Option<&'a s
     push(b"_")?;
     push(key.as_bytes())?;
     let name = std::str::from_utf8(&name[..len]).ok()?;
-    app.labels.get(name).map(String::as_str)
+    app.labels.get(name)
 }
 
 /// Container ports, by service port index: 1.5+ `container.portMappings`, then
@@ -151,7 +151,7 @@ fn port_check(app: &MarathonApp, index: usize) -> Option<(CheckDef, &HealthCheck
 fn is_routable(task: &MarathonTask, app_has_checks: bool) -> bool {
     let running = match task.state.as_deref() {
         Some(state) => state == "TASK_RUNNING",
-        None => task.started_at.is_some(),
+        None => task.started,
     };
     let healthy = !app_has_checks
         || (!task.health_check_results.is_empty()
@@ -168,7 +168,7 @@ pub fn app_services(
     let mut rejected = Vec::new();
     // Named only in what is rejected, which most apps have nothing of.
     let app_subject = || format!("app {:?}", app.id);
-    let app_group = app.labels.get("HAPROXY_GROUP").map(String::as_str);
+    let app_group = app.labels.get("HAPROXY_GROUP");
     let ports = container_ports(app);
     let port_count = ports
         .len()
@@ -287,7 +287,6 @@ pub fn app_services(
         let ignored: Vec<&str> = app
             .labels
             .keys()
-            .map(String::as_str)
             .filter(|label| !is_supported_label(label))
             .collect();
         if !ignored.is_empty() {

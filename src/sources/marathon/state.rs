@@ -286,9 +286,7 @@ impl Apps {
                 if !update.ports.is_empty() {
                     task.ports = update.ports;
                 }
-                if started && task.started_at.is_none() {
-                    task.started_at = Some(update.timestamp.unwrap_or_default());
-                }
+                task.started |= started;
             }
             None => tasks.push(MarathonTask {
                 id: update.task_id,
@@ -296,8 +294,7 @@ impl Apps {
                 ports: update.ports,
                 ip_addresses: update.ip_addresses,
                 state: Some(update.task_status),
-                version: update.version,
-                started_at: started.then(|| update.timestamp.unwrap_or_default()),
+                started,
                 // A new task has no health result yet: Marathon checks it once it runs.
                 health_check_results: Vec::new(),
             }),
