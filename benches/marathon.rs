@@ -18,6 +18,7 @@
 //!
 //! BENCHMARKS.md records the numbers.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -268,28 +269,10 @@ fn check_with_haproxy(table: &weft::model::RoutingTable) {
     );
 }
 
-/// The sizes asked for on the command line (cargo adds `--bench`), else [`SIZES`].
-fn sizes() -> Vec<usize> {
-    let asked: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with('-'))
-        .map(|arg| {
-            arg.replace([',', '_'], "")
-                .parse()
-                .unwrap_or_else(|_| panic!("{arg:?} is not a number of apps"))
-        })
-        .collect();
-    if asked.is_empty() {
-        SIZES.to_vec()
-    } else {
-        asked
-    }
-}
-
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let marathon = runtime.block_on(MarathonDouble::start());
-    for apps in sizes() {
+    for apps in common::sizes(&SIZES) {
         for health_checks in [false, true] {
             let body = apps_json(apps, health_checks);
             println!(

@@ -273,31 +273,13 @@ async fn run(size: usize) {
     drop(backend);
 }
 
-/// The sizes asked for on the command line (cargo adds `--bench`), else [`SIZES`].
-fn sizes() -> Vec<usize> {
-    let asked: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with('-'))
-        .map(|arg| {
-            arg.replace([',', '_'], "")
-                .parse()
-                .unwrap_or_else(|_| panic!("{arg:?} is not a number of apps"))
-        })
-        .collect();
-    if asked.is_empty() {
-        SIZES.to_vec()
-    } else {
-        asked
-    }
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    for size in sizes() {
+    for size in common::sizes(&SIZES) {
         runtime.block_on(run(size));
     }
 }

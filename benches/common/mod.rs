@@ -46,3 +46,21 @@ pub fn serving(answer: &str) -> BTreeMap<String, BTreeSet<SocketAddr>> {
     }
     backends
 }
+
+/// The sizes asked for on the command line (numbers; cargo adds `--bench`), else `default`.
+pub fn sizes(default: &[usize]) -> Vec<usize> {
+    let asked: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .map(|arg| {
+            arg.replace([',', '_'], "")
+                .parse()
+                .unwrap_or_else(|_| panic!("{arg:?} is not a size"))
+        })
+        .collect();
+    if asked.is_empty() {
+        default.to_vec()
+    } else {
+        asked
+    }
+}
