@@ -112,25 +112,31 @@ async fn scaling_killing_and_failing_health_move_traffic() {
         "weft reconnected"
     );
 
-    // All of it came from the events themselves: one full fetch at the start, and one app
-    // fetch, for the app whose last task went (404: it is gone).
-    assert_eq!(marathon.apps_requests(), 1);
-    assert_eq!(marathon.app_requests(), 1);
-    let (_, metrics) = weft.status("/metrics").await.unwrap();
-    for line in [
+    // All of it came from the events themselves: one full fetch at the start, and the app
+    // fetched alone once its last task went and it terminated (404: gone; the two events ask
+    // once if they come before the fetch).
+    let lines = [
         "weft_marathon_requests_total{kind=\"full\"} 1",
-        "weft_marathon_requests_total{kind=\"app\"} 1",
-        // shop.2 running, its first check, unhealthy, healthy, killed; the app terminated.
-        "weft_marathon_events_total{use=\"applied\"} 6",
-        // shop.1 killed, the app's last task.
-        "weft_marathon_events_total{use=\"fetched_app\"} 1",
+        // shop.2 running, its first check, unhealthy, healthy, killed.
+        "weft_marathon_events_total{use=\"applied\"} 5",
+        // shop.1 killed, the app's last task; the app terminated.
+        "weft_marathon_events_total{use=\"fetched_app\"} 2",
         "weft_marathon_events_total{use=\"fetched_all\"} 0",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "{line} missing in:\n{metrics}"
-        );
-    }
+    ];
+    // The terminate event may still be on its way when the host already answers 404.
+    support::eventually(Duration::from_secs(5), "marathon metrics", || async {
+        let (_, metrics) = weft.status("/metrics").await?;
+        match lines
+            .iter()
+            .find(|line| !metrics.lines().any(|l| l == **line))
+        {
+            Some(line) => Err(format!("{line} missing in:\n{metrics}")),
+            None => Ok(()),
+        }
+    })
+    .await;
+    assert_eq!(marathon.apps_requests(), 1);
+    assert!((1..=2).contains(&marathon.app_requests()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

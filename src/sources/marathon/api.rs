@@ -292,6 +292,9 @@ pub struct HealthChanged {
     #[serde(default)]
     pub instance_id: Option<String>,
     pub alive: bool,
+    /// The app version the task runs.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// `api_post_event`: a definition was posted; only its target is read.

@@ -49,11 +49,14 @@ const ATTACHED: &str = "event_stream_attached";
 
 /// The largest `/v2/apps` answer weft reads: 10,000 apps with 3 tasks each are about 20 MiB.
 pub const MAX_APPS_BODY: usize = 256 << 20;
-/// The largest `/v2/apps/{id}` answer weft reads: one app with 1,000 tasks is about 1 MiB.
-pub const MAX_APP_BODY: usize = 16 << 20;
+/// The largest `/v2/apps/{id}` answer weft reads: one app can be as large as all of them.
+pub const MAX_APP_BODY: usize = MAX_APPS_BODY;
 /// Events read but not yet applied: the stream waits (and, past its read timeout, reconnects
 /// and is caught up by a full fetch) while this many are queued.
-pub const EVENT_QUEUE: usize = 4096;
+pub const EVENT_QUEUE: usize = 1024;
+/// The largest event kept until it is applied; a larger one is replaced by a full fetch.
+/// Those weft applies are a few hundred bytes; an `api_post_event` carries a whole definition.
+pub const MAX_QUEUED_EVENT: usize = 64 << 10;
 /// App fetches queued at once; past it, one full fetch replaces them.
 pub const MAX_PENDING_APPS: usize = 1000;
 /// How long the first full fetch waits for the event stream to attach, so that no event
@@ -240,8 +243,12 @@ impl Client {
             COUNTERS.requests[kind as usize].fetch_add(1, Ordering::Relaxed);
             let body = match fetch(request, &url, max).await {
                 Ok((_, body)) => body,
-                Err(HttpError::Status { status, .. })
-                    if status == reqwest::StatusCode::NOT_FOUND && kind == Fetch::App =>
+                // Marathon's own answer that the app does not exist; a 404 from a proxy in
+                // front of it (a failover, a wrong path) is an error like any other.
+                Err(HttpError::Status { status, body, .. })
+                    if status == reqwest::StatusCode::NOT_FOUND
+                        && kind == Fetch::App
+                        && body.contains("does not exist") =>
                 {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(None);
@@ -390,6 +397,10 @@ enum Incoming {
         kind: String,
         data: String,
     },
+    /// An event over [`MAX_QUEUED_EVENT`]: not kept, a full fetch instead.
+    TooLarge {
+        kind: String,
+    },
 }
 
 /// What the fetcher still has to do.
@@ -515,6 +526,11 @@ pub async fn run(
                     debug!(event = %Escaped(&kind), ?outcome, "marathon event");
                     wants.ask(outcome);
                 }
+                (Incoming::TooLarge { kind }, Some(_)) => {
+                    debug!(event = %Escaped(&kind), "marathon event too large to keep");
+                    wants.ask(Outcome::FetchAll);
+                }
+                (Incoming::TooLarge { .. }, None) => {}
             }
         }
         // Published once per batch of events and fetch answers, and only with a change.
@@ -566,8 +582,11 @@ pub async fn run(
                 Ok(fetched) => {
                     debug!(app = %Escaped(&id), found = fetched.is_some(), "marathon app fetched");
                     known.replace(&id, fetched);
-                    wants.retry_at = None;
-                    recovered = true;
+                    // A full fetch still wanted after a failure: its error and backoff stand.
+                    if !wants.full {
+                        wants.retry_at = None;
+                        recovered = true;
+                    }
                 }
                 // What it would have said is unknown now: a full fetch catches up.
                 Err(err) => {
@@ -592,9 +611,12 @@ pub async fn run(
                 () = sleep_until_some(wake) => {}
             }
         }
-        // Whatever else is queued joins the next batch.
-        while let Ok(incoming) = events.try_recv() {
-            pending.push(incoming);
+        // Whatever else is queued joins the next batch (at most a queue's worth).
+        while pending.len() < EVENT_QUEUE {
+            match events.try_recv() {
+                Ok(incoming) => pending.push(incoming),
+                Err(_) => break,
+            }
         }
     }
     stream.abort();
@@ -784,9 +806,13 @@ async fn read_stream(
             // Whatever happened while no stream was attached: caught up by a full fetch.
             Incoming::Attached
         } else if client.config.event_types.contains(&event.event) {
-            Incoming::Event {
-                kind: event.event,
-                data: event.data,
+            if event.data.len() > MAX_QUEUED_EVENT {
+                Incoming::TooLarge { kind: event.event }
+            } else {
+                Incoming::Event {
+                    kind: event.event,
+                    data: event.data,
+                }
             }
         } else {
             continue;

@@ -160,13 +160,10 @@ impl Apps {
                 Ok(health) => self.health(health),
                 Err(_) => Outcome::FetchAll,
             },
+            // Fetched rather than dropped: the app may be created again already (a forced
+            // delete), and a 404 also clears what a full answer said of it.
             "app_terminated_event" => match serde_json::from_str::<api::AppTerminated>(data) {
-                Ok(gone) if is_app_id(&gone.app_id) => {
-                    if self.entries.remove(&gone.app_id).is_some() {
-                        self.changed = true;
-                    }
-                    Outcome::Applied
-                }
+                Ok(gone) if is_app_id(&gone.app_id) => Outcome::FetchApp(gone.app_id),
                 _ => Outcome::FetchAll,
             },
             "api_post_event" => match serde_json::from_str::<api::ApiPost>(data) {
@@ -198,6 +195,8 @@ impl Apps {
                             .into_iter()
                             .flat_map(|step| step.actions)
                             .filter_map(|action| action.app)
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .into_iter()
                             .collect();
                         match apps.as_slice() {
                             [] => Outcome::Ignored,
@@ -273,6 +272,11 @@ impl Apps {
             update.task_status.as_str(),
             "TASK_STAGING" | "TASK_STARTING" | "TASK_PROVISIONED"
         );
+        // A task relaunched in its instance (`<instance>._app.2` and later) may run with the
+        // instance's earlier health results, which Marathon keeps and sends no event for.
+        let relaunched = update.task_status == "TASK_RUNNING"
+            && !app.health_checks.is_empty()
+            && incarnation(&update.task_id) > 1;
         match position {
             Some(index) => {
                 let task = &mut tasks[index];
@@ -300,7 +304,11 @@ impl Apps {
             }),
         }
         self.recompute(&update.app_id);
-        Outcome::Applied
+        if relaunched {
+            Outcome::FetchApp(update.app_id)
+        } else {
+            Outcome::Applied
+        }
     }
 
     fn health(&mut self, health: api::HealthChanged) -> Outcome {
@@ -308,6 +316,10 @@ impl Apps {
             Ok(app) => app,
             Err(outcome) => return outcome,
         };
+        // A task of another version has that version's checks, which weft does not know.
+        if health.version.is_some() && health.version != app.version {
+            return Outcome::FetchApp(health.app_id);
+        }
         match app.health_checks.len() {
             // Routing ignores health results of an app without checks.
             0 => return Outcome::Ignored,
@@ -344,6 +356,15 @@ fn is_expunged(state: &str) -> bool {
             | "TASK_GONE"
             | "TASK_GONE_BY_OPERATOR"
     )
+}
+
+/// Which launch of its instance a task is: `<instance>._app.<n>` is the n-th; other ids are
+/// the first.
+fn incarnation(task_id: &str) -> u64 {
+    task_id
+        .rsplit_once("._app.")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Whether `event` names a later app version than `known` (Marathon's versions are ISO 8601
@@ -499,6 +520,29 @@ mod tests {
         apps.replace("/shop", None);
         assert!(apps.content().1.is_empty());
         assert!(apps.is_empty());
+    }
+
+    #[test]
+    fn a_relaunched_task_or_another_versions_health_fetches_the_app() {
+        let mut apps = apps(SHOP);
+        let v = "2026-01-01T00:00:00.000Z";
+        let relaunched = status("shop.i._app.2", "TASK_RUNNING", "10.2.1.7", v);
+        assert_eq!(
+            apps.apply("status_update_event", &relaunched),
+            Outcome::FetchApp("/shop".into())
+        );
+        let first = status("shop.j._app.1", "TASK_RUNNING", "10.2.1.8", v);
+        assert_eq!(apps.apply("status_update_event", &first), Outcome::Applied);
+        let old = r#"{"appId":"/shop","taskId":"shop.a","alive":false,"version":"2025-01-01T00:00:00.000Z"}"#;
+        assert_eq!(
+            apps.apply("health_status_changed_event", old),
+            Outcome::FetchApp("/shop".into())
+        );
+        let gone = r#"{"appId":"/shop"}"#;
+        assert_eq!(
+            apps.apply("app_terminated_event", gone),
+            Outcome::FetchApp("/shop".into())
+        );
     }
 
     #[test]
