@@ -35,7 +35,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{memory_mib, percentile, serving};
+use common::{memory_mib, metric, percentile, serving};
 use serde_json::{json, Value};
 use support::marathon::{App, MarathonDouble, Task};
 use support::{Backend, Weft};
@@ -119,14 +119,6 @@ fn addresses(tasks: &[usize], port: u16) -> BTreeSet<SocketAddr> {
         .iter()
         .map(|n| SocketAddr::new(ip(*n).parse().unwrap(), port))
         .collect()
-}
-
-/// weft's Prometheus sample `line_start` (a name with its labels).
-async fn metric(weft: &Weft, line_start: &str) -> f64 {
-    let (_, text) = weft.status("/metrics").await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(line_start)?.trim().parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 async fn run(size: usize) {

@@ -38,7 +38,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{memory_mib, percentile, serving};
+use common::{memory_mib, metric, percentile, serving};
 use support::{Backend, Weft};
 
 const DEFAULT_SIZE: usize = 10_000;
@@ -235,14 +235,6 @@ async fn exact_haproxy_rss(weft: &Weft) -> (f64, usize, usize) {
     let rss = memory_mib(worker, "VmRSS");
     support::terminate(child);
     (rss, before, after)
-}
-
-/// weft's Prometheus counter `name`.
-async fn metric(weft: &Weft, name: &str) -> f64 {
-    let (_, text) = weft.status("/metrics").await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 /// Polls `host` through HAProxy, a new connection each time, until it answers 200.

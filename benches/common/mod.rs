@@ -64,3 +64,12 @@ pub fn sizes(default: &[usize]) -> Vec<usize> {
         asked
     }
 }
+
+/// The value of weft's Prometheus sample that starts with `sample` (a name, with its labels if
+/// any), NaN when absent.
+pub async fn metric(weft: &crate::support::Weft, sample: &str) -> f64 {
+    let (_, text) = weft.status("/metrics").await.expect("weft's /metrics");
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
