@@ -64,6 +64,7 @@ mod tests {
         assert!(content.rejected.is_empty());
         let report = crate::model::SourceReport {
             certificates: Default::default(),
+            challenges: Default::default(),
             services: content.services,
             ..crate::model::SourceReport::starting(crate::model::SourceId::File)
         };

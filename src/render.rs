@@ -37,6 +37,8 @@ use crate::slots::{Pool, Slots, PARKED};
 pub const HOSTS_MAP: &str = "hosts.map";
 pub const PATHS_MAP: &str = "paths.map";
 pub const WILDCARDS_MAP: &str = "wildcards.map";
+/// With `[tls.acme]`: the pending HTTP-01 challenges, token -> key authorization (exact match).
+pub const CHALLENGES_MAP: &str = "acme-challenges.map";
 /// In the run directory: the admin stats socket the config opens, and the server state that
 /// a reload hands from the old worker to the new.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -67,6 +69,8 @@ pub struct TlsSettings {
     /// weft's own self-signed certificate and key (PEM), served to clients without SNI or
     /// with a name no certificate covers; it names no real host.
     pub default_cert: String,
+    /// `[tls.acme]`: HTTP-01 challenges are answered from [`CHALLENGES_MAP`].
+    pub acme: bool,
 }
 
 /// What the rendered files depend on besides the table.
@@ -210,6 +214,7 @@ impl RenderSettings {
             tls: haproxy.tls.as_ref().map(|tls| TlsSettings {
                 listen: tls.listen,
                 default_cert: default_cert.to_string(),
+                acme: tls.acme.is_some(),
             }),
         }
     }
@@ -222,6 +227,8 @@ pub struct Rendered {
     pub hosts_map: String,
     pub paths_map: String,
     pub wildcards_map: String,
+    /// With `[tls.acme]`: the pending challenges' map.
+    pub challenges_map: Option<String>,
     /// With `[tls]`: the crt-list and the certificates it names.
     pub tls: Option<RenderedTls>,
 }
@@ -245,6 +252,9 @@ impl Rendered {
             (PATHS_MAP.to_string(), self.paths_map.as_str()),
             (WILDCARDS_MAP.to_string(), self.wildcards_map.as_str()),
         ];
+        if let Some(challenges) = &self.challenges_map {
+            files.push((CHALLENGES_MAP.to_string(), challenges.as_str()));
+        }
         if let Some(tls) = &self.tls {
             files.push((DEFAULT_CERT.to_string(), tls.default_cert.as_str()));
             files.extend(
@@ -323,6 +333,8 @@ struct ConfigTemplate<'a> {
     tls: Option<(SocketAddr, String, &'static str)>,
     backends: Vec<BackendView>,
     acme_challenge: &'static str,
+    /// With `[tls.acme]`: the path of the challenges' map.
+    challenges_map: Option<String>,
     hsts_value: &'static str,
     /// `:PORT` of the TLS bind in redirects, empty for 443.
     https_port: String,
@@ -382,6 +394,11 @@ pub fn render_with(
             .map(|tls| (tls.listen, in_dir(&settings.map_dir, CRT_LIST), ALPN)),
         backends,
         acme_challenge: ACME_CHALLENGE,
+        challenges_map: settings
+            .tls
+            .as_ref()
+            .filter(|tls| tls.acme)
+            .map(|_| in_dir(&settings.map_dir, CHALLENGES_MAP)),
         hsts_value: HSTS_VALUE,
         https_port: match settings.tls.as_ref().map(|tls| tls.listen.port()) {
             None | Some(443) => String::new(),
@@ -394,11 +411,20 @@ pub fn render_with(
         .tls
         .as_ref()
         .map(|tls| render_tls(table, tls, &settings.map_dir));
+    let challenges_map = settings.tls.as_ref().filter(|tls| tls.acme).map(|_| {
+        let entries: Vec<(String, String)> = table
+            .challenges
+            .iter()
+            .map(|(token, key)| (token.clone(), key.clone()))
+            .collect();
+        map_text(&entries)
+    });
     Ok(Rendered {
         config,
         hosts_map,
         paths_map,
         wildcards_map,
+        challenges_map,
         tls,
     })
 }
@@ -707,10 +733,13 @@ mod tests {
             tls: Some(TlsSettings {
                 listen: "0.0.0.0:443".parse().unwrap(),
                 default_cert: "DEFAULT\n".into(),
+                acme: false,
             }),
             ..settings()
         };
         let rendered = render(&table, &with_tls).unwrap();
+        assert_eq!(rendered.challenges_map, None);
+        assert!(!rendered.config.contains("acme-challenges.map"));
         golden("tls.haproxy.cfg", &rendered.config);
         let tls = rendered.tls.as_ref().unwrap();
         assert_eq!(
@@ -773,5 +802,39 @@ mod tests {
         let a = render(&sample(), &settings()).unwrap();
         let b = render(&sample(), &settings()).unwrap();
         assert_eq!(a, b);
+    }
+
+    /// With `[tls.acme]`, pending challenges are a map the frontend answers from on plain
+    /// HTTP, before any routing.
+    #[test]
+    fn acme_challenges_are_answered_from_their_map() {
+        let mut table = sample();
+        table
+            .challenges
+            .insert("tok-EN_1".into(), "tok-EN_1.thumb_print".into());
+        let with_acme = RenderSettings {
+            tls: Some(TlsSettings {
+                listen: "0.0.0.0:443".parse().unwrap(),
+                default_cert: "DEFAULT\n".into(),
+                acme: true,
+            }),
+            ..settings()
+        };
+        let rendered = render(&table, &with_acme).unwrap();
+        assert_eq!(
+            rendered.challenges_map.as_deref(),
+            Some("tok-EN_1 tok-EN_1.thumb_print\n")
+        );
+        let rule = rendered
+            .config
+            .lines()
+            .find(|line| line.contains("acme-challenges.map"))
+            .expect("the challenge rule");
+        assert!(rule.contains("if !{ ssl_fc } { path_beg /.well-known/acme-challenge/ }"));
+        let files = rendered.files();
+        assert!(files.iter().any(|(name, _)| name == CHALLENGES_MAP));
+        // The rule comes before the routes are looked up.
+        let at = |needle: &str| rendered.config.find(needle).unwrap();
+        assert!(at("acme-challenges.map") < at("set-var(txn.route)"));
     }
 }

@@ -34,7 +34,7 @@ pub use routing::{ClaimsStore, RoutingConfig, CLAIMS_CONNECTIONS, DEFAULT_CLAIMS
 pub use sources::*;
 use sources::{validate_sources, RawSources};
 use tls::{validate_tls, RawTls};
-pub use tls::{TlsConfig, DEFAULT_TLS_LISTEN};
+pub use tls::{AcmeConfig, AcmeStore, TlsConfig, ACME_CONNECTIONS, DEFAULT_TLS_LISTEN};
 
 /// Default path of the HAProxy binary (Debian's package). Always absolute: the master re-execs
 /// its argv[0] on reload.
@@ -318,15 +318,39 @@ impl Config {
         }
 
         let mut haproxy = validate_haproxy(haproxy, base, &mut issues);
-        haproxy.tls = validate_tls(tls, base, &mut issues);
         let (allowed, bridges, deny) = validate_network(network, &mut issues);
         let bridge = validate_bridge(bridge, &mut issues);
         let sources = validate_sources(sources, base, &mut issues);
+        let consul_connections = sources.consul.as_ref().map(|c| c.max_connections);
+        haproxy.tls = validate_tls(tls, base, consul_connections, &mut issues);
         let routing = validate_routing(
             routing,
             sources.consul.as_ref().map(|c| c.max_connections),
             &mut issues,
         );
+        if let (Some(budget), Some(AcmeStore::Consul { .. })) = (
+            consul_connections,
+            haproxy
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.acme.as_ref())
+                .map(|acme| &acme.store),
+        ) {
+            let claims = match routing.claims {
+                ClaimsStore::Consul { .. } => CLAIMS_CONNECTIONS,
+                ClaimsStore::Local => 0,
+            };
+            let least = MIN_CONSUL_CONNECTIONS as usize + claims + ACME_CONNECTIONS;
+            if budget < least {
+                issues.add(
+                    "sources.consul.max_connections",
+                    format!(
+                        "must be at least {least} with the ACME state in Consul (tls.acme.store): \
+                         it takes {ACME_CONNECTIONS} of them"
+                    ),
+                );
+            }
+        }
         let listen_text = status
             .listen
             .unwrap_or_else(|| DEFAULT_STATUS_LISTEN.into());
@@ -354,6 +378,19 @@ impl Config {
 }
 
 impl Config {
+    /// `[tls.acme]`, when configured.
+    pub fn acme(&self) -> Option<&AcmeConfig> {
+        self.haproxy.tls.as_ref()?.acme.as_ref()
+    }
+
+    /// Whether the ACME state lives in Consul's KV (and takes its connections).
+    pub fn acme_in_consul(&self) -> bool {
+        matches!(
+            self.acme().map(|acme| &acme.store),
+            Some(AcmeStore::Consul { .. })
+        )
+    }
+
     /// What the model validates servers with: the allowed networks, and the addresses inside
     /// them that are refused. `local` is this host's interface addresses (see
     /// [`crate::network::local_addresses`]); the bridge's configured address counts as one
@@ -509,6 +546,27 @@ fn duration_at_least(
         return min;
     }
     value
+}
+
+/// A Consul KV folder (`routing.claims_prefix`, `tls.acme.prefix`): `raw`, else `default`,
+/// without slashes at either end; segments of `[A-Za-z0-9._-]`, none empty, `.` or `..`.
+fn kv_folder(raw: Option<String>, default: &str, key: &str, issues: &mut Issues) -> String {
+    let prefix = raw.unwrap_or_else(|| default.into());
+    let prefix = prefix.trim_matches('/').to_string();
+    if prefix.is_empty()
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+        || prefix
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        issues.add(
+            key,
+            format!("{prefix:?} is not a KV folder like \"{default}\""),
+        );
+    }
+    prefix
 }
 
 /// An address HAProxy binds (`haproxy.bind`, `tls.listen`): `text`, else `default` (an address

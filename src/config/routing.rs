@@ -128,23 +128,12 @@ pub(super) fn validate_routing(
         "",
         issues,
     );
-    let prefix = raw
-        .claims_prefix
-        .unwrap_or_else(|| DEFAULT_CLAIMS_PREFIX.into());
-    let prefix = prefix.trim_matches('/').to_string();
-    if prefix.is_empty()
-        || !prefix
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
-        || prefix
-            .split('/')
-            .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        issues.add(
-            "routing.claims_prefix",
-            format!("{prefix:?} is not a KV folder like \"weft/claims\""),
-        );
-    }
+    let prefix = super::kv_folder(
+        raw.claims_prefix,
+        DEFAULT_CLAIMS_PREFIX,
+        "routing.claims_prefix",
+        issues,
+    );
     let claims = match raw.claims.as_deref() {
         None if consul_configured => ClaimsStore::Consul { prefix },
         None | Some("local") => ClaimsStore::Local,

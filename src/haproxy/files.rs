@@ -273,6 +273,7 @@ mod tests {
             hosts_map: "a.example.com be_a\n".into(),
             paths_map: String::new(),
             wildcards_map: String::new(),
+            challenges_map: None,
             tls: None,
         };
         let staging = dir.path().join(STAGING_DIR);

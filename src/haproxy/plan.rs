@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::model::{RoutingTable, ServiceName};
-use crate::render::{Rendered, HOSTS_MAP, PATHS_MAP, WILDCARDS_MAP};
+use crate::render::{Rendered, CHALLENGES_MAP, HOSTS_MAP, PATHS_MAP, WILDCARDS_MAP};
 use crate::slots::{slot_name, Flavour, Slots, PARKED};
 
 /// What HAProxy runs, as weft installed it.
@@ -201,6 +201,12 @@ pub fn runtime_plan(applied: &Applied, slots: &Slots, rendered: &Rendered) -> Ru
             plan.maps.push((file, map_update(file, old, new)));
         }
     }
+    if let (Some(old), Some(new)) = (&applied.rendered.challenges_map, &rendered.challenges_map) {
+        if old != new {
+            plan.maps
+                .push((CHALLENGES_MAP, map_update(CHALLENGES_MAP, old, new)));
+        }
+    }
     plan.certs = cert_changes(&applied.rendered, rendered);
     plan
 }
@@ -223,7 +229,7 @@ fn map_update(file: &str, old: &str, new: &str) -> MapUpdate {
             None => add.push((key.clone(), value.clone())),
         }
     }
-    if file == HOSTS_MAP || add.is_empty() {
+    if file == HOSTS_MAP || file == CHALLENGES_MAP || add.is_empty() {
         MapUpdate::Entries { del, set, add }
     } else {
         MapUpdate::Replace(after)
@@ -365,6 +371,7 @@ pub(crate) mod tests {
             hosts_map: String::new(),
             paths_map: String::new(),
             wildcards_map: String::new(),
+            challenges_map: None,
             tls: Some(RenderedTls {
                 crt_list: String::new(),
                 default_cert: "D".into(),

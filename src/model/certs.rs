@@ -45,6 +45,34 @@ pub struct Certificate {
 /// The certificates that passed validation, by name.
 pub type Certificates = BTreeMap<String, Certificate>;
 
+/// Pending ACME HTTP-01 challenges: token -> key authorization (`token.thumbprint`), each
+/// checked by [`check_challenge`].
+pub type Challenges = BTreeMap<String, String>;
+
+/// The longest token or key authorization taken (RFC 8555 tokens carry 128 bits or more of
+/// base64url, 22+ characters; Let's Encrypt's are 43, a key authorization 87).
+pub const MAX_CHALLENGE_LEN: usize = 256;
+
+/// Why a challenge cannot go into HAProxy's map, if it cannot: a token is base64url (RFC 8555
+/// 8.3), a key authorization `token.thumbprint` of the same token; nothing else ever reaches
+/// the map file or the CLI.
+pub fn check_challenge(token: &str, key_authorization: &str) -> Result<(), String> {
+    let base64url = |text: &str| {
+        !text.is_empty()
+            && text.len() <= MAX_CHALLENGE_LEN
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !base64url(token) {
+        return Err("the token is not base64url of at most 256 characters".into());
+    }
+    match key_authorization.split_once('.') {
+        Some((of, thumbprint)) if of == token && base64url(thumbprint) => Ok(()),
+        _ => Err("the key authorization is not `token.thumbprint` of this token".into()),
+    }
+}
+
 /// Whether a certificate of `certs` serves `host` by SNI: a SAN equal to it, or a wildcard
 /// SAN `*.example.com` for a host one label under it (`shop.example.com`). A wildcard host
 /// (`*.example.com`) is covered by the same wildcard only.

@@ -14,6 +14,8 @@ pub enum SourceId {
     Marathon,
     /// The certificates' directory, `tls.certs`.
     Tls,
+    /// The certificates ordered from an ACME CA, `tls.acme`, and its pending challenges.
+    Acme,
 }
 
 impl SourceId {
@@ -24,6 +26,7 @@ impl SourceId {
             "consul" => Some(SourceId::Consul),
             "marathon" => Some(SourceId::Marathon),
             "tls" => Some(SourceId::Tls),
+            "acme" => Some(SourceId::Acme),
             _ => None,
         }
     }
@@ -36,6 +39,7 @@ impl fmt::Display for SourceId {
             SourceId::Consul => "consul",
             SourceId::Marathon => "marathon",
             SourceId::Tls => "tls",
+            SourceId::Acme => "acme",
         })
     }
 }
@@ -133,8 +137,10 @@ pub struct SourceReport {
     pub rejected: Vec<Rejected>,
     pub health: Health,
     /// The TLS certificates that passed validation (only the certificates' directory, `tls.certs`,
-    /// reports any).
+    /// and ACME, `tls.acme`, report any).
     pub certificates: super::certs::Certificates,
+    /// The pending ACME HTTP-01 challenges (only ACME reports any).
+    pub challenges: super::certs::Challenges,
 }
 
 impl SourceReport {
@@ -154,6 +160,7 @@ impl SourceReport {
     pub fn starting(source: SourceId) -> Self {
         SourceReport {
             certificates: Default::default(),
+            challenges: Default::default(),
             source,
             services: Vec::new(),
             rejected: Vec::new(),

@@ -121,6 +121,9 @@ pub struct RoutingTable {
     pub routes: BTreeMap<RouteKey, ServiceName>,
     /// The TLS certificates that passed validation (see [`certs`]); empty without `[tls]`.
     pub certificates: certs::Certificates,
+    /// The pending ACME HTTP-01 challenges, token -> key authorization; empty without
+    /// `[tls.acme]`.
+    pub challenges: certs::Challenges,
 }
 
 /// An input that did not make it into the table, and why.
@@ -178,6 +181,7 @@ pub struct Built {
 pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
     let report = SourceReport {
         certificates: Default::default(),
+        challenges: Default::default(),
         services,
         ..SourceReport::starting(SourceId::File)
     };
@@ -210,6 +214,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
 
     for report in &sorted {
         built.table.certificates.extend(report.certificates.clone());
+        built.table.challenges.extend(report.challenges.clone());
         for rejected in &report.rejected {
             built.dropped.push(Dropped {
                 source: report.source,
@@ -759,6 +764,7 @@ pub(crate) mod tests {
     fn report(services: Vec<ServiceDef>) -> SourceReport {
         SourceReport {
             certificates: Default::default(),
+            challenges: Default::default(),
             services,
             ..SourceReport::starting(SourceId::File)
         }
@@ -903,6 +909,7 @@ pub(crate) mod tests {
     fn consul(services: Vec<ServiceDef>) -> SourceReport {
         SourceReport {
             certificates: Default::default(),
+            challenges: Default::default(),
             services,
             health: Health::Ok,
             ..SourceReport::starting(SourceId::Consul)
@@ -982,6 +989,7 @@ pub(crate) mod tests {
         // Not while the source is not read in full.
         let degraded = SourceReport {
             certificates: Default::default(),
+            challenges: Default::default(),
             health: Health::Degraded {
                 reason: "down".into(),
                 since: std::time::SystemTime::now(),

@@ -166,7 +166,7 @@ impl Ownership {
         }
         let origin = origin.to_ascii_lowercase();
         let prefixes = |team: &Team| match holder.source {
-            SourceId::File | SourceId::Tls => Vec::new(),
+            SourceId::File | SourceId::Tls | SourceId::Acme => Vec::new(),
             SourceId::Consul => team.consul.clone(),
             SourceId::Marathon => team.marathon.clone(),
         };

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{
     ClaimsStore, Config, ConsulSourceConfig, FileSourceConfig, MarathonSourceConfig, TlsConfig,
-    CLAIMS_CONNECTIONS,
+    ACME_CONNECTIONS, CLAIMS_CONNECTIONS,
 };
 use crate::model::{Hostname, SourceId, SourceReport};
 
@@ -116,6 +116,10 @@ impl Source {
             // The claims ledger takes its share of the budget first.
             if matches!(config.routing.claims, ClaimsStore::Consul { .. }) {
                 consul.max_connections -= CLAIMS_CONNECTIONS;
+            }
+            // So does the ACME state.
+            if config.acme_in_consul() {
+                consul.max_connections -= ACME_CONNECTIONS;
             }
             Source::Consul {
                 config: consul,

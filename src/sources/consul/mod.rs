@@ -82,6 +82,7 @@ pub async fn read_once(
         .map(|name| read_service(&client, name, domain.as_ref()));
     let mut report = SourceReport {
         certificates: Default::default(),
+        challenges: Default::default(),
         health: Health::Ok,
         rejected: catalog_rejected,
         ..SourceReport::starting(SourceId::Consul)
@@ -296,6 +297,7 @@ impl Source {
         }
         let mut report = SourceReport {
             certificates: Default::default(),
+            challenges: Default::default(),
             health: Health::Ok,
             rejected: [&state.catalog_rejected, &state.state_rejected]
                 .into_iter()

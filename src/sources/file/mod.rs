@@ -399,6 +399,7 @@ pub async fn read_once(path: &Path) -> Result<SourceReport, FileError> {
     let content = read(path).await?;
     Ok(SourceReport {
         certificates: Default::default(),
+        challenges: Default::default(),
         source: SourceId::File,
         services: content.services,
         rejected: content.rejected,

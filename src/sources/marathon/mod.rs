@@ -381,6 +381,7 @@ pub async fn read_once(
     let (services, rejected) = Apps::from_full(client.fetch_apps().await?, &settings).content();
     Ok(SourceReport {
         certificates: Default::default(),
+        challenges: Default::default(),
         source: SourceId::Marathon,
         services,
         rejected,
