@@ -601,6 +601,7 @@ mod tests {
             key: key.into(),
             value: value.as_bytes().to_vec(),
             modify_index: 3,
+            session: None,
         };
         let hosts = hosts_of(
             vec![

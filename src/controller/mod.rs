@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bridge::{BridgeState, Keeper};
-use crate::config::{BridgeMode, ClaimsStore, Config};
+use crate::config::{AcmeStore, BridgeMode, ClaimsStore, Config, ACME_CONNECTIONS};
 use crate::escape::Escaped;
 use crate::haproxy::apply::Applier;
 use crate::haproxy::listeners::{ForeignListeners, ListenerWatch};
@@ -28,7 +28,7 @@ use crate::model::{
     build, Built, ClaimIntents, Dropped, Health, Ledger, ModelSettings, SourceReport,
 };
 use crate::sources::consul::kv::KvFolder;
-use crate::sources::{self, SourceError};
+use crate::sources::{self, acme, SourceError};
 use crate::status::{self, ApplyStatus, StatusFeed};
 
 mod apply_loop;
@@ -59,6 +59,8 @@ pub enum RunError {
     Claims(#[from] claims::ClaimsError),
     #[error(transparent)]
     RunDir(#[from] crate::haproxy::files::RunDirError),
+    #[error("ACME state: {0}")]
+    Acme(String),
     #[error("a task of weft's ended unexpectedly: {0}")]
     TaskEnded(String),
 }
@@ -103,7 +105,7 @@ pub async fn run(
     listener_watch.check().await;
     tasks.spawn(listener_watch.run(shutdown.clone()).map(Ok));
 
-    let reports = sources::spawn_all(&config, &mut tasks, &shutdown);
+    let mut reports = sources::spawn_all(&config, &mut tasks, &shutdown);
 
     // Gathered once: an address this host gains later is still caught by HAProxy's loop guard.
     let model = config.model_settings(crate::network::own_addresses());
@@ -111,7 +113,7 @@ pub async fn run(
     let (ledger_tx, ledger_rx) = watch::channel(None::<Ledger>);
     let store = match (&config.routing.claims, &config.sources.consul) {
         (ClaimsStore::Consul { prefix }, Some(consul)) => claims::Store::Consul(
-            claims::ConsulStore::new(KvFolder::new(consul.clone(), prefix)),
+            claims::ConsulStore::new(KvFolder::claims(consul.clone(), prefix)),
         ),
         _ => claims::Store::Local(claims::LocalStore::open(&config.haproxy.run_dir)?),
     };
@@ -126,6 +128,32 @@ pub async fn run(
         .map(Ok),
     );
     let (desired_tx, desired_rx) = watch::channel(None::<Arc<Built>>);
+    if let Some(acme) = config.acme() {
+        let store = match (&acme.store, &config.sources.consul) {
+            (AcmeStore::Consul { prefix }, Some(consul)) => acme::store::Store::consul(
+                KvFolder::new(consul.clone(), prefix, "ACME state", ACME_CONNECTIONS),
+                format!("weft-acme {}", config.haproxy.edge_id()),
+                acme.lock_ttl,
+            ),
+            _ => acme::store::Store::local(&config.haproxy.run_dir.join("acme"))
+                .map_err(|err| RunError::Acme(err.to_string()))?,
+        };
+        let (report_tx, report_rx) =
+            watch::channel(SourceReport::starting(crate::model::SourceId::Acme));
+        reports.push(report_rx);
+        tasks.spawn(
+            acme::run(
+                acme.clone(),
+                store,
+                config.haproxy.bind,
+                config.haproxy.edge_id(),
+                desired_rx.clone(),
+                report_tx,
+                shutdown.clone(),
+            )
+            .map(Ok),
+        );
+    }
     let (apply_tx, apply_rx) = watch::channel(ApplyStatus::default());
     let feed = StatusFeed {
         reports: reports.clone(),

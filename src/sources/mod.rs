@@ -9,6 +9,7 @@
 //! configured sources are listed once, in `Source::configured`: [`read_all_once`] (`weft
 //! render`, `weft check`) and [`spawn_all`] (`weft run`) both go through it.
 
+pub mod acme;
 pub mod certs;
 pub mod consul;
 pub mod dir_watch;

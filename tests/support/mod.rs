@@ -26,6 +26,7 @@ pub mod fixtures;
 pub mod killable;
 pub mod marathon;
 pub mod netns;
+pub mod pebble;
 pub mod tls;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};

@@ -1,12 +1,17 @@
-//! Consul's KV store, for the claims ledger: one folder read with blocking queries, entries
-//! created only where none exists and replaced or deleted only at the version read
-//! (`?cas=`), so that every edge on the same Consul keeps the same holder of a host.
+//! Consul's KV store, for the claims ledger and the ACME state: one folder read with blocking
+//! queries, entries created only where none exists and replaced or deleted only at the version
+//! read (`?cas=`), so that every edge on the same Consul keeps the same holder of a host; locks
+//! held by a session that Consul invalidates when its edge stops renewing it.
 //!
 //! ```text
 //! GET    /v1/kv/<prefix>/?recurse&index=..   every entry, blocking; 404: none yet
 //! PUT    /v1/kv/<prefix>/<host>?cas=0        record a first claim: true, or false if another edge did
 //! PUT    /v1/kv/<prefix>/<host>?cas=<index>  hand a host to its holder's own team
 //! DELETE /v1/kv/<prefix>/<host>?cas=<index>  release a host whose holder is gone
+//! PUT    /v1/session/create                  a session with a TTL (the ACME locks)
+//! PUT    /v1/session/renew/<id>              every TTL/2; 404: invalidated
+//! PUT    /v1/kv/<prefix>/<key>?acquire=<id>  take a lock: true, or false if another holds it
+//! PUT    /v1/kv/<prefix>/<key>?release=<id>  give it back
 //! ```
 //!
 //! Its connections come out of the source's budget: one blocking read, one write at a time.
@@ -29,6 +34,8 @@ pub struct KvEntry {
     pub key: String,
     pub value: Vec<u8>,
     pub modify_index: u64,
+    /// The session holding its lock, if any.
+    pub session: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +44,9 @@ struct RawEntry {
     key: String,
     value: Option<String>,
     modify_index: u64,
+    /// The session holding the key's lock (`omitempty`: absent when none).
+    #[serde(default)]
+    session: Option<String>,
 }
 
 /// Decodes `GET /v1/kv/<folder>?recurse` (full keys; values in base64, `null` when empty).
@@ -54,6 +64,7 @@ pub fn decode_entries(body: &[u8]) -> Result<Vec<KvEntry>, String> {
                 key: e.key,
                 value,
                 modify_index: e.modify_index,
+                session: e.session.filter(|s| !s.is_empty()),
             })
         })
         .collect()
@@ -64,16 +75,129 @@ pub struct KvFolder {
     client: Arc<Client>,
     /// `weft/claims`, without slashes at either end.
     prefix: String,
+    /// What the folder holds, in logs: `claims ledger`.
+    what: &'static str,
+}
+
+/// `PUT /v1/session/create`'s body (Consul's `api.SessionEntry`).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct NewSession<'a> {
+    name: &'a str,
+    #[serde(rename = "TTL")]
+    ttl: String,
+    lock_delay: String,
+    behavior: &'static str,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreatedSession {
+    #[serde(rename = "ID")]
+    id: String,
 }
 
 impl KvFolder {
-    /// The folder `prefix` on the source's Consul, on [`CLAIMS_CONNECTIONS`] of its own.
-    pub fn new(mut config: ConsulSourceConfig, prefix: &str) -> KvFolder {
-        config.max_connections = CLAIMS_CONNECTIONS;
+    /// The folder `prefix` on the source's Consul, on `connections` of its own
+    /// ([`CLAIMS_CONNECTIONS`], [`crate::config::ACME_CONNECTIONS`]).
+    pub fn new(
+        mut config: ConsulSourceConfig,
+        prefix: &str,
+        what: &'static str,
+        connections: usize,
+    ) -> KvFolder {
+        config.max_connections = connections;
         KvFolder {
             client: Arc::new(Client::new(config)),
             prefix: prefix.trim_matches('/').to_string(),
+            what,
         }
+    }
+
+    /// The claims ledger's folder.
+    pub fn claims(config: ConsulSourceConfig, prefix: &str) -> KvFolder {
+        KvFolder::new(config, prefix, "claims ledger", CLAIMS_CONNECTIONS)
+    }
+
+    /// Creates a session that Consul invalidates when it is not renewed within `ttl` (Consul
+    /// waits up to twice that); its locks are released, and none of them can be taken again
+    /// for `lock_delay`. Its ID.
+    pub async fn create_session(
+        &self,
+        name: &str,
+        ttl: std::time::Duration,
+        lock_delay: std::time::Duration,
+    ) -> Result<String, ConsulError> {
+        let url = self.client.url(&["v1", "session", "create"]);
+        let body = NewSession {
+            name,
+            ttl: format!("{}s", ttl.as_secs()),
+            lock_delay: format!("{}s", lock_delay.as_secs()),
+            behavior: "release",
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let answer = self
+            .client
+            .write(Method::PUT, url.clone(), &[], Bytes::from(body))
+            .await?;
+        let created: CreatedSession = serde_json::from_slice(&answer.body)
+            .map_err(|e| ConsulError::decode(url, e.to_string()))?;
+        Ok(created.id)
+    }
+
+    /// Renews session `id`: `false` when Consul no longer knows it (invalidated).
+    pub async fn renew_session(&self, id: &str) -> Result<bool, ConsulError> {
+        let url = self.client.url(&["v1", "session", "renew", id]);
+        match self.client.write(Method::PUT, url, &[], Bytes::new()).await {
+            Ok(_) => Ok(true),
+            Err(ConsulError::Http(crate::sources::http::HttpError::Status { status, .. }))
+                if status == http::StatusCode::NOT_FOUND =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Destroys session `id`: its locks are released at once.
+    pub async fn destroy_session(&self, id: &str) -> Result<(), ConsulError> {
+        let url = self.client.url(&["v1", "session", "destroy", id]);
+        self.client
+            .write(Method::PUT, url, &[], Bytes::new())
+            .await
+            .map(|_| ())
+    }
+
+    /// Takes the lock of `key` for `session`, writing `value`: whether it was taken (`false`:
+    /// another session holds it, or it was released by an invalidation less than the lock
+    /// delay ago).
+    pub async fn acquire(
+        &self,
+        key: &str,
+        session: &str,
+        value: Vec<u8>,
+    ) -> Result<bool, ConsulError> {
+        let url = self.client.url(&self.segments(key));
+        let answer = self
+            .client
+            .write(
+                Method::PUT,
+                url,
+                &[("acquire", session)],
+                Bytes::from(value),
+            )
+            .await?;
+        Ok(answer.body.trim_ascii() == b"true")
+    }
+
+    /// Gives the lock of `key` back, if `session` holds it.
+    pub async fn release(&self, key: &str, session: &str) -> Result<bool, ConsulError> {
+        let url = self.client.url(&self.segments(key));
+        let answer = self
+            .client
+            .write(Method::PUT, url, &[("release", session)], Bytes::new())
+            .await?;
+        Ok(answer.body.trim_ascii() == b"true")
     }
 
     fn segments<'a>(&'a self, key: &'a str) -> Vec<&'a str> {
@@ -88,7 +212,7 @@ impl KvFolder {
         KvWatch {
             query: BlockingQuery::new(
                 &self.client,
-                "claims ledger",
+                self.what,
                 &self.segments(""),
                 &[("recurse", "")],
             ),
@@ -107,6 +231,25 @@ impl KvFolder {
             .write(Method::PUT, url, &[("cas", &cas)], Bytes::from(value))
             .await?;
         Ok(answer.body.trim_ascii() == b"true")
+    }
+
+    /// Writes `value` at `key`, whatever is there. Whether it was written.
+    pub async fn put_any(&self, key: &str, value: Vec<u8>) -> Result<bool, ConsulError> {
+        let url = self.client.url(&self.segments(key));
+        let answer = self
+            .client
+            .write(Method::PUT, url, &[], Bytes::from(value))
+            .await?;
+        Ok(answer.body.trim_ascii() == b"true")
+    }
+
+    /// Deletes `key`, if there is one.
+    pub async fn delete_any(&self, key: &str) -> Result<(), ConsulError> {
+        let url = self.client.url(&self.segments(key));
+        self.client
+            .write(Method::DELETE, url, &[], Bytes::new())
+            .await
+            .map(|_| ())
     }
 
     /// Deletes `key` if its version is `cas`. Whether it was deleted.

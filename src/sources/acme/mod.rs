@@ -1,0 +1,597 @@
+//! The ACME source, `[tls.acme]`: certificates ordered from an ACME CA (RFC 8555, through
+//! instant-acme) for the routed hosts `tls.acme.hosts` names, shared by every edge.
+//!
+//! ```text
+//! routed hosts (the build) ─┐
+//!                           ├─> a host without a certificate valid past renew_before, not
+//! the store (watched) ──────┘   backing off, not ordered here: an order task (max_orders)
+//!                                 lock locks/<host> ── held by another edge: try again later
+//!                                 the account (created once, in the store)
+//!                                 the order (resumed from orders/<host>, else placed)
+//!                                 challenges/<token> = key authorization ── every edge's
+//!                                   watch puts it in HAProxy's challenge map, at runtime
+//!                                 ready, finalized, the chain + key -> certs/<host>
+//!                                 a failure -> failures/<host>: its reason, the next try
+//! the store ──> SourceReport { certificates: certs/* of routed hosts, challenges/* ,
+//!                              rejected: each host's failure, each entry that does not decode }
+//! ```
+//!
+//! Each edge reads the same store, so all serve the same certificates and answer the same
+//! challenges; only the holder of a host's lock talks to the CA for it. An edge that dies
+//! holding a lock loses it when its session ends (`lock_ttl`); the next edge resumes the order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use instant_acme::{
+    Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
+    RetryPolicy,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, OnceCell};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::AcmeConfig;
+use crate::model::certs::{check_challenge, validate, Certificates};
+use crate::model::{Built, Health, Rejected, SourceId, SourceReport};
+
+pub mod store;
+use store::{State, Store, StoreWatch};
+
+/// The name of a host's ACME certificate in the table: `.acme.<host>`. No file of `tls.certs`
+/// has such a name (hidden files are not read), so the two never collide.
+pub const CERT_PREFIX: &str = ".acme.";
+/// How often the hosts are looked at again even when nothing changed (renewals come due).
+const TICK: Duration = Duration::from_secs(5);
+/// How long to wait before trying a host whose lock another edge holds.
+const LOCKED_ELSEWHERE: Duration = Duration::from_secs(10);
+/// How long the ordering edge waits for its own HAProxy to answer a challenge.
+const SELF_CHECK: Duration = Duration::from_secs(10);
+/// After its own HAProxy answers, how long the ordering edge gives the other edges.
+const PROPAGATION: Duration = Duration::from_secs(1);
+/// The longest backoff after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
+/// The least backoff after the CA says a rate limit is reached (Let's Encrypt's limits count
+/// over hours).
+const RATE_LIMITED_BACKOFF: Duration = Duration::from_secs(3600);
+/// How long the CA may take to validate or to issue, per step.
+const POLL: RetryPolicy = RetryPolicy::new()
+    .initial_delay(Duration::from_millis(250))
+    .backoff(1.5)
+    .timeout(Duration::from_secs(60));
+
+/// `failures/<host>`: why the last order failed and when the next may start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: String,
+    pub attempts: u32,
+    /// Unix seconds.
+    pub until: i64,
+}
+
+/// Counters for the metrics.
+pub struct Counters {
+    pub issued: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub orders: std::sync::atomic::AtomicU64,
+}
+
+pub static COUNTERS: Counters = Counters {
+    issued: std::sync::atomic::AtomicU64::new(0),
+    failed: std::sync::atomic::AtomicU64::new(0),
+    orders: std::sync::atomic::AtomicU64::new(0),
+};
+
+fn count(counter: &std::sync::atomic::AtomicU64) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// What the order tasks share.
+struct Context {
+    config: AcmeConfig,
+    store: Store,
+    account: OnceCell<Account>,
+    /// Where this edge's own HAProxy answers plain HTTP, for the self-check.
+    http: SocketAddr,
+    edge: String,
+}
+
+/// How an order task ended.
+enum Ended {
+    Issued,
+    /// Another edge holds the host's lock.
+    LockedElsewhere,
+    Failed(String, Option<Duration>),
+}
+
+/// Runs the ACME source until `stop`: reads the store, publishes what it holds, and orders
+/// what the routed hosts need.
+pub async fn run(
+    config: AcmeConfig,
+    (store, mut watch): (Store, StoreWatch),
+    http: SocketAddr,
+    edge: String,
+    mut built: watch::Receiver<Option<Arc<Built>>>,
+    report: watch::Sender<SourceReport>,
+    stop: CancellationToken,
+) {
+    let context = Arc::new(Context {
+        config,
+        store: store.clone(),
+        account: OnceCell::new(),
+        http,
+        edge,
+    });
+    let session = tokio::spawn(store.keep_session(stop.clone()));
+    let mut state: Option<State> = None;
+    let mut hosts: BTreeSet<String> = BTreeSet::new();
+    let mut in_flight: BTreeSet<String> = BTreeSet::new();
+    let mut not_before: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+    let mut orders: JoinSet<(String, Ended)> = JoinSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let failed_read = |reason: String| {
+            report.send_if_modified(|r| r.degrade(format!("ACME store: {reason}")));
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            read = watch.next(&stop, failed_read) => {
+                let Some(read) = read else { break };
+                state = Some(read);
+            }
+            changed = built.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = built.borrow_and_update().clone();
+                if let Some(built) = now {
+                    hosts = wanted_hosts(&context.config, &built, unix_now());
+                }
+            }
+            Some(done) = orders.join_next() => {
+                if let Ok((host, ended)) = done {
+                    in_flight.remove(&host);
+                    finished(&context, &host, ended, state.as_ref(), &mut not_before).await;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let Some(state) = &state else { continue };
+        report.send_if_modified(|r| {
+            let next = report_of(&context.config, state, &hosts, unix_now());
+            if *r == next {
+                return false;
+            }
+            *r = next;
+            true
+        });
+        let now = tokio::time::Instant::now();
+        not_before.retain(|_, at| *at > now);
+        for host in needing(&context.config, state, &hosts, unix_now()) {
+            if in_flight.len() >= context.config.max_orders {
+                break;
+            }
+            if in_flight.contains(&host) || not_before.contains_key(&host) {
+                continue;
+            }
+            in_flight.insert(host.clone());
+            let (context, snapshot) = (context.clone(), state.clone());
+            orders.spawn(async move {
+                let ended = order(&context, &host, &snapshot).await;
+                (host, ended)
+            });
+        }
+    }
+    orders.shutdown().await;
+    let _ = session.await;
+}
+
+/// The routed hosts `tls.acme.hosts` names that need an ACME certificate: not wildcards (HTTP-01
+/// cannot prove them), and not served by a certificate of `tls.certs` valid past the renewal
+/// window.
+fn wanted_hosts(config: &AcmeConfig, built: &Built, now: i64) -> BTreeSet<String> {
+    let renew = config.renew_before.as_secs() as i64;
+    let operators: Certificates = built
+        .table
+        .certificates
+        .iter()
+        .filter(|(name, cert)| !name.starts_with(CERT_PREFIX) && cert.not_after - renew > now)
+        .map(|(name, cert)| (name.clone(), cert.clone()))
+        .collect();
+    built
+        .table
+        .routes
+        .keys()
+        .map(|key| key.host.as_str())
+        .filter(|host| !host.starts_with('*') && config.wants(host))
+        .filter(|host| !crate::model::certs::covers(&operators, host))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The hosts of `hosts` whose stored certificate is missing, does not validate, or is inside
+/// the renewal window, and that are not backing off after a failure.
+fn needing(config: &AcmeConfig, state: &State, hosts: &BTreeSet<String>, now: i64) -> Vec<String> {
+    let renew = config.renew_before.as_secs() as i64;
+    hosts
+        .iter()
+        .filter(|host| {
+            let fresh = state
+                .get(&format!("certs/{host}"))
+                .and_then(|pem| validate(&cert_name(host), pem.as_bytes(), now).ok())
+                .is_some_and(|cert| cert.not_after - renew > now);
+            let backing_off = failure(state, host).is_some_and(|f| f.until > now);
+            !fresh && !backing_off
+        })
+        .cloned()
+        .collect()
+}
+
+fn cert_name(host: &str) -> String {
+    format!("{CERT_PREFIX}{host}")
+}
+
+fn failure(state: &State, host: &str) -> Option<Failure> {
+    serde_json::from_str(state.get(&format!("failures/{host}"))?).ok()
+}
+
+/// What the store holds for the routed hosts, as a source report.
+fn report_of(
+    config: &AcmeConfig,
+    state: &State,
+    hosts: &BTreeSet<String>,
+    now: i64,
+) -> SourceReport {
+    let mut report = SourceReport {
+        health: Health::Ok,
+        ..SourceReport::starting(SourceId::Acme)
+    };
+    for host in hosts {
+        if let Some(pem) = state.get(&format!("certs/{host}")) {
+            match validate(&cert_name(host), pem.as_bytes(), now) {
+                Ok(cert) => {
+                    report.certificates.insert(cert.name.clone(), cert);
+                }
+                Err(reason) => report.rejected.push(Rejected {
+                    subject: format!("ACME certificate of {host:?}"),
+                    reason,
+                }),
+            }
+        }
+        if let Some(failure) = failure(state, host) {
+            let next = if failure.until > now {
+                format!("; next order in {}s", failure.until - now)
+            } else {
+                "; next order due".into()
+            };
+            report.rejected.push(Rejected {
+                subject: format!("ACME order for {host:?}"),
+                reason: format!(
+                    "failed {} time(s): {}{next}",
+                    failure.attempts, failure.reason
+                ),
+            });
+        }
+    }
+    for (key, value) in
+        state.range::<String, _>("challenges/".to_string().."challenges0".to_string())
+    {
+        let token = &key["challenges/".len()..];
+        match check_challenge(token, value) {
+            Ok(()) => {
+                report
+                    .challenges
+                    .insert(token.to_string(), value.to_string());
+            }
+            Err(reason) => report.rejected.push(Rejected {
+                subject: format!("ACME challenge {:?}", crate::escape::Escaped(token)),
+                reason,
+            }),
+        }
+    }
+    let _ = config;
+    report
+}
+
+/// Records how an order ended: a failure in the store (every edge backs off), a lock held
+/// elsewhere locally.
+async fn finished(
+    context: &Context,
+    host: &str,
+    ended: Ended,
+    state: Option<&State>,
+    not_before: &mut BTreeMap<String, tokio::time::Instant>,
+) {
+    match ended {
+        Ended::Issued => {
+            count(&COUNTERS.issued);
+            info!(%host, "ACME certificate issued and stored");
+        }
+        Ended::LockedElsewhere => {
+            debug!(%host, "another edge orders this host's certificate");
+            not_before.insert(
+                host.to_string(),
+                tokio::time::Instant::now() + LOCKED_ELSEWHERE,
+            );
+        }
+        Ended::Failed(reason, at_least) => {
+            count(&COUNTERS.failed);
+            let attempts = state
+                .and_then(|s| failure(s, host))
+                .map_or(1, |f| f.attempts.saturating_add(1));
+            let backoff = context
+                .config
+                .retry_after
+                .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+                .min(MAX_BACKOFF)
+                .max(at_least.unwrap_or_default());
+            warn!(%host, %reason, attempts, retry_in = ?backoff, "ACME order failed");
+            let record = Failure {
+                reason,
+                attempts,
+                until: unix_now() + backoff.as_secs() as i64,
+            };
+            let text = serde_json::to_string(&record).unwrap_or_default();
+            if let Err(err) = context
+                .store
+                .put(&format!("failures/{host}"), &text, false)
+                .await
+            {
+                warn!(%host, error = %err, "cannot record the ACME failure in the store; this edge waits anyway");
+            }
+            not_before.insert(host.to_string(), tokio::time::Instant::now() + backoff);
+        }
+    }
+}
+
+/// One host's order, under its lock.
+async fn order(context: &Context, host: &str, state: &State) -> Ended {
+    match context.store.lock(host).await {
+        Ok(true) => {}
+        Ok(false) => return Ended::LockedElsewhere,
+        Err(err) => return Ended::Failed(format!("cannot take the host's lock: {err}"), None),
+    }
+    let ended = match order_locked(context, host, state).await {
+        Ok(()) => Ended::Issued,
+        Err(failure) => failure,
+    };
+    if let Err(err) = context.store.unlock(host).await {
+        warn!(%host, error = %err, "cannot release the ACME lock; it goes with this edge's session");
+    }
+    ended
+}
+
+/// A CA's problem type, when the error is one.
+fn problem_type(err: &instant_acme::Error) -> Option<&str> {
+    match err {
+        instant_acme::Error::Api(problem) => problem.r#type.as_deref(),
+        _ => None,
+    }
+}
+
+fn failed(what: &str, err: instant_acme::Error) -> Ended {
+    let at_least = (problem_type(&err) == Some("urn:ietf:params:acme:error:rateLimited"))
+        .then_some(RATE_LIMITED_BACKOFF);
+    Ended::Failed(format!("{what}: {err}"), at_least)
+}
+
+async fn account<'a>(context: &'a Context, state: &State) -> Result<&'a Account, Ended> {
+    context
+        .account
+        .get_or_try_init(|| async {
+            let builder = match &context.config.ca_file {
+                Some(path) => Account::builder_with_root(path),
+                None => Account::builder(),
+            }
+            .map_err(|err| failed("cannot make the ACME client", err))?;
+            if let Some(stored) = state.get("account") {
+                let credentials = serde_json::from_str(stored).map_err(|err| {
+                    Ended::Failed(
+                        format!("the stored ACME account does not decode: {err}"),
+                        None,
+                    )
+                })?;
+                return builder
+                    .from_credentials(credentials)
+                    .await
+                    .map_err(|err| failed("cannot load the ACME account", err));
+            }
+            let contact = format!("mailto:{}", context.config.email);
+            let (account, credentials) = builder
+                .create(
+                    &NewAccount {
+                        contact: &[&contact],
+                        terms_of_service_agreed: true,
+                        only_return_existing: false,
+                    },
+                    context.config.directory.to_string(),
+                    None,
+                )
+                .await
+                .map_err(|err| failed("cannot create the ACME account", err))?;
+            let text = serde_json::to_string(&credentials).unwrap_or_default();
+            match context.store.put("account", &text, true).await {
+                Ok(true) => {
+                    info!(id = %account.id(), "ACME account created and stored");
+                    Ok(account)
+                }
+                Ok(false) => Err(Ended::Failed(
+                    "another edge stored its ACME account first; the next order uses it".into(),
+                    Some(Duration::from_secs(1)),
+                )),
+                Err(err) => Err(Ended::Failed(
+                    format!("cannot store the ACME account: {err}"),
+                    None,
+                )),
+            }
+        })
+        .await
+}
+
+async fn order_locked(context: &Context, host: &str, state: &State) -> Result<(), Ended> {
+    let account = account(context, state).await?;
+    let store_failed = |err: store::StoreError| Ended::Failed(format!("ACME store: {err}"), None);
+    let identifiers = [Identifier::Dns(host.to_string())];
+    let resumed = match state.get(&format!("orders/{host}")) {
+        Some(url) => match account.order(url.clone()).await {
+            Ok(mut order) => {
+                if order.state().status == OrderStatus::Invalid {
+                    None
+                } else {
+                    info!(%host, url = %url, "resuming the ACME order another edge placed");
+                    Some(order)
+                }
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let mut order = match resumed {
+        Some(order) => order,
+        None => {
+            count(&COUNTERS.orders);
+            let order = account
+                .new_order(&NewOrder::new(&identifiers))
+                .await
+                .map_err(|err| {
+                    if problem_type(&err) == Some("urn:ietf:params:acme:error:accountDoesNotExist")
+                    {
+                        // The CA forgot the account (a test CA restarted): make a new one next.
+                        let store = context.store.clone();
+                        tokio::spawn(async move { store.delete("account").await });
+                    }
+                    failed("the CA refused the order", err)
+                })?;
+            info!(%host, url = %order.url(), edge = %context.edge, "ACME order placed");
+            context
+                .store
+                .put(&format!("orders/{host}"), order.url(), false)
+                .await
+                .map_err(store_failed)?;
+            order
+        }
+    };
+    let mut tokens = Vec::new();
+    let result = async {
+        let mut authorizations = order.authorizations();
+        while let Some(authorization) = authorizations.next().await {
+            let mut authorization =
+                authorization.map_err(|err| failed("cannot read the authorization", err))?;
+            match authorization.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => {
+                    return Err(Ended::Failed(
+                        format!("the authorization is {other:?}"),
+                        None,
+                    ))
+                }
+            }
+            let mut challenge = authorization
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| Ended::Failed("the CA offers no HTTP-01 challenge".into(), None))?;
+            let token = challenge.token.clone();
+            let key = challenge.key_authorization().as_str().to_string();
+            check_challenge(&token, &key)
+                .map_err(|reason| Ended::Failed(format!("the CA's challenge: {reason}"), None))?;
+            context
+                .store
+                .put(&format!("challenges/{token}"), &key, false)
+                .await
+                .map_err(store_failed)?;
+            tokens.push(token.clone());
+            self_check(context.http, host, &token, &key).await;
+            tokio::time::sleep(PROPAGATION).await;
+            challenge
+                .set_ready()
+                .await
+                .map_err(|err| failed("cannot tell the CA the challenge is ready", err))?;
+        }
+        let status = order
+            .poll_ready(&POLL)
+            .await
+            .map_err(|err| failed("the CA did not validate", err))?;
+        if status != OrderStatus::Ready {
+            let why = order
+                .state()
+                .error
+                .as_ref()
+                .map_or_else(|| format!("{status:?}"), |p| p.to_string());
+            return Err(Ended::Failed(format!("the order is {why}"), None));
+        }
+        let key = order
+            .finalize()
+            .await
+            .map_err(|err| failed("cannot finalize the order", err))?;
+        let chain = order
+            .poll_certificate(&POLL)
+            .await
+            .map_err(|err| failed("the CA did not issue", err))?;
+        let pem = format!("{}\n{}", chain.trim_end(), key.trim_end());
+        let cert = validate(&cert_name(host), pem.as_bytes(), unix_now())
+            .map_err(|reason| Ended::Failed(format!("the issued certificate: {reason}"), None))?;
+        context
+            .store
+            .put(&format!("certs/{host}"), &cert.pem, false)
+            .await
+            .map_err(store_failed)?;
+        Ok(())
+    }
+    .await;
+    for token in tokens {
+        let _ = context.store.delete(&format!("challenges/{token}")).await;
+    }
+    let done = result.is_ok() || order.state().status == OrderStatus::Invalid;
+    if done {
+        let _ = context.store.delete(&format!("orders/{host}")).await;
+    }
+    if result.is_ok() {
+        let _ = context.store.delete(&format!("failures/{host}")).await;
+    }
+    result
+}
+
+/// Waits (up to [`SELF_CHECK`]) until this edge's HAProxy answers the challenge: the store's
+/// watch, the build and the runtime map update have all run. Not answering is logged, not
+/// fatal: HAProxy may take PROXY headers only, and the CA's own request is what counts.
+async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) {
+    let addr = match http.ip() {
+        ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), http.port()),
+        _ => http,
+    };
+    let url = format!("http://{addr}{}{token}", crate::render::ACME_CHALLENGE);
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+    {
+        Ok(client) => client,
+        Err(_) => return,
+    };
+    let deadline = tokio::time::Instant::now() + SELF_CHECK;
+    while tokio::time::Instant::now() < deadline {
+        let answer = client.get(&url).header("host", host).send().await;
+        if let Ok(answer) = answer {
+            if answer.status().is_success() && answer.text().await.is_ok_and(|t| t == key) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    warn!(%host, %token, "this edge's HAProxy did not answer the ACME challenge within 10 s; telling the CA anyway");
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,297 @@
+//! Where the ACME state lives: Consul's KV, shared by every edge, or `<run_dir>/acme/` for a
+//! single edge. Both hold the same keys, below the folder:
+//!
+//! ```text
+//! account               the ACME account: its key and URL (instant-acme's credentials, JSON)
+//! certs/<host>          the host's certificate chain and private key, PEM
+//! orders/<host>         the URL of the order in flight (another edge resumes it)
+//! challenges/<token>    a pending HTTP-01 challenge's key authorization: every edge answers it
+//! failures/<host>       the last failure, its reason and when the next order may start (JSON)
+//! locks/<host>          held by the edge ordering the host (a Consul session's lock)
+//! ```
+//!
+//! The lock is taken with the session of this edge; Consul releases it when the edge stops
+//! renewing the session (it died), and nobody can take it again for [`LOCK_DELAY`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::sources::consul::kv::{KvFolder, KvWatch};
+
+/// How long a lock released by an invalidated session stays untakeable (Consul's `LockDelay`):
+/// the dead edge's last request has reached the CA by then.
+pub const LOCK_DELAY: Duration = Duration::from_secs(5);
+/// The file of the local store, in `<run_dir>/acme/`.
+pub const LOCAL_FILE: &str = "state.json";
+
+/// The folder's entries, by key below the folder (values are text: PEM, JSON, tokens).
+pub type State = BTreeMap<String, String>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Consul(#[from] crate::sources::consul::ConsulError),
+    #[error("{path}: {source}")]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes and locks, shared by the order tasks.
+#[derive(Clone)]
+pub enum Store {
+    Consul(Arc<ConsulStore>),
+    Local(Arc<LocalStore>),
+}
+
+pub struct ConsulStore {
+    folder: KvFolder,
+    /// This edge's session, created at the first lock; `None` again once Consul forgot it.
+    session: tokio::sync::Mutex<Option<String>>,
+    name: String,
+    ttl: Duration,
+}
+
+pub struct LocalStore {
+    path: PathBuf,
+    state: Mutex<State>,
+    locks: Mutex<BTreeSet<String>>,
+    changed: watch::Sender<State>,
+}
+
+/// The state, each time it changes.
+pub enum StoreWatch {
+    Consul(Box<KvWatch>),
+    Local(watch::Receiver<State>, bool),
+}
+
+impl Store {
+    /// The Consul store on `folder`, its locks held by sessions named `name` with `ttl`.
+    pub fn consul(folder: KvFolder, name: String, ttl: Duration) -> (Store, StoreWatch) {
+        let watch = folder.watch();
+        let store = ConsulStore {
+            folder,
+            session: tokio::sync::Mutex::new(None),
+            name,
+            ttl,
+        };
+        (Store::Consul(Arc::new(store)), StoreWatch::Consul(Box::new(watch)))
+    }
+
+    /// The local store in `dir` (created, private to weft), read back from its file.
+    pub fn local(dir: &Path) -> Result<(Store, StoreWatch), StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let local = |source| StoreError::Local {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(local)?;
+        let path = dir.join(LOCAL_FILE);
+        let state: State = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+                warn!(path = %path.display(), error = %err, "the ACME state file does not decode; starting from none");
+                State::new()
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => State::new(),
+            Err(source) => return Err(StoreError::Local { path, source }),
+        };
+        let (changed, receiver) = watch::channel(state.clone());
+        let store = LocalStore {
+            path,
+            state: Mutex::new(state),
+            locks: Mutex::new(BTreeSet::new()),
+            changed,
+        };
+        Ok((
+            Store::Local(Arc::new(store)),
+            StoreWatch::Local(receiver, false),
+        ))
+    }
+
+    /// Writes `value` at `key`; with `create_only`, only if there is none (whether written).
+    pub async fn put(&self, key: &str, value: &str, create_only: bool) -> Result<bool, StoreError> {
+        match self {
+            Store::Consul(store) if create_only => {
+                Ok(store.folder.put(key, value.as_bytes().to_vec(), 0).await?)
+            }
+            Store::Consul(store) => {
+                Ok(store.folder.put_any(key, value.as_bytes().to_vec()).await?)
+            }
+            Store::Local(store) => store.update(|state| {
+                if create_only && state.contains_key(key) {
+                    return false;
+                }
+                state.insert(key.to_string(), value.to_string());
+                true
+            }),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Consul(store) => Ok(store.folder.delete_any(key).await?),
+            Store::Local(store) => store
+                .update(|state| state.remove(key).is_some())
+                .map(|_| ()),
+        }
+    }
+
+    /// Takes `locks/<host>` for this edge: whether it holds it now.
+    pub async fn lock(&self, host: &str) -> Result<bool, StoreError> {
+        let key = format!("locks/{host}");
+        match self {
+            Store::Consul(store) => {
+                let session = store.session().await?;
+                Ok(store
+                    .folder
+                    .acquire(&key, &session, store.name.as_bytes().to_vec())
+                    .await?)
+            }
+            Store::Local(store) => Ok(store.locks.lock().is_ok_and(|mut l| l.insert(key))),
+        }
+    }
+
+    pub async fn unlock(&self, host: &str) -> Result<(), StoreError> {
+        let key = format!("locks/{host}");
+        match self {
+            Store::Consul(store) => {
+                let session = store.session.lock().await.clone();
+                if let Some(session) = session {
+                    store.folder.release(&key, &session).await?;
+                }
+                Ok(())
+            }
+            Store::Local(store) => {
+                if let Ok(mut locks) = store.locks.lock() {
+                    locks.remove(&key);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps this edge's session alive (renewed every TTL/3) until `stop`, then destroys it,
+    /// releasing its locks at once. Nothing for the local store.
+    pub async fn keep_session(self, stop: CancellationToken) {
+        let Store::Consul(store) = self else {
+            return;
+        };
+        let mut tick = tokio::time::interval(store.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let mut session = store.session.lock().await;
+            let Some(id) = session.clone() else { continue };
+            match store.folder.renew_session(&id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(session = %id, "Consul no longer knows this edge's ACME session (it expired): its locks are gone; a new one is made at the next order");
+                    *session = None;
+                }
+                Err(err) => {
+                    warn!(session = %id, error = %err, "cannot renew this edge's ACME session")
+                }
+            }
+        }
+        let last = store.session.lock().await.take();
+        if let Some(id) = last {
+            match store.folder.destroy_session(&id).await {
+                Ok(()) => info!(session = %id, "ACME session destroyed, its locks released"),
+                Err(err) => {
+                    warn!(session = %id, error = %err, "cannot destroy this edge's ACME session: its locks go when its TTL ends")
+                }
+            }
+        }
+    }
+}
+
+impl ConsulStore {
+    /// This edge's session, created if there is none.
+    async fn session(&self) -> Result<String, StoreError> {
+        let mut session = self.session.lock().await;
+        if let Some(id) = session.as_ref() {
+            return Ok(id.clone());
+        }
+        let id = self
+            .folder
+            .create_session(&self.name, self.ttl, LOCK_DELAY)
+            .await?;
+        info!(session = %id, ttl = ?self.ttl, "ACME session created");
+        *session = Some(id.clone());
+        Ok(id)
+    }
+}
+
+impl LocalStore {
+    /// Changes the state with `change`; when it says it changed something, writes the file
+    /// (atomically, readable by weft alone) and tells the watch.
+    fn update(&self, change: impl FnOnce(&mut State) -> bool) -> Result<bool, StoreError> {
+        let Ok(mut state) = self.state.lock() else {
+            return Ok(false);
+        };
+        if !change(&mut state) {
+            return Ok(false);
+        }
+        let failed = |source| StoreError::Local {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(failed)?;
+        serde_json::to_writer(&mut file, &*state).map_err(|e| failed(e.into()))?;
+        file.as_file().sync_all().map_err(failed)?;
+        file.persist(&self.path).map_err(|e| failed(e.error))?;
+        self.changed.send_replace(state.clone());
+        Ok(true)
+    }
+}
+
+impl StoreWatch {
+    /// The state: at once the first time, then each time it changes. `None` at `stop`.
+    pub async fn next(
+        &mut self,
+        stop: &CancellationToken,
+        mut failed: impl FnMut(String),
+    ) -> Option<State> {
+        match self {
+            StoreWatch::Consul(watch) => {
+                let entries = watch
+                    .next(stop, |err, retry| {
+                        failed(format!("{err} (retry in {retry:?})"));
+                    })
+                    .await?;
+                Some(
+                    entries
+                        .into_iter()
+                        .filter_map(|e| Some((e.key, String::from_utf8(e.value).ok()?)))
+                        .collect(),
+                )
+            }
+            StoreWatch::Local(receiver, seen) => {
+                if *seen {
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        changed = receiver.changed() => changed.ok()?,
+                    }
+                }
+                *seen = true;
+                Some(receiver.borrow_and_update().clone())
+            }
+        }
+    }
+}

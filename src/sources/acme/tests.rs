@@ -1,0 +1,239 @@
+use std::path::Path;
+
+use super::*;
+use crate::config::{AcmeStore, Config};
+use crate::model::{test_table, ServiceDef};
+
+fn acme(keys: &str) -> AcmeConfig {
+    let text = format!(
+        "[sources.file]\npath = \"s.toml\"\n[tls]\ncerts = \"certs\"\n[tls.acme]\n\
+         directory = \"https://ca.test/dir\"\nemail = \"ops@example.com\"\n{keys}"
+    );
+    Config::parse(&text, Path::new("/etc/weft"))
+        .unwrap()
+        .acme()
+        .unwrap()
+        .clone()
+}
+
+fn issues(keys: &str) -> Vec<String> {
+    let text =
+        format!("[sources.file]\npath = \"s.toml\"\n[tls]\ncerts = \"certs\"\n[tls.acme]\n{keys}");
+    match Config::parse(&text, Path::new("/etc/weft")) {
+        Ok(_) => Vec::new(),
+        Err(issues) => issues
+            .into_iter()
+            .map(|i| format!("{}: {}", i.key, i.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn the_config_takes_its_keys_and_refuses_bad_ones() {
+    let config = acme("hosts = [\".Example.com\", \"shop.example.org\"]\nca_file = \"ca.pem\"\n");
+    assert_eq!(config.hosts, [".example.com", "shop.example.org"]);
+    assert_eq!(
+        config.ca_file.as_deref(),
+        Some(Path::new("/etc/weft/ca.pem"))
+    );
+    assert_eq!(config.store, AcmeStore::Local, "no Consul source: local");
+    assert_eq!(config.renew_before, Duration::from_secs(30 * 24 * 3600));
+    assert!(config.wants("a.example.com"));
+    assert!(config.wants("shop.example.org"));
+    assert!(
+        !config.wants("example.com"),
+        "a suffix matches subdomains only"
+    );
+    assert!(
+        !config.wants("x.shop.example.org"),
+        "a name matches itself only"
+    );
+    assert!(!config.wants("evilexample.com"));
+
+    let refused = issues(
+        "directory = \"http://ca.test/dir\"\nemail = \"not an address\"\n\
+         hosts = [\"*.example.com\", \"a b\"]\nrenew_before = \"soon\"\nmax_orders = 0\n\
+         store = \"consul\"\nlock_ttl = \"1s\"\n",
+    );
+    for key in [
+        "tls.acme.directory",
+        "tls.acme.email",
+        "tls.acme.hosts",
+        "tls.acme.renew_before",
+        "tls.acme.max_orders",
+        "tls.acme.store",
+        "tls.acme.lock_ttl",
+    ] {
+        assert!(
+            refused.iter().any(|i| i.starts_with(key)),
+            "{key} in {refused:?}"
+        );
+    }
+    let missing = issues("");
+    assert!(missing.iter().any(|i| i.starts_with("tls.acme.directory")));
+    assert!(missing.iter().any(|i| i.starts_with("tls.acme.email")));
+    let credentials = issues("directory = \"https://u:p@ca.test/dir\"\nemail = \"a@b.example\"\n");
+    assert!(credentials
+        .iter()
+        .any(|i| i.starts_with("tls.acme.directory")));
+}
+
+/// A certificate for `host`, from a throwaway CA, valid `days` from now.
+fn pem_for(host: &str, days: i64) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(days);
+    let cert = params.self_signed(&key).unwrap();
+    format!("{}{}", cert.pem(), key.serialize_pem())
+}
+
+fn built(hosts: &[&str]) -> Built {
+    let defs = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| ServiceDef::new(&format!("svc{i}"), &[host], &["10.2.1.5:80"]))
+        .collect();
+    Built {
+        table: test_table(defs),
+        ..Built::default()
+    }
+}
+
+#[test]
+fn hosts_are_wanted_when_named_routed_not_wildcards_and_not_served_by_an_operators_certificate() {
+    let config = acme("hosts = [\".example.com\"]\n");
+    let mut built = built(&[
+        "a.example.com",
+        "b.example.com",
+        "other.org",
+        "*.example.com",
+    ]);
+    let now = unix_now();
+    let operators = validate("b", pem_for("b.example.com", 90).as_bytes(), now).unwrap();
+    built.table.certificates.insert("b".into(), operators);
+    // An ACME certificate of a.example.com does not stop its renewal: it is not the operator's.
+    let ours = validate(
+        &cert_name("a.example.com"),
+        pem_for("a.example.com", 90).as_bytes(),
+        now,
+    )
+    .unwrap();
+    built.table.certificates.insert(ours.name.clone(), ours);
+    let wanted: Vec<String> = wanted_hosts(&config, &built, now).into_iter().collect();
+    assert_eq!(wanted, ["a.example.com"]);
+    // An operator's certificate inside the renewal window no longer counts.
+    let expiring = validate("b", pem_for("b.example.com", 10).as_bytes(), now).unwrap();
+    built.table.certificates.insert("b".into(), expiring);
+    let wanted: Vec<String> = wanted_hosts(&config, &built, now).into_iter().collect();
+    assert_eq!(wanted, ["a.example.com", "b.example.com"]);
+}
+
+#[test]
+fn a_host_is_ordered_without_a_fresh_certificate_unless_it_backs_off() {
+    let config = acme("hosts = [\".example.com\"]\nrenew_before = \"30d\"\n");
+    let now = unix_now();
+    let hosts: BTreeSet<String> = [
+        "a.example.com",
+        "b.example.com",
+        "c.example.com",
+        "d.example.com",
+    ]
+    .map(String::from)
+    .into();
+    let mut state = State::new();
+    state.insert("certs/a.example.com".into(), pem_for("a.example.com", 90));
+    state.insert("certs/b.example.com".into(), pem_for("b.example.com", 20));
+    state.insert("certs/c.example.com".into(), "not PEM".into());
+    let failed = |until| {
+        serde_json::to_string(&Failure {
+            reason: "the CA said no".into(),
+            attempts: 2,
+            until,
+        })
+        .unwrap()
+    };
+    state.insert("failures/d.example.com".into(), failed(now + 600));
+    assert_eq!(
+        needing(&config, &state, &hosts, now),
+        ["b.example.com", "c.example.com"],
+        "a fresh one is kept, one inside the window renewed, a broken one replaced, a failed one waits"
+    );
+    state.insert("failures/d.example.com".into(), failed(now - 1));
+    assert_eq!(needing(&config, &state, &hosts, now).len(), 3);
+}
+
+#[test]
+fn the_report_serves_routed_hosts_certificates_and_valid_challenges_and_names_failures() {
+    let config = acme("hosts = [\".example.com\"]\n");
+    let now = unix_now();
+    let hosts: BTreeSet<String> = ["a.example.com".to_string()].into();
+    let mut state = State::new();
+    state.insert("certs/a.example.com".into(), pem_for("a.example.com", 90));
+    state.insert(
+        "certs/gone.example.com".into(),
+        pem_for("gone.example.com", 90),
+    );
+    state.insert("challenges/tok_1".into(), "tok_1.thumb".into());
+    state.insert("challenges/bad token".into(), "x".into());
+    state.insert("challenges/tok_2".into(), "other.thumb".into());
+    state.insert(
+        "failures/a.example.com".into(),
+        serde_json::to_string(&Failure {
+            reason: "rateLimited".into(),
+            attempts: 1,
+            until: now + 60,
+        })
+        .unwrap(),
+    );
+    let report = report_of(&config, &state, &hosts, now);
+    assert_eq!(report.source, SourceId::Acme);
+    assert_eq!(
+        report.certificates.keys().collect::<Vec<_>>(),
+        [".acme.a.example.com"],
+        "only routed hosts' certificates are served"
+    );
+    assert_eq!(
+        report.challenges,
+        [("tok_1".to_string(), "tok_1.thumb".to_string())].into()
+    );
+    let subjects: Vec<&str> = report.rejected.iter().map(|r| r.subject.as_str()).collect();
+    assert_eq!(subjects.len(), 3, "{:?}", report.rejected);
+    assert!(report
+        .rejected
+        .iter()
+        .any(|r| r.reason.contains("rateLimited") && r.reason.contains("next order in")));
+}
+
+#[tokio::test]
+async fn the_local_store_keeps_its_state_across_restarts_and_locks_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("acme");
+    let (store, mut watch) = Store::local(&path).unwrap();
+    let stop = CancellationToken::new();
+    assert_eq!(watch.next(&stop, |_| {}).await.unwrap(), State::new());
+    assert!(store.put("account", "{}", true).await.unwrap());
+    assert!(
+        !store.put("account", "{\"other\":1}", true).await.unwrap(),
+        "create-only"
+    );
+    store
+        .put("certs/a.example.com", "PEM", false)
+        .await
+        .unwrap();
+    let seen = watch.next(&stop, |_| {}).await.unwrap();
+    assert_eq!(seen.get("account").map(String::as_str), Some("{}"));
+    assert!(store.lock("a.example.com").await.unwrap());
+    assert!(!store.lock("a.example.com").await.unwrap());
+    store.unlock("a.example.com").await.unwrap();
+    assert!(store.lock("a.example.com").await.unwrap());
+    store.delete("certs/a.example.com").await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the keys are weft's alone");
+    drop(store);
+    let (_, mut again) = Store::local(&path).unwrap();
+    let state = again.next(&stop, |_| {}).await.unwrap();
+    assert_eq!(state.keys().collect::<Vec<_>>(), ["account"]);
+}
