@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::consul::{ConsulDouble, Instance};
-use support::netns::{get_in, require_netns, wait_until, Netns, NsWeft};
+use support::netns::{get_in, require_netns, wait_until, Netns, NsServer, NsWeft};
 use support::pebble::{require_pebble, Pebble, PebbleOptions};
 
 const CONSUL: &str = "192.168.150.1:8500";
@@ -37,6 +37,9 @@ const EDGES: [(&str, Ipv4Addr); 3] = [
 /// From the registration to every edge serving the certificate: an order takes about 2 s
 /// (the ordering edge's self-check, 1 s for the others, Pebble's validation and issuance).
 const ISSUED_WITHIN: Duration = Duration::from_secs(30);
+/// The service's server, on the hub: reachable from every edge through its route to
+/// 10.2.0.0/16, and never the edges' own address.
+const SERVER: &str = "10.2.1.5:8080";
 
 struct Topology {
     hub: Netns,
@@ -57,16 +60,19 @@ impl Topology {
                 edge.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
                 edge.ip(&["link", "set", "eth0", "up"]);
                 hub.ip(&["link", "set", name, "master", "br0", "up"]);
+                edge.ip(&["route", "add", "10.2.0.0/16", "via", "192.168.150.1"]);
                 edge
             })
             .collect();
+        hub.ip(&["addr", "add", "10.2.1.5/32", "dev", "br0"]);
         Topology { hub, edges }
     }
 }
 
 /// weft in an edge: HAProxy on all of the edge's addresses (the CA reaches port 80 on eth0),
-/// the Consul source, TLS with an empty certificates' directory, ACME from Pebble.
-fn start_edge(ns: &Netns, pebble: &Pebble, certs: &std::path::Path) -> NsWeft {
+/// the Consul source, TLS with an empty certificates' directory, ACME from Pebble; `acme`:
+/// more `[tls.acme]` keys.
+fn start_edge(ns: &Netns, pebble: &Pebble, certs: &std::path::Path, acme: &str) -> NsWeft {
     NsWeft::start(
         ns,
         &format!(
@@ -77,7 +83,7 @@ fn start_edge(ns: &Netns, pebble: &Pebble, certs: &std::path::Path) -> NsWeft {
              [sources.consul]\nurl = \"http://{CONSUL}\"\n\n\
              [tls]\nlisten = \"0.0.0.0:443\"\ncerts = \"{certs}\"\n\n\
              [tls.acme]\ndirectory = \"{directory}\"\nemail = \"ops@example.com\"\n\
-             hosts = [\".example.com\"]\nca_file = \"{ca}\"\nlock_ttl = \"10s\"\n",
+             hosts = [\".example.com\"]\nca_file = \"{ca}\"\nlock_ttl = \"10s\"\n{acme}",
             certs = certs.display(),
             directory = pebble.directory_url(),
             ca = pebble.ca_file().display(),
@@ -154,67 +160,197 @@ fn served_in(ns: &Netns, host: &str, chain: &std::path::Path) -> Result<String, 
 
 use x509_parser::prelude::FromDer;
 
-#[test]
-fn one_edge_orders_another_is_validated_and_all_three_serve_the_certificate() {
-    require_netns();
-    require_pebble();
-    support::require_haproxy();
-    let t = Topology::build();
-    let runtime = t.hub.runtime();
-    let consul_addr: SocketAddr = CONSUL.parse().unwrap();
-    let consul = runtime.block_on(async {
-        tokio::spawn(ConsulDouble::start_on(consul_addr))
-            .await
-            .unwrap()
-    });
-    let pebble = Pebble::start(&t.hub, PebbleOptions::default());
-    let certs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let edges: Vec<NsWeft> = t
-        .edges
-        .iter()
-        .zip(&certs)
-        .map(|(ns, certs)| start_edge(ns, &pebble, certs.path()))
-        .collect();
-    for (ns, edge) in t.edges.iter().zip(&edges) {
-        wait_for_edge(ns, edge);
-    }
-    let before: Vec<u64> = edges.iter().map(requests).collect();
+/// The topology, the double, Pebble, the service's server and the three edges, running.
+struct Estate {
+    // Dropped first to last: the edges, Pebble, the server, the double, its runtime, then the
+    // namespaces.
+    edges: Vec<NsWeft>,
+    pebble: Pebble,
+    _server: NsServer,
+    consul: ConsulDouble,
+    _runtime: tokio::runtime::Runtime,
+    _certs: Vec<tempfile::TempDir>,
+    t: Topology,
+}
 
-    pebble.set_a(HOST, &[EDGES[0].1, EDGES[1].1, EDGES[2].1]);
-    let registered = Instant::now();
-    consul.register(
-        Instance::new("shop", "shop-1", "10.2.1.5", 8080).tag(&format!("weft.host={HOST}")),
+impl Estate {
+    fn start(pebble: PebbleOptions, acme: &str) -> Estate {
+        require_netns();
+        require_pebble();
+        support::require_haproxy();
+        let t = Topology::build();
+        let runtime = t.hub.runtime();
+        let consul_addr: SocketAddr = CONSUL.parse().unwrap();
+        let consul = runtime.block_on(async {
+            tokio::spawn(ConsulDouble::start_on(consul_addr))
+                .await
+                .unwrap()
+        });
+        let server = NsServer::start(&t.hub, SERVER.parse().unwrap(), "shop\n");
+        let pebble = Pebble::start(&t.hub, pebble);
+        let certs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let edges: Vec<NsWeft> = t
+            .edges
+            .iter()
+            .zip(&certs)
+            .map(|(ns, certs)| start_edge(ns, &pebble, certs.path(), acme))
+            .collect();
+        for (ns, edge) in t.edges.iter().zip(&edges) {
+            wait_for_edge(ns, edge);
+        }
+        Estate {
+            edges,
+            pebble,
+            _server: server,
+            consul,
+            _runtime: runtime,
+            _certs: certs,
+            t,
+        }
+    }
+
+    /// Registers the service of HOST; the DNS points at the edges in order.
+    fn register(&self) {
+        self.pebble
+            .set_a(HOST, &[EDGES[0].1, EDGES[1].1, EDGES[2].1]);
+        let (ip, port) = SERVER.split_once(':').unwrap();
+        self.consul.register(
+            Instance::new("shop", "shop-1", ip, port.parse().unwrap())
+                .tag(&format!("weft.host={HOST}")),
+        );
+    }
+
+    /// The edge whose log says it placed an order, once one does.
+    fn orderer(&self, within: Duration) -> usize {
+        wait_until(within, "an edge placing the order", || {
+            self.edges
+                .iter()
+                .position(|e| e.log().contains("ACME order placed"))
+                .ok_or(())
+        })
+    }
+
+    /// A file holding Pebble's current issuing root and intermediate.
+    fn chain(&self) -> tempfile::NamedTempFile {
+        let roots = self.pebble.issuing_roots();
+        let chain = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            chain.path(),
+            format!("{}{}", roots.root, roots.intermediate),
+        )
+        .unwrap();
+        chain
+    }
+
+    /// Waits until every edge in `which` serves a certificate for HOST that `chain` verifies,
+    /// other than `not`; the serials.
+    fn served(
+        &self,
+        which: &[usize],
+        chain: &std::path::Path,
+        not: &[String],
+        within: Duration,
+    ) -> Vec<String> {
+        which
+            .iter()
+            .map(|&i| {
+                wait_until(within, &format!("{} serving {HOST}", EDGES[i].0), || {
+                    served_in(&self.t.edges[i], HOST, chain).and_then(|s| {
+                        if not.contains(&s) {
+                            Err(format!("still {s}"))
+                        } else {
+                            Ok(s)
+                        }
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// weft's `/status` of edge `i`, as JSON.
+    fn status(&self, i: usize) -> serde_json::Value {
+        let (_, body) = get_in(
+            &self.t.edges[i],
+            "127.0.0.1:9090".parse().unwrap(),
+            "localhost",
+            "/status",
+        )
+        .unwrap();
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// Requests over HTTPS to HOST, each on a new connection (a new handshake, so each sees the
+/// certificate installed at that moment), from inside `ns` until `stop`: (ok, failed, first
+/// failure).
+fn https_load(
+    ns: &Netns,
+    chain: &std::path::Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64, Option<String>)> {
+    let ca = std::fs::read(chain).unwrap();
+    let handle = ns.spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut builder = reqwest::Client::builder()
+                .resolve(HOST, "127.0.0.1:443".parse().unwrap())
+                .pool_max_idle_per_host(0)
+                .no_proxy()
+                .timeout(Duration::from_secs(5));
+            for cert in reqwest::Certificate::from_pem_bundle(&ca).unwrap() {
+                builder = builder.add_root_certificate(cert);
+            }
+            let client = builder.build().unwrap();
+            let (mut ok, mut failed, mut first) = (0, 0, None);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.get(format!("https://{HOST}/")).send().await {
+                    Ok(answer) if answer.status() == 200 => ok += 1,
+                    Ok(answer) => {
+                        failed += 1;
+                        first.get_or_insert(format!("status {}", answer.status()));
+                    }
+                    Err(err) => {
+                        failed += 1;
+                        first.get_or_insert(format!("{err:?}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed, first)
+        })
+    });
+    handle
+}
+
+#[test]
+fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certificate() {
+    // Certificates valid 60 s, renewed with 45 s left: the renewal follows 15 s after the
+    // issue.
+    let estate = Estate::start(
+        PebbleOptions {
+            cert_validity: Some(Duration::from_secs(60)),
+            ..PebbleOptions::default()
+        },
+        "renew_before = \"45s\"\n",
     );
+    let before: Vec<u64> = estate.edges.iter().map(requests).collect();
+    let registered = Instant::now();
+    estate.register();
 
     // The edge that placed the order; the DNS then points the host at the next edge, before
     // the orderer tells the CA the challenge is ready (it waits for its own HAProxy, then 1 s).
-    let orderer = wait_until(Duration::from_secs(20), "an edge placing the order", || {
-        edges
-            .iter()
-            .position(|e| e.log().contains("ACME order placed"))
-            .ok_or(())
-    });
+    let orderer = estate.orderer(Duration::from_secs(20));
     let validator = (orderer + 1) % 3;
-    pebble.set_a(HOST, &[EDGES[validator].1]);
+    estate.pebble.set_a(HOST, &[EDGES[validator].1]);
     eprintln!(
         "{} ordered; the DNS points {HOST} at {}",
         EDGES[orderer].0, EDGES[validator].0
     );
-
-    let roots = pebble.issuing_roots();
-    let chain = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        chain.path(),
-        format!("{}{}", roots.root, roots.intermediate),
-    )
-    .unwrap();
-    let mut serials = Vec::new();
-    for (ns, (name, _)) in t.edges.iter().zip(EDGES) {
-        let serial = wait_until(ISSUED_WITHIN, &format!("{name} serving {HOST}"), || {
-            served_in(ns, HOST, chain.path())
-        });
-        serials.push(serial);
-    }
+    let chain = estate.chain();
+    let serials = estate.served(&[0, 1, 2], chain.path(), &[], ISSUED_WITHIN);
     let elapsed = registered.elapsed();
     eprintln!("all three edges serve the certificate {elapsed:?} after the registration");
     assert!(
@@ -227,30 +363,160 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_the_certificate() {
     );
 
     // Exactly one order, placed by one edge; the CA validated against another.
-    assert_eq!(pebble.orders().len(), 1, "{}", pebble.log());
-    let placed: Vec<&str> = edges
-        .iter()
-        .zip(EDGES)
-        .filter(|(e, _)| e.log().contains("ACME order placed"))
-        .map(|(_, (name, _))| name)
+    assert_eq!(estate.pebble.orders().len(), 1, "{}", estate.pebble.log());
+    let placed: Vec<usize> = (0..3)
+        .filter(|&i| estate.edges[i].log().contains("ACME order placed"))
         .collect();
-    assert_eq!(placed, [EDGES[orderer].0]);
-    let after: Vec<u64> = edges.iter().map(requests).collect();
+    assert_eq!(placed, [orderer]);
+    let after: Vec<u64> = estate.edges.iter().map(requests).collect();
     assert!(
         after[validator] > before[validator],
         "{} received no request: {before:?} -> {after:?}",
         EDGES[validator].0
     );
-    let attempts = pebble.http01_attempts();
+    let attempts = estate.pebble.http01_attempts();
     assert!(
         !attempts.is_empty() && attempts.iter().all(|a| a.host == HOST),
         "{attempts:?}"
     );
-    // The challenge is gone from the store once the order is done.
-    assert!(consul.kv_keys("weft/acme/challenges/").is_empty());
-    assert!(!consul.kv_keys("weft/acme/certs/").is_empty());
-    drop(edges);
-    drop(pebble);
-    drop(consul);
-    drop(runtime);
+    assert!(estate.consul.kv_keys("weft/acme/challenges/").is_empty());
+
+    // Renewal, under an HTTPS load on every edge: a new certificate on all three, no reload,
+    // no failed request.
+    let reloads: Vec<u64> = (0..3)
+        .map(|i| estate.status(i)["haproxy"]["reloads"].as_u64().unwrap_or(0))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loads: Vec<_> = estate
+        .t
+        .edges
+        .iter()
+        .map(|ns| https_load(ns, chain.path(), stop.clone()))
+        .collect();
+    let renewed = estate.served(&[0, 1, 2], chain.path(), &serials, Duration::from_secs(40));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (i, load) in loads.into_iter().enumerate() {
+        let (ok, failed, first) = load.join().unwrap();
+        eprintln!(
+            "{}: {ok} requests served during the renewal, {failed} failed",
+            EDGES[i].0
+        );
+        assert!(ok > 0);
+        assert_eq!(failed, 0, "{}: first failure: {first:?}", EDGES[i].0);
+    }
+    assert!(renewed.iter().all(|s| *s == renewed[0]), "{renewed:?}");
+    let reloads_after: Vec<u64> = (0..3)
+        .map(|i| estate.status(i)["haproxy"]["reloads"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(reloads, reloads_after, "the renewal reloaded HAProxy");
+    assert_eq!(estate.pebble.orders().len(), 2, "one order per certificate");
+}
+
+#[test]
+fn a_ca_that_is_down_leaves_the_old_certificate_a_reason_and_a_backoff_and_a_killed_orderer_is_taken_over(
+) {
+    // Certificates valid 2 h and renewed with 3 h left: every certificate is due at once.
+    let mut estate = Estate::start(
+        PebbleOptions {
+            cert_validity: Some(Duration::from_secs(7200)),
+            ..PebbleOptions::default()
+        },
+        "renew_before = \"3h\"\nretry_after = \"1h\"\n",
+    );
+    estate.register();
+    let chain = estate.chain();
+    let first = estate.served(&[0, 1, 2], chain.path(), &[], ISSUED_WITHIN);
+
+    // The CA goes down: the renewal fails, says why on /status, backs off for an hour (the
+    // failure is in the store: no edge tries again), and the certificate keeps serving.
+    estate.pebble.stop();
+    let reason = wait_until(Duration::from_secs(30), "the failure on /status", || {
+        let status = estate.status(0);
+        let dropped = status["dropped"].as_array().cloned().unwrap_or_default();
+        dropped
+            .into_iter()
+            .find(|d| {
+                d["subject"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("ACME order"))
+            })
+            .ok_or(status)
+    });
+    eprintln!("/status: {reason}");
+    assert!(
+        reason["reason"].as_str().unwrap().contains("next order in"),
+        "{reason}"
+    );
+    let failures = estate
+        .consul
+        .kv_get(&format!("weft/acme/failures/{HOST}"))
+        .unwrap();
+    let failure: serde_json::Value = serde_json::from_slice(&failures).unwrap();
+    assert_eq!(failure["attempts"], 1);
+    std::thread::sleep(Duration::from_secs(12));
+    let failure: serde_json::Value = serde_json::from_slice(
+        &estate
+            .consul
+            .kv_get(&format!("weft/acme/failures/{HOST}"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        failure["attempts"], 1,
+        "no edge tried again within its backoff"
+    );
+    let still = estate.served(&[0, 1, 2], chain.path(), &[], Duration::from_secs(5));
+    assert_eq!(still, first, "the old certificate still serves");
+    let placed_before = estate
+        .edges
+        .iter()
+        .filter(|e| e.log().contains("ACME order placed"))
+        .count();
+    assert_eq!(placed_before, 1, "one order, before the CA went down");
+
+    // The CA comes back; the backoff ends (the test shortens it in the store); the edge that
+    // places the order dies before telling the CA the challenge is ready. Another edge takes
+    // the host's lock once the dead edge's session ends, and finishes the same order.
+    estate.pebble.start_again();
+    let orders_before = estate.pebble.orders().len();
+    for edge in &estate.edges {
+        std::fs::write(edge.path("weft.log.mark"), edge.log().len().to_string()).unwrap();
+    }
+    let marks: Vec<usize> = estate.edges.iter().map(|e| e.log().len()).collect();
+    estate
+        .consul
+        .kv_delete(&format!("weft/acme/failures/{HOST}"));
+    let orderer = wait_until(
+        Duration::from_secs(30),
+        "an edge placing the second order",
+        || {
+            (0..3)
+                .find(|&i| estate.edges[i].log()[marks[i]..].contains("ACME order placed"))
+                .ok_or(())
+        },
+    );
+    estate.edges[orderer].process.kill();
+    let killed = Instant::now();
+    let alive: Vec<usize> = (0..3).filter(|&i| i != orderer).collect();
+    estate.pebble.set_a(HOST, &[EDGES[alive[0]].1]);
+    eprintln!("{} killed mid-order", EDGES[orderer].0);
+    let chain = estate.chain();
+    let renewed = estate.served(&alive, chain.path(), &first, Duration::from_secs(60));
+    eprintln!(
+        "taken over and issued {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(renewed.iter().all(|s| *s == renewed[0]), "{renewed:?}");
+    assert!(
+        alive
+            .iter()
+            .any(|&i| estate.edges[i].log().contains("resuming the ACME order")),
+        "an edge resumed the dead edge's order"
+    );
+    assert_eq!(
+        estate.pebble.orders().len(),
+        orders_before + 1,
+        "the dead edge's order was finished, not placed again"
+    );
 }

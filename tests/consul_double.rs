@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use consul::{
-    parse_go_duration, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES, HEALTH_SERVICE,
-    HEALTH_STATE, KV,
+    parse_go_duration, Behavior, ConsulDouble, Fault, Instance, Status, CATALOG_SERVICES,
+    HEALTH_SERVICE, HEALTH_STATE, KV, SESSION,
 };
 use serde_json::{Map, Value};
 
@@ -1921,5 +1921,628 @@ async fn kv_bad_requests_answer_as_consul_does() {
     assert_eq!(
         (answer.status, answer.body.as_str()),
         (500, "No cluster leader")
+    );
+}
+
+// Sessions and KV locks.
+
+/// `PUT /v1/session/<path>` with `body` (`""`: an empty body, `Content-Length: 0`).
+async fn session_put(consul: &ConsulDouble, path: &str, body: &str) -> Answer {
+    let path = format!("{SESSION}{path}");
+    send(consul, reqwest::Method::PUT, &path, body.to_string(), &[]).await
+}
+
+/// Creates a session through the API; its ID.
+async fn create_session(consul: &ConsulDouble, body: &str) -> String {
+    let answer = session_put(consul, "create", body).await;
+    assert_eq!(answer.status, 200, "{body}: {}", answer.body);
+    assert_eq!(answer.content_type(), "application/json");
+    assert!(answer.headers.get("x-consul-index").is_none());
+    let id = answer.json()["ID"].as_str().unwrap().to_string();
+    // hashicorp/go-uuid's form: 8-4-4-4-12 lower-case hex.
+    let groups: Vec<usize> = id.split('-').map(str::len).collect();
+    assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+    assert!(id
+        .bytes()
+        .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    id
+}
+
+async fn acquire(consul: &ConsulDouble, key: &str, session: &str, value: &str) -> bool {
+    outcome(&put(consul, &format!("{key}?acquire={session}"), value).await)
+}
+
+async fn release(consul: &ConsulDouble, key: &str, session: &str, value: &str) -> bool {
+    outcome(&put(consul, &format!("{key}?release={session}"), value).await)
+}
+
+/// The key's entry as the API answers it.
+async fn kv_json(consul: &ConsulDouble, key: &str) -> Value {
+    let answer = get(consul, &format!("{KV}{key}")).await;
+    assert_eq!(answer.status, 200, "{key}: {}", answer.body);
+    answer.json()[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_created_read_renewed_and_destroyed_as_the_docs_describe() {
+    let consul = ConsulDouble::start().await;
+    let before = consul.index();
+    let id = create_session(&consul, "").await;
+    let created = consul.index();
+    assert_eq!(created, before + 1, "one raft write");
+
+    // The docs sample's keys, in Consul's order, with `SessionCreate`'s defaults: the agent's
+    // node, its serfHealth, 15 s of lock delay, release, no TTL; no `Checks` (only the default
+    // serfHealth, emptied by `fixupEmptySessionChecks`).
+    let info = get(&consul, &format!("{SESSION}info/{id}")).await;
+    assert_eq!(info.status, 200);
+    assert_eq!(info.content_type(), "application/json");
+    assert_eq!(
+        info.body,
+        format!(
+            r#"[{{"ID":"{id}","Name":"","Node":"node1","LockDelay":15000000000,"Behavior":"release","TTL":"","NodeChecks":["serfHealth"],"ServiceChecks":null,"CreateIndex":{created},"ModifyIndex":{created}}}]"#
+        )
+    );
+    assert_eq!(info.index(), created);
+    assert_eq!(info.header("x-consul-knownleader"), "true");
+    let session = consul.session(&id).unwrap();
+    assert_eq!(
+        (session.node.as_str(), session.behavior, session.lock_delay),
+        ("node1", Behavior::Release, 15_000_000_000)
+    );
+    // The agent's node joined the catalog with the session, as a real agent's always is.
+    let node_checks = get(&consul, &format!("{HEALTH_STATE}any")).await;
+    assert_eq!(node_checks.json()[0]["Node"], "node1");
+    assert_eq!(node_checks.json()[0]["CheckID"], "serfHealth");
+
+    // A body: names, a TTL, a lock delay as a duration or as a number of seconds (below 1000
+    // nanoseconds), keys matched without case, unknown keys ignored.
+    let named = create_session(
+        &consul,
+        r#"{"Name":"weft-leader","TTL":"10s","LockDelay":"5s","Behavior":"delete","Unknown":1}"#,
+    )
+    .await;
+    let seconds = create_session(&consul, r#"{"lockdelay":7,"name":"short"}"#).await;
+    let named_json = get(&consul, &format!("{SESSION}info/{named}")).await.json();
+    assert_eq!(named_json[0]["Name"], "weft-leader");
+    assert_eq!(named_json[0]["TTL"], "10s");
+    assert_eq!(named_json[0]["LockDelay"], 5_000_000_000u64);
+    assert_eq!(named_json[0]["Behavior"], "delete");
+    assert_eq!(consul.session(&seconds).unwrap().lock_delay, 7_000_000_000);
+    assert_eq!(consul.session(&seconds).unwrap().name, "short");
+    // No checks at all: an empty `Checks` empties `NodeChecks`.
+    let unchecked = create_session(&consul, r#"{"Checks":[]}"#).await;
+    assert_eq!(
+        consul.session(&unchecked).unwrap().node_checks,
+        Some(Vec::new())
+    );
+
+    // The list and the node's sessions, in ID order; another node has none.
+    let mut ids = vec![
+        id.clone(),
+        named.clone(),
+        seconds.clone(),
+        unchecked.clone(),
+    ];
+    ids.sort();
+    let list = get(&consul, &format!("{SESSION}list")).await;
+    let listed: Vec<String> = list
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["ID"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, ids);
+    assert_eq!(list.index(), consul.index());
+    let on_node = get(&consul, &format!("{SESSION}node/node1")).await;
+    assert_eq!(on_node.json().as_array().unwrap().len(), 4);
+    let elsewhere = get(&consul, &format!("{SESSION}node/node2")).await;
+    assert_eq!((elsewhere.status, elsewhere.body.as_str()), (200, "[]"));
+    assert_eq!(consul.sessions().len(), 4);
+
+    // Renewing: the session in a list, no raft write, no query meta.
+    let index = consul.index();
+    let renewed = session_put(&consul, &format!("renew/{named}"), "").await;
+    assert_eq!(renewed.status, 200, "{}", renewed.body);
+    assert_eq!(renewed.json(), named_json);
+    assert!(renewed.headers.get("x-consul-index").is_none());
+    assert_eq!(consul.index(), index);
+    let unknown = session_put(&consul, "renew/no-such-session", "").await;
+    assert_eq!(
+        (unknown.status, unknown.body.as_str()),
+        (404, "Session id 'no-such-session' not found")
+    );
+
+    // Destroying: `true`, one raft write; then it is gone (`[]`), and destroying it again, or
+    // any unknown session, is `true` without a write.
+    assert!(outcome(
+        &session_put(&consul, &format!("destroy/{id}"), "").await
+    ));
+    let destroyed = consul.index();
+    assert_eq!(destroyed, index + 1);
+    assert!(!consul.session_exists(&id));
+    let gone = get(&consul, &format!("{SESSION}info/{id}")).await;
+    assert_eq!((gone.status, gone.body.as_str()), (200, "[]"));
+    assert_eq!(gone.index(), destroyed);
+    assert!(outcome(
+        &session_put(&consul, &format!("destroy/{id}"), "").await
+    ));
+    assert_eq!(consul.index(), destroyed);
+
+    // Missing names, a node that is not registered, other methods.
+    let cases = [
+        (reqwest::Method::PUT, "destroy/", 400, "Missing session"),
+        (reqwest::Method::PUT, "renew/", 400, "Missing session"),
+        (reqwest::Method::GET, "info/", 400, "Missing session"),
+        (reqwest::Method::GET, "node/", 400, "Missing node name"),
+        (
+            reqwest::Method::GET,
+            "create",
+            405,
+            "method GET not allowed",
+        ),
+        (reqwest::Method::PUT, "list", 405, "method PUT not allowed"),
+    ];
+    for (method, path, status, body) in cases {
+        let answer = send(
+            &consul,
+            method.clone(),
+            &format!("{SESSION}{path}"),
+            "",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (status, body),
+            "{method} {path}"
+        );
+    }
+    let not_allowed = send(
+        &consul,
+        reqwest::Method::GET,
+        &format!("{SESSION}create"),
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(not_allowed.header("allow"), "OPTIONS,PUT");
+    let elsewhere = session_put(&consul, "create", r#"{"Node":"node2"}"#).await;
+    assert_eq!(
+        (elsewhere.status, elsewhere.body.as_str()),
+        (500, "apply failed: Missing node registration")
+    );
+    let sessions = consul.requests().endpoint(SESSION);
+    assert!(sessions.requests >= 20, "{sessions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_errors_answer_as_consul_does() {
+    let consul = ConsulDouble::start().await;
+    let index = consul.index();
+    // `Session.Apply`'s errors are plain RPC errors: Consul's HTTP layer answers them with a
+    // 500 and their text. A body that does not decode is `SessionCreate`'s own 400.
+    let cases = [
+        (
+            r#"{"TTL":"5s"}"#,
+            500,
+            "Invalid Session TTL '5000000000', must be between [10s=24h0m0s]",
+        ),
+        (
+            r#"{"TTL":"86401s"}"#,
+            500,
+            "Invalid Session TTL '86401000000000', must be between [10s=24h0m0s]",
+        ),
+        (
+            r#"{"TTL":"soon"}"#,
+            500,
+            r#"Session TTL 'soon' invalid: time: invalid duration "soon""#,
+        ),
+        (
+            r#"{"TTL":"10"}"#,
+            500,
+            r#"Session TTL '10' invalid: time: missing unit in duration "10""#,
+        ),
+        (
+            r#"{"TTL":"1d"}"#,
+            500,
+            r#"Session TTL '1d' invalid: time: unknown unit "d" in duration "1d""#,
+        ),
+        (
+            r#"{"Behavior":"keep"}"#,
+            500,
+            "Invalid Behavior setting 'keep'",
+        ),
+        (r#"{"Node":""}"#, 500, "Must provide Node"),
+        (
+            r#"{"LockDelay":"15"}"#,
+            400,
+            r#"Request decode failed: time: missing unit in duration "15""#,
+        ),
+        (
+            r#"{"NodeChecks":["no-such-check"]}"#,
+            500,
+            "apply failed: Missing check 'no-such-check' registration",
+        ),
+    ];
+    for (body, status, text) in cases {
+        let answer = session_put(&consul, "create", body).await;
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (status, text),
+            "{body}"
+        );
+    }
+    let broken = session_put(&consul, "create", "{").await;
+    assert_eq!(broken.status, 400);
+    assert!(
+        broken.body.starts_with("Request decode failed: "),
+        "{}",
+        broken.body
+    );
+    // Only the one that reached raft (the missing check) moved the index, and it made no
+    // session.
+    assert!(consul.sessions().is_empty());
+    assert_eq!(consul.index(), index + 1);
+
+    // The bounds: 10 s and 24 h are taken, 0 is no TTL.
+    for ttl in ["10s", "24h", "0s"] {
+        let id = create_session(&consul, &format!(r#"{{"TTL":"{ttl}"}}"#)).await;
+        assert_eq!(consul.session(&id).unwrap().ttl, ttl);
+    }
+
+    // A critical serfHealth: no session on that node.
+    consul.set_node_check("node1", Status::Critical);
+    let critical = session_put(&consul, "create", "").await;
+    assert_eq!(
+        (critical.status, critical.body.as_str()),
+        (500, "apply failed: Check 'serfHealth' is in critical state")
+    );
+
+    // `session_ttl_min` moves the lower bound, and its text.
+    let quick = ConsulDouble::builder()
+        .session_ttl_min(Duration::from_millis(100))
+        .start()
+        .await;
+    let answer = session_put(&quick, "create", r#"{"TTL":"50ms"}"#).await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (
+            500,
+            "Invalid Session TTL '50000000', must be between [100ms=24h0m0s]"
+        )
+    );
+
+    // ACLs: the anonymous token may not create or destroy, and reads no session.
+    let id = create_session(&quick, "").await;
+    quick.set_token(Some("s3cret".to_string()));
+    let anonymous = session_put(&quick, "create", "").await;
+    assert_eq!(
+        (anonymous.status, anonymous.body.as_str()),
+        (403, "Permission denied")
+    );
+    let anonymous = session_put(&quick, &format!("destroy/{id}"), "").await;
+    assert_eq!(
+        (anonymous.status, anonymous.body.as_str()),
+        (403, "Permission denied")
+    );
+    let list = get(&quick, &format!("{SESSION}list")).await;
+    assert_eq!((list.status, list.body.as_str()), (200, "[]"));
+    assert_eq!(list.header("X-Consul-Results-Filtered-By-ACLs"), "true");
+    let path = format!("{SESSION}destroy/{id}?token=s3cret");
+    assert!(outcome(
+        &send(&quick, reqwest::Method::PUT, &path, "", &[]).await
+    ));
+    assert!(!quick.session_exists(&id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_is_held_by_one_session_until_it_releases_it() {
+    let consul = ConsulDouble::start().await;
+    let edge1 = create_session(&consul, r#"{"Name":"edge-1"}"#).await;
+    let edge2 = create_session(&consul, r#"{"Name":"edge-2"}"#).await;
+
+    // A fresh acquisition of a new key: LockIndex 1, the Session, the value.
+    assert!(acquire(&consul, "weft/leader", &edge1, "edge-1").await);
+    let locked = consul.index();
+    let entry = kv_json(&consul, "weft/leader").await;
+    assert_eq!(entry["Session"], edge1.as_str());
+    assert_eq!(entry["LockIndex"], 1);
+    assert_eq!(entry["Value"], "ZWRnZS0x");
+    assert_eq!(
+        (entry["CreateIndex"].as_u64(), entry["ModifyIndex"].as_u64()),
+        (Some(locked), Some(locked))
+    );
+    assert_eq!(consul.kv_lock_holder("weft/leader"), Some(edge1.clone()));
+
+    // Another session is refused: a raft entry that changes nothing.
+    let held = consul.kv_entry("weft/leader").unwrap();
+    assert!(!acquire(&consul, "weft/leader", &edge2, "edge-2").await);
+    assert_eq!(consul.index(), locked + 1);
+    assert_eq!(consul.kv_entry("weft/leader").unwrap(), held);
+
+    // The holder acquires again: the value changes, the LockIndex does not.
+    assert!(acquire(&consul, "weft/leader", &edge1, "edge-1 again").await);
+    let entry = consul.kv_entry("weft/leader").unwrap();
+    assert_eq!(
+        (entry.lock_index, entry.value.as_slice()),
+        (1, b"edge-1 again".as_slice())
+    );
+
+    // Only the holder releases; the Session goes (and leaves the JSON), the LockIndex stays,
+    // the release's body is the value.
+    assert!(!release(&consul, "weft/leader", &edge2, "").await);
+    assert!(release(&consul, "weft/leader", &edge1, "edge-1").await);
+    let entry = kv_json(&consul, "weft/leader").await;
+    assert!(entry.get("Session").is_none(), "{entry}");
+    assert_eq!(entry["LockIndex"], 1);
+    assert_eq!(entry["Value"], "ZWRnZS0x");
+    assert_eq!(consul.kv_lock_holder("weft/leader"), None);
+    assert!(!release(&consul, "weft/leader", &edge1, "").await);
+    assert!(!release(&consul, "weft/missing", &edge1, "").await);
+
+    // Then the other one gets it: a fresh acquisition.
+    assert!(acquire(&consul, "weft/leader", &edge2, "edge-2").await);
+    assert_eq!(consul.kv_entry("weft/leader").unwrap().lock_index, 2);
+    assert_eq!(consul.kv_lock_holder("weft/leader"), Some(edge2.clone()));
+
+    // Locks are advisory: a plain PUT writes a held key and keeps its Session (its LockIndex
+    // becomes the PUT's, 0); a DELETE deletes it.
+    assert!(outcome(&put(&consul, "weft/leader", "intruder").await));
+    let entry = consul.kv_entry("weft/leader").unwrap();
+    assert_eq!(
+        (
+            entry.session.as_deref(),
+            entry.lock_index,
+            entry.value.as_slice()
+        ),
+        (Some(edge2.as_str()), 0, b"intruder".as_slice())
+    );
+    assert!(outcome(&delete(&consul, "weft/leader").await));
+    assert_eq!(consul.kv_entry("weft/leader"), None);
+
+    // A session Consul does not know, or none: the FSM's errors, after a raft entry.
+    let before = consul.index();
+    let unknown = put(&consul, "weft/leader?acquire=no-such-session", "x").await;
+    assert_eq!(
+        (unknown.status, unknown.body.as_str()),
+        (
+            500,
+            r#"raft apply failed: invalid session "no-such-session""#
+        )
+    );
+    let none = put(&consul, "weft/leader?acquire=", "x").await;
+    assert_eq!(
+        (none.status, none.body.as_str()),
+        (500, "raft apply failed: missing session")
+    );
+    assert_eq!(consul.index(), before + 2);
+    assert_eq!(consul.kv_entry("weft/leader"), None);
+    // `?cas` with `?acquire` conflicts.
+    let conflict = put(&consul, &format!("weft/leader?cas=0&acquire={edge1}"), "x").await;
+    assert_eq!(conflict.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_query_on_a_prefix_wakes_on_acquire_release_and_invalidation() {
+    let consul = std::sync::Arc::new(ConsulDouble::start().await);
+    let edge1 = create_session(&consul, r#"{"LockDelay":"0s"}"#).await;
+    consul.kv_put("locks/shop", "");
+    let path = format!("{KV}locks/");
+    let blocked = |index: u64| {
+        let consul = consul.clone();
+        let path = path.clone();
+        tokio::spawn(async move {
+            get(&consul, &format!("{path}?recurse&index={index}&wait=10m")).await
+        })
+    };
+
+    let index = get(&consul, &format!("{path}?recurse")).await.index();
+    let query = blocked(index);
+    consul.wait_for_blocked_queries(&path, 1).await;
+    assert!(acquire(&consul, "locks/shop", &edge1, "edge-1").await);
+    let answer = query.await.unwrap();
+    assert_eq!(answer.index(), consul.index());
+    assert_eq!(answer.json()[0]["Session"], edge1.as_str());
+
+    let query = blocked(answer.index());
+    consul.wait_for_blocked_queries(&path, 1).await;
+    assert!(release(&consul, "locks/shop", &edge1, "").await);
+    let answer = query.await.unwrap();
+    assert!(answer.json()[0].get("Session").is_none());
+
+    // The session's invalidation releases the key: a write under the prefix.
+    assert!(acquire(&consul, "locks/shop", &edge1, "edge-1").await);
+    let index = get(&consul, &format!("{path}?recurse")).await.index();
+    let query = blocked(index);
+    consul.wait_for_blocked_queries(&path, 1).await;
+    assert!(outcome(
+        &session_put(&consul, &format!("destroy/{edge1}"), "").await
+    ));
+    let answer = query.await.unwrap();
+    assert_eq!(answer.index(), consul.index());
+    assert!(answer.json()[0].get("Session").is_none());
+    assert_eq!(answer.json()[0]["LockIndex"], 2);
+
+    // The session list blocks on the sessions table: a creation wakes it.
+    let list = format!("{SESSION}list");
+    let index = get(&consul, &list).await.index();
+    let query = tokio::spawn({
+        let consul = consul.clone();
+        let list = list.clone();
+        async move { get(&consul, &format!("{list}?index={index}&wait=10m")).await }
+    });
+    consul.wait_for_blocked_queries(&list, 1).await;
+    let edge2 = create_session(&consul, "").await;
+    let answer = query.await.unwrap();
+    assert_eq!(answer.json()[0]["ID"], edge2.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_delay_refuses_every_session_after_an_invalidation_until_it_passes() {
+    let consul = ConsulDouble::start().await;
+    let edge1 = create_session(&consul, r#"{"LockDelay":"2s"}"#).await;
+    let edge2 = create_session(&consul, "").await;
+    assert!(acquire(&consul, "weft/leader", &edge1, "edge-1").await);
+    let acquired = consul.kv_entry("weft/leader").unwrap();
+
+    // As if edge-1's node failed: released (LockIndex and value kept, ModifyIndex moved).
+    consul.invalidate_session(&edge1);
+    let invalidated = consul.index();
+    let released = consul.kv_entry("weft/leader").unwrap();
+    assert_eq!(released.session, None);
+    assert_eq!(
+        (
+            released.lock_index,
+            released.value.as_slice(),
+            released.modify_index
+        ),
+        (1, b"edge-1".as_slice(), invalidated)
+    );
+    assert_eq!(released.create_index, acquired.create_index);
+    assert!(!consul.session_exists(&edge1));
+
+    // Within the delay every acquisition is refused before raft: no index moves.
+    let start = Instant::now();
+    assert!(!acquire(&consul, "weft/leader", &edge2, "edge-2").await);
+    assert_eq!(consul.index(), invalidated);
+    let left = consul.kv_lock_delay("weft/leader").unwrap();
+    assert!(left <= Duration::from_secs(2), "{left:?}");
+    // A key the session did not hold has no delay; a release is not refused.
+    assert_eq!(consul.kv_lock_delay("weft/other"), None);
+    assert!(acquire(&consul, "weft/other", &edge2, "edge-2").await);
+
+    support::eventually(Duration::from_secs(5), "the lock delay to pass", || async {
+        match consul.kv_lock_delay("weft/leader") {
+            None => Ok(()),
+            Some(left) => Err(left),
+        }
+    })
+    .await;
+    assert!(start.elapsed() + Duration::from_millis(50) >= left);
+    assert!(acquire(&consul, "weft/leader", &edge2, "edge-2").await);
+    assert_eq!(consul.kv_entry("weft/leader").unwrap().lock_index, 2);
+
+    // The default delay is 15 s; a longer one is kept on the session but applies for 60 s at
+    // most (`MaxLockDelay`). A failed serfHealth invalidates the node's sessions in its write.
+    let long = create_session(&consul, r#"{"LockDelay":"2m"}"#).await;
+    assert_eq!(consul.session(&long).unwrap().lock_delay, 120_000_000_000);
+    assert!(acquire(&consul, "weft/long", &long, "").await);
+    consul.set_node_check("node1", Status::Critical);
+    assert!(consul.sessions().is_empty(), "{:?}", consul.sessions());
+    assert_eq!(consul.kv_lock_holder("weft/leader"), None);
+    let long_delay = consul.kv_lock_delay("weft/long").unwrap();
+    assert!(long_delay > Duration::from_secs(55) && long_delay <= Duration::from_secs(60));
+    let default_delay = consul.kv_lock_delay("weft/leader").unwrap();
+    assert!(default_delay > Duration::from_secs(10) && default_delay <= Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behavior_delete_deletes_the_keys_of_an_invalidated_session() {
+    let consul = ConsulDouble::start().await;
+    let ephemeral = create_session(&consul, r#"{"Behavior":"delete","LockDelay":"0s"}"#).await;
+    let other = create_session(&consul, "").await;
+    assert!(acquire(&consul, "edges/edge-1", &ephemeral, "10.0.0.1").await);
+    assert!(acquire(&consul, "edges/edge-2", &ephemeral, "10.0.0.2").await);
+    assert!(acquire(&consul, "edges/edge-3", &other, "10.0.0.3").await);
+    assert!(outcome(
+        &session_put(&consul, &format!("destroy/{ephemeral}"), "").await
+    ));
+    let destroyed = consul.index();
+    assert_eq!(consul.kv_keys("edges/"), ["edges/edge-3"]);
+    let gone = get(&consul, &format!("{KV}edges/edge-1")).await;
+    assert_eq!((gone.status, gone.index()), (404, destroyed));
+    // A lock delay of 0: the key can be taken again at once.
+    assert_eq!(consul.kv_lock_delay("edges/edge-1"), None);
+    assert!(acquire(&consul, "edges/edge-1", &other, "10.0.0.3").await);
+    assert_eq!(consul.kv_entry("edges/edge-1").unwrap().lock_index, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_not_renewed_within_twice_its_ttl_expires_and_releases_its_lock() {
+    // `session_ttl_min` lowered so that a TTL of 1 s is taken: the session expires 2 s (TTL × 2)
+    // after its creation or last renewal.
+    let consul = std::sync::Arc::new(
+        ConsulDouble::builder()
+            .session_ttl_min(Duration::from_millis(100))
+            .start()
+            .await,
+    );
+    let id = create_session(&consul, r#"{"TTL":"1s","LockDelay":"0s"}"#).await;
+    assert!(acquire(&consul, "weft/leader", &id, "edge-1").await);
+
+    // Renewed every 500 ms for 3 s: still there, past the 2 s it would have had.
+    let mut renewed = Instant::now();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        renewed = Instant::now();
+        let answer = session_put(&consul, &format!("renew/{id}"), "").await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.json()[0]["TTL"], "1s");
+    }
+    assert!(consul.session_exists(&id));
+
+    // Then left alone: a blocking query on the key wakes when the expiry releases it.
+    let key = format!("{KV}weft/leader");
+    let index = get(&consul, &key).await.index();
+    let answer = get(&consul, &format!("{key}?index={index}&wait=1m")).await;
+    let expired_after = renewed.elapsed();
+    assert!(expired_after >= Duration::from_secs(2), "{expired_after:?}");
+    assert!(
+        expired_after < support::patience(Duration::from_secs(6)),
+        "{expired_after:?}"
+    );
+    assert!(answer.json()[0].get("Session").is_none(), "{}", answer.body);
+    assert!(!consul.session_exists(&id));
+    let info = get(&consul, &format!("{SESSION}info/{id}")).await;
+    assert_eq!(info.body, "[]");
+    let renew = session_put(&consul, &format!("renew/{id}"), "").await;
+    assert_eq!(renew.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_goes_when_a_check_it_names_turns_critical_or_goes_away() {
+    let consul = ConsulDouble::start().await;
+    consul.register(Instance::new("shop", "shop-1", "10.2.1.5", 8080));
+    consul.register(Instance::new("shop", "shop-2", "10.2.1.6", 8080));
+    let body = |id: &str| format!(r#"{{"ServiceChecks":[{{"ID":"service:{id}"}}]}}"#);
+    let first = create_session(&consul, &body("shop-1")).await;
+    let second = create_session(&consul, &body("shop-2")).await;
+    let info = get(&consul, &format!("{SESSION}info/{first}")).await.json();
+    assert_eq!(
+        info[0]["ServiceChecks"],
+        serde_json::json!([{"ID": "service:shop-1", "Namespace": ""}])
+    );
+    assert_eq!(info[0]["NodeChecks"], serde_json::json!(["serfHealth"]));
+    assert!(acquire(&consul, "weft/leader", &first, "edge-1").await);
+
+    // Warning and maintenance are not critical.
+    consul.set_check("shop-1", Status::Warning);
+    consul.set_check("shop-1", Status::Maintenance);
+    assert!(consul.session_exists(&first));
+    // Critical: invalidated in the check's own write, its lock released.
+    consul.set_check("shop-1", Status::Critical);
+    let failed = consul.index();
+    assert!(!consul.session_exists(&first));
+    let entry = consul.kv_entry("weft/leader").unwrap();
+    assert_eq!((entry.session, entry.modify_index), (None, failed));
+    assert!(get(&consul, &format!("{SESSION}info/{first}")).await.body == "[]");
+    // A critical check refuses a new session; a deregistered instance takes its check, and the
+    // session naming it, away.
+    let refused = session_put(&consul, "create", &body("shop-1")).await;
+    assert_eq!(
+        (refused.status, refused.body.as_str()),
+        (
+            500,
+            "apply failed: Check 'service:shop-1' is in critical state"
+        )
+    );
+    assert!(consul.session_exists(&second));
+    consul.deregister("shop-2");
+    assert!(!consul.session_exists(&second));
+    assert_eq!(
+        get(&consul, &format!("{SESSION}list")).await.index(),
+        consul.index()
     );
 }

@@ -318,6 +318,15 @@ impl NsProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGKILL, as a crash: nothing of the process runs after it (a child it started, such
+    /// as HAProxy, lives on until its namespace goes).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM, then waits (SIGKILL after 15 s, scaled); the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         super::terminate(self.child.take()?)

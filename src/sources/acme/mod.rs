@@ -30,7 +30,7 @@ use instant_acme::{
     RetryPolicy,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, OnceCell};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -100,7 +100,8 @@ fn unix_now() -> i64 {
 struct Context {
     config: AcmeConfig,
     store: Store,
-    account: OnceCell<Account>,
+    /// The account, once loaded or created; dropped when the CA no longer knows it.
+    account: tokio::sync::Mutex<Option<Account>>,
     /// Where this edge's own HAProxy answers plain HTTP, for the self-check.
     http: SocketAddr,
     edge: String,
@@ -128,7 +129,7 @@ pub async fn run(
     let context = Arc::new(Context {
         config,
         store: store.clone(),
-        account: OnceCell::new(),
+        account: tokio::sync::Mutex::new(None),
         http,
         edge,
     });
@@ -386,61 +387,65 @@ fn failed(what: &str, err: instant_acme::Error) -> Ended {
     Ended::Failed(format!("{what}: {err}"), at_least)
 }
 
-async fn account<'a>(context: &'a Context, state: &State) -> Result<&'a Account, Ended> {
-    context
-        .account
-        .get_or_try_init(|| async {
-            let builder = match &context.config.ca_file {
-                Some(path) => Account::builder_with_root(path),
-                None => Account::builder(),
-            }
-            .map_err(|err| failed("cannot make the ACME client", err))?;
-            if let Some(stored) = state.get("account") {
-                let credentials = serde_json::from_str(stored).map_err(|err| {
-                    Ended::Failed(
-                        format!("the stored ACME account does not decode: {err}"),
-                        None,
-                    )
-                })?;
-                return builder
-                    .from_credentials(credentials)
-                    .await
-                    .map_err(|err| failed("cannot load the ACME account", err));
-            }
-            let contact = format!("mailto:{}", context.config.email);
-            let (account, credentials) = builder
-                .create(
-                    &NewAccount {
-                        contact: &[&contact],
-                        terms_of_service_agreed: true,
-                        only_return_existing: false,
-                    },
-                    context.config.directory.to_string(),
-                    None,
-                )
-                .await
-                .map_err(|err| failed("cannot create the ACME account", err))?;
-            let text = serde_json::to_string(&credentials).unwrap_or_default();
-            match context.store.put("account", &text, true).await {
-                Ok(true) => {
-                    info!(id = %account.id(), "ACME account created and stored");
-                    Ok(account)
-                }
-                Ok(false) => Err(Ended::Failed(
-                    "another edge stored its ACME account first; the next order uses it".into(),
-                    Some(Duration::from_secs(1)),
-                )),
-                Err(err) => Err(Ended::Failed(
-                    format!("cannot store the ACME account: {err}"),
-                    None,
-                )),
-            }
-        })
+/// The account: loaded from the store, else created and stored. With `forgotten` (the CA said
+/// it does not know the stored one, as a test CA does after a restart) a new one replaces it.
+async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Account, Ended> {
+    let mut cell = context.account.lock().await;
+    if let (Some(account), false) = (cell.as_ref(), forgotten) {
+        return Ok(account.clone());
+    }
+    let builder = match &context.config.ca_file {
+        Some(path) => Account::builder_with_root(path),
+        None => Account::builder(),
+    }
+    .map_err(|err| failed("cannot make the ACME client", err))?;
+    if let (Some(stored), false) = (state.get("account"), forgotten) {
+        let credentials = serde_json::from_str(stored).map_err(|err| {
+            Ended::Failed(
+                format!("the stored ACME account does not decode: {err}"),
+                None,
+            )
+        })?;
+        let account = builder
+            .from_credentials(credentials)
+            .await
+            .map_err(|err| failed("cannot load the ACME account", err))?;
+        *cell = Some(account.clone());
+        return Ok(account);
+    }
+    let contact = format!("mailto:{}", context.config.email);
+    let (account, credentials) = builder
+        .create(
+            &NewAccount {
+                contact: &[&contact],
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            context.config.directory.to_string(),
+            None,
+        )
         .await
+        .map_err(|err| failed("cannot create the ACME account", err))?;
+    let text = serde_json::to_string(&credentials).unwrap_or_default();
+    match context.store.put("account", &text, !forgotten).await {
+        Ok(true) => {
+            info!(id = %account.id(), "ACME account created and stored");
+            *cell = Some(account.clone());
+            Ok(account)
+        }
+        Ok(false) => Err(Ended::Failed(
+            "another edge stored its ACME account first; the next order uses it".into(),
+            None,
+        )),
+        Err(err) => Err(Ended::Failed(
+            format!("cannot store the ACME account: {err}"),
+            None,
+        )),
+    }
 }
 
 async fn order_locked(context: &Context, host: &str, state: &State) -> Result<(), Ended> {
-    let account = account(context, state).await?;
+    let mut account = account(context, state, false).await?;
     let store_failed = |err: store::StoreError| Ended::Failed(format!("ACME store: {err}"), None);
     let identifiers = [Identifier::Dns(host.to_string())];
     let resumed = match state.get(&format!("orders/{host}")) {
@@ -461,24 +466,25 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
         Some(order) => order,
         None => {
             count(&COUNTERS.orders);
-            let order = account
-                .new_order(&NewOrder::new(&identifiers))
-                .await
-                .map_err(|err| {
-                    if problem_type(&err) == Some("urn:ietf:params:acme:error:accountDoesNotExist")
-                    {
-                        // The CA forgot the account (a test CA restarted): make a new one next.
-                        let store = context.store.clone();
-                        tokio::spawn(async move { store.delete("account").await });
-                    }
-                    failed("the CA refused the order", err)
-                })?;
-            info!(%host, url = %order.url(), edge = %context.edge, "ACME order placed");
+            let placed = match account.new_order(&NewOrder::new(&identifiers)).await {
+                Err(err)
+                    if problem_type(&err)
+                        == Some("urn:ietf:params:acme:error:accountDoesNotExist") =>
+                {
+                    // The CA forgot the account (a test CA restarted): a new one, once.
+                    warn!(%host, "the CA does not know the stored ACME account; creating a new one");
+                    account = self::account(context, state, true).await?;
+                    account.new_order(&NewOrder::new(&identifiers)).await
+                }
+                placed => placed,
+            };
+            let order = placed.map_err(|err| failed("the CA refused the order", err))?;
             context
                 .store
                 .put(&format!("orders/{host}"), order.url(), false)
                 .await
                 .map_err(store_failed)?;
+            info!(%host, url = %order.url(), edge = %context.edge, "ACME order placed");
             order
         }
     };

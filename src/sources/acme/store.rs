@@ -83,7 +83,10 @@ impl Store {
             name,
             ttl,
         };
-        (Store::Consul(Arc::new(store)), StoreWatch::Consul(Box::new(watch)))
+        (
+            Store::Consul(Arc::new(store)),
+            StoreWatch::Consul(Box::new(watch)),
+        )
     }
 
     /// The local store in `dir` (created, private to weft), read back from its file.

@@ -14,12 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 
-use super::json::{render, render_filtered};
+use super::json::{render, render_filtered, SessionJson};
+use super::session::{generate_id, NewSession};
 use super::state::{Endpoint, Shared};
 use super::{
     parse_go_bool, parse_go_duration, parse_go_uint, Fault, CATALOG_SERVICES, DATACENTER,
     DEFAULT_WAIT, HEALTH_SERVICE, HEALTH_STATE, JITTER_FRACTION, KV, KV_MAX_VALUE_SIZE, MAX_WAIT,
-    OTHER_PATHS,
+    OTHER_PATHS, SESSION,
 };
 
 type SharedState = AxumState<Arc<Shared>>;
@@ -32,7 +33,7 @@ pub(super) async fn record(
     next: Next,
 ) -> Response {
     let path = request.uri().path().to_string();
-    let endpoint = [CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE, KV]
+    let endpoint = [CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE, KV, SESSION]
         .into_iter()
         .find(|prefix| path.starts_with(prefix))
         .unwrap_or(OTHER_PATHS);
@@ -161,8 +162,17 @@ pub(super) async fn kv_get(
     .await
 }
 
-/// `PUT /v1/kv/:key` (`KVSPut`): the body is the value; `?flags`, `?cas`. Answers `true`, or
-/// the outcome of a check-and-set.
+/// What a KV PUT asks of the state store (`KVSPut` picks the `api.KVOp`).
+enum KvWrite {
+    Set,
+    Cas(u64),
+    Lock(String),
+    Unlock(String),
+}
+
+/// `PUT /v1/kv/:key` (`KVSPut`): the body is the value; `?flags`, `?cas`, `?acquire=<session>`,
+/// `?release=<session>` (at most one of the last three). Answers `true`, or the outcome of a
+/// check-and-set, an acquisition or a release.
 pub(super) async fn kv_put(
     AxumState(shared): SharedState,
     key: Option<Path<String>>,
@@ -179,25 +189,44 @@ pub(super) async fn kv_put(
         }
         conflicting_flags(&params, &["cas", "acquire", "release"])?;
         let flags = uint_param(&params, "flags")?.unwrap_or(0);
-        let cas = uint_param(&params, "cas")?;
-        if has(&params, "acquire") || has(&params, "release") {
-            return Err(Rejection(
-                StatusCode::BAD_REQUEST,
-                "?acquire and ?release (sessions) are not implemented by the Consul test double",
-            )
-            .into());
+        let mut op = match uint_param(&params, "cas")? {
+            Some(cas) => KvWrite::Cas(cas),
+            None => KvWrite::Set,
+        };
+        if let Some(session) = first(&params, "acquire") {
+            op = KvWrite::Lock(session.to_string());
+        }
+        if let Some(session) = first(&params, "release") {
+            op = KvWrite::Unlock(session.to_string());
         }
         let value = read_value(&headers, body).await?;
         rpc_write(&shared, &headers, &params, &options)?;
-        Ok(shared.write(|state, index| {
-            Ok(match cas {
-                Some(cas) => state.kv.set_cas(&key, value, flags, cas, index),
-                None => {
+        // `kvsPreApply`: a lock within the key's lock delay is refused by the leader before
+        // raft (so no index moves).
+        if matches!(op, KvWrite::Lock(_)) {
+            let now = tokio::time::Instant::now();
+            if shared.lock().kv.lock_delay(&key, now).is_some() {
+                return Ok(false);
+            }
+        }
+        let outcome = shared.write(|state, index| {
+            Ok(match op {
+                KvWrite::Set => {
                     state.kv.set(&key, value, flags, index);
-                    true
+                    Ok(true)
                 }
+                KvWrite::Cas(cas) => Ok(state.kv.set_cas(&key, value, flags, cas, index)),
+                KvWrite::Lock(session) => state.kv_lock(&key, value, flags, &session, index),
+                KvWrite::Unlock(session) => state.kv_unlock(&key, value, flags, &session, index),
             })
-        }))
+        });
+        // An error of the FSM (a missing or unknown session) is still a raft entry.
+        outcome.map_err(|error| {
+            Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("raft apply failed: {error}"),
+            )
+        })
     };
     match put.await {
         Ok(outcome) => write_answer(&shared, outcome).await,
@@ -244,6 +273,223 @@ pub(super) async fn kv_delete(
     }
 }
 
+/// The largest `PUT /v1/session/create` body the double reads (Consul reads it whole).
+const SESSION_BODY_LIMIT: usize = 1024 * 1024;
+
+/// `PUT /v1/session/create` (`SessionCreate` in `agent/session_endpoint.go`, then
+/// `Session.Apply` in `agent/consul/session_endpoint.go`): the body, read only with a
+/// `Content-Length` above 0, over the defaults (a 400 `Request decode failed: ...` if it does
+/// not decode); then the RPC: `Must provide Node`, the ACL (`session:write`), the behavior,
+/// the TTL, and the raft write, whose FSM errors come back as `apply failed: ...`. Every RPC
+/// error is a 500 with its text, as Consul's HTTP layer answers a plain error. Answers
+/// `{"ID": "<uuid>"}` and starts the TTL timer.
+pub(super) async fn session_create(
+    AxumState(shared): SharedState,
+    headers: HeaderMap,
+    Query(params): Params,
+    body: Body,
+) -> Response {
+    stall_if_faulted(&shared).await;
+    let create = async {
+        let mut new = NewSession::default();
+        if content_length(&headers).is_some_and(|length| length > 0) {
+            let body = axum::body::to_bytes(body, SESSION_BODY_LIMIT)
+                .await
+                .map_err(|e| {
+                    Refusal(
+                        StatusCode::BAD_REQUEST,
+                        format!("Request decode failed: {e}"),
+                    )
+                })?;
+            new = NewSession::decode(&body).map_err(|e| {
+                Refusal(
+                    StatusCode::BAD_REQUEST,
+                    format!("Request decode failed: {e}"),
+                )
+            })?;
+        }
+        new.fixup_empty_checks();
+        let options = QueryOptions::datacenter_only(&params);
+        let access = rpc(&shared, &headers, &params, &options, Rpc::Write)?;
+        if new.node.is_empty() {
+            return Err(internal("Must provide Node"));
+        }
+        if access == Access::Anonymous {
+            return Err(Rejection(StatusCode::FORBIDDEN, PERMISSION_DENIED).into());
+        }
+        let ttl_min = shared.lock().sessions.ttl_min;
+        let behavior = new.check(ttl_min).map_err(internal)?;
+        let id = generate_id();
+        let created =
+            shared.write(|state, index| Ok(state.create_session(new, behavior, id.clone(), index)));
+        created.map_err(|error| internal(format!("apply failed: {error}")))?;
+        // `resetSessionTimer`, after the raft write.
+        shared
+            .lock()
+            .sessions
+            .reset_timer(&id, tokio::time::Instant::now());
+        shared.session_timers.notify_one();
+        Ok(id)
+    };
+    match create.await {
+        Ok(id) => write_json(&shared, serde_json::json!({ "ID": id })).await,
+        Err::<_, Refusal>(refusal) => refusal.into_response(),
+    }
+}
+
+/// `PUT /v1/session/destroy/:id` (`SessionDestroy`, `Session.Apply`): `true`. An unknown
+/// session is `true` too, without a raft write (`Session.Apply` returns before it, and before
+/// the ACL check); a known one is invalidated as a failed check would (`deleteSessionTxn`).
+pub(super) async fn session_destroy(
+    AxumState(shared): SharedState,
+    id: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    stall_if_faulted(&shared).await;
+    let id = id.map(|Path(id)| id).unwrap_or_default();
+    let destroy = || {
+        if id.is_empty() {
+            return Err(Refusal::from(Rejection(
+                StatusCode::BAD_REQUEST,
+                "Missing session",
+            )));
+        }
+        let options = QueryOptions::datacenter_only(&params);
+        let access = rpc(&shared, &headers, &params, &options, Rpc::Write)?;
+        if shared.lock().sessions.get(&id).is_none() {
+            return Ok(());
+        }
+        if access == Access::Anonymous {
+            return Err(Rejection(StatusCode::FORBIDDEN, PERMISSION_DENIED).into());
+        }
+        shared.write(|state, index| {
+            // Gone in between (its TTL ran out): `deleteSessionTxn` finds nothing.
+            state.invalidate_session(&id, index);
+            Ok(())
+        });
+        Ok(())
+    };
+    match destroy() {
+        Ok(()) => write_answer(&shared, true).await,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// `PUT /v1/session/renew/:id` (`SessionRenew`, `Session.Renew`): restarts the session's TTL
+/// timer, without a raft write, and answers the session in a list (no `X-Consul-*` headers);
+/// an unknown session is a 404 `Session id '<id>' not found`, before the ACL check.
+pub(super) async fn session_renew(
+    AxumState(shared): SharedState,
+    id: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    stall_if_faulted(&shared).await;
+    let id = id.map(|Path(id)| id).unwrap_or_default();
+    let renew = || {
+        let options = QueryOptions::parse(&params)?;
+        if id.is_empty() {
+            return Err(Refusal::from(Rejection(
+                StatusCode::BAD_REQUEST,
+                "Missing session",
+            )));
+        }
+        let access = rpc(&shared, &headers, &params, &options, Rpc::Write)?;
+        let mut state = shared.lock();
+        if state.sessions.get(&id).is_none() {
+            let message = format!("Session id '{id}' not found");
+            return Err(Refusal(StatusCode::NOT_FOUND, message));
+        }
+        if access == Access::Anonymous {
+            return Err(Rejection(StatusCode::FORBIDDEN, PERMISSION_DENIED).into());
+        }
+        let now = tokio::time::Instant::now();
+        let session = state.sessions.reset_timer(&id, now);
+        drop(state);
+        shared.session_timers.notify_one();
+        Ok(Vec::from_iter(session.as_ref().map(SessionJson::new)))
+    };
+    match renew() {
+        Ok(sessions) => write_json(&shared, sessions).await,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// `GET /v1/session/info/:id` (`SessionGet`): the session in a list, `[]` when unknown.
+pub(super) async fn session_info(
+    AxumState(shared): SharedState,
+    id: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let (path, id) = named(SESSION_INFO, id);
+    answer(&shared, &headers, &params, path, |_| {
+        let id = id.ok_or(Rejection(StatusCode::BAD_REQUEST, "Missing session"))?;
+        Ok(Endpoint::SessionInfo { id })
+    })
+    .await
+}
+
+/// `GET /v1/session/list` (`SessionList`): every session, by ID.
+pub(super) async fn session_list(
+    AxumState(shared): SharedState,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    answer(&shared, &headers, &params, SESSION_LIST.to_string(), |_| {
+        Ok(Endpoint::SessionList)
+    })
+    .await
+}
+
+/// `GET /v1/session/node/:node` (`SessionsForNode`): the node's sessions, `[]` for none.
+pub(super) async fn session_node(
+    AxumState(shared): SharedState,
+    node: Option<Path<String>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let (path, node) = named(SESSION_NODE, node);
+    answer(&shared, &headers, &params, path, |_| {
+        let node = node.ok_or(Rejection(StatusCode::BAD_REQUEST, "Missing node name"))?;
+        Ok(Endpoint::SessionNode { node })
+    })
+    .await
+}
+
+const SESSION_INFO: &str = "/v1/session/info/";
+const SESSION_LIST: &str = "/v1/session/list";
+const SESSION_NODE: &str = "/v1/session/node/";
+
+/// A session endpoint asked with another method: `wrap` answers `OPTIONS` with the `Allow`
+/// header and anything else with `MethodNotAllowedError` (405, `OPTIONS` first in `Allow`).
+pub(super) fn session_method_not_allowed(
+    allowed: &'static str,
+) -> impl Fn(axum::http::Method) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move |method| {
+        let allow = [(axum::http::header::ALLOW, allowed)];
+        let response = if method == axum::http::Method::OPTIONS {
+            (allow, "").into_response()
+        } else {
+            let message = format!("method {method} not allowed");
+            (StatusCode::METHOD_NOT_ALLOWED, allow, message).into_response()
+        };
+        std::future::ready(response)
+    }
+}
+
+fn internal(message: impl Into<String>) -> Refusal {
+    Refusal(StatusCode::INTERNAL_SERVER_ERROR, message.into())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Any other method on `/v1/kv/` (`MethodNotAllowedError`).
 pub(super) async fn kv_method_not_allowed(method: axum::http::Method) -> Response {
     (
@@ -277,7 +523,12 @@ fn rpc_write(
 /// A write's JSON `true` or `false`, without `X-Consul-*` headers (a write has no query
 /// meta).
 async fn write_answer(shared: &Arc<Shared>, outcome: bool) -> Response {
-    let response = Json(outcome).into_response();
+    write_json(shared, outcome).await
+}
+
+/// A write's JSON answer, without `X-Consul-*` headers.
+async fn write_json(shared: &Arc<Shared>, answer: impl serde::Serialize) -> Response {
+    let response = Json(answer).into_response();
     if shared.lock().fault == Fault::Garbage {
         return truncate_body(response).await;
     }
@@ -587,6 +838,19 @@ struct QueryOptions {
 }
 
 impl QueryOptions {
+    /// For the endpoints that only call `parseDC` and `parseToken` (`SessionCreate`,
+    /// `SessionDestroy`): `?dc` counts, the other query options are not looked at.
+    fn datacenter_only(params: &[(String, String)]) -> QueryOptions {
+        QueryOptions {
+            datacenter: first(params, "dc")
+                .filter(|dc| !dc.is_empty())
+                .map(str::to_string),
+            consistency: Consistency::Leader,
+            index: 0,
+            wait: DEFAULT_WAIT,
+        }
+    }
+
     fn parse(params: &[(String, String)]) -> Result<QueryOptions, Rejection> {
         let has = |key: &str| params.iter().any(|(k, _)| k == key);
         let consistency = match (has("stale"), has("consistent")) {

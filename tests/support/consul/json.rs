@@ -1,5 +1,5 @@
-//! The JSON a Consul agent writes for the catalog and the KV store: what each endpoint answers,
-//! in Consul's order, with every object's CreateIndex/ModifyIndex.
+//! The JSON a Consul agent writes for the catalog, the KV store and the sessions: what each
+//! endpoint answers, in Consul's order, with every object's CreateIndex/ModifyIndex.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -11,6 +11,7 @@ use base64::Engine;
 use serde::Serialize;
 
 use super::kv::KvEntry;
+use super::session::SessionEntry;
 use super::state::{CheckState, Endpoint, InstanceState, NodeState, State};
 use super::{Instance, DATACENTER};
 
@@ -50,6 +51,23 @@ pub(super) fn render(state: &State, endpoint: &Endpoint) -> Response {
             let keys = kv_keys(state.kv.under(prefix), prefix, separator);
             kv_keys_answer(keys, prefix)
         }
+        // `SessionGet`, `SessionList`, `SessionsForNode`: a list, `[]` for nothing.
+        Endpoint::SessionInfo { id } => {
+            let session = state.sessions.get(id).map(SessionJson::new);
+            Json(Vec::from_iter(session)).into_response()
+        }
+        Endpoint::SessionList => Json(
+            state
+                .sessions
+                .all()
+                .map(SessionJson::new)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Endpoint::SessionNode { node } => {
+            let sessions = state.sessions.on_node(node).map(SessionJson::new);
+            Json(sessions.collect::<Vec<_>>()).into_response()
+        }
     }
 }
 
@@ -74,6 +92,19 @@ pub(super) fn render_filtered(state: &State, endpoint: &Endpoint) -> (Response, 
         Endpoint::KvKeys { prefix, .. } => (
             kv_keys_answer(Vec::new(), prefix),
             state.kv.under(prefix).next().is_some(),
+        ),
+        // `filterACLWithAuthorizer` leaves no session without `session:read` on its node.
+        Endpoint::SessionInfo { id } => (
+            Json(Vec::<()>::new()).into_response(),
+            state.sessions.get(id).is_some(),
+        ),
+        Endpoint::SessionList => (
+            Json(Vec::<()>::new()).into_response(),
+            state.sessions.len() > 0,
+        ),
+        Endpoint::SessionNode { node } => (
+            Json(Vec::<()>::new()).into_response(),
+            state.sessions.on_node(node).next().is_some(),
         ),
     }
 }
@@ -201,7 +232,7 @@ fn checks_in_state(state: &State, wanted: &str) -> Vec<CheckJson> {
 // Serde mirrors of Consul's JSON, fields in the order real agents write them.
 
 /// `structs.DirEntry`: `Value` is base64, `null` for an empty value; `Session` only on a
-/// locked key (never, in the double).
+/// locked key (`omitempty`).
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct KvJson {
@@ -223,9 +254,65 @@ impl KvJson {
             flags: entry.flags,
             value: (!entry.value.is_empty())
                 .then(|| base64::engine::general_purpose::STANDARD.encode(&entry.value)),
-            session: None,
+            session: entry.session.clone(),
             create_index: entry.create_index,
             modify_index: entry.modify_index,
+        }
+    }
+}
+
+/// `structs.Session`, as the session endpoints write it: `LockDelay` in nanoseconds, nil slices
+/// as `null`, the deprecated `Checks` only when not empty (`omitempty`), nothing of the
+/// (Enterprise) `EnterpriseMeta`.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct SessionJson {
+    #[serde(rename = "ID")]
+    id: String,
+    name: String,
+    node: String,
+    lock_delay: i64,
+    behavior: &'static str,
+    #[serde(rename = "TTL")]
+    ttl: String,
+    node_checks: Option<Vec<String>>,
+    service_checks: Option<Vec<ServiceCheckJson>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    checks: Vec<String>,
+    create_index: u64,
+    modify_index: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ServiceCheckJson {
+    #[serde(rename = "ID")]
+    id: String,
+    namespace: String,
+}
+
+impl SessionJson {
+    pub(super) fn new(session: &SessionEntry) -> SessionJson {
+        SessionJson {
+            id: session.id.clone(),
+            name: session.name.clone(),
+            node: session.node.clone(),
+            lock_delay: session.lock_delay,
+            behavior: session.behavior.as_str(),
+            ttl: session.ttl.clone(),
+            node_checks: session.node_checks.clone(),
+            service_checks: session.service_checks.as_ref().map(|checks| {
+                checks
+                    .iter()
+                    .map(|check| ServiceCheckJson {
+                        id: check.id.clone(),
+                        namespace: check.namespace.clone(),
+                    })
+                    .collect()
+            }),
+            checks: session.checks.clone().unwrap_or_default(),
+            create_index: session.create_index,
+            modify_index: session.modify_index,
         }
     }
 }

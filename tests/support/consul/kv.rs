@@ -1,9 +1,12 @@
-//! Consul's KV store: the entries, the graveyard of tombstones, and the `kvs` and `tombstones`
-//! entries of Consul's `index` table, written and read as the state store does it
-//! (`agent/consul/state/kvs.go`, `kvs_ce.go`, `graveyard.go`).
+//! Consul's KV store: the entries with their locks, the graveyard of tombstones, the lock
+//! delays, and the `kvs` and `tombstones` entries of Consul's `index` table, written and read as
+//! the state store does it (`agent/consul/state/kvs.go`, `kvs_ce.go`, `graveyard.go`,
+//! `delay.go`).
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+
+use tokio::time::Instant;
 
 /// One KV entry, as a test reads it with `ConsulDouble::kv_entry` (Consul's `DirEntry`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,8 +15,12 @@ pub struct KvEntry {
     /// Empty for a key written without a body: Consul answers `"Value": null` for it.
     pub value: Vec<u8>,
     pub flags: u64,
-    /// Always 0: the double has no sessions, so no key is ever locked.
+    /// How many times a session acquired the key (`?acquire=` on a key it did not hold). A plain
+    /// PUT writes 0, as Consul's does: `kvsSetTxn` keeps only the `Session` of the entry it
+    /// replaces, and the PUT's `DirEntry` carries no LockIndex.
     pub lock_index: u64,
+    /// The session holding the lock (`Session`, absent from the JSON when empty).
+    pub session: Option<String>,
     pub create_index: u64,
     pub modify_index: u64,
 }
@@ -28,6 +35,9 @@ pub(super) struct Kv {
     kvs_index: u64,
     /// The `tombstones` entry: the last deletion.
     tombstones_index: u64,
+    /// Key -> when its lock delay ends (`state.Delay`): set when an invalidated session lets the
+    /// key go, kept in memory (not in raft) and checked before a lock goes to raft.
+    lock_delays: BTreeMap<String, Instant>,
 }
 
 impl Kv {
@@ -71,12 +81,33 @@ impl Kv {
         }
     }
 
-    /// `kvsSetTxn`: an existing key keeps its CreateIndex; a write that changes nothing
-    /// (`DirEntry.Equal`: same value and flags, no lock) keeps its ModifyIndex and moves no
-    /// table index.
+    /// `kvsSetTxn` for a plain PUT: an existing key keeps its CreateIndex and its Session (the
+    /// lock stays with its holder: Consul's locks are advisory); the LockIndex is the request's,
+    /// 0. A write that changes nothing (`DirEntry.Equal`: same value, flags, LockIndex and
+    /// Session) keeps its ModifyIndex and moves no table index.
     pub(super) fn set(&mut self, key: &str, value: Vec<u8>, flags: u64, index: u64) {
+        let session = self.entries.get(key).and_then(|old| old.session.clone());
+        self.write_entry(key, value, flags, 0, session, index);
+    }
+
+    /// `kvsSetTxn` with `updateSession`: writes the entry as given (CreateIndex kept), unless it
+    /// equals the one there (`DirEntry.Equal`), which keeps its ModifyIndex.
+    fn write_entry(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        flags: u64,
+        lock_index: u64,
+        session: Option<String>,
+        index: u64,
+    ) {
         let create_index = match self.entries.get(key) {
-            Some(old) if old.value == value && old.flags == flags => return,
+            Some(old)
+                if (&old.value, old.flags, old.lock_index, &old.session)
+                    == (&value, flags, lock_index, &session) =>
+            {
+                return
+            }
             Some(old) => old.create_index,
             None => index,
         };
@@ -86,12 +117,92 @@ impl Kv {
                 key: key.to_string(),
                 value,
                 flags,
-                lock_index: 0,
+                lock_index,
+                session,
                 create_index,
                 modify_index: index,
             },
         );
         self.kvs_index = index;
+    }
+
+    /// `kvsLockTxn`, for a session the caller found: a key held by another session is `false`;
+    /// otherwise the value and flags are written with the session, and a fresh acquisition (a
+    /// new key: 1) raises the LockIndex. The holder acquiring again keeps the LockIndex (and,
+    /// with the same value and flags, the ModifyIndex).
+    pub(super) fn lock(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        flags: u64,
+        session: &str,
+        index: u64,
+    ) -> bool {
+        let lock_index = match self.entries.get(key) {
+            Some(old) if old.session.as_deref() == Some(session) => old.lock_index,
+            Some(old) if old.session.is_some() => return false,
+            Some(old) => old.lock_index + 1,
+            None => 1,
+        };
+        let session = Some(session.to_string());
+        self.write_entry(key, value, flags, lock_index, session, index);
+        true
+    }
+
+    /// `kvsUnlockTxn`: only the holder releases (a missing key, or another holder, is
+    /// `false`); the Session goes, the LockIndex stays, and the release's value and flags are
+    /// written (a release without a body empties the value, as Consul's does).
+    pub(super) fn unlock(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        flags: u64,
+        session: &str,
+        index: u64,
+    ) -> bool {
+        let lock_index = match self.entries.get(key) {
+            Some(old) if old.session.as_deref() == Some(session) => old.lock_index,
+            Some(_) | None => return false,
+        };
+        self.write_entry(key, value, flags, lock_index, None, index);
+        true
+    }
+
+    /// The keys a session holds. Consul finds them through the `session` index of the `kvs`
+    /// table, a UUID index: the session's ID in any case.
+    pub(super) fn held_by(&self, session: &str) -> Vec<String> {
+        self.entries
+            .values()
+            .filter(|entry| {
+                entry
+                    .session
+                    .as_deref()
+                    .is_some_and(|holder| holder.eq_ignore_ascii_case(session))
+            })
+            .map(|entry| entry.key.clone())
+            .collect()
+    }
+
+    /// What `deleteSessionTxn` does to a held key of a `release` session: the Session goes
+    /// (LockIndex, value and flags stay) and the ModifyIndex moves.
+    pub(super) fn release(&mut self, key: &str, index: u64) {
+        if let Some(old) = self.entries.get(key).cloned() {
+            self.write_entry(key, old.value, old.flags, old.lock_index, None, index);
+        }
+    }
+
+    /// `Delay.SetExpiration`: no lock on `key` until `until`.
+    pub(super) fn set_lock_delay(&mut self, key: &str, until: Instant) {
+        self.lock_delays.insert(key.to_string(), until);
+    }
+
+    /// `KVSLockDelay`: when the key's lock delay ends, if it has not yet (`kvsPreApply` refuses
+    /// a lock until then).
+    pub(super) fn lock_delay(&self, key: &str, now: Instant) -> Option<Instant> {
+        self.lock_delays
+            .get(key)
+            .copied()
+            .filter(|until| *until > now)
     }
 
     /// `kvsSetCASTxn`: `cas` 0 writes only a missing key, any other only a key whose

@@ -1,7 +1,8 @@
 //! A Consul HTTP API test double: `/v1/catalog/services`, `/v1/health/service/:name`,
-//! `/v1/health/state/:state` and the KV store (`/v1/kv/:key`), with blocking queries,
-//! per-object and per-table raft indexes, ACL tokens, injectable faults and Consul's
-//! per-client-IP connection limit, on 127.0.0.1:0 or a given address.
+//! `/v1/health/state/:state`, the KV store (`/v1/kv/:key`) with its locks, and sessions
+//! (`/v1/session/...`), with blocking queries, per-object and per-table raft indexes, ACL
+//! tokens, injectable faults and Consul's per-client-IP connection limit, on 127.0.0.1:0 or a
+//! given address.
 //!
 //! It follows the Consul reference notes, the docs samples in tests/fixtures/consul/ and
 //! Consul's source. Tests change the catalog with plain methods (`register`, `register_all`,
@@ -25,7 +26,8 @@
 //! | `/v1/health/service/:name` | `service.<name>` | the same for that service's instances, a change of one of their checks, of their node or of its serfHealth; a service without instances answers the last time any service lost its last instance (or, if none ever did, the latest change of nodes, services or checks) |
 //! | `/v1/health/state/:state` | the checks table | a check added, changed (status, output, the service's tags) or removed, and every deregistration |
 //! | `/v1/kv/:key` | the key's ModifyIndex; a missing key: the later of the `kvs` and `tombstones` tables (`kvsMaxIndex`) | a write that changes the key; a missing key: any KV write that changes something (as in Consul, hashicorp/consul#9449) |
-//! | `/v1/kv/:prefix?recurse`, `?keys` | the highest ModifyIndex under the prefix and of the prefix's tombstones; if 0, or for the empty prefix, `kvsMaxIndex` | a write or deletion under the prefix |
+//! | `/v1/kv/:prefix?recurse`, `?keys` | the highest ModifyIndex under the prefix and of the prefix's tombstones; if 0, or for the empty prefix, `kvsMaxIndex` | a write or deletion under the prefix (an acquisition, a release, and a session's invalidation releasing or deleting its keys included) |
+//! | `/v1/session/info/:id`, `/list`, `/node/:node` | the `sessions` table | a session created or invalidated (destroyed, expired, its node or a check failed); not a renewal |
 //!
 //! So moving an instance (same ID, a new address, its check unchanged) wakes
 //! `/v1/catalog/services` (whose body does not change) and that service's health, but not
@@ -36,38 +38,104 @@
 //! The KV store follows `agent/kvs_endpoint.go` (HTTP), `agent/consul/kvs_endpoint.go` (RPC,
 //! ACLs) and `agent/consul/state/kvs.go`, `kvs_ce.go`, `graveyard.go` (state, indexes):
 //!
-//! - `GET /v1/kv/:key`: `[{"LockIndex","Key","Flags","Value","CreateIndex","ModifyIndex"}]`,
-//!   `Value` in base64 (`null` when empty); `?raw`: the value alone, `text/plain`, with
+//! - `GET /v1/kv/:key`: `[{"LockIndex","Key","Flags","Value","Session","CreateIndex",
+//!   "ModifyIndex"}]`, `Value` in base64 (`null` when empty), `Session` only on a locked key
+//!   (`omitempty`); `?raw`: the value alone, `text/plain`, with
 //!   `X-Content-Type-Options: nosniff` and `Content-Security-Policy: sandbox`; `?recurse`: every
 //!   entry under the prefix, in key order; `?keys` (`separator`, or the old `seperator`): the
 //!   keys, each cut after the first separator past the prefix. Nothing found: a 404 without a
 //!   body, with the `X-Consul-*` headers; `?keys` at the root answers `[]` instead. No key and
 //!   neither `?recurse` nor `?keys`: `400 Missing key name`.
 //! - `PUT /v1/kv/:key` (body: the value): `?flags`, `?cas` (0: only if absent; N: only if the
-//!   ModifyIndex is N). A `Content-Length` past `KV_MAX_VALUE_SIZE` (512 KiB,
-//!   `kv_max_value_size`'s default) is Consul's 413. `DELETE /v1/kv/:key`: `?recurse` (a
-//!   prefix, one tombstone for it), `?cas` (N: only at ModifyIndex N; a missing key is `true`).
-//!   Writes answer the JSON `true`, or the check-and-set's outcome, without `X-Consul-*`
-//!   headers. Conflicting flags (`cas` with `acquire`/`release`, `recurse` with `cas`) are
-//!   Consul's `400 Conflicting flags: <query>`; a `flags` or `cas` that is not a number is
-//!   Consul's 500 with Go's `strconv.ParseUint` text; other methods a 405.
-//! - An entry written with the value and flags it has keeps its ModifyIndex (`kvsSetTxn`).
-//!   KV writes move only the KV indexes, catalog writes none of them.
+//!   ModifyIndex is N), `?acquire=<session>`, `?release=<session>` (below). A `Content-Length`
+//!   past `KV_MAX_VALUE_SIZE` (512 KiB, `kv_max_value_size`'s default) is Consul's 413.
+//!   `DELETE /v1/kv/:key`: `?recurse` (a prefix, one tombstone for it), `?cas` (N: only at
+//!   ModifyIndex N; a missing key is `true`). Writes answer the JSON `true`, or the outcome of
+//!   the check-and-set, acquisition or release, without `X-Consul-*` headers. Conflicting flags
+//!   (two of `cas`, `acquire`, `release`; `recurse` with `cas`) are Consul's
+//!   `400 Conflicting flags: <query>`; a `flags` or `cas` that is not a number is Consul's 500
+//!   with Go's `strconv.ParseUint` text; other methods a 405.
+//! - An entry written with the value, flags, LockIndex and Session it has keeps its ModifyIndex
+//!   (`kvsSetTxn`, `DirEntry.Equal`). KV writes move only the KV indexes, catalog writes none
+//!   of them.
 //! - ACLs (`set_token`): the anonymous token gets `403 Permission denied` for a key and for
 //!   every write; its lists are filtered to nothing (a 404, with
 //!   `X-Consul-Results-Filtered-By-ACLs: true` when there was something to filter).
 //!
-//! KV simplifications: no sessions, so no locks: `?acquire` and `?release` answer `400 ... not
-//! implemented by the Consul test double` (as `?filter` does), `LockIndex` is always 0 and
-//! `Session` never present. Tombstones are never reaped (Consul's leader reaps them after
-//! `tombstone_ttl`, 15 minutes, with a raft write). A PUT body without `Content-Length`, which
-//! Consul reads whole, gets the 413 past the same bound. Key names are not validated: Consul
-//! 1.21.5 and later refuse some keys (path traversal, leading or trailing spaces, and, in some
-//! builds, names ending in `.com`, `.json` and the like: hashicorp/consul#22822, #22850), so a
-//! client should keep to plain `[a-zA-Z0-9_/-]` keys. No `?cas` on a key whose lock is held,
-//! no `/v1/txn`, no namespaces or partitions. A blocking query on a key wakes on whatever
-//! moves its index (see the table); Consul wakes on its memdb watches first, which gives the
-//! same answers.
+//! Locks (`kvsLockTxn`, `kvsUnlockTxn` in `agent/consul/state/kvs.go`, `kvsPreApply` in
+//! `agent/consul/kvs_endpoint.go`), all advisory as in Consul:
+//!
+//! - `?acquire=<session>`: `true` when the key is free (a missing key too) or already held by
+//!   that session; the value and flags are written with the `Session`, and the LockIndex goes
+//!   up by one on a fresh acquisition (1 for a new key), not when the holder acquires again.
+//!   `false` when another session holds it, or within the key's lock delay (refused by the
+//!   leader before raft: no index moves). An empty or unknown session is the FSM's error, a
+//!   raft entry all the same: `500 raft apply failed: missing session` / `invalid session
+//!   "<id>"`.
+//! - `?release=<session>`: `true` if that session holds the key: the `Session` goes, the
+//!   LockIndex stays, and the release's body becomes the value (a release without a body
+//!   empties it, as Consul's does); `false` otherwise (a missing key, another holder). The
+//!   session need not exist; an empty one is `500 raft apply failed: missing session`.
+//! - A plain PUT (or `?cas`) on a held key writes it and keeps the `Session`, but sets the
+//!   LockIndex to 0 (`kvsSetTxn` keeps only the Session of the entry it replaces); a DELETE
+//!   deletes it, lock or not, and puts no lock delay on it.
+//!
+//! Sessions follow `agent/session_endpoint.go` (HTTP), `agent/consul/session_endpoint.go`
+//! (RPC), `agent/consul/session_ttl.go` (TTL timers), `agent/consul/state/session.go`,
+//! `session_ce.go` (state) and `agent/structs/structs.go` (`structs.Session`):
+//!
+//! - `PUT /v1/session/create`, body optional (read only with a `Content-Length` above 0; keys
+//!   without case): `Name`, `Node` (default: the agent's node, `DEFAULT_NODE`, which joins the
+//!   catalog with its `serfHealth` in the session's write if it is not there yet: a real
+//!   agent's node always is; any other node must be registered, or it is `500 apply failed:
+//!   Missing node registration`), `LockDelay` (a Go duration string or nanoseconds, below 1000
+//!   taken as seconds; default 15 s; an invalidation applies at most 60 s, `MaxLockDelay`),
+//!   `Behavior` (`release`, the default, or `delete`; else `500 Invalid Behavior setting
+//!   '<b>'`), `TTL` (`""` or 0: none; a bad duration is `500 Session TTL '<ttl>' invalid:
+//!   <Go's error>`; outside `[session_ttl_min, 24h]` is `500 Invalid Session TTL '<ns>', must
+//!   be between [10s=24h0m0s]`), `NodeChecks` (default `["serfHealth"]`), `ServiceChecks`,
+//!   and the deprecated `Checks` (`fixupEmptySessionChecks`). Every check must exist on the
+//!   node and not be critical (`500 apply failed: Missing check '<id>' registration` / `Check
+//!   '<id>' is in critical state`); the double knows `serfHealth` and its instances'
+//!   `service:<id>`. A body that does not decode is `400 Request decode failed: ...`. These are
+//!   500s because Consul's HTTP layer answers a plain RPC error with a 500 and its text (not a
+//!   400). Answers `{"ID":"<uuid>"}`; one raft write.
+//! - `PUT /v1/session/renew/:id`: restarts the TTL timer (no raft write) and answers
+//!   `[<session>]`; an unknown session is `404 Session id '<id>' not found`.
+//!   `PUT /v1/session/destroy/:id`: `true`, unknown session or not (an unknown one is no raft
+//!   write). `GET /v1/session/info/:id` (`[<session>]`, or `[]`), `/list`, `/node/:node`:
+//!   blocking queries on the `sessions` table index, in ID order. A session is `structs.Session`:
+//!   `ID`, `Name`, `Node`, `LockDelay` (ns), `Behavior`, `TTL`, `NodeChecks`, `ServiceChecks`
+//!   (`null` when nil), `Checks` (only when not empty), `CreateIndex`, `ModifyIndex`. Other
+//!   methods: a 405 (`Allow: OPTIONS,PUT` or `OPTIONS,GET`). ACLs: the anonymous token may not
+//!   create, renew or destroy (403 `Permission denied`; renewing or destroying an unknown
+//!   session answers as above first) and reads nothing (`[]`, filtered).
+//! - TTL: the leader invalidates a session that was not renewed within TTL ×
+//!   `SessionTTLMultiplier` (2) of its creation or last renewal, in a raft write of its own.
+//!   `ConsulDoubleBuilder::session_ttl_min` lowers the shortest TTL taken (Consul's
+//!   `session_ttl_min`, default 10 s), so that a test can watch a short TTL expire.
+//! - Invalidation (a destroy, an expired TTL, `invalidate_session`, or a check of the session
+//!   turning critical or going away, e.g. `set_node_check(node, Status::Critical)` or the
+//!   instance's deregistration, in that write): the session goes, and every key it holds is
+//!   released (`release`: `Session` cleared, LockIndex, value and flags kept, ModifyIndex
+//!   moved) or deleted (`delete`: a tombstone), with the session's lock delay on each from
+//!   then: until it passes, `?acquire=` of the key by any session is `false` (`kvsLockDelay`).
+//!
+//! KV and session simplifications: tombstones are never reaped (Consul's leader reaps them
+//! after `tombstone_ttl`, 15 minutes, with a raft write). A PUT body without `Content-Length`,
+//! which Consul reads whole, gets the 413 past the same bound. Key names are not validated:
+//! Consul 1.21.5 and later refuse some keys (path traversal, leading or trailing spaces, and,
+//! in some builds, names ending in `.com`, `.json` and the like: hashicorp/consul#22822,
+//! #22850), so a client should keep to plain `[a-zA-Z0-9_/-]` keys. No `/v1/txn`, no
+//! namespaces or partitions, no prepared queries (which a session's invalidation would also
+//! delete). Only `serfHealth` and `service:<id>` checks exist for a session to name; a
+//! session's checks are looked at after every write (Consul reacts to the check's own
+//! write, which comes to the same). `Maintenance` is not critical for a session. A blocking
+//! query on a key, or on an unknown session, wakes on whatever moves its index (see the
+//! table); Consul wakes on its memdb watches first, which gives the same answers. The text
+//! after `Request decode failed: ` is the double's, in Go's words only for a wrong type or a
+//! bad `LockDelay` duration. Renewing answers the TTL as created (Consul may answer a longer
+//! one under load). Timers and lock delays run on tokio's clock.
 //!
 //! Simplifications: instance IDs are unique across nodes; registering an ID again under
 //! another node or service name deregisters the old instance first (Consul keys instances by
@@ -95,6 +163,7 @@ mod go;
 mod http;
 mod json;
 mod kv;
+mod session;
 mod state;
 
 use std::collections::BTreeMap;
@@ -103,7 +172,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use axum::routing::{get, MethodRouter};
+use axum::routing::{get, put, MethodRouter};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -113,20 +182,30 @@ use tokio::sync::watch;
 pub use self::conns::TOO_MANY_CONNECTIONS;
 pub use self::go::{parse_go_bool, parse_go_duration, parse_go_uint};
 pub use self::kv::KvEntry;
+// Read by the double's own tests only, some of them.
+#[allow(unused_imports)]
+pub use self::session::{
+    Behavior, ServiceCheck, SessionEntry, DEFAULT_LOCK_DELAY, DEFAULT_SESSION_TTL_MIN,
+    MAX_LOCK_DELAY, SESSION_TTL_MAX, SESSION_TTL_MULTIPLIER,
+};
 
 use self::conn::Served;
 use self::conns::{FrontDoor, Limiter};
 use self::http::{
     catalog_services, health_service, health_state, kv_delete, kv_get, kv_method_not_allowed,
-    kv_put, record,
+    kv_put, record, session_create, session_destroy, session_info, session_list,
+    session_method_not_allowed, session_node, session_renew,
 };
-use self::state::{Shared, State};
+use self::state::{session_timers, Shared, State};
 
 pub const DATACENTER: &str = "dc1";
 pub const CATALOG_SERVICES: &str = "/v1/catalog/services";
 pub const HEALTH_SERVICE: &str = "/v1/health/service/";
 pub const HEALTH_STATE: &str = "/v1/health/state/";
 pub const KV: &str = "/v1/kv/";
+/// Every session endpoint (`/v1/session/create`, `/destroy/:id`, `/renew/:id`, `/info/:id`,
+/// `/list`, `/node/:node`).
+pub const SESSION: &str = "/v1/session/";
 /// `kv_max_value_size`'s default: the largest PUT body the KV store takes.
 pub const KV_MAX_VALUE_SIZE: usize = 512 * 1024;
 /// The endpoint key in `Requests::by_endpoint` for every other path (404s).
@@ -271,7 +350,7 @@ pub struct Requests {
     /// `Connections::refused`.
     pub body_bytes: u64,
     /// Per endpoint: `CATALOG_SERVICES`, `HEALTH_SERVICE`, `HEALTH_STATE`, `KV` (every method),
-    /// or `OTHER_PATHS`.
+    /// `SESSION` (all of them), or `OTHER_PATHS`.
     pub by_endpoint: BTreeMap<&'static str, Traffic>,
 }
 
@@ -315,6 +394,7 @@ pub struct Connections {
 pub struct ConsulDoubleBuilder {
     addr: SocketAddr,
     max_conns_per_client: usize,
+    session_ttl_min: Duration,
 }
 
 impl ConsulDoubleBuilder {
@@ -330,6 +410,14 @@ impl ConsulDoubleBuilder {
         self
     }
 
+    /// The server's `session_ttl_min` (default 10 s): the shortest session TTL it takes. A test
+    /// that watches a session expire sets it low and creates a session with a short TTL (it
+    /// still expires after twice its TTL).
+    pub fn session_ttl_min(mut self, min: Duration) -> ConsulDoubleBuilder {
+        self.session_ttl_min = min;
+        self
+    }
+
     /// Starts an empty catalog (the index is 1).
     pub async fn start(self) -> ConsulDouble {
         let listener = TcpListener::bind(self.addr)
@@ -340,9 +428,12 @@ impl ConsulDoubleBuilder {
         let server_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let server_addr = server_listener.local_addr().unwrap();
         let (changes, _) = watch::channel(1);
+        let mut state = State::new();
+        state.sessions.ttl_min = self.session_ttl_min;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new()),
+            state: Mutex::new(state),
             changes,
+            session_timers: tokio::sync::Notify::new(),
         });
         let app = Router::new()
             .route(CATALOG_SERVICES, get(catalog_services))
@@ -352,17 +443,49 @@ impl ConsulDoubleBuilder {
             .route("/v1/health/state/{*state}", get(health_state))
             .route(KV, kv_routes())
             .route("/v1/kv/{*key}", kv_routes())
+            .route("/v1/session/create", session_put(put(session_create)))
+            .route("/v1/session/destroy/", session_put(put(session_destroy)))
+            .route(
+                "/v1/session/destroy/{*id}",
+                session_put(put(session_destroy)),
+            )
+            .route("/v1/session/renew/", session_put(put(session_renew)))
+            .route("/v1/session/renew/{*id}", session_put(put(session_renew)))
+            .route("/v1/session/info/", session_get(get(session_info)))
+            .route("/v1/session/info/{*id}", session_get(get(session_info)))
+            .route("/v1/session/list", session_get(get(session_list)))
+            .route("/v1/session/node/", session_get(get(session_node)))
+            .route("/v1/session/node/{*node}", session_get(get(session_node)))
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
         let limiter = Arc::new(Limiter::new(self.max_conns_per_client));
+        let timers = SessionTimers(tokio::spawn(session_timers(shared.clone())));
         ConsulDouble {
             addr,
             shared,
             front: FrontDoor::start(listener, server_addr, limiter.clone()),
             limiter,
             server: Served::start(server_listener, app),
+            _timers: timers,
         }
+    }
+}
+
+fn session_put(router: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
+    router.fallback(session_method_not_allowed("OPTIONS,PUT"))
+}
+
+fn session_get(router: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
+    router.fallback(session_method_not_allowed("OPTIONS,GET"))
+}
+
+/// The leader's session TTL timers, stopped with the double.
+struct SessionTimers(tokio::task::JoinHandle<()>);
+
+impl Drop for SessionTimers {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -383,6 +506,7 @@ pub struct ConsulDouble {
     /// Dropped with the double: the server and every open connection go, and a panic of a
     /// handler fails the test.
     server: Served,
+    _timers: SessionTimers,
 }
 
 impl ConsulDouble {
@@ -390,6 +514,7 @@ impl ConsulDouble {
         ConsulDoubleBuilder {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             max_conns_per_client: DEFAULT_MAX_CONNS_PER_CLIENT,
+            session_ttl_min: DEFAULT_SESSION_TTL_MIN,
         }
     }
 
@@ -463,13 +588,16 @@ impl ConsulDouble {
         };
     }
 
+    /// Deregisters the instance and its check; a session that names the check is invalidated
+    /// in the same write.
     pub fn deregister(&self, service_id: &str) {
         self.shared
             .write(|state, index| state.remove_instance(service_id, index));
     }
 
     /// Sets the status of the instance's service check. Setting the status it has is a write
-    /// that changes nothing: no query wakes.
+    /// that changes nothing: no query wakes. Critical invalidates the sessions that name the
+    /// check (`service:<id>`) in the same write.
     pub fn set_check(&self, service_id: &str, status: Status) {
         self.shared.write(|state, index| {
             state.update_check(service_id, index, |check| check.status = status)
@@ -484,7 +612,8 @@ impl ConsulDouble {
     }
 
     /// Sets the node's `serfHealth`: anything but passing hides all its instances from
-    /// `?passing`.
+    /// `?passing`; critical also invalidates, in the same write, every session of the node
+    /// that names `serfHealth` (the default), as a failed node does.
     pub fn set_node_check(&self, node: &str, status: Status) {
         self.shared
             .write(|state, index| state.set_node_check(node, status, index));
@@ -539,6 +668,45 @@ impl ConsulDouble {
         self.shared.write(|state, index| {
             state.kv.delete_tree(prefix, index);
             Ok(())
+        });
+    }
+
+    /// The session holding the lock on `key`, if the key exists and is locked.
+    pub fn kv_lock_holder(&self, key: &str) -> Option<String> {
+        self.kv_entry(key).and_then(|entry| entry.session)
+    }
+
+    /// How long `?acquire=` of `key` stays refused: what is left of the lock delay an
+    /// invalidated session put on it (`None`: none, or it has passed).
+    pub fn kv_lock_delay(&self, key: &str) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let until = self.shared.lock().kv.lock_delay(key, now)?;
+        Some(until - now)
+    }
+
+    /// Every live session, by ID.
+    pub fn sessions(&self) -> Vec<SessionEntry> {
+        self.shared.lock().sessions.all().cloned().collect()
+    }
+
+    pub fn session(&self, id: &str) -> Option<SessionEntry> {
+        self.shared.lock().sessions.get(id).cloned()
+    }
+
+    pub fn session_exists(&self, id: &str) -> bool {
+        self.session(id).is_some()
+    }
+
+    /// Invalidates a session as Consul does when its node or one of its checks fails, or its
+    /// TTL runs out: one raft write; its keys are released or deleted (its behavior) and its
+    /// lock delay starts on them. Fails the test for an unknown session.
+    pub fn invalidate_session(&self, id: &str) {
+        self.shared.write(|state, index| {
+            if state.invalidate_session(id, index) {
+                Ok(())
+            } else {
+                Err(format!("no session {id:?} to invalidate"))
+            }
         });
     }
 

@@ -7,9 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
 use super::kv::Kv;
+use super::session::Sessions;
 use super::{Fault, Instance, Requests, Status, DEFAULT_NODE_ADDRESS};
 
 pub(super) struct Shared {
@@ -17,6 +19,8 @@ pub(super) struct Shared {
     /// The raft index of the last write; blocked queries re-check their endpoint's index when it
     /// moves, as Consul re-runs a blocking query when its memdb watch fires.
     pub(super) changes: watch::Sender<u64>,
+    /// Wakes the session timers' task when a session's timer starts or restarts.
+    pub(super) session_timers: Notify,
 }
 
 impl Shared {
@@ -28,12 +32,14 @@ impl Shared {
     /// One raft write: `change` gets the new index; blocked queries are woken afterwards. An
     /// `Err` (a test naming something unknown) fails the test, outside the lock. A write whose
     /// outcome is `false` (a failed check-and-set) is still a raft entry, as in Consul, where
-    /// the FSM decides it.
+    /// the FSM decides it. A session whose check the change failed or removed is invalidated in
+    /// the same write (`invalidate_unhealthy_sessions`).
     pub(super) fn write<T>(&self, change: impl FnOnce(&mut State, u64) -> Result<T, String>) -> T {
         let mut state = self.lock();
         let index = state.index + 1;
         let result = change(&mut state, index);
         if result.is_ok() {
+            state.invalidate_unhealthy_sessions(index);
             state.index = index;
         }
         drop(state);
@@ -43,6 +49,44 @@ impl Shared {
                 outcome
             }
             Err(message) => panic!("consul double: {message}"),
+        }
+    }
+
+    /// The leader's session timers (`session_ttl.go`): every session whose timer has run out
+    /// is invalidated, each in a raft write of its own (`invalidateSession` applies a
+    /// `SessionDestroy`). Answers when the next timer fires.
+    pub(super) fn expire_sessions(&self, now: Instant) -> Option<Instant> {
+        let mut state = self.lock();
+        let mut written = None;
+        while let Some(id) = state.sessions.first_due(now) {
+            let index = state.index + 1;
+            state.invalidate_session(&id, index);
+            state.index = index;
+            written = Some(index);
+        }
+        let next = state.sessions.next_expiry();
+        drop(state);
+        if let Some(index) = written {
+            self.changes.send_replace(index);
+        }
+        next
+    }
+}
+
+/// Runs the session timers until the double goes (the task is aborted with it).
+pub(super) async fn session_timers(shared: std::sync::Arc<Shared>) {
+    loop {
+        let next = shared.expire_sessions(Instant::now());
+        // A timer started since holds a permit: this returns at once.
+        let started = shared.session_timers.notified();
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    () = started => {}
+                }
+            }
+            None => started.await,
         }
     }
 }
@@ -58,6 +102,8 @@ pub(super) struct State {
     pub(super) by_service: BTreeMap<String, BTreeSet<String>>,
     /// The KV store, with its own table indexes: no catalog index moves with it.
     pub(super) kv: Kv,
+    /// The sessions, with the `sessions` table index.
+    pub(super) sessions: Sessions,
     pub(super) token: Option<String>,
     pub(super) fault: Fault,
     /// Subtracted from every reported index while `Fault::IndexBackwards` lasts.
@@ -140,6 +186,16 @@ pub(super) enum Endpoint {
         prefix: String,
         separator: String,
     },
+    /// `/v1/session/info/:id`: the session, or nothing.
+    SessionInfo {
+        id: String,
+    },
+    /// `/v1/session/list`.
+    SessionList,
+    /// `/v1/session/node/:node`: the node's sessions.
+    SessionNode {
+        node: String,
+    },
 }
 
 impl State {
@@ -151,6 +207,7 @@ impl State {
             instances: BTreeMap::new(),
             by_service: BTreeMap::new(),
             kv: Kv::default(),
+            sessions: Sessions::default(),
             token: None,
             fault: Fault::None,
             index_offset: 0,
@@ -177,6 +234,10 @@ impl State {
             Endpoint::KvGet { key, .. } => self.kv.get_index(key),
             Endpoint::KvList { prefix } | Endpoint::KvKeys { prefix, .. } => {
                 self.kv.list_index(prefix)
+            }
+            // `SessionGet`, `SessionList`, `NodeSessions`: the `sessions` table's index.
+            Endpoint::SessionInfo { .. } | Endpoint::SessionList | Endpoint::SessionNode { .. } => {
+                self.sessions.index
             }
         };
         index.max(1)
