@@ -133,7 +133,28 @@ pub async fn run(
         http,
         edge,
     });
+    debug!("ACME source started");
     let session = tokio::spawn(store.keep_session(stop.clone()));
+    // The store is watched by a task of its own: a blocking query dropped half-way would hold
+    // its connection (of two) until Consul answered it.
+    let (reads_tx, mut reads) = tokio::sync::mpsc::channel::<Result<State, String>>(4);
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let failures = reads_tx.clone();
+                let failed = move |reason: String| {
+                    let _ = failures.try_send(Err(reason));
+                };
+                let Some(read) = watch.next(&stop, failed).await else {
+                    return;
+                };
+                if reads_tx.send(Ok(read)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let mut state: Option<State> = None;
     let mut hosts: BTreeSet<String> = BTreeSet::new();
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
@@ -142,22 +163,31 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let failed_read = |reason: String| {
-            report.send_if_modified(|r| r.degrade(format!("ACME store: {reason}")));
-        };
         tokio::select! {
             _ = stop.cancelled() => break,
-            read = watch.next(&stop, failed_read) => {
-                let Some(read) = read else { break };
-                state = Some(read);
-            }
+            read = reads.recv() => match read {
+                None => break,
+                Some(Ok(read)) => {
+                    debug!(entries = read.len(), "ACME state read");
+                    state = Some(read);
+                }
+                Some(Err(reason)) => {
+                    warn!(%reason, "cannot read the ACME state; the last one read stays");
+                    report.send_if_modified(|r| r.degrade(format!("ACME store: {reason}")));
+                    continue;
+                }
+            },
             changed = built.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 let now = built.borrow_and_update().clone();
                 if let Some(built) = now {
-                    hosts = wanted_hosts(&context.config, &built, unix_now());
+                    let wanted = wanted_hosts(&context.config, &built, unix_now());
+                    if wanted != hosts {
+                        debug!(hosts = wanted.len(), "routed hosts for ACME certificates changed");
+                        hosts = wanted;
+                    }
                 }
             }
             Some(done) = orders.join_next() => {
@@ -186,6 +216,7 @@ pub async fn run(
             if in_flight.contains(&host) || not_before.contains_key(&host) {
                 continue;
             }
+            debug!(%host, "ACME: a certificate is due");
             in_flight.insert(host.clone());
             let (context, snapshot) = (context.clone(), state.clone());
             orders.spawn(async move {
@@ -195,6 +226,7 @@ pub async fn run(
         }
     }
     orders.shutdown().await;
+    watcher.abort();
     let _ = session.await;
 }
 
@@ -272,7 +304,11 @@ fn report_of(
         }
         if let Some(failure) = failure(state, host) {
             let next = if failure.until > now {
-                format!("; next order in {}s", failure.until - now)
+                let at = std::time::UNIX_EPOCH + Duration::from_secs(failure.until.max(0) as u64);
+                format!(
+                    "; next order after {}",
+                    humantime::format_rfc3339_seconds(at)
+                )
             } else {
                 "; next order due".into()
             };
@@ -344,14 +380,16 @@ async fn finished(
                 until: unix_now() + backoff.as_secs() as i64,
             };
             let text = serde_json::to_string(&record).unwrap_or_default();
+            // The record in the store holds every edge back (and an operator who deletes it
+            // lets them try at once); only when it cannot be written does this edge wait alone.
             if let Err(err) = context
                 .store
                 .put(&format!("failures/{host}"), &text, false)
                 .await
             {
                 warn!(%host, error = %err, "cannot record the ACME failure in the store; this edge waits anyway");
+                not_before.insert(host.to_string(), tokio::time::Instant::now() + backoff);
             }
-            not_before.insert(host.to_string(), tokio::time::Instant::now() + backoff);
         }
     }
 }

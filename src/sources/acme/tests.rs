@@ -203,7 +203,7 @@ fn the_report_serves_routed_hosts_certificates_and_valid_challenges_and_names_fa
     assert!(report
         .rejected
         .iter()
-        .any(|r| r.reason.contains("rateLimited") && r.reason.contains("next order in")));
+        .any(|r| r.reason.contains("rateLimited") && r.reason.contains("next order after")));
 }
 
 #[tokio::test]
