@@ -279,7 +279,7 @@ struct BackendView {
 }
 
 /// ACME HTTP-01 challenges are answered on plain HTTP: never redirected.
-pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+pub use crate::model::certs::ACME_CHALLENGE;
 /// The `Strict-Transport-Security` value of a service with HSTS.
 pub const HSTS_VALUE: &str = "max-age=31536000";
 

@@ -45,6 +45,9 @@ pub struct Certificate {
 /// The certificates that passed validation, by name.
 pub type Certificates = BTreeMap<String, Certificate>;
 
+/// Where an ACME CA fetches an HTTP-01 challenge's key authorization: this path + the token.
+pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
 /// Pending ACME HTTP-01 challenges: token -> key authorization (`token.thumbprint`), each
 /// checked by [`check_challenge`].
 pub type Challenges = BTreeMap<String, String>;

@@ -614,7 +614,7 @@ async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) {
         ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), http.port()),
         _ => http,
     };
-    let url = format!("http://{addr}{}{token}", crate::render::ACME_CHALLENGE);
+    let url = format!("http://{addr}{}{token}", crate::model::certs::ACME_CHALLENGE);
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .redirect(reqwest::redirect::Policy::none())
