@@ -413,12 +413,7 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
     assert_eq!(estate.pebble.orders().len(), 2, "one order per certificate");
 }
 
-/// Not yet passing (issue 16 is open): with the CA down, each edge that takes the host's lock
-/// after the last one released it orders again on the state it read before the failure was
-/// recorded, so a failure is tried up to once per edge instead of once. The fix is to read the
-/// host's failure and certificate from the store again under the lock.
 #[test]
-#[ignore = "fails: a failure is retried once per edge (see the comment)"]
 fn a_ca_that_is_down_leaves_the_old_certificate_a_reason_and_a_backoff_and_a_killed_orderer_is_taken_over(
 ) {
     // Certificates valid 3 min, renewed with 150 s left but never in their first quarter: the

@@ -110,9 +110,14 @@ struct Context {
 /// How an order task ended.
 enum Ended {
     Issued,
+    /// Under the lock, the store said there is nothing to do (any more).
+    NotNeeded,
     /// Another edge holds the host's lock.
     LockedElsewhere,
+    /// Failed, with the least backoff the CA asked for; recorded in the store.
     Failed(String, Option<Duration>),
+    /// Failed, and the store could not record it: this edge waits this long alone.
+    FailedUnrecorded(Duration),
 }
 
 /// Runs the ACME source until `stop`: reads the store, publishes what it holds, and orders
@@ -193,7 +198,7 @@ pub async fn run(
             Some(done) = orders.join_next() => {
                 if let Ok((host, ended)) = done {
                     in_flight.remove(&host);
-                    finished(&context, &host, ended, state.as_ref(), &mut not_before).await;
+                    finished(&host, ended, &mut not_before);
                 }
             }
             _ = tick.tick() => {}
@@ -341,74 +346,123 @@ fn report_of(
     report
 }
 
-/// Records how an order ended: a failure in the store (every edge backs off), a lock held
-/// elsewhere locally.
-async fn finished(
-    context: &Context,
-    host: &str,
-    ended: Ended,
-    state: Option<&State>,
-    not_before: &mut BTreeMap<String, tokio::time::Instant>,
-) {
+/// Records how an order ended, on this edge: a host whose failure could not be stored, or
+/// whose lock another edge holds, waits here.
+fn finished(host: &str, ended: Ended, not_before: &mut BTreeMap<String, tokio::time::Instant>) {
+    let now = tokio::time::Instant::now();
     match ended {
         Ended::Issued => {
             count(&COUNTERS.issued);
             info!(%host, "ACME certificate issued and stored");
         }
+        Ended::NotNeeded => debug!(%host, "another edge got the certificate, or failed, meanwhile"),
         Ended::LockedElsewhere => {
             debug!(%host, "another edge orders this host's certificate");
-            not_before.insert(
-                host.to_string(),
-                tokio::time::Instant::now() + LOCKED_ELSEWHERE,
-            );
+            not_before.insert(host.to_string(), now + LOCKED_ELSEWHERE);
         }
-        Ended::Failed(reason, at_least) => {
-            count(&COUNTERS.failed);
-            let attempts = state
-                .and_then(|s| failure(s, host))
-                .map_or(1, |f| f.attempts.saturating_add(1));
-            let backoff = context
-                .config
-                .retry_after
-                .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-                .min(MAX_BACKOFF)
-                .max(at_least.unwrap_or_default());
-            warn!(%host, %reason, attempts, retry_in = ?backoff, "ACME order failed");
-            let record = Failure {
-                reason,
-                attempts,
-                until: unix_now() + backoff.as_secs() as i64,
-            };
-            let text = serde_json::to_string(&record).unwrap_or_default();
-            // The record in the store holds every edge back (and an operator who deletes it
-            // lets them try at once); only when it cannot be written does this edge wait alone.
-            if let Err(err) = context
-                .store
-                .put(&format!("failures/{host}"), &text, false)
-                .await
-            {
-                warn!(%host, error = %err, "cannot record the ACME failure in the store; this edge waits anyway");
-                not_before.insert(host.to_string(), tokio::time::Instant::now() + backoff);
-            }
+        Ended::Failed(_, _) => {}
+        Ended::FailedUnrecorded(backoff) => {
+            not_before.insert(host.to_string(), now + backoff);
         }
     }
 }
 
-/// One host's order, under its lock.
+/// One host's order, under its lock. What decides whether to order is read again from the
+/// store under the lock: the edge that held it before may have stored a certificate or a
+/// failure since this edge's last read, and the order it placed.
 async fn order(context: &Context, host: &str, state: &State) -> Ended {
     match context.store.lock(host).await {
         Ok(true) => {}
         Ok(false) => return Ended::LockedElsewhere,
-        Err(err) => return Ended::Failed(format!("cannot take the host's lock: {err}"), None),
+        Err(err) => {
+            return record_failure(
+                context,
+                host,
+                None,
+                format!("cannot take the host's lock: {err}"),
+                None,
+            )
+            .await
+        }
     }
-    let ended = match order_locked(context, host, state).await {
-        Ok(()) => Ended::Issued,
-        Err(failure) => failure,
-    };
+    let ended = order_under_lock(context, host, state).await;
     if let Err(err) = context.store.unlock(host).await {
         warn!(%host, error = %err, "cannot release the ACME lock; it goes with this edge's session");
     }
     ended
+}
+
+async fn order_under_lock(context: &Context, host: &str, state: &State) -> Ended {
+    let mut fresh = state.clone();
+    for key in [
+        format!("failures/{host}"),
+        format!("certs/{host}"),
+        format!("orders/{host}"),
+    ] {
+        match context.store.get(&key).await {
+            Ok(Some(value)) => {
+                fresh.insert(key, value);
+            }
+            Ok(None) => {
+                fresh.remove(&key);
+            }
+            Err(err) => {
+                let reason = format!("cannot read the ACME state: {err}");
+                return record_failure(context, host, failure(&fresh, host), reason, None).await;
+            }
+        }
+    }
+    let hosts = BTreeSet::from([host.to_string()]);
+    if needing(&context.config, &fresh, &hosts, unix_now()).is_empty() {
+        return Ended::NotNeeded;
+    }
+    match order_locked(context, host, &fresh).await {
+        Ok(()) => Ended::Issued,
+        Err(Ended::Failed(reason, at_least)) => {
+            record_failure(context, host, failure(&fresh, host), reason, at_least).await
+        }
+        Err(other) => other,
+    }
+}
+
+/// Stores a failure (while the lock is held: the next edge to take it sees it), with the
+/// backoff of its attempt: `retry_after` doubled per earlier failure, at most 24 h, at least
+/// `at_least`.
+async fn record_failure(
+    context: &Context,
+    host: &str,
+    before: Option<Failure>,
+    reason: String,
+    at_least: Option<Duration>,
+) -> Ended {
+    count(&COUNTERS.failed);
+    let attempts = before.map_or(1, |f| f.attempts.saturating_add(1));
+    let backoff = context
+        .config
+        .retry_after
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+        .max(at_least.unwrap_or_default());
+    warn!(%host, %reason, attempts, retry_in = ?backoff, "ACME order failed");
+    let record = Failure {
+        reason: reason.clone(),
+        attempts,
+        until: unix_now() + backoff.as_secs() as i64,
+    };
+    let text = serde_json::to_string(&record).unwrap_or_default();
+    // The record in the store holds every edge back (and an operator who deletes it lets them
+    // try at once); only when it cannot be written does this edge wait alone.
+    match context
+        .store
+        .put(&format!("failures/{host}"), &text, false)
+        .await
+    {
+        Ok(_) => Ended::Failed(reason, at_least),
+        Err(err) => {
+            warn!(%host, error = %err, "cannot record the ACME failure in the store; this edge waits anyway");
+            Ended::FailedUnrecorded(backoff)
+        }
+    }
 }
 
 /// A CA's problem type, when the error is one.
@@ -614,7 +668,10 @@ async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) {
         ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), http.port()),
         _ => http,
     };
-    let url = format!("http://{addr}{}{token}", crate::model::certs::ACME_CHALLENGE);
+    let url = format!(
+        "http://{addr}{}{token}",
+        crate::model::certs::ACME_CHALLENGE
+    );
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .redirect(reqwest::redirect::Policy::none())

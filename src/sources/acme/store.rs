@@ -142,6 +142,22 @@ impl Store {
         }
     }
 
+    /// The value at `key`, read from the store itself (not the watch's last answer).
+    pub async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Consul(store) => Ok(store
+                .folder
+                .get(key)
+                .await?
+                .and_then(|value| String::from_utf8(value).ok())),
+            Store::Local(store) => Ok(store
+                .state
+                .lock()
+                .ok()
+                .and_then(|state| state.get(key).cloned())),
+        }
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self {
             Store::Consul(store) => Ok(store.folder.delete_any(key).await?),

@@ -233,6 +233,15 @@ impl KvFolder {
         Ok(answer.body.trim_ascii() == b"true")
     }
 
+    /// The value at `key` (a read that does not block); `None` when there is no such key.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ConsulError> {
+        let url = self.client.url(&self.segments(key));
+        let answer = self.client.get(url.clone(), 0, &[]).await?;
+        let entries =
+            decode_entries(&answer.body).map_err(|message| ConsulError::decode(url, message))?;
+        Ok(entries.into_iter().next().map(|entry| entry.value))
+    }
+
     /// Writes `value` at `key`, whatever is there. Whether it was written.
     pub async fn put_any(&self, key: &str, value: Vec<u8>) -> Result<bool, ConsulError> {
         let url = self.client.url(&self.segments(key));
