@@ -49,6 +49,9 @@ pub const POOL_FREE: &str = "weft_pool_spare_backends_free";
 pub const MARATHON_REQUESTS: &str = "weft_marathon_requests";
 pub const MARATHON_BYTES: &str = "weft_marathon_bytes";
 pub const MARATHON_EVENTS: &str = "weft_marathon_events";
+/// With `[tls.acme]`: this edge's ACME work, by result (`placed`: new orders sent to the CA,
+/// `issued`: certificates stored, `failed`: orders failed, each recorded with its backoff).
+pub const ACME_ORDERS: &str = "weft_acme_orders";
 /// 1 when `/healthz` answers 200.
 pub const HEALTHY: &str = "weft_healthy";
 
@@ -79,6 +82,8 @@ pub struct Snapshot<'a> {
     pub tls: Option<(usize, Option<i64>)>,
     /// With the Marathon source.
     pub marathon: Option<MarathonCounts>,
+    /// With `[tls.acme]`: `(result, count)`.
+    pub acme: Option<Vec<(&'static str, u64)>>,
 }
 
 /// What the Marathon source asked and read, since weft started.
@@ -244,6 +249,20 @@ pub fn encode_snapshot(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
         );
     }
 
+    if let Some(acme) = &snapshot.acme {
+        let orders = Family::<Labels, Counter>::default();
+        for (result, count) in acme {
+            orders
+                .get_or_create(&vec![("result".to_string(), result.to_string())])
+                .inc_by(*count);
+        }
+        registry.register(
+            ACME_ORDERS,
+            "ACME orders of this edge, by result (placed, issued, failed)",
+            orders,
+        );
+    }
+
     if let Some((count, earliest)) = snapshot.tls {
         gauge(
             &mut registry,
@@ -293,6 +312,7 @@ mod tests {
                 requests: vec![("full", 2, 40_000_000), ("app", 9, 20_000)],
                 events: vec![("applied", 1200), ("fetched_app", 9)],
             }),
+            acme: Some(vec![("placed", 3), ("issued", 2), ("failed", 1)]),
         })
         .unwrap();
         for line in [
@@ -313,6 +333,7 @@ mod tests {
             "weft_marathon_requests_total{kind=\"full\"} 2",
             "weft_marathon_bytes_total{kind=\"app\"} 20000",
             "weft_marathon_events_total{use=\"applied\"} 1200",
+            "weft_acme_orders_total{result=\"failed\"} 1",
             "# EOF",
         ] {
             assert!(

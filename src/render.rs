@@ -37,7 +37,8 @@ use crate::slots::{Pool, Slots, PARKED};
 pub const HOSTS_MAP: &str = "hosts.map";
 pub const PATHS_MAP: &str = "paths.map";
 pub const WILDCARDS_MAP: &str = "wildcards.map";
-/// With `[tls.acme]`: the pending HTTP-01 challenges, token -> key authorization (exact match).
+/// With `[tls.acme]`: the pending HTTP-01 challenges, `/.well-known/acme-challenge/TOKEN` ->
+/// key authorization (exact match on the whole path).
 pub const CHALLENGES_MAP: &str = "acme-challenges.map";
 /// In the run directory: the admin stats socket the config opens, and the server state that
 /// a reload hands from the old worker to the new.
@@ -415,7 +416,7 @@ pub fn render_with(
         let entries: Vec<(String, String)> = table
             .challenges
             .iter()
-            .map(|(token, key)| (token.clone(), key.clone()))
+            .map(|(token, key)| (format!("{ACME_CHALLENGE}{token}"), key.clone()))
             .collect();
         map_text(&entries)
     });
@@ -823,7 +824,7 @@ mod tests {
         let rendered = render(&table, &with_acme).unwrap();
         assert_eq!(
             rendered.challenges_map.as_deref(),
-            Some("tok-EN_1 tok-EN_1.thumb_print\n")
+            Some("/.well-known/acme-challenge/tok-EN_1 tok-EN_1.thumb_print\n")
         );
         let rule = rendered
             .config

@@ -484,6 +484,19 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
             .iter()
             .any(|s| s.name == crate::model::SourceId::Marathon.to_string())
             .then(marathon_counts),
+        acme: view
+            .sources
+            .iter()
+            .any(|s| s.name == crate::model::SourceId::Acme.to_string())
+            .then(|| {
+                use crate::sources::acme::COUNTERS;
+                use std::sync::atomic::Ordering::Relaxed;
+                vec![
+                    ("placed", COUNTERS.orders.load(Relaxed)),
+                    ("issued", COUNTERS.issued.load(Relaxed)),
+                    ("failed", COUNTERS.failed.load(Relaxed)),
+                ]
+            }),
     };
     match crate::metrics::encode_snapshot(&snapshot) {
         Ok(text) => (

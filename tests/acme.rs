@@ -368,6 +368,26 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
         .filter(|&i| estate.edges[i].log().contains("ACME order placed"))
         .collect();
     assert_eq!(placed, [orderer]);
+    let metric = |i: usize, line: &str| {
+        let (_, text) = get_in(
+            &estate.t.edges[i],
+            "127.0.0.1:9090".parse().unwrap(),
+            "localhost",
+            "/metrics",
+        )
+        .unwrap();
+        text.lines().any(|l| l == line)
+    };
+    for (i, (name, _)) in EDGES.iter().enumerate() {
+        let placed = if i == orderer { 1 } else { 0 };
+        assert!(
+            metric(
+                i,
+                &format!("weft_acme_orders_total{{result=\"placed\"}} {placed}")
+            ),
+            "{name}: weft_acme_orders_total placed {placed}"
+        );
+    }
     let after: Vec<u64> = estate.edges.iter().map(requests).collect();
     assert!(
         after[validator] > before[validator],

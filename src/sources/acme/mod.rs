@@ -8,11 +8,11 @@
 //!                                 lock locks/<host> ── held by another edge: try again later
 //!                                 the account (created once, in the store)
 //!                                 the order (resumed from orders/<host>, else placed)
-//!                                 challenges/<token> = key authorization ── every edge's
+//!                                 challenges/<host>/<token> = key authorization ── every edge's
 //!                                   watch puts it in HAProxy's challenge map, at runtime
 //!                                 ready, finalized, the chain + key -> certs/<host>
 //!                                 a failure -> failures/<host>: its reason, the next try
-//! the store ──> SourceReport { certificates: certs/* of routed hosts, challenges/* ,
+//! the store ──> SourceReport { certificates: certs/* of routed hosts, their challenges/*,
 //!                              rejected: each host's failure, each entry that does not decode }
 //! ```
 //!
@@ -58,6 +58,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 /// The least backoff after the CA says a rate limit is reached (Let's Encrypt's limits count
 /// over hours).
 const RATE_LIMITED_BACKOFF: Duration = Duration::from_secs(3600);
+/// How long one order may take in all, under its lock.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the CA may take to validate or to issue, per step.
 const POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
@@ -165,6 +167,8 @@ pub async fn run(
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
     let mut not_before: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut orders: JoinSet<(String, Ended)> = JoinSet::new();
+    let mut tasks: BTreeMap<tokio::task::Id, String> = BTreeMap::new();
+    let mut degraded: Option<String> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -175,9 +179,11 @@ pub async fn run(
                 Some(Ok(read)) => {
                     debug!(entries = read.len(), "ACME state read");
                     state = Some(read);
+                    degraded = None;
                 }
                 Some(Err(reason)) => {
                     warn!(%reason, "cannot read the ACME state; the last one read stays");
+                    degraded = Some(format!("ACME store: {reason}"));
                     report.send_if_modified(|r| r.degrade(format!("ACME store: {reason}")));
                     continue;
                 }
@@ -195,17 +201,28 @@ pub async fn run(
                     }
                 }
             }
-            Some(done) = orders.join_next() => {
-                if let Ok((host, ended)) = done {
-                    in_flight.remove(&host);
-                    finished(&host, ended, &mut not_before);
-                }
+            Some(done) = orders.join_next_with_id() => {
+                let (id, host, ended) = match done {
+                    Ok((id, (host, ended))) => (id, host, ended),
+                    Err(err) => {
+                        let Some(host) = tasks.remove(&err.id()) else { continue };
+                        warn!(%host, error = %err, "an ACME order task ended abnormally");
+                        (err.id(), host, Ended::FailedUnrecorded(context.config.retry_after))
+                    }
+                };
+                tasks.remove(&id);
+                in_flight.remove(&host);
+                finished(&host, ended, &mut not_before);
             }
             _ = tick.tick() => {}
         }
         let Some(state) = &state else { continue };
         report.send_if_modified(|r| {
-            let next = report_of(&context.config, state, &hosts, unix_now());
+            let mut next = report_of(&context.config, state, &hosts, unix_now());
+            if let Some(reason) = &degraded {
+                next.health = r.health.clone();
+                next.degrade(reason.clone());
+            }
             if *r == next {
                 return false;
             }
@@ -223,11 +240,12 @@ pub async fn run(
             }
             debug!(%host, "ACME: a certificate is due");
             in_flight.insert(host.clone());
-            let (context, snapshot) = (context.clone(), state.clone());
-            orders.spawn(async move {
+            let (context, snapshot, name) = (context.clone(), state.clone(), host.clone());
+            let handle = orders.spawn(async move {
                 let ended = order(&context, &host, &snapshot).await;
                 (host, ended)
             });
+            tasks.insert(handle.id(), name);
         }
     }
     orders.shutdown().await;
@@ -254,34 +272,80 @@ fn wanted_hosts(config: &AcmeConfig, built: &Built, now: i64) -> BTreeSet<String
         .map(|key| key.host.as_str())
         .filter(|host| !host.starts_with('*') && config.wants(host))
         .filter(|host| !crate::model::certs::covers(&operators, host))
+        // A name too long for a certificate's name in HAProxy's crt-list is not ordered (its
+        // certificate could not be installed): such hosts keep the default certificate.
+        .filter(|host| crate::model::certs::check_name(&cert_name(host)).is_ok())
         .map(str::to_string)
         .collect()
 }
 
 /// The hosts of `hosts` whose stored certificate is missing, does not validate, or is inside
 /// the renewal window, and that are not backing off after a failure.
+/// Renewals come first, the most urgent first; hosts without a certificate after them.
 fn needing(config: &AcmeConfig, state: &State, hosts: &BTreeSet<String>, now: i64) -> Vec<String> {
-    let renew = config.renew_before.as_secs() as i64;
-    hosts
+    let mut due: Vec<(i64, String)> = hosts
         .iter()
-        .filter(|host| {
-            let fresh = state
+        .filter(|host| !failure(state, host).is_some_and(|f| f.until > now))
+        .filter_map(|host| {
+            let stored = state
                 .get(&format!("certs/{host}"))
-                .and_then(|pem| validate(&cert_name(host), pem.as_bytes(), now).ok())
-                .is_some_and(|cert| cert.not_after - renew > now);
-            let backing_off = failure(state, host).is_some_and(|f| f.until > now);
-            !fresh && !backing_off
+                .and_then(|pem| stored_cert(host, pem, now).ok().map(|cert| (pem, cert)));
+            match stored {
+                None => Some((i64::MAX, host.clone())),
+                Some((pem, cert)) => {
+                    let at = renewal_due(config, pem).unwrap_or(now);
+                    (at <= now).then_some((cert.not_after, host.clone()))
+                }
+            }
         })
-        .cloned()
-        .collect()
+        .collect();
+    due.sort();
+    due.into_iter().map(|(_, host)| host).collect()
+}
+
+/// A stored certificate of `host`, validated as the directory's are, and for `host` alone: a
+/// certificate stored under one host's key never serves another.
+fn stored_cert(
+    host: &str,
+    pem: &str,
+    now: i64,
+) -> Result<crate::model::certs::Certificate, String> {
+    let cert = validate(&cert_name(host), pem.as_bytes(), now)?;
+    if cert.sans != [host] {
+        return Err(format!(
+            "its names {:?} are not exactly {host:?}",
+            cert.sans
+        ));
+    }
+    Ok(cert)
+}
+
+/// When a certificate's renewal is due: `renew_before` ahead of its expiry, but never in the
+/// first quarter of its lifetime, so that a `renew_before` longer than the CA's lifetimes
+/// renews four times a lifetime rather than in a loop.
+fn renewal_due(config: &AcmeConfig, pem: &str) -> Option<i64> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let block = pem::parse(pem.as_bytes()).ok()?;
+    let (_, leaf) = X509Certificate::from_der(block.contents()).ok()?;
+    let (from, to) = (
+        leaf.validity().not_before.timestamp(),
+        leaf.validity().not_after.timestamp(),
+    );
+    let renew = config.renew_before.as_secs() as i64;
+    Some(to.saturating_sub(renew).max(from + (to - from) / 4))
 }
 
 fn cert_name(host: &str) -> String {
     format!("{CERT_PREFIX}{host}")
 }
 
+/// The failure recorded for `host`; its time is kept within a backoff of now, whatever the
+/// store says (a time past the year 9999 would not even print).
 fn failure(state: &State, host: &str) -> Option<Failure> {
-    serde_json::from_str(state.get(&format!("failures/{host}"))?).ok()
+    let mut failure: Failure =
+        serde_json::from_str(state.get(&format!("failures/{host}"))?).ok()?;
+    failure.until = failure.until.min(unix_now() + MAX_BACKOFF.as_secs() as i64);
+    Some(failure)
 }
 
 /// What the store holds for the routed hosts, as a source report.
@@ -297,7 +361,7 @@ fn report_of(
     };
     for host in hosts {
         if let Some(pem) = state.get(&format!("certs/{host}")) {
-            match validate(&cert_name(host), pem.as_bytes(), now) {
+            match stored_cert(host, pem, now) {
                 Ok(cert) => {
                     report.certificates.insert(cert.name.clone(), cert);
                 }
@@ -326,10 +390,17 @@ fn report_of(
             });
         }
     }
+    // Only the challenges of hosts this edge wants certified reach HAProxy's map: an entry of
+    // another name (written by whoever else may write the folder) is not answered.
     for (key, value) in
         state.range::<String, _>("challenges/".to_string().."challenges0".to_string())
     {
-        let token = &key["challenges/".len()..];
+        let Some((host, token)) = key["challenges/".len()..].split_once('/') else {
+            continue;
+        };
+        if !hosts.contains(host) {
+            continue;
+        }
         match check_challenge(token, value) {
             Ok(()) => {
                 report
@@ -355,7 +426,10 @@ fn finished(host: &str, ended: Ended, not_before: &mut BTreeMap<String, tokio::t
             count(&COUNTERS.issued);
             info!(%host, "ACME certificate issued and stored");
         }
-        Ended::NotNeeded => debug!(%host, "another edge got the certificate, or failed, meanwhile"),
+        Ended::NotNeeded => {
+            debug!(%host, "another edge got the certificate, or failed, meanwhile");
+            not_before.insert(host.to_string(), now + TICK);
+        }
         Ended::LockedElsewhere => {
             debug!(%host, "another edge orders this host's certificate");
             not_before.insert(host.to_string(), now + LOCKED_ELSEWHERE);
@@ -375,17 +449,28 @@ async fn order(context: &Context, host: &str, state: &State) -> Ended {
         Ok(true) => {}
         Ok(false) => return Ended::LockedElsewhere,
         Err(err) => {
-            return record_failure(
-                context,
-                host,
-                None,
-                format!("cannot take the host's lock: {err}"),
-                None,
-            )
-            .await
+            // Not the host's failure, and not recorded without the lock: this edge waits alone.
+            warn!(%host, error = %err, "cannot take the host's ACME lock");
+            return Ended::FailedUnrecorded(LOCKED_ELSEWHERE);
         }
     }
-    let ended = order_under_lock(context, host, state).await;
+    let ended =
+        match tokio::time::timeout(ORDER_TIMEOUT, order_under_lock(context, host, state)).await {
+            Ok(ended) => ended,
+            // A CA (or something in front of it) that stops answering must not hold the lock and
+            // a slot forever.
+            Err(_) => {
+                let before = context
+                    .store
+                    .get(&format!("failures/{host}"))
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|text| serde_json::from_str(&text).ok());
+                let reason = format!("the order took longer than {ORDER_TIMEOUT:?}");
+                record_failure(context, host, before, reason, None).await
+            }
+        };
     if let Err(err) = context.store.unlock(host).await {
         warn!(%host, error = %err, "cannot release the ACME lock; it goes with this edge's session");
     }
@@ -491,6 +576,18 @@ async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Ac
         None => Account::builder(),
     }
     .map_err(|err| failed("cannot make the ACME client", err))?;
+    // An account stored for another directory (staging before production) is not used.
+    let forgotten = forgotten
+        || state.get("account").is_some_and(|stored| {
+            serde_json::from_str::<serde_json::Value>(stored)
+                .ok()
+                .and_then(|v| {
+                    v.get("directory")
+                        .and_then(|d| d.as_str())
+                        .map(str::to_string)
+                })
+                .is_some_and(|d| d != context.config.directory.as_str())
+        });
     if let (Some(stored), false) = (state.get("account"), forgotten) {
         let credentials = serde_json::from_str(stored).map_err(|err| {
             Ended::Failed(
@@ -543,7 +640,12 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
     let resumed = match state.get(&format!("orders/{host}")) {
         Some(url) => match account.order(url.clone()).await {
             Ok(mut order) => {
-                if order.state().status == OrderStatus::Invalid {
+                // A `processing` or `valid` order was finalized with a key that died with the
+                // edge that made it: a new order, as for an invalid one.
+                if !matches!(
+                    order.state().status,
+                    OrderStatus::Pending | OrderStatus::Ready
+                ) {
                     None
                 } else {
                     info!(%host, url = %url, "resuming the ACME order another edge placed");
@@ -605,7 +707,7 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
                 .map_err(|reason| Ended::Failed(format!("the CA's challenge: {reason}"), None))?;
             context
                 .store
-                .put(&format!("challenges/{token}"), &key, false)
+                .put(&format!("challenges/{host}/{token}"), &key, false)
                 .await
                 .map_err(store_failed)?;
             tokens.push(token.clone());
@@ -648,7 +750,10 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
     }
     .await;
     for token in tokens {
-        let _ = context.store.delete(&format!("challenges/{token}")).await;
+        let _ = context
+            .store
+            .delete(&format!("challenges/{host}/{token}"))
+            .await;
     }
     let done = result.is_ok() || order.state().status == OrderStatus::Invalid;
     if done {
@@ -684,8 +789,17 @@ async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) {
     let deadline = tokio::time::Instant::now() + SELF_CHECK;
     while tokio::time::Instant::now() < deadline {
         let answer = client.get(&url).header("host", host).send().await;
-        if let Ok(answer) = answer {
-            if answer.status().is_success() && answer.text().await.is_ok_and(|t| t == key) {
+        if let Ok(mut answer) = answer {
+            // Until the map has the token the request is routed to the host's backend: read
+            // no more than a key authorization can be.
+            let mut body = Vec::new();
+            while let Ok(Some(chunk)) = answer.chunk().await {
+                body.extend_from_slice(&chunk);
+                if body.len() > crate::model::certs::MAX_CHALLENGE_LEN * 2 + 1 {
+                    break;
+                }
+            }
+            if answer.status().is_success() && body == key.as_bytes() {
                 return;
             }
         }

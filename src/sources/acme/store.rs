@@ -5,7 +5,7 @@
 //! account               the ACME account: its key and URL (instant-acme's credentials, JSON)
 //! certs/<host>          the host's certificate chain and private key, PEM
 //! orders/<host>         the URL of the order in flight (another edge resumes it)
-//! challenges/<token>    a pending HTTP-01 challenge's key authorization: every edge answers it
+//! challenges/<host>/<token>  a pending HTTP-01 challenge's key authorization: every edge answers it
 //! failures/<host>       the last failure, its reason and when the next order may start (JSON)
 //! locks/<host>          held by the edge ordering the host (a Consul session's lock)
 //! ```
@@ -101,6 +101,10 @@ impl Store {
             .mode(0o700)
             .create(dir)
             .map_err(local)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(local)?;
+        }
         let path = dir.join(LOCAL_FILE);
         let state: State = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {

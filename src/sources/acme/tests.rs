@@ -144,7 +144,11 @@ fn a_host_is_ordered_without_a_fresh_certificate_unless_it_backs_off() {
     .into();
     let mut state = State::new();
     state.insert("certs/a.example.com".into(), pem_for("a.example.com", 90));
-    state.insert("certs/b.example.com".into(), pem_for("b.example.com", 20));
+    // Issued 70 days ago for 90: 20 days left, inside the 30-day window.
+    state.insert(
+        "certs/b.example.com".into(),
+        pem_between("b.example.com", -70 * 86400, 20 * 86400),
+    );
     state.insert("certs/c.example.com".into(), "not PEM".into());
     let failed = |until| {
         serde_json::to_string(&Failure {
@@ -175,9 +179,20 @@ fn the_report_serves_routed_hosts_certificates_and_valid_challenges_and_names_fa
         "certs/gone.example.com".into(),
         pem_for("gone.example.com", 90),
     );
-    state.insert("challenges/tok_1".into(), "tok_1.thumb".into());
-    state.insert("challenges/bad token".into(), "x".into());
-    state.insert("challenges/tok_2".into(), "other.thumb".into());
+    state.insert(
+        "challenges/a.example.com/tok_1".into(),
+        "tok_1.thumb".into(),
+    );
+    state.insert("challenges/a.example.com/bad token".into(), "x".into());
+    state.insert(
+        "challenges/a.example.com/tok_2".into(),
+        "other.thumb".into(),
+    );
+    state.insert(
+        "challenges/gone.example.com/tok_3".into(),
+        "tok_3.thumb".into(),
+    );
+    state.insert("challenges/tok_4".into(), "tok_4.thumb".into());
     state.insert(
         "failures/a.example.com".into(),
         serde_json::to_string(&Failure {
@@ -199,6 +214,7 @@ fn the_report_serves_routed_hosts_certificates_and_valid_challenges_and_names_fa
         [("tok_1".to_string(), "tok_1.thumb".to_string())].into()
     );
     let subjects: Vec<&str> = report.rejected.iter().map(|r| r.subject.as_str()).collect();
+    // The bad token, the one of another token, the failure; nothing of hosts not wanted.
     assert_eq!(subjects.len(), 3, "{:?}", report.rejected);
     assert!(report
         .rejected
@@ -236,4 +252,68 @@ async fn the_local_store_keeps_its_state_across_restarts_and_locks_once() {
     let (_, mut again) = Store::local(&path).unwrap();
     let state = again.next(&stop, |_| {}).await.unwrap();
     assert_eq!(state.keys().collect::<Vec<_>>(), ["account"]);
+}
+
+/// A certificate for `host` valid from `from` to `to` seconds from now.
+fn pem_between(host: &str, from: i64, to: i64) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::seconds(from);
+    params.not_after = now + time::Duration::seconds(to);
+    let cert = params.self_signed(&key).unwrap();
+    format!("{}{}", cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn a_renewal_is_never_due_in_a_certificates_first_quarter() {
+    // 7-day certificates with the default renew_before of 30 days: without the guard every
+    // certificate would be due as soon as it is issued, and renewed in a loop.
+    let config = acme("hosts = [\".example.com\"]\n");
+    let now = unix_now();
+    let hosts: BTreeSet<String> = ["a.example.com".to_string()].into();
+    let mut state = State::new();
+    state.insert(
+        "certs/a.example.com".into(),
+        pem_between("a.example.com", -60, 7 * 86400),
+    );
+    assert!(needing(&config, &state, &hosts, now).is_empty());
+    state.insert(
+        "certs/a.example.com".into(),
+        pem_between("a.example.com", -2 * 86400, 5 * 86400),
+    );
+    assert_eq!(needing(&config, &state, &hosts, now), ["a.example.com"]);
+}
+
+#[test]
+fn a_certificate_stored_under_one_host_never_serves_another() {
+    let config = acme("hosts = [\".example.com\"]\n");
+    let now = unix_now();
+    let hosts: BTreeSet<String> = ["a.example.com".to_string()].into();
+    let mut state = State::new();
+    state.insert("certs/a.example.com".into(), pem_for("b.example.com", 90));
+    let report = report_of(&config, &state, &hosts, now);
+    assert!(report.certificates.is_empty());
+    assert!(
+        report.rejected[0].reason.contains("not exactly"),
+        "{:?}",
+        report.rejected
+    );
+    assert_eq!(needing(&config, &state, &hosts, now), ["a.example.com"]);
+}
+
+#[test]
+fn a_failure_time_from_the_store_is_kept_within_a_backoff() {
+    let config = acme("hosts = [\".example.com\"]\n");
+    let now = unix_now();
+    let hosts: BTreeSet<String> = ["a.example.com".to_string()].into();
+    let mut state = State::new();
+    state.insert(
+        "failures/a.example.com".into(),
+        r#"{"reason":"x","attempts":1,"until":300000000000}"#.into(),
+    );
+    // Past the year 9999 a time does not print: the report must not panic.
+    let report = report_of(&config, &state, &hosts, now);
+    assert!(report.rejected[0].reason.contains("next order after"));
+    assert!(failure(&state, "a.example.com").unwrap().until <= now + 24 * 3600 + 1);
 }
