@@ -541,3 +541,61 @@ fn a_ca_that_is_down_leaves_the_old_certificate_a_reason_and_a_backoff_and_a_kil
         "the dead edge's order was finished, not placed again"
     );
 }
+
+/// Without Consul: one edge, the file source, the ACME state in `run_dir/acme/state.json`
+/// (readable by weft alone), the certificate served.
+#[test]
+fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
+    require_netns();
+    require_pebble();
+    support::require_haproxy();
+    let t = Topology::build();
+    let server = NsServer::start(&t.hub, SERVER.parse().unwrap(), "shop\n");
+    let pebble = Pebble::start(&t.hub, PebbleOptions::default());
+    pebble.set_a(HOST, &[EDGES[0].1]);
+    let certs = tempfile::tempdir().unwrap();
+    let edge = NsWeft::start(
+        &t.edges[0],
+        &format!(
+            "[haproxy]\nbind = \"0.0.0.0:80\"\nrun_dir = \"run\"\nhard_stop_after = \"5s\"\n\n\
+             [network]\nallowed = [\"10.2.0.0/16\"]\n\n\
+             [bridge]\nmode = \"off\"\n\n\
+             [status]\nlisten = \"127.0.0.1:9090\"\n\n\
+             [sources.file]\npath = \"services.toml\"\n\n\
+             [tls]\nlisten = \"0.0.0.0:443\"\ncerts = \"{certs}\"\n\n\
+             [tls.acme]\ndirectory = \"{directory}\"\nemail = \"ops@example.com\"\n\
+             hosts = [\".example.com\"]\nca_file = \"{ca}\"\n",
+            certs = certs.path().display(),
+            directory = pebble.directory_url(),
+            ca = pebble.ca_file().display(),
+        ),
+        Some(&format!(
+            "[[service]]\nname = \"shop\"\nhosts = [\"{HOST}\"]\nservers = [\"{SERVER}\"]\n"
+        )),
+    );
+    wait_for_edge(&t.edges[0], &edge);
+    let roots = pebble.issuing_roots();
+    let chain = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        chain.path(),
+        format!("{}{}", roots.root, roots.intermediate),
+    )
+    .unwrap();
+    wait_until(ISSUED_WITHIN, "the edge serving the certificate", || {
+        served_in(&t.edges[0], HOST, chain.path())
+    });
+    assert_eq!(pebble.orders().len(), 1);
+    use std::os::unix::fs::PermissionsExt;
+    let dir = edge.path("run/acme");
+    let file = dir.join("state.json");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(state.get("account").is_some(), "{state}");
+    assert!(state.get(format!("certs/{HOST}")).is_some(), "{state}");
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&file), 0o600);
+    drop(edge);
+    drop(pebble);
+    drop(server);
+}
