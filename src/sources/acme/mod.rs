@@ -39,6 +39,7 @@ use crate::config::AcmeConfig;
 use crate::model::certs::{check_challenge, validate, Certificates};
 use crate::model::{Built, Health, Rejected, SourceId, SourceReport};
 
+mod http;
 pub mod store;
 use store::{State, Store, StoreWatch};
 
@@ -102,8 +103,11 @@ fn unix_now() -> i64 {
 struct Context {
     config: AcmeConfig,
     store: Store,
+    /// The CA's latest `Retry-After` on an error answer.
+    retry_after: http::RetryAfter,
     /// The account, once loaded or created; dropped when the CA no longer knows it.
-    account: tokio::sync::Mutex<Option<Account>>,
+    /// With the stored credentials it was made from: another edge may replace them.
+    account: tokio::sync::Mutex<Option<(String, Account)>>,
     /// Where this edge's own HAProxy answers plain HTTP, for the self-check.
     http: SocketAddr,
     edge: String,
@@ -137,6 +141,7 @@ pub async fn run(
         config,
         store: store.clone(),
         account: tokio::sync::Mutex::new(None),
+        retry_after: http::RetryAfter::default(),
         http,
         edge,
     });
@@ -480,6 +485,7 @@ async fn order(context: &Context, host: &str, state: &State) -> Ended {
 async fn order_under_lock(context: &Context, host: &str, state: &State) -> Ended {
     let mut fresh = state.clone();
     for key in [
+        "account".to_string(),
         format!("failures/{host}"),
         format!("certs/{host}"),
         format!("orders/{host}"),
@@ -521,6 +527,11 @@ async fn record_failure(
     at_least: Option<Duration>,
 ) -> Ended {
     count(&COUNTERS.failed);
+    // The CA's own word on when to come back comes first (a rate limit's `Retry-After`).
+    let at_least = match (context.retry_after.take(), at_least) {
+        (Some(asked), other) => Some(asked.max(other.unwrap_or_default())),
+        (None, other) => other,
+    };
     let attempts = before.map_or(1, |f| f.attempts.saturating_add(1));
     let backoff = context
         .config
@@ -568,14 +579,17 @@ fn failed(what: &str, err: instant_acme::Error) -> Ended {
 /// it does not know the stored one, as a test CA does after a restart) a new one replaces it.
 async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Account, Ended> {
     let mut cell = context.account.lock().await;
-    if let (Some(account), false) = (cell.as_ref(), forgotten) {
-        return Ok(account.clone());
+    if let (Some((made_from, account)), false) = (cell.as_ref(), forgotten) {
+        if state.get("account") == Some(made_from) {
+            return Ok(account.clone());
+        }
     }
-    let builder = match &context.config.ca_file {
-        Some(path) => Account::builder_with_root(path),
-        None => Account::builder(),
-    }
-    .map_err(|err| failed("cannot make the ACME client", err))?;
+    let client = http::AcmeHttp::new(
+        context.config.ca_file.as_deref(),
+        context.retry_after.clone(),
+    )
+    .map_err(|reason| Ended::Failed(format!("cannot make the ACME client: {reason}"), None))?;
+    let builder = Account::builder_with_http(Box::new(client));
     // An account stored for another directory (staging before production) is not used.
     let forgotten = forgotten
         || state.get("account").is_some_and(|stored| {
@@ -599,7 +613,7 @@ async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Ac
             .from_credentials(credentials)
             .await
             .map_err(|err| failed("cannot load the ACME account", err))?;
-        *cell = Some(account.clone());
+        *cell = Some((stored.clone(), account.clone()));
         return Ok(account);
     }
     let contact = format!("mailto:{}", context.config.email);
@@ -619,7 +633,7 @@ async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Ac
     match context.store.put("account", &text, !forgotten).await {
         Ok(true) => {
             info!(id = %account.id(), "ACME account created and stored");
-            *cell = Some(account.clone());
+            *cell = Some((text.clone(), account.clone()));
             Ok(account)
         }
         Ok(false) => Err(Ended::Failed(
