@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::consul::{ConsulDouble, Instance};
-use support::netns::{get_in, require_netns, wait_until, Netns, NsServer, NsWeft};
+use support::netns::{get_in, require_netns, wait_until, Edges, Netns, NsServer, NsWeft};
 use support::pebble::{require_pebble, Pebble, PebbleOptions};
 
 const CONSUL: &str = "192.168.150.1:8500";
@@ -41,32 +41,15 @@ const ISSUED_WITHIN: Duration = Duration::from_secs(30);
 /// 10.2.0.0/16, and never the edges' own address.
 const SERVER: &str = "10.2.1.5:8080";
 
-struct Topology {
-    hub: Netns,
-    edges: Vec<Netns>,
-}
-
-impl Topology {
-    fn build() -> Topology {
-        let hub = Netns::new("hub");
-        hub.ip(&["link", "add", "br0", "type", "bridge"]);
-        hub.ip(&["addr", "add", "192.168.150.1/24", "dev", "br0"]);
-        hub.ip(&["link", "set", "br0", "up"]);
-        let edges = EDGES
-            .iter()
-            .map(|(name, address)| {
-                let edge = Netns::new(name);
-                edge.add_veth("eth0", name, &hub);
-                edge.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
-                edge.ip(&["link", "set", "eth0", "up"]);
-                hub.ip(&["link", "set", name, "master", "br0", "up"]);
-                edge.ip(&["route", "add", "10.2.0.0/16", "via", "192.168.150.1"]);
-                edge
-            })
-            .collect();
-        hub.ip(&["addr", "add", "10.2.1.5/32", "dev", "br0"]);
-        Topology { hub, edges }
+/// The hub and the edges; each edge routes 10.2.0.0/16 to the hub, which holds the service's
+/// server.
+fn topology() -> Edges {
+    let t = Edges::build(&EDGES);
+    for edge in &t.edges {
+        edge.ip(&["route", "add", "10.2.0.0/16", "via", "192.168.150.1"]);
     }
+    t.hub.ip(&["addr", "add", "10.2.1.5/32", "dev", "br0"]);
+    t
 }
 
 /// weft in an edge: HAProxy on all of the edge's addresses (the CA reaches port 80 on eth0),
@@ -170,7 +153,7 @@ struct Estate {
     consul: ConsulDouble,
     _runtime: tokio::runtime::Runtime,
     _certs: Vec<tempfile::TempDir>,
-    t: Topology,
+    t: Edges,
 }
 
 impl Estate {
@@ -178,7 +161,7 @@ impl Estate {
         require_netns();
         require_pebble();
         support::require_haproxy();
-        let t = Topology::build();
+        let t = topology();
         let runtime = t.hub.runtime();
         let consul_addr: SocketAddr = CONSUL.parse().unwrap();
         let consul = runtime.block_on(async {
@@ -549,7 +532,7 @@ fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
     require_netns();
     require_pebble();
     support::require_haproxy();
-    let t = Topology::build();
+    let t = topology();
     let server = NsServer::start(&t.hub, SERVER.parse().unwrap(), "shop\n");
     let pebble = Pebble::start(&t.hub, PebbleOptions::default());
     pebble.set_a(HOST, &[EDGES[0].1]);

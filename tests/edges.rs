@@ -32,19 +32,19 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use support::consul::{ConsulDouble, Instance, Status};
-use support::netns::{get_in, wait_until, Netns, NsWeft};
+use support::netns::{get_in, wait_until, Edges, Netns, NsWeft};
 use support::{cli, eventually};
 
 /// The hub's address on the bridge, where the double listens.
 const CONSUL: &str = "192.168.150.1:8500";
-const EDGES: [(&str, &str); 3] = [
-    ("edge-a", "192.168.150.11"),
-    ("edge-b", "192.168.150.12"),
-    ("edge-c", "192.168.150.13"),
+const EDGES: [(&str, Ipv4Addr); 3] = [
+    ("edge-a", Ipv4Addr::new(192, 168, 150, 11)),
+    ("edge-b", Ipv4Addr::new(192, 168, 150, 12)),
+    ("edge-c", Ipv4Addr::new(192, 168, 150, 13)),
 ];
 /// `sources.consul.max_connections` of every edge: two watches, two for the claims ledger, two
 /// readers.
@@ -63,34 +63,6 @@ const RESYNC: &str = "10s";
 const CONVERGENCE: Duration = Duration::from_secs(30);
 /// The deliberate spacing of the edges' starts.
 const START_SPACING: Duration = Duration::from_secs(1);
-
-/// The namespaces; dropped after the edges and the double (declared later in the test),
-/// taking every link with them.
-struct Topology {
-    hub: Netns,
-    edges: Vec<Netns>,
-}
-
-impl Topology {
-    fn build() -> Topology {
-        let hub = Netns::new("hub");
-        hub.ip(&["link", "add", "br0", "type", "bridge"]);
-        hub.ip(&["addr", "add", "192.168.150.1/24", "dev", "br0"]);
-        hub.ip(&["link", "set", "br0", "up"]);
-        let edges = EDGES
-            .iter()
-            .map(|(name, address)| {
-                let edge = Netns::new(name);
-                edge.add_veth("eth0", name, &hub);
-                edge.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
-                edge.ip(&["link", "set", "eth0", "up"]);
-                hub.ip(&["link", "set", name, "master", "br0", "up"]);
-                edge
-            })
-            .collect();
-        Topology { hub, edges }
-    }
-}
 
 /// weft in an edge: HAProxy on the edge's loopback, only the Consul source.
 fn start_edge(ns: &Netns) -> NsWeft {
@@ -433,7 +405,7 @@ async fn converged(edges: &[NsWeft], expected: &Routing) -> Result<(), Report> {
 #[test]
 fn three_edges_converge_on_one_consul_after_a_burst_within_their_connection_budget() {
     support::require_haproxy();
-    let t = Topology::build();
+    let t = Edges::build(&EDGES);
     // The double runs on the hub's runtime, so that it listens in the hub; the test's waits,
     // which use no network, run there too. Declared after the namespaces: stopped before
     // they are deleted.
@@ -488,7 +460,7 @@ fn three_edges_converge_on_one_consul_after_a_burst_within_their_connection_budg
     let connections = consul.connections();
     eprintln!("{connections:?}");
     for (name, address) in EDGES {
-        let ip: IpAddr = address.parse().unwrap();
+        let ip = IpAddr::V4(address);
         let peak = connections.peak.get(&ip).copied().unwrap_or(0);
         assert!(peak > 0, "{name} never connected: {connections:?}");
         assert!(

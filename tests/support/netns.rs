@@ -455,3 +455,32 @@ pub fn get_in(
     .join()
     .map_err(|_| "the client thread panicked".to_string())?
 }
+
+/// A hub namespace with a bridge `br0` at 192.168.150.1/24 and one namespace per edge, each on
+/// a veth into the bridge at its address (/24): the topology of the multi-edge tests. Dropped
+/// after what runs in it (declare it first).
+pub struct Edges {
+    pub hub: Netns,
+    pub edges: Vec<Netns>,
+}
+
+impl Edges {
+    pub fn build(edges: &[(&str, std::net::Ipv4Addr)]) -> Edges {
+        let hub = Netns::new("hub");
+        hub.ip(&["link", "add", "br0", "type", "bridge"]);
+        hub.ip(&["addr", "add", "192.168.150.1/24", "dev", "br0"]);
+        hub.ip(&["link", "set", "br0", "up"]);
+        let edges = edges
+            .iter()
+            .map(|(name, address)| {
+                let edge = Netns::new(name);
+                edge.add_veth("eth0", name, &hub);
+                edge.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+                edge.ip(&["link", "set", "eth0", "up"]);
+                hub.ip(&["link", "set", name, "master", "br0", "up"]);
+                edge
+            })
+            .collect();
+        Edges { hub, edges }
+    }
+}
