@@ -24,7 +24,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::consul::{ConsulDouble, Instance};
-use support::netns::{get_in, require_netns, wait_until, Edges, Netns, NsServer, NsWeft};
+use support::netns::{
+    get_in, require_netns, wait_for_weft, wait_until, Edges, Netns, NsServer, NsWeft,
+};
 use support::pebble::{require_pebble, Pebble, PebbleOptions};
 
 const CONSUL: &str = "192.168.150.1:8500";
@@ -73,17 +75,6 @@ fn start_edge(ns: &Netns, pebble: &Pebble, certs: &std::path::Path, acme: &str) 
         ),
         None,
     )
-}
-
-fn wait_for_edge(ns: &Netns, edge: &NsWeft) {
-    let status = "127.0.0.1:9090".parse().unwrap();
-    wait_until(Duration::from_secs(10), "weft's status endpoint", || {
-        get_in(ns, status, "localhost", "/healthz")
-    });
-    let socket = edge.path("run/admin.sock");
-    wait_until(Duration::from_secs(10), "HAProxy's admin socket", || {
-        socket.exists().then_some(()).ok_or(())
-    });
 }
 
 /// One command on an HAProxy admin socket (a unix socket: reachable from any namespace).
@@ -179,7 +170,7 @@ impl Estate {
             .map(|(ns, certs)| start_edge(ns, &pebble, certs.path(), acme))
             .collect();
         for (ns, edge) in t.edges.iter().zip(&edges) {
-            wait_for_edge(ns, edge);
+            wait_for_weft(ns, edge);
         }
         Estate {
             edges,
@@ -556,7 +547,7 @@ fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
             "[[service]]\nname = \"shop\"\nhosts = [\"{HOST}\"]\nservers = [\"{SERVER}\"]\n"
         )),
     );
-    wait_for_edge(&t.edges[0], &edge);
+    wait_for_weft(&t.edges[0], &edge);
     let roots = pebble.issuing_roots();
     let chain = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(

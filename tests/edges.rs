@@ -36,7 +36,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use support::consul::{ConsulDouble, Instance, Status};
-use support::netns::{get_in, wait_until, Edges, Netns, NsWeft};
+use support::netns::{wait_for_weft, Edges, Netns, NsWeft};
 use support::{cli, eventually};
 
 /// The hub's address on the bridge, where the double listens.
@@ -79,19 +79,6 @@ fn start_edge(ns: &Netns) -> NsWeft {
         ),
         None,
     )
-}
-
-/// Waits until the edge's weft answers on its status endpoint and its HAProxy on its admin
-/// socket.
-fn wait_for_edge(ns: &Netns, edge: &NsWeft) {
-    let status = "127.0.0.1:9090".parse().unwrap();
-    wait_until(Duration::from_secs(10), "weft's status endpoint", || {
-        get_in(ns, status, "localhost", "/healthz")
-    });
-    let socket = edge.path("run/admin.sock");
-    wait_until(Duration::from_secs(10), "HAProxy's admin socket", || {
-        socket.exists().then_some(()).ok_or(())
-    });
 }
 
 /// A service's routes, as keys of the routing view: `host` (hosts.map), `host/path/`
@@ -429,7 +416,7 @@ fn three_edges_converge_on_one_consul_after_a_burst_within_their_connection_budg
     for ns in &t.edges {
         let started = Instant::now();
         edges.push(start_edge(ns));
-        wait_for_edge(ns, edges.last().unwrap());
+        wait_for_weft(ns, edges.last().unwrap());
         for _ in 0..WARMUP_CHANGES {
             catalog.change();
         }

@@ -484,3 +484,16 @@ impl Edges {
         Edges { hub, edges }
     }
 }
+
+/// Waits until weft in `ns` answers on its status endpoint (127.0.0.1:9090) and its HAProxy on
+/// its admin socket (`run/admin.sock`).
+pub fn wait_for_weft(ns: &Netns, edge: &NsWeft) {
+    let status = "127.0.0.1:9090".parse().unwrap();
+    wait_until(Duration::from_secs(10), "weft's status endpoint", || {
+        get_in(ns, status, "localhost", "/healthz")
+    });
+    let socket = edge.path("run/admin.sock");
+    wait_until(Duration::from_secs(10), "HAProxy's admin socket", || {
+        socket.exists().then_some(()).ok_or(())
+    });
+}

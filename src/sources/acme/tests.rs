@@ -170,7 +170,6 @@ fn a_host_is_ordered_without_a_fresh_certificate_unless_it_backs_off() {
 
 #[test]
 fn the_report_serves_routed_hosts_certificates_and_valid_challenges_and_names_failures() {
-    let config = acme("hosts = [\".example.com\"]\n");
     let now = unix_now();
     let hosts: BTreeSet<String> = ["a.example.com".to_string()].into();
     let mut state = State::new();
@@ -202,7 +201,7 @@ fn the_report_serves_routed_hosts_certificates_and_valid_challenges_and_names_fa
         })
         .unwrap(),
     );
-    let report = report_of(&config, &state, &hosts, now);
+    let report = report_of(&state, &hosts, now);
     assert_eq!(report.source, SourceId::Acme);
     assert_eq!(
         report.certificates.keys().collect::<Vec<_>>(),
@@ -292,7 +291,7 @@ fn a_certificate_stored_under_one_host_never_serves_another() {
     let hosts: BTreeSet<String> = ["a.example.com".to_string()].into();
     let mut state = State::new();
     state.insert("certs/a.example.com".into(), pem_for("b.example.com", 90));
-    let report = report_of(&config, &state, &hosts, now);
+    let report = report_of(&state, &hosts, now);
     assert!(report.certificates.is_empty());
     assert!(
         report.rejected[0].reason.contains("not exactly"),
@@ -304,7 +303,6 @@ fn a_certificate_stored_under_one_host_never_serves_another() {
 
 #[test]
 fn a_failure_time_from_the_store_is_kept_within_a_backoff() {
-    let config = acme("hosts = [\".example.com\"]\n");
     let now = unix_now();
     let hosts: BTreeSet<String> = ["a.example.com".to_string()].into();
     let mut state = State::new();
@@ -313,7 +311,7 @@ fn a_failure_time_from_the_store_is_kept_within_a_backoff() {
         r#"{"reason":"x","attempts":1,"until":300000000000}"#.into(),
     );
     // Past the year 9999 a time does not print: the report must not panic.
-    let report = report_of(&config, &state, &hosts, now);
+    let report = report_of(&state, &hosts, now);
     assert!(report.rejected[0].reason.contains("next order after"));
     assert!(failure(&state, "a.example.com").unwrap().until <= now + 24 * 3600 + 1);
 }
