@@ -223,7 +223,7 @@ pub async fn run(
         }
         let Some(state) = &state else { continue };
         report.send_if_modified(|r| {
-            let mut next = report_of(&context.config, state, &hosts, unix_now());
+            let mut next = report_of(state, &hosts, unix_now());
             if let Some(reason) = &degraded {
                 next.health = r.health.clone();
                 next.degrade(reason.clone());
@@ -354,12 +354,7 @@ fn failure(state: &State, host: &str) -> Option<Failure> {
 }
 
 /// What the store holds for the routed hosts, as a source report.
-fn report_of(
-    config: &AcmeConfig,
-    state: &State,
-    hosts: &BTreeSet<String>,
-    now: i64,
-) -> SourceReport {
+fn report_of(state: &State, hosts: &BTreeSet<String>, now: i64) -> SourceReport {
     let mut report = SourceReport {
         health: Health::Ok,
         ..SourceReport::starting(SourceId::Acme)
@@ -418,7 +413,6 @@ fn report_of(
             }),
         }
     }
-    let _ = config;
     report
 }
 
@@ -651,7 +645,13 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
     let mut account = account(context, state, false).await?;
     let store_failed = |err: store::StoreError| Ended::Failed(format!("ACME store: {err}"), None);
     let identifiers = [Identifier::Dns(host.to_string())];
-    let resumed = match state.get(&format!("orders/{host}")) {
+    // A stored order is only resumed on the directory's own origin: the account signs a request
+    // to whatever URL the store holds.
+    let directory = &context.config.directory;
+    let stored = state
+        .get(&format!("orders/{host}"))
+        .filter(|url| reqwest::Url::parse(url).is_ok_and(|url| url.origin() == directory.origin()));
+    let resumed = match stored {
         Some(url) => match account.order(url.clone()).await {
             Ok(mut order) => {
                 // A `processing` or `valid` order was finalized with a key that died with the
