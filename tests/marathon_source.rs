@@ -142,7 +142,15 @@ async fn scaling_killing_and_failing_health_move_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stream_is_noticed_and_weft_catches_up() {
     let (marathon, _backends) = marathon_with_shop().await;
-    let weft = weft_serving_shop(&[marathon.url()], &[("resync", "1h")], &["a"]).await;
+    // Full fetches at most 1 s apart (default 5 s): after the stall's reconnect, the cut's
+    // reconnect asks for a second one at once, and the default spacing left the test's 5 s
+    // wait for it about 1 s to spare (it failed once in a loaded CI run).
+    let weft = weft_serving_shop(
+        &[marathon.url()],
+        &[("resync", "1h"), ("full_fetch_interval", "1s")],
+        &["a"],
+    )
+    .await;
     marathon.wait_for_open_streams(1).await;
     let connections = marathon.event_connections();
 
