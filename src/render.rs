@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use crate::config::{HaproxyConfig, ProxyProtocol, DEFAULT_TUNNEL_TIMEOUT};
 // re-exported here, beside the other names of HAProxy's files.
 pub use crate::config::CONFIG_FILE;
 use crate::model::{CheckKind, HealthCheck, Hsts, Redirect, RoutingTable};
-use crate::slots::{Pool, Slots, PARKED};
+use crate::slots::{Declared, Pool, Slots, PARKED};
 
 /// The names of HAProxy's files, in the one place every part of weft reads them from. The
 /// map files the config refers to, by file name inside the map directory:
@@ -232,6 +233,10 @@ pub struct Rendered {
     pub challenges_map: Option<String>,
     /// With `[tls]`: the crt-list and the certificates it names.
     pub tls: Option<RenderedTls>,
+    /// Where each backend's section lies in `config`, in the order of the slots' backends it
+    /// was rendered from: the next render copies the sections whose backend did not change
+    /// (see [`rerender`]). Empty for files not rendered here.
+    pub sections: Vec<Range<usize>>,
 }
 
 /// The TLS bind's files.
@@ -270,13 +275,36 @@ impl Rendered {
     }
 }
 
-struct BackendView {
-    name: String,
+/// One backend's section of the config (`templates/backend.cfg`): a pure function of its name
+/// and its [`Declared`] slots, so that a section whose backend did not change is copied from
+/// the last render rather than rendered again.
+#[derive(Template)]
+#[template(path = "backend.cfg", escape = "none")]
+struct BackendView<'a> {
+    name: &'a str,
     balance: &'static str,
     check: Option<CheckView>,
     /// `(slot number, server address)`: the server `s<number>` (see
     /// [`crate::slots::slot_name`]); `None` is a free slot.
     servers: Vec<(usize, Option<SocketAddr>)>,
+    parked: SocketAddr,
+}
+
+impl<'a> BackendView<'a> {
+    fn new(name: &'a str, declared: &Declared) -> BackendView<'a> {
+        BackendView {
+            name,
+            balance: declared.flavour.balance.as_str(),
+            check: declared.flavour.check.as_ref().map(CheckView::new),
+            servers: declared
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| (i + 1, *slot))
+                .collect(),
+            parked: PARKED,
+        }
+    }
 }
 
 /// ACME HTTP-01 challenges are answered on plain HTTP: never redirected.
@@ -322,7 +350,6 @@ struct ConfigTemplate<'a> {
     hosts_map: String,
     paths_map: String,
     wildcards_map: String,
-    parked: SocketAddr,
     hard_stop_after: String,
     max_reloads: u32,
     maxconn: Option<u32>,
@@ -332,7 +359,6 @@ struct ConfigTemplate<'a> {
     max_passes: u32,
     /// `(listen, crt-list path, ALPN)` of the TLS bind.
     tls: Option<(SocketAddr, String, &'static str)>,
-    backends: Vec<BackendView>,
     acme_challenge: &'static str,
     /// With `[tls.acme]`: the path of the challenges' map.
     challenges_map: Option<String>,
@@ -354,22 +380,28 @@ pub fn render_with(
     slots: &Slots,
     settings: &RenderSettings,
 ) -> Result<Rendered, askama::Error> {
-    let backends = slots
-        .backends
-        .iter()
-        .map(|(name, declared)| BackendView {
-            name: name.clone(),
-            balance: declared.flavour.balance.as_str(),
-            check: declared.flavour.check.as_ref().map(CheckView::new),
-            servers: declared
-                .slots
-                .iter()
-                .enumerate()
-                .map(|(i, slot)| (i + 1, *slot))
-                .collect(),
-        })
-        .collect();
-    let config = ConfigTemplate {
+    render_sections(table, slots, settings, None)
+}
+
+/// [`render_with`], copying from `previous` (the slots and the files last rendered from them,
+/// with the same settings but for the map directory) the section of every backend whose slots
+/// did not change: a server moved at 10,000 services renders one section, not 10,000.
+pub fn rerender(
+    previous: (&Slots, &Rendered),
+    table: &RoutingTable,
+    slots: &Slots,
+    settings: &RenderSettings,
+) -> Result<Rendered, askama::Error> {
+    render_sections(table, slots, settings, Some(previous))
+}
+
+fn render_sections(
+    table: &RoutingTable,
+    slots: &Slots,
+    settings: &RenderSettings,
+    previous: Option<(&Slots, &Rendered)>,
+) -> Result<Rendered, askama::Error> {
+    let head = ConfigTemplate {
         version: env!("CARGO_PKG_VERSION"),
         bind: settings.bind,
         bind_options: settings.clients.bind_options(),
@@ -381,7 +413,6 @@ pub fn render_with(
         hosts_map: in_dir(&settings.map_dir, HOSTS_MAP),
         paths_map: in_dir(&settings.map_dir, PATHS_MAP),
         wildcards_map: in_dir(&settings.map_dir, WILDCARDS_MAP),
-        parked: PARKED,
         hard_stop_after: haproxy_duration(settings.hard_stop_after),
         max_reloads: settings.max_reloads,
         maxconn: settings.maxconn,
@@ -393,7 +424,6 @@ pub fn render_with(
             .tls
             .as_ref()
             .map(|tls| (tls.listen, in_dir(&settings.map_dir, CRT_LIST), ALPN)),
-        backends,
         acme_challenge: ACME_CHALLENGE,
         challenges_map: settings
             .tls
@@ -405,8 +435,11 @@ pub fn render_with(
             None | Some(443) => String::new(),
             Some(port) => format!(":{port}"),
         },
-    }
-    .render()?;
+    };
+    // About the size of the last one: the sections are most of it.
+    let mut config = String::with_capacity(previous.map_or(0, |(_, r)| r.config.len() + 4096));
+    head.render_into(&mut config)?;
+    let sections = render_backends(slots, previous, &mut config)?;
     let (hosts_map, paths_map, wildcards_map) = render_maps(table, slots);
     let tls = settings
         .tls
@@ -427,7 +460,40 @@ pub fn render_with(
         wildcards_map,
         challenges_map,
         tls,
+        sections,
     })
+}
+
+/// Appends every backend's section to `config`, copied from `previous` where the backend has
+/// the same name and slots there, and returns where each one lies.
+fn render_backends(
+    slots: &Slots,
+    previous: Option<(&Slots, &Rendered)>,
+    config: &mut String,
+) -> Result<Vec<Range<usize>>, askama::Error> {
+    // The previous sections, in name order beside their backends (as they were rendered); a
+    // rendered without sections (not rendered here) lends none.
+    let mut before = previous
+        .filter(|(slots, rendered)| slots.backends.len() == rendered.sections.len())
+        .map(|(slots, rendered)| {
+            let sections = slots.backends.iter().zip(rendered.sections.iter());
+            (sections.peekable(), rendered.config.as_str())
+        });
+    let mut sections = Vec::with_capacity(slots.backends.len());
+    for (name, declared) in &slots.backends {
+        let start = config.len();
+        let same = before.as_mut().and_then(|(old, text)| {
+            while old.next_if(|((old, _), _)| *old < name).is_some() {}
+            let ((_, _), span) = old.next_if(|((old, d), _)| *old == name && *d == declared)?;
+            text.get(span.clone())
+        });
+        match same {
+            Some(section) => config.push_str(section),
+            None => BackendView::new(name, declared).render_into(config)?,
+        }
+        sections.push(start..config.len());
+    }
+    Ok(sections)
 }
 
 /// The crt-list (weft's default certificate first: HAProxy serves the first one to a client
@@ -532,7 +598,7 @@ fn map_text(entries: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{test_table, CheckDef, ServiceDef};
+    use crate::model::{test_table, Balance, CheckDef, ServiceDef, ServiceName};
 
     fn settings() -> RenderSettings {
         RenderSettings {
@@ -837,5 +903,63 @@ mod tests {
         // The rule comes before the routes are looked up.
         let at = |needle: &str| rendered.config.find(needle).unwrap();
         assert!(at("acme-challenges.map") < at("set-var(txn.route)"));
+    }
+
+    /// A render that copies the unchanged backends' sections from the last one is the render
+    /// from scratch, byte for byte, through moves, new and removed services, another flavour,
+    /// a pack for a reload and another map directory (staging).
+    #[test]
+    fn a_rerender_is_the_render_from_scratch() {
+        let mut moved = sample();
+        let shop = ServiceName::parse("shop").unwrap();
+        let backend = moved.backends.get_mut(&shop).unwrap();
+        backend.servers = ["10.2.2.8:8080".parse().unwrap()].into();
+        let mut more = moved.clone();
+        let extra = table(vec![svc(
+            "new",
+            &["new.example.com"],
+            None,
+            &["10.2.9.9:80"],
+        )]);
+        more.backends.extend(extra.backends);
+        more.routes.extend(extra.routes);
+        let mut flavoured = more.clone();
+        let api = ServiceName::parse("shop-api").unwrap();
+        flavoured.backends.get_mut(&api).unwrap().balance = Balance::default();
+        let mut fewer = flavoured.clone();
+        fewer.backends.remove(&shop);
+        fewer.routes.retain(|_, service| *service != shop);
+
+        let live = settings();
+        let staging = RenderSettings {
+            map_dir: PathBuf::from("/run/weft/staging"),
+            ..settings()
+        };
+        let mut slots = Slots::assign(&Slots::default(), &sample(), live.pool);
+        let mut rendered = render_with(&sample(), &slots, &live).unwrap();
+        assert_eq!(rendered.sections.len(), slots.backends.len());
+        for next in [&moved, &more, &flavoured, &fewer, &sample()] {
+            for packed in [false, true] {
+                let next_slots = match packed {
+                    false => Slots::assign(&slots, next, live.pool),
+                    true => Slots::pack(&slots, next, live.pool),
+                };
+                let again = rerender((&slots, &rendered), next, &next_slots, &live).unwrap();
+                assert_eq!(again, render_with(next, &next_slots, &live).unwrap());
+                let staged = rerender((&next_slots, &again), next, &next_slots, &staging);
+                assert_eq!(
+                    staged.unwrap(),
+                    render_with(next, &next_slots, &staging).unwrap()
+                );
+                (slots, rendered) = (next_slots, again);
+            }
+        }
+        // Files without sections (not rendered here) lend none.
+        let bare = Rendered {
+            sections: Vec::new(),
+            ..rendered.clone()
+        };
+        let again = rerender((&slots, &bare), &moved, &slots, &live).unwrap();
+        assert_eq!(again, render_with(&moved, &slots, &live).unwrap());
     }
 }

@@ -122,7 +122,7 @@ fn moved_on(
     desired
         .borrow()
         .as_ref()
-        .is_some_and(|built| blamed.apply_to(&built.table) != *validated)
+        .is_some_and(|built| *blamed.apply_to(&built.table) != *validated)
 }
 
 /// After a rejected config: a managed HAProxy that died meanwhile comes back on the last good

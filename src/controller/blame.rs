@@ -54,16 +54,23 @@ impl Blamed {
             .retain(|name, blame| blame.definition.matches(table.backends.get(name)));
     }
 
-    /// `table` without the blamed services and their routes.
-    pub(super) fn apply_to(&self, table: &RoutingTable) -> RoutingTable {
-        let mut table = table.clone();
+    /// `table` without the blamed services and their routes; `table` itself, shared, when no
+    /// blame applies to it (the usual case: no copy of the whole table per change).
+    pub(super) fn apply_to(&self, table: &Arc<RoutingTable>) -> Arc<RoutingTable> {
+        let applies = |(service, blame): (&ServiceName, &Blame)| {
+            blame.definition.matches(table.backends.get(service))
+        };
+        if !self.0.iter().any(applies) {
+            return Arc::clone(table);
+        }
+        let mut table = RoutingTable::clone(table);
         for (service, blame) in &self.0 {
             if blame.definition.matches(table.backends.get(service)) {
                 table.backends.remove(service);
                 table.routes.retain(|_, s| s != service);
             }
         }
-        table
+        Arc::new(table)
     }
 
     /// Blames `service` (the one behind the backend `haproxy -c` named) in `validated`;
@@ -132,7 +139,7 @@ pub(super) fn effective(
         s.rejected = rejected;
         true
     });
-    Arc::new(blamed.apply_to(&built.table))
+    blamed.apply_to(&built.table)
 }
 
 #[cfg(test)]
@@ -140,13 +147,13 @@ mod tests {
     use super::*;
     use crate::model::{test_table, ServiceDef};
 
-    fn table(shop_server: &str, shop_balance: &str) -> RoutingTable {
+    fn table(shop_server: &str, shop_balance: &str) -> Arc<RoutingTable> {
         let shop = ServiceDef {
             balance: Some(shop_balance.to_string()),
             ..ServiceDef::new("shop", &["shop.example.com"], &[shop_server])
         };
         let cart = ServiceDef::new("cart", &["cart.example.com"], &["10.2.1.9:80"]);
-        test_table(vec![shop, cart])
+        Arc::new(test_table(vec![shop, cart]))
     }
 
     const ALERT: &str = "[ALERT]    (1) : config : parsing [/x/haproxy.cfg:40] : bad\n";
@@ -183,6 +190,7 @@ mod tests {
         let changed = table("10.2.1.6:80", "leastconn");
         blamed.prune(&changed);
         assert_eq!(blamed.len(), 0);
-        assert_eq!(blamed.apply_to(&changed), changed);
+        // No blame applies: the table itself, not a copy.
+        assert!(Arc::ptr_eq(&blamed.apply_to(&changed), &changed));
     }
 }

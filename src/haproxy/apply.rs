@@ -28,8 +28,8 @@ use super::validate::{validate, ValidateError};
 use crate::config::{HaproxyConfig, HaproxyMode, OnExit};
 use crate::model::{RoutingTable, ServiceName};
 use crate::render::{
-    render_with, RenderSettings, Rendered, ADMIN_SOCKET, CERTS_DIR, CONFIG_FILE, DEFAULT_CERT,
-    EMPTY_SERVER_STATE, SERVER_STATE_FILE,
+    render_with, rerender, RenderSettings, Rendered, ADMIN_SOCKET, CERTS_DIR, CONFIG_FILE,
+    DEFAULT_CERT, EMPTY_SERVER_STATE, SERVER_STATE_FILE,
 };
 use crate::slots::{PoolUse, Slots};
 
@@ -324,7 +324,7 @@ impl Applier {
         if placed.slots == slots {
             return Ok(placed);
         }
-        let rendered = render_with(table, &slots, &self.live)?;
+        let rendered = rerender((&placed.slots, &placed.rendered), table, &slots, &self.live)?;
         Ok(Applied {
             table: Arc::clone(table),
             slots,
@@ -332,11 +332,22 @@ impl Applier {
         })
     }
 
-    /// Slots and files for `table`, slots assigned from what runs.
+    /// Slots and files for `table`, slots assigned from what runs (and the sections of the
+    /// backends that did not change copied from its files).
     fn desired(&self, table: &Arc<RoutingTable>) -> Result<Applied, ApplyError> {
-        let previous = self.applied.as_ref().map(|a| &a.slots);
-        let slots = Slots::assign(previous.unwrap_or(&Slots::default()), table, self.live.pool);
-        let rendered = render_with(table, &slots, &self.live)?;
+        let (slots, rendered) = match &self.applied {
+            Some(applied) => {
+                let slots = Slots::assign(&applied.slots, table, self.live.pool);
+                let previous = (&applied.slots, &applied.rendered);
+                let rendered = rerender(previous, table, &slots, &self.live)?;
+                (slots, rendered)
+            }
+            None => {
+                let slots = Slots::assign(&Slots::default(), table, self.live.pool);
+                let rendered = render_with(table, &slots, &self.live)?;
+                (slots, rendered)
+            }
+        };
         Ok(Applied {
             table: Arc::clone(table),
             slots,
@@ -353,9 +364,11 @@ impl Applier {
             map_dir: dir.clone(),
             ..self.live.clone()
         };
-        let staged = render_with(
-            &candidate.desired.table,
-            &candidate.desired.slots,
+        let desired = &candidate.desired;
+        let staged = rerender(
+            (&desired.slots, &desired.rendered),
+            &desired.table,
+            &desired.slots,
             &settings,
         )?;
         stage(&dir, &staged)?;
@@ -424,7 +437,8 @@ impl Applier {
     async fn apply_runtime_part(&mut self, applied: &Applied, table: &RoutingTable) -> usize {
         let part = runtime_part(applied, table);
         let slots = Slots::assign(&applied.slots, &part, self.live.pool);
-        let Ok(rendered) = render_with(&part, &slots, &self.live) else {
+        let previous = (&applied.slots, &applied.rendered);
+        let Ok(rendered) = rerender(previous, &part, &slots, &self.live) else {
             return 0;
         };
         if rendered == applied.rendered {
@@ -449,12 +463,24 @@ impl Applier {
         }
     }
 
-    /// Applies a same-structure change through the admin socket, then confirms it. The files
-    /// are written first: a reload at any later moment reproduces what runs.
+    /// Applies a same-structure change through the admin socket, confirms it, and writes the
+    /// files, so that a reload at any later moment reproduces what runs.
+    ///
+    /// A managed HAProxy is changed first and its files right after: nothing but weft reloads
+    /// it, and the change reaches traffic without waiting for the disk (a 10,000-service config
+    /// is megabytes, each file synced). A weft that dies between the two leaves HAProxy ahead
+    /// of its files; the next weft adopts it and reloads on its own files anyway. An external
+    /// HAProxy gets its files first: its operator may reload it at any moment.
     async fn runtime(&self, applied: &Applied, desired: &Applied) -> Result<usize, ApplyError> {
         let plan = runtime_plan(applied, &desired.slots, &desired.rendered);
-        self.write_files(Some(&applied.rendered), &desired.rendered, LastGood::Skip)?;
+        let files_first = self.config.mode == HaproxyMode::External;
+        if files_first {
+            self.write_files(Some(&applied.rendered), &desired.rendered, LastGood::Skip)?;
+        }
         runtime::execute(&self.admin_socket(), &self.config.run_dir, &plan).await?;
+        if !files_first {
+            self.write_files(Some(&applied.rendered), &desired.rendered, LastGood::Skip)?;
+        }
         let updates = plan.updates();
         if updates > 0 {
             info!(updates, "haproxy updated at runtime, no reload");

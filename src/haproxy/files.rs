@@ -275,6 +275,7 @@ mod tests {
             wildcards_map: String::new(),
             challenges_map: None,
             tls: None,
+            sections: Vec::new(),
         };
         let staging = dir.path().join(STAGING_DIR);
         stage(&staging, &rendered).unwrap();

@@ -372,6 +372,7 @@ pub(crate) mod tests {
             paths_map: String::new(),
             wildcards_map: String::new(),
             challenges_map: None,
+            sections: Vec::new(),
             tls: Some(RenderedTls {
                 crt_list: String::new(),
                 default_cert: "D".into(),

@@ -18,6 +18,7 @@ pub mod ownership;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use diff::TableDiff;
@@ -167,7 +168,8 @@ impl ModelSettings {
 /// The table and everything that was left out of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Built {
-    pub table: RoutingTable,
+    /// Shared: the apply loop takes it as it is (a copy at 10,000 services is megabytes).
+    pub table: Arc<RoutingTable>,
     pub dropped: Vec<Dropped>,
     /// The claims that lost to a host's holder (each is in `dropped` too): what an operator
     /// alerts on.
@@ -186,7 +188,7 @@ pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
         ..SourceReport::starting(SourceId::File)
     };
     let settings = ModelSettings::new(AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]));
-    build(&[&report], &settings, &Ledger::default()).table
+    Arc::unwrap_or_clone(build(&[&report], &settings, &Ledger::default()).table)
 }
 
 /// A service that passed validation, on its way into the table.
@@ -209,12 +211,13 @@ struct Candidate {
 /// result depends only on the reports and the ledger, not on the order anything arrived in.
 pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledger) -> Built {
     let mut built = Built::default();
+    let mut table = RoutingTable::default();
     let mut sorted: Vec<&SourceReport> = reports.to_vec();
     sorted.sort_by_key(|r| r.source);
 
     for report in &sorted {
-        built.table.certificates.extend(report.certificates.clone());
-        built.table.challenges.extend(report.challenges.clone());
+        table.certificates.extend(report.certificates.clone());
+        table.challenges.extend(report.challenges.clone());
         for rejected in &report.rejected {
             built.dropped.push(Dropped {
                 source: report.source,
@@ -457,23 +460,22 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
             routes_found.push((key, winner.clone()));
         }
     }
-    built.table.routes = routes_found.into_iter().collect();
+    table.routes = routes_found.into_iter().collect();
 
     // Built in bulk from one list (sorted once, no search per insert): at 10,000 services
     // inserting one by one was a quarter of a build.
-    built.table.backends = candidates.into_iter().map(|c| (c.key, c.backend)).collect();
+    table.backends = candidates.into_iter().map(|c| (c.key, c.backend)).collect();
 
     // A service that lost every route would be an unreachable backend: say so and drop it.
-    let routed: BTreeSet<&ServiceName> = built.table.routes.values().collect();
-    let unrouted: Vec<ServiceName> = built
-        .table
+    let routed: BTreeSet<&ServiceName> = table.routes.values().collect();
+    let unrouted: Vec<ServiceName> = table
         .backends
         .keys()
         .filter(|name| !routed.contains(name))
         .cloned()
         .collect();
     for name in unrouted {
-        if let Some(backend) = built.table.backends.remove(&name) {
+        if let Some(backend) = table.backends.remove(&name) {
             built.dropped.push(Dropped {
                 source: backend.source,
                 subject: format!("service {:?}", name.as_str()),
@@ -482,7 +484,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
-    redirect_covered_hosts(&mut built);
+    redirect_covered_hosts(&mut table, &mut built.dropped);
+    built.table = Arc::new(table);
     built.dropped.sort();
     built.conflicts.sort();
     built
@@ -491,8 +494,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
 /// Fills each redirecting service's hosts: those of its routes a certificate covers. A host
 /// no certificate covers stays on plain HTTP (a redirect would send browsers to weft's
 /// default certificate), and is reported.
-fn redirect_covered_hosts(built: &mut Built) {
-    let table = &mut built.table;
+fn redirect_covered_hosts(table: &mut RoutingTable, dropped: &mut Vec<Dropped>) {
     for (name, backend) in table.backends.iter_mut() {
         let Redirect::Https(covered) = &mut backend.redirect else {
             continue;
@@ -507,7 +509,7 @@ fn redirect_covered_hosts(built: &mut Built) {
             if certs::covers(&table.certificates, host.as_str()) {
                 covered.insert(host.clone());
             } else {
-                built.dropped.push(Dropped {
+                dropped.push(Dropped {
                     source: backend.source,
                     subject: format!("service {:?} redirect of host {:?}", name.as_str(), host.as_str()),
                     reason: format!(

@@ -96,7 +96,7 @@ fn built(hosts: &[&str]) -> Built {
         .map(|(i, host)| ServiceDef::new(&format!("svc{i}"), &[host], &["10.2.1.5:80"]))
         .collect();
     Built {
-        table: test_table(defs),
+        table: std::sync::Arc::new(test_table(defs)),
         ..Built::default()
     }
 }
@@ -112,7 +112,9 @@ fn hosts_are_wanted_when_named_routed_not_wildcards_and_not_served_by_an_operato
     ]);
     let now = unix_now();
     let operators = validate("b", pem_for("b.example.com", 90).as_bytes(), now).unwrap();
-    built.table.certificates.insert("b".into(), operators);
+    std::sync::Arc::make_mut(&mut built.table)
+        .certificates
+        .insert("b".into(), operators);
     // An ACME certificate of a.example.com does not stop its renewal: it is not the operator's.
     let ours = validate(
         &cert_name("a.example.com"),
@@ -120,12 +122,16 @@ fn hosts_are_wanted_when_named_routed_not_wildcards_and_not_served_by_an_operato
         now,
     )
     .unwrap();
-    built.table.certificates.insert(ours.name.clone(), ours);
+    std::sync::Arc::make_mut(&mut built.table)
+        .certificates
+        .insert(ours.name.clone(), ours);
     let wanted: Vec<String> = wanted_hosts(&config, &built, now).into_iter().collect();
     assert_eq!(wanted, ["a.example.com"]);
     // An operator's certificate inside the renewal window no longer counts.
     let expiring = validate("b", pem_for("b.example.com", 10).as_bytes(), now).unwrap();
-    built.table.certificates.insert("b".into(), expiring);
+    std::sync::Arc::make_mut(&mut built.table)
+        .certificates
+        .insert("b".into(), expiring);
     let wanted: Vec<String> = wanted_hosts(&config, &built, now).into_iter().collect();
     assert_eq!(wanted, ["a.example.com", "b.example.com"]);
 }

@@ -54,9 +54,9 @@ impl Entries {
             read.push(entries);
         }
         self.pieces = pieces;
-        Ok(number(
-            read.iter().flat_map(|entries| entries.iter().cloned()),
-        ))
+        let count = read.iter().map(|entries| entries.len()).sum();
+        let entries = read.iter().flat_map(|entries| entries.iter().cloned());
+        Ok(number(entries, count))
     }
 
     /// The whole file as one document; nothing is remembered from it.

@@ -150,7 +150,8 @@ async fn read_text(path: &Path) -> Result<String, FileError> {
 /// typo like `[[services]]` must not read as "no services"); a broken entry is rejected alone.
 pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
     let entries = parse_entries(text).map_err(|failure| failure.into_error(text, path))?;
-    Ok(number(entries.into_iter()))
+    let count = entries.len();
+    Ok(number(entries.into_iter(), count))
 }
 
 /// One `[[service]]` entry as read: its service, or the name it gives (`" (\"shop\")"`, or
@@ -217,9 +218,11 @@ pub(crate) fn parse_entries(text: &str) -> Result<Vec<Entry>, Failure> {
 }
 
 /// The file's content from its entries in file order: rejected ones named by their place.
-pub(crate) fn number(entries: impl Iterator<Item = Entry>) -> FileContent {
+/// `count`: how many entries there are (the list is sized once: growing one of 10,000
+/// definitions moved megabytes several times).
+pub(crate) fn number(entries: impl Iterator<Item = Entry>, count: usize) -> FileContent {
     let mut content = FileContent {
-        services: Vec::new(),
+        services: Vec::with_capacity(count),
         rejected: Vec::new(),
     };
     for (i, entry) in entries.enumerate() {
