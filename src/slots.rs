@@ -120,8 +120,12 @@ impl Slots {
         let mut staying: Vec<(String, Declared)> = Vec::with_capacity(table.backends.len());
         let mut serving: Vec<(ServiceName, String)> = Vec::with_capacity(table.backends.len());
         let mut moving = Vec::new();
+        // Both in service name order: walked side by side, no search per service.
+        let mut served = self.serving.iter().peekable();
         for (service, backend) in &table.backends {
-            let current = self.serving.get_key_value(service).and_then(|(_, name)| {
+            while served.next_if(|(before, _)| *before < service).is_some() {}
+            let before = served.next_if(|(before, _)| *before == service);
+            let current = before.and_then(|(_, name)| {
                 let (name, declared) = self.backends.get_key_value(name)?;
                 let fits = declared.flavour.suits(backend)
                     && backend.servers.len() <= declared.slots.len();
@@ -139,11 +143,11 @@ impl Slots {
         let mut serving: BTreeMap<ServiceName, String> = serving.into_iter().collect();
         // Spares: free before this change (a backend given back now waits for the next one,
         // so a removed service's draining requests never meet another's servers).
-        let used: BTreeSet<&String> = self.serving.values().collect();
+        let used: HashSet<&str> = self.serving.values().map(String::as_str).collect();
         let mut spares: Vec<&String> = self
             .backends
             .keys()
-            .filter(|name| !used.contains(name))
+            .filter(|name| !used.contains(name.as_str()))
             .collect();
         spares.sort_by_key(|name| spare_number(name));
         let mut unplaced = Vec::new();

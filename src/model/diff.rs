@@ -2,39 +2,46 @@
 
 use std::fmt;
 
+use itertools::{EitherOrBoth, Itertools};
+
 use super::{RouteKey, RoutingTable, ServiceName};
+
+/// Two map entries in the order of their keys.
+fn by_key<K: Ord, V>(a: &(&K, &V), b: &(&K, &V)) -> std::cmp::Ordering {
+    a.0.cmp(b.0)
+}
 
 impl RoutingTable {
     /// What changes between `self` (applied) and `desired`: `empty.diff(&t)` adds all of `t`,
     /// `t.diff(&empty)` removes it all, `t.diff(&t)` is empty.
     pub fn diff(&self, desired: &RoutingTable) -> TableDiff {
         let mut diff = TableDiff::default();
-        for (name, backend) in &desired.backends {
-            match self.backends.get(name) {
-                None => diff.added_services.push(name.clone()),
-                Some(old) if old != backend => diff.changed_services.push(name.clone()),
-                Some(_) => {}
-            }
-        }
-        diff.removed_services = self
+        // Both sides in key order, walked side by side: no search per entry (10,000 services
+        // after every change).
+        let services = self
             .backends
-            .keys()
-            .filter(|name| !desired.backends.contains_key(*name))
-            .cloned()
-            .collect();
-        for (key, service) in &desired.routes {
-            match self.routes.get(key) {
-                None => diff.added_routes.push(key.clone()),
-                Some(old) if old != service => diff.moved_routes.push(key.clone()),
-                Some(_) => {}
+            .iter()
+            .merge_join_by(&desired.backends, by_key);
+        for pair in services {
+            match pair {
+                EitherOrBoth::Right((name, _)) => diff.added_services.push(name.clone()),
+                EitherOrBoth::Left((name, _)) => diff.removed_services.push(name.clone()),
+                EitherOrBoth::Both((name, old), (_, new)) if old != new => {
+                    diff.changed_services.push(name.clone())
+                }
+                EitherOrBoth::Both(..) => {}
             }
         }
-        diff.removed_routes = self
-            .routes
-            .keys()
-            .filter(|key| !desired.routes.contains_key(*key))
-            .cloned()
-            .collect();
+        for pair in self.routes.iter().merge_join_by(&desired.routes, by_key) {
+            match pair {
+                EitherOrBoth::Right((key, _)) => diff.added_routes.push(key.clone()),
+                EitherOrBoth::Left((key, _)) => diff.removed_routes.push(key.clone()),
+                EitherOrBoth::Both((key, old), (_, new)) if old != new => {
+                    diff.moved_routes.push(key.clone())
+                }
+                EitherOrBoth::Both(..) => {}
+            }
+        }
         for (name, cert) in &desired.certificates {
             match self.certificates.get(name) {
                 None => diff.certificates.push(format!("+{name}")),

@@ -306,17 +306,20 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
-    // One name in two sources: both stay, apart. The file's keeps the plain name.
-    let mut sources_of: BTreeMap<ServiceName, BTreeSet<SourceId>> = BTreeMap::new();
-    for c in &candidates {
-        sources_of
-            .entry(c.holder.service.clone())
-            .or_default()
-            .insert(c.holder.source);
-    }
-    for c in &mut candidates {
-        if sources_of[&c.holder.service].len() > 1 && c.holder.source != SourceId::File {
-            c.key = c.holder.service.qualified(c.holder.source);
+    // One name in two sources: both stay, apart. The file's keeps the plain name. (Only
+    // when two sources give services at all.)
+    if sorted.iter().filter(|r| !r.services.is_empty()).count() > 1 {
+        let mut sources_of: BTreeMap<ServiceName, BTreeSet<SourceId>> = BTreeMap::new();
+        for c in &candidates {
+            sources_of
+                .entry(c.holder.service.clone())
+                .or_default()
+                .insert(c.holder.source);
+        }
+        for c in &mut candidates {
+            if sources_of[&c.holder.service].len() > 1 && c.holder.source != SourceId::File {
+                c.key = c.holder.service.qualified(c.holder.source);
+            }
         }
     }
 
@@ -355,6 +358,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
 
     // Every route, in key order (hosts in order, each host's paths in order).
     let mut routes_found = Vec::new();
+    // Which candidates route at least one of them.
+    let mut routed = vec![false; candidates.len()];
     for (host, claimants) in by_host {
         let claims: Vec<Claim> = claimants
             .keys()
@@ -444,6 +449,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 path,
             };
             let winner = &candidates[claimers[0]].key;
+            routed[claimers[0]] = true;
             for &loser in &claimers[1..] {
                 let dropped = Dropped {
                     source: candidates[loser].holder.source,
@@ -462,27 +468,22 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     }
     table.routes = routes_found.into_iter().collect();
 
-    // Built in bulk from one list (sorted once, no search per insert): at 10,000 services
-    // inserting one by one was a quarter of a build.
-    table.backends = candidates.into_iter().map(|c| (c.key, c.backend)).collect();
-
     // A service that lost every route would be an unreachable backend: say so and drop it.
-    let routed: BTreeSet<&ServiceName> = table.routes.values().collect();
-    let unrouted: Vec<ServiceName> = table
-        .backends
-        .keys()
-        .filter(|name| !routed.contains(name))
-        .cloned()
-        .collect();
-    for name in unrouted {
-        if let Some(backend) = table.backends.remove(&name) {
+    // The rest are built in bulk from one list (sorted once, no search per insert): at 10,000
+    // services inserting one by one was a quarter of a build.
+    let mut backends = Vec::with_capacity(candidates.len());
+    for (candidate, routed) in candidates.into_iter().zip(routed) {
+        if routed {
+            backends.push((candidate.key, candidate.backend));
+        } else {
             built.dropped.push(Dropped {
-                source: backend.source,
-                subject: format!("service {:?}", name.as_str()),
+                source: candidate.backend.source,
+                subject: format!("service {:?}", candidate.key.as_str()),
                 reason: "it routes no host: every route it asked for was dropped".into(),
             });
         }
     }
+    table.backends = backends.into_iter().collect();
 
     redirect_covered_hosts(&mut table, &mut built.dropped);
     built.table = Arc::new(table);
@@ -597,26 +598,27 @@ fn validate(
             return None;
         }
     };
-    let subject = format!("service {:?}", name.as_str());
+    // Written only for a drop: every service passes here on every build.
+    let subject = || format!("service {:?}", name.as_str());
 
     let path = match def.path.as_deref().map(PathPrefix::parse).transpose() {
         Ok(path) => path.unwrap_or_else(PathPrefix::root),
         Err(reason) => {
-            drop(subject, format!("invalid path: {reason}"));
+            drop(subject(), format!("invalid path: {reason}"));
             return None;
         }
     };
     let balance = match def.balance.as_deref().map(Balance::parse).transpose() {
         Ok(balance) => balance.unwrap_or_default(),
         Err(reason) => {
-            drop(subject, format!("invalid balance: {reason}"));
+            drop(subject(), format!("invalid balance: {reason}"));
             return None;
         }
     };
     let check = match validate_check(def) {
         Ok(check) => check,
         Err(reason) => {
-            drop(subject, reason);
+            drop(subject(), reason);
             return None;
         }
     };
@@ -624,7 +626,7 @@ fn validate(
     let mut keys = Vec::new();
     if def.hosts.len() > MAX_HOSTS_PER_SERVICE {
         drop(
-            subject.clone(),
+            subject(),
             format!(
                 "asks for {} hosts: only the first {MAX_HOSTS_PER_SERVICE} are routed",
                 def.hosts.len()
@@ -634,7 +636,7 @@ fn validate(
     for raw in def.hosts.iter().take(MAX_HOSTS_PER_SERVICE) {
         match Hostname::parse(raw) {
             Ok(host) if host.wildcard_suffix().is_some() && !path.is_root() => drop(
-                format!("{subject} host {raw:?}"),
+                format!("{} host {raw:?}", subject()),
                 "a wildcard host cannot have a path prefix".into(),
             ),
             Ok(host) => keys.push(RouteKey {
@@ -642,13 +644,13 @@ fn validate(
                 path: path.clone(),
             }),
             Err(reason) => drop(
-                format!("{subject} host {raw:?}"),
+                format!("{} host {raw:?}", subject()),
                 format!("invalid hostname: {reason}"),
             ),
         }
     }
     if keys.is_empty() {
-        drop(subject, "no valid host to route".into());
+        drop(subject(), "no valid host to route".into());
         return None;
     }
 
@@ -658,7 +660,7 @@ fn validate(
             Ok(addr) => {
                 servers.insert(addr);
             }
-            Err(reason) => drop(format!("{subject} server {raw:?}"), reason),
+            Err(reason) => drop(format!("{} server {raw:?}", subject()), reason),
         }
     }
 
@@ -667,7 +669,7 @@ fn validate(
         Some(to) if to.eq_ignore_ascii_case("https") => Redirect::Https(BTreeSet::new()),
         Some(other) => {
             drop(
-                subject,
+                subject(),
                 format!("invalid redirect {other:?}: the one redirect is \"https\""),
             );
             return None;
