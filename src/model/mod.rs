@@ -21,6 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use itertools::Itertools;
+
 pub use diff::TableDiff;
 pub use input::{CheckDef, Health, Rejected, ServiceDef, SourceId, SourceReport};
 pub use names::{
@@ -323,8 +325,10 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
-    // host -> (candidate, paths) for every claim a team may make.
-    let mut by_host: BTreeMap<Hostname, BTreeMap<usize, Vec<PathPrefix>>> = BTreeMap::new();
+    // Every claim a team may make, as (host, candidate, path), sorted by host and candidate
+    // (stable: a candidate's paths stay in its order). One flat list, not a map of maps: at
+    // 10,000 services the maps' nodes were a quarter of a build.
+    let mut claimed: Vec<(&Hostname, usize, &PathPrefix)> = Vec::with_capacity(candidates.len());
     for (i, c) in candidates.iter().enumerate() {
         for key in &c.keys {
             if let Err(reason) = settings.ownership.may_claim(&c.team, &key.host) {
@@ -335,14 +339,10 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 });
                 continue;
             }
-            by_host
-                .entry(key.host.clone())
-                .or_default()
-                .entry(i)
-                .or_default()
-                .push(key.path.clone());
+            claimed.push((&key.host, i, &key.path));
         }
     }
+    claimed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
 
     // Only a source read in full can show that a holder is gone.
     let healthy: BTreeSet<SourceId> = sorted
@@ -352,7 +352,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         .collect();
     built.intents.absent.extend(ownership::unclaimed(
         ledger,
-        |host| by_host.contains_key(host),
+        |host| claimed.binary_search_by(|c| c.0.cmp(host)).is_ok(),
         &healthy,
     ));
 
@@ -360,16 +360,21 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     let mut routes_found = Vec::new();
     // Which candidates route at least one of them.
     let mut routed = vec![false; candidates.len()];
-    for (host, claimants) in by_host {
-        let claims: Vec<Claim> = claimants
-            .keys()
-            .map(|&i| Claim {
+    // A host's routes as (path, candidate), kept between hosts.
+    let mut routes: Vec<(&PathPrefix, usize)> = Vec::new();
+    for claimants in claimed.chunk_by(|a, b| a.0 == b.0) {
+        let host = claimants[0].0;
+        // The host's candidates, in order, each once; and the paths one of them claims.
+        let ids = || claimants.iter().map(|c| c.1).dedup();
+        let paths_of = |i: usize| claimants.iter().filter(move |c| c.1 == i).map(|c| c.2);
+        let claims: Vec<Claim> = ids()
+            .map(|i| Claim {
                 holder: candidates[i].holder.clone(),
                 team: candidates[i].team.clone(),
             })
             .collect();
         let (settled, lost) = settle(
-            &host,
+            host,
             &claims,
             ledger,
             &settings.ownership,
@@ -380,10 +385,9 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         // The holder is one of the host's claimants (a holder that claims it no more holds
         // it, not routes it).
         let sharing: &[Share] = match &settled {
-            Settled::Owned { holder, .. } => claimants
-                .keys()
-                .find(|&&i| candidates[i].holder == *holder)
-                .map_or(&[], |&i| candidates[i].share.as_slice()),
+            Settled::Owned { holder, .. } => ids()
+                .find(|&i| candidates[i].holder == *holder)
+                .map_or(&[], |i| candidates[i].share.as_slice()),
             Settled::Held { .. } => &[],
         };
         let owner_source = match &settled {
@@ -398,13 +402,10 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                     .any(|s| s.admits(owner_source, &candidates[i].holder))
         };
         for (holder, reason) in lost {
-            let Some((&i, paths)) = claimants
-                .iter()
-                .find(|(&i, _)| candidates[i].holder == holder)
-            else {
+            let Some(i) = ids().find(|&i| candidates[i].holder == holder) else {
                 continue;
             };
-            for path in paths {
+            for path in paths_of(i) {
                 if guest(i) && !path.is_root() {
                     continue;
                 }
@@ -424,33 +425,33 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         let Settled::Owned { team, holder } = &settled else {
             continue;
         };
-        let (team, holder) = (team.clone(), holder.clone());
         // Each route under the host: the holder first, then its team, then the services it
         // shares paths with; within each, names in order.
-        let mut routes: BTreeMap<PathPrefix, Vec<usize>> = BTreeMap::new();
-        for (&i, paths) in &claimants {
-            let member = candidates[i].team == team;
+        routes.clear();
+        for i in ids() {
+            let member = candidates[i].team == *team;
             if member || guest(i) {
-                for path in paths.iter().filter(|p| member || !p.is_root()) {
-                    routes.entry(path.clone()).or_default().push(i);
-                }
+                let paths = paths_of(i).filter(|p| member || !p.is_root());
+                routes.extend(paths.map(|path| (path, i)));
             }
         }
-        for (path, mut claimers) in routes {
-            claimers.sort_by_key(|&i| {
-                (
-                    candidates[i].holder != holder,
-                    candidates[i].team != team,
-                    candidates[i].key.clone(),
-                )
+        // Stable: a path's candidates stay in order.
+        routes.sort_by(|a, b| a.0.cmp(b.0));
+        for claims in routes.chunk_by_mut(|a, b| a.0 == b.0) {
+            claims.sort_by(|&(_, a), &(_, b)| {
+                let rank = |i: usize| {
+                    let c = &candidates[i];
+                    (c.holder != *holder, c.team != *team, &c.key)
+                };
+                rank(a).cmp(&rank(b))
             });
             let key = RouteKey {
                 host: host.clone(),
-                path,
+                path: claims[0].0.clone(),
             };
-            let winner = &candidates[claimers[0]].key;
-            routed[claimers[0]] = true;
-            for &loser in &claimers[1..] {
+            let winner = &candidates[claims[0].1].key;
+            routed[claims[0].1] = true;
+            for &(_, loser) in &claims[1..] {
                 let dropped = Dropped {
                     source: candidates[loser].holder.source,
                     subject: format!("service {:?} route {key}", candidates[loser].key.as_str()),

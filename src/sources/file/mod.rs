@@ -131,7 +131,10 @@ async fn read_text(path: &Path) -> Result<String, FileError> {
         source,
     };
     let file = tokio::fs::File::open(path).await.map_err(read_err)?;
-    let mut bytes = Vec::new();
+    // Sized to the file as it is now (within the bound): read in a few large reads, not in a
+    // doubling series of small ones, each a trip to tokio's blocking pool.
+    let size = file.metadata().await.map_or(0, |m| m.len());
+    let mut bytes = Vec::with_capacity(size.min(MAX_FILE_BYTES) as usize + 1);
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .await
