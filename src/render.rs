@@ -446,12 +446,11 @@ fn render_sections(
         .as_ref()
         .map(|tls| render_tls(table, tls, &settings.map_dir));
     let challenges_map = settings.tls.as_ref().filter(|tls| tls.acme).map(|_| {
-        let entries: Vec<(String, String)> = table
-            .challenges
-            .iter()
-            .map(|(token, key)| (format!("{ACME_CHALLENGE}{token}"), key.clone()))
-            .collect();
-        map_text(&entries)
+        let mut text = String::new();
+        for (token, key) in &table.challenges {
+            let _ = writeln!(text, "{ACME_CHALLENGE}{token} {key}");
+        }
+        text
     });
     Ok(Rendered {
         config,
@@ -535,7 +534,9 @@ fn in_dir(dir: &Path, name: &str) -> String {
 /// Each value is a [`RouteValue`]: the backend, the service (the access log names it, never a
 /// spare's name) and the route's flags, so that a spare takes any service at runtime.
 fn render_maps(table: &RoutingTable, slots: &Slots) -> (String, String, String) {
-    let mut hosts = Vec::new();
+    // The hosts' map is most of the routes, already in order: written as it goes, with no
+    // string per entry.
+    let mut hosts = String::with_capacity(table.routes.len() * 48);
     let mut paths = Vec::new();
     let mut wildcards = Vec::new();
     for (key, service) in &table.routes {
@@ -553,19 +554,19 @@ fn render_maps(table: &RoutingTable, slots: &Slots) -> (String, String, String) 
             service: service.as_str(),
             redirect,
             hsts,
-        }
-        .to_string();
+        };
         match (key.host.wildcard_suffix(), key.path.is_root()) {
             (Some(suffix), _) => wildcards.push((suffix.to_string(), value)),
-            (None, true) => hosts.push((key.host.to_string(), value)),
+            (None, true) => push_entry(&mut hosts, key.host.as_str(), &value),
             (None, false) => paths.push((format!("{}{}/", key.host, key.path), value)),
         }
     }
-    let longest_first =
-        |a: &(String, String), b: &(String, String)| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0));
+    let longest_first = |a: &(String, RouteValue), b: &(String, RouteValue)| {
+        b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0))
+    };
     paths.sort_by(longest_first);
     wildcards.sort_by(longest_first);
-    (map_text(&hosts), map_text(&paths), map_text(&wildcards))
+    (hosts, map_text(&paths), map_text(&wildcards))
 }
 
 /// A route's value in the maps: `BACKEND;SERVICE;FLAGS`, FLAGS holding `r` (plain HTTP is
@@ -579,18 +580,24 @@ struct RouteValue<'a> {
     hsts: bool,
 }
 
-impl std::fmt::Display for RouteValue<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redirect = if self.redirect { "r" } else { "" };
-        let hsts = if self.hsts { "h" } else { "" };
-        write!(f, "{};{};{redirect}{hsts}", self.backend, self.service)
+/// Appends the map line `KEY VALUE`.
+fn push_entry(text: &mut String, key: &str, value: &RouteValue) {
+    for part in [key, " ", value.backend, ";", value.service, ";"] {
+        text.push_str(part);
     }
+    if value.redirect {
+        text.push('r');
+    }
+    if value.hsts {
+        text.push('h');
+    }
+    text.push('\n');
 }
 
-fn map_text(entries: &[(String, String)]) -> String {
+fn map_text(entries: &[(String, RouteValue)]) -> String {
     let mut text = String::new();
     for (key, value) in entries {
-        let _ = writeln!(text, "{key} {value}");
+        push_entry(&mut text, key, value);
     }
     text
 }
