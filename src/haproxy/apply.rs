@@ -263,17 +263,9 @@ impl Applier {
             (Decision::Unchanged, _) if restarted => Ok(Step::Done(Outcome::Started)),
             (Decision::Unchanged, _) => Ok(Step::Done(Outcome::Unchanged)),
             (Decision::Runtime, Some(applied)) => match self.runtime(applied, &desired).await {
-                Ok(Ran::Written(updates)) => {
+                Ok(updates) => {
                     self.applied = Some(desired);
                     Ok(Step::Done(Outcome::Runtime { updates }))
-                }
-                // HAProxy runs `desired`: what comes next is planned from it; the reload
-                // writes every file.
-                Ok(Ran::Unwritten(err)) => {
-                    warn!(error = %err, "haproxy changed at runtime but its files could not be written, reloading to write them");
-                    self.in_doubt = true;
-                    self.applied = Some(desired.clone());
-                    Ok(Step::Reload(Candidate::new(desired)))
                 }
                 Err(err) => {
                     warn!(error = %err, "runtime update failed, reloading instead");
@@ -458,16 +450,9 @@ impl Applier {
             rendered,
         };
         match self.runtime(applied, &partial).await {
-            Ok(Ran::Written(updates)) => {
+            Ok(updates) => {
                 self.applied = Some(partial);
                 updates
-            }
-            // HAProxy runs `partial`; the coming reload writes every file.
-            Ok(Ran::Unwritten(err)) => {
-                warn!(error = %err, "haproxy changed at runtime but its files could not be written, the coming reload writes them");
-                self.applied = Some(partial);
-                self.in_doubt = true;
-                0
             }
             // The reload that follows brings everything in line.
             Err(err) => {
@@ -486,26 +471,21 @@ impl Applier {
     /// is megabytes, each file synced). A weft that dies between the two leaves HAProxy ahead
     /// of its files; the next weft adopts it and reloads on its own files anyway. An external
     /// HAProxy gets its files first: its operator may reload it at any moment.
-    ///
-    /// `Err`: HAProxy may run anything between `applied` and `desired`.
-    async fn runtime(&self, applied: &Applied, desired: &Applied) -> Result<Ran, ApplyError> {
+    async fn runtime(&self, applied: &Applied, desired: &Applied) -> Result<usize, ApplyError> {
         let plan = runtime_plan(applied, &desired.slots, &desired.rendered);
         let files_first = self.config.mode == HaproxyMode::External;
-        let write = || self.write_files(Some(&applied.rendered), &desired.rendered, LastGood::Skip);
         if files_first {
-            write()?;
+            self.write_files(Some(&applied.rendered), &desired.rendered, LastGood::Skip)?;
         }
         runtime::execute(&self.admin_socket(), &self.config.run_dir, &plan).await?;
+        if !files_first {
+            self.write_files(Some(&applied.rendered), &desired.rendered, LastGood::Skip)?;
+        }
         let updates = plan.updates();
         if updates > 0 {
             info!(updates, "haproxy updated at runtime, no reload");
         }
-        if !files_first {
-            if let Err(err) = write() {
-                return Ok(Ran::Unwritten(err));
-            }
-        }
-        Ok(Ran::Written(updates))
+        Ok(updates)
     }
 
     fn admin_socket(&self) -> PathBuf {
@@ -649,14 +629,6 @@ impl Applier {
             }
         }
     }
-}
-
-/// A runtime change that went through.
-enum Ran {
-    /// HAProxy and its files are at the desired state; how many updates it took.
-    Written(usize),
-    /// HAProxy is at the desired state, its files are not (they failed to be written).
-    Unwritten(ApplyError),
 }
 
 /// Whether installing keeps the previous files as `.last-good`.
