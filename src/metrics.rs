@@ -50,7 +50,8 @@ pub const MARATHON_REQUESTS: &str = "weft_marathon_requests";
 pub const MARATHON_BYTES: &str = "weft_marathon_bytes";
 pub const MARATHON_EVENTS: &str = "weft_marathon_events";
 /// With `[tls.acme]`: this edge's ACME work, by result (`placed`: new orders sent to the CA,
-/// `issued`: certificates stored, `failed`: orders failed, each recorded with its backoff).
+/// `issued`: certificates stored, `failed`: orders failed, each recorded with its backoff,
+/// `lost`: orders stopped because this edge's lock expired under them).
 pub const ACME_ORDERS: &str = "weft_acme_orders";
 /// 1 when `/healthz` answers 200.
 pub const HEALTHY: &str = "weft_healthy";

@@ -495,6 +495,7 @@ async fn metrics(State(feed): State<StatusFeed>) -> Response {
                     ("placed", COUNTERS.orders.load(Relaxed)),
                     ("issued", COUNTERS.issued.load(Relaxed)),
                     ("failed", COUNTERS.failed.load(Relaxed)),
+                    ("lost", COUNTERS.lost.load(Relaxed)),
                 ]
             }),
     };

@@ -19,6 +19,14 @@ pub const DEFAULT_ACME_PREFIX: &str = "weft/acme";
 pub const DEFAULT_MAX_ORDERS: usize = 4;
 /// The most orders in flight `tls.acme.max_orders` allows.
 pub const MAX_ORDERS: usize = 32;
+/// Default `tls.acme.max_hosts`: the routed hosts that get ACME certificates, at most.
+pub const DEFAULT_MAX_HOSTS: usize = 1000;
+/// The most `tls.acme.max_hosts` allows: a certificate, its chain and key take about 5 KB in
+/// the store, which every edge reads whole at each change (Consul answers at most 64 MiB).
+pub const MAX_HOSTS: usize = 5000;
+/// Default `tls.acme.collect_after`: how long an edge leaves the entries of a host it no
+/// longer routes before deleting them from the store.
+pub const DEFAULT_COLLECT_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// The most suffixes `tls.acme.hosts` takes.
 pub const MAX_ACME_SUFFIXES: usize = 256;
 /// The Consul connections the ACME state takes out of `sources.consul.max_connections`: one
@@ -59,6 +67,10 @@ pub(super) struct RawAcme {
     prefix: Option<String>,
     /// Orders in flight at once on this edge. Default 4.
     max_orders: Option<usize>,
+    /// The routed hosts that get certificates, at most (those holding one first). Default 1000.
+    max_hosts: Option<usize>,
+    /// How long the entries of a host no longer routed stay in the store. Default `24h`.
+    collect_after: Option<String>,
     /// How long an edge that placed an order may go silent before another edge takes it over
     /// (its Consul session's TTL). Default `15s`.
     lock_ttl: Option<String>,
@@ -87,6 +99,8 @@ pub struct AcmeConfig {
     pub renew_before: Duration,
     pub store: AcmeStore,
     pub max_orders: usize,
+    pub max_hosts: usize,
+    pub collect_after: Duration,
     pub lock_ttl: Duration,
     pub retry_after: Duration,
 }
@@ -232,6 +246,25 @@ fn validate_acme(
             DEFAULT_MAX_ORDERS
         }
     };
+    let max_hosts = match raw.max_hosts {
+        None => DEFAULT_MAX_HOSTS,
+        Some(n @ 1..=MAX_HOSTS) => n,
+        Some(n) => {
+            issues.add(
+                "tls.acme.max_hosts",
+                format!("{n} is not between 1 and {MAX_HOSTS}"),
+            );
+            DEFAULT_MAX_HOSTS
+        }
+    };
+    let collect_after = duration_at_least(
+        raw.collect_after,
+        DEFAULT_COLLECT_AFTER,
+        Duration::from_secs(10),
+        "tls.acme.collect_after",
+        "",
+        issues,
+    );
     let prefix = kv_folder(raw.prefix, DEFAULT_ACME_PREFIX, "tls.acme.prefix", issues);
     let store = match (raw.store.as_deref(), consul_connections) {
         (None, Some(_)) | (Some("consul"), Some(_)) => AcmeStore::Consul { prefix },
@@ -259,6 +292,8 @@ fn validate_acme(
         renew_before,
         store,
         max_orders,
+        max_hosts,
+        collect_after,
         lock_ttl,
         retry_after,
     })

@@ -61,6 +61,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 const RATE_LIMITED_BACKOFF: Duration = Duration::from_secs(3600);
 /// How long one order may take in all, under its lock.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+/// The most entries of the store one pass of the collection deletes.
+const COLLECT_BATCH: usize = 64;
+/// How many of the hosts beyond `max_hosts` the report names.
+const OVER_NAMED: usize = 5;
 /// How long the CA may take to validate or to issue, per step.
 const POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
@@ -81,12 +85,15 @@ pub struct Counters {
     pub issued: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,
     pub orders: std::sync::atomic::AtomicU64,
+    /// Orders this edge gave up because its lock was gone (its session expired).
+    pub lost: std::sync::atomic::AtomicU64,
 }
 
 pub static COUNTERS: Counters = Counters {
     issued: std::sync::atomic::AtomicU64::new(0),
     failed: std::sync::atomic::AtomicU64::new(0),
     orders: std::sync::atomic::AtomicU64::new(0),
+    lost: std::sync::atomic::AtomicU64::new(0),
 };
 
 fn count(counter: &std::sync::atomic::AtomicU64) {
@@ -120,6 +127,9 @@ enum Ended {
     NotNeeded,
     /// Another edge holds the host's lock.
     LockedElsewhere,
+    /// This edge lost the host's lock half-way (its session expired): nothing more of the
+    /// order was written, the edge that holds the lock now finishes it.
+    LockLost,
     /// Failed, with the least backoff the CA asked for; recorded in the store.
     Failed(String, Option<Duration>),
     /// Failed, and the store could not record it: this edge waits this long alone.
@@ -174,6 +184,10 @@ pub async fn run(
     let mut orders: JoinSet<(String, Ended)> = JoinSet::new();
     let mut tasks: BTreeMap<tokio::task::Id, String> = BTreeMap::new();
     let mut degraded: Option<String> = None;
+    // Nothing is collected before the first build said which hosts are routed.
+    let mut routed_known = false;
+    let mut seen = Seen::default();
+    let mut collecting: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -199,6 +213,7 @@ pub async fn run(
                 }
                 let now = built.borrow_and_update().clone();
                 if let Some(built) = now {
+                    routed_known = true;
                     let wanted = wanted_hosts(&context.config, &built, unix_now());
                     if wanted != hosts {
                         debug!(hosts = wanted.len(), "routed hosts for ACME certificates changed");
@@ -222,8 +237,12 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         let Some(state) = &state else { continue };
+        let (served, over) = capped(&context.config, state, &hosts);
         report.send_if_modified(|r| {
-            let mut next = report_of(state, &hosts, unix_now());
+            let mut next = report_of(state, &served, unix_now());
+            if !over.is_empty() {
+                next.rejected.push(over_rejected(&context.config, &over));
+            }
             if let Some(reason) = &degraded {
                 next.health = r.health.clone();
                 next.degrade(reason.clone());
@@ -235,8 +254,26 @@ pub async fn run(
             true
         });
         let now = tokio::time::Instant::now();
+        let garbage = seen.garbage(&context.config, state, &hosts, now, unix_now());
+        if routed_known
+            && !garbage.is_empty()
+            && !matches!(&collecting, Some(task) if !task.is_finished())
+        {
+            let store = context.store.clone();
+            collecting = Some(tokio::spawn(async move {
+                match store.collect(&garbage).await {
+                    Ok(()) => info!(
+                        entries = garbage.len(),
+                        "ACME: collected the store's entries no routed host uses"
+                    ),
+                    Err(err) => {
+                        warn!(error = %err, "ACME: cannot collect the store's unused entries; trying again later")
+                    }
+                }
+            }));
+        }
         not_before.retain(|_, at| *at > now);
-        for host in needing(&context.config, state, &hosts, unix_now()) {
+        for host in needing(&context.config, state, &served, unix_now()) {
             if in_flight.len() >= context.config.max_orders {
                 break;
             }
@@ -254,6 +291,9 @@ pub async fn run(
         }
     }
     orders.shutdown().await;
+    if let Some(collecting) = collecting {
+        collecting.abort();
+    }
     watcher.abort();
     let _ = session.await;
 }
@@ -282,6 +322,135 @@ fn wanted_hosts(config: &AcmeConfig, built: &Built, now: i64) -> BTreeSet<String
         .filter(|host| crate::model::certs::check_name(&cert_name(host)).is_ok())
         .map(str::to_string)
         .collect()
+}
+
+/// The hosts that get certificates: all of `hosts`, or when they are more than `max_hosts`, the
+/// ones holding a certificate in the store first (they keep it), then by name. The others.
+fn capped<'a>(
+    config: &AcmeConfig,
+    state: &State,
+    hosts: &'a BTreeSet<String>,
+) -> (std::borrow::Cow<'a, BTreeSet<String>>, Vec<&'a String>) {
+    if hosts.len() <= config.max_hosts {
+        return (std::borrow::Cow::Borrowed(hosts), Vec::new());
+    }
+    let (holding, rest): (Vec<&String>, Vec<&String>) = hosts
+        .iter()
+        .partition(|host| state.contains_key(&format!("certs/{host}")));
+    let mut ranked = holding.into_iter().chain(rest);
+    let served = ranked.by_ref().take(config.max_hosts).cloned().collect();
+    (std::borrow::Cow::Owned(served), ranked.collect())
+}
+
+/// What the report says of the hosts beyond `max_hosts`.
+fn over_rejected(config: &AcmeConfig, over: &[&String]) -> Rejected {
+    let named: Vec<&str> = over.iter().take(OVER_NAMED).map(|h| h.as_str()).collect();
+    let more = match over.len().saturating_sub(OVER_NAMED) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    Rejected {
+        subject: "ACME hosts".into(),
+        reason: format!(
+            "{} routed hosts want a certificate and tls.acme.max_hosts is {}: none is ordered for {}{more}",
+            config.max_hosts + over.len(),
+            config.max_hosts,
+            named.join(", "),
+        ),
+    }
+}
+
+/// An entry of the store that no routed host uses any more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Garbage {
+    Key(String),
+    /// `locks/<host>`: deleted only while no edge holds it.
+    FreeLock(String),
+}
+
+/// What this edge has seen of the store over time, to tell the entries nobody uses: those of
+/// hosts it has not routed for `collect_after`, expired certificates, failures long past, and
+/// challenges left behind by an edge that died (unchanged for longer than any order lasts).
+#[derive(Default)]
+struct Seen {
+    /// Hosts with entries in the store and not routed here, since when.
+    unwanted: BTreeMap<String, tokio::time::Instant>,
+    /// Each challenge's key authorization, and since when it is unchanged.
+    challenges: BTreeMap<String, (String, tokio::time::Instant)>,
+}
+
+/// The host a key of the store is about (`certs/<host>`, `challenges/<host>/<token>`, ...).
+fn host_of(key: &str) -> Option<(&str, &str)> {
+    let (kind, rest) = key.split_once('/')?;
+    match kind {
+        "certs" | "orders" | "failures" | "locks" => Some((kind, rest)),
+        "challenges" => Some((kind, rest.split_once('/')?.0)),
+        _ => None,
+    }
+}
+
+impl Seen {
+    /// Looks at `state` with the routed hosts `wanted`: the garbage in it (at most
+    /// [`COLLECT_BATCH`] entries).
+    fn garbage(
+        &mut self,
+        config: &AcmeConfig,
+        state: &State,
+        wanted: &BTreeSet<String>,
+        now: tokio::time::Instant,
+        unix: i64,
+    ) -> Vec<Garbage> {
+        let stored: BTreeSet<&str> = state
+            .keys()
+            .filter_map(|key| host_of(key))
+            .map(|(_, host)| host)
+            .filter(|host| !wanted.contains(*host))
+            .collect();
+        self.unwanted
+            .retain(|host, _| stored.contains(host.as_str()));
+        for host in stored {
+            self.unwanted.entry(host.to_string()).or_insert(now);
+        }
+        self.challenges.retain(|key, _| state.contains_key(key));
+        let challenge_stale = ORDER_TIMEOUT * 2 + config.lock_ttl + store::LOCK_DELAY;
+        let collect_after = config.collect_after.as_secs() as i64;
+        let mut garbage = Vec::new();
+        for (key, value) in state {
+            let Some((kind, host)) = host_of(key) else {
+                continue;
+            };
+            let gone = self
+                .unwanted
+                .get(host)
+                .is_some_and(|since| now.duration_since(*since) >= config.collect_after);
+            let collect = gone
+                || match kind {
+                    "certs" => not_after(value).is_some_and(|at| at < unix),
+                    "failures" => serde_json::from_str::<Failure>(value)
+                        .is_ok_and(|f| f.until.saturating_add(collect_after) < unix),
+                    "challenges" => {
+                        let (seen, since) = self
+                            .challenges
+                            .entry(key.clone())
+                            .or_insert_with(|| (value.clone(), now));
+                        if seen != value {
+                            *seen = value.clone();
+                            *since = now;
+                        }
+                        now.duration_since(*since) >= challenge_stale
+                    }
+                    _ => false,
+                };
+            if !collect || garbage.len() >= COLLECT_BATCH {
+                continue;
+            }
+            garbage.push(match kind {
+                "locks" => Garbage::FreeLock(host.to_string()),
+                _ => Garbage::Key(key.clone()),
+            });
+        }
+        garbage
+    }
 }
 
 /// The hosts of `hosts` whose stored certificate is missing, does not validate, or is inside
@@ -329,15 +498,25 @@ fn stored_cert(
 /// first quarter of its lifetime, so that a `renew_before` longer than the CA's lifetimes
 /// renews four times a lifetime rather than in a loop.
 fn renewal_due(config: &AcmeConfig, pem: &str) -> Option<i64> {
+    let (from, to) = validity(pem)?;
+    let renew = config.renew_before.as_secs() as i64;
+    Some(to.saturating_sub(renew).max(from + (to - from) / 4))
+}
+
+/// When the first certificate of `pem` expires (Unix seconds).
+fn not_after(pem: &str) -> Option<i64> {
+    validity(pem).map(|(_, to)| to)
+}
+
+/// The validity of the first certificate of `pem`: not before, not after (Unix seconds).
+fn validity(pem: &str) -> Option<(i64, i64)> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let block = pem::parse(pem.as_bytes()).ok()?;
     let (_, leaf) = X509Certificate::from_der(block.contents()).ok()?;
-    let (from, to) = (
+    Some((
         leaf.validity().not_before.timestamp(),
         leaf.validity().not_after.timestamp(),
-    );
-    let renew = config.renew_before.as_secs() as i64;
-    Some(to.saturating_sub(renew).max(from + (to - from) / 4))
+    ))
 }
 
 fn cert_name(host: &str) -> String {
@@ -431,6 +610,11 @@ fn finished(host: &str, ended: Ended, not_before: &mut BTreeMap<String, tokio::t
         }
         Ended::LockedElsewhere => {
             debug!(%host, "another edge orders this host's certificate");
+            not_before.insert(host.to_string(), now + LOCKED_ELSEWHERE);
+        }
+        Ended::LockLost => {
+            count(&COUNTERS.lost);
+            warn!(%host, "this edge lost the host's ACME lock (its session expired) and stopped the order; the edge holding the lock finishes it");
             not_before.insert(host.to_string(), now + LOCKED_ELSEWHERE);
         }
         Ended::Failed(_, _) => {}
@@ -544,10 +728,11 @@ async fn record_failure(
     // try at once); only when it cannot be written does this edge wait alone.
     match context
         .store
-        .put(&format!("failures/{host}"), &text, false)
+        .write_locked(host, &format!("failures/{host}"), Some(&text))
         .await
     {
-        Ok(_) => Ended::Failed(reason, at_least),
+        Ok(true) => Ended::Failed(reason, at_least),
+        Ok(false) => Ended::LockLost,
         Err(err) => {
             warn!(%host, error = %err, "cannot record the ACME failure in the store; this edge waits anyway");
             Ended::FailedUnrecorded(backoff)
@@ -643,7 +828,15 @@ async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Ac
 
 async fn order_locked(context: &Context, host: &str, state: &State) -> Result<(), Ended> {
     let mut account = account(context, state, false).await?;
-    let store_failed = |err: store::StoreError| Ended::Failed(format!("ACME store: {err}"), None);
+    // Every write of the order is fenced by the host's lock: once this edge lost it, the order
+    // stops and writes nothing more.
+    let write = |key: String, value: String| async move {
+        match context.store.write_locked(host, &key, Some(&value)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Ended::LockLost),
+            Err(err) => Err(Ended::Failed(format!("ACME store: {err}"), None)),
+        }
+    };
     let identifiers = [Identifier::Dns(host.to_string())];
     // A stored order is only resumed on the directory's own origin: the account signs a request
     // to whatever URL the store holds.
@@ -687,11 +880,7 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
                 placed => placed,
             };
             let order = placed.map_err(|err| failed("the CA refused the order", err))?;
-            context
-                .store
-                .put(&format!("orders/{host}"), order.url(), false)
-                .await
-                .map_err(store_failed)?;
+            write(format!("orders/{host}"), order.url().to_string()).await?;
             info!(%host, url = %order.url(), edge = %context.edge, "ACME order placed");
             order
         }
@@ -719,11 +908,7 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
             let key = challenge.key_authorization().as_str().to_string();
             check_challenge(&token, &key)
                 .map_err(|reason| Ended::Failed(format!("the CA's challenge: {reason}"), None))?;
-            context
-                .store
-                .put(&format!("challenges/{host}/{token}"), &key, false)
-                .await
-                .map_err(store_failed)?;
+            write(format!("challenges/{host}/{token}"), key.clone()).await?;
             tokens.push(token.clone());
             self_check(context.http, host, &token, &key).await;
             tokio::time::sleep(PROPAGATION).await;
@@ -755,26 +940,23 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
         let pem = format!("{}\n{}", chain.trim_end(), key.trim_end());
         let cert = validate(&cert_name(host), pem.as_bytes(), unix_now())
             .map_err(|reason| Ended::Failed(format!("the issued certificate: {reason}"), None))?;
-        context
-            .store
-            .put(&format!("certs/{host}"), &cert.pem, false)
-            .await
-            .map_err(store_failed)?;
+        write(format!("certs/{host}"), cert.pem.clone()).await?;
         Ok(())
     }
     .await;
+    // What is left behind when these fail (or the lock is gone) is collected later.
+    let delete = |key: String| async move {
+        let _ = context.store.write_locked(host, &key, None).await;
+    };
     for token in tokens {
-        let _ = context
-            .store
-            .delete(&format!("challenges/{host}/{token}"))
-            .await;
+        delete(format!("challenges/{host}/{token}")).await;
     }
     let done = result.is_ok() || order.state().status == OrderStatus::Invalid;
     if done {
-        let _ = context.store.delete(&format!("orders/{host}")).await;
+        delete(format!("orders/{host}")).await;
     }
     if result.is_ok() {
-        let _ = context.store.delete(&format!("failures/{host}")).await;
+        delete(format!("failures/{host}")).await;
     }
     result
 }

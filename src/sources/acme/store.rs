@@ -171,6 +171,67 @@ impl Store {
         }
     }
 
+    /// Writes `value` at `key` (deletes `key` with `None`) only while this edge holds the lock
+    /// of `host`: `false` when it lost it (its session expired and another edge may hold it
+    /// now), nothing written. In Consul the check and the write are one transaction, so a
+    /// write of an edge that stalled past its session's TTL cannot land after the next
+    /// holder's.
+    pub async fn write_locked(
+        &self,
+        host: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Consul(store) => {
+                let session = store.session.lock().await.clone();
+                let Some(session) = session else {
+                    return Ok(false);
+                };
+                let lock = format!("locks/{host}");
+                Ok(store
+                    .folder
+                    .write_locked(&lock, &session, key, value.map(str::as_bytes))
+                    .await?)
+            }
+            Store::Local(store) => {
+                let lock = format!("locks/{host}");
+                if !store.locks.lock().is_ok_and(|l| l.contains(&lock)) {
+                    return Ok(false);
+                }
+                store
+                    .update(|state| match value {
+                        Some(value) => {
+                            state.insert(key.to_string(), value.to_string());
+                            true
+                        }
+                        None => state.remove(key).is_some(),
+                    })
+                    .map(|_| true)
+            }
+        }
+    }
+
+    /// Deletes what [`super::garbage`] found: each key, and each host's lock only while no
+    /// edge holds it (at the version read, so that a lock taken meanwhile stays).
+    pub async fn collect(&self, garbage: &[super::Garbage]) -> Result<(), StoreError> {
+        for item in garbage {
+            match (self, item) {
+                (_, super::Garbage::Key(key)) => self.delete(key).await?,
+                (Store::Consul(store), super::Garbage::FreeLock(host)) => {
+                    let key = format!("locks/{host}");
+                    if let Some(entry) = store.folder.entry(&key).await? {
+                        if entry.session.is_none() {
+                            store.folder.delete(&key, entry.modify_index).await?;
+                        }
+                    }
+                }
+                (Store::Local(_), super::Garbage::FreeLock(_)) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Takes `locks/<host>` for this edge: whether it holds it now.
     pub async fn lock(&self, host: &str) -> Result<bool, StoreError> {
         let key = format!("locks/{host}");

@@ -321,3 +321,153 @@ fn a_failure_time_from_the_store_is_kept_within_a_backoff() {
     assert!(report.rejected[0].reason.contains("next order after"));
     assert!(failure(&state, "a.example.com").unwrap().until <= now + 24 * 3600 + 1);
 }
+
+#[test]
+fn beyond_max_hosts_the_hosts_holding_a_certificate_keep_it_and_the_rest_are_named() {
+    let config = acme("hosts = [\".example.com\"]\nmax_hosts = 2\n");
+    let hosts: BTreeSet<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|h| format!("{h}.example.com"))
+        .collect();
+    let state = State::from([("certs/d.example.com".to_string(), "PEM".to_string())]);
+    let (served, over) = capped(&config, &state, &hosts);
+    assert_eq!(
+        served.iter().collect::<Vec<_>>(),
+        ["a.example.com", "d.example.com"],
+        "d keeps its certificate, then by name"
+    );
+    assert_eq!(over, ["b.example.com", "c.example.com"]);
+    let rejected = over_rejected(&config, &over);
+    assert_eq!(
+        rejected.reason,
+        "4 routed hosts want a certificate and tls.acme.max_hosts is 2: none is ordered for \
+         b.example.com, c.example.com"
+    );
+    let few: BTreeSet<String> = hosts.iter().take(2).cloned().collect();
+    let (served, over) = capped(&config, &state, &few);
+    assert!(matches!(served, std::borrow::Cow::Borrowed(_)) && over.is_empty());
+    assert!(issues("max_hosts = 0\n")
+        .iter()
+        .any(|i| i.starts_with("tls.acme.max_hosts")));
+    assert!(issues("collect_after = \"1s\"\n")
+        .iter()
+        .any(|i| i.starts_with("tls.acme.collect_after")));
+}
+
+#[test]
+fn the_store_is_collected_of_hosts_unrouted_for_a_while_expired_certificates_and_stale_entries() {
+    let config = acme("hosts = [\".example.com\"]\ncollect_after = \"1h\"\n");
+    let unix = unix_now();
+    let failure = |until: i64| {
+        serde_json::to_string(&Failure {
+            reason: "x".into(),
+            attempts: 1,
+            until,
+        })
+        .unwrap()
+    };
+    let state = State::from(
+        [
+            ("account", "{}".to_string()),
+            ("certs/kept.example.com", pem_for("kept.example.com", 30)),
+            (
+                "certs/expired.example.com",
+                pem_between("expired.example.com", -100, -10),
+            ),
+            ("certs/gone.example.com", pem_for("gone.example.com", 30)),
+            ("orders/gone.example.com", "https://ca.test/order/1".into()),
+            ("locks/gone.example.com", "edge-a".into()),
+            ("challenges/gone.example.com/tok", "tok.key".into()),
+            ("failures/kept.example.com", failure(unix + 60)),
+            ("failures/old.example.com", failure(unix - 2 * 3600)),
+            ("challenges/kept.example.com/left", "left.key".into()),
+            ("unknown/thing", "x".into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    let wanted: BTreeSet<String> = ["kept.example.com", "expired.example.com", "old.example.com"]
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    let mut seen = Seen::default();
+    let start = tokio::time::Instant::now();
+    let key = |k: &str| Garbage::Key(k.to_string());
+    assert_eq!(
+        seen.garbage(&config, &state, &wanted, start, unix),
+        [
+            key("certs/expired.example.com"),
+            key("failures/old.example.com")
+        ],
+        "at first only what is stale whoever routes it"
+    );
+    let later = start + Duration::from_secs(3600);
+    assert_eq!(
+        seen.garbage(&config, &state, &wanted, later, unix),
+        [
+            key("certs/expired.example.com"),
+            key("certs/gone.example.com"),
+            key("challenges/gone.example.com/tok"),
+            key("challenges/kept.example.com/left"),
+            key("failures/old.example.com"),
+            Garbage::FreeLock("gone.example.com".into()),
+            key("orders/gone.example.com"),
+        ],
+        "an hour unrouted, and a challenge unchanged longer than any order"
+    );
+    // A host routed again is no longer collected, and its time starts over.
+    let mut again = wanted.clone();
+    again.insert("gone.example.com".into());
+    // (Its challenge, unchanged for an hour, is stale whoever routes the host.)
+    let of_gone = |garbage: Vec<Garbage>| {
+        garbage.into_iter().any(|g| match g {
+            Garbage::Key(k) => k.contains("gone") && !k.starts_with("challenges/"),
+            Garbage::FreeLock(_) => true,
+        })
+    };
+    assert!(!of_gone(seen.garbage(&config, &state, &again, later, unix)));
+    assert!(!of_gone(seen.garbage(
+        &config,
+        &state,
+        &wanted,
+        later + Duration::from_secs(60),
+        unix
+    )));
+    // A challenge rewritten (an order resumed) starts over too.
+    let mut rewritten = state.clone();
+    rewritten.insert("challenges/kept.example.com/left".into(), "new.key".into());
+    assert!(!seen
+        .garbage(&config, &rewritten, &wanted, later, unix)
+        .contains(&key("challenges/kept.example.com/left")));
+}
+
+#[tokio::test]
+async fn a_write_under_a_lock_lands_only_while_the_lock_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _watch) = Store::local(&dir.path().join("acme")).unwrap();
+    assert!(
+        !store
+            .write_locked("a.example.com", "certs/a.example.com", Some("PEM"))
+            .await
+            .unwrap(),
+        "no lock, no write"
+    );
+    assert_eq!(store.get("certs/a.example.com").await.unwrap(), None);
+    assert!(store.lock("a.example.com").await.unwrap());
+    assert!(store
+        .write_locked("a.example.com", "certs/a.example.com", Some("PEM"))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.get("certs/a.example.com").await.unwrap().as_deref(),
+        Some("PEM")
+    );
+    assert!(store
+        .write_locked("a.example.com", "certs/a.example.com", None)
+        .await
+        .unwrap());
+    assert_eq!(store.get("certs/a.example.com").await.unwrap(), None);
+    store
+        .collect(&[Garbage::Key("account".into())])
+        .await
+        .unwrap();
+}

@@ -12,6 +12,8 @@
 //! PUT    /v1/session/renew/<id>              every TTL/2; 404: invalidated
 //! PUT    /v1/kv/<prefix>/<key>?acquire=<id>  take a lock: true, or false if another holds it
 //! PUT    /v1/kv/<prefix>/<key>?release=<id>  give it back
+//! PUT    /v1/txn  [check-session <lock>, set|delete <key>]  a write fenced by the lock:
+//!                                    409 (rolled back) once the session no longer holds it
 //! ```
 //!
 //! Its connections come out of the source's budget: one blocking read, one write at a time.
@@ -200,6 +202,43 @@ impl KvFolder {
         Ok(answer.body.trim_ascii() == b"true")
     }
 
+    /// Writes `value` at `key` (deletes `key` with `None`) only while `session` holds the lock
+    /// of `lock`: one transaction, Consul's `check-session` then the write. `false`: the
+    /// session no longer holds the lock (it expired, another edge took it), nothing written.
+    pub async fn write_locked(
+        &self,
+        lock: &str,
+        session: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<bool, ConsulError> {
+        let full = |key: &str| format!("{}/{key}", self.prefix);
+        let write = match value {
+            Some(value) => serde_json::json!({"KV": {
+                "Verb": "set",
+                "Key": full(key),
+                "Value": base64::engine::general_purpose::STANDARD.encode(value),
+            }}),
+            None => serde_json::json!({"KV": {"Verb": "delete", "Key": full(key)}}),
+        };
+        let ops = serde_json::json!([
+            {"KV": {"Verb": "check-session", "Key": full(lock), "Session": session}},
+            write,
+        ]);
+        let url = self.client.url(&["v1", "txn"]);
+        let body = Bytes::from(ops.to_string());
+        match self.client.write(Method::PUT, url, &[], body).await {
+            Ok(_) => Ok(true),
+            // Rolled back: the one operation that can fail is the check.
+            Err(ConsulError::Http(crate::sources::http::HttpError::Status { status, .. }))
+                if status == http::StatusCode::CONFLICT =>
+            {
+                Ok(false)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     fn segments<'a>(&'a self, key: &'a str) -> Vec<&'a str> {
         let mut segments = vec!["v1", "kv"];
         segments.extend(self.prefix.split('/'));
@@ -235,11 +274,16 @@ impl KvFolder {
 
     /// The value at `key` (a read that does not block); `None` when there is no such key.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ConsulError> {
+        Ok(self.entry(key).await?.map(|entry| entry.value))
+    }
+
+    /// The entry at `key`, with its version and lock holder; `None` when there is none.
+    pub async fn entry(&self, key: &str) -> Result<Option<KvEntry>, ConsulError> {
         let url = self.client.url(&self.segments(key));
         let answer = self.client.get(url.clone(), 0, &[]).await?;
         let entries =
             decode_entries(&answer.body).map_err(|message| ConsulError::decode(url, message))?;
-        Ok(entries.into_iter().next().map(|entry| entry.value))
+        Ok(entries.into_iter().next())
     }
 
     /// Writes `value` at `key`, whatever is there. Whether it was written.
