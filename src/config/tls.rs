@@ -71,6 +71,9 @@ pub(super) struct RawAcme {
     max_hosts: Option<usize>,
     /// How long the entries of a host no longer routed stay in the store. Default `24h`.
     collect_after: Option<String>,
+    /// Whether a service's tag or label (`weft.acme=true`, `HAPROXY_n_ACME`, `acme = true`)
+    /// may ask certificates for its hosts beyond `hosts`. Default `false`.
+    opt_in: Option<bool>,
     /// How long an edge that placed an order may go silent before another edge takes it over
     /// (its Consul session's TTL). Default `15s`.
     lock_ttl: Option<String>,
@@ -101,6 +104,7 @@ pub struct AcmeConfig {
     pub max_orders: usize,
     pub max_hosts: usize,
     pub collect_after: Duration,
+    pub opt_in: bool,
     pub lock_ttl: Duration,
     pub retry_after: Duration,
 }
@@ -294,6 +298,7 @@ fn validate_acme(
         max_orders,
         max_hosts,
         collect_after,
+        opt_in: raw.opt_in.unwrap_or(false),
         lock_ttl,
         retry_after,
     })

@@ -74,6 +74,9 @@ pub struct ServiceDef {
     pub redirect: Option<String>,
     /// `Strict-Transport-Security` on this service's HTTPS answers.
     pub hsts: Option<bool>,
+    /// `true`: the service's hosts get ACME certificates, beyond `tls.acme.hosts` (where the
+    /// operator allows it with `tls.acme.opt_in`).
+    pub acme: Option<bool>,
 }
 
 #[cfg(test)]
@@ -94,6 +97,7 @@ impl ServiceDef {
             share: Vec::new(),
             redirect: None,
             hsts: None,
+            acme: None,
         }
     }
 }

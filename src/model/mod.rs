@@ -46,6 +46,8 @@ pub struct Backend {
     pub redirect: Redirect,
     /// `Strict-Transport-Security` on HTTPS answers.
     pub hsts: Hsts,
+    /// The service asks ACME certificates for its hosts (`weft.acme=true`).
+    pub acme: bool,
 }
 
 /// A service's redirect to HTTPS (`redirect = "https"`, `weft.redirect=https`,
@@ -689,6 +691,7 @@ fn validate(
             source,
             redirect,
             hsts,
+            acme: def.acme == Some(true),
         },
         keys,
     ))

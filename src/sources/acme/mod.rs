@@ -179,6 +179,8 @@ pub async fn run(
     };
     let mut state: Option<State> = None;
     let mut hosts: BTreeSet<String> = BTreeSet::new();
+    // The hosts of `hosts` only a service's tag or label asked for.
+    let mut opted: BTreeSet<String> = BTreeSet::new();
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
     let mut not_before: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut orders: JoinSet<(String, Ended)> = JoinSet::new();
@@ -214,10 +216,11 @@ pub async fn run(
                 let now = built.borrow_and_update().clone();
                 if let Some(built) = now {
                     routed_known = true;
-                    let wanted = wanted_hosts(&context.config, &built, unix_now());
-                    if wanted != hosts {
-                        debug!(hosts = wanted.len(), "routed hosts for ACME certificates changed");
+                    let (wanted, asked) = wanted_hosts(&context.config, &built, unix_now());
+                    if wanted != hosts || asked != opted {
+                        debug!(hosts = wanted.len(), opted_in = asked.len(), "routed hosts for ACME certificates changed");
                         hosts = wanted;
+                        opted = asked;
                     }
                 }
             }
@@ -237,7 +240,7 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         let Some(state) = &state else { continue };
-        let (served, over) = capped(&context.config, state, &hosts);
+        let (served, over) = capped(&context.config, state, &hosts, &opted);
         report.send_if_modified(|r| {
             let mut next = report_of(state, &served, unix_now());
             if !over.is_empty() {
@@ -298,10 +301,15 @@ pub async fn run(
     let _ = session.await;
 }
 
-/// The routed hosts `tls.acme.hosts` names that need an ACME certificate: not wildcards (HTTP-01
-/// cannot prove them), and not served by a certificate of `tls.certs` valid past the renewal
-/// window.
-fn wanted_hosts(config: &AcmeConfig, built: &Built, now: i64) -> BTreeSet<String> {
+/// The routed hosts that need an ACME certificate: named by `tls.acme.hosts`, or (with
+/// `tls.acme.opt_in`) routed to a service that asks for one; not wildcards (HTTP-01 cannot
+/// prove them), and not served by a certificate of `tls.certs` valid past the renewal window.
+/// With the hosts only a service asked for (they come after the operator's at the cap).
+fn wanted_hosts(
+    config: &AcmeConfig,
+    built: &Built,
+    now: i64,
+) -> (BTreeSet<String>, BTreeSet<String>) {
     let renew = config.renew_before.as_secs() as i64;
     let operators: Certificates = built
         .table
@@ -310,26 +318,39 @@ fn wanted_hosts(config: &AcmeConfig, built: &Built, now: i64) -> BTreeSet<String
         .filter(|(name, cert)| !name.starts_with(CERT_PREFIX) && cert.not_after - renew > now)
         .map(|(name, cert)| (name.clone(), cert.clone()))
         .collect();
-    built
-        .table
-        .routes
-        .keys()
-        .map(|key| key.host.as_str())
-        .filter(|host| !host.starts_with('*') && config.wants(host))
-        .filter(|host| !crate::model::certs::covers(&operators, host))
+    let table = &built.table;
+    let mut wanted = BTreeSet::new();
+    let mut opted = BTreeSet::new();
+    for (key, service) in &table.routes {
+        let host = key.host.as_str();
+        let named = config.wants(host);
+        let asked = config.opt_in && table.backends.get(service).is_some_and(|b| b.acme);
+        if !(named || asked) || host.starts_with('*') || wanted.contains(host) {
+            continue;
+        }
         // A name too long for a certificate's name in HAProxy's crt-list is not ordered (its
         // certificate could not be installed): such hosts keep the default certificate.
-        .filter(|host| crate::model::certs::check_name(&cert_name(host)).is_ok())
-        .map(str::to_string)
-        .collect()
+        if crate::model::certs::covers(&operators, host)
+            || crate::model::certs::check_name(&cert_name(host)).is_err()
+        {
+            continue;
+        }
+        if !named {
+            opted.insert(host.to_string());
+        }
+        wanted.insert(host.to_string());
+    }
+    (wanted, opted)
 }
 
 /// The hosts that get certificates: all of `hosts`, or when they are more than `max_hosts`, the
-/// ones holding a certificate in the store first (they keep it), then by name. The others.
+/// ones holding a certificate in the store first (they keep it), then those the operator named
+/// (not only `opted` in by a service), then by name. The others.
 fn capped<'a>(
     config: &AcmeConfig,
     state: &State,
     hosts: &'a BTreeSet<String>,
+    opted: &BTreeSet<String>,
 ) -> (std::borrow::Cow<'a, BTreeSet<String>>, Vec<&'a String>) {
     if hosts.len() <= config.max_hosts {
         return (std::borrow::Cow::Borrowed(hosts), Vec::new());
@@ -337,7 +358,9 @@ fn capped<'a>(
     let (holding, rest): (Vec<&String>, Vec<&String>) = hosts
         .iter()
         .partition(|host| state.contains_key(&format!("certs/{host}")));
-    let mut ranked = holding.into_iter().chain(rest);
+    let (named, asked): (Vec<&String>, Vec<&String>) =
+        rest.into_iter().partition(|host| !opted.contains(*host));
+    let mut ranked = holding.into_iter().chain(named).chain(asked);
     let served = ranked.by_ref().take(config.max_hosts).cloned().collect();
     (std::borrow::Cow::Owned(served), ranked.collect())
 }

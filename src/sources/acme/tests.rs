@@ -125,15 +125,43 @@ fn hosts_are_wanted_when_named_routed_not_wildcards_and_not_served_by_an_operato
     std::sync::Arc::make_mut(&mut built.table)
         .certificates
         .insert(ours.name.clone(), ours);
-    let wanted: Vec<String> = wanted_hosts(&config, &built, now).into_iter().collect();
+    let wanted: Vec<String> = wanted_hosts(&config, &built, now).0.into_iter().collect();
     assert_eq!(wanted, ["a.example.com"]);
     // An operator's certificate inside the renewal window no longer counts.
     let expiring = validate("b", pem_for("b.example.com", 10).as_bytes(), now).unwrap();
     std::sync::Arc::make_mut(&mut built.table)
         .certificates
         .insert("b".into(), expiring);
-    let wanted: Vec<String> = wanted_hosts(&config, &built, now).into_iter().collect();
+    let wanted: Vec<String> = wanted_hosts(&config, &built, now).0.into_iter().collect();
     assert_eq!(wanted, ["a.example.com", "b.example.com"]);
+}
+
+#[test]
+fn a_service_opts_its_hosts_in_only_where_the_operator_allows_it() {
+    let mut built = built(&["a.example.com", "shop.other.org", "*.other.org"]);
+    for backend in std::sync::Arc::make_mut(&mut built.table)
+        .backends
+        .values_mut()
+    {
+        backend.acme = true;
+    }
+    let now = unix_now();
+    let closed = acme("hosts = [\".example.com\"]\n");
+    let (wanted, opted) = wanted_hosts(&closed, &built, now);
+    assert_eq!(wanted.iter().collect::<Vec<_>>(), ["a.example.com"]);
+    assert!(opted.is_empty(), "opt_in is off by default");
+    let open = acme("hosts = [\".example.com\"]\nopt_in = true\nmax_hosts = 1\n");
+    let (wanted, opted) = wanted_hosts(&open, &built, now);
+    assert_eq!(
+        wanted.iter().collect::<Vec<_>>(),
+        ["a.example.com", "shop.other.org"],
+        "never a wildcard"
+    );
+    assert_eq!(opted.iter().collect::<Vec<_>>(), ["shop.other.org"]);
+    // At the cap the operator's hosts come before those a service asked for.
+    let (served, over) = capped(&open, &State::new(), &wanted, &opted);
+    assert_eq!(served.iter().collect::<Vec<_>>(), ["a.example.com"]);
+    assert_eq!(over, ["shop.other.org"]);
 }
 
 #[test]
@@ -330,7 +358,7 @@ fn beyond_max_hosts_the_hosts_holding_a_certificate_keep_it_and_the_rest_are_nam
         .map(|h| format!("{h}.example.com"))
         .collect();
     let state = State::from([("certs/d.example.com".to_string(), "PEM".to_string())]);
-    let (served, over) = capped(&config, &state, &hosts);
+    let (served, over) = capped(&config, &state, &hosts, &BTreeSet::new());
     assert_eq!(
         served.iter().collect::<Vec<_>>(),
         ["a.example.com", "d.example.com"],
@@ -344,7 +372,7 @@ fn beyond_max_hosts_the_hosts_holding_a_certificate_keep_it_and_the_rest_are_nam
          b.example.com, c.example.com"
     );
     let few: BTreeSet<String> = hosts.iter().take(2).cloned().collect();
-    let (served, over) = capped(&config, &state, &few);
+    let (served, over) = capped(&config, &state, &few, &BTreeSet::new());
     assert!(matches!(served, std::borrow::Cow::Borrowed(_)) && over.is_empty());
     assert!(issues("max_hosts = 0\n")
         .iter()

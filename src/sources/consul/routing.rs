@@ -16,6 +16,7 @@ struct TagRouting {
     share: Vec<String>,
     redirect: Option<String>,
     hsts: Option<bool>,
+    acme: Option<bool>,
     ignored: Vec<String>,
 }
 
@@ -35,6 +36,8 @@ fn tag_routing(tags: &[String], prefix: &str) -> TagRouting {
             Some(("redirect", to)) => routing.redirect = Some(to.to_string()),
             Some(("hsts", "true")) => routing.hsts = Some(true),
             Some(("hsts", "false")) => routing.hsts = Some(false),
+            Some(("acme", "true")) => routing.acme = Some(true),
+            Some(("acme", "false")) => routing.acme = Some(false),
             Some(("share", list)) => routing.share.extend(
                 list.split(',')
                     .map(str::trim)
@@ -110,7 +113,7 @@ pub fn service_def(
         .map(|tag| Rejected {
             subject: format!("service {name:?} tag {tag:?}"),
             reason: format!(
-                "unknown {prefix} tag or value, ignored (known: host, enable, path, balance, check, check_timeout, share, redirect, hsts=true|false)"
+                "unknown {prefix} tag or value, ignored (known: host, enable, path, balance, check, check_timeout, share, redirect, hsts=true|false, acme=true|false)"
             ),
         })
         .collect();
@@ -129,6 +132,7 @@ pub fn service_def(
             share: routing.share,
             redirect: routing.redirect,
             hsts: routing.hsts,
+            acme: routing.acme,
         },
         rejected,
     )
@@ -144,10 +148,12 @@ mod tests {
         let tags = [
             "weft.redirect=https".to_string(),
             "weft.hsts=true".to_string(),
+            "weft.acme=true".to_string(),
         ];
         let routing = tag_routing(&tags, "weft.");
         assert_eq!(routing.redirect.as_deref(), Some("https"));
         assert_eq!(routing.hsts, Some(true));
+        assert_eq!(routing.acme, Some(true));
         assert!(routing.ignored.is_empty());
         // A value it does not take is reported, not read as "off".
         let routing = tag_routing(&["weft.hsts=yes".to_string()], "weft.");

@@ -78,6 +78,8 @@ struct FileService {
     redirect: Option<String>,
     /// `Strict-Transport-Security` on HTTPS answers.
     hsts: Option<bool>,
+    /// ACME certificates for the service's hosts (with `tls.acme.opt_in`).
+    acme: Option<bool>,
 }
 
 fn service_def(service: FileService) -> Result<ServiceDef, String> {
@@ -103,6 +105,7 @@ fn service_def(service: FileService) -> Result<ServiceDef, String> {
         share: service.share,
         redirect: service.redirect,
         hsts: service.hsts,
+        acme: service.acme,
     })
 }
 

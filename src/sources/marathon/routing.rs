@@ -38,7 +38,14 @@ fn is_supported_label(label: &str) -> bool {
         Some((index, key)) if index.parse::<usize>().is_ok() => {
             matches!(
                 key,
-                "VHOST" | "PATH" | "BALANCE" | "GROUP" | "SHARE" | "REDIRECT_TO_HTTPS" | "USE_HSTS"
+                "VHOST"
+                    | "PATH"
+                    | "BALANCE"
+                    | "GROUP"
+                    | "SHARE"
+                    | "REDIRECT_TO_HTTPS"
+                    | "USE_HSTS"
+                    | "ACME"
             )
         }
         _ => false,
@@ -266,6 +273,8 @@ pub fn app_services(
                 .filter(|v| v.eq_ignore_ascii_case("true"))
                 .map(|_| "https".to_string()),
             hsts: port_label(app, index, "USE_HSTS").map(|v| v.eq_ignore_ascii_case("true")),
+            // weft's own, like SHARE: "true" asks ACME certificates for the port's hosts.
+            acme: port_label(app, index, "ACME").map(|v| v.eq_ignore_ascii_case("true")),
         });
     }
 
@@ -293,7 +302,7 @@ pub fn app_services(
             rejected.push(Rejected {
                 subject: app_subject(),
                 reason: format!(
-                    "labels ignored (weft reads HAPROXY_GROUP and HAPROXY_n_VHOST/PATH/BALANCE/GROUP/SHARE/REDIRECT_TO_HTTPS/USE_HSTS): {}",
+                    "labels ignored (weft reads HAPROXY_GROUP and HAPROXY_n_VHOST/PATH/BALANCE/GROUP/SHARE/REDIRECT_TO_HTTPS/USE_HSTS/ACME): {}",
                     ignored.join(", ")
                 ),
             });
@@ -584,13 +593,15 @@ mod tests {
     fn marathon_lbs_redirect_and_hsts_labels() {
         let app = app(r#"{
             "id": "/shop",
-            "labels": {"HAPROXY_GROUP": "external", "HAPROXY_0_VHOST": "shop.example.com", "HAPROXY_0_REDIRECT_TO_HTTPS": "true", "HAPROXY_0_USE_HSTS": "true", "HAPROXY_1_VHOST": "plain.example.com", "HAPROXY_1_REDIRECT_TO_HTTPS": "false"},
+            "labels": {"HAPROXY_GROUP": "external", "HAPROXY_0_VHOST": "shop.example.com", "HAPROXY_0_REDIRECT_TO_HTTPS": "true", "HAPROXY_0_USE_HSTS": "true", "HAPROXY_0_ACME": "true", "HAPROXY_1_VHOST": "plain.example.com", "HAPROXY_1_REDIRECT_TO_HTTPS": "false"},
             "container": {"portMappings": [{"containerPort": 8080}, {"containerPort": 8081}]},
             "tasks": []}"#);
         let (services, rejected) = app_services(&app, &settings("external", None, HostPorts::Deny));
         assert!(rejected.is_empty(), "{rejected:?}");
         assert_eq!(services[0].redirect.as_deref(), Some("https"));
         assert_eq!(services[0].hsts, Some(true));
+        assert_eq!(services[0].acme, Some(true));
+        assert_eq!(services[1].acme, None);
         assert_eq!(services[1].redirect, None);
         assert_eq!(services[1].hsts, None);
     }
