@@ -2546,3 +2546,496 @@ async fn a_session_goes_when_a_check_it_names_turns_critical_or_goes_away() {
         consul.index()
     );
 }
+
+// Transactions (`PUT /v1/txn`).
+
+async fn txn(consul: &ConsulDouble, query: &str, body: &str) -> Answer {
+    let path = format!("{}{query}", consul::TXN);
+    send(consul, reqwest::Method::PUT, &path, body.to_string(), &[]).await
+}
+
+fn b64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// A 409's `Errors`, as (OpIndex, What); `Results` must be null.
+fn txn_errors(answer: &Answer) -> Vec<(u64, String)> {
+    assert_eq!(answer.status, 409, "{}", answer.body);
+    assert_eq!(answer.content_type(), "application/json");
+    let body = answer.json();
+    assert_eq!(body["Results"], Value::Null, "{}", answer.body);
+    body["Errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let what = e["What"].as_str().unwrap().to_string();
+            (e["OpIndex"].as_u64().unwrap(), what)
+        })
+        .collect()
+}
+
+/// A committed write transaction's `Results`: 200, `Errors` null, no read headers.
+fn txn_results(answer: &Answer) -> Vec<Value> {
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.content_type(), "application/json");
+    assert!(answer.headers.get("x-consul-index").is_none());
+    let body = answer.json();
+    assert_eq!(body["Errors"], Value::Null, "{}", answer.body);
+    body["Results"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_set_guarded_by_check_session_commits_while_the_lock_is_held_and_never_after() {
+    let consul = ConsulDouble::start().await;
+    let leader = create_session(&consul, "").await;
+    assert!(acquire(&consul, "weft/leader", &leader, "edge-1").await);
+    let locked = consul.kv_entry("weft/leader").unwrap();
+    let guarded = |state: &str| {
+        serde_json::json!([
+            {"KV": {"Verb": "check-session", "Key": "weft/leader", "Session": leader}},
+            {"KV": {"Verb": "set", "Key": "weft/state", "Value": b64(state), "Flags": 7}},
+        ])
+        .to_string()
+    };
+
+    // Held: one raft write; the check answers the lock's entry and the set the new one, both
+    // without their value.
+    let before = consul.index();
+    let results = txn_results(&txn(&consul, "", &guarded("v1")).await);
+    let written = before + 1;
+    assert_eq!(consul.index(), written);
+    assert_eq!(
+        results,
+        [
+            serde_json::json!({"KV": {"LockIndex": 1, "Key": "weft/leader", "Flags": 0,
+                "Value": null, "Session": leader, "CreateIndex": locked.create_index,
+                "ModifyIndex": locked.modify_index}}),
+            serde_json::json!({"KV": {"LockIndex": 0, "Key": "weft/state", "Flags": 7,
+                "Value": null, "CreateIndex": written, "ModifyIndex": written}}),
+        ]
+    );
+    assert_eq!(kv_json(&consul, "weft/state").await["Value"], b64("v1"));
+
+    // The session goes and its lock with it: the same transaction is refused whole.
+    assert!(outcome(
+        &session_put(&consul, &format!("destroy/{leader}"), "").await
+    ));
+    assert_eq!(consul.kv_lock_holder("weft/leader"), None);
+    let state_index = get(&consul, &format!("{KV}weft/state")).await.index();
+    let before = consul.index();
+    let refused = txn(&consul, "", &guarded("v2")).await;
+    let what = format!(
+        "failed session check for key \"weft/leader\", current session \"\" != \"{leader}\""
+    );
+    assert_eq!(txn_errors(&refused), [(0, what.clone())]);
+    assert_eq!(
+        refused.json(),
+        serde_json::json!({"Results": null, "Errors": [{"OpIndex": 0, "What": what}]})
+    );
+    // Nothing written: the value, its ModifyIndex and the key's index stay; the raft entry was
+    // spent (the FSM refused it), as a failed ?cas spends it.
+    assert_eq!(consul.kv_get("weft/state").unwrap(), b"v1");
+    assert_eq!(consul.kv_entry("weft/state").unwrap().modify_index, written);
+    assert_eq!(
+        get(&consul, &format!("{KV}weft/state")).await.index(),
+        state_index
+    );
+    assert_eq!(consul.index(), before + 1);
+
+    // A check on a key that is not there.
+    let missing = serde_json::json!([
+        {"KV": {"Verb": "check-session", "Key": "weft/none", "Session": leader}}
+    ]);
+    let refused = txn(&consul, "", &missing.to_string()).await;
+    assert_eq!(
+        txn_errors(&refused),
+        [(
+            0,
+            "failed to check session, key \"weft/none\" doesn't exist".to_string()
+        )]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_check_index_and_cas_follow_the_modify_index_and_fail_together() {
+    let consul = ConsulDouble::start().await;
+    consul.kv_put("cfg/a", "1");
+    let a = consul.kv_entry("cfg/a").unwrap().modify_index;
+    let body = serde_json::json!([
+        {"KV": {"Verb": "check-index", "Key": "cfg/a", "Index": a}},
+        {"KV": {"Verb": "cas", "Key": "cfg/b", "Index": 0, "Value": b64("x")}},
+    ])
+    .to_string();
+    let results = txn_results(&txn(&consul, "", &body).await);
+    let written = consul.index();
+    assert_eq!(results[0]["KV"]["ModifyIndex"], a);
+    assert_eq!(results[0]["KV"]["Value"], Value::Null);
+    assert_eq!(results[1]["KV"]["CreateIndex"], written);
+    assert_eq!(consul.kv_get("cfg/b").unwrap(), b"x");
+
+    // cfg/a moves and cfg/b exists: both operations fail, each reported, nothing applied.
+    consul.kv_put("cfg/a", "2");
+    let moved = consul.index();
+    let list = get(&consul, &format!("{KV}cfg/?recurse")).await.index();
+    let refused = txn(&consul, "", &body).await;
+    assert_eq!(
+        txn_errors(&refused),
+        [
+            (
+                0,
+                format!(
+                    "failed index check for key \"cfg/a\", current modify index {moved} != {a}"
+                )
+            ),
+            (1, "failed to set key \"cfg/b\", index is stale".to_string()),
+        ]
+    );
+    assert_eq!(
+        get(&consul, &format!("{KV}cfg/?recurse")).await.index(),
+        list
+    );
+
+    // Each operation sees the ones before it: a set, then a check at the write's own index.
+    let next = consul.index() + 1;
+    let body = serde_json::json!([
+        {"KV": {"Verb": "set", "Key": "cfg/c", "Value": b64("1")}},
+        {"KV": {"Verb": "check-index", "Key": "cfg/c", "Index": next}},
+        {"KV": {"Verb": "cas", "Key": "cfg/c", "Index": next, "Value": b64("2")}},
+        {"KV": {"Verb": "delete-cas", "Key": "cfg/b", "Index": written}},
+    ]);
+    let results = txn_results(&txn(&consul, "", &body.to_string()).await);
+    assert_eq!(consul.index(), next);
+    assert_eq!(results.len(), 3, "a deletion answers nothing: {results:?}");
+    assert_eq!(consul.kv_get("cfg/c").unwrap(), b"2");
+    assert_eq!(consul.kv_get("cfg/b"), None);
+
+    // A failed operation late in a transaction undoes the writes before it.
+    let list = get(&consul, &format!("{KV}cfg/?recurse")).await.index();
+    let body = serde_json::json!([
+        {"KV": {"Verb": "set", "Key": "cfg/d", "Value": b64("new")}},
+        {"KV": {"Verb": "delete", "Key": "cfg/c"}},
+        {"KV": {"Verb": "check-not-exists", "Key": "cfg/a"}},
+        {"KV": {"Verb": "delete-cas", "Key": "cfg/a", "Index": a}},
+    ]);
+    let refused = txn(&consul, "", &body.to_string()).await;
+    assert_eq!(
+        txn_errors(&refused),
+        [
+            (2, "key \"cfg/a\" exists".to_string()),
+            (
+                3,
+                "failed to delete key \"cfg/a\", index is stale".to_string()
+            ),
+        ]
+    );
+    assert_eq!(consul.kv_keys("cfg/"), ["cfg/a", "cfg/c"]);
+    assert_eq!(
+        get(&consul, &format!("{KV}cfg/?recurse")).await.index(),
+        list
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_limits_and_bad_bodies_answer_as_consul_does() {
+    let consul = ConsulDouble::start().await;
+    let sets = |count: usize| {
+        let ops: Vec<Value> = (0..count)
+            .map(|i| serde_json::json!({"KV": {"Verb": "set", "Key": format!("bulk/{i:03}")}}))
+            .collect();
+        Value::Array(ops).to_string()
+    };
+    // 128 operations: one write, one index.
+    let before = consul.index();
+    let results = txn_results(&txn(&consul, "", &sets(consul::TXN_MAX_OPS)).await);
+    assert_eq!(results.len(), 128);
+    assert_eq!(consul.index(), before + 1);
+    assert_eq!(consul.kv_keys("bulk/").len(), 128);
+    let index = consul.index();
+
+    let plain = |answer: Answer| (answer.status, answer.body);
+    let too_many = sets(consul::TXN_MAX_OPS + 1).replace("bulk/", "more/");
+    assert_eq!(
+        plain(txn(&consul, "", &too_many).await),
+        (
+            413,
+            "Transaction contains too many operations (129 > 128)".to_string()
+        )
+    );
+    let huge = format!("[{}]", " ".repeat(consul::TXN_MAX_REQ_LEN));
+    assert_eq!(
+        plain(txn(&consul, "", &huge).await),
+        (
+            413,
+            "Request body(524290 bytes) too large, max size: 524288 bytes. See \
+             https://www.consul.io/docs/agent/config/config-files#txn_max_req_len."
+                .to_string()
+        )
+    );
+    // Without a Content-Length: the 413 comes when the JSON runs past the limit; Go's decoder
+    // stops at the end of the first value and never reads what follows it.
+    let chunked = |body: String| {
+        let chunks = futures::stream::iter([Ok::<_, std::io::Error>(body.into_bytes())]);
+        reqwest::Body::wrap_stream(chunks)
+    };
+    let answer = send(
+        &consul,
+        reqwest::Method::PUT,
+        consul::TXN,
+        chunked(huge),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        plain(answer),
+        (
+            413,
+            "Request body too large, max size: 524288 bytes. See \
+             https://www.consul.io/docs/agent/config/config-files#txn_max_req_len."
+                .to_string()
+        )
+    );
+    let trailing = format!("[] {}", "x".repeat(consul::TXN_MAX_REQ_LEN));
+    let answer = send(
+        &consul,
+        reqwest::Method::PUT,
+        consul::TXN,
+        chunked(trailing),
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["Results"], serde_json::json!([]));
+    let bad = [
+        ("", "EOF"),
+        ("[{\"KV\":", "unexpected EOF"),
+        (
+            "{}",
+            "json: cannot unmarshal object into Go value of type api.TxnOps",
+        ),
+        (
+            r#"[{"KV": {"Verb": "set", "Key": "a", "Value": "not base64!"}}]"#,
+            "illegal base64 data at input byte 3",
+        ),
+        (
+            r#"[{"KV": {"Verb": "set", "Key": "a", "Value": "eA="}}]"#,
+            "illegal base64 data at input byte 3",
+        ),
+        (
+            r#"[{"KV": {"Verb": "set", "Key": "a", "Value": "eA==eA=="}}]"#,
+            "illegal base64 data at input byte 4",
+        ),
+        (
+            r#"[{"KV": {"Verb": "set", "Key": "a", "Valeu": "eA=="}}]"#,
+            "json: unknown field \"Valeu\"",
+        ),
+        (
+            r#"[{"KV": {"Verb": "set", "Key": "a", "Flags": "7"}}]"#,
+            "json: cannot unmarshal string into Go struct field KVTxnOp.KV.Flags of type uint64",
+        ),
+        (
+            r#"[{"KV": {"Verb": "set", "Key": "a", "Index": -1}}]"#,
+            "json: cannot unmarshal number -1 into Go struct field KVTxnOp.KV.Index of type uint64",
+        ),
+        (
+            r#"[{"kv": "set"}]"#,
+            "json: cannot unmarshal string into Go struct field TxnOp.KV of type api.KVTxnOp",
+        ),
+    ];
+    for (body, why) in bad {
+        assert_eq!(
+            plain(txn(&consul, "", body).await),
+            (400, format!("Failed to parse body: {why}")),
+            "{body}"
+        );
+    }
+    // Keys without case, and a base64 value with its padding.
+    let lower = r#"[{"kv": {"verb": "set", "key": "bulk/000", "value": "eA=="}}]"#;
+    txn_results(&txn(&consul, "", lower).await);
+    assert_eq!(consul.kv_get("bulk/000").unwrap(), b"x");
+    let index = index + 1;
+    // Catalog operations are not the double's: a 400 that says so.
+    let node = r#"[{"Node": {"Verb": "set", "Node": {"Node": "n1", "Address": "10.0.0.1"}}}]"#;
+    let answer = txn(&consul, "", node).await;
+    assert_eq!(answer.status, 400);
+    assert!(
+        answer
+            .body
+            .contains("not implemented by the Consul test double"),
+        "{}",
+        answer.body
+    );
+    // Refused by the leader's checks (no raft write) or a read: no index moved.
+    let empty_key = r#"[{"KV": {"Verb": "set", "Key": ""}}]"#;
+    let refused = txn(&consul, "", empty_key).await;
+    assert_eq!(txn_errors(&refused), [(0, "Must provide key".to_string())]);
+    let unknown = r#"[{"KV": {"Verb": "frobnicate", "Key": "a"}}]"#;
+    let refused = txn(&consul, "", unknown).await;
+    assert_eq!(
+        txn_errors(&refused),
+        [(0, "unknown KV verb \"frobnicate\"".to_string())]
+    );
+    let other_method = send(&consul, reqwest::Method::GET, consul::TXN, "", &[]).await;
+    assert_eq!(other_method.status, 405);
+    assert_eq!(other_method.header("allow"), "OPTIONS,PUT");
+    assert_eq!(consul.index(), index);
+    assert_eq!(consul.kv_keys("more/"), Vec::<String>::new());
+    assert_eq!(consul.requests().endpoint(consul::TXN).requests, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_txn_wakes_a_blocked_kv_query_and_a_refused_one_does_not() {
+    let consul = std::sync::Arc::new(ConsulDouble::start().await);
+    consul.kv_put("claims/shop", "edge-1");
+    let path = format!("{KV}claims/");
+    let index = get(&consul, &format!("{path}?recurse")).await.index();
+    let query = tokio::spawn({
+        let consul = consul.clone();
+        let path = path.clone();
+        async move { get(&consul, &format!("{path}?recurse&index={index}&wait=10m")).await }
+    });
+    consul.wait_for_blocked_queries(&path, 1).await;
+
+    // Refused in the FSM: a raft write that changes nothing, the query stays blocked.
+    let refused = serde_json::json!([
+        {"KV": {"Verb": "set", "Key": "claims/blog", "Value": b64("edge-2")}},
+        {"KV": {"Verb": "check-not-exists", "Key": "claims/shop"}},
+    ]);
+    let answer = txn(&consul, "", &refused.to_string()).await;
+    assert_eq!(txn_errors(&answer).len(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!query.is_finished());
+    assert_eq!(consul.blocked_queries(&path), 1);
+
+    let committed = serde_json::json!([
+        {"KV": {"Verb": "set", "Key": "claims/blog", "Value": b64("edge-2")}},
+        {"KV": {"Verb": "delete", "Key": "claims/shop"}},
+    ]);
+    txn_results(&txn(&consul, "", &committed.to_string()).await);
+    let answer = query.await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.index(), consul.index());
+    assert_eq!(kv_keys_of(&answer), ["claims/blog"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_without_writes_is_a_read_with_its_query_meta() {
+    let consul = ConsulDouble::start().await;
+    consul.kv_put("app/a", "hello");
+    let entry = consul.kv_entry("app/a").unwrap();
+    let index = consul.index();
+    let reads = serde_json::json!([
+        {"KV": {"Verb": "get", "Key": "app/a"}},
+        {"KV": {"Verb": "get-tree", "Key": "app/"}},
+        {"KV": {"Verb": "check-not-exists", "Key": "app/b"}},
+        {"KV": {"Verb": "get-or-empty", "Key": "app/b", "Flags": 3}},
+    ]);
+    let answer = txn(&consul, "", &reads.to_string()).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.header("x-consul-knownleader"), "true");
+    assert_eq!(answer.header("x-consul-lastcontact"), "0");
+    assert!(answer.headers.get("x-consul-index").is_none());
+    let a = serde_json::json!({"KV": {"LockIndex": 0, "Key": "app/a", "Flags": 0,
+        "Value": b64("hello"), "CreateIndex": entry.create_index,
+        "ModifyIndex": entry.modify_index}});
+    let b = serde_json::json!({"KV": {"LockIndex": 0, "Key": "app/b", "Flags": 3,
+        "Value": null, "CreateIndex": 0, "ModifyIndex": 0}});
+    assert_eq!(
+        answer.json(),
+        serde_json::json!({"Results": [a, a, b], "Errors": null, "Index": 1, "LastContact": 0,
+            "KnownLeader": true, "ConsistencyLevel": "", "NotModified": false, "Backend": 0,
+            "ResultsFilteredByACLs": false})
+    );
+    assert_eq!(consul.index(), index);
+
+    let missing = r#"[{"KV": {"Verb": "get", "Key": "app/none"}}]"#;
+    let answer = txn(&consul, "?stale", missing).await;
+    assert_eq!(
+        txn_errors(&answer),
+        [(0, "key \"app/none\" doesn't exist".to_string())]
+    );
+    assert_eq!(answer.json()["KnownLeader"], true);
+    let answer = txn(&consul, "?stale&consistent", missing).await;
+    assert_eq!(answer.status, 400);
+
+    // A stale read without a leader answers; a write does not.
+    consul.set_fault(Fault::NoLeader);
+    let answer = txn(&consul, "?stale", &reads.to_string()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-consul-knownleader"), "false");
+    assert_eq!(answer.json()["KnownLeader"], false);
+    let write = r#"[{"KV": {"Verb": "set", "Key": "app/c"}}]"#;
+    let answer = txn(&consul, "?stale", write).await;
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (500, "No cluster leader")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_locks_are_acquisitions_and_tokens_are_checked_per_operation() {
+    let consul = ConsulDouble::start().await;
+    let edge1 = create_session(&consul, r#"{"LockDelay":"2s"}"#).await;
+    let edge2 = create_session(&consul, "").await;
+    let op = |verb: &str, session: &str| {
+        serde_json::json!([{"KV": {"Verb": verb, "Key": "weft/leader", "Session": session,
+            "Value": b64(session)}}])
+        .to_string()
+    };
+    let results = txn_results(&txn(&consul, "", &op("lock", &edge1)).await);
+    let locked = consul.index();
+    assert_eq!(
+        results,
+        [
+            serde_json::json!({"KV": {"LockIndex": 1, "Key": "weft/leader", "Flags": 0,
+            "Value": null, "Session": edge1, "CreateIndex": locked, "ModifyIndex": locked}})
+        ]
+    );
+    assert_eq!(consul.kv_get("weft/leader").unwrap(), edge1.as_bytes());
+    let refused = |answer: Answer| txn_errors(&answer).remove(0).1;
+    assert_eq!(
+        refused(txn(&consul, "", &op("lock", &edge2)).await),
+        "failed to lock key \"weft/leader\", lock is already held"
+    );
+    assert_eq!(
+        refused(txn(&consul, "", &op("lock", "no-such-session")).await),
+        "invalid session \"no-such-session\""
+    );
+    assert_eq!(
+        refused(txn(&consul, "", &op("unlock", &edge2)).await),
+        "failed to unlock key \"weft/leader\", lock isn't held, or is held by another session"
+    );
+    let results = txn_results(&txn(&consul, "", &op("unlock", &edge1)).await);
+    assert_eq!(results[0]["KV"]["LockIndex"], 1);
+    assert!(results[0]["KV"].get("Session").is_none());
+
+    // An invalidated holder's lock delay refuses a lock before raft.
+    assert!(acquire(&consul, "weft/leader", &edge1, "edge-1").await);
+    consul.invalidate_session(&edge1);
+    let index = consul.index();
+    assert_eq!(
+        refused(txn(&consul, "", &op("lock", &edge2)).await),
+        "failed to lock key \"weft/leader\" due to lock delay"
+    );
+    assert_eq!(consul.index(), index);
+
+    // ACLs: the anonymous token reads nothing (filtered) and writes nothing; an unknown token
+    // is refused before anything.
+    consul.set_token(Some("s3cret".to_string()));
+    let read = r#"[{"KV": {"Verb": "get", "Key": "weft/leader"}}]"#;
+    let answer = txn(&consul, "", read).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["Results"], serde_json::json!([]));
+    let write = r#"[{"KV": {"Verb": "get", "Key": "weft/leader"}},
+        {"KV": {"Verb": "set", "Key": "weft/other"}}]"#;
+    assert_eq!(
+        txn_errors(&txn(&consul, "", write).await),
+        [(1, "Permission denied".to_string())]
+    );
+    let wrong = txn(&consul, "?token=nope", write).await;
+    assert_eq!((wrong.status, wrong.body.as_str()), (403, "ACL not found"));
+    let results = txn_results(&txn(&consul, "?token=s3cret", write).await);
+    assert_eq!(results[0]["KV"]["Value"], b64("edge-1"));
+    assert_eq!(consul.index(), index + 1);
+}

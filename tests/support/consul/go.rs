@@ -279,3 +279,85 @@ pub fn go_quote(text: &str) -> String {
     quoted.push('"');
     quoted
 }
+
+/// Go's `base64.StdEncoding.DecodeString` (what `encoding/json` applies to a string decoded
+/// into a `[]byte`): padding required, `\r` and `\n` skipped anywhere, non-zero trailing bits
+/// accepted. The `Err` is the offset of Go's `CorruptInputError` ("illegal base64 data at input
+/// byte N"), found where Go's `decodeQuantum` finds it.
+pub fn go_base64_decode(src: &[u8]) -> Result<Vec<u8>, usize> {
+    fn sextet(byte: u8) -> Option<u8> {
+        match byte {
+            b'A'..=b'Z' => Some(byte - b'A'),
+            b'a'..=b'z' => Some(byte - b'a' + 26),
+            b'0'..=b'9' => Some(byte - b'0' + 52),
+            b'+' => Some(62),
+            b'/' => Some(63),
+            _ => None,
+        }
+    }
+    let newline = |byte: u8| byte == b'\n' || byte == b'\r';
+    let mut out = Vec::with_capacity(src.len() / 4 * 3);
+    let mut si = 0;
+    // One `decodeQuantum` per turn.
+    while si < src.len() {
+        let mut quantum = [0u8; 4];
+        let mut len = 4;
+        let mut j = 0;
+        let mut trailing_garbage = None;
+        while j < 4 {
+            if si == src.len() {
+                // Input ended: between quanta (after newlines) it is the end; inside one it is
+                // corrupt, StdEncoding pads.
+                return if j == 0 { Ok(out) } else { Err(si - j) };
+            }
+            let byte = src[si];
+            si += 1;
+            if let Some(value) = sextet(byte) {
+                quantum[j] = value;
+                j += 1;
+                continue;
+            }
+            if newline(byte) {
+                continue;
+            }
+            if byte != b'=' {
+                return Err(si - 1);
+            }
+            // Padding: the end of the input.
+            match j {
+                0 | 1 => return Err(si - 1),
+                2 => {
+                    // "==" is expected, the first "=" is consumed.
+                    while si < src.len() && newline(src[si]) {
+                        si += 1;
+                    }
+                    if si == src.len() {
+                        return Err(src.len());
+                    }
+                    if src[si] != b'=' {
+                        return Err(si - 1);
+                    }
+                    si += 1;
+                }
+                _ => {}
+            }
+            while si < src.len() && newline(src[si]) {
+                si += 1;
+            }
+            if si < src.len() {
+                trailing_garbage = Some(si);
+            }
+            len = j;
+            break;
+        }
+        let value = quantum
+            .iter()
+            .fold(0u32, |value, sextet| value << 6 | u32::from(*sextet));
+        let bytes = value.to_be_bytes();
+        out.extend_from_slice(&bytes[1..len]);
+        if let Some(at) = trailing_garbage {
+            return Err(at);
+        }
+    }
+    Ok(out)
+}

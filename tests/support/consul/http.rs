@@ -14,13 +14,18 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 
+use super::go::go_quote;
 use super::json::{render, render_filtered, SessionJson};
 use super::session::{generate_id, NewSession};
 use super::state::{Endpoint, Shared};
+use super::txn::{
+    self, BodyError, KvOp, TxnReadJson, TxnResponseJson, TXN_MAX_OPS, TXN_MAX_REQ_LEN,
+    TXN_MAX_REQ_LEN_DOCS,
+};
 use super::{
     parse_go_bool, parse_go_duration, parse_go_uint, Fault, CATALOG_SERVICES, DATACENTER,
     DEFAULT_WAIT, HEALTH_SERVICE, HEALTH_STATE, JITTER_FRACTION, KV, KV_MAX_VALUE_SIZE, MAX_WAIT,
-    OTHER_PATHS, SESSION,
+    OTHER_PATHS, SESSION, TXN,
 };
 
 type SharedState = AxumState<Arc<Shared>>;
@@ -33,10 +38,17 @@ pub(super) async fn record(
     next: Next,
 ) -> Response {
     let path = request.uri().path().to_string();
-    let endpoint = [CATALOG_SERVICES, HEALTH_SERVICE, HEALTH_STATE, KV, SESSION]
-        .into_iter()
-        .find(|prefix| path.starts_with(prefix))
-        .unwrap_or(OTHER_PATHS);
+    let endpoint = [
+        CATALOG_SERVICES,
+        HEALTH_SERVICE,
+        HEALTH_STATE,
+        KV,
+        SESSION,
+        TXN,
+    ]
+    .into_iter()
+    .find(|prefix| path.starts_with(prefix))
+    .unwrap_or(OTHER_PATHS);
     {
         let mut state = shared.lock();
         let requests = &mut state.requests;
@@ -271,6 +283,198 @@ pub(super) async fn kv_delete(
         Ok(outcome) => write_answer(&shared, outcome).await,
         Err::<_, Refusal>(refusal) => refusal.into_response(),
     }
+}
+
+/// `PUT /v1/txn` (`Txn` and `convertOps` in `agent/txn_endpoint.go`): the body is read (a
+/// `Content-Length` past `TXN_MAX_REQ_LEN`, or a body whose JSON runs past it, is a 413) and
+/// decoded (`txn::decode`; a 400 `Failed to parse body: ...`), then at most `TXN_MAX_OPS`
+/// operations (413 `Transaction contains too many operations (N > 128)`) and no value past
+/// `kv_max_value_size` (413). A transaction without a write verb is a read (`txn_read`), one
+/// with a write goes to the leader and raft (`txn_apply`). 200 with the results, or 409 with
+/// the errors of every failed operation and nothing applied. The query parameters are looked
+/// at after the body, as Consul does.
+pub(super) async fn txn(
+    AxumState(shared): SharedState,
+    headers: HeaderMap,
+    Query(params): Params,
+    body: Body,
+) -> Response {
+    stall_if_faulted(&shared).await;
+    let run = async {
+        let ops = read_txn_ops(&headers, body).await?;
+        if ops.iter().any(KvOp::is_write) {
+            txn_apply(&shared, &headers, &params, &ops).await
+        } else {
+            txn_read(&shared, &headers, &params, &ops).await
+        }
+    };
+    match run.await {
+        Ok(response) => response,
+        Err::<_, Refusal>(refusal) => refusal.into_response(),
+    }
+}
+
+/// `convertOps`: the body within `max(txn_max_req_len, kv_max_value_size)`, decoded, counted
+/// and its values bounded; the operations without a `KV` member are dropped.
+async fn read_txn_ops(headers: &HeaderMap, body: Body) -> Result<Vec<KvOp>, Refusal> {
+    let too_large = |length: Option<u64>| {
+        let body = match length {
+            Some(length) => format!(
+                "Request body({length} bytes) too large, max size: {TXN_MAX_REQ_LEN} bytes. \
+                 See {TXN_MAX_REQ_LEN_DOCS}."
+            ),
+            // `http.MaxBytesReader` stopped the decoder (no `Content-Length`).
+            None => format!(
+                "Request body too large, max size: {TXN_MAX_REQ_LEN} bytes. See \
+                 {TXN_MAX_REQ_LEN_DOCS}."
+            ),
+        };
+        Refusal(StatusCode::PAYLOAD_TOO_LARGE, body)
+    };
+    if let Some(length) = content_length(headers).filter(|l| *l > TXN_MAX_REQ_LEN as u64) {
+        drain(body).await;
+        return Err(too_large(Some(length)));
+    }
+    // Go's decoder reads only as far as the first JSON value: bytes past the limit matter only
+    // if that value is not over by then.
+    let mut chunks = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut cut = false;
+    while let Some(Ok(chunk)) = chunks.next().await {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > TXN_MAX_REQ_LEN {
+            bytes.truncate(TXN_MAX_REQ_LEN);
+            cut = true;
+            break;
+        }
+    }
+    let parse_failed = |why: &str| {
+        Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("Failed to parse body: {why}"),
+        )
+    };
+    let ops = match txn::decode(&bytes) {
+        Ok(ops) => ops,
+        Err(BodyError::Empty | BodyError::Incomplete) if cut => return Err(too_large(None)),
+        Err(BodyError::Empty) => return Err(parse_failed("EOF")),
+        Err(BodyError::Incomplete) => return Err(parse_failed("unexpected EOF")),
+        Err(BodyError::Parse(why)) => return Err(parse_failed(&why)),
+        Err(BodyError::Unsupported(why)) => return Err(Refusal(StatusCode::BAD_REQUEST, why)),
+    };
+    if ops.len() > TXN_MAX_OPS {
+        return Err(Refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Transaction contains too many operations ({} > {TXN_MAX_OPS})",
+                ops.len()
+            ),
+        ));
+    }
+    let ops: Vec<KvOp> = ops.into_iter().flatten().collect();
+    if let Some(op) = ops.iter().find(|op| op.value.len() > KV_MAX_VALUE_SIZE) {
+        return Err(Refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Value for key {} is too large ({} > {KV_MAX_VALUE_SIZE} bytes)",
+                go_quote(&op.key),
+                op.value.len()
+            ),
+        ));
+    }
+    Ok(ops)
+}
+
+/// A transaction with a write (`Txn.Apply` in `agent/consul/txn_endpoint.go`): only `?dc` and
+/// the token count (`parseDC`, `parseToken`); the RPC's checks (token, leader, rate limit,
+/// datacenter); `preCheck` on the leader (a failure is a 409 without a raft write); then one
+/// raft write (`TxnRW`), which wakes blocked KV queries as any write does. A failed operation
+/// there is a 409 too: the raft index was spent, but nothing in the KV store moved. The answer
+/// has no `X-Consul-*` headers.
+async fn txn_apply(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    params: &[(String, String)],
+    ops: &[KvOp],
+) -> Result<Response, Refusal> {
+    let options = QueryOptions::datacenter_only(params);
+    let access = rpc(shared, headers, params, &options, Rpc::Write)?;
+    let readable = access == Access::Full;
+    let now = tokio::time::Instant::now();
+    let errors = shared
+        .lock()
+        .txn_pre_check(ops, !readable, PERMISSION_DENIED, now);
+    if !errors.is_empty() {
+        let answer = TxnResponseJson::new(Err(errors), readable);
+        return Ok(txn_answer(shared, StatusCode::CONFLICT, answer).await);
+    }
+    let outcome = shared.write(|state, index| Ok(state.txn_write(ops, index)));
+    let status = match outcome {
+        Ok(_) => StatusCode::OK,
+        Err(_) => StatusCode::CONFLICT,
+    };
+    Ok(txn_answer(shared, status, TxnResponseJson::new(outcome, readable)).await)
+}
+
+/// A transaction without a write (`Txn.Read`): the query options as any read parses them
+/// (`?stale`, `?consistent`, `?dc`; no blocking), the RPC's checks, `preCheck`, then `TxnRO`
+/// on the server's state, no raft write. The answer carries `X-Consul-KnownLeader` and
+/// `X-Consul-LastContact` (no `X-Consul-Index`), and the `QueryMeta` in its body.
+async fn txn_read(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    params: &[(String, String)],
+    ops: &[KvOp],
+) -> Result<Response, Refusal> {
+    let options = QueryOptions::parse(params)?;
+    let access = rpc(shared, headers, params, &options, Rpc::Read)?;
+    let readable = access == Access::Full;
+    let (status, answer, meta) = {
+        let mut state = shared.lock();
+        // Only stale reads get here without a leader: from a server that lost it a while ago.
+        let meta = match state.fault {
+            Fault::NoLeader => (15_000_000_000, false),
+            _ => (0, true),
+        };
+        let now = tokio::time::Instant::now();
+        let errors = state.txn_pre_check(ops, !readable, PERMISSION_DENIED, now);
+        if errors.is_empty() {
+            let outcome = state.txn_read(ops);
+            let status = match outcome {
+                Ok(_) => StatusCode::OK,
+                Err(_) => StatusCode::CONFLICT,
+            };
+            (status, TxnResponseJson::new(outcome, readable), Some(meta))
+        } else {
+            // `Txn.Read` returns before `SetQueryMeta`: the meta stays zero.
+            let answer = TxnResponseJson::new(Err(errors), readable);
+            (StatusCode::CONFLICT, answer, None)
+        }
+    };
+    let (last_contact, known_leader) = meta.unwrap_or((0, false));
+    let mut response = txn_answer(shared, status, TxnReadJson::new(answer, meta)).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        "x-consul-lastcontact",
+        HeaderValue::from(last_contact / 1_000_000),
+    );
+    let known_leader = if known_leader { "true" } else { "false" };
+    headers.insert(
+        "x-consul-knownleader",
+        HeaderValue::from_static(known_leader),
+    );
+    Ok(response)
+}
+
+/// A transaction's JSON with its status (`Fault::Garbage` cuts it as any write answer).
+async fn txn_answer(
+    shared: &Arc<Shared>,
+    status: StatusCode,
+    answer: impl serde::Serialize,
+) -> Response {
+    let mut response = write_json(shared, answer).await;
+    *response.status_mut() = status;
+    response
 }
 
 /// The largest `PUT /v1/session/create` body the double reads (Consul reads it whole).
@@ -553,16 +757,7 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Refusal>
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(length) = length.filter(|length| *length > KV_MAX_VALUE_SIZE as u64) {
-        // Read (and drop) what the client sends before answering, up to a bound, so that it
-        // gets the 413 instead of a reset: Go's server drains a little of an unread body too.
-        let mut chunks = body.into_data_stream();
-        let mut drained = 0;
-        while drained <= DRAIN_LIMIT {
-            match chunks.next().await {
-                Some(Ok(chunk)) => drained += chunk.len(),
-                Some(Err(_)) | None => break,
-            }
-        }
+        drain(body).await;
         return Err(too_large(&length));
     }
     match axum::body::to_bytes(body, KV_MAX_VALUE_SIZE).await {
@@ -573,6 +768,19 @@ async fn read_value(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Refusal>
 
 /// How much of a too large body the double reads before it answers the 413.
 const DRAIN_LIMIT: usize = 16 * KV_MAX_VALUE_SIZE;
+
+/// Reads (and drops) what the client sends before a 413 is answered, up to a bound, so that it
+/// gets the 413 instead of a reset: Go's server drains a little of an unread body too.
+async fn drain(body: Body) {
+    let mut chunks = body.into_data_stream();
+    let mut drained = 0;
+    while drained <= DRAIN_LIMIT {
+        match chunks.next().await {
+            Some(Ok(chunk)) => drained += chunk.len(),
+            Some(Err(_)) | None => break,
+        }
+    }
+}
 
 /// `conflictingFlags`: two of `flags` present is a 400 that quotes the whole query, encoded as
 /// Go's `url.Values.Encode` does (keys sorted).
@@ -711,7 +919,7 @@ fn admit(
 }
 
 /// `acl.ErrPermissionDenied`, as `KVS.Get` and `kvsPreApply` return it.
-const PERMISSION_DENIED: &str = "Permission denied";
+pub(super) const PERMISSION_DENIED: &str = "Permission denied";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Rpc {

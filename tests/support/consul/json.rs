@@ -235,7 +235,7 @@ fn checks_in_state(state: &State, wanted: &str) -> Vec<CheckJson> {
 /// locked key (`omitempty`).
 #[derive(Serialize)]
 #[serde(rename_all = "PascalCase")]
-struct KvJson {
+pub(super) struct KvJson {
     lock_index: u64,
     key: String,
     flags: u64,
@@ -247,7 +247,7 @@ struct KvJson {
 }
 
 impl KvJson {
-    fn new(entry: &KvEntry) -> KvJson {
+    pub(super) fn new(entry: &KvEntry) -> KvJson {
         KvJson {
             lock_index: entry.lock_index,
             key: entry.key.clone(),

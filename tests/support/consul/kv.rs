@@ -25,7 +25,8 @@ pub struct KvEntry {
     pub modify_index: u64,
 }
 
-#[derive(Default)]
+/// Cloned whole by a transaction, to be put back if one of its operations fails.
+#[derive(Clone, Default)]
 pub(super) struct Kv {
     pub(super) entries: BTreeMap<String, KvEntry>,
     /// Key (or deleted prefix) -> the index of its deletion. Consul's leader reaps tombstones

@@ -1,8 +1,8 @@
 //! A Consul HTTP API test double: `/v1/catalog/services`, `/v1/health/service/:name`,
-//! `/v1/health/state/:state`, the KV store (`/v1/kv/:key`) with its locks, and sessions
-//! (`/v1/session/...`), with blocking queries, per-object and per-table raft indexes, ACL
-//! tokens, injectable faults and Consul's per-client-IP connection limit, on 127.0.0.1:0 or a
-//! given address.
+//! `/v1/health/state/:state`, the KV store (`/v1/kv/:key`) with its locks, sessions
+//! (`/v1/session/...`) and KV transactions (`/v1/txn`), with blocking queries, per-object and
+//! per-table raft indexes, ACL tokens, injectable faults and Consul's per-client-IP connection
+//! limit, on 127.0.0.1:0 or a given address.
 //!
 //! It follows the Consul reference notes, the docs samples in tests/fixtures/consul/ and
 //! Consul's source. Tests change the catalog with plain methods (`register`, `register_all`,
@@ -121,12 +121,58 @@
 //!   moved) or deleted (`delete`: a tombstone), with the session's lock delay on each from
 //!   then: until it passes, `?acquire=` of the key by any session is `false` (`kvsLockDelay`).
 //!
+//! Transactions, `PUT /v1/txn` (`agent/txn_endpoint.go` for HTTP, `agent/consul/txn_endpoint.go`
+//! for the RPC and its checks, `agent/consul/state/txn.go` and `kvs.go` for the state store;
+//! see `txn.rs`):
+//!
+//! - The body: a JSON array of `{"KV": {"Verb", "Key", "Value" (base64), "Flags", "Index",
+//!   "Session"}}`, read as Go's `encoding/json` reads it into `api.TxnOps` (keys without case,
+//!   an unknown key refused: `400 Failed to parse body: json: unknown field "X"`; bad base64:
+//!   `... illegal base64 data at input byte N`; an empty body: `... EOF`). A `Content-Length`
+//!   past `TXN_MAX_REQ_LEN` (512 KiB, `txn_max_req_len`) is `413 Request body(N bytes) too
+//!   large, max size: 524288 bytes. See <the docs of txn_max_req_len>.` (without a length,
+//!   once the JSON runs past it: `413 Request body too large, max size: ...`); more than
+//!   `TXN_MAX_OPS` (128, Consul 1.14 and later) is `413 Transaction contains too many
+//!   operations (N > 128)`.
+//! - Verbs: `set`, `cas` (`Index` 0: only if absent), `lock` and `unlock` (an `?acquire=` and
+//!   a `?release=`: the session must exist, a fresh lock raises the LockIndex, the lock delay
+//!   of an invalidated session refuses a `lock`), `get`, `get-or-empty`, `get-tree`,
+//!   `check-index`, `check-session`, `check-not-exists`, `delete`, `delete-tree`, `delete-cas`.
+//!   Every operation sees what the ones before it wrote.
+//! - All or nothing: `200 {"Results": [{"KV": <entry>}, ...], "Errors": null}`, an entry per
+//!   operation that answers one (none for a deletion or `check-not-exists`, every entry for
+//!   `get-tree`), `Value` only for the reads (`null` for the writes and checks); or `409
+//!   {"Results": null, "Errors": [{"OpIndex": i, "What": "..."}]}` with every failed operation
+//!   and Consul's texts (e.g. `failed session check for key "k", current session "" != "<id>"`,
+//!   `failed index check for key "k", current modify index 7 != 5`, `failed to set key "k",
+//!   index is stale`, `key "k" exists`, `key "k" doesn't exist`, `failed to lock key "k", lock
+//!   is already held`, `invalid session "<id>"`, `Must provide key`, `Permission denied`),
+//!   and nothing of the transaction applied.
+//! - A transaction with a write verb goes to the leader: `?dc` and the token only, the leader's
+//!   checks (a failure there, e.g. the lock delay or an ACL, is a 409 without a raft write),
+//!   then one raft write for the whole transaction: it wakes blocked KV queries as `kv_put`
+//!   does; if an operation fails there, the raft index is spent (as a failed `?cas` spends
+//!   it) but no KV entry or index moves. The answer has no `X-Consul-*` headers.
+//! - One without a write (only reads and checks) is a read: `?stale`, `?consistent`, no
+//!   blocking, no raft write, `X-Consul-KnownLeader` and `X-Consul-LastContact` headers, and the
+//!   embedded `QueryMeta` in the body (`"Index": 1, "LastContact": 0, "KnownLeader": true,
+//!   "ConsistencyLevel": "", "NotModified": false, "Backend": 0, "ResultsFilteredByACLs":
+//!   false`; all zero when the leader's checks refused it).
+//! - ACLs: the anonymous token may only `get`, `get-tree` and `get-or-empty`, whose results are
+//!   filtered away (`"Results": []`); any other verb fails with `Permission denied`.
+//! - The double's own: `Node`, `Service` and `Check` operations are a 400 that says the double
+//!   does not implement them, and so is a `null` operation (Consul's handler panics on it); a
+//!   JSON syntax error is a 400 `Failed to parse body: ` with serde's words, not Go's; a denied
+//!   operation's `What` is `Permission denied`, as the double's KV 403s (newer Consul adds
+//!   which permission the token lacks); `Namespace` and `Partition` are read and ignored, as
+//!   Consul CE does; a `Value` of `""` is stored as no value (`null` when read back).
+//!
 //! KV and session simplifications: tombstones are never reaped (Consul's leader reaps them
 //! after `tombstone_ttl`, 15 minutes, with a raft write). A PUT body without `Content-Length`,
 //! which Consul reads whole, gets the 413 past the same bound. Key names are not validated:
 //! Consul 1.21.5 and later refuse some keys (path traversal, leading or trailing spaces, and,
 //! in some builds, names ending in `.com`, `.json` and the like: hashicorp/consul#22822,
-//! #22850), so a client should keep to plain `[a-zA-Z0-9_/-]` keys. No `/v1/txn`, no
+//! #22850), so a client should keep to plain `[a-zA-Z0-9_/-]` keys. No
 //! namespaces or partitions, no prepared queries (which a session's invalidation would also
 //! delete). Only `serfHealth` and `service:<id>` checks exist for a session to name; a
 //! session's checks are looked at after every write (Consul reacts to the check's own
@@ -165,6 +211,7 @@ mod json;
 mod kv;
 mod session;
 mod state;
+mod txn;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -188,13 +235,16 @@ pub use self::session::{
     Behavior, ServiceCheck, SessionEntry, DEFAULT_LOCK_DELAY, DEFAULT_SESSION_TTL_MIN,
     MAX_LOCK_DELAY, SESSION_TTL_MAX, SESSION_TTL_MULTIPLIER,
 };
+// Read by the double's own tests only.
+#[allow(unused_imports)]
+pub use self::txn::{TXN_MAX_OPS, TXN_MAX_REQ_LEN};
 
 use self::conn::Served;
 use self::conns::{FrontDoor, Limiter};
 use self::http::{
     catalog_services, health_service, health_state, kv_delete, kv_get, kv_method_not_allowed,
     kv_put, record, session_create, session_destroy, session_info, session_list,
-    session_method_not_allowed, session_node, session_renew,
+    session_method_not_allowed, session_node, session_renew, txn,
 };
 use self::state::{session_timers, Shared, State};
 
@@ -206,6 +256,8 @@ pub const KV: &str = "/v1/kv/";
 /// Every session endpoint (`/v1/session/create`, `/destroy/:id`, `/renew/:id`, `/info/:id`,
 /// `/list`, `/node/:node`).
 pub const SESSION: &str = "/v1/session/";
+/// The transaction endpoint (`PUT /v1/txn`).
+pub const TXN: &str = "/v1/txn";
 /// `kv_max_value_size`'s default: the largest PUT body the KV store takes.
 pub const KV_MAX_VALUE_SIZE: usize = 512 * 1024;
 /// The endpoint key in `Requests::by_endpoint` for every other path (404s).
@@ -350,7 +402,7 @@ pub struct Requests {
     /// `Connections::refused`.
     pub body_bytes: u64,
     /// Per endpoint: `CATALOG_SERVICES`, `HEALTH_SERVICE`, `HEALTH_STATE`, `KV` (every method),
-    /// `SESSION` (all of them), or `OTHER_PATHS`.
+    /// `SESSION` (all of them), `TXN`, or `OTHER_PATHS`.
     pub by_endpoint: BTreeMap<&'static str, Traffic>,
 }
 
@@ -456,6 +508,7 @@ impl ConsulDoubleBuilder {
             .route("/v1/session/list", session_get(get(session_list)))
             .route("/v1/session/node/", session_get(get(session_node)))
             .route("/v1/session/node/{*node}", session_get(get(session_node)))
+            .route(TXN, session_put(put(txn)))
             .fallback(|| async { (StatusCode::NOT_FOUND, "404 page not found") })
             .layer(axum::middleware::from_fn_with_state(shared.clone(), record))
             .with_state(shared.clone());
@@ -472,6 +525,7 @@ impl ConsulDoubleBuilder {
     }
 }
 
+/// A PUT-only endpoint (`/v1/session/create`, `/destroy`, `/renew`, `/v1/txn`).
 fn session_put(router: MethodRouter<Arc<Shared>>) -> MethodRouter<Arc<Shared>> {
     router.fallback(session_method_not_allowed("OPTIONS,PUT"))
 }
