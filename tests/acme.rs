@@ -37,7 +37,8 @@ const EDGES: [(&str, Ipv4Addr); 3] = [
     ("edge-c", Ipv4Addr::new(192, 168, 150, 13)),
 ];
 /// From the registration to every edge serving the certificate: an order takes about 2 s
-/// (the ordering edge's self-check, 1 s for the others, Pebble's validation and issuance).
+/// (the edges' acknowledgements, the test's own 500 ms later, Pebble's validation and
+/// issuance).
 const ISSUED_WITHIN: Duration = Duration::from_secs(30);
 /// The service's server, on the hub: reachable from every edge through its route to
 /// 10.2.0.0/16, and never the edges' own address.
@@ -142,7 +143,7 @@ struct Estate {
     pebble: Pebble,
     _server: NsServer,
     consul: ConsulDouble,
-    _runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Runtime,
     _certs: Vec<tempfile::TempDir>,
     t: Edges,
 }
@@ -177,7 +178,7 @@ impl Estate {
             pebble,
             _server: server,
             consul,
-            _runtime: runtime,
+            runtime,
             _certs: certs,
             t,
         }
@@ -192,6 +193,42 @@ impl Estate {
             Instance::new("shop", "shop-1", ip, port.parse().unwrap())
                 .tag(&format!("weft.host={HOST}")),
         );
+    }
+
+    /// A Consul session named like an edge's (`weft-acme <folder> <edge>`): the ordering edge
+    /// waits for its acknowledgement as for every edge alive, so the test decides when the CA
+    /// is told the challenge is ready.
+    fn gate_session(&self) -> String {
+        self.runtime.block_on(async {
+            tokio::spawn(async {
+                let answer = reqwest::Client::new()
+                    .put(format!("http://{CONSUL}/v1/session/create"))
+                    .body(r#"{"Name": "weft-acme weft/acme test-gate", "TTL": "300s"}"#)
+                    .send()
+                    .await
+                    .unwrap();
+                let created: serde_json::Value = answer.json().await.unwrap();
+                created["ID"].as_str().unwrap().to_string()
+            })
+            .await
+            .unwrap()
+        })
+    }
+
+    /// The acknowledgements of HOST's pending challenge, once it has one: its token and the
+    /// sessions that acknowledged it.
+    fn acks(&self) -> Option<(String, Vec<String>)> {
+        let challenges = self
+            .consul
+            .kv_keys(&format!("weft/acme/challenges/{HOST}/"));
+        let token = challenges.first()?.rsplit('/').next()?.to_string();
+        let acks = self
+            .consul
+            .kv_keys(&format!("weft/acme/acks/{HOST}/{token}/"))
+            .into_iter()
+            .filter_map(|key| key.rsplit('/').next().map(str::to_string))
+            .collect();
+        Some((token, acks))
     }
 
     /// The edge whose log says it placed an order, once one does.
@@ -310,18 +347,63 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
         },
         "renew_before = \"45s\"\n",
     );
-    let before: Vec<u64> = estate.edges.iter().map(requests).collect();
+    let gate = estate.gate_session();
     let registered = Instant::now();
     estate.register();
 
-    // The edge that placed the order; the DNS then points the host at the next edge, before
-    // the orderer tells the CA the challenge is ready (it waits for its own HAProxy, then 1 s).
+    // The edge that placed the order; the DNS then points the host at the next edge. The
+    // orderer tells the CA the challenge is ready only once every edge alive acknowledged that
+    // its HAProxy answers it: the three edges, and the test's own session, last.
     let orderer = estate.orderer(Duration::from_secs(20));
     let validator = (orderer + 1) % 3;
     estate.pebble.set_a(HOST, &[EDGES[validator].1]);
     eprintln!(
         "{} ordered; the DNS points {HOST} at {}",
         EDGES[orderer].0, EDGES[validator].0
+    );
+    let (token, acked) = wait_until(
+        Duration::from_secs(20),
+        "three edges' acks",
+        || match estate.acks() {
+            Some((token, acks)) if acks.len() == 3 => Ok((token, acks)),
+            other => Err(other),
+        },
+    );
+    let acked_at = registered.elapsed();
+    assert!(!acked.contains(&gate), "{acked:?}");
+    // Every edge's own check of its HAProxy is done: from here on, the edges' frontends count
+    // the CA's requests alone.
+    let before: Vec<u64> = estate.edges.iter().map(requests).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        estate.pebble.http01_attempts().is_empty(),
+        "the orderer told the CA before every edge acknowledged: {:?}",
+        estate.pebble.http01_attempts()
+    );
+    eprintln!("the three edges acknowledged the challenge {acked_at:?} after the registration; the test's session acknowledges 500 ms later");
+    estate.consul.kv_put(
+        &format!("weft/acme/acks/{HOST}/{token}/{gate}"),
+        "test-gate",
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the CA's validation",
+        || match estate.pebble.validations().as_slice() {
+            [] => Err("none yet".to_string()),
+            done => Ok(done.to_vec()),
+        },
+    );
+    // What the edges' frontends counted meanwhile is the CA's: the validator got it all.
+    let after: Vec<u64> = estate.edges.iter().map(requests).collect();
+    assert!(
+        after[validator] > before[validator],
+        "{} received no request: {before:?} -> {after:?}",
+        EDGES[validator].0
+    );
+    assert_eq!(
+        after[orderer], before[orderer],
+        "the CA validated against the orderer {}",
+        EDGES[orderer].0
     );
     let chain = estate.chain();
     let serials = estate.served(&[0, 1, 2], chain.path(), &[], ISSUED_WITHIN);
@@ -362,12 +444,16 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
             "{name}: weft_acme_orders_total placed {placed}"
         );
     }
-    let after: Vec<u64> = estate.edges.iter().map(requests).collect();
-    assert!(
-        after[validator] > before[validator],
-        "{} received no request: {before:?} -> {after:?}",
-        EDGES[validator].0
-    );
+    // The acknowledgements go with the challenge (one written late is collected).
+    wait_until(Duration::from_secs(15), "the acks deleted", || match estate
+        .consul
+        .kv_keys("weft/acme/acks/")
+    {
+        keys if keys.is_empty() => Ok(()),
+        keys => Err(keys),
+    });
+    // The test's session gone, the renewal waits for the three edges alone.
+    estate.consul.invalidate_session(&gate);
     let attempts = estate.pebble.http01_attempts();
     assert!(
         !attempts.is_empty() && attempts.iter().all(|a| a.host == HOST),
@@ -538,7 +624,7 @@ fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
              [sources.file]\npath = \"services.toml\"\n\n\
              [tls]\nlisten = \"0.0.0.0:443\"\ncerts = \"{certs}\"\n\n\
              [tls.acme]\ndirectory = \"{directory}\"\nemail = \"ops@example.com\"\n\
-             hosts = [\".example.com\"]\nca_file = \"{ca}\"\n",
+             hosts = [\".example.com\"]\nca_file = \"{ca}\"\ncollect_after = \"10s\"\n",
             certs = certs.path().display(),
             directory = pebble.directory_url(),
             ca = pebble.ca_file().display(),
@@ -569,7 +655,94 @@ fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
         |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&file), 0o600);
+    // The host no longer routed: after collect_after its certificate leaves the store.
+    let unrouted = std::time::Instant::now();
+    let services = edge.path("services.toml");
+    let next = services.with_extension("next");
+    std::fs::write(
+        &next,
+        format!(
+            "[[service]]\nname = \"shop\"\nhosts = [\"shop.internal\"]\nservers = [\"{SERVER}\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&next, &services).unwrap();
+    wait_until(Duration::from_secs(40), "the certificate collected", || {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        match state.get(format!("certs/{HOST}")) {
+            None => Ok(state),
+            Some(_) => Err(format!(
+                "{:?}",
+                state.as_object().map(|o| o.keys().collect::<Vec<_>>())
+            )),
+        }
+    });
+    let after = unrouted.elapsed();
+    println!("the certificate of the unrouted host collected {after:.1?} after the change (collect_after 10s)");
+    assert!(
+        after >= Duration::from_secs(10),
+        "not before collect_after: {after:?}"
+    );
+    assert!(
+        edge.log().contains("collected the store's entries"),
+        "{}",
+        edge.log()
+    );
     drop(edge);
     drop(pebble);
     drop(server);
+}
+
+/// The lock fences every write of an order, against the Consul double's `/v1/txn`: a write
+/// lands while this edge's session holds the host's lock, and is rolled back (nothing written)
+/// once the session is gone and another edge may hold the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_lost_its_session_writes_nothing_more() {
+    use weft::sources::acme::store::Store;
+    use weft::sources::consul::kv::KvFolder;
+    let consul = ConsulDouble::start().await;
+    let config = weft::config::Config::parse(
+        &format!("[sources.consul]\nurl = \"{}\"\n", consul.url()),
+        std::path::Path::new("/etc/weft"),
+    )
+    .unwrap();
+    let source = config.sources.consul.clone().unwrap();
+    let folder = KvFolder::new(source, "weft/acme", "ACME state", 2);
+    let (store, _watch) = Store::consul(folder, "edge-a", Duration::from_secs(10));
+    let cert = format!("weft/acme/certs/{HOST}");
+    let value = |key: &str| consul.kv_get(key).map(|v| String::from_utf8(v).unwrap());
+    assert!(
+        !store
+            .write_locked(HOST, &format!("certs/{HOST}"), Some("PEM"))
+            .await
+            .unwrap(),
+        "without the lock nothing is written"
+    );
+    assert_eq!(value(&cert), None);
+    assert!(store.lock(HOST).await.unwrap());
+    assert!(store
+        .write_locked(HOST, &format!("certs/{HOST}"), Some("PEM"))
+        .await
+        .unwrap());
+    assert_eq!(value(&cert).as_deref(), Some("PEM"));
+    // The edge stalled past its TTL: Consul invalidated the session and released the lock.
+    let session = consul
+        .kv_lock_holder(&format!("weft/acme/locks/{HOST}"))
+        .unwrap();
+    consul.invalidate_session(&session);
+    assert!(!store
+        .write_locked(HOST, &format!("certs/{HOST}"), Some("LATE"))
+        .await
+        .unwrap());
+    assert!(!store
+        .write_locked(HOST, &format!("certs/{HOST}"), None)
+        .await
+        .unwrap());
+    assert_eq!(
+        value(&cert).as_deref(),
+        Some("PEM"),
+        "rolled back: neither the late write nor the delete landed"
+    );
 }

@@ -132,7 +132,7 @@ pub async fn run(
         let store = match (&acme.store, &config.sources.consul) {
             (AcmeStore::Consul { prefix }, Some(consul)) => acme::store::Store::consul(
                 KvFolder::new(consul.clone(), prefix, "ACME state", ACME_CONNECTIONS),
-                format!("weft-acme {}", config.haproxy.edge_id()),
+                &config.haproxy.edge_id(),
                 acme.lock_ttl,
             ),
             _ => acme::store::Store::local(&config.haproxy.run_dir.join("acme"))

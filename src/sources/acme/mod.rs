@@ -9,7 +9,9 @@
 //!                                 the account (created once, in the store)
 //!                                 the order (resumed from orders/<host>, else placed)
 //!                                 challenges/<host>/<token> = key authorization ── every edge's
-//!                                   watch puts it in HAProxy's challenge map, at runtime
+//!                                   watch puts it in HAProxy's challenge map, at runtime, and
+//!                                   once its HAProxy answers it, acks/<host>/<token>/<session>
+//!                                 waits (10 s at most) for the acks of every edge alive
 //!                                 ready, finalized, the chain + key -> certs/<host>
 //!                                 a failure -> failures/<host>: its reason, the next try
 //! the store ──> SourceReport { certificates: certs/* of routed hosts, their challenges/*,
@@ -52,8 +54,11 @@ const TICK: Duration = Duration::from_secs(5);
 const LOCKED_ELSEWHERE: Duration = Duration::from_secs(10);
 /// How long the ordering edge waits for its own HAProxy to answer a challenge.
 const SELF_CHECK: Duration = Duration::from_secs(10);
-/// After its own HAProxy answers, how long the ordering edge gives the other edges.
-const PROPAGATION: Duration = Duration::from_secs(1);
+/// After its own HAProxy answers, how long the ordering edge waits at most for the other edges
+/// to say theirs do.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Challenges this edge checks on its own HAProxy at once, to acknowledge them.
+const MAX_ACKING: usize = 8;
 /// The longest backoff after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 /// The least backoff after the CA says a rate limit is reached (Let's Encrypt's limits count
@@ -190,6 +195,9 @@ pub async fn run(
     let mut routed_known = false;
     let mut seen = Seen::default();
     let mut collecting: Option<tokio::task::JoinHandle<()>> = None;
+    // The challenges this edge acknowledged or is checking, by key.
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let mut acking: JoinSet<()> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -224,6 +232,7 @@ pub async fn run(
                     }
                 }
             }
+            Some(_) = acking.join_next() => {}
             Some(done) = orders.join_next_with_id() => {
                 let (id, host, ended) = match done {
                     Ok((id, (host, ended))) => (id, host, ended),
@@ -241,6 +250,35 @@ pub async fn run(
         }
         let Some(state) = &state else { continue };
         let (served, over) = capped(&context.config, state, &hosts, &opted);
+        acked.retain(|key| state.contains_key(key));
+        for (key, value) in
+            state.range::<String, _>("challenges/".to_string().."challenges0".to_string())
+        {
+            if acking.len() >= MAX_ACKING {
+                break;
+            }
+            let Some((host, token)) = key["challenges/".len()..].split_once('/') else {
+                continue;
+            };
+            if acked.contains(key)
+                || !served.contains(host)
+                || check_challenge(token, value).is_err()
+            {
+                continue;
+            }
+            acked.insert(key.clone());
+            let (store, http) = (context.store.clone(), context.http);
+            let (host, token, value) = (host.to_string(), token.to_string(), value.clone());
+            acking.spawn(async move {
+                if !self_check(http, &host, &token, &value).await {
+                    return;
+                }
+                match store.ack(&host, &token).await {
+                    Ok(()) => debug!(%host, %token, "this edge's HAProxy answers the ACME challenge; acknowledged"),
+                    Err(err) => warn!(%host, error = %err, "cannot acknowledge the ACME challenge"),
+                }
+            });
+        }
         report.send_if_modified(|r| {
             let mut next = report_of(state, &served, unix_now());
             if !over.is_empty() {
@@ -294,6 +332,7 @@ pub async fn run(
         }
     }
     orders.shutdown().await;
+    acking.shutdown().await;
     if let Some(collecting) = collecting {
         collecting.abort();
     }
@@ -407,7 +446,7 @@ fn host_of(key: &str) -> Option<(&str, &str)> {
     let (kind, rest) = key.split_once('/')?;
     match kind {
         "certs" | "orders" | "failures" | "locks" => Some((kind, rest)),
-        "challenges" => Some((kind, rest.split_once('/')?.0)),
+        "challenges" | "acks" => Some((kind, rest.split_once('/')?.0)),
         _ => None,
     }
 }
@@ -451,6 +490,10 @@ impl Seen {
                     "certs" => not_after(value).is_some_and(|at| at < unix),
                     "failures" => serde_json::from_str::<Failure>(value)
                         .is_ok_and(|f| f.until.saturating_add(collect_after) < unix),
+                    // An acknowledgement outlives its challenge when the order's cleanup failed.
+                    "acks" => key.rsplit_once('/').is_some_and(|(challenge, _)| {
+                        !state.contains_key(&format!("challenges/{}", &challenge["acks/".len()..]))
+                    }),
                     "challenges" => {
                         let (seen, since) = self
                             .challenges
@@ -933,8 +976,10 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
                 .map_err(|reason| Ended::Failed(format!("the CA's challenge: {reason}"), None))?;
             write(format!("challenges/{host}/{token}"), key.clone()).await?;
             tokens.push(token.clone());
-            self_check(context.http, host, &token, &key).await;
-            tokio::time::sleep(PROPAGATION).await;
+            if !self_check(context.http, host, &token, &key).await {
+                warn!(%host, %token, "this edge's HAProxy did not answer the ACME challenge within 10 s; telling the CA anyway");
+            }
+            wait_for_acks(context, host, &token).await;
             challenge
                 .set_ready()
                 .await
@@ -973,6 +1018,7 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
     };
     for token in tokens {
         delete(format!("challenges/{host}/{token}")).await;
+        let _ = context.store.delete_acks(host, &token).await;
     }
     let done = result.is_ok() || order.state().status == OrderStatus::Invalid;
     if done {
@@ -984,10 +1030,42 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
     result
 }
 
+/// Waits (up to [`ACK_WAIT`]) until every edge alive (each keeps a session) acknowledged that
+/// its HAProxy answers `token`: the CA may validate against any of them. An edge that does not
+/// answer in time is logged, not waited for: it may be down with its session not yet expired.
+async fn wait_for_acks(context: &Context, host: &str, token: &str) {
+    let deadline = tokio::time::Instant::now() + ACK_WAIT;
+    let mut missing = 0;
+    while tokio::time::Instant::now() < deadline {
+        let alive = match context.store.edges_alive().await {
+            Ok(Some(alive)) => alive,
+            Ok(None) => return,
+            Err(err) => {
+                warn!(%host, error = %err, "cannot list the edges alive; waiting 1 s for them instead");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            }
+        };
+        match context.store.acks(host, token).await {
+            Ok(acks) => {
+                missing = alive.difference(&acks).count();
+                if missing == 0 {
+                    debug!(%host, edges = alive.len(), "every edge answers the ACME challenge");
+                    return;
+                }
+            }
+            Err(err) => warn!(%host, error = %err, "cannot read the ACME acknowledgements"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    warn!(%host, %token, missing, "not every edge acknowledged the ACME challenge within 10 s; telling the CA anyway");
+}
+
 /// Waits (up to [`SELF_CHECK`]) until this edge's HAProxy answers the challenge: the store's
-/// watch, the build and the runtime map update have all run. Not answering is logged, not
-/// fatal: HAProxy may take PROXY headers only, and the CA's own request is what counts.
-async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) {
+/// watch, the build and the runtime map update have all run. Whether it did: not answering is
+/// not fatal to an order, as HAProxy may take PROXY headers only, and the CA's own request is
+/// what counts.
+async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) -> bool {
     let addr = match http.ip() {
         ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), http.port()),
         _ => http,
@@ -1003,7 +1081,7 @@ async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) {
         .build()
     {
         Ok(client) => client,
-        Err(_) => return,
+        Err(_) => return false,
     };
     let deadline = tokio::time::Instant::now() + SELF_CHECK;
     while tokio::time::Instant::now() < deadline {
@@ -1019,12 +1097,12 @@ async fn self_check(http: SocketAddr, host: &str, token: &str, key: &str) {
                 }
             }
             if answer.status().is_success() && body == key.as_bytes() {
-                return;
+                return true;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    warn!(%host, %token, "this edge's HAProxy did not answer the ACME challenge within 10 s; telling the CA anyway");
+    false
 }
 
 #[cfg(test)]

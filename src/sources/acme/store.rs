@@ -8,10 +8,13 @@
 //! challenges/<host>/<token>  a pending HTTP-01 challenge's key authorization: every edge answers it
 //! failures/<host>       the last failure, its reason and when the next order may start (JSON)
 //! locks/<host>          held by the edge ordering the host (a Consul session's lock)
+//! acks/<host>/<token>/<session>  an edge's HAProxy answers the challenge (Consul only)
 //! ```
 //!
 //! The lock is taken with the session of this edge; Consul releases it when the edge stops
-//! renewing the session (it died), and nobody can take it again for [`LOCK_DELAY`].
+//! renewing the session (it died), and nobody can take it again for [`LOCK_DELAY`]. Every edge
+//! keeps its session from the start, named `weft-acme <folder> <edge>`: the sessions of that
+//! name are the edges alive, whose acknowledgements the ordering edge waits for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -54,8 +57,9 @@ pub enum Store {
 
 pub struct ConsulStore {
     folder: KvFolder,
-    /// This edge's session, created at the first lock; `None` again once Consul forgot it.
+    /// This edge's session, created at the start; `None` again once Consul forgot it.
     session: tokio::sync::Mutex<Option<String>>,
+    /// `weft-acme <folder> <edge>`.
     name: String,
     ttl: Duration,
 }
@@ -74,9 +78,10 @@ pub enum StoreWatch {
 }
 
 impl Store {
-    /// The Consul store on `folder`, its locks held by sessions named `name` with `ttl`.
-    pub fn consul(folder: KvFolder, name: String, ttl: Duration) -> (Store, StoreWatch) {
+    /// The Consul store on `folder`, its locks held by the session of edge `edge` with `ttl`.
+    pub fn consul(folder: KvFolder, edge: &str, ttl: Duration) -> (Store, StoreWatch) {
         let watch = folder.watch();
+        let name = format!("{}{edge}", session_prefix(&folder));
         let store = ConsulStore {
             folder,
             session: tokio::sync::Mutex::new(None),
@@ -212,6 +217,63 @@ impl Store {
         }
     }
 
+    /// The sessions of the edges alive on this store (`None` for the local store: one edge).
+    pub async fn edges_alive(&self) -> Result<Option<BTreeSet<String>>, StoreError> {
+        let Store::Consul(store) = self else {
+            return Ok(None);
+        };
+        let prefix = session_prefix(&store.folder);
+        Ok(Some(
+            store
+                .folder
+                .sessions()
+                .await?
+                .into_iter()
+                .filter(|session| session.name.starts_with(&prefix))
+                .map(|session| session.id)
+                .collect(),
+        ))
+    }
+
+    /// Says this edge's HAProxy answers `token` of `host`: `acks/<host>/<token>/<session>`.
+    /// Nothing for the local store.
+    pub async fn ack(&self, host: &str, token: &str) -> Result<(), StoreError> {
+        let Store::Consul(store) = self else {
+            return Ok(());
+        };
+        let session = store.session().await?;
+        let key = format!("acks/{host}/{token}/{session}");
+        store
+            .folder
+            .put_any(&key, store.name.as_bytes().to_vec())
+            .await?;
+        Ok(())
+    }
+
+    /// The sessions of the edges that acknowledged `token` of `host`.
+    pub async fn acks(&self, host: &str, token: &str) -> Result<BTreeSet<String>, StoreError> {
+        let Store::Consul(store) = self else {
+            return Ok(BTreeSet::new());
+        };
+        Ok(store
+            .folder
+            .keys(&format!("acks/{host}/{token}"))
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    /// Deletes the acknowledgements of `token` of `host`.
+    pub async fn delete_acks(&self, host: &str, token: &str) -> Result<(), StoreError> {
+        let Store::Consul(store) = self else {
+            return Ok(());
+        };
+        Ok(store
+            .folder
+            .delete_tree(&format!("acks/{host}/{token}"))
+            .await?)
+    }
+
     /// Deletes what [`super::garbage`] found: each key, and each host's lock only while no
     /// edge holds it (at the version read, so that a lock taken meanwhile stays).
     pub async fn collect(&self, garbage: &[super::Garbage]) -> Result<(), StoreError> {
@@ -279,6 +341,12 @@ impl Store {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            // From the start, and again after Consul forgot it: the session says this edge is
+            // alive (the ordering edge waits for its acknowledgements).
+            if let Err(err) = store.session().await {
+                warn!(error = %err, "cannot create this edge's ACME session");
+                continue;
+            }
             let mut session = store.session.lock().await;
             let Some(id) = session.clone() else { continue };
             match store.folder.renew_session(&id).await {
@@ -302,6 +370,11 @@ impl Store {
             }
         }
     }
+}
+
+/// The start of the names of the sessions of the edges on `folder`.
+fn session_prefix(folder: &KvFolder) -> String {
+    format!("weft-acme {} ", folder.prefix())
 }
 
 impl ConsulStore {

@@ -410,6 +410,8 @@ fn the_store_is_collected_of_hosts_unrouted_for_a_while_expired_certificates_and
             ("failures/old.example.com", failure(unix - 2 * 3600)),
             ("challenges/kept.example.com/left", "left.key".into()),
             ("unknown/thing", "x".into()),
+            ("acks/kept.example.com/left/s1", "edge".into()),
+            ("acks/kept.example.com/done/s1", "edge".into()),
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
@@ -423,6 +425,7 @@ fn the_store_is_collected_of_hosts_unrouted_for_a_while_expired_certificates_and
     assert_eq!(
         seen.garbage(&config, &state, &wanted, start, unix),
         [
+            key("acks/kept.example.com/done/s1"),
             key("certs/expired.example.com"),
             key("failures/old.example.com")
         ],
@@ -432,6 +435,7 @@ fn the_store_is_collected_of_hosts_unrouted_for_a_while_expired_certificates_and
     assert_eq!(
         seen.garbage(&config, &state, &wanted, later, unix),
         [
+            key("acks/kept.example.com/done/s1"),
             key("certs/expired.example.com"),
             key("certs/gone.example.com"),
             key("challenges/gone.example.com/tok"),

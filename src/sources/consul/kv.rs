@@ -12,6 +12,8 @@
 //! PUT    /v1/session/renew/<id>              every TTL/2; 404: invalidated
 //! PUT    /v1/kv/<prefix>/<key>?acquire=<id>  take a lock: true, or false if another holds it
 //! PUT    /v1/kv/<prefix>/<key>?release=<id>  give it back
+//! GET    /v1/session/list                every session: the edges alive (by their sessions' names)
+//! GET    /v1/kv/<prefix>/<folder>/?keys  the keys below a folder (acknowledgements)
 //! PUT    /v1/txn  [check-session <lock>, set|delete <key>]  a write fenced by the lock:
 //!                                    409 (rolled back) once the session no longer holds it
 //! ```
@@ -99,6 +101,16 @@ struct CreatedSession {
     id: String,
 }
 
+/// One session of `GET /v1/session/list` (Consul's `structs.Session`), the fields weft reads.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct SessionEntry {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+}
+
 impl KvFolder {
     /// The folder `prefix` on the source's Consul, on `connections` of its own
     /// ([`CLAIMS_CONNECTIONS`], [`crate::config::ACME_CONNECTIONS`]).
@@ -145,6 +157,48 @@ impl KvFolder {
         let created: CreatedSession = serde_json::from_slice(&answer.body)
             .map_err(|e| ConsulError::decode(url, e.to_string()))?;
         Ok(created.id)
+    }
+
+    /// The folder, without slashes at either end (`weft/acme`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Every session Consul knows (of every node).
+    pub async fn sessions(&self) -> Result<Vec<SessionEntry>, ConsulError> {
+        let url = self.client.url(&["v1", "session", "list"]);
+        let answer = self.client.get(url.clone(), 0, &[]).await?;
+        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::decode(url, e.to_string()))
+    }
+
+    /// The keys below `folder` (below the folder's prefix, without `folder`'s own), none when
+    /// there is no such key.
+    pub async fn keys(&self, folder: &str) -> Result<Vec<String>, ConsulError> {
+        let below = format!("{}/{}/", self.prefix, folder.trim_matches('/'));
+        let mut url = self.client.url(&["v1", "kv"]);
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(below.trim_end_matches('/').split('/')).push("");
+        }
+        let answer = self.client.get(url.clone(), 0, &[("keys", "")]).await?;
+        let keys: Vec<String> = serde_json::from_slice(&answer.body)
+            .map_err(|e| ConsulError::decode(url, e.to_string()))?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|key| key.strip_prefix(&below).map(str::to_string))
+            .collect())
+    }
+
+    /// Deletes every key below `folder`.
+    pub async fn delete_tree(&self, folder: &str) -> Result<(), ConsulError> {
+        let below = format!("{}/{}/", self.prefix, folder.trim_matches('/'));
+        let mut url = self.client.url(&["v1", "kv"]);
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(below.trim_end_matches('/').split('/')).push("");
+        }
+        self.client
+            .write(Method::DELETE, url, &[("recurse", "")], Bytes::new())
+            .await
+            .map(|_| ())
     }
 
     /// Renews session `id`: `false` when Consul no longer knows it (invalidated).
