@@ -195,20 +195,34 @@ impl Estate {
         );
     }
 
-    /// A Consul session named like an edge's (`weft-acme <folder> <edge>`): the ordering edge
-    /// waits for its acknowledgement as for every edge alive, so the test decides when the CA
-    /// is told the challenge is ready.
+    /// A Consul session that says, as an edge's does, that it certifies HOST (its list
+    /// `wanted/<session>`, held by it): the ordering edge waits for its acknowledgement as for
+    /// every edge's, so the test decides when the CA is told the challenge is ready.
     fn gate_session(&self) -> String {
         self.runtime.block_on(async {
             tokio::spawn(async {
-                let answer = reqwest::Client::new()
+                let client = reqwest::Client::new();
+                let answer = client
                     .put(format!("http://{CONSUL}/v1/session/create"))
                     .body(r#"{"Name": "weft-acme weft/acme test-gate", "TTL": "300s"}"#)
                     .send()
                     .await
                     .unwrap();
                 let created: serde_json::Value = answer.json().await.unwrap();
-                created["ID"].as_str().unwrap().to_string()
+                let id = created["ID"].as_str().unwrap().to_string();
+                let held = client
+                    .put(format!(
+                        "http://{CONSUL}/v1/kv/weft/acme/wanted/{id}?acquire={id}"
+                    ))
+                    .body(HOST)
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                assert_eq!(held, "true");
+                id
             })
             .await
             .unwrap()
@@ -361,6 +375,14 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
         "{} ordered; the DNS points {HOST} at {}",
         EDGES[orderer].0, EDGES[validator].0
     );
+    // Each edge says it certifies the host, in a list its session holds.
+    let lists: Vec<String> = estate
+        .consul
+        .kv_keys("weft/acme/wanted/")
+        .into_iter()
+        .filter(|key| estate.consul.kv_lock_holder(key).is_some())
+        .collect();
+    assert_eq!(lists.len(), 4, "three edges and the test: {lists:?}");
     let (token, acked) = wait_until(
         Duration::from_secs(20),
         "three edges' acks",
@@ -405,6 +427,13 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
         "the CA validated against the orderer {}",
         EDGES[orderer].0
     );
+    // The orderer went on at the test's acknowledgement, not at its 10 s bound.
+    let log = estate.edges[orderer].log();
+    assert!(
+        log.contains("every edge answers the ACME challenge host=shop.example.com edges=4"),
+        "{log}"
+    );
+    assert!(!log.contains("not every edge acknowledged"), "{log}");
     let chain = estate.chain();
     let serials = estate.served(&[0, 1, 2], chain.path(), &[], ISSUED_WITHIN);
     let elapsed = registered.elapsed();
@@ -709,8 +738,10 @@ async fn an_edge_that_lost_its_session_writes_nothing_more() {
     )
     .unwrap();
     let source = config.sources.consul.clone().unwrap();
-    let folder = KvFolder::new(source, "weft/acme", "ACME state", 2);
+    let folder = KvFolder::new(source.clone(), "weft/acme", "ACME state", 2);
     let (store, _watch) = Store::consul(folder, "edge-a", Duration::from_secs(10));
+    let folder = KvFolder::new(source, "weft/acme", "ACME state", 2);
+    let (other, _watch) = Store::consul(folder, "edge-b", Duration::from_secs(10));
     let cert = format!("weft/acme/certs/{HOST}");
     let value = |key: &str| consul.kv_get(key).map(|v| String::from_utf8(v).unwrap());
     assert!(
@@ -722,11 +753,37 @@ async fn an_edge_that_lost_its_session_writes_nothing_more() {
     );
     assert_eq!(value(&cert), None);
     assert!(store.lock(HOST).await.unwrap());
+    assert!(!other.lock(HOST).await.unwrap(), "one holder");
+    assert!(
+        !other
+            .write_locked(HOST, &format!("certs/{HOST}"), Some("B"))
+            .await
+            .unwrap(),
+        "a session that does not hold the lock writes nothing (a 409 on the check)"
+    );
     assert!(store
         .write_locked(HOST, &format!("certs/{HOST}"), Some("PEM"))
         .await
         .unwrap());
     assert_eq!(value(&cert).as_deref(), Some("PEM"));
+    // The collection deletes at the version read: a held lock's version moved on (acquired
+    // after it was read) and stays; a key at its version goes.
+    let lock = format!("weft/acme/locks/{HOST}");
+    let stale = consul.kv_entry(&lock).unwrap().modify_index - 1;
+    consul.kv_put("weft/acme/orders/gone.example.com", "x");
+    let order = consul
+        .kv_entry("weft/acme/orders/gone.example.com")
+        .unwrap()
+        .modify_index;
+    let (deleted, error) = store
+        .collect(&[
+            (format!("locks/{HOST}"), stale),
+            ("orders/gone.example.com".into(), order),
+        ])
+        .await;
+    assert_eq!((deleted, error.map(|e| e.to_string())), (1, None));
+    assert!(consul.kv_lock_holder(&lock).is_some());
+    assert_eq!(consul.kv_get("weft/acme/orders/gone.example.com"), None);
     // The edge stalled past its TTL: Consul invalidated the session and released the lock.
     let session = consul
         .kv_lock_holder(&format!("weft/acme/locks/{HOST}"))
@@ -745,4 +802,19 @@ async fn an_edge_that_lost_its_session_writes_nothing_more() {
         Some("PEM"),
         "rolled back: neither the late write nor the delete landed"
     );
+    // After the lock delay the other edge takes the lock: its writes land, the first's do not.
+    let taken = Instant::now();
+    while !other.lock(HOST).await.unwrap() {
+        assert!(taken.elapsed() < Duration::from_secs(20), "never taken");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(other
+        .write_locked(HOST, &format!("certs/{HOST}"), Some("B"))
+        .await
+        .unwrap());
+    assert!(!store
+        .write_locked(HOST, &format!("certs/{HOST}"), Some("LATE"))
+        .await
+        .unwrap());
+    assert_eq!(value(&cert).as_deref(), Some("B"));
 }

@@ -43,7 +43,7 @@ use crate::model::{Built, Health, Rejected, SourceId, SourceReport};
 
 mod http;
 pub mod store;
-use store::{State, Store, StoreWatch};
+use store::{Read, State, Store, StoreWatch};
 
 /// The name of a host's ACME certificate in the table: `.acme.<host>`. No file of `tls.certs`
 /// has such a name (hidden files are not read), so the two never collide.
@@ -59,6 +59,8 @@ const SELF_CHECK: Duration = Duration::from_secs(10);
 const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Challenges this edge checks on its own HAProxy at once, to acknowledge them.
 const MAX_ACKING: usize = 8;
+/// How often an edge writes again the hosts it certifies (`wanted/<session>`).
+const REPUBLISH: Duration = Duration::from_secs(60);
 /// The longest backoff after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 /// The least backoff after the CA says a rate limit is reached (Let's Encrypt's limits count
@@ -161,10 +163,12 @@ pub async fn run(
         edge,
     });
     debug!("ACME source started");
-    let session = tokio::spawn(store.keep_session(stop.clone()));
+    // The session outlives the tasks that use it: it is destroyed once they are done.
+    let session_stop = CancellationToken::new();
+    let session = tokio::spawn(store.keep_session(session_stop.clone()));
     // The store is watched by a task of its own: a blocking query dropped half-way would hold
     // its connection (of two) until Consul answered it.
-    let (reads_tx, mut reads) = tokio::sync::mpsc::channel::<Result<State, String>>(4);
+    let (reads_tx, mut reads) = tokio::sync::mpsc::channel::<Result<Read, String>>(4);
     let watcher = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -182,7 +186,7 @@ pub async fn run(
             }
         })
     };
-    let mut state: Option<State> = None;
+    let mut read: Option<Read> = None;
     let mut hosts: BTreeSet<String> = BTreeSet::new();
     // The hosts of `hosts` only a service's tag or label asked for.
     let mut opted: BTreeSet<String> = BTreeSet::new();
@@ -195,19 +199,23 @@ pub async fn run(
     let mut routed_known = false;
     let mut seen = Seen::default();
     let mut collecting: Option<tokio::task::JoinHandle<()>> = None;
-    // The challenges this edge acknowledged or is checking, by key.
-    let mut acked: BTreeSet<String> = BTreeSet::new();
-    let mut acking: JoinSet<()> = JoinSet::new();
+    // What `wanted/<session>` says and when it was written, and the write of it under way.
+    let mut published: Option<(BTreeSet<String>, tokio::time::Instant)> = None;
+    let mut publishing: Option<tokio::task::JoinHandle<bool>> = None;
+    // The challenges this edge acknowledged or is checking, by key and version; a check that
+    // failed gives its key back (tried again at the next pass).
+    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+    let mut acking: JoinSet<Option<String>> = JoinSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            read = reads.recv() => match read {
+            next = reads.recv() => match next {
                 None => break,
-                Some(Ok(read)) => {
-                    debug!(entries = read.len(), "ACME state read");
-                    state = Some(read);
+                Some(Ok(next)) => {
+                    debug!(entries = next.state.len(), "ACME state read");
+                    read = Some(next);
                     degraded = None;
                 }
                 Some(Err(reason)) => {
@@ -232,7 +240,11 @@ pub async fn run(
                     }
                 }
             }
-            Some(_) = acking.join_next() => {}
+            Some(done) = acking.join_next() => {
+                if let Ok(Some(failed)) = done {
+                    acked.remove(&failed);
+                }
+            }
             Some(done) = orders.join_next_with_id() => {
                 let (id, host, ended) = match done {
                     Ok((id, (host, ended))) => (id, host, ended),
@@ -248,9 +260,12 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
-        let Some(state) = &state else { continue };
+        let Some(read) = &read else { continue };
+        let state = &read.state;
         let (served, over) = capped(&context.config, state, &hosts, &opted);
-        acked.retain(|key| state.contains_key(key));
+        // A challenge written again (an order resumed by another edge) is checked again.
+        let version = |key: &String| read.versions.get(key).copied().unwrap_or(0);
+        acked.retain(|key, at| state.contains_key(key) && *at == version(key));
         for (key, value) in
             state.range::<String, _>("challenges/".to_string().."challenges0".to_string())
         {
@@ -260,24 +275,55 @@ pub async fn run(
             let Some((host, token)) = key["challenges/".len()..].split_once('/') else {
                 continue;
             };
-            if acked.contains(key)
+            if acked.contains_key(key)
                 || !served.contains(host)
                 || check_challenge(token, value).is_err()
             {
                 continue;
             }
-            acked.insert(key.clone());
+            acked.insert(key.clone(), version(key));
             let (store, http) = (context.store.clone(), context.http);
             let (host, token, value) = (host.to_string(), token.to_string(), value.clone());
+            let key = key.clone();
             acking.spawn(async move {
                 if !self_check(http, &host, &token, &value).await {
-                    return;
+                    warn!(%host, %token, "this edge's HAProxy did not answer the ACME challenge within 10 s");
+                    return Some(key);
                 }
                 match store.ack(&host, &token).await {
-                    Ok(()) => debug!(%host, %token, "this edge's HAProxy answers the ACME challenge; acknowledged"),
-                    Err(err) => warn!(%host, error = %err, "cannot acknowledge the ACME challenge"),
+                    Ok(()) => {
+                        debug!(%host, %token, "this edge's HAProxy answers the ACME challenge; acknowledged");
+                        None
+                    }
+                    Err(err) => {
+                        warn!(%host, error = %err, "cannot acknowledge the ACME challenge");
+                        Some(key)
+                    }
                 }
             });
+        }
+        // The hosts this edge certifies, for the other edges' collection: written again when
+        // they change, and every minute (a session lost and made again holds no list).
+        if let Some(task) = publishing.take_if(|task| task.is_finished()) {
+            if !matches!(task.await, Ok(true)) {
+                published = None;
+            }
+        }
+        let stale = !published
+            .as_ref()
+            .is_some_and(|(hosts, at)| hosts == &*served && at.elapsed() < REPUBLISH);
+        if routed_known && publishing.is_none() && stale {
+            let (store, hosts) = (context.store.clone(), served.clone().into_owned());
+            published = Some((hosts.clone(), tokio::time::Instant::now()));
+            publishing = Some(tokio::spawn(async move {
+                match store.publish_wanted(&hosts).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        warn!(error = %err, "cannot tell the other edges which hosts this one certifies");
+                        false
+                    }
+                }
+            }));
         }
         report.send_if_modified(|r| {
             let mut next = report_of(state, &served, unix_now());
@@ -295,21 +341,24 @@ pub async fn run(
             true
         });
         let now = tokio::time::Instant::now();
-        let garbage = seen.garbage(&context.config, state, &hosts, now, unix_now());
+        let garbage = seen.garbage(&context.config, read, &hosts, now, unix_now());
+        // Never from a state that may be stale (the watch failing), nor before the first build.
         if routed_known
+            && degraded.is_none()
             && !garbage.is_empty()
             && !matches!(&collecting, Some(task) if !task.is_finished())
         {
             let store = context.store.clone();
             collecting = Some(tokio::spawn(async move {
-                match store.collect(&garbage).await {
-                    Ok(()) => info!(
-                        entries = garbage.len(),
+                let (deleted, error) = store.collect(&garbage).await;
+                if deleted > 0 {
+                    info!(
+                        entries = deleted,
                         "ACME: collected the store's entries no routed host uses"
-                    ),
-                    Err(err) => {
-                        warn!(error = %err, "ACME: cannot collect the store's unused entries; trying again later")
-                    }
+                    );
+                }
+                if let Some(err) = error {
+                    warn!(error = %err, "ACME: cannot collect some of the store's unused entries; trying again later");
                 }
             }));
         }
@@ -333,10 +382,17 @@ pub async fn run(
     }
     orders.shutdown().await;
     acking.shutdown().await;
-    if let Some(collecting) = collecting {
-        collecting.abort();
+    for task in [
+        collecting.map(|t| t.abort_handle()),
+        publishing.map(|t| t.abort_handle()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        task.abort();
     }
     watcher.abort();
+    session_stop.cancel();
     let _ = session.await;
 }
 
@@ -363,7 +419,10 @@ fn wanted_hosts(
     for (key, service) in &table.routes {
         let host = key.host.as_str();
         let named = config.wants(host);
-        let asked = config.opt_in && table.backends.get(service).is_some_and(|b| b.acme);
+        // The holder's word (its route at `/`), not a guest's adding a path under the host.
+        let asked = config.opt_in
+            && key.path.is_root()
+            && table.backends.get(service).is_some_and(|b| b.acme);
         if !(named || asked) || host.starts_with('*') || wanted.contains(host) {
             continue;
         }
@@ -382,9 +441,9 @@ fn wanted_hosts(
     (wanted, opted)
 }
 
-/// The hosts that get certificates: all of `hosts`, or when they are more than `max_hosts`, the
-/// ones holding a certificate in the store first (they keep it), then those the operator named
-/// (not only `opted` in by a service), then by name. The others.
+/// The hosts that get certificates: all of `hosts`, or when they are more than `max_hosts`: the
+/// operator's (not only `opted` in by a service) holding a certificate (they keep it), the
+/// operator's others, then the opted-in holding one, then the rest, each by name. The others.
 fn capped<'a>(
     config: &AcmeConfig,
     state: &State,
@@ -394,12 +453,18 @@ fn capped<'a>(
     if hosts.len() <= config.max_hosts {
         return (std::borrow::Cow::Borrowed(hosts), Vec::new());
     }
-    let (holding, rest): (Vec<&String>, Vec<&String>) = hosts
-        .iter()
-        .partition(|host| state.contains_key(&format!("certs/{host}")));
+    let holding = |host: &&String| state.contains_key(&format!("certs/{host}"));
     let (named, asked): (Vec<&String>, Vec<&String>) =
-        rest.into_iter().partition(|host| !opted.contains(*host));
-    let mut ranked = holding.into_iter().chain(named).chain(asked);
+        hosts.iter().partition(|host| !opted.contains(*host));
+    let (named_holding, named_rest): (Vec<&String>, Vec<&String>) =
+        named.into_iter().partition(holding);
+    let (asked_holding, asked_rest): (Vec<&String>, Vec<&String>) =
+        asked.into_iter().partition(holding);
+    let mut ranked = named_holding
+        .into_iter()
+        .chain(named_rest)
+        .chain(asked_holding)
+        .chain(asked_rest);
     let served = ranked.by_ref().take(config.max_hosts).cloned().collect();
     (std::borrow::Cow::Owned(served), ranked.collect())
 }
@@ -422,27 +487,29 @@ fn over_rejected(config: &AcmeConfig, over: &[&String]) -> Rejected {
     }
 }
 
-/// An entry of the store that no routed host uses any more.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Garbage {
-    Key(String),
-    /// `locks/<host>`: deleted only while no edge holds it.
-    FreeLock(String),
-}
-
 /// What this edge has seen of the store over time, to tell the entries nobody uses: those of
-/// hosts it has not routed for `collect_after`, expired certificates, failures long past, and
-/// challenges left behind by an edge that died (unchanged for longer than any order lasts).
+/// hosts neither it nor any other edge alive has certified for `collect_after`, certificates
+/// and failures long past, challenges left behind by an edge that died (unchanged for longer
+/// than any order lasts), acknowledgements of challenges gone, and the lists of edges gone.
 #[derive(Default)]
 struct Seen {
-    /// Hosts with entries in the store and not routed here, since when.
+    /// Hosts with entries in the store that no edge alive certifies, since when.
     unwanted: BTreeMap<String, tokio::time::Instant>,
-    /// Each challenge's key authorization, and since when it is unchanged.
+    /// Each challenge's version (its value, in the local store), and since when it is
+    /// unchanged.
     challenges: BTreeMap<String, (String, tokio::time::Instant)>,
 }
 
-/// The host a key of the store is about (`certs/<host>`, `challenges/<host>/<token>`, ...).
+/// The host a key of the store is about (`certs/<host>`, `challenges/<host>/<token>`, ...);
+/// `None` for the account, the edges' lists, and any key with an empty or dot segment (Consul
+/// could not be asked to delete it by name).
 fn host_of(key: &str) -> Option<(&str, &str)> {
+    if key
+        .split('/')
+        .any(|segment| matches!(segment, "" | "." | ".."))
+    {
+        return None;
+    }
     let (kind, rest) = key.split_once('/')?;
     match kind {
         "certs" | "orders" | "failures" | "locks" => Some((kind, rest)),
@@ -452,21 +519,29 @@ fn host_of(key: &str) -> Option<(&str, &str)> {
 }
 
 impl Seen {
-    /// Looks at `state` with the routed hosts `wanted`: the garbage in it (at most
-    /// [`COLLECT_BATCH`] entries).
+    /// Looks at `read` with the hosts this edge certifies (`wanted`): the garbage in it, each
+    /// key with the version to delete it at (0: any; the local store), at most
+    /// [`COLLECT_BATCH`].
     fn garbage(
         &mut self,
         config: &AcmeConfig,
-        state: &State,
+        read: &Read,
         wanted: &BTreeSet<String>,
         now: tokio::time::Instant,
         unix: i64,
-    ) -> Vec<Garbage> {
+    ) -> Vec<(String, u64)> {
+        let state = &read.state;
+        let version = |key: &String| read.versions.get(key).copied().unwrap_or(0);
+        // The hosts the other edges alive certify: their lists, held by their sessions.
+        let lists = state
+            .range::<String, _>("wanted/".to_string().."wanted0".to_string())
+            .filter(|(key, _)| read.held.contains(*key));
+        let others: BTreeSet<&str> = lists.flat_map(|(_, hosts)| hosts.lines()).collect();
         let stored: BTreeSet<&str> = state
             .keys()
             .filter_map(|key| host_of(key))
             .map(|(_, host)| host)
-            .filter(|host| !wanted.contains(*host))
+            .filter(|host| !wanted.contains(*host) && !others.contains(host))
             .collect();
         self.unwanted
             .retain(|host, _| stored.contains(host.as_str()));
@@ -478,6 +553,17 @@ impl Seen {
         let collect_after = config.collect_after.as_secs() as i64;
         let mut garbage = Vec::new();
         for (key, value) in state {
+            if garbage.len() >= COLLECT_BATCH {
+                break;
+            }
+            // The list of an edge whose session is gone.
+            if key.starts_with("wanted/") && !read.versions.is_empty() {
+                let named = key.split('/').all(|s| !matches!(s, "" | "." | ".."));
+                if named && !read.held.contains(key) {
+                    garbage.push((key.clone(), version(key)));
+                }
+                continue;
+            }
             let Some((kind, host)) = host_of(key) else {
                 continue;
             };
@@ -485,35 +571,47 @@ impl Seen {
                 .unwanted
                 .get(host)
                 .is_some_and(|since| now.duration_since(*since) >= config.collect_after);
-            let collect = gone
-                || match kind {
-                    "certs" => not_after(value).is_some_and(|at| at < unix),
-                    "failures" => serde_json::from_str::<Failure>(value)
-                        .is_ok_and(|f| f.until.saturating_add(collect_after) < unix),
-                    // An acknowledgement outlives its challenge when the order's cleanup failed.
-                    "acks" => key.rsplit_once('/').is_some_and(|(challenge, _)| {
+            let collect = match kind {
+                // A lock an edge holds stays, whoever wants the host.
+                "locks" => gone && !read.held.contains(key),
+                // Past for longer than collect_after: an edge whose clock runs ahead does not
+                // take a certificate that is still served for expired.
+                "certs" => {
+                    gone || not_after(value)
+                        .is_some_and(|at| at.saturating_add(collect_after) < unix)
+                }
+                "failures" => {
+                    gone || serde_json::from_str::<Failure>(value)
+                        .is_ok_and(|f| f.until.saturating_add(collect_after) < unix)
+                }
+                // An acknowledgement outlives its challenge when the order's cleanup failed.
+                "acks" => {
+                    gone || key.rsplit_once('/').is_some_and(|(challenge, _)| {
                         !state.contains_key(&format!("challenges/{}", &challenge["acks/".len()..]))
-                    }),
-                    "challenges" => {
-                        let (seen, since) = self
-                            .challenges
-                            .entry(key.clone())
-                            .or_insert_with(|| (value.clone(), now));
-                        if seen != value {
-                            *seen = value.clone();
-                            *since = now;
-                        }
-                        now.duration_since(*since) >= challenge_stale
+                    })
+                }
+                "challenges" => {
+                    // Written again (an order resumed) is unchanged no more, even with the
+                    // same key authorization.
+                    let mark = match read.versions.get(key) {
+                        Some(version) => version.to_string(),
+                        None => value.clone(),
+                    };
+                    let (seen, since) = self
+                        .challenges
+                        .entry(key.clone())
+                        .or_insert_with(|| (mark.clone(), now));
+                    if *seen != mark {
+                        *seen = mark;
+                        *since = now;
                     }
-                    _ => false,
-                };
-            if !collect || garbage.len() >= COLLECT_BATCH {
-                continue;
+                    gone || now.duration_since(*since) >= challenge_stale
+                }
+                _ => gone,
+            };
+            if collect {
+                garbage.push((key.clone(), version(key)));
             }
-            garbage.push(match kind {
-                "locks" => Garbage::FreeLock(host.to_string()),
-                _ => Garbage::Key(key.clone()),
-            });
         }
         garbage
     }
@@ -1014,11 +1112,13 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
     .await;
     // What is left behind when these fail (or the lock is gone) is collected later.
     let delete = |key: String| async move {
-        let _ = context.store.write_locked(host, &key, None).await;
+        matches!(context.store.write_locked(host, &key, None).await, Ok(true))
     };
     for token in tokens {
-        delete(format!("challenges/{host}/{token}")).await;
-        let _ = context.store.delete_acks(host, &token).await;
+        // Only while the lock is this edge's: the next holder may resume the same challenge.
+        if delete(format!("challenges/{host}/{token}")).await {
+            let _ = context.store.delete_acks(host, &token).await;
+        }
     }
     let done = result.is_ok() || order.state().status == OrderStatus::Invalid;
     if done {
@@ -1030,22 +1130,23 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
     result
 }
 
-/// Waits (up to [`ACK_WAIT`]) until every edge alive (each keeps a session) acknowledged that
-/// its HAProxy answers `token`: the CA may validate against any of them. An edge that does not
-/// answer in time is logged, not waited for: it may be down with its session not yet expired.
+/// Waits (up to [`ACK_WAIT`]) until every edge alive that certifies `host` (its list
+/// `wanted/<session>` names it, held by its session) acknowledged that its HAProxy answers
+/// `token`: the CA may validate against any of them. An edge that does not answer in time is
+/// logged, not waited for: it may be down with its session not yet expired.
 async fn wait_for_acks(context: &Context, host: &str, token: &str) {
     let deadline = tokio::time::Instant::now() + ACK_WAIT;
-    let mut missing = 0;
+    let alive = match context.store.edges_certifying(host).await {
+        Ok(Some(alive)) => alive,
+        Ok(None) => return,
+        Err(err) => {
+            warn!(%host, error = %err, "cannot read which edges certify the host; waiting 1 s for them instead");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    let mut missing = alive.len();
     while tokio::time::Instant::now() < deadline {
-        let alive = match context.store.edges_alive().await {
-            Ok(Some(alive)) => alive,
-            Ok(None) => return,
-            Err(err) => {
-                warn!(%host, error = %err, "cannot list the edges alive; waiting 1 s for them instead");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return;
-            }
-        };
         match context.store.acks(host, token).await {
             Ok(acks) => {
                 missing = alive.difference(&acks).count();
@@ -1056,7 +1157,7 @@ async fn wait_for_acks(context: &Context, host: &str, token: &str) {
             }
             Err(err) => warn!(%host, error = %err, "cannot read the ACME acknowledgements"),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     warn!(%host, %token, missing, "not every edge acknowledged the ACME challenge within 10 s; telling the CA anyway");
 }

@@ -9,12 +9,15 @@
 //! failures/<host>       the last failure, its reason and when the next order may start (JSON)
 //! locks/<host>          held by the edge ordering the host (a Consul session's lock)
 //! acks/<host>/<token>/<session>  an edge's HAProxy answers the challenge (Consul only)
+//! wanted/<session>      the hosts an edge certifies, one per line, locked by its session:
+//!                       no edge collects what another edge alive still wants (Consul only)
 //! ```
 //!
 //! The lock is taken with the session of this edge; Consul releases it when the edge stops
 //! renewing the session (it died), and nobody can take it again for [`LOCK_DELAY`]. Every edge
-//! keeps its session from the start, named `weft-acme <folder> <edge>`: the sessions of that
-//! name are the edges alive, whose acknowledgements the ordering edge waits for.
+//! keeps its session from the start (named `weft-acme <folder> <edge>`) and holds its list
+//! `wanted/<session>` with it: the lists held are the edges alive, whose acknowledgements the
+//! ordering edge waits for, and whose hosts no edge collects.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +38,17 @@ pub const LOCAL_FILE: &str = "state.json";
 
 /// The folder's entries, by key below the folder (values are text: PEM, JSON, tokens).
 pub type State = BTreeMap<String, String>;
+
+/// One read of the folder: its entries, with (in Consul) each one's version and the keys a
+/// session holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Read {
+    pub state: State,
+    /// Each key's `ModifyIndex`; empty for the local store.
+    pub versions: BTreeMap<String, u64>,
+    /// The keys whose lock a session holds; empty for the local store.
+    pub held: BTreeSet<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -217,20 +231,27 @@ impl Store {
         }
     }
 
-    /// The sessions of the edges alive on this store (`None` for the local store: one edge).
-    pub async fn edges_alive(&self) -> Result<Option<BTreeSet<String>>, StoreError> {
+    /// The sessions of the edges alive that certify `host`: their lists `wanted/<session>`,
+    /// held by their sessions, name it (`None` for the local store: one edge).
+    pub async fn edges_certifying(
+        &self,
+        host: &str,
+    ) -> Result<Option<BTreeSet<String>>, StoreError> {
         let Store::Consul(store) = self else {
             return Ok(None);
         };
-        let prefix = session_prefix(&store.folder);
         Ok(Some(
             store
                 .folder
-                .sessions()
+                .entries("wanted")
                 .await?
                 .into_iter()
-                .filter(|session| session.name.starts_with(&prefix))
-                .map(|session| session.id)
+                .filter(|entry| entry.session.is_some())
+                .filter(|entry| {
+                    std::str::from_utf8(&entry.value)
+                        .is_ok_and(|text| text.lines().any(|l| l == host))
+                })
+                .filter_map(|entry| entry.key.rsplit('/').next().map(str::to_string))
                 .collect(),
         ))
     }
@@ -274,23 +295,47 @@ impl Store {
             .await?)
     }
 
-    /// Deletes what [`super::garbage`] found: each key, and each host's lock only while no
-    /// edge holds it (at the version read, so that a lock taken meanwhile stays).
-    pub async fn collect(&self, garbage: &[super::Garbage]) -> Result<(), StoreError> {
-        for item in garbage {
-            match (self, item) {
-                (_, super::Garbage::Key(key)) => self.delete(key).await?,
-                (Store::Consul(store), super::Garbage::FreeLock(host)) => {
-                    let key = format!("locks/{host}");
-                    if let Some(entry) = store.folder.entry(&key).await? {
-                        if entry.session.is_none() {
-                            store.folder.delete(&key, entry.modify_index).await?;
-                        }
-                    }
+    /// Deletes what [`super::Seen::garbage`] found, each key at the version read (Consul): an
+    /// entry written or locked since is left alone. The entries deleted, and the first error.
+    pub async fn collect(&self, garbage: &[(String, u64)]) -> (usize, Option<StoreError>) {
+        let mut deleted = 0;
+        let mut first = None;
+        for (key, version) in garbage {
+            let done = match self {
+                Store::Consul(store) if *version > 0 => store
+                    .folder
+                    .delete(key, *version)
+                    .await
+                    .map_err(StoreError::from),
+                _ => self.delete(key).await.map(|()| true),
+            };
+            match done {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    first.get_or_insert(err);
                 }
-                (Store::Local(_), super::Garbage::FreeLock(_)) => {}
             }
         }
+        (deleted, first)
+    }
+
+    /// Says which hosts this edge certifies: `wanted/<session>`, held by its session (gone
+    /// with it). Nothing for the local store.
+    pub async fn publish_wanted(&self, hosts: &BTreeSet<String>) -> Result<(), StoreError> {
+        let Store::Consul(store) = self else {
+            return Ok(());
+        };
+        let session = store.session().await?;
+        let text = hosts
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n");
+        store
+            .folder
+            .acquire(&format!("wanted/{session}"), &session, text.into_bytes())
+            .await?;
         Ok(())
     }
 
@@ -424,7 +469,7 @@ impl StoreWatch {
         &mut self,
         stop: &CancellationToken,
         mut failed: impl FnMut(String),
-    ) -> Option<State> {
+    ) -> Option<Read> {
         match self {
             StoreWatch::Consul(watch) => {
                 let entries = watch
@@ -432,12 +477,18 @@ impl StoreWatch {
                         failed(format!("{err} (retry in {retry:?})"));
                     })
                     .await?;
-                Some(
-                    entries
-                        .into_iter()
-                        .filter_map(|e| Some((e.key, String::from_utf8(e.value).ok()?)))
-                        .collect(),
-                )
+                let mut read = Read::default();
+                for entry in entries {
+                    let Ok(value) = String::from_utf8(entry.value) else {
+                        continue;
+                    };
+                    read.versions.insert(entry.key.clone(), entry.modify_index);
+                    if entry.session.is_some() {
+                        read.held.insert(entry.key.clone());
+                    }
+                    read.state.insert(entry.key, value);
+                }
+                Some(read)
             }
             StoreWatch::Local(receiver, seen) => {
                 if *seen {
@@ -447,7 +498,10 @@ impl StoreWatch {
                     }
                 }
                 *seen = true;
-                Some(receiver.borrow_and_update().clone())
+                Some(Read {
+                    state: receiver.borrow_and_update().clone(),
+                    ..Read::default()
+                })
             }
         }
     }

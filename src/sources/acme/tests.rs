@@ -162,6 +162,11 @@ fn a_service_opts_its_hosts_in_only_where_the_operator_allows_it() {
     let (served, over) = capped(&open, &State::new(), &wanted, &opted);
     assert_eq!(served.iter().collect::<Vec<_>>(), ["a.example.com"]);
     assert_eq!(over, ["shop.other.org"]);
+    // Even when the host a service asked for holds a certificate and the operator's does not.
+    let holding = State::from([("certs/shop.other.org".to_string(), "PEM".to_string())]);
+    let (served, over) = capped(&open, &holding, &wanted, &opted);
+    assert_eq!(served.iter().collect::<Vec<_>>(), ["a.example.com"]);
+    assert_eq!(over, ["shop.other.org"]);
 }
 
 #[test]
@@ -261,7 +266,7 @@ async fn the_local_store_keeps_its_state_across_restarts_and_locks_once() {
     let path = dir.path().join("acme");
     let (store, mut watch) = Store::local(&path).unwrap();
     let stop = CancellationToken::new();
-    assert_eq!(watch.next(&stop, |_| {}).await.unwrap(), State::new());
+    assert_eq!(watch.next(&stop, |_| {}).await.unwrap().state, State::new());
     assert!(store.put("account", "{}", true).await.unwrap());
     assert!(
         !store.put("account", "{\"other\":1}", true).await.unwrap(),
@@ -271,7 +276,7 @@ async fn the_local_store_keeps_its_state_across_restarts_and_locks_once() {
         .put("certs/a.example.com", "PEM", false)
         .await
         .unwrap();
-    let seen = watch.next(&stop, |_| {}).await.unwrap();
+    let seen = watch.next(&stop, |_| {}).await.unwrap().state;
     assert_eq!(seen.get("account").map(String::as_str), Some("{}"));
     assert!(store.lock("a.example.com").await.unwrap());
     assert!(!store.lock("a.example.com").await.unwrap());
@@ -283,7 +288,7 @@ async fn the_local_store_keeps_its_state_across_restarts_and_locks_once() {
     assert_eq!(mode, 0o700, "the keys are weft's alone");
     drop(store);
     let (_, mut again) = Store::local(&path).unwrap();
-    let state = again.next(&stop, |_| {}).await.unwrap();
+    let state = again.next(&stop, |_| {}).await.unwrap().state;
     assert_eq!(state.keys().collect::<Vec<_>>(), ["account"]);
 }
 
@@ -383,7 +388,7 @@ fn beyond_max_hosts_the_hosts_holding_a_certificate_keep_it_and_the_rest_are_nam
 }
 
 #[test]
-fn the_store_is_collected_of_hosts_unrouted_for_a_while_expired_certificates_and_stale_entries() {
+fn the_store_is_collected_of_what_no_edge_certifies_and_of_stale_entries_at_their_versions() {
     let config = acme("hosts = [\".example.com\"]\ncollect_after = \"1h\"\n");
     let unix = unix_now();
     let failure = |until: i64| {
@@ -398,78 +403,113 @@ fn the_store_is_collected_of_hosts_unrouted_for_a_while_expired_certificates_and
         [
             ("account", "{}".to_string()),
             ("certs/kept.example.com", pem_for("kept.example.com", 30)),
+            // Expired, but not yet for collect_after: an edge's clock may run ahead.
             (
                 "certs/expired.example.com",
                 pem_between("expired.example.com", -100, -10),
             ),
+            (
+                "certs/long-expired.example.com",
+                pem_between("long-expired.example.com", -9000, -7300),
+            ),
             ("certs/gone.example.com", pem_for("gone.example.com", 30)),
             ("orders/gone.example.com", "https://ca.test/order/1".into()),
             ("locks/gone.example.com", "edge-a".into()),
+            ("locks/held.example.com", "edge-b".into()),
             ("challenges/gone.example.com/tok", "tok.key".into()),
+            ("certs/other.example.com", pem_for("other.example.com", 30)),
             ("failures/kept.example.com", failure(unix + 60)),
             ("failures/old.example.com", failure(unix - 2 * 3600)),
             ("challenges/kept.example.com/left", "left.key".into()),
             ("unknown/thing", "x".into()),
+            ("certs/..", "x".into()),
             ("acks/kept.example.com/left/s1", "edge".into()),
             ("acks/kept.example.com/done/s1", "edge".into()),
+            // Another edge alive certifies other.example.com; an edge gone listed gone.
+            ("wanted/s2", "other.example.com\nkept.example.com".into()),
+            ("wanted/s3", "gone.example.com".into()),
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
+    let versions = state.keys().zip(1..).map(|(k, v)| (k.clone(), v)).collect();
+    let read = Read {
+        state,
+        versions,
+        held: ["wanted/s2", "locks/held.example.com"]
+            .map(String::from)
+            .into(),
+    };
     let wanted: BTreeSet<String> = ["kept.example.com", "expired.example.com", "old.example.com"]
         .iter()
         .map(|h| h.to_string())
         .collect();
     let mut seen = Seen::default();
     let start = tokio::time::Instant::now();
-    let key = |k: &str| Garbage::Key(k.to_string());
+    let keys = |garbage: Vec<(String, u64)>| -> Vec<String> {
+        garbage
+            .into_iter()
+            .map(|(key, version)| {
+                assert_eq!(
+                    Some(&version),
+                    read.versions.get(&key),
+                    "{key} at its version"
+                );
+                key
+            })
+            .collect()
+    };
     assert_eq!(
-        seen.garbage(&config, &state, &wanted, start, unix),
+        keys(seen.garbage(&config, &read, &wanted, start, unix)),
         [
-            key("acks/kept.example.com/done/s1"),
-            key("certs/expired.example.com"),
-            key("failures/old.example.com")
+            "acks/kept.example.com/done/s1",
+            "certs/long-expired.example.com",
+            "failures/old.example.com",
+            "wanted/s3",
         ],
-        "at first only what is stale whoever routes it"
+        "at first only what is stale whoever certifies it"
     );
     let later = start + Duration::from_secs(3600);
     assert_eq!(
-        seen.garbage(&config, &state, &wanted, later, unix),
+        keys(seen.garbage(&config, &read, &wanted, later, unix)),
         [
-            key("acks/kept.example.com/done/s1"),
-            key("certs/expired.example.com"),
-            key("certs/gone.example.com"),
-            key("challenges/gone.example.com/tok"),
-            key("challenges/kept.example.com/left"),
-            key("failures/old.example.com"),
-            Garbage::FreeLock("gone.example.com".into()),
-            key("orders/gone.example.com"),
+            "acks/kept.example.com/done/s1",
+            "certs/gone.example.com",
+            "certs/long-expired.example.com",
+            "challenges/gone.example.com/tok",
+            "challenges/kept.example.com/left",
+            "failures/old.example.com",
+            "locks/gone.example.com",
+            "orders/gone.example.com",
+            "wanted/s3",
         ],
-        "an hour unrouted, and a challenge unchanged longer than any order"
+        "an hour that no edge certifies gone.example.com (other.example.com is another edge's; \
+         a held lock stays), and a challenge unchanged longer than any order"
     );
-    // A host routed again is no longer collected, and its time starts over.
+    // A host certified again is no longer collected, and its time starts over.
     let mut again = wanted.clone();
     again.insert("gone.example.com".into());
-    // (Its challenge, unchanged for an hour, is stale whoever routes the host.)
-    let of_gone = |garbage: Vec<Garbage>| {
-        garbage.into_iter().any(|g| match g {
-            Garbage::Key(k) => k.contains("gone") && !k.starts_with("challenges/"),
-            Garbage::FreeLock(_) => true,
-        })
+    let of_gone = |garbage: Vec<(String, u64)>| {
+        garbage
+            .iter()
+            .any(|(k, _)| k.contains("gone.") && !k.starts_with("challenges/"))
     };
-    assert!(!of_gone(seen.garbage(&config, &state, &again, later, unix)));
+    assert!(!of_gone(seen.garbage(&config, &read, &again, later, unix)));
     assert!(!of_gone(seen.garbage(
         &config,
-        &state,
+        &read,
         &wanted,
         later + Duration::from_secs(60),
         unix
     )));
-    // A challenge rewritten (an order resumed) starts over too.
-    let mut rewritten = state.clone();
-    rewritten.insert("challenges/kept.example.com/left".into(), "new.key".into());
-    assert!(!seen
-        .garbage(&config, &rewritten, &wanted, later, unix)
-        .contains(&key("challenges/kept.example.com/left")));
+    // A challenge written again (an order resumed, the same key authorization) starts over.
+    let mut rewritten = read.clone();
+    rewritten
+        .versions
+        .insert("challenges/kept.example.com/left".into(), 1000);
+    assert!(
+        !keys(seen.garbage(&config, &rewritten, &wanted, later, unix))
+            .contains(&"challenges/kept.example.com/left".to_string())
+    );
 }
 
 #[tokio::test]
@@ -498,8 +538,8 @@ async fn a_write_under_a_lock_lands_only_while_the_lock_is_held() {
         .await
         .unwrap());
     assert_eq!(store.get("certs/a.example.com").await.unwrap(), None);
-    store
-        .collect(&[Garbage::Key("account".into())])
-        .await
-        .unwrap();
+    assert!(store.put("account", "{}", false).await.unwrap());
+    let (deleted, error) = store.collect(&[("account".into(), 0)]).await;
+    assert_eq!((deleted, error.is_none()), (1, true));
+    assert_eq!(store.get("account").await.unwrap(), None);
 }

@@ -12,7 +12,6 @@
 //! PUT    /v1/session/renew/<id>              every TTL/2; 404: invalidated
 //! PUT    /v1/kv/<prefix>/<key>?acquire=<id>  take a lock: true, or false if another holds it
 //! PUT    /v1/kv/<prefix>/<key>?release=<id>  give it back
-//! GET    /v1/session/list                every session: the edges alive (by their sessions' names)
 //! GET    /v1/kv/<prefix>/<folder>/?keys  the keys below a folder (acknowledgements)
 //! PUT    /v1/txn  [check-session <lock>, set|delete <key>]  a write fenced by the lock:
 //!                                    409 (rolled back) once the session no longer holds it
@@ -101,16 +100,6 @@ struct CreatedSession {
     id: String,
 }
 
-/// One session of `GET /v1/session/list` (Consul's `structs.Session`), the fields weft reads.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "PascalCase")]
-pub struct SessionEntry {
-    #[serde(rename = "ID")]
-    pub id: String,
-    #[serde(default)]
-    pub name: String,
-}
-
 impl KvFolder {
     /// The folder `prefix` on the source's Consul, on `connections` of its own
     /// ([`CLAIMS_CONNECTIONS`], [`crate::config::ACME_CONNECTIONS`]).
@@ -164,21 +153,30 @@ impl KvFolder {
         &self.prefix
     }
 
-    /// Every session Consul knows (of every node).
-    pub async fn sessions(&self) -> Result<Vec<SessionEntry>, ConsulError> {
-        let url = self.client.url(&["v1", "session", "list"]);
-        let answer = self.client.get(url.clone(), 0, &[]).await?;
-        serde_json::from_slice(&answer.body).map_err(|e| ConsulError::decode(url, e.to_string()))
+    /// The entries below `folder` (full keys), with their versions and lock holders.
+    pub async fn entries(&self, folder: &str) -> Result<Vec<KvEntry>, ConsulError> {
+        let url = self.folder_url(folder);
+        let answer = self.client.get(url.clone(), 0, &[("recurse", "")]).await?;
+        decode_entries(&answer.body).map_err(|message| ConsulError::decode(url, message))
+    }
+
+    /// `/v1/kv/<prefix>/<folder>/`: `folder`'s segments each escaped, none empty or a dot (the
+    /// URL would name another folder).
+    fn folder_url(&self, folder: &str) -> reqwest::Url {
+        let mut url = self.client.url(&["v1", "kv"]);
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(self.prefix.split('/'))
+                .extend(folder.split('/').filter(|s| !matches!(*s, "" | "." | "..")))
+                .push("");
+        }
+        url
     }
 
     /// The keys below `folder` (below the folder's prefix, without `folder`'s own), none when
     /// there is no such key.
     pub async fn keys(&self, folder: &str) -> Result<Vec<String>, ConsulError> {
         let below = format!("{}/{}/", self.prefix, folder.trim_matches('/'));
-        let mut url = self.client.url(&["v1", "kv"]);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.extend(below.trim_end_matches('/').split('/')).push("");
-        }
+        let url = self.folder_url(folder);
         let answer = self.client.get(url.clone(), 0, &[("keys", "")]).await?;
         let keys: Vec<String> = serde_json::from_slice(&answer.body)
             .map_err(|e| ConsulError::decode(url, e.to_string()))?;
@@ -188,13 +186,12 @@ impl KvFolder {
             .collect())
     }
 
-    /// Deletes every key below `folder`.
+    /// Deletes every key below `folder` (never the whole prefix: `folder` names something).
     pub async fn delete_tree(&self, folder: &str) -> Result<(), ConsulError> {
-        let below = format!("{}/{}/", self.prefix, folder.trim_matches('/'));
-        let mut url = self.client.url(&["v1", "kv"]);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.extend(below.trim_end_matches('/').split('/')).push("");
+        if folder.split('/').all(|s| matches!(s, "" | "." | "..")) {
+            return Ok(());
         }
+        let url = self.folder_url(folder);
         self.client
             .write(Method::DELETE, url, &[("recurse", "")], Bytes::new())
             .await
@@ -283,10 +280,13 @@ impl KvFolder {
         let body = Bytes::from(ops.to_string());
         match self.client.write(Method::PUT, url, &[], body).await {
             Ok(_) => Ok(true),
-            // Rolled back: the one operation that can fail is the check.
-            Err(ConsulError::Http(crate::sources::http::HttpError::Status { status, .. }))
-                if status == http::StatusCode::CONFLICT =>
-            {
+            // Rolled back because the check (operation 0) failed: the lock is not this
+            // session's. Any other rollback (the token may not write the key) is an error.
+            Err(ConsulError::Http(crate::sources::http::HttpError::Status {
+                status,
+                ref body,
+                ..
+            })) if status == http::StatusCode::CONFLICT && body.contains("\"OpIndex\":0") => {
                 Ok(false)
             }
             Err(err) => Err(err),
