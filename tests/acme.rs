@@ -376,13 +376,28 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
         EDGES[orderer].0, EDGES[validator].0
     );
     // Each edge says it certifies the host, in a list its session holds.
-    let lists: Vec<String> = estate
-        .consul
-        .kv_keys("weft/acme/wanted/")
-        .into_iter()
-        .filter(|key| estate.consul.kv_lock_holder(key).is_some())
-        .collect();
-    assert_eq!(lists.len(), 4, "three edges and the test: {lists:?}");
+    wait_until(
+        Duration::from_secs(10),
+        "four lists naming the host",
+        || {
+            let naming: Vec<String> = estate
+                .consul
+                .kv_keys("weft/acme/wanted/")
+                .into_iter()
+                .filter(|key| estate.consul.kv_lock_holder(key).is_some())
+                .filter(|key| {
+                    estate
+                        .consul
+                        .kv_get(key)
+                        .is_some_and(|v| String::from_utf8_lossy(&v).lines().any(|l| l == HOST))
+                })
+                .collect();
+            match naming.len() {
+                4 => Ok(()),
+                _ => Err(naming),
+            }
+        },
+    );
     let (token, acked) = wait_until(
         Duration::from_secs(20),
         "three edges' acks",
@@ -393,8 +408,17 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
     );
     let acked_at = registered.elapsed();
     assert!(!acked.contains(&gate), "{acked:?}");
-    // Every edge's own check of its HAProxy is done: from here on, the edges' frontends count
-    // the CA's requests alone.
+    // Every edge's own check of its HAProxy is done (the orderer's too: it polls the acks
+    // now): from here on, the edges' frontends count the CA's requests alone.
+    let polled = format!("/v1/kv/weft/acme/acks/{HOST}/{token}/");
+    wait_until(
+        Duration::from_secs(10),
+        "the orderer polling the acks",
+        || match estate.consul.requests().count(&polled) {
+            0 => Err(()),
+            _ => Ok(()),
+        },
+    );
     let before: Vec<u64> = estate.edges.iter().map(requests).collect();
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -739,9 +763,10 @@ async fn an_edge_that_lost_its_session_writes_nothing_more() {
     .unwrap();
     let source = config.sources.consul.clone().unwrap();
     let folder = KvFolder::new(source.clone(), "weft/acme", "ACME state", 2);
-    let (store, _watch) = Store::consul(folder, "edge-a", Duration::from_secs(10));
+    // Sessions that outlive the test (nothing renews them here).
+    let (store, _watch) = Store::consul(folder, "edge-a", Duration::from_secs(300));
     let folder = KvFolder::new(source, "weft/acme", "ACME state", 2);
-    let (other, _watch) = Store::consul(folder, "edge-b", Duration::from_secs(10));
+    let (other, _watch) = Store::consul(folder, "edge-b", Duration::from_secs(300));
     let cert = format!("weft/acme/certs/{HOST}");
     let value = |key: &str| consul.kv_get(key).map(|v| String::from_utf8(v).unwrap());
     assert!(

@@ -27,6 +27,8 @@ pub const MAX_HOSTS: usize = 5000;
 /// Default `tls.acme.collect_after`: how long an edge leaves the entries of a host it no
 /// longer routes before deleting them from the store.
 pub const DEFAULT_COLLECT_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// The least `tls.acme.collect_after` with the Consul store.
+pub const MIN_SHARED_COLLECT_AFTER: Duration = Duration::from_secs(600);
 /// The most suffixes `tls.acme.hosts` takes.
 pub const MAX_ACME_SUFFIXES: usize = 256;
 /// The Consul connections the ACME state takes out of `sources.consul.max_connections`: one
@@ -288,6 +290,17 @@ fn validate_acme(
             AcmeStore::Local
         }
     };
+    // Shared by several edges, a host is collected only once no edge alive lists it: the lists
+    // are written every minute, and a session lost takes up to twice `lock_ttl` to go.
+    if matches!(store, AcmeStore::Consul { .. }) && collect_after < MIN_SHARED_COLLECT_AFTER {
+        issues.add(
+            "tls.acme.collect_after",
+            format!(
+                "is at least {} with the Consul store (the edges' lists are written every minute)",
+                humantime::format_duration(MIN_SHARED_COLLECT_AFTER)
+            ),
+        );
+    }
     Some(AcmeConfig {
         directory: directory?,
         email: email?,

@@ -61,6 +61,23 @@ const ACK_WAIT: Duration = Duration::from_secs(10);
 const MAX_ACKING: usize = 8;
 /// How often an edge writes again the hosts it certifies (`wanted/<session>`).
 const REPUBLISH: Duration = Duration::from_secs(60);
+/// How long after a write of the list a read that does not show it held means it was lost
+/// (not that the read is older than the write).
+const PUBLISH_SETTLE: Duration = Duration::from_secs(5);
+/// After a failed write of the list, how long before the next.
+const PUBLISH_BACKOFF: Duration = Duration::from_secs(30);
+
+/// This edge's list `wanted/<session>` as last written.
+struct Published {
+    hosts: BTreeSet<String>,
+    at: tokio::time::Instant,
+    /// The session holding it (`None` for the local store, or while being written).
+    session: Option<String>,
+}
+
+fn now_plus(duration: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + duration
+}
 /// The longest backoff after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 /// The least backoff after the CA says a rate limit is reached (Let's Encrypt's limits count
@@ -200,8 +217,10 @@ pub async fn run(
     let mut seen = Seen::default();
     let mut collecting: Option<tokio::task::JoinHandle<()>> = None;
     // What `wanted/<session>` says and when it was written, and the write of it under way.
-    let mut published: Option<(BTreeSet<String>, tokio::time::Instant)> = None;
-    let mut publishing: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut published: Option<Published> = None;
+    let mut publishing: Option<tokio::task::JoinHandle<Result<Option<String>, String>>> = None;
+    // Why the last write of the list failed, and when it may be tried again.
+    let mut publish_failed: Option<(String, tokio::time::Instant)> = None;
     // The challenges this edge acknowledged or is checking, by key and version; a check that
     // failed gives its key back (tried again at the next pass).
     let mut acked: BTreeMap<String, u64> = BTreeMap::new();
@@ -302,33 +321,62 @@ pub async fn run(
                 }
             });
         }
-        // The hosts this edge certifies, for the other edges' collection: written again when
-        // they change, and every minute (a session lost and made again holds no list).
+        // The hosts this edge certifies, for the other edges' collection and acknowledgements:
+        // written again when they change, every minute, and as soon as the read shows the list
+        // no longer held (the session was lost and made again).
         if let Some(task) = publishing.take_if(|task| task.is_finished()) {
-            if !matches!(task.await, Ok(true)) {
-                published = None;
-            }
-        }
-        let stale = !published
-            .as_ref()
-            .is_some_and(|(hosts, at)| hosts == &*served && at.elapsed() < REPUBLISH);
-        if routed_known && publishing.is_none() && stale {
-            let (store, hosts) = (context.store.clone(), served.clone().into_owned());
-            published = Some((hosts.clone(), tokio::time::Instant::now()));
-            publishing = Some(tokio::spawn(async move {
-                match store.publish_wanted(&hosts).await {
-                    Ok(()) => true,
-                    Err(err) => {
-                        warn!(error = %err, "cannot tell the other edges which hosts this one certifies");
-                        false
+            match task.await {
+                Ok(Ok(session)) => {
+                    publish_failed = None;
+                    if let Some(published) = &mut published {
+                        published.session = session;
                     }
                 }
+                Ok(Err(reason)) => {
+                    warn!(%reason, "cannot tell the other edges which hosts this one certifies; trying again in 30 s");
+                    publish_failed = Some((reason, now_plus(PUBLISH_BACKOFF)));
+                    published = None;
+                }
+                Err(_) => published = None,
+            }
+        }
+        let lost = |p: &Published| {
+            p.session.as_ref().is_some_and(|session| {
+                !read.versions.is_empty()
+                    && p.at.elapsed() > PUBLISH_SETTLE
+                    && !read.held.contains(&format!("wanted/{session}"))
+            })
+        };
+        let stale = !published
+            .as_ref()
+            .is_some_and(|p| p.hosts == *served && p.at.elapsed() < REPUBLISH && !lost(p));
+        let backing_off = publish_failed
+            .as_ref()
+            .is_some_and(|(_, until)| tokio::time::Instant::now() < *until);
+        if routed_known && publishing.is_none() && stale && !backing_off {
+            let (store, hosts) = (context.store.clone(), served.clone().into_owned());
+            published = Some(Published {
+                hosts: hosts.clone(),
+                at: tokio::time::Instant::now(),
+                session: None,
+            });
+            publishing = Some(tokio::spawn(async move {
+                store
+                    .publish_wanted(&hosts)
+                    .await
+                    .map_err(|err| err.to_string())
             }));
         }
         report.send_if_modified(|r| {
             let mut next = report_of(state, &served, unix_now());
             if !over.is_empty() {
                 next.rejected.push(over_rejected(&context.config, &over));
+            }
+            if let Some((reason, _)) = &publish_failed {
+                next.rejected.push(Rejected {
+                    subject: "ACME list of this edge's hosts (wanted/<session>)".into(),
+                    reason: format!("cannot be written: {reason}; the other edges may collect these hosts' certificates and do not wait for this edge's acknowledgements"),
+                });
             }
             if let Some(reason) = &degraded {
                 next.health = r.health.clone();
@@ -531,7 +579,14 @@ impl Seen {
         unix: i64,
     ) -> Vec<(String, u64)> {
         let state = &read.state;
-        let version = |key: &String| read.versions.get(key).copied().unwrap_or(0);
+        // Consul's version of the entry; in the local store, its value's hash.
+        let version = |key: &String| match read.versions.get(key) {
+            Some(version) => *version,
+            None if read.versions.is_empty() => {
+                state.get(key).map_or(0, |v| store::local_version(v))
+            }
+            None => 0,
+        };
         // The hosts the other edges alive certify: their lists, held by their sessions.
         let lists = state
             .range::<String, _>("wanted/".to_string().."wanted0".to_string())
@@ -1136,21 +1191,24 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
 /// logged, not waited for: it may be down with its session not yet expired.
 async fn wait_for_acks(context: &Context, host: &str, token: &str) {
     let deadline = tokio::time::Instant::now() + ACK_WAIT;
-    let alive = match context.store.edges_certifying(host).await {
-        Ok(Some(alive)) => alive,
-        Ok(None) => return,
-        Err(err) => {
-            warn!(%host, error = %err, "cannot read which edges certify the host; waiting 1 s for them instead");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return;
-        }
-    };
-    let mut missing = alive.len();
+    let mut alive = BTreeSet::new();
+    let mut listed_at: Option<tokio::time::Instant> = None;
+    let mut missing = 0;
     while tokio::time::Instant::now() < deadline {
+        // The lists again every second: an edge whose list names the host only now (it just
+        // started, or just routed the host) is waited for too.
+        if !listed_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            match context.store.edges_certifying(host).await {
+                Ok(Some(now)) => alive = now,
+                Ok(None) => return,
+                Err(err) => warn!(%host, error = %err, "cannot read which edges certify the host"),
+            }
+            listed_at = Some(tokio::time::Instant::now());
+        }
         match context.store.acks(host, token).await {
             Ok(acks) => {
                 missing = alive.difference(&acks).count();
-                if missing == 0 {
+                if missing == 0 && !alive.is_empty() {
                     debug!(%host, edges = alive.len(), "every edge answers the ACME challenge");
                     return;
                 }

@@ -54,6 +54,8 @@ pub struct Read {
 pub enum StoreError {
     #[error(transparent)]
     Consul(#[from] crate::sources::consul::ConsulError),
+    #[error("{0}")]
+    Refused(String),
     #[error("{path}: {source}")]
     Local {
         path: PathBuf,
@@ -295,19 +297,28 @@ impl Store {
             .await?)
     }
 
-    /// Deletes what [`super::Seen::garbage`] found, each key at the version read (Consul): an
-    /// entry written or locked since is left alone. The entries deleted, and the first error.
+    /// Deletes what [`super::Seen::garbage`] found, each key at the version read (Consul's
+    /// `ModifyIndex`, the local store's [`local_version`]): an entry written or locked since is
+    /// left alone. The entries deleted, and the first error.
     pub async fn collect(&self, garbage: &[(String, u64)]) -> (usize, Option<StoreError>) {
         let mut deleted = 0;
         let mut first = None;
         for (key, version) in garbage {
             let done = match self {
-                Store::Consul(store) if *version > 0 => store
+                // Consul's cas=0 deletes nothing: a key without a version is left alone.
+                Store::Consul(_) if *version == 0 => Ok(false),
+                Store::Consul(store) => store
                     .folder
                     .delete(key, *version)
                     .await
                     .map_err(StoreError::from),
-                _ => self.delete(key).await.map(|()| true),
+                Store::Local(store) => store.update(|state| {
+                    if state.get(key).map(|v| local_version(v)) != Some(*version) {
+                        return false;
+                    }
+                    state.remove(key);
+                    true
+                }),
             };
             match done {
                 Ok(true) => deleted += 1,
@@ -321,10 +332,13 @@ impl Store {
     }
 
     /// Says which hosts this edge certifies: `wanted/<session>`, held by its session (gone
-    /// with it). Nothing for the local store.
-    pub async fn publish_wanted(&self, hosts: &BTreeSet<String>) -> Result<(), StoreError> {
+    /// with it). The session, `None` for the local store (nothing to write).
+    pub async fn publish_wanted(
+        &self,
+        hosts: &BTreeSet<String>,
+    ) -> Result<Option<String>, StoreError> {
         let Store::Consul(store) = self else {
-            return Ok(());
+            return Ok(None);
         };
         let session = store.session().await?;
         let text = hosts
@@ -332,11 +346,17 @@ impl Store {
             .map(String::as_str)
             .collect::<Vec<_>>()
             .join("\n");
-        store
+        let key = format!("wanted/{session}");
+        if !store
             .folder
-            .acquire(&format!("wanted/{session}"), &session, text.into_bytes())
-            .await?;
-        Ok(())
+            .acquire(&key, &session, text.into_bytes())
+            .await?
+        {
+            return Err(StoreError::Refused(format!(
+                "Consul did not let this edge's session take {key}"
+            )));
+        }
+        Ok(Some(session))
     }
 
     /// Takes `locks/<host>` for this edge: whether it holds it now.
@@ -415,6 +435,15 @@ impl Store {
             }
         }
     }
+}
+
+/// The version of an entry of the local store: its value's hash (the local store keeps no
+/// index), never 0.
+pub fn local_version(value: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish().max(1)
 }
 
 /// The start of the names of the sessions of the edges on `folder`.

@@ -385,6 +385,19 @@ fn beyond_max_hosts_the_hosts_holding_a_certificate_keep_it_and_the_rest_are_nam
     assert!(issues("collect_after = \"1s\"\n")
         .iter()
         .any(|i| i.starts_with("tls.acme.collect_after")));
+    let shared = |keys: &str| {
+        let text = format!(
+            "[sources.consul]\nurl = \"http://127.0.0.1:8500\"\n[tls]\ncerts = \"certs\"\n\
+             [tls.acme]\ndirectory = \"https://ca.test/dir\"\nemail = \"ops@example.com\"\n{keys}"
+        );
+        Config::parse(&text, Path::new("/etc/weft"))
+            .err()
+            .unwrap_or_default()
+    };
+    assert!(shared("collect_after = \"5m\"\n")
+        .iter()
+        .any(|i| i.key == "tls.acme.collect_after"));
+    assert!(shared("collect_after = \"10m\"\n").is_empty());
 }
 
 #[test]
@@ -539,7 +552,12 @@ async fn a_write_under_a_lock_lands_only_while_the_lock_is_held() {
         .unwrap());
     assert_eq!(store.get("certs/a.example.com").await.unwrap(), None);
     assert!(store.put("account", "{}", false).await.unwrap());
-    let (deleted, error) = store.collect(&[("account".into(), 0)]).await;
+    // At the version read: a value written since stays.
+    let read = store::local_version("{}");
+    assert!(store.put("account", "{\"new\":1}", false).await.unwrap());
+    assert_eq!(store.collect(&[("account".into(), read)]).await.0, 0);
+    assert!(store.put("account", "{}", false).await.unwrap());
+    let (deleted, error) = store.collect(&[("account".into(), read)]).await;
     assert_eq!((deleted, error.is_none()), (1, true));
     assert_eq!(store.get("account").await.unwrap(), None);
 }

@@ -155,28 +155,34 @@ impl KvFolder {
 
     /// The entries below `folder` (full keys), with their versions and lock holders.
     pub async fn entries(&self, folder: &str) -> Result<Vec<KvEntry>, ConsulError> {
-        let url = self.folder_url(folder);
+        let url = self.folder_url(folder)?;
         let answer = self.client.get(url.clone(), 0, &[("recurse", "")]).await?;
         decode_entries(&answer.body).map_err(|message| ConsulError::decode(url, message))
     }
 
-    /// `/v1/kv/<prefix>/<folder>/`: `folder`'s segments each escaped, none empty or a dot (the
-    /// URL would name another folder).
-    fn folder_url(&self, folder: &str) -> reqwest::Url {
+    /// `/v1/kv/<prefix>/<folder>/`, `folder`'s segments each escaped; an error for a segment
+    /// empty or a dot (the URL would name another folder).
+    fn folder_url(&self, folder: &str) -> Result<reqwest::Url, ConsulError> {
         let mut url = self.client.url(&["v1", "kv"]);
+        if folder.split('/').any(|s| matches!(s, "" | "." | "..")) {
+            return Err(ConsulError::decode(
+                url,
+                format!("{folder:?} is not a folder weft may name"),
+            ));
+        }
         if let Ok(mut path) = url.path_segments_mut() {
             path.extend(self.prefix.split('/'))
-                .extend(folder.split('/').filter(|s| !matches!(*s, "" | "." | "..")))
+                .extend(folder.split('/'))
                 .push("");
         }
-        url
+        Ok(url)
     }
 
     /// The keys below `folder` (below the folder's prefix, without `folder`'s own), none when
     /// there is no such key.
     pub async fn keys(&self, folder: &str) -> Result<Vec<String>, ConsulError> {
         let below = format!("{}/{}/", self.prefix, folder.trim_matches('/'));
-        let url = self.folder_url(folder);
+        let url = self.folder_url(folder)?;
         let answer = self.client.get(url.clone(), 0, &[("keys", "")]).await?;
         let keys: Vec<String> = serde_json::from_slice(&answer.body)
             .map_err(|e| ConsulError::decode(url, e.to_string()))?;
@@ -188,10 +194,7 @@ impl KvFolder {
 
     /// Deletes every key below `folder` (never the whole prefix: `folder` names something).
     pub async fn delete_tree(&self, folder: &str) -> Result<(), ConsulError> {
-        if folder.split('/').all(|s| matches!(s, "" | "." | "..")) {
-            return Ok(());
-        }
-        let url = self.folder_url(folder);
+        let url = self.folder_url(folder)?;
         self.client
             .write(Method::DELETE, url, &[("recurse", "")], Bytes::new())
             .await
