@@ -361,3 +361,16 @@ pub fn go_base64_decode(src: &[u8]) -> Result<Vec<u8>, usize> {
     }
     Ok(out)
 }
+
+/// How Go's `UnmarshalTypeError` names a JSON value.
+pub fn go_json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
-use super::go::{go_duration_string, go_parse_duration, go_quote};
+use super::go::{go_duration_string, go_json_kind, go_parse_duration, go_quote};
 use super::state::State;
 use super::{Status, DEFAULT_NODE};
 
@@ -367,17 +367,6 @@ fn type_error(value: &Value, field: &str, go_type: &str) -> String {
         "json: cannot unmarshal {} into Go struct field Alias.{field} of type {go_type}",
         go_json_kind(value)
     )
-}
-
-fn go_json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
 }
 
 /// A new session ID as `uuid.GenerateUUID` (hashicorp/go-uuid) makes it: 16 random bytes in

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
-use super::go::{go_base64_decode, go_quote};
+use super::go::{go_base64_decode, go_json_kind, go_quote};
 use super::json::KvJson;
 use super::kv::KvEntry;
 use super::state::State;
@@ -268,18 +268,6 @@ impl GoDecoder {
                 Vec::new()
             }
         }
-    }
-}
-
-/// How Go's `UnmarshalTypeError` names a JSON value.
-fn go_json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
     }
 }
 
