@@ -666,6 +666,11 @@ fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
     let server = NsServer::start(&t.hub, SERVER.parse().unwrap(), "shop\n");
     let pebble = Pebble::start(&t.hub, PebbleOptions::default());
     pebble.set_a(HOST, &[EDGES[0].1]);
+    // Outside `hosts`: one service opts its host in, another does not.
+    const OPTED: &str = "blog.example.org";
+    const PLAIN: &str = "plain.example.org";
+    pebble.set_a(OPTED, &[EDGES[0].1]);
+    pebble.set_a(PLAIN, &[EDGES[0].1]);
     let certs = tempfile::tempdir().unwrap();
     let edge = NsWeft::start(
         &t.edges[0],
@@ -677,13 +682,17 @@ fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
              [sources.file]\npath = \"services.toml\"\n\n\
              [tls]\nlisten = \"0.0.0.0:443\"\ncerts = \"{certs}\"\n\n\
              [tls.acme]\ndirectory = \"{directory}\"\nemail = \"ops@example.com\"\n\
-             hosts = [\".example.com\"]\nca_file = \"{ca}\"\ncollect_after = \"10s\"\n",
+             hosts = [\".example.com\"]\nca_file = \"{ca}\"\ncollect_after = \"10s\"\n\
+             opt_in = true\n",
             certs = certs.path().display(),
             directory = pebble.directory_url(),
             ca = pebble.ca_file().display(),
         ),
         Some(&format!(
-            "[[service]]\nname = \"shop\"\nhosts = [\"{HOST}\"]\nservers = [\"{SERVER}\"]\n"
+            "[[service]]\nname = \"shop\"\nhosts = [\"{HOST}\"]\nservers = [\"{SERVER}\"]\n\n\
+             [[service]]\nname = \"blog\"\nhosts = [\"{OPTED}\"]\nservers = [\"{SERVER}\"]\n\
+             acme = true\n\n\
+             [[service]]\nname = \"plain\"\nhosts = [\"{PLAIN}\"]\nservers = [\"{SERVER}\"]\n"
         )),
     );
     wait_for_weft(&t.edges[0], &edge);
@@ -697,13 +706,23 @@ fn a_single_edge_without_consul_keeps_the_state_in_its_run_dir() {
     wait_until(ISSUED_WITHIN, "the edge serving the certificate", || {
         served_in(&t.edges[0], HOST, chain.path())
     });
-    assert_eq!(pebble.orders().len(), 1);
+    wait_until(ISSUED_WITHIN, "the opted-in host's certificate", || {
+        served_in(&t.edges[0], OPTED, chain.path())
+    });
+    assert_eq!(
+        pebble.orders().len(),
+        2,
+        "{HOST} and {OPTED}, never {PLAIN}"
+    );
+    assert!(served_in(&t.edges[0], PLAIN, chain.path()).is_err());
     use std::os::unix::fs::PermissionsExt;
     let dir = edge.path("run/acme");
     let file = dir.join("state.json");
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert!(state.get("account").is_some(), "{state}");
     assert!(state.get(format!("certs/{HOST}")).is_some(), "{state}");
+    assert!(state.get(format!("certs/{OPTED}")).is_some(), "{state}");
+    assert!(state.get(format!("certs/{PLAIN}")).is_none(), "{state}");
     let mode =
         |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);

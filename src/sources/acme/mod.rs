@@ -975,19 +975,29 @@ fn failed(what: &str, err: instant_acme::Error) -> Ended {
 
 /// The account: loaded from the store, else created and stored. With `forgotten` (the CA said
 /// it does not know the stored one, as a test CA does after a restart) a new one replaces it.
-async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Account, Ended> {
+///
+/// The stored account is read again under the cell's lock: orders that start together on a
+/// new store wait for the first to create the account, then use it.
+async fn account(context: &Context, forgotten: bool) -> Result<Account, Ended> {
     let mut cell = context.account.lock().await;
+    let mut state = State::new();
+    match context.store.get("account").await {
+        Ok(Some(stored)) => {
+            state.insert("account".into(), stored);
+        }
+        Ok(None) => {}
+        Err(err) => {
+            return Err(Ended::Failed(
+                format!("cannot read the ACME account: {err}"),
+                None,
+            ))
+        }
+    }
     if let (Some((made_from, account)), false) = (cell.as_ref(), forgotten) {
         if state.get("account") == Some(made_from) {
             return Ok(account.clone());
         }
     }
-    let client = http::AcmeHttp::new(
-        context.config.ca_file.as_deref(),
-        context.retry_after.clone(),
-    )
-    .map_err(|reason| Ended::Failed(format!("cannot make the ACME client: {reason}"), None))?;
-    let builder = Account::builder_with_http(Box::new(client));
     // An account stored for another directory (staging before production) is not used.
     let forgotten = forgotten
         || state.get("account").is_some_and(|stored| {
@@ -1001,21 +1011,12 @@ async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Ac
                 .is_some_and(|d| d != context.config.directory.as_str())
         });
     if let (Some(stored), false) = (state.get("account"), forgotten) {
-        let credentials = serde_json::from_str(stored).map_err(|err| {
-            Ended::Failed(
-                format!("the stored ACME account does not decode: {err}"),
-                None,
-            )
-        })?;
-        let account = builder
-            .from_credentials(credentials)
-            .await
-            .map_err(|err| failed("cannot load the ACME account", err))?;
+        let account = load_account(context, stored).await?;
         *cell = Some((stored.clone(), account.clone()));
         return Ok(account);
     }
     let contact = format!("mailto:{}", context.config.email);
-    let (account, credentials) = builder
+    let (account, credentials) = Account::builder_with_http(Box::new(acme_client(context)?))
         .create(
             &NewAccount {
                 contact: &[&contact],
@@ -1034,10 +1035,20 @@ async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Ac
             *cell = Some((text.clone(), account.clone()));
             Ok(account)
         }
-        Ok(false) => Err(Ended::Failed(
-            "another edge stored its ACME account first; the next order uses it".into(),
-            None,
-        )),
+        // Another edge stored its account first: that one is used (this one stays unused at
+        // the CA, as accounts cost nothing there).
+        Ok(false) => match context.store.get("account").await {
+            Ok(Some(stored)) => {
+                let account = load_account(context, &stored).await?;
+                info!("another edge stored its ACME account first; using it");
+                *cell = Some((stored, account.clone()));
+                Ok(account)
+            }
+            _ => Err(Ended::Failed(
+                "another edge stored its ACME account first; the next order uses it".into(),
+                None,
+            )),
+        },
         Err(err) => Err(Ended::Failed(
             format!("cannot store the ACME account: {err}"),
             None,
@@ -1045,8 +1056,31 @@ async fn account(context: &Context, state: &State, forgotten: bool) -> Result<Ac
     }
 }
 
+/// weft's HTTP client for instant-acme.
+fn acme_client(context: &Context) -> Result<http::AcmeHttp, Ended> {
+    http::AcmeHttp::new(
+        context.config.ca_file.as_deref(),
+        context.retry_after.clone(),
+    )
+    .map_err(|reason| Ended::Failed(format!("cannot make the ACME client: {reason}"), None))
+}
+
+/// The account of the stored credentials `stored`.
+async fn load_account(context: &Context, stored: &str) -> Result<Account, Ended> {
+    let credentials = serde_json::from_str(stored).map_err(|err| {
+        Ended::Failed(
+            format!("the stored ACME account does not decode: {err}"),
+            None,
+        )
+    })?;
+    Account::builder_with_http(Box::new(acme_client(context)?))
+        .from_credentials(credentials)
+        .await
+        .map_err(|err| failed("cannot load the ACME account", err))
+}
+
 async fn order_locked(context: &Context, host: &str, state: &State) -> Result<(), Ended> {
-    let mut account = account(context, state, false).await?;
+    let mut account = account(context, false).await?;
     // Every write of the order is fenced by the host's lock: once this edge lost it, the order
     // stops and writes nothing more.
     let write = |key: String, value: String| async move {
@@ -1093,7 +1127,7 @@ async fn order_locked(context: &Context, host: &str, state: &State) -> Result<()
                 {
                     // The CA forgot the account (a test CA restarted): a new one, once.
                     warn!(%host, "the CA does not know the stored ACME account; creating a new one");
-                    account = self::account(context, state, true).await?;
+                    account = self::account(context, true).await?;
                     account.new_order(&NewOrder::new(&identifiers)).await
                 }
                 placed => placed,
