@@ -137,6 +137,24 @@ fn hosts_are_wanted_when_named_routed_not_wildcards_and_not_served_by_an_operato
 }
 
 #[test]
+fn a_guest_adding_a_path_under_a_host_cannot_opt_the_host_in() {
+    // shop holds shop.other.org and lets blog add /blog under it; blog asks for ACME.
+    let mut shop = ServiceDef::new("shop", &["shop.other.org"], &["10.2.1.5:80"]);
+    shop.share = vec!["blog".into()];
+    let mut blog = ServiceDef::new("blog", &["shop.other.org"], &["10.2.1.6:80"]);
+    blog.path = Some("/blog".into());
+    blog.acme = Some(true);
+    let built = Built {
+        table: std::sync::Arc::new(test_table(vec![shop, blog])),
+        ..Built::default()
+    };
+    assert_eq!(built.table.routes.len(), 2, "{:?}", built.table.routes);
+    let config = acme("hosts = [\".example.com\"]\nopt_in = true\n");
+    let (wanted, opted) = wanted_hosts(&config, &built, unix_now());
+    assert!(wanted.is_empty() && opted.is_empty(), "{wanted:?}");
+}
+
+#[test]
 fn a_service_opts_its_hosts_in_only_where_the_operator_allows_it() {
     let mut built = built(&["a.example.com", "shop.other.org", "*.other.org"]);
     for backend in std::sync::Arc::make_mut(&mut built.table)
