@@ -138,7 +138,9 @@ fn in_process(apps: usize, body: &str) -> weft::model::RoutingTable {
         let mut report = SourceReport::starting(SourceId::Marathon);
         for app in &decoded_apps.apps.records {
             let (services, rejected) = app_services(app, &routing);
-            report.services.extend(services);
+            report
+                .services
+                .extend(services.into_iter().map(std::sync::Arc::new));
             report.rejected.extend(rejected);
         }
         let routed = Instant::now();

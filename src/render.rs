@@ -851,7 +851,7 @@ mod tests {
         shop.redirect = Some("https".into());
         shop.hsts = Some(true);
         let report = crate::model::SourceReport {
-            services: vec![shop],
+            services: vec![std::sync::Arc::new(shop)],
             health: crate::model::Health::Ok,
             ..crate::model::SourceReport::starting(crate::model::SourceId::File)
         };

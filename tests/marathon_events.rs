@@ -219,7 +219,9 @@ fn config(marathon: &MarathonDouble, marathon_lb_events: bool) -> Config {
 }
 
 /// Services and rejected inputs, in one order whatever the order they came in.
-fn sorted((mut services, mut rejected): (Vec<ServiceDef>, Vec<Rejected>)) -> String {
+fn sorted(
+    (mut services, mut rejected): (Vec<std::sync::Arc<ServiceDef>>, Vec<Rejected>),
+) -> String {
     services.sort_by(|a, b| a.name.cmp(&b.name));
     rejected.sort_by(|a, b| (&a.subject, &a.reason).cmp(&(&b.subject, &b.reason)));
     format!("{services:#?}\n{rejected:#?}")

@@ -137,7 +137,7 @@ pub enum Health {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceReport {
     pub source: SourceId,
-    pub services: Vec<ServiceDef>,
+    pub services: Vec<std::sync::Arc<ServiceDef>>,
     pub rejected: Vec<Rejected>,
     pub health: Health,
     /// The TLS certificates that passed validation (only the certificates' directory, `tls.certs`,

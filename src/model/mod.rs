@@ -188,7 +188,7 @@ pub fn test_table(services: Vec<ServiceDef>) -> RoutingTable {
     let report = SourceReport {
         certificates: Default::default(),
         challenges: Default::default(),
-        services,
+        services: services.into_iter().map(Arc::new).collect(),
         ..SourceReport::starting(SourceId::File)
     };
     let settings = ModelSettings::new(AllowedNetworks::new(["10.2.0.0/16".parse().unwrap()]));
@@ -773,7 +773,7 @@ pub(crate) mod tests {
         SourceReport {
             certificates: Default::default(),
             challenges: Default::default(),
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
             ..SourceReport::starting(SourceId::File)
         }
     }
@@ -918,7 +918,7 @@ pub(crate) mod tests {
         SourceReport {
             certificates: Default::default(),
             challenges: Default::default(),
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
             health: Health::Ok,
             ..SourceReport::starting(SourceId::Consul)
         }

@@ -89,7 +89,7 @@ pub async fn read_once(
     };
     for read in futures::future::join_all(reads).await {
         let read = read?;
-        report.services.push(read.def);
+        report.services.push(std::sync::Arc::new(read.def));
         report.rejected.extend(read.rejected);
     }
     Ok(report)
@@ -185,7 +185,7 @@ pub async fn run(
 #[derive(Debug, Default)]
 struct ServiceState {
     /// `None` until the first answer.
-    content: Option<(ServiceDef, Vec<Rejected>)>,
+    content: Option<(std::sync::Arc<ServiceDef>, Vec<Rejected>)>,
     error: Option<String>,
     backoff: Backoff,
     /// The nodes its instances run on: a change of their node checks reads it again.
@@ -560,7 +560,7 @@ impl ServiceState {
         let was_failing = self.error.is_some();
         match read {
             Ok(read) => {
-                self.content = Some((read.def, read.rejected));
+                self.content = Some((std::sync::Arc::new(read.def), read.rejected));
                 self.nodes = read.nodes;
                 self.error = None;
                 self.backoff.reset();

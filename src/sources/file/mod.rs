@@ -112,7 +112,8 @@ fn service_def(service: FileService) -> Result<ServiceDef, String> {
 /// Services read from one file, and the entries that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileContent {
-    pub services: Vec<ServiceDef>,
+    /// Shared with the pieces remembered ([`entries::Entries`]): a read copies no definition.
+    pub services: Vec<std::sync::Arc<ServiceDef>>,
     pub rejected: Vec<Rejected>,
 }
 
@@ -162,7 +163,7 @@ pub fn parse(text: &str, path: &Path) -> Result<FileContent, FileError> {
 
 /// One `[[service]]` entry as read: its service, or the name it gives (`" (\"shop\")"`, or
 /// empty) and why it was rejected.
-pub(crate) type Entry = Result<ServiceDef, (String, String)>;
+pub(crate) type Entry = Result<std::sync::Arc<ServiceDef>, (String, String)>;
 
 /// Why a document fails whole.
 pub(crate) enum Failure {
@@ -218,6 +219,7 @@ pub(crate) fn parse_entries(text: &str) -> Result<Vec<Entry>, Failure> {
         FileService::deserialize(ValueDeserializer::from(entry))
             .map_err(|err| err.to_string().trim().to_string())
             .and_then(service_def)
+            .map(std::sync::Arc::new)
             .map_err(|reason| (name, reason))
     });
     Ok(parsed.collect())

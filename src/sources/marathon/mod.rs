@@ -318,7 +318,7 @@ impl Client {
 #[derive(Default)]
 struct State {
     /// `None` until the first fetch succeeded.
-    content: Option<(Vec<ServiceDef>, Vec<Rejected>)>,
+    content: Option<(Vec<std::sync::Arc<ServiceDef>>, Vec<Rejected>)>,
     fetch_error: Option<String>,
     started: super::StartGrace,
     stream_error: Option<String>,

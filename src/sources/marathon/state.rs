@@ -17,6 +17,7 @@
 //! those a full fetch would give.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::api::{self, FetchedApp, HealthCheckResult, MarathonApp, MarathonTask};
 use super::routing::{app_services, RoutingSettings};
@@ -40,7 +41,8 @@ pub enum Outcome {
 enum Entry {
     App {
         app: Box<MarathonApp>,
-        services: Vec<ServiceDef>,
+        /// Shared with the reports: publishing copies no definition.
+        services: Vec<Arc<ServiceDef>>,
         rejected: Vec<Rejected>,
     },
     /// It did not decode (its own answer said so).
@@ -52,7 +54,7 @@ impl Entry {
         let (services, rejected) = app_services(&app, settings);
         Entry::App {
             app: Box::new(app),
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
             rejected,
         }
     }
@@ -97,7 +99,7 @@ impl Apps {
     }
 
     /// Every app's services, and what is rejected, in app id order.
-    pub fn content(&self) -> (Vec<ServiceDef>, Vec<Rejected>) {
+    pub fn content(&self) -> (Vec<Arc<ServiceDef>>, Vec<Rejected>) {
         let mut services = Vec::new();
         let mut rejected = self.broken.clone();
         for entry in self.entries.values() {
@@ -236,7 +238,9 @@ impl Apps {
             rejected,
         }) = self.entries.get_mut(id)
         {
-            (*services, *rejected) = app_services(app, &self.settings);
+            let (own, own_rejected) = app_services(app, &self.settings);
+            *services = own.into_iter().map(Arc::new).collect();
+            *rejected = own_rejected;
             self.changed = true;
         }
     }
