@@ -75,9 +75,6 @@ struct Published {
     session: Option<String>,
 }
 
-fn now_plus(duration: Duration) -> tokio::time::Instant {
-    tokio::time::Instant::now() + duration
-}
 /// The longest backoff after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 /// The least backoff after the CA says a rate limit is reached (Let's Encrypt's limits count
@@ -334,7 +331,7 @@ pub async fn run(
                 }
                 Ok(Err(reason)) => {
                     warn!(%reason, "cannot tell the other edges which hosts this one certifies; trying again in 30 s");
-                    publish_failed = Some((reason, now_plus(PUBLISH_BACKOFF)));
+                    publish_failed = Some((reason, tokio::time::Instant::now() + PUBLISH_BACKOFF));
                     published = None;
                 }
                 Err(_) => published = None,
@@ -501,18 +498,15 @@ fn capped<'a>(
     if hosts.len() <= config.max_hosts {
         return (std::borrow::Cow::Borrowed(hosts), Vec::new());
     }
-    let holding = |host: &&String| state.contains_key(&format!("certs/{host}"));
-    let (named, asked): (Vec<&String>, Vec<&String>) =
-        hosts.iter().partition(|host| !opted.contains(*host));
-    let (named_holding, named_rest): (Vec<&String>, Vec<&String>) =
-        named.into_iter().partition(holding);
-    let (asked_holding, asked_rest): (Vec<&String>, Vec<&String>) =
-        asked.into_iter().partition(holding);
-    let mut ranked = named_holding
-        .into_iter()
-        .chain(named_rest)
-        .chain(asked_holding)
-        .chain(asked_rest);
+    // Stable (by name within each rank); each host's rank worked out once.
+    let mut ranked: Vec<&String> = hosts.iter().collect();
+    ranked.sort_by_cached_key(|host| {
+        (
+            opted.contains(*host),
+            !state.contains_key(&format!("certs/{host}")),
+        )
+    });
+    let mut ranked = ranked.into_iter();
     let served = ranked.by_ref().take(config.max_hosts).cloned().collect();
     (std::borrow::Cow::Owned(served), ranked.collect())
 }
@@ -548,14 +542,17 @@ struct Seen {
     challenges: BTreeMap<String, (String, tokio::time::Instant)>,
 }
 
+/// Whether Consul can be asked for `key` by name: no segment empty or a dot.
+fn nameable(key: &str) -> bool {
+    key.split('/')
+        .all(|segment| !matches!(segment, "" | "." | ".."))
+}
+
 /// The host a key of the store is about (`certs/<host>`, `challenges/<host>/<token>`, ...);
 /// `None` for the account, the edges' lists, and any key with an empty or dot segment (Consul
 /// could not be asked to delete it by name).
 fn host_of(key: &str) -> Option<(&str, &str)> {
-    if key
-        .split('/')
-        .any(|segment| matches!(segment, "" | "." | ".."))
-    {
+    if !nameable(key) {
         return None;
     }
     let (kind, rest) = key.split_once('/')?;
@@ -613,8 +610,7 @@ impl Seen {
             }
             // The list of an edge whose session is gone.
             if key.starts_with("wanted/") && !read.versions.is_empty() {
-                let named = key.split('/').all(|s| !matches!(s, "" | "." | ".."));
-                if named && !read.held.contains(key) {
+                if nameable(key) && !read.held.contains(key) {
                     garbage.push((key.clone(), version(key)));
                 }
                 continue;
@@ -882,7 +878,6 @@ async fn order(context: &Context, host: &str, state: &State) -> Ended {
 async fn order_under_lock(context: &Context, host: &str, state: &State) -> Ended {
     let mut fresh = state.clone();
     for key in [
-        "account".to_string(),
         format!("failures/{host}"),
         format!("certs/{host}"),
         format!("orders/{host}"),
@@ -980,27 +975,19 @@ fn failed(what: &str, err: instant_acme::Error) -> Ended {
 /// new store wait for the first to create the account, then use it.
 async fn account(context: &Context, forgotten: bool) -> Result<Account, Ended> {
     let mut cell = context.account.lock().await;
-    let mut state = State::new();
-    match context.store.get("account").await {
-        Ok(Some(stored)) => {
-            state.insert("account".into(), stored);
-        }
-        Ok(None) => {}
-        Err(err) => {
-            return Err(Ended::Failed(
-                format!("cannot read the ACME account: {err}"),
-                None,
-            ))
-        }
-    }
+    let stored = context
+        .store
+        .get("account")
+        .await
+        .map_err(|err| Ended::Failed(format!("cannot read the ACME account: {err}"), None))?;
     if let (Some((made_from, account)), false) = (cell.as_ref(), forgotten) {
-        if state.get("account") == Some(made_from) {
+        if stored.as_ref() == Some(made_from) {
             return Ok(account.clone());
         }
     }
     // An account stored for another directory (staging before production) is not used.
     let forgotten = forgotten
-        || state.get("account").is_some_and(|stored| {
+        || stored.as_ref().is_some_and(|stored| {
             serde_json::from_str::<serde_json::Value>(stored)
                 .ok()
                 .and_then(|v| {
@@ -1010,7 +997,7 @@ async fn account(context: &Context, forgotten: bool) -> Result<Account, Ended> {
                 })
                 .is_some_and(|d| d != context.config.directory.as_str())
         });
-    if let (Some(stored), false) = (state.get("account"), forgotten) {
+    if let (Some(stored), false) = (&stored, forgotten) {
         let account = load_account(context, stored).await?;
         *cell = Some((stored.clone(), account.clone()));
         return Ok(account);

@@ -97,7 +97,7 @@ impl Store {
     /// The Consul store on `folder`, its locks held by the session of edge `edge` with `ttl`.
     pub fn consul(folder: KvFolder, edge: &str, ttl: Duration) -> (Store, StoreWatch) {
         let watch = folder.watch();
-        let name = format!("{}{edge}", session_prefix(&folder));
+        let name = format!("weft-acme {} {edge}", folder.prefix());
         let store = ConsulStore {
             folder,
             session: tokio::sync::Mutex::new(None),
@@ -444,11 +444,6 @@ pub fn local_version(value: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     value.hash(&mut hasher);
     hasher.finish().max(1)
-}
-
-/// The start of the names of the sessions of the edges on `folder`.
-fn session_prefix(folder: &KvFolder) -> String {
-    format!("weft-acme {} ", folder.prefix())
 }
 
 impl ConsulStore {

@@ -12,7 +12,9 @@
 //! PUT    /v1/session/renew/<id>              every TTL/2; 404: invalidated
 //! PUT    /v1/kv/<prefix>/<key>?acquire=<id>  take a lock: true, or false if another holds it
 //! PUT    /v1/kv/<prefix>/<key>?release=<id>  give it back
-//! GET    /v1/kv/<prefix>/<folder>/?keys  the keys below a folder (acknowledgements)
+//! GET    /v1/kv/<prefix>/<folder>/?keys     the keys below a folder (acknowledgements)
+//! GET    /v1/kv/<prefix>/<folder>/?recurse  its entries, with their holders (edges' lists)
+//! DELETE /v1/kv/<prefix>/<folder>/?recurse  delete them (a challenge's acknowledgements)
 //! PUT    /v1/txn  [check-session <lock>, set|delete <key>]  a write fenced by the lock:
 //!                                    409 (rolled back) once the session no longer holds it
 //! ```
@@ -331,16 +333,11 @@ impl KvFolder {
 
     /// The value at `key` (a read that does not block); `None` when there is no such key.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ConsulError> {
-        Ok(self.entry(key).await?.map(|entry| entry.value))
-    }
-
-    /// The entry at `key`, with its version and lock holder; `None` when there is none.
-    pub async fn entry(&self, key: &str) -> Result<Option<KvEntry>, ConsulError> {
         let url = self.client.url(&self.segments(key));
         let answer = self.client.get(url.clone(), 0, &[]).await?;
         let entries =
             decode_entries(&answer.body).map_err(|message| ConsulError::decode(url, message))?;
-        Ok(entries.into_iter().next())
+        Ok(entries.into_iter().next().map(|entry| entry.value))
     }
 
     /// Writes `value` at `key`, whatever is there. Whether it was written.
