@@ -7,6 +7,7 @@
 //! - [`sources`]: where service definitions come from (services file, Consul, Marathon), each
 //!   configured source listed once for the single read and the running tasks.
 //! - [`network`]: the weave network's layout (bridge addresses), allowed networks.
+//! - [`pages`]: the daemon's memory in small pages, HAProxy's in the host's.
 //! - [`bridge`]: keeps this host's weave bridge up (netlink), beside the data flow.
 //! - [`model`]: the sources' reports in, the routing table out: every input validated, drops
 //!   with reasons.
@@ -19,7 +20,7 @@
 //! - [`demo`]: the embedded default: demo backends and services for `weft demo`.
 //!
 //! Imports run one way, and not in the data's order: a module uses only the modules to its
-//! left in `escape <- network <- model <- config <- sources <- slots <- render <- haproxy <-
+//! left in `escape <- pages <- network <- model <- config <- sources <- slots <- render <- haproxy <-
 //! bridge <- metrics <- status <- controller <- demo` (the binary, `main.rs`, on top). The model owns
 //! what the sources report (its input), and config owns the defaults it fills in, so neither
 //! looks up. `cargo test --test layers` checks it, test modules included.
@@ -33,6 +34,7 @@ pub mod haproxy;
 pub mod metrics;
 pub mod model;
 pub mod network;
+pub mod pages;
 pub mod render;
 pub mod slots;
 pub mod sources;

@@ -122,6 +122,11 @@ fn main() -> ExitCode {
         // The same fields as the text lines, the span's among them; one object a line.
         LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
     }
+    if matches!(cli.command, Command::Run { .. }) {
+        // The daemon's footprint before a first touch's speed (see the module), from before
+        // the runtime's threads touch their first pages.
+        weft::pages::keep_small();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first: a module may use only the modules to its left.
 const ORDER: &[&str] = &[
     "escape",
+    "pages",
     "network",
     "model",
     "config",

@@ -290,7 +290,8 @@ impl Managed {
         let (reader, writer) =
             open_output(&launch.output_fifo, output.clone()).map_err(spawn_err)?;
         let stderr = writer.try_clone().map_err(spawn_err)?;
-        let spawned = super::scrub_env(&mut Command::new(&launch.binary))
+        let mut command = Command::new(&launch.binary);
+        super::scrub_env(&mut command)
             .arg("-W")
             .arg("-S")
             .arg(format!("{},mode,600", launch.master_socket.display()))
@@ -301,8 +302,9 @@ impl Managed {
             .stdin(Stdio::null())
             .stdout(writer)
             .stderr(stderr)
-            .process_group(0)
-            .spawn();
+            .process_group(0);
+        // HAProxy runs with the host's huge page setting, not the daemon's own (see pages).
+        let spawned = crate::pages::spawn_with_host_pages(|| command.spawn());
         let child = match spawned {
             Ok(child) => child,
             Err(source) => {
