@@ -122,12 +122,21 @@ fn main() -> ExitCode {
         // The same fields as the text lines, the span's among them; one object a line.
         LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
     }
+    let daemon = matches!(cli.command, Command::Run { .. } | Command::Demo { .. });
     if matches!(cli.command, Command::Run { .. }) {
         // The daemon's footprint before a first touch's speed (see the module), from before
         // the runtime's threads touch their first pages.
         weft::pages::keep_small();
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A one-shot command (render, check, status, ...) waits on one thing at a time: one thread,
+    // none to start and no hand-over between threads for each chunk of an answer it reads.
+    let runtime = match daemon {
+        true => tokio::runtime::Runtime::new(),
+        false => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("weft: cannot start the runtime: {err}");
@@ -456,6 +465,7 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
             Err(err) => failures.push(format!("source {}: {err}", err.source_id())),
         }
     }
+    tracing::debug!("sources read");
     let refs: Vec<&SourceReport> = reports.iter().collect();
     let ledger = match weft::controller::claims::LocalStore::open(&config.haproxy.run_dir) {
         Ok(store) => store.ledger(),
@@ -465,7 +475,9 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
         }
     };
     let model = config.model_settings(weft::network::own_addresses());
-    (build(&refs, &model, &ledger), failures)
+    let built = build(&refs, &model, &ledger);
+    tracing::debug!("table built");
+    (built, failures)
 }
 
 async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -496,9 +508,15 @@ async fn render_once(config: &Config, out: Option<PathBuf>) -> anyhow::Result<Ex
             let dir = std::path::absolute(&dir)?;
             let settings = RenderSettings::new(&config.haproxy, &dir, &default_cert(config)?);
             let rendered = render(&built.table, &settings)?;
+            tracing::debug!("rendered");
             stage(&dir, &rendered)?;
+            tracing::debug!("written");
+            // The process ends here, and its memory with it: freeing 10,000 services first
+            // would only make the operator wait.
+            std::mem::forget(rendered);
         }
     }
+    std::mem::forget(built);
     Ok(if failures.is_empty() {
         ExitCode::SUCCESS
     } else {

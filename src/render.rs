@@ -395,6 +395,11 @@ pub fn rerender(
     render_sections(table, slots, settings, Some(previous))
 }
 
+/// A table with at least this many routes has its maps written on a thread beside its sections.
+const MAPS_APART: usize = 1000;
+/// About the bytes of a backend's section (a first render's buffer is sized from it).
+const SECTION_GUESS: usize = 200;
+
 fn render_sections(
     table: &RoutingTable,
     slots: &Slots,
@@ -437,10 +442,29 @@ fn render_sections(
         },
     };
     // About the size of the last one: the sections are most of it.
-    let mut config = String::with_capacity(previous.map_or(0, |(_, r)| r.config.len() + 4096));
+    let mut config = String::with_capacity(
+        previous.map_or(slots.backends.len() * SECTION_GUESS, |(_, r)| {
+            r.config.len() + 4096
+        }),
+    );
     head.render_into(&mut config)?;
-    let sections = render_backends(slots, previous, &mut config)?;
-    let (hosts_map, paths_map, wildcards_map) = render_maps(table, slots);
+    // A large table's maps are written beside its sections, on a thread of their own.
+    let (sections, (hosts_map, paths_map, wildcards_map)) = if table.routes.len() >= MAPS_APART {
+        std::thread::scope(|scope| {
+            let maps = scope.spawn(|| render_maps(table, slots));
+            let sections = render_backends(slots, previous, &mut config);
+            let maps = maps
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (sections, maps)
+        })
+    } else {
+        (
+            render_backends(slots, previous, &mut config),
+            render_maps(table, slots),
+        )
+    };
+    let sections = sections?;
     let tls = settings
         .tls
         .as_ref()

@@ -3,8 +3,6 @@
 //! version added or moved some). Apps, and the tasks inside each, are decoded one by one: an
 //! app or task that does not decode is dropped with its reason, never the whole answer.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 use crate::sources::nullable;
@@ -18,14 +16,37 @@ pub struct AppsResponse {
 }
 
 /// An app's labels, sorted by name: a list, as apps carry a few (a map's node would cost
-/// ten times the memory, and weft keeps every app between fetches).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(from = "BTreeMap<String, String>")]
+/// ten times the memory, and weft keeps every app between fetches). Read straight into the
+/// list; of two labels of one name, the last counts, as a map would keep it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Labels(Vec<(String, String)>);
 
-impl From<BTreeMap<String, String>> for Labels {
-    fn from(map: BTreeMap<String, String>) -> Labels {
-        Labels(map.into_iter().collect())
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Labels, D::Error> {
+        struct List;
+        impl<'de> serde::de::Visitor<'de> for List {
+            type Value = Labels;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Labels, A::Error> {
+                let mut labels = Vec::new();
+                while let Some(label) = map.next_entry::<String, String>()? {
+                    labels.push(label);
+                }
+                // Last first, so that a stable sort keeps the last of one name first.
+                labels.reverse();
+                labels.sort_by(|a, b| a.0.cmp(&b.0));
+                labels.dedup_by(|later, kept| later.0 == kept.0);
+                Ok(Labels(labels))
+            }
+        }
+        deserializer.deserialize_map(List)
     }
 }
 
@@ -351,6 +372,15 @@ pub fn decode_apps(body: &[u8]) -> Result<AppsResponse, String> {
     records::decode_answer(body)
 }
 
+/// The same answer as [`decode_apps`] gives, a large one decoded in two halves at once
+/// ([`records::decode_in_halves`]); the body is as it was afterwards.
+pub fn decode_apps_in_place(body: &mut [u8]) -> Result<AppsResponse, String> {
+    match records::decode_in_halves(body, "apps", br#"{"id":"/"#) {
+        Some(apps) => Ok(AppsResponse { apps }),
+        None => decode_apps(body),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,5 +526,107 @@ mod tests {
             apps.apps.dropped[0].reason,
             "tasks: invalid type: map, expected an array"
         );
+    }
+
+    #[test]
+    fn labels_read_as_a_sorted_list_the_last_of_a_name_kept() {
+        let apps =
+            decode_apps(br#"{"apps":[{"id":"/a","labels":{"b":"1","a":"2","b":"3"}}]}"#).unwrap();
+        let labels = &apps.apps.records[0].labels;
+        assert_eq!(labels.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!((labels.get("a"), labels.get("b")), (Some("2"), Some("3")));
+    }
+
+    /// A large answer as Marathon writes it (no whitespace), `count` apps of 3 tasks, each app's
+    /// `extra` text (raw JSON) after its id.
+    fn large_answer(count: usize, extra: impl Fn(usize) -> String) -> String {
+        let apps: Vec<String> = (0..count)
+            .map(|i| {
+                let tasks: Vec<String> = (0..3)
+                    .map(|t| format!(r#"{{"id":"app-{i}.{t}","host":"10.0.0.1","ports":[31000],"ipAddresses":[{{"ipAddress":"10.2.1.{}"}}],"state":"TASK_RUNNING","startedAt":"2016-02-01T22:14:03.432Z"}}"#, t + 2))
+                    .collect();
+                format!(
+                    r#"{{"id":"/app-{i}"{},"labels":{{"HAPROXY_GROUP":"external","HAPROXY_0_VHOST":"app-{i}.test"}},"container":{{"type":"DOCKER","portMappings":[{{"containerPort":8080,"servicePort":{}}}]}},"tasks":[{}]}}"#,
+                    extra(i),
+                    10000 + i,
+                    tasks.join(",")
+                )
+            })
+            .collect();
+        format!(r#"{{"apps":[{}]}}"#, apps.join(","))
+    }
+
+    /// Decoded in place, `body` gives the answer [`decode_apps`] gives, and is as it was.
+    fn halves_agree(body: &str) {
+        let mut bytes = body.as_bytes().to_vec();
+        let in_place = decode_apps_in_place(&mut bytes).unwrap();
+        assert_eq!(bytes, body.as_bytes(), "the body is restored");
+        let one_pass = decode_apps(body.as_bytes()).unwrap();
+        assert_eq!(format!("{in_place:?}"), format!("{one_pass:?}"));
+    }
+
+    #[test]
+    fn a_large_answer_decoded_in_halves_is_the_one_pass_answer() {
+        let body = large_answer(2500, |_| String::new());
+        assert!(body.len() >= records::HALVES_FROM);
+        let mut bytes = body.clone().into_bytes();
+        let halves: Records<MarathonApp> =
+            records::decode_in_halves(&mut bytes, "apps", br#"{"id":"/"#).expect("split");
+        assert_eq!(halves.records.len(), 2500);
+        assert_eq!(halves.records[1250].id, "/app-1250");
+        halves_agree(&body);
+        // Trailing whitespace, and a small answer (one thread).
+        halves_agree(&format!("{body} \n"));
+        halves_agree(&large_answer(10, |_| String::new()));
+    }
+
+    /// Texts that look like a record's start where none is: in a string (escaped quotes),
+    /// inside an app (a nested object whose id starts with `/`), and after the list (another
+    /// key). The halves either find the real boundary or give way; the answer is the same.
+    #[test]
+    fn a_false_boundary_is_caught_and_the_answer_the_same() {
+        let in_string = large_answer(2500, |i| format!(r#","cmd":"echo '}},{{\"id\":\"/x{i}'""#));
+        let nested = large_answer(2500, |i| {
+            format!(r#","dependencies":[{{"id":"/dep"}},{{"id":"/dep-{i}"}}]"#)
+        });
+        for body in [&in_string, &nested] {
+            halves_agree(body);
+        }
+        // A key after the list, whose objects look like apps, and past the middle: the halves
+        // give way, the body as it was.
+        let apps = large_answer(1, |_| String::new());
+        let list: Vec<String> = (0..100_000)
+            .map(|i| format!(r#"{{"id":"/q{i}"}}"#))
+            .collect();
+        let other_key = format!(
+            r#"{},"other":[{}]}}"#,
+            &apps[..apps.len() - 1],
+            list.join(",")
+        );
+        assert!(other_key.len() >= records::HALVES_FROM);
+        halves_agree(&other_key);
+        let mut other = other_key.clone().into_bytes();
+        let halves = records::decode_in_halves::<MarathonApp>(&mut other, "apps", br#"{"id":"/"#);
+        assert!(halves.is_none());
+        assert_eq!(other, other_key.as_bytes());
+    }
+
+    /// An app that does not decode, in either half: the answer is decoded the usual way, the
+    /// app dropped with its reason.
+    #[test]
+    fn a_bad_app_in_a_large_answer_is_dropped_as_before() {
+        for bad in [100, 2400] {
+            let body = large_answer(2500, |i| {
+                if i == bad {
+                    r#","instances":-1,"portDefinitions":[{"port":-1}]"#.to_string()
+                } else {
+                    String::new()
+                }
+            });
+            halves_agree(&body);
+            let apps = decode_apps_in_place(&mut body.clone().into_bytes()).unwrap();
+            assert_eq!(apps.apps.records.len(), 2499);
+            assert_eq!(apps.apps.dropped.len(), 1);
+        }
     }
 }

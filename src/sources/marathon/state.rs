@@ -75,16 +75,37 @@ pub struct Apps {
     changed: bool,
 }
 
+/// Answers with at least this many apps have their services worked out in two halves at once.
+const APPS_IN_HALVES: usize = 1000;
+
 impl Apps {
     /// The state a full `/v2/apps?embed=apps.tasks` answer gives.
     pub fn from_full(answer: api::AppsResponse, settings: &RoutingSettings) -> Apps {
         let broken = answer.apps.rejected("app", |app| app.subject("app"));
-        let entries = answer
-            .apps
-            .records
-            .into_iter()
-            .map(|app| (app.id.clone(), Entry::app(app, settings)))
-            .collect();
+        let mut first = answer.apps.records;
+        let entries = |apps: Vec<api::MarathonApp>| -> Vec<(String, Entry)> {
+            apps.into_iter()
+                .map(|app| (app.id.clone(), Entry::app(app, settings)))
+                .collect()
+        };
+        // A large answer's apps in two halves at once, as it was decoded (see
+        // records::decode_in_halves): each app's services are its own.
+        let entries = if first.len() >= APPS_IN_HALVES {
+            let second = first.split_off(first.len() / 2);
+            std::thread::scope(|scope| {
+                let second = scope.spawn(|| entries(second));
+                let mut first = entries(first);
+                first.extend(
+                    second
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+                first
+            })
+        } else {
+            entries(first)
+        };
+        let entries = entries.into_iter().collect();
         Apps {
             settings: settings.clone(),
             entries,
