@@ -477,6 +477,8 @@ async fn build_once(config: &Config) -> (weft::model::Built, Vec<String>) {
     let model = config.model_settings(weft::network::own_addresses());
     let built = build(&refs, &model, &ledger);
     tracing::debug!("table built");
+    // A one-shot command ends soon: freeing the definitions would only make it wait.
+    std::mem::forget(reports);
     (built, failures)
 }
 

@@ -168,16 +168,18 @@ pub const HALVES_FROM: usize = 1 << 20;
 /// A large answer of the shape `{"<key>":[record,record,...]}` (as Marathon writes it: no
 /// whitespace), decoded in two halves, one on a thread of its own: on a machine with two
 /// cores, about half the time. `record_start` is how a record of the list begins (for
-/// Marathon's apps, `{"id":"/`), to find a `,` between two of them near the middle.
+/// Marathon's apps, `{"id":"/`), to find the `,`s between records near the middle.
 ///
-/// The split is only a guess, and the decode checks it: the first half must be a whole JSON
-/// list (`[` up to the `,`, closed there), and the second half one too (opened there, up to the
-/// list's `]`), followed by the answer's closing `}`. Text cannot pass both checks unless the
-/// `,` separates two records of that very list: inside a string, or deeper inside a record,
-/// the brackets would not close. Anything else (an answer too small or of another shape, no
-/// such `,`, a record that does not decode) returns `None`, and the caller decodes the answer
-/// the usual way ([`decode_answer`]): the halves are only faster, never different. The `,` is
-/// written over for the decode (one half reads in place, the other is copied) and restored.
+/// The split is only a guess, and the decode checks it. It takes the first two such `,`s after
+/// the middle: the first half runs from the list's `[` to the first `,` (a `]` written there),
+/// the one record between the two `,`s is decoded on its own, and the second half runs from
+/// the second `,` (a `[` written there) to the list's `]`, followed by the answer's closing
+/// `}`. Each part must decode whole, with nothing left over, which text cannot do unless both
+/// `,`s separate records of that very list: inside a string, or deeper inside a record, the
+/// brackets would not close. Anything else (an answer too small or of another shape, no such
+/// `,`s, a record that does not decode) returns `None`, and the caller decodes the answer the
+/// usual way ([`decode_answer`]): the halves are only faster, never different. The two bytes
+/// are restored afterwards; nothing is copied.
 pub fn decode_in_halves<T: Record + Send>(
     body: &mut [u8],
     key: &str,
@@ -189,34 +191,35 @@ pub fn decode_in_halves<T: Record + Send>(
         return None;
     }
     let middle = len / 2;
-    let at = middle
-        + memchr::memmem::find_iter(&body[middle..len], record_start)
-            .find(|&found| body[middle + found - 1] == b',')?
-        - 1;
-    body[at] = b']';
-    let list = open.len() - 1;
-    let (first, second) = {
-        let (head, tail) = body.split_at(at + 1);
-        // The second half without the answer's `}`, opened with its own `[`.
-        let tail = &tail[..len - at - 2];
+    let (close, reopen) = {
+        let mut commas = memchr::memmem::find_iter(&body[middle..len], record_start)
+            .map(|found| middle + found - 1)
+            .filter(|&comma| body[comma] == b',');
+        (commas.next()?, commas.next()?)
+    };
+    body[close] = b']';
+    body[reopen] = b'[';
+    let (first, between, second) = {
+        let body = &*body;
+        let (first, between) = (&body[open.len() - 1..=close], &body[close + 1..reopen]);
+        // Without the answer's `}`.
+        let second = &body[reopen..len - 1];
         std::thread::scope(|scope| {
-            let second = scope.spawn(|| {
-                let mut copy = Vec::with_capacity(tail.len() + 1);
-                copy.push(b'[');
-                copy.extend_from_slice(tail);
-                whole_list::<T>(&copy)
-            });
-            (whole_list::<T>(&head[list..]), second.join().ok().flatten())
+            let second = scope.spawn(|| whole::<Records<T>>(second));
+            let first = whole::<Records<T>>(first);
+            (first, whole::<T>(between), second.join().ok().flatten())
         })
     };
-    body[at] = b',';
-    let (mut first, second) = (first?, second?);
-    first.records.extend(second.records);
-    Some(first)
+    body[close] = b',';
+    body[reopen] = b',';
+    let (mut records, between, second) = (first?, between?, second?);
+    records.records.push(between);
+    records.records.extend(second.records);
+    Some(records)
 }
 
-/// `text` as one JSON list of records, every one decoded, nothing after it.
-fn whole_list<T: Record>(text: &[u8]) -> Option<Records<T>> {
+/// `text` as one JSON value, every record in it decoded, nothing after it.
+fn whole<T: DeserializeOwned>(text: &[u8]) -> Option<T> {
     let text = std::str::from_utf8(text).ok()?;
     in_one_pass(|| serde_json::from_str(text)).ok()
 }
