@@ -385,11 +385,7 @@ pub async fn read_once(
         host_ports: config.host_ports,
     };
     let client = Client::new(config)?;
-    let apps = Apps::from_full(client.fetch_apps().await?, &settings);
-    let (services, rejected) = apps.content();
-    // Freeing 10,000 apps takes milliseconds nothing needs to wait for (if no thread can be
-    // had, they are freed here).
-    let _ = std::thread::Builder::new().spawn(move || drop(apps));
+    let (services, rejected) = Apps::content_of_full(client.fetch_apps().await?, &settings);
     Ok(SourceReport {
         certificates: Default::default(),
         challenges: Default::default(),

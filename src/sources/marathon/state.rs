@@ -78,40 +78,66 @@ pub struct Apps {
 /// Answers with at least this many apps have their services worked out in two halves at once.
 const APPS_IN_HALVES: usize = 1000;
 
+/// `each` of a large answer's apps, in two halves at once, as the answer was decoded (see
+/// records::decode_in_halves): each app's services are its own. In the answer's order.
+fn in_halves<T: Send>(
+    mut apps: Vec<MarathonApp>,
+    each: impl Fn(MarathonApp) -> T + Sync,
+) -> Vec<T> {
+    let all = |apps: Vec<MarathonApp>| apps.into_iter().map(&each).collect::<Vec<T>>();
+    if apps.len() < APPS_IN_HALVES {
+        return all(apps);
+    }
+    let second = apps.split_off(apps.len() / 2);
+    std::thread::scope(|scope| {
+        let second = scope.spawn(|| all(second));
+        let mut first = all(apps);
+        first.extend(
+            second
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        );
+        first
+    })
+}
+
 impl Apps {
     /// The state a full `/v2/apps?embed=apps.tasks` answer gives.
     pub fn from_full(answer: api::AppsResponse, settings: &RoutingSettings) -> Apps {
         let broken = answer.apps.rejected("app", |app| app.subject("app"));
-        let mut first = answer.apps.records;
-        let entries = |apps: Vec<api::MarathonApp>| -> Vec<(String, Entry)> {
-            apps.into_iter()
-                .map(|app| (app.id.clone(), Entry::app(app, settings)))
-                .collect()
-        };
-        // A large answer's apps in two halves at once, as it was decoded (see
-        // records::decode_in_halves): each app's services are its own.
-        let entries = if first.len() >= APPS_IN_HALVES {
-            let second = first.split_off(first.len() / 2);
-            std::thread::scope(|scope| {
-                let second = scope.spawn(|| entries(second));
-                let mut first = entries(first);
-                first.extend(
-                    second
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                );
-                first
-            })
-        } else {
-            entries(first)
-        };
-        let entries = entries.into_iter().collect();
+        let entries = in_halves(answer.apps.records, |app| {
+            (app.id.clone(), Entry::app(app, settings))
+        });
         Apps {
             settings: settings.clone(),
-            entries,
+            entries: entries.into_iter().collect(),
             broken,
             changed: true,
         }
+    }
+
+    /// What `Apps::from_full(answer, settings).content()` gives, without keeping the apps (for
+    /// `weft render` and `weft check`, which read them once): each app is freed once its
+    /// services are worked out, and its memory taken by the next one's.
+    pub fn content_of_full(
+        answer: api::AppsResponse,
+        settings: &RoutingSettings,
+    ) -> (Vec<Arc<ServiceDef>>, Vec<Rejected>) {
+        let mut rejected = answer.apps.rejected("app", |app| app.subject("app"));
+        let mut apps = in_halves(answer.apps.records, |app| {
+            let (services, rejected) = app_services(&app, settings);
+            (app.id, services, rejected)
+        });
+        // In id order, the last of one id kept: as the state's map has them.
+        apps.reverse();
+        apps.sort_by(|a, b| a.0.cmp(&b.0));
+        apps.dedup_by(|later, kept| later.0 == kept.0);
+        let mut services = Vec::with_capacity(apps.iter().map(|app| app.1.len()).sum());
+        for (_, own, own_rejected) in apps {
+            services.extend(own.into_iter().map(Arc::new));
+            rejected.extend(own_rejected);
+        }
+        (services, rejected)
     }
 
     /// Whether the services may have changed since the last call.
@@ -586,6 +612,33 @@ mod tests {
         assert!(is_app_id("/team/shop-1.v2"));
         for bad in ["shop", "/", "/a//b", "/a/../b", "/A", "/a?b", "/a%2f"] {
             assert!(!is_app_id(bad), "{bad}");
+        }
+    }
+
+    /// Read once, an answer gives what the state made of it gives: the same services and
+    /// rejections in the same order, also for a large answer (worked out in halves) whose ids
+    /// are out of order and repeated, with apps that do not decode.
+    #[test]
+    fn content_of_full_is_the_states_content() {
+        let app = |i: usize| {
+            format!(
+                r#"{{"id":"/app-{i}","labels":{{"HAPROXY_GROUP":"external","HAPROXY_0_VHOST":"app-{}.test"}},"container":{{"portMappings":[{{"containerPort":8080}}]}},"tasks":[{{"id":"app-{i}.1","ipAddresses":[{{"ipAddress":"10.2.1.{}"}}],"ports":[31000],"state":"TASK_RUNNING","startedAt":"x"}}]}}"#,
+                i % 1900,
+                i % 250 + 2
+            )
+        };
+        let mut list: Vec<String> = (0..2400).rev().map(app).collect();
+        list.push(app(7).replace("app-7.test", "seven.test"));
+        list.push(r#"{"id":"/bad","instances":-1,"labels":{"HAPROXY_0_VHOST":5}}"#.into());
+        list.push(r#"{"id":"/no-port","labels":{"HAPROXY_0_VHOST":"np.test"},"tasks":[{"id":"t","ipAddresses":[{"ipAddress":"10.2.1.9"}],"state":"TASK_RUNNING","startedAt":"x"}]}"#.into());
+        let large = format!(r#"{{"apps":[{}]}}"#, list.join(","));
+        let zdd = String::from_utf8(crate::sources::fixture("marathon/zdd_apps.json")).unwrap();
+        for body in [&large, &zdd] {
+            let answer = || api::decode_apps(body.as_bytes()).unwrap();
+            let state = Apps::from_full(answer(), &settings()).content();
+            let once = Apps::content_of_full(answer(), &settings());
+            assert!(!state.0.is_empty() && !state.1.is_empty() || body == &zdd);
+            assert_eq!(format!("{once:?}"), format!("{state:?}"));
         }
     }
 }
