@@ -494,6 +494,43 @@ fn render_backends(
     previous: Option<(&Slots, &Rendered)>,
     config: &mut String,
 ) -> Result<Vec<Range<usize>>, askama::Error> {
+    let count = slots.backends.len();
+    if count < MAPS_APART {
+        return render_some(slots.backends.iter(), previous, config);
+    }
+    // A large table's sections in two halves at once, the second into a text of its own that
+    // is then appended.
+    let half = count / 2;
+    let room = config.capacity().saturating_sub(config.len()) / 2;
+    let (first, second) = std::thread::scope(|scope| {
+        let second = scope.spawn(|| {
+            let mut text = String::with_capacity(room);
+            render_some(slots.backends.iter().skip(half), previous, &mut text)
+                .map(|sections| (text, sections))
+        });
+        let first = render_some(slots.backends.iter().take(half), previous, config);
+        let second = second
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (first, second)
+    });
+    let (mut sections, (text, second)) = (first?, second?);
+    let base = config.len();
+    config.push_str(&text);
+    sections.extend(
+        second
+            .into_iter()
+            .map(|span| span.start + base..span.end + base),
+    );
+    Ok(sections)
+}
+
+/// The sections of `backends` (in name order) appended to `config`; their spans in it.
+fn render_some<'a>(
+    backends: impl Iterator<Item = (&'a String, &'a Declared)>,
+    previous: Option<(&Slots, &Rendered)>,
+    config: &mut String,
+) -> Result<Vec<Range<usize>>, askama::Error> {
     // The previous sections, in name order beside their backends (as they were rendered); a
     // rendered without sections (not rendered here) lends none.
     let mut before = previous
@@ -502,8 +539,8 @@ fn render_backends(
             let sections = slots.backends.iter().zip(rendered.sections.iter());
             (sections.peekable(), rendered.config.as_str())
         });
-    let mut sections = Vec::with_capacity(slots.backends.len());
-    for (name, declared) in &slots.backends {
+    let mut sections = Vec::with_capacity(backends.size_hint().0);
+    for (name, declared) in backends {
         let start = config.len();
         let same = before.as_mut().and_then(|(old, text)| {
             while old.next_if(|((old, _), _)| *old < name).is_some() {}
@@ -992,5 +1029,41 @@ mod tests {
         };
         let again = rerender((&slots, &bare), &moved, &slots, &live).unwrap();
         assert_eq!(again, render_with(&moved, &slots, &live).unwrap());
+    }
+
+    /// A large table's sections are rendered in two halves at once: the text is the one a
+    /// single pass gives, each span is its own backend's, and a rerender after a move (in the
+    /// second half) copies the rest and equals a full render.
+    #[test]
+    fn a_large_tables_sections_in_halves_are_one_pass_text() {
+        let services: Vec<ServiceDef> = (0..1500)
+            .map(|i| {
+                let host = format!("s{i}.example.com");
+                let server = format!("10.2.{}.{}:80", i / 200 + 1, i % 200 + 2);
+                svc(&format!("s{i}"), &[&host], None, &[&server])
+            })
+            .collect();
+        let big = table(services);
+        let live = settings();
+        let slots = Slots::assign(&Slots::default(), &big, live.pool);
+        assert!(slots.backends.len() >= MAPS_APART);
+        let rendered = render_with(&big, &slots, &live).unwrap();
+        let mut one_pass = String::new();
+        render_some(slots.backends.iter(), None, &mut one_pass).unwrap();
+        let (start, end) = (
+            rendered.sections[0].start,
+            rendered.sections.last().unwrap().end,
+        );
+        assert_eq!(&rendered.config[start..end], one_pass);
+        assert_eq!(end, rendered.config.len());
+        for ((name, _), span) in slots.backends.iter().zip(&rendered.sections) {
+            assert!(rendered.config[span.clone()].starts_with(&format!("\nbackend {name}\n")));
+        }
+        let mut moved = big.clone();
+        let last = ServiceName::parse("s999").unwrap();
+        moved.backends.get_mut(&last).unwrap().servers = ["10.2.9.9:80".parse().unwrap()].into();
+        let next = Slots::assign(&slots, &moved, live.pool);
+        let again = rerender((&slots, &rendered), &moved, &next, &live).unwrap();
+        assert_eq!(again, render_with(&moved, &next, &live).unwrap());
     }
 }
