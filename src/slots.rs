@@ -185,8 +185,9 @@ impl Slots {
     /// servers plus [`headroom`], keeping each server's slot where it ran on that backend
     /// before, and `pool.spares` free spares of the flavour most services have.
     pub fn pack(previous: &Slots, table: &RoutingTable, pool: Pool) -> Slots {
-        let mut backends = BTreeMap::new();
-        let mut serving = BTreeMap::new();
+        // Lists, made maps at the end: built from sorted lists, not entry by entry.
+        let mut backends = Vec::with_capacity(table.backends.len() + pool.spares);
+        let mut serving = Vec::with_capacity(table.backends.len());
         // How many services each flavour has, and where it was first seen.
         let mut flavours: HashMap<Flavour, (usize, usize)> = HashMap::new();
         for (service, backend) in &table.backends {
@@ -213,8 +214,8 @@ impl Slots {
                 Some(declared) => declared.slots.clone(),
                 None => vec![None; capacity],
             };
-            backends.insert(name.clone(), fill(&Declared { flavour, slots }, backend));
-            serving.insert(service.clone(), name);
+            backends.push((name.clone(), fill(&Declared { flavour, slots }, backend)));
+            serving.push((service.clone(), name));
         }
         // The most common flavour; the first seen (in service name order) on a tie.
         let flavour = flavours
@@ -227,9 +228,12 @@ impl Slots {
                 flavour: flavour.clone(),
                 slots: vec![None; pool.spare_slots.max(1)],
             };
-            backends.insert(format!("{SPARE_PREFIX}{n}"), spare);
+            backends.push((format!("{SPARE_PREFIX}{n}"), spare));
         }
-        Slots { backends, serving }
+        Slots {
+            backends: backends.into_iter().collect(),
+            serving: serving.into_iter().collect(),
+        }
     }
 
     /// The HAProxy backend that serves `service`.
