@@ -246,7 +246,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                     .insert(&def.name);
             }
         }
-        for def in &report.services {
+        let checked = validate_all(report.source, &report.services, settings);
+        for (def, (valid, drops)) in report.services.iter().zip(checked) {
             if has_upper(&def.name) {
                 let lower = def.name.to_ascii_lowercase();
                 if spellings.get(&lower).is_some_and(|s| s.len() > 1) {
@@ -261,8 +262,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                     continue;
                 }
             }
-            let Some((name, backend, keys)) = validate(report.source, def, settings, &mut built)
-            else {
+            built.dropped.extend(drops);
+            let Some((name, backend, keys)) = valid else {
                 continue;
             };
             if !seen.insert(name.clone()) {
@@ -577,14 +578,51 @@ fn validate_check_timeout(raw: &str) -> Result<Duration, String> {
 /// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,
 /// balance or check drops the whole service (routing it differently from what was asked would
 /// be worse than not routing it).
+/// A definition validated: its name, backend and routes, or `None`; and what of it is dropped.
+type Validated = (Option<(ServiceName, Backend, Vec<RouteKey>)>, Vec<Dropped>);
+
+/// Reports with at least this many definitions have them validated in two halves at once.
+const VALIDATE_IN_HALVES: usize = 1000;
+
+/// Every definition of a report validated on its own ([`validate`]), in order: a large report
+/// in two halves at once (each definition's checks are its own).
+fn validate_all(
+    source: SourceId,
+    services: &[Arc<ServiceDef>],
+    settings: &ModelSettings,
+) -> Vec<Validated> {
+    let each = |defs: &[Arc<ServiceDef>]| -> Vec<Validated> {
+        defs.iter()
+            .map(|def| {
+                let mut dropped = Vec::new();
+                (validate(source, def, settings, &mut dropped), dropped)
+            })
+            .collect()
+    };
+    if services.len() < VALIDATE_IN_HALVES {
+        return each(services);
+    }
+    let (first, second) = services.split_at(services.len() / 2);
+    std::thread::scope(|scope| {
+        let second = scope.spawn(|| each(second));
+        let mut first = each(first);
+        first.extend(
+            second
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        );
+        first
+    })
+}
+
 fn validate(
     source: SourceId,
     def: &ServiceDef,
     settings: &ModelSettings,
-    built: &mut Built,
+    dropped: &mut Vec<Dropped>,
 ) -> Option<(ServiceName, Backend, Vec<RouteKey>)> {
     let mut drop = |subject: String, reason: String| {
-        built.dropped.push(Dropped {
+        dropped.push(Dropped {
             source,
             subject,
             reason,
