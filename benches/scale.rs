@@ -397,7 +397,15 @@ async fn run(size: usize) {
         percentile(&moves_written, 0.5),
         percentile(&moves_written, 0.99),
     );
-    println!("  weft RSS at the end: {weft_end:.1} MiB, peak {weft_peak:.1} MiB");
+    println!("  weft RSS right after the last move: {weft_end:.1} MiB, peak {weft_peak:.1} MiB");
+    // What the moves' work left behind once freed (the allocator hands pages back after a
+    // delay).
+    tokio::time::sleep(SETTLE).await;
+    let weft_settled = memory_mib(pid, "VmRSS");
+    println!(
+        "  weft RSS {} s after the moves: {weft_settled:.1} MiB",
+        SETTLE.as_secs()
+    );
 }
 
 fn main() {

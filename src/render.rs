@@ -395,7 +395,7 @@ pub fn rerender(
     render_sections(table, slots, settings, Some(previous))
 }
 
-/// A table with at least this many routes has its maps written on a thread beside its sections.
+/// A table with at least this many routes has its maps written beside its sections, at once.
 const MAPS_APART: usize = 1000;
 /// About the bytes of a backend's section (a first render's buffer is sized from it).
 const SECTION_GUESS: usize = 200;
@@ -448,16 +448,12 @@ fn render_sections(
         }),
     );
     head.render_into(&mut config)?;
-    // A large table's maps are written beside its sections, on a thread of their own.
+    // A large table's maps are written beside its sections, at once (rayon's pool).
     let (sections, (hosts_map, paths_map, wildcards_map)) = if table.routes.len() >= MAPS_APART {
-        std::thread::scope(|scope| {
-            let maps = scope.spawn(|| render_maps(table, slots));
-            let sections = render_backends(slots, previous, &mut config);
-            let maps = maps
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (sections, maps)
-        })
+        rayon::join(
+            || render_backends(slots, previous, &mut config),
+            || render_maps(table, slots),
+        )
     } else {
         (
             render_backends(slots, previous, &mut config),
@@ -502,18 +498,14 @@ fn render_backends(
     // is then appended.
     let half = count / 2;
     let room = config.capacity().saturating_sub(config.len()) / 2;
-    let (first, second) = std::thread::scope(|scope| {
-        let second = scope.spawn(|| {
+    let (first, second) = rayon::join(
+        || render_some(slots.backends.iter().take(half), previous, config),
+        || {
             let mut text = String::with_capacity(room);
             render_some(slots.backends.iter().skip(half), previous, &mut text)
                 .map(|sections| (text, sections))
-        });
-        let first = render_some(slots.backends.iter().take(half), previous, config);
-        let second = second
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (first, second)
-    });
+        },
+    );
     let (mut sections, (text, second)) = (first?, second?);
     let base = config.len();
     config.push_str(&text);

@@ -9,8 +9,6 @@ use crate::render::{Rendered, CERTS_DIR, EMPTY_SERVER_STATE, SERVER_STATE_FILE};
 
 /// The directory inside `run_dir` where candidates are checked before they are installed.
 pub const STAGING_DIR: &str = "staging";
-/// How many threads write a staged set of files at once (see [`stage`]).
-const WRITERS: usize = 4;
 /// The master's pid file, inside `run_dir`.
 pub const PID_FILE: &str = "haproxy.pid";
 
@@ -25,31 +23,16 @@ pub struct WriteError {
 /// Writes every file of `rendered` into `dir`, with an empty server state: the set that
 /// `haproxy -c -f dir/haproxy.cfg` checks when `rendered` was rendered for `dir`.
 ///
-/// The files are written by up to [`WRITERS`] threads at once: each is synced before it is
-/// renamed into place, and the disk takes several syncs at once about as fast as one.
+/// The files are written on weft's worker threads at once (rayon's pool, one per core): each
+/// is synced before it is renamed into place, and the disk takes several syncs at once about
+/// as fast as one.
 pub fn stage(dir: &Path, rendered: &Rendered) -> Result<(), WriteError> {
+    use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
     create_dir(dir)?;
-    let files = rendered.files();
-    let writers = WRITERS.min(files.len());
-    std::thread::scope(|scope| {
-        let writing: Vec<_> = (0..writers)
-            .map(|first| {
-                let files = &files;
-                scope.spawn(move || {
-                    files
-                        .iter()
-                        .skip(first)
-                        .step_by(writers)
-                        .try_for_each(|(name, content)| write_atomic(&dir.join(name), content))
-                })
-            })
-            .collect();
-        writing.into_iter().try_for_each(|writer| {
-            writer
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    })?;
+    rendered
+        .files()
+        .par_iter()
+        .try_for_each(|(name, content)| write_atomic(&dir.join(name), content))?;
     prune_certs(dir, rendered);
     write_atomic(&dir.join(SERVER_STATE_FILE), EMPTY_SERVER_STATE)
 }

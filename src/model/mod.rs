@@ -603,16 +603,9 @@ fn validate_all(
         return each(services);
     }
     let (first, second) = services.split_at(services.len() / 2);
-    std::thread::scope(|scope| {
-        let second = scope.spawn(|| each(second));
-        let mut first = each(first);
-        first.extend(
-            second
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-        );
-        first
-    })
+    let (mut first, second) = rayon::join(|| each(first), || each(second));
+    first.extend(second);
+    first
 }
 
 fn validate(

@@ -89,16 +89,9 @@ fn in_halves<T: Send>(
         return all(apps);
     }
     let second = apps.split_off(apps.len() / 2);
-    std::thread::scope(|scope| {
-        let second = scope.spawn(|| all(second));
-        let mut first = all(apps);
-        first.extend(
-            second
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-        );
-        first
-    })
+    let (mut first, second) = rayon::join(|| all(apps), || all(second));
+    first.extend(second);
+    first
 }
 
 impl Apps {
