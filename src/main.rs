@@ -367,9 +367,13 @@ fn reexec() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find weft's own binary")?;
     let text = exe.to_string_lossy();
     let exe = PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text));
-    let err = std::process::Command::new(&exe)
-        .args(std::env::args_os().skip(1))
-        .exec();
+    // The new image starts with the host's huge page setting, as a fresh weft would: the
+    // switch survives an exec, and the new image's HAProxy must not inherit weft's own choice.
+    let err = weft::pages::spawn_with_host_pages(|| {
+        std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .exec()
+    });
     Err(err).with_context(|| format!("cannot execute {}", exe.display()))
 }
 

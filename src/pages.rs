@@ -40,11 +40,19 @@ pub fn keep_small() {
     }
 }
 
-/// Runs `spawn` with the host's huge page setting, so that the process it starts inherits
-/// that rather than weft's own. The switch is the whole process's: while it is lifted (the
-/// few hundred microseconds of a spawn), weft's other threads may get a huge page too.
+/// Runs `spawn` with the host's huge page setting, so that the process it starts (or the
+/// image weft executes on SIGHUP: the switch survives an exec) inherits that rather than
+/// weft's own. The switch is the whole process's: while it is lifted (the few hundred
+/// microseconds of a spawn), weft's other threads may get a huge page too.
 pub fn spawn_with_host_pages<T>(spawn: impl FnOnce() -> T) -> T {
-    let lifted = TURNED_OFF.load(Ordering::SeqCst) && prctl::set_thp_disable(false).is_ok();
+    let lifted = TURNED_OFF.load(Ordering::SeqCst)
+        && match prctl::set_thp_disable(false) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot lift the transparent huge page switch for a child");
+                false
+            }
+        };
     let spawned = spawn();
     if lifted {
         if let Err(err) = prctl::set_thp_disable(true) {
@@ -86,5 +94,6 @@ mod tests {
         assert_eq!(lifted, inherited_before, "HAProxy keeps the host's setting");
         assert!(prctl::get_thp_disable().unwrap(), "and weft's stay small");
         prctl::set_thp_disable(before).unwrap();
+        TURNED_OFF.store(false, Ordering::SeqCst);
     }
 }

@@ -575,9 +575,6 @@ fn validate_check_timeout(raw: &str) -> Result<Duration, String> {
     }
 }
 
-/// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,
-/// balance or check drops the whole service (routing it differently from what was asked would
-/// be worse than not routing it).
 /// A definition validated: its name, backend and routes, or `None`; and what of it is dropped.
 type Validated = (Option<(ServiceName, Backend, Vec<RouteKey>)>, Vec<Dropped>);
 
@@ -608,6 +605,9 @@ fn validate_all(
     first
 }
 
+/// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,
+/// balance or check drops the whole service (routing it differently from what was asked would
+/// be worse than not routing it).
 fn validate(
     source: SourceId,
     def: &ServiceDef,

@@ -186,7 +186,13 @@ pub fn decode_in_halves<T: Record + Send>(
     record_start: &[u8],
 ) -> Option<Records<T>> {
     let open = format!("{{\"{key}\":[");
-    let len = body.trim_ascii_end().len();
+    // JSON's own whitespace only (`trim_ascii_end` would take a form feed too).
+    let len = body.len()
+        - body
+            .iter()
+            .rev()
+            .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+            .count();
     if len < HALVES_FROM || !body.starts_with(open.as_bytes()) || !body[..len].ends_with(b"]}") {
         return None;
     }

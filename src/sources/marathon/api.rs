@@ -577,6 +577,10 @@ mod tests {
         halves_agree(&body);
         // Trailing whitespace, and a small answer (one thread).
         halves_agree(&format!("{body} \n"));
+        // A form feed is no JSON whitespace: the answer fails either way.
+        let feed = format!("{body}\x0c");
+        assert!(decode_apps(feed.as_bytes()).is_err());
+        assert!(decode_apps_in_place(&mut feed.into_bytes()).is_err());
         halves_agree(&large_answer(10, |_| String::new()));
     }
 
