@@ -130,11 +130,12 @@ fn main() -> ExitCode {
     }
     // A one-shot command (render, check, status, ...) waits on one thing at a time: one thread,
     // none to start and no hand-over between threads for each chunk of an answer it reads.
-    let runtime = match daemon {
-        true => tokio::runtime::Runtime::new(),
-        false => tokio::runtime::Builder::new_current_thread()
+    let runtime = if daemon {
+        tokio::runtime::Runtime::new()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build(),
+            .build()
     };
     let runtime = match runtime {
         Ok(runtime) => runtime,

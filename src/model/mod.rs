@@ -582,27 +582,25 @@ type Validated = (Option<(ServiceName, Backend, Vec<RouteKey>)>, Vec<Dropped>);
 const VALIDATE_IN_HALVES: usize = 1000;
 
 /// Every definition of a report validated on its own ([`validate`]), in order: a large report
-/// in two halves at once (each definition's checks are its own).
+/// on rayon's pool (each definition's checks are its own).
 fn validate_all(
     source: SourceId,
     services: &[Arc<ServiceDef>],
     settings: &ModelSettings,
 ) -> Vec<Validated> {
-    let each = |defs: &[Arc<ServiceDef>]| -> Vec<Validated> {
-        defs.iter()
-            .map(|def| {
-                let mut dropped = Vec::new();
-                (validate(source, def, settings, &mut dropped), dropped)
-            })
-            .collect()
+    use rayon::iter::{IndexedParallelIterator, IntoParallelRefIterator, ParallelIterator};
+    let check = |def: &Arc<ServiceDef>| -> Validated {
+        let mut dropped = Vec::new();
+        (validate(source, def, settings, &mut dropped), dropped)
     };
     if services.len() < VALIDATE_IN_HALVES {
-        return each(services);
+        return services.iter().map(check).collect();
     }
-    let (first, second) = services.split_at(services.len() / 2);
-    let (mut first, second) = rayon::join(|| each(first), || each(second));
-    first.extend(second);
-    first
+    services
+        .par_iter()
+        .with_min_len(VALIDATE_IN_HALVES / 2)
+        .map(check)
+        .collect()
 }
 
 /// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,

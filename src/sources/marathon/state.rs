@@ -78,20 +78,20 @@ pub struct Apps {
 /// Answers with at least this many apps have their services worked out in two halves at once.
 const APPS_IN_HALVES: usize = 1000;
 
-/// `each` of a large answer's apps, in two halves at once, as the answer was decoded (see
+/// `each` of an answer's apps, a large answer's on rayon's pool, as it was decoded (see
 /// records::decode_in_halves): each app's services are its own. In the answer's order.
 fn in_halves<T: Send>(
-    mut apps: Vec<MarathonApp>,
-    each: impl Fn(MarathonApp) -> T + Sync,
+    apps: Vec<MarathonApp>,
+    each: impl Fn(MarathonApp) -> T + Sync + Send,
 ) -> Vec<T> {
-    let all = |apps: Vec<MarathonApp>| apps.into_iter().map(&each).collect::<Vec<T>>();
+    use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
     if apps.len() < APPS_IN_HALVES {
-        return all(apps);
+        return apps.into_iter().map(each).collect();
     }
-    let second = apps.split_off(apps.len() / 2);
-    let (mut first, second) = rayon::join(|| all(apps), || all(second));
-    first.extend(second);
-    first
+    apps.into_par_iter()
+        .with_min_len(APPS_IN_HALVES / 2)
+        .map(each)
+        .collect()
 }
 
 impl Apps {
