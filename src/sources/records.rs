@@ -88,7 +88,33 @@ impl<T> Default for Records<T> {
     }
 }
 
+/// Lists of at least this many records are mapped on rayon's pool ([`Records::map`]).
+const MAP_ON_POOL_FROM: usize = 1000;
+
 impl<T> Records<T> {
+    /// Each record as `each` makes it, in order; the dropped ones as they were. A long list is
+    /// mapped on rayon's pool, in parts of at least half [`MAP_ON_POOL_FROM`].
+    pub fn map<U: Send>(self, each: impl Fn(T) -> U + Sync + Send) -> Records<U>
+    where
+        T: Send,
+    {
+        use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
+        let records = if self.records.len() < MAP_ON_POOL_FROM {
+            self.records.into_iter().map(each).collect()
+        } else {
+            self.records
+                .into_par_iter()
+                .with_min_len(MAP_ON_POOL_FROM / 2)
+                .map(each)
+                .collect()
+        };
+        Records {
+            records,
+            dropped: self.dropped,
+            more_dropped: self.more_dropped,
+        }
+    }
+
     /// Keeps a decoded record, or the failure of one, named by `name` (called only then).
     pub fn push(&mut self, decoded: Result<T, String>, name: impl FnOnce() -> Option<String>) {
         let index = self.records.len() + self.dropped.len() + self.more_dropped;
@@ -167,8 +193,11 @@ pub const HALVES_FROM: usize = 1 << 20;
 
 /// A large answer of the shape `{"<key>":[record,record,...]}` (as Marathon writes it: no
 /// whitespace), decoded in two halves at once on rayon's pool (a thread per core): on a
-/// machine with two cores, about half the time. `record_start` is how a record of the list begins (for
-/// Marathon's apps, `{"id":"/`), to find the `,`s between records near the middle.
+/// machine with two cores, about half the time. Each record is handed to `each` as soon as it
+/// is decoded, on the thread that decoded it, and what `each` makes of it is kept, in the
+/// list's order: a caller that needs less than the whole record (`weft render` needs only the
+/// services) never holds the decoded list. `record_start` is how a record of the list begins
+/// (for Marathon's apps, `{"id":"/`), to find the `,`s between records near the middle.
 ///
 /// The split is only a guess, and the decode checks it. It takes the first two such `,`s after
 /// the middle: the first half runs from the list's `[` to the first `,` (a `]` written there),
@@ -180,11 +209,12 @@ pub const HALVES_FROM: usize = 1 << 20;
 /// `,`s, a record that does not decode) returns `None`, and the caller decodes the answer the
 /// usual way ([`decode_answer`]): the halves are only faster, never different. The two bytes
 /// are restored afterwards; nothing is copied.
-pub fn decode_in_halves<T: Record + Send>(
+pub fn decode_in_halves<T: Record, U: Send>(
     body: &mut [u8],
     key: &str,
     record_start: &[u8],
-) -> Option<Records<T>> {
+    each: &(impl Fn(T) -> U + Sync),
+) -> Option<Vec<U>> {
     let open = format!("{{\"{key}\":[");
     // JSON's own whitespace only (`trim_ascii_end` would take a form feed too).
     let len = body.len()
@@ -211,16 +241,16 @@ pub fn decode_in_halves<T: Record + Send>(
         // Without the answer's `}`.
         let second = &body[reopen..len - 1];
         let ((first, between), second) = rayon::join(
-            || (whole::<Records<T>>(first), whole::<T>(between)),
-            || whole::<Records<T>>(second),
+            || (whole_list(first, each), whole::<T>(between).map(each)),
+            || whole_list(second, each),
         );
         (first, between, second)
     };
     body[close] = b',';
     body[reopen] = b',';
     let (mut records, between, second) = (first?, between?, second?);
-    records.records.push(between);
-    records.records.extend(second.records);
+    records.push(between);
+    records.extend(second);
     Some(records)
 }
 
@@ -228,6 +258,37 @@ pub fn decode_in_halves<T: Record + Send>(
 fn whole<T: DeserializeOwned>(text: &[u8]) -> Option<T> {
     let text = std::str::from_utf8(text).ok()?;
     in_one_pass(|| serde_json::from_str(text)).ok()
+}
+
+/// `text` as one JSON list of records, each decoded (every list inside it too) and handed to
+/// `each` as it comes, nothing after the list: [`whole`] for a `Records<T>`, with `each`.
+fn whole_list<T: Record, U>(text: &[u8], each: &impl Fn(T) -> U) -> Option<Vec<U>> {
+    let text = std::str::from_utf8(text).ok()?;
+    in_one_pass(|| {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let list = deserializer.deserialize_seq(Each(each, PhantomData)).ok()?;
+        deserializer.end().ok()?;
+        Some(list)
+    })
+}
+
+/// A list in one pass (as [`RecordsVisitor`] reads it then), each record handed to `.0`.
+struct Each<'f, T, F>(&'f F, PhantomData<T>);
+
+impl<'de, T: Record, U, F: Fn(T) -> U> Visitor<'de> for Each<'_, T, F> {
+    type Value = Vec<U>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<U>, A::Error> {
+        let mut made = Vec::new();
+        while let Some(record) = seq.next_element::<T>()? {
+            made.push((self.0)(record));
+        }
+        Ok(made)
+    }
 }
 
 /// Decodes one record from its raw JSON: the failing field's path leads the reason

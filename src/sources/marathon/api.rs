@@ -375,9 +375,23 @@ pub fn decode_apps(body: &[u8]) -> Result<AppsResponse, String> {
 /// The same answer as [`decode_apps`] gives, a large one decoded in two halves at once
 /// ([`records::decode_in_halves`]); the body is as it was afterwards.
 pub fn decode_apps_in_place(body: &mut [u8]) -> Result<AppsResponse, String> {
-    match records::decode_in_halves(body, "apps", br#"{"id":"/"#) {
-        Some(apps) => Ok(AppsResponse { apps }),
-        None => decode_apps(body),
+    decode_apps_each(body, |app| app).map(|apps| AppsResponse { apps })
+}
+
+/// The apps of the answer [`decode_apps`] gives, each as `each` makes it. A large answer is
+/// decoded in two halves at once, each app handed to `each` as soon as it is decoded
+/// ([`records::decode_in_halves`]); any other is decoded first, then its apps handed over
+/// ([`Records::map`]). The body is as it was afterwards.
+pub fn decode_apps_each<U: Send>(
+    body: &mut [u8],
+    each: impl Fn(MarathonApp) -> U + Sync + Send,
+) -> Result<Records<U>, String> {
+    match records::decode_in_halves(body, "apps", br#"{"id":"/"#, &each) {
+        Some(records) => Ok(Records {
+            records,
+            ..Records::default()
+        }),
+        None => decode_apps(body).map(|answer| answer.apps.map(each)),
     }
 }
 
@@ -570,10 +584,14 @@ mod tests {
         let body = large_answer(2500, |_| String::new());
         assert!(body.len() >= records::HALVES_FROM);
         let mut bytes = body.clone().into_bytes();
-        let halves: Records<MarathonApp> =
-            records::decode_in_halves(&mut bytes, "apps", br#"{"id":"/"#).expect("split");
-        assert_eq!(halves.records.len(), 2500);
-        assert_eq!(halves.records[1250].id, "/app-1250");
+        let halves = records::decode_in_halves(&mut bytes, "apps", br#"{"id":"/"#, &|app| app)
+            .expect("split");
+        let ids: Vec<&str> = halves
+            .iter()
+            .map(|app: &MarathonApp| app.id.as_str())
+            .collect();
+        assert_eq!(ids.len(), 2500);
+        assert_eq!(ids[1250], "/app-1250");
         halves_agree(&body);
         // Trailing whitespace, and a small answer (one thread).
         halves_agree(&format!("{body} \n"));
@@ -610,7 +628,8 @@ mod tests {
         assert!(other_key.len() >= records::HALVES_FROM);
         halves_agree(&other_key);
         let mut other = other_key.clone().into_bytes();
-        let halves = records::decode_in_halves::<MarathonApp>(&mut other, "apps", br#"{"id":"/"#);
+        let halves =
+            records::decode_in_halves(&mut other, "apps", br#"{"id":"/"#, &|app: MarathonApp| app);
         assert!(halves.is_none());
         assert_eq!(other, other_key.as_bytes());
     }

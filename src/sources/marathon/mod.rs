@@ -38,6 +38,7 @@ use tracing::{debug, info, warn};
 use self::routing::RoutingSettings;
 use self::state::{Apps, Outcome};
 use super::http::{fetch, HttpError};
+use super::records::Records;
 use super::{error_chain, Backoff};
 use crate::config::{redact, MarathonAuth, MarathonSourceConfig};
 use crate::escape::Escaped;
@@ -203,13 +204,20 @@ impl Client {
 
     /// `/v2/apps?embed=apps.tasks` from the first URL that answers.
     async fn fetch_apps(&self) -> Result<api::AppsResponse, MarathonError> {
+        let apps = self.fetch_apps_each(|app| app).await?;
+        Ok(api::AppsResponse { apps })
+    }
+
+    /// The apps of `/v2/apps?embed=apps.tasks` from the first URL that answers, each as
+    /// `each` makes it ([`api::decode_apps_each`]).
+    async fn fetch_apps_each<U: Send>(
+        &self,
+        each: impl Fn(api::MarathonApp) -> U + Sync + Send,
+    ) -> Result<Records<U>, MarathonError> {
         let apps = self
-            .get_from_any(
-                &["v2", "apps"],
-                "apps.tasks",
-                Fetch::Full,
-                api::decode_apps_in_place,
-            )
+            .get_from_any(&["v2", "apps"], "apps.tasks", Fetch::Full, |body| {
+                api::decode_apps_each(body, &each)
+            })
             .await?;
         apps.ok_or_else(|| MarathonError::AllFailed {
             errors: vec!["/v2/apps: 404".into()],
@@ -234,7 +242,7 @@ impl Client {
         segments: &[&str],
         embed: &str,
         kind: Fetch,
-        decode: fn(&mut [u8]) -> Result<T, String>,
+        decode: impl Fn(&mut [u8]) -> Result<T, String>,
     ) -> Result<Option<T>, MarathonError> {
         let max = match kind {
             Fetch::Full => MAX_APPS_BODY,
@@ -266,8 +274,10 @@ impl Client {
                 }
             };
             COUNTERS.bytes[kind as usize].fetch_add(body.len() as u64, Ordering::Relaxed);
+            debug!(url = %redact(&url), bytes = body.len(), "marathon answer read");
             match decode(&mut body) {
                 Ok(decoded) => {
+                    debug!(url = %redact(&url), "marathon answer decoded");
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(Some(decoded));
                 }
@@ -385,7 +395,11 @@ pub async fn read_once(
         host_ports: config.host_ports,
     };
     let client = Client::new(config)?;
-    let (services, rejected) = Apps::content_of_full(client.fetch_apps().await?, &settings);
+    let apps = client
+        .fetch_apps_each(|app| Apps::read_app(app, &settings))
+        .await?;
+    let (services, rejected) = Apps::content_of_full(apps);
+    debug!(services = services.len(), "marathon services worked out");
     Ok(SourceReport {
         certificates: Default::default(),
         challenges: Default::default(),

@@ -75,32 +75,22 @@ pub struct Apps {
     changed: bool,
 }
 
-/// Answers with at least this many apps have their services worked out in two halves at once.
-const APPS_IN_HALVES: usize = 1000;
-
-/// `each` of an answer's apps, a large answer's on rayon's pool, as it was decoded (see
-/// records::decode_in_halves): each app's services are its own. In the answer's order.
-fn in_halves<T: Send>(
-    apps: Vec<MarathonApp>,
-    each: impl Fn(MarathonApp) -> T + Sync + Send,
-) -> Vec<T> {
-    use rayon::iter::{IndexedParallelIterator, IntoParallelIterator, ParallelIterator};
-    if apps.len() < APPS_IN_HALVES {
-        return apps.into_iter().map(each).collect();
-    }
-    apps.into_par_iter()
-        .with_min_len(APPS_IN_HALVES / 2)
-        .map(each)
-        .collect()
+/// An app of a full answer read once ([`Apps::content_of_full`]): its services and what of it
+/// is rejected, the app itself freed.
+pub struct ReadApp {
+    id: String,
+    services: Vec<ServiceDef>,
+    rejected: Vec<Rejected>,
 }
 
 impl Apps {
     /// The state a full `/v2/apps?embed=apps.tasks` answer gives.
     pub fn from_full(answer: api::AppsResponse, settings: &RoutingSettings) -> Apps {
         let broken = answer.apps.rejected("app", |app| app.subject("app"));
-        let entries = in_halves(answer.apps.records, |app| {
-            (app.id.clone(), Entry::app(app, settings))
-        });
+        let entries = answer
+            .apps
+            .map(|app| (app.id.clone(), Entry::app(app, settings)))
+            .records;
         Apps {
             settings: settings.clone(),
             entries: entries.into_iter().collect(),
@@ -109,26 +99,31 @@ impl Apps {
         }
     }
 
-    /// What `Apps::from_full(answer, settings).content()` gives, without keeping the apps (for
-    /// `weft render` and `weft check`, which read them once): each app is freed once its
-    /// services are worked out, and its memory taken by the next one's.
-    pub fn content_of_full(
-        answer: api::AppsResponse,
-        settings: &RoutingSettings,
-    ) -> (Vec<Arc<ServiceDef>>, Vec<Rejected>) {
-        let mut rejected = answer.apps.rejected("app", |app| app.subject("app"));
-        let mut apps = in_halves(answer.apps.records, |app| {
-            let (services, rejected) = app_services(&app, settings);
-            (app.id, services, rejected)
-        });
+    /// What [`Apps::content_of_full`] keeps of one app: handed to
+    /// [`api::decode_apps_each`], each app is freed as soon as its services are worked out,
+    /// its memory taken by the next one's.
+    pub fn read_app(app: MarathonApp, settings: &RoutingSettings) -> ReadApp {
+        let (services, rejected) = app_services(&app, settings);
+        ReadApp {
+            id: app.id,
+            services,
+            rejected,
+        }
+    }
+
+    /// What `Apps::from_full(answer, settings).content()` gives, from the answer's apps read
+    /// once ([`Apps::read_app`]), for `weft render` and `weft check`.
+    pub fn content_of_full(answer: Records<ReadApp>) -> (Vec<Arc<ServiceDef>>, Vec<Rejected>) {
+        let mut rejected = answer.rejected("app", |app| app.subject("app"));
+        let mut apps = answer.records;
         // In id order, the last of one id kept: as the state's map has them.
         apps.reverse();
-        apps.sort_by(|a, b| a.0.cmp(&b.0));
-        apps.dedup_by(|later, kept| later.0 == kept.0);
-        let mut services = Vec::with_capacity(apps.iter().map(|app| app.1.len()).sum());
-        for (_, own, own_rejected) in apps {
-            services.extend(own.into_iter().map(Arc::new));
-            rejected.extend(own_rejected);
+        apps.sort_by(|a, b| a.id.cmp(&b.id));
+        apps.dedup_by(|later, kept| later.id == kept.id);
+        let mut services = Vec::with_capacity(apps.iter().map(|app| app.services.len()).sum());
+        for app in apps {
+            services.extend(app.services.into_iter().map(Arc::new));
+            rejected.extend(app.rejected);
         }
         (services, rejected)
     }
@@ -609,27 +604,32 @@ mod tests {
     }
 
     /// Read once, an answer gives what the state made of it gives: the same services and
-    /// rejections in the same order, also for a large answer (worked out in halves) whose ids
-    /// are out of order and repeated, with apps that do not decode.
+    /// rejections in the same order, also for a large answer (decoded in halves, each app read
+    /// as it comes) whose ids are out of order and repeated, and for one with apps that do not
+    /// decode (decoded the usual way, then read).
     #[test]
     fn content_of_full_is_the_states_content() {
         let app = |i: usize| {
             format!(
                 r#"{{"id":"/app-{i}","labels":{{"HAPROXY_GROUP":"external","HAPROXY_0_VHOST":"app-{}.test"}},"container":{{"portMappings":[{{"containerPort":8080}}]}},"tasks":[{{"id":"app-{i}.1","ipAddresses":[{{"ipAddress":"10.2.1.{}"}}],"ports":[31000],"state":"TASK_RUNNING","startedAt":"x"}}]}}"#,
-                i % 1900,
+                i % 3900,
                 i % 250 + 2
             )
         };
-        let mut list: Vec<String> = (0..2400).rev().map(app).collect();
+        let mut list: Vec<String> = (0..4000).rev().map(app).collect();
         list.push(app(7).replace("app-7.test", "seven.test"));
-        list.push(r#"{"id":"/bad","instances":-1,"labels":{"HAPROXY_0_VHOST":5}}"#.into());
         list.push(r#"{"id":"/no-port","labels":{"HAPROXY_0_VHOST":"np.test"},"tasks":[{"id":"t","ipAddresses":[{"ipAddress":"10.2.1.9"}],"state":"TASK_RUNNING","startedAt":"x"}]}"#.into());
         let large = format!(r#"{{"apps":[{}]}}"#, list.join(","));
+        assert!(large.len() >= crate::sources::records::HALVES_FROM);
+        list.push(r#"{"id":"/bad","instances":-1,"labels":{"HAPROXY_0_VHOST":5}}"#.into());
+        let broken = format!(r#"{{"apps":[{}]}}"#, list.join(","));
         let zdd = String::from_utf8(crate::sources::fixture("marathon/zdd_apps.json")).unwrap();
-        for body in [&large, &zdd] {
-            let answer = || api::decode_apps(body.as_bytes()).unwrap();
-            let state = Apps::from_full(answer(), &settings()).content();
-            let once = Apps::content_of_full(answer(), &settings());
+        for body in [&large, &broken, &zdd] {
+            let answer = api::decode_apps(body.as_bytes()).unwrap();
+            let state = Apps::from_full(answer, &settings()).content();
+            let mut bytes = body.clone().into_bytes();
+            let read = api::decode_apps_each(&mut bytes, |app| Apps::read_app(app, &settings()));
+            let once = Apps::content_of_full(read.unwrap());
             assert!(!state.0.is_empty() && !state.1.is_empty() || body == &zdd);
             assert_eq!(format!("{once:?}"), format!("{state:?}"));
         }
