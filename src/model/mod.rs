@@ -231,7 +231,10 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
-    let mut candidates: Vec<Candidate> = Vec::new();
+    // Sized once: at 10,000 services a list grown by doubling is copied a dozen times, each time
+    // into memory never touched before.
+    let mut candidates: Vec<Candidate> =
+        Vec::with_capacity(sorted.iter().map(|r| r.services.len()).sum());
     for report in &sorted {
         let mut seen: BTreeSet<ServiceName> = BTreeSet::new();
         // Names are lowercased: `SHOP-web` would take `shop-web`'s place, and its hosts. Only
@@ -360,7 +363,14 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     ));
 
     // Every route, in key order (hosts in order, each host's paths in order).
-    let mut routes_found = Vec::new();
+    let mut routes_found = Vec::with_capacity(claimed.len());
+    // A host the ledger does not hold yet is recorded: at an edge's first build, and in `weft
+    // render`, nearly every host.
+    let hosts = claimed.chunk_by(|a, b| a.0 == b.0).count();
+    built
+        .intents
+        .record
+        .reserve(hosts.saturating_sub(ledger.hosts.len()));
     // Which candidates route at least one of them.
     let mut routed = vec![false; candidates.len()];
     // A host's routes as (path, candidate), kept between hosts.
