@@ -8,7 +8,9 @@
 //! Apps of 3 tasks each (the shape marathon-lb's own benchmark uses, Marathon 1.5: docker USER
 //! network, `container.portMappings`, weave IPs), without and with HTTP health checks. For
 //! each size and shape:
-//! - the stages in this process (decode, labels, table, render, and their total), median of
+//! - the stages in this process, as `weft render` runs them (the answer's decode with each app's
+//!   services, table, render, and their total; and, for scale, the decode and the services on
+//!   one thread), median of
 //!   [`RUNS`];
 //! - `weft render --out DIR` end to end, as an operator runs it: the release binary, its
 //!   weft.toml naming the Marathon double on loopback, which serves the same body (built once:
@@ -31,8 +33,9 @@ use weft::config::{HostPorts, MarathonGroup};
 use weft::model::{build, Ledger, ModelSettings, SourceId, SourceReport};
 use weft::network::AllowedNetworks;
 use weft::render::{render, RenderSettings};
-use weft::sources::marathon::api::{decode_apps, decode_apps_in_place};
+use weft::sources::marathon::api::{decode_apps, decode_apps_each};
 use weft::sources::marathon::routing::{app_services, RoutingSettings};
+use weft::sources::marathon::state::Apps;
 
 /// weft's own allocator (see main.rs), so that the stages here cost what they cost in weft.
 #[global_allocator]
@@ -127,24 +130,23 @@ fn in_process(apps: usize, body: &str) -> weft::model::RoutingTable {
         .parse()
         .expect("network")]));
     let settings = render_settings(Path::new("/var/lib/weft"));
-    let (mut decode, mut route, mut table, mut text, mut total) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut read, mut table, mut text, mut total) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut size = 0;
     let mut last_table = None;
-    // weft decodes the body it fetched in place (as it was afterwards).
+    // As `weft render` reads the body it fetched: in place (as it was afterwards), each app's
+    // services worked out as soon as it is decoded.
     let mut bytes = body.as_bytes().to_vec();
     for _ in 0..RUNS {
         let start = Instant::now();
-        let decoded_apps = decode_apps_in_place(&mut bytes).expect("decode");
-        let decoded = Instant::now();
-        let mut report = SourceReport::starting(SourceId::Marathon);
-        for app in &decoded_apps.apps.records {
-            let (services, rejected) = app_services(app, &routing);
-            report
-                .services
-                .extend(services.into_iter().map(std::sync::Arc::new));
-            report.rejected.extend(rejected);
-        }
+        let apps_read =
+            decode_apps_each(&mut bytes, |app| Apps::read_app(app, &routing)).expect("decode");
+        let (services, rejected) = Apps::content_of_full(apps_read);
+        let report = SourceReport {
+            services,
+            rejected,
+            ..SourceReport::starting(SourceId::Marathon)
+        };
         let routed = Instant::now();
         let built = build(&[&report], &model, &Ledger::default());
         let tabled = Instant::now();
@@ -153,8 +155,7 @@ fn in_process(apps: usize, body: &str) -> weft::model::RoutingTable {
         assert_eq!(built.table.backends.len(), apps);
         assert!(built.dropped.is_empty());
         size = rendered.config.len() + rendered.hosts_map.len();
-        decode.push(decoded - start);
-        route.push(routed - decoded);
+        read.push(routed - start);
         table.push(tabled - routed);
         text.push(done - tabled);
         total.push(done - start);
@@ -167,15 +168,26 @@ fn in_process(apps: usize, body: &str) -> weft::model::RoutingTable {
         one_thread.push(start.elapsed());
         assert_eq!(decoded.apps.records.len(), apps);
     }
+    let mut services = Vec::new();
+    for _ in 0..RUNS {
+        let decoded = decode_apps(body.as_bytes()).expect("decode");
+        let start = Instant::now();
+        for app in &decoded.apps.records {
+            std::hint::black_box(app_services(app, &routing));
+        }
+        services.push(start.elapsed());
+    }
     println!(
-        "  in process: decode on one thread, median of {RUNS}: {} (below: in two halves at once)",
-        ms(median(one_thread))
+        "  in process, on one thread, median of {RUNS}: decode {}, services {} (below: both in \
+         two halves at once, each app's services as it is decoded)",
+        ms(median(one_thread)),
+        ms(median(services)),
     );
     println!(
-        "  in process: config+map {}, median of {RUNS}: decode {}, labels {}, table {}, render {}, total {}",
+        "  in process: config+map {}, median of {RUNS}: decode and services {}, table {}, \
+         render {}, total {}",
         mib(size),
-        ms(median(decode)),
-        ms(median(route)),
+        ms(median(read)),
         ms(median(table)),
         ms(median(text)),
         ms(median(total)),
