@@ -29,12 +29,13 @@ pub struct WriteError {
 pub fn stage(dir: &Path, rendered: &Rendered) -> Result<(), WriteError> {
     use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
     create_dir(dir)?;
-    rendered
-        .files()
+    let mut files = rendered.files();
+    files.push((SERVER_STATE_FILE.to_string(), EMPTY_SERVER_STATE));
+    files
         .par_iter()
         .try_for_each(|(name, content)| write_atomic(&dir.join(name), content))?;
     prune_certs(dir, rendered);
-    write_atomic(&dir.join(SERVER_STATE_FILE), EMPTY_SERVER_STATE)
+    Ok(())
 }
 
 /// Removes the installed (or staged) certificates `rendered` no longer names (a removed one is
