@@ -196,8 +196,10 @@ pub const HALVES_FROM: usize = 1 << 20;
 /// machine with two cores, about half the time. Each record is handed to `each` as soon as it
 /// is decoded, on the thread that decoded it, and what `each` makes of it is kept, in the
 /// list's order: a caller that needs less than the whole record (`weft render` needs only the
-/// services) never holds the decoded list. `record_start` is how a record of the list begins
-/// (for Marathon's apps, `{"id":"/`), to find the `,`s between records near the middle.
+/// services) never holds the decoded list. `each` runs inside the one-pass decode: it must
+/// neither decode records itself nor wait on rayon's pool (it would read lists in one pass).
+/// `record_start` is how a record of the list begins (for Marathon's apps, `{"id":"/`), to
+/// find the `,`s between records near the middle.
 ///
 /// The split is only a guess, and the decode checks it. It takes the first two such `,`s after
 /// the middle: the first half runs from the list's `[` to the first `,` (a `]` written there),

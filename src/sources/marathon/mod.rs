@@ -274,10 +274,10 @@ impl Client {
                 }
             };
             COUNTERS.bytes[kind as usize].fetch_add(body.len() as u64, Ordering::Relaxed);
-            debug!(url = %redact(&url), bytes = body.len(), "marathon answer read");
+            debug!(url = %redact(&url), ?kind, bytes = body.len(), "marathon answer read");
             match decode(&mut body) {
                 Ok(decoded) => {
-                    debug!(url = %redact(&url), "marathon answer decoded");
+                    debug!(url = %redact(&url), ?kind, "marathon answer decoded");
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(Some(decoded));
                 }

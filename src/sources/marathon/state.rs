@@ -620,7 +620,14 @@ mod tests {
         list.push(app(7).replace("app-7.test", "seven.test"));
         list.push(r#"{"id":"/no-port","labels":{"HAPROXY_0_VHOST":"np.test"},"tasks":[{"id":"t","ipAddresses":[{"ipAddress":"10.2.1.9"}],"state":"TASK_RUNNING","startedAt":"x"}]}"#.into());
         let large = format!(r#"{{"apps":[{}]}}"#, list.join(","));
-        assert!(large.len() >= crate::sources::records::HALVES_FROM);
+        // Split, and read app by app as decoded.
+        let split = crate::sources::records::decode_in_halves(
+            &mut large.clone().into_bytes(),
+            "apps",
+            br#"{"id":"/"#,
+            &|app: MarathonApp| app.id,
+        );
+        assert_eq!(split.map(|ids| ids.len()), Some(4002));
         list.push(r#"{"id":"/bad","instances":-1,"labels":{"HAPROXY_0_VHOST":5}}"#.into());
         let broken = format!(r#"{{"apps":[{}]}}"#, list.join(","));
         let zdd = String::from_utf8(crate::sources::fixture("marathon/zdd_apps.json")).unwrap();
