@@ -274,7 +274,7 @@ fn whole_list<T: Record, U>(text: &[u8], each: &impl Fn(T) -> U) -> Option<Vec<U
     })
 }
 
-/// A list in one pass (as [`RecordsVisitor`] reads it then), each record handed to `.0`.
+/// A list in one pass (as [`RecordsVisitor`] reads one then), each record handed to `.0`.
 struct Each<'f, T, F>(&'f F, PhantomData<T>);
 
 impl<'de, T: Record, U, F: Fn(T) -> U> Visitor<'de> for Each<'_, T, F> {
@@ -354,9 +354,7 @@ impl<'de, T: Record> Visitor<'de> for RecordsVisitor<T> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Records<T>, A::Error> {
         let mut records = Records::default();
         if IN_ONE_PASS.get() {
-            while let Some(record) = seq.next_element::<T>()? {
-                records.records.push(record);
-            }
+            records.records = Each(&|record| record, PhantomData).visit_seq(seq)?;
             return Ok(records);
         }
         // Borrowed from the answer: the answers are decoded from slices, never readers.
