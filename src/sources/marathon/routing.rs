@@ -171,7 +171,9 @@ pub fn app_services(
     app: &MarathonApp,
     settings: &RoutingSettings,
 ) -> (Vec<ServiceDef>, Vec<Rejected>) {
-    let mut services = Vec::new();
+    // Most apps route one port: a list grown from empty has room for four definitions (1.1
+    // KB), and 10,000 apps kept 8 MB of that room unused.
+    let mut services = Vec::with_capacity(1);
     let mut rejected = Vec::new();
     // Named only in what is rejected, which most apps have nothing of.
     let app_subject = || format!("app {:?}", app.id);

@@ -76,10 +76,12 @@ pub struct Apps {
 }
 
 /// An app of a full answer read once ([`Apps::content_of_full`]): its services and what of it
-/// is rejected, the app itself freed.
+/// is rejected, the app itself freed. The services are shared already, as the reports hold
+/// them: made on the thread that decoded the app, where the app's own memory is reused, not
+/// copied once more on the thread that gathers them.
 pub struct ReadApp {
     id: String,
-    services: Vec<ServiceDef>,
+    services: Vec<Arc<ServiceDef>>,
     rejected: Vec<Rejected>,
 }
 
@@ -106,7 +108,7 @@ impl Apps {
         let (services, rejected) = app_services(&app, settings);
         ReadApp {
             id: app.id,
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
             rejected,
         }
     }
@@ -122,7 +124,7 @@ impl Apps {
         apps.dedup_by(|later, kept| later.id == kept.id);
         let mut services = Vec::with_capacity(apps.iter().map(|app| app.services.len()).sum());
         for app in apps {
-            services.extend(app.services.into_iter().map(Arc::new));
+            services.extend(app.services);
             rejected.extend(app.rejected);
         }
         (services, rejected)
