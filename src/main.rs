@@ -128,6 +128,19 @@ fn main() -> ExitCode {
         // the runtime's threads touch their first pages.
         weft::pages::keep_small();
     }
+    if !daemon {
+        // A one-shot command's own thread is one of rayon's (one thread per core): its
+        // parallel work (an answer's halves, the validation, the render) starts at once on
+        // it, and goes on there alone while the other thread is slow to come (a vCPU the host
+        // descheduled). Handed from outside the pool, the work could not begin before a pool
+        // thread woke to take it.
+        if let Err(err) = rayon::ThreadPoolBuilder::new()
+            .use_current_thread()
+            .build_global()
+        {
+            tracing::debug!(error = %err, "rayon's pool was already built");
+        }
+    }
     // A one-shot command (render, check, status, ...) waits on one thing at a time: one thread,
     // none to start and no hand-over between threads for each chunk of an answer it reads.
     let runtime = if daemon {
