@@ -128,17 +128,22 @@ fn main() -> ExitCode {
         // the runtime's threads touch their first pages.
         weft::pages::keep_small();
     }
-    if !daemon {
-        // A one-shot command's own thread is one of rayon's (one thread per core): its
-        // parallel work (an answer's halves, the validation, the render) starts at once on
-        // it, and goes on there alone while the other thread is slow to come (a vCPU the host
-        // descheduled). Handed from outside the pool, the work could not begin before a pool
-        // thread woke to take it.
+    if matches!(cli.command, Command::Render { .. } | Command::Check { .. }) {
+        // `weft render` and `weft check` do large steps of work split in two (an answer's
+        // halves, the validation, the render): their own thread is one of rayon's, so that
+        // such a step begins at once on it, and goes on there alone while the other thread is
+        // slow to come (a vCPU the host descheduled). Handed from outside the pool, it could
+        // not begin before a pool thread woke to take it. Built now, the pool waits for its
+        // threads to start (a fraction of a millisecond), which the other commands need not
+        // pay. Never fewer than two threads: a pool of this thread alone would never take work
+        // handed to it from another thread.
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         if let Err(err) = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
             .use_current_thread()
             .build_global()
         {
-            tracing::debug!(error = %err, "rayon's pool was already built");
+            tracing::warn!(error = %err, "cannot start the worker threads with this one among them");
         }
     }
     // A one-shot command (render, check, status, ...) waits on one thing at a time: one thread,

@@ -49,12 +49,21 @@ enum Entry {
     Broken(Vec<Rejected>),
 }
 
+/// Each definition in its own shared box, in a list of just the pointers. (Collected in
+/// place, `into_iter().map(Arc::new).collect()`, the list would keep the definitions' own
+/// room, 272 bytes each, to hold 8-byte pointers: for as long as the daemon keeps the app.)
+fn shared(services: Vec<ServiceDef>) -> Vec<Arc<ServiceDef>> {
+    let mut shared = Vec::with_capacity(services.len());
+    shared.extend(services.into_iter().map(Arc::new));
+    shared
+}
+
 impl Entry {
     fn app(app: MarathonApp, settings: &RoutingSettings) -> Entry {
         let (services, rejected) = app_services(&app, settings);
         Entry::App {
             app: Box::new(app),
-            services: services.into_iter().map(Arc::new).collect(),
+            services: shared(services),
             rejected,
         }
     }
@@ -77,8 +86,8 @@ pub struct Apps {
 
 /// An app of a full answer read once ([`Apps::content_of_full`]): its services and what of it
 /// is rejected, the app itself freed. The services are shared already, as the reports hold
-/// them: made on the thread that decoded the app, where the app's own memory is reused, not
-/// copied once more on the thread that gathers them.
+/// them, moved into their boxes on the thread that decoded the app (which reuses the memory
+/// the apps before it freed), not on the thread that gathers them.
 pub struct ReadApp {
     id: String,
     services: Vec<Arc<ServiceDef>>,
@@ -108,7 +117,7 @@ impl Apps {
         let (services, rejected) = app_services(&app, settings);
         ReadApp {
             id: app.id,
-            services: services.into_iter().map(Arc::new).collect(),
+            services: shared(services),
             rejected,
         }
     }
@@ -463,6 +472,18 @@ mod tests {
 
     fn apps(body: &str) -> Apps {
         Apps::from_full(api::decode_apps(body.as_bytes()).unwrap(), &settings())
+    }
+
+    #[test]
+    fn shared_definitions_are_listed_in_room_for_pointers_only() {
+        let def = |name: &str| ServiceDef::new(name, &["a.test"], &["10.2.1.1:80"]);
+        let one = shared(vec![def("a")]);
+        assert_eq!(one.capacity(), 1);
+        let mut four = Vec::with_capacity(4);
+        four.extend(["a", "b", "c"].map(def));
+        let three = shared(four);
+        assert_eq!(three.capacity(), 3);
+        assert_eq!(three[2].name, "c");
     }
 
     const SHOP: &str = r#"{"apps":[{"id":"/shop","version":"2026-01-01T00:00:00.000Z",
