@@ -15,7 +15,7 @@ mod input;
 mod names;
 pub mod ownership;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -236,12 +236,15 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     let mut candidates: Vec<Candidate> =
         Vec::with_capacity(sorted.iter().map(|r| r.services.len()).sum());
     for report in &sorted {
-        let mut seen: BTreeSet<ServiceName> = BTreeSet::new();
+        // Each definition is read once, where it is validated (on rayon's pool for a large
+        // report): the loops below read only what that made, one list. The definitions lie
+        // apart in memory, each in its own allocation; at 10,000 services, reading each once
+        // more here was most of this step's time.
+        let checked = validate_all(report.source, &report.services, settings);
         // Names are lowercased: `SHOP-web` would take `shop-web`'s place, and its hosts. Only
         // a report with such a name pays for the check.
-        let has_upper = |name: &str| name.bytes().any(|b| b.is_ascii_uppercase());
         let mut spellings: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
-        if report.services.iter().any(|d| has_upper(&d.name)) {
+        if checked.iter().any(|c| c.upper) {
             for def in &report.services {
                 spellings
                     .entry(def.name.to_ascii_lowercase())
@@ -249,9 +252,11 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                     .insert(&def.name);
             }
         }
-        let checked = validate_all(report.source, &report.services, settings);
-        for (def, (valid, drops)) in report.services.iter().zip(checked) {
-            if has_upper(&def.name) {
+        // Which definitions are kept, first: the names are compared where they lie, not copied.
+        let mut seen: HashSet<&str> = HashSet::with_capacity(checked.len());
+        let mut fates = Vec::with_capacity(checked.len());
+        for (def, checked) in report.services.iter().zip(&checked) {
+            if checked.upper {
                 let lower = def.name.to_ascii_lowercase();
                 if spellings.get(&lower).is_some_and(|s| s.len() > 1) {
                     built.dropped.push(Dropped {
@@ -262,55 +267,34 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                              names are lowercased, so it would take {lower:?}'s place"
                         ),
                     });
+                    fates.push(Fate::Unheard);
                     continue;
                 }
             }
-            built.dropped.extend(drops);
-            let Some((name, backend, keys)) = valid else {
-                continue;
-            };
-            if !seen.insert(name.clone()) {
-                built.dropped.push(Dropped {
-                    source: report.source,
-                    subject: format!("service {:?}", name.as_str()),
-                    reason: "the name is already defined by an earlier definition".into(),
-                });
-                continue;
-            }
-            let holder = Holder {
-                source: report.source,
-                service: name.clone(),
-            };
-            let mut share = Vec::new();
-            if def.share.len() > MAX_SHARES_PER_SERVICE {
-                built.dropped.push(Dropped {
-                    source: report.source,
-                    subject: format!("service {:?}", name.as_str()),
-                    reason: format!(
-                        "names {} services to share with: only the first \
-                         {MAX_SHARES_PER_SERVICE} count",
-                        def.share.len()
-                    ),
-                });
-            }
-            for raw in def.share.iter().take(MAX_SHARES_PER_SERVICE) {
-                match Share::parse(raw) {
-                    Ok(pattern) => share.push(pattern),
-                    Err(reason) => built.dropped.push(Dropped {
+            fates.push(match &checked.candidate {
+                None => Fate::Dropped,
+                Some(candidate) if seen.insert(candidate.key.as_str()) => Fate::Kept,
+                Some(candidate) => {
+                    built.dropped.push(Dropped {
                         source: report.source,
-                        subject: format!("service {:?} share {raw:?}", name.as_str()),
-                        reason: format!("invalid share pattern: {reason}"),
-                    }),
+                        subject: format!("service {:?}", candidate.key.as_str()),
+                        reason: "the name is already defined by an earlier definition".into(),
+                    });
+                    Fate::Dropped
+                }
+            });
+        }
+        drop(seen);
+        for (checked, fate) in checked.into_iter().zip(fates) {
+            match fate {
+                Fate::Unheard => {}
+                Fate::Dropped => built.dropped.extend(checked.dropped),
+                Fate::Kept => {
+                    built.dropped.extend(checked.dropped);
+                    built.dropped.extend(checked.share_dropped);
+                    candidates.extend(checked.candidate);
                 }
             }
-            candidates.push(Candidate {
-                share,
-                team: settings.ownership.team_of(&holder, &def.origin),
-                holder,
-                key: name,
-                backend,
-                keys,
-            });
         }
     }
 
@@ -331,24 +315,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
-    // Every claim a team may make, as (host, candidate, path), sorted by host and candidate
-    // (stable: a candidate's paths stay in its order). One flat list, not a map of maps: at
-    // 10,000 services the maps' nodes were a quarter of a build.
-    let mut claimed: Vec<(&Hostname, usize, &PathPrefix)> = Vec::with_capacity(candidates.len());
-    for (i, c) in candidates.iter().enumerate() {
-        for key in &c.keys {
-            if let Err(reason) = settings.ownership.may_claim(&c.team, &key.host) {
-                built.dropped.push(Dropped {
-                    source: c.holder.source,
-                    subject: format!("service {:?} route {key}", c.key.as_str()),
-                    reason,
-                });
-                continue;
-            }
-            claimed.push((&key.host, i, &key.path));
-        }
-    }
-    claimed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let claimed = claims(&candidates, settings, &mut built.dropped);
 
     // Only a source read in full can show that a holder is gone.
     let healthy: BTreeSet<SourceId> = sorted
@@ -363,16 +330,129 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     ));
 
     // Every route, in key order (hosts in order, each host's paths in order).
-    let mut routes_found = Vec::with_capacity(claimed.len());
+    let hosts = route_hosts(&claimed, &candidates, ledger, settings, &healthy);
+    // Which candidates route at least one of them.
+    let mut routed = vec![false; candidates.len()];
+    for i in hosts.routed {
+        routed[i] = true;
+    }
+    // Only the settling records first claims.
+    built.intents.record = hosts.intents.record;
+    built.intents.absent.extend(hosts.intents.absent);
+    built.dropped.extend(hosts.dropped);
+    built.conflicts.extend(hosts.conflicts);
+    table.routes = hosts.routes.into_iter().collect();
+
+    // A service that lost every route would be an unreachable backend: say so and drop it.
+    // The rest are built in bulk from one list (sorted once, no search per insert): at 10,000
+    // services inserting one by one was a quarter of a build.
+    let mut backends = Vec::with_capacity(candidates.len());
+    for (candidate, routed) in candidates.into_iter().zip(routed) {
+        if routed {
+            backends.push((candidate.key, candidate.backend));
+        } else {
+            built.dropped.push(Dropped {
+                source: candidate.backend.source,
+                subject: format!("service {:?}", candidate.key.as_str()),
+                reason: "it routes no host: every route it asked for was dropped".into(),
+            });
+        }
+    }
+    table.backends = backends.into_iter().collect();
+
+    redirect_covered_hosts(&mut table, &mut built.dropped);
+    built.table = Arc::new(table);
+    built.dropped.sort();
+    built.conflicts.sort();
+    built
+}
+
+/// Every claim a team may make, as (host, candidate, path), sorted by host and candidate
+/// (stable: a candidate's paths stay in its order). One flat list, not a map of maps: at 10,000
+/// services the maps' nodes were a quarter of a build. A claim the team may not make is dropped.
+fn claims<'a>(
+    candidates: &'a [Candidate],
+    settings: &ModelSettings,
+    dropped: &mut Vec<Dropped>,
+) -> Vec<(&'a Hostname, usize, &'a PathPrefix)> {
+    let mut claimed = Vec::with_capacity(candidates.len());
+    for (i, c) in candidates.iter().enumerate() {
+        for key in &c.keys {
+            if let Err(reason) = settings.ownership.may_claim(&c.team, &key.host) {
+                dropped.push(Dropped {
+                    source: c.holder.source,
+                    subject: format!("service {:?} route {key}", c.key.as_str()),
+                    reason,
+                });
+                continue;
+            }
+            claimed.push((&key.host, i, &key.path));
+        }
+    }
+    claimed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    claimed
+}
+
+/// What settling a run of hosts made ([`route_hosts`]).
+#[derive(Debug, Default, PartialEq)]
+struct Hosts {
+    /// Each route and its service, in key order.
+    routes: Vec<(RouteKey, ServiceName)>,
+    /// The candidates that won a route (an index may repeat).
+    routed: Vec<usize>,
+    intents: ClaimIntents,
+    dropped: Vec<Dropped>,
+    conflicts: Vec<Dropped>,
+}
+
+/// Tables with at least this many claims have their hosts settled in two halves at once.
+const HOSTS_IN_HALVES: usize = 2000;
+
+/// Settles every host of `claimed` (sorted by host, then candidate) and routes its paths: a
+/// large table's in two halves at once on rayon's pool, split between two hosts (each host is
+/// settled on its own, and the halves' results are joined in order).
+fn route_hosts(
+    claimed: &[(&Hostname, usize, &PathPrefix)],
+    candidates: &[Candidate],
+    ledger: &Ledger,
+    settings: &ModelSettings,
+    healthy: &BTreeSet<SourceId>,
+) -> Hosts {
+    let one = |claimed| route_hosts_in(claimed, candidates, ledger, settings, healthy);
+    if claimed.len() < HOSTS_IN_HALVES {
+        return one(claimed);
+    }
+    // The first host boundary from the middle on.
+    let middle = claimed.len() / 2;
+    let host = claimed[middle].0;
+    let split = middle + claimed[middle..].partition_point(|c| c.0 == host);
+    let (first, second) = claimed.split_at(split);
+    let (mut out, second) = rayon::join(|| one(first), || one(second));
+    out.routes.extend(second.routes);
+    out.routed.extend(second.routed);
+    out.intents.record.extend(second.intents.record);
+    out.intents.absent.extend(second.intents.absent);
+    out.dropped.extend(second.dropped);
+    out.conflicts.extend(second.conflicts);
+    out
+}
+
+/// [`route_hosts`] on one thread.
+fn route_hosts_in(
+    claimed: &[(&Hostname, usize, &PathPrefix)],
+    candidates: &[Candidate],
+    ledger: &Ledger,
+    settings: &ModelSettings,
+    healthy: &BTreeSet<SourceId>,
+) -> Hosts {
+    let mut out = Hosts::default();
+    out.routes.reserve(claimed.len());
     // A host the ledger does not hold yet is recorded: at an edge's first build, and in `weft
     // render`, nearly every host.
     let hosts = claimed.chunk_by(|a, b| a.0 == b.0).count();
-    built
-        .intents
+    out.intents
         .record
         .reserve(hosts.saturating_sub(ledger.hosts.len()));
-    // Which candidates route at least one of them.
-    let mut routed = vec![false; candidates.len()];
     // A host's routes as (path, candidate), kept between hosts.
     let mut routes: Vec<(&PathPrefix, usize)> = Vec::new();
     for claimants in claimed.chunk_by(|a, b| a.0 == b.0) {
@@ -391,8 +471,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
             &claims,
             ledger,
             &settings.ownership,
-            &healthy,
-            &mut built.intents,
+            healthy,
+            &mut out.intents,
         );
         // The holder may share its host's paths (never `/`) with named services of other teams.
         // The holder is one of the host's claimants (a holder that claims it no more holds
@@ -431,8 +511,8 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                     subject: format!("service {:?} route {key}", candidates[i].key.as_str()),
                     reason: reason.clone(),
                 };
-                built.conflicts.push(dropped.clone());
-                built.dropped.push(dropped);
+                out.conflicts.push(dropped.clone());
+                out.dropped.push(dropped);
             }
         }
         let Settled::Owned { team, holder } = &settled else {
@@ -463,7 +543,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                 path: claims[0].0.clone(),
             };
             let winner = &candidates[claims[0].1].key;
-            routed[claims[0].1] = true;
+            out.routed.push(claims[0].1);
             for &(_, loser) in &claims[1..] {
                 let dropped = Dropped {
                     source: candidates[loser].holder.source,
@@ -474,36 +554,13 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
                         winner.as_str()
                     ),
                 };
-                built.conflicts.push(dropped.clone());
-                built.dropped.push(dropped);
+                out.conflicts.push(dropped.clone());
+                out.dropped.push(dropped);
             }
-            routes_found.push((key, winner.clone()));
+            out.routes.push((key, winner.clone()));
         }
     }
-    table.routes = routes_found.into_iter().collect();
-
-    // A service that lost every route would be an unreachable backend: say so and drop it.
-    // The rest are built in bulk from one list (sorted once, no search per insert): at 10,000
-    // services inserting one by one was a quarter of a build.
-    let mut backends = Vec::with_capacity(candidates.len());
-    for (candidate, routed) in candidates.into_iter().zip(routed) {
-        if routed {
-            backends.push((candidate.key, candidate.backend));
-        } else {
-            built.dropped.push(Dropped {
-                source: candidate.backend.source,
-                subject: format!("service {:?}", candidate.key.as_str()),
-                reason: "it routes no host: every route it asked for was dropped".into(),
-            });
-        }
-    }
-    table.backends = backends.into_iter().collect();
-
-    redirect_covered_hosts(&mut table, &mut built.dropped);
-    built.table = Arc::new(table);
-    built.dropped.sort();
-    built.conflicts.sort();
-    built
+    out
 }
 
 /// Fills each redirecting service's hosts: those of its routes a certificate covers. A host
@@ -585,24 +642,41 @@ fn validate_check_timeout(raw: &str) -> Result<Duration, String> {
     }
 }
 
-/// A definition validated: its name, backend and routes, or `None`; and what of it is dropped.
-type Validated = (Option<(ServiceName, Backend, Vec<RouteKey>)>, Vec<Dropped>);
+/// A definition validated ([`check`]).
+struct Checked {
+    /// Its name has an upper-case letter: another spelling of it may be in the report.
+    upper: bool,
+    /// It on its way into the table, or `None`: it is dropped.
+    candidate: Option<Candidate>,
+    /// What of it is dropped (all of it, with no candidate).
+    dropped: Vec<Dropped>,
+    /// Its share patterns that are dropped: said only if the candidate is not dropped whole
+    /// (as a second definition of a name).
+    share_dropped: Vec<Dropped>,
+}
+
+/// What becomes of a checked definition.
+enum Fate {
+    /// It goes into the table; what of it is dropped is said.
+    Kept,
+    /// It is dropped; what its check found is said.
+    Dropped,
+    /// It is dropped for its name's spelling, before its check is heard.
+    Unheard,
+}
 
 /// Reports with at least this many definitions have them validated in two halves at once.
 const VALIDATE_IN_HALVES: usize = 1000;
 
-/// Every definition of a report validated on its own ([`validate`]), in order: a large report
-/// on rayon's pool (each definition's checks are its own).
+/// Every definition of a report checked on its own ([`check`]), in order: a large report on
+/// rayon's pool (each definition's checks are its own).
 fn validate_all(
     source: SourceId,
     services: &[Arc<ServiceDef>],
     settings: &ModelSettings,
-) -> Vec<Validated> {
+) -> Vec<Checked> {
     use rayon::iter::{IndexedParallelIterator, IntoParallelRefIterator, ParallelIterator};
-    let check = |def: &Arc<ServiceDef>| -> Validated {
-        let mut dropped = Vec::new();
-        (validate(source, def, settings, &mut dropped), dropped)
-    };
+    let check = |def: &Arc<ServiceDef>| check(source, def, settings);
     if services.len() < VALIDATE_IN_HALVES {
         return services.iter().map(check).collect();
     }
@@ -611,6 +685,55 @@ fn validate_all(
         .with_min_len(VALIDATE_IN_HALVES / 2)
         .map(check)
         .collect()
+}
+
+/// Everything about one definition that needs no other: [`validate`], then who holds it, its
+/// team and its share patterns.
+fn check(source: SourceId, def: &ServiceDef, settings: &ModelSettings) -> Checked {
+    let mut dropped = Vec::new();
+    let mut share_dropped = Vec::new();
+    let candidate = validate(source, def, settings, &mut dropped).map(|(name, backend, keys)| {
+        let holder = Holder {
+            source,
+            service: name.clone(),
+        };
+        if def.share.len() > MAX_SHARES_PER_SERVICE {
+            share_dropped.push(Dropped {
+                source,
+                subject: format!("service {:?}", name.as_str()),
+                reason: format!(
+                    "names {} services to share with: only the first \
+                     {MAX_SHARES_PER_SERVICE} count",
+                    def.share.len()
+                ),
+            });
+        }
+        let mut share = Vec::new();
+        for raw in def.share.iter().take(MAX_SHARES_PER_SERVICE) {
+            match Share::parse(raw) {
+                Ok(pattern) => share.push(pattern),
+                Err(reason) => share_dropped.push(Dropped {
+                    source,
+                    subject: format!("service {:?} share {raw:?}", name.as_str()),
+                    reason: format!("invalid share pattern: {reason}"),
+                }),
+            }
+        }
+        Candidate {
+            share,
+            team: settings.ownership.team_of(&holder, &def.origin),
+            holder,
+            key: name,
+            backend,
+            keys,
+        }
+    });
+    Checked {
+        upper: def.name.bytes().any(|b| b.is_ascii_uppercase()),
+        candidate,
+        dropped,
+        share_dropped,
+    }
 }
 
 /// Validates one definition. Bad hosts and servers are dropped one by one; a bad name, path,
@@ -978,6 +1101,76 @@ pub(crate) mod tests {
                 });
         }
         built
+    }
+
+    #[test]
+    fn hosts_settled_in_halves_are_settled_as_in_one_pass() {
+        // Enough claims to be split, and every outcome on both sides of the split: two
+        // services per host (one loses, or shares), paths, hosts the ledger gives to the
+        // second claimant (recorded, or not yet), and hosts held by a service that is gone.
+        let host = |k: usize| format!("h{k:04}.example.com");
+        let holder = |name: &str| Holder {
+            source: SourceId::Consul,
+            service: ServiceName::parse(name).unwrap(),
+        };
+        let mut defs = Vec::new();
+        // The middle claim is a host's second.
+        for i in 0..3 * HOSTS_IN_HALVES + 2 {
+            let mut service = def(&format!("s{i:05}"), &[&host(i / 2)], &["10.2.1.5:80"]);
+            if i % 3 == 0 {
+                service.path = Some("/api".into());
+            }
+            if i % 4 == 0 {
+                service.share = vec![format!("s{:05}", i + 1)];
+            }
+            defs.push(service);
+        }
+        let report = consul(defs);
+        let mut ledger = Ledger::default();
+        for k in (0..3 * HOSTS_IN_HALVES / 2).step_by(5) {
+            let (name, recorded) = match k % 3 {
+                0 => (format!("s{:05}", 2 * k + 1), true),
+                1 => (format!("s{:05}", 2 * k + 1), false),
+                _ => (format!("gone{k}"), true),
+            };
+            let team = TeamId::Alone(holder(&name)).key();
+            ledger.hosts.insert(
+                Hostname::parse(&host(k)).unwrap(),
+                ownership::Holding {
+                    holder: holder(&name),
+                    team,
+                    version: 1,
+                    recorded,
+                },
+            );
+        }
+        let settings = settings();
+        let candidates: Vec<Candidate> =
+            validate_all(SourceId::Consul, &report.services, &settings)
+                .into_iter()
+                .filter_map(|checked| checked.candidate)
+                .collect();
+        let claimed = claims(&candidates, &settings, &mut Vec::new());
+        assert!(claimed.len() >= HOSTS_IN_HALVES);
+        let healthy = BTreeSet::from([SourceId::Consul]);
+        let one = route_hosts_in(&claimed, &candidates, &ledger, &settings, &healthy);
+        let halves = route_hosts(&claimed, &candidates, &ledger, &settings, &healthy);
+        assert_eq!(halves, one);
+        // Every outcome happened.
+        assert!(
+            one.routes.len() > 3 * HOSTS_IN_HALVES / 2,
+            "{}",
+            one.routes.len()
+        );
+        assert!(!one.conflicts.is_empty());
+        assert!(!one.intents.record.is_empty());
+        assert!(!one.intents.absent.is_empty());
+        // A path shared with the host's second claimant.
+        let second = |service: &ServiceName| service.as_str()[1..].parse::<usize>().unwrap() % 2;
+        assert!(one
+            .routes
+            .iter()
+            .any(|(key, service)| !key.path.is_root() && second(service) == 1));
     }
 
     #[test]
