@@ -418,16 +418,17 @@ fn route_hosts(
     settings: &ModelSettings,
     healthy: &BTreeSet<SourceId>,
 ) -> Hosts {
-    let one = |claimed| route_hosts_in(claimed, candidates, ledger, settings, healthy);
+    let one = |claimed, room| route_hosts_in(claimed, room, candidates, ledger, settings, healthy);
     if claimed.len() < HOSTS_IN_HALVES {
-        return one(claimed);
+        return one(claimed, claimed.len());
     }
     // The first host boundary from the middle on.
     let middle = claimed.len() / 2;
     let host = claimed[middle].0;
     let split = middle + claimed[middle..].partition_point(|c| c.0 == host);
     let (first, second) = claimed.split_at(split);
-    let (mut out, second) = rayon::join(|| one(first), || one(second));
+    // The first half's lists have room for the second's, which are appended to them.
+    let (mut out, second) = rayon::join(|| one(first, claimed.len()), || one(second, second.len()));
     out.routes.extend(second.routes);
     out.routed.extend(second.routed);
     out.intents.record.extend(second.intents.record);
@@ -437,22 +438,22 @@ fn route_hosts(
     out
 }
 
-/// [`route_hosts`] on one thread.
+/// [`route_hosts`] on one thread, its lists with room for the results of `room` claims.
 fn route_hosts_in(
     claimed: &[(&Hostname, usize, &PathPrefix)],
+    room: usize,
     candidates: &[Candidate],
     ledger: &Ledger,
     settings: &ModelSettings,
     healthy: &BTreeSet<SourceId>,
 ) -> Hosts {
     let mut out = Hosts::default();
-    out.routes.reserve(claimed.len());
+    out.routes.reserve(room);
     // A host the ledger does not hold yet is recorded: at an edge's first build, and in `weft
-    // render`, nearly every host.
-    let hosts = claimed.chunk_by(|a, b| a.0 == b.0).count();
+    // render`, nearly every host (a claim or more each).
     out.intents
         .record
-        .reserve(hosts.saturating_sub(ledger.hosts.len()));
+        .reserve(room.saturating_sub(ledger.hosts.len()));
     // A host's routes as (path, candidate), kept between hosts.
     let mut routes: Vec<(&PathPrefix, usize)> = Vec::new();
     for claimants in claimed.chunk_by(|a, b| a.0 == b.0) {
@@ -1153,7 +1154,14 @@ pub(crate) mod tests {
         let claimed = claims(&candidates, &settings, &mut Vec::new());
         assert!(claimed.len() >= HOSTS_IN_HALVES);
         let healthy = BTreeSet::from([SourceId::Consul]);
-        let one = route_hosts_in(&claimed, &candidates, &ledger, &settings, &healthy);
+        let one = route_hosts_in(
+            &claimed,
+            claimed.len(),
+            &candidates,
+            &ledger,
+            &settings,
+            &healthy,
+        );
         let halves = route_hosts(&claimed, &candidates, &ledger, &settings, &healthy);
         assert_eq!(halves, one);
         // Every outcome happened.
