@@ -315,7 +315,24 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         }
     }
 
-    let claimed = claims(&candidates, settings, &mut built.dropped);
+    // Every claim a team may make, as (host, candidate, path), sorted by host and candidate
+    // (stable: a candidate's paths stay in its order). One flat list, not a map of maps: at
+    // 10,000 services the maps' nodes were a quarter of a build.
+    let mut claimed: Vec<(&Hostname, usize, &PathPrefix)> = Vec::with_capacity(candidates.len());
+    for (i, c) in candidates.iter().enumerate() {
+        for key in &c.keys {
+            if let Err(reason) = settings.ownership.may_claim(&c.team, &key.host) {
+                built.dropped.push(Dropped {
+                    source: c.holder.source,
+                    subject: format!("service {:?} route {key}", c.key.as_str()),
+                    reason,
+                });
+                continue;
+            }
+            claimed.push((&key.host, i, &key.path));
+        }
+    }
+    claimed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
 
     // Only a source read in full can show that a holder is gone.
     let healthy: BTreeSet<SourceId> = sorted
@@ -330,130 +347,16 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     ));
 
     // Every route, in key order (hosts in order, each host's paths in order).
-    let hosts = route_hosts(&claimed, &candidates, ledger, settings, &healthy);
+    let mut routes_found = Vec::with_capacity(claimed.len());
+    // A host the ledger does not hold yet is recorded: at an edge's first build, and in `weft
+    // render`, nearly every host.
+    let hosts = claimed.chunk_by(|a, b| a.0 == b.0).count();
+    built
+        .intents
+        .record
+        .reserve(hosts.saturating_sub(ledger.hosts.len()));
     // Which candidates route at least one of them.
     let mut routed = vec![false; candidates.len()];
-    for i in hosts.routed {
-        routed[i] = true;
-    }
-    // Only the settling records first claims.
-    built.intents.record = hosts.intents.record;
-    built.intents.absent.extend(hosts.intents.absent);
-    built.dropped.extend(hosts.dropped);
-    built.conflicts.extend(hosts.conflicts);
-    table.routes = hosts.routes.into_iter().collect();
-
-    // A service that lost every route would be an unreachable backend: say so and drop it.
-    // The rest are built in bulk from one list (sorted once, no search per insert): at 10,000
-    // services inserting one by one was a quarter of a build.
-    let mut backends = Vec::with_capacity(candidates.len());
-    for (candidate, routed) in candidates.into_iter().zip(routed) {
-        if routed {
-            backends.push((candidate.key, candidate.backend));
-        } else {
-            built.dropped.push(Dropped {
-                source: candidate.backend.source,
-                subject: format!("service {:?}", candidate.key.as_str()),
-                reason: "it routes no host: every route it asked for was dropped".into(),
-            });
-        }
-    }
-    table.backends = backends.into_iter().collect();
-
-    redirect_covered_hosts(&mut table, &mut built.dropped);
-    built.table = Arc::new(table);
-    built.dropped.sort();
-    built.conflicts.sort();
-    built
-}
-
-/// Every claim a team may make, as (host, candidate, path), sorted by host and candidate
-/// (stable: a candidate's paths stay in its order). One flat list, not a map of maps: at 10,000
-/// services the maps' nodes were a quarter of a build. A claim the team may not make is dropped.
-fn claims<'a>(
-    candidates: &'a [Candidate],
-    settings: &ModelSettings,
-    dropped: &mut Vec<Dropped>,
-) -> Vec<(&'a Hostname, usize, &'a PathPrefix)> {
-    let mut claimed = Vec::with_capacity(candidates.len());
-    for (i, c) in candidates.iter().enumerate() {
-        for key in &c.keys {
-            if let Err(reason) = settings.ownership.may_claim(&c.team, &key.host) {
-                dropped.push(Dropped {
-                    source: c.holder.source,
-                    subject: format!("service {:?} route {key}", c.key.as_str()),
-                    reason,
-                });
-                continue;
-            }
-            claimed.push((&key.host, i, &key.path));
-        }
-    }
-    claimed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    claimed
-}
-
-/// What settling a run of hosts made ([`route_hosts`]).
-#[derive(Debug, Default, PartialEq)]
-struct Hosts {
-    /// Each route and its service, in key order.
-    routes: Vec<(RouteKey, ServiceName)>,
-    /// The candidates that won a route (an index may repeat).
-    routed: Vec<usize>,
-    intents: ClaimIntents,
-    dropped: Vec<Dropped>,
-    conflicts: Vec<Dropped>,
-}
-
-/// Tables with at least this many claims have their hosts settled in two halves at once.
-const HOSTS_IN_HALVES: usize = 2000;
-
-/// Settles every host of `claimed` (sorted by host, then candidate) and routes its paths: a
-/// large table's in two halves at once on rayon's pool, split between two hosts (each host is
-/// settled on its own, and the halves' results are joined in order).
-fn route_hosts(
-    claimed: &[(&Hostname, usize, &PathPrefix)],
-    candidates: &[Candidate],
-    ledger: &Ledger,
-    settings: &ModelSettings,
-    healthy: &BTreeSet<SourceId>,
-) -> Hosts {
-    let one = |claimed, room| route_hosts_in(claimed, room, candidates, ledger, settings, healthy);
-    if claimed.len() < HOSTS_IN_HALVES {
-        return one(claimed, claimed.len());
-    }
-    // The first host boundary from the middle on.
-    let middle = claimed.len() / 2;
-    let host = claimed[middle].0;
-    let split = middle + claimed[middle..].partition_point(|c| c.0 == host);
-    let (first, second) = claimed.split_at(split);
-    // The first half's lists have room for the second's, which are appended to them.
-    let (mut out, second) = rayon::join(|| one(first, claimed.len()), || one(second, second.len()));
-    out.routes.extend(second.routes);
-    out.routed.extend(second.routed);
-    out.intents.record.extend(second.intents.record);
-    out.intents.absent.extend(second.intents.absent);
-    out.dropped.extend(second.dropped);
-    out.conflicts.extend(second.conflicts);
-    out
-}
-
-/// [`route_hosts`] on one thread, its lists with room for the results of `room` claims.
-fn route_hosts_in(
-    claimed: &[(&Hostname, usize, &PathPrefix)],
-    room: usize,
-    candidates: &[Candidate],
-    ledger: &Ledger,
-    settings: &ModelSettings,
-    healthy: &BTreeSet<SourceId>,
-) -> Hosts {
-    let mut out = Hosts::default();
-    out.routes.reserve(room);
-    // A host the ledger does not hold yet is recorded: at an edge's first build, and in `weft
-    // render`, nearly every host (a claim or more each).
-    out.intents
-        .record
-        .reserve(room.saturating_sub(ledger.hosts.len()));
     // A host's routes as (path, candidate), kept between hosts.
     let mut routes: Vec<(&PathPrefix, usize)> = Vec::new();
     for claimants in claimed.chunk_by(|a, b| a.0 == b.0) {
@@ -472,8 +375,8 @@ fn route_hosts_in(
             &claims,
             ledger,
             &settings.ownership,
-            healthy,
-            &mut out.intents,
+            &healthy,
+            &mut built.intents,
         );
         // The holder may share its host's paths (never `/`) with named services of other teams.
         // The holder is one of the host's claimants (a holder that claims it no more holds
@@ -512,8 +415,8 @@ fn route_hosts_in(
                     subject: format!("service {:?} route {key}", candidates[i].key.as_str()),
                     reason: reason.clone(),
                 };
-                out.conflicts.push(dropped.clone());
-                out.dropped.push(dropped);
+                built.conflicts.push(dropped.clone());
+                built.dropped.push(dropped);
             }
         }
         let Settled::Owned { team, holder } = &settled else {
@@ -544,7 +447,7 @@ fn route_hosts_in(
                 path: claims[0].0.clone(),
             };
             let winner = &candidates[claims[0].1].key;
-            out.routed.push(claims[0].1);
+            routed[claims[0].1] = true;
             for &(_, loser) in &claims[1..] {
                 let dropped = Dropped {
                     source: candidates[loser].holder.source,
@@ -555,13 +458,36 @@ fn route_hosts_in(
                         winner.as_str()
                     ),
                 };
-                out.conflicts.push(dropped.clone());
-                out.dropped.push(dropped);
+                built.conflicts.push(dropped.clone());
+                built.dropped.push(dropped);
             }
-            out.routes.push((key, winner.clone()));
+            routes_found.push((key, winner.clone()));
         }
     }
-    out
+    table.routes = routes_found.into_iter().collect();
+
+    // A service that lost every route would be an unreachable backend: say so and drop it.
+    // The rest are built in bulk from one list (sorted once, no search per insert): at 10,000
+    // services inserting one by one was a quarter of a build.
+    let mut backends = Vec::with_capacity(candidates.len());
+    for (candidate, routed) in candidates.into_iter().zip(routed) {
+        if routed {
+            backends.push((candidate.key, candidate.backend));
+        } else {
+            built.dropped.push(Dropped {
+                source: candidate.backend.source,
+                subject: format!("service {:?}", candidate.key.as_str()),
+                reason: "it routes no host: every route it asked for was dropped".into(),
+            });
+        }
+    }
+    table.backends = backends.into_iter().collect();
+
+    redirect_covered_hosts(&mut table, &mut built.dropped);
+    built.table = Arc::new(table);
+    built.dropped.sort();
+    built.conflicts.sort();
+    built
 }
 
 /// Fills each redirecting service's hosts: those of its routes a certificate covers. A host
@@ -1017,6 +943,50 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_large_report_is_checked_as_a_small_one() {
+        // Enough definitions to be checked on rayon's pool, with each fate among them: a
+        // second definition of a name (its bad share pattern unsaid), another spelling of a
+        // name, an invalid definition, and a bad share pattern of a kept one.
+        let mut services: Vec<ServiceDef> = (0..VALIDATE_IN_HALVES + 200)
+            .map(|i| {
+                def(
+                    &format!("s{i:04}"),
+                    &[&format!("h{i}.example.com")],
+                    &["10.2.1.5:80"],
+                )
+            })
+            .collect();
+        let mut second = def("s0005", &["other.example.com"], &["10.2.1.6:80"]);
+        second.share = vec!["consul:".into()];
+        services.push(second);
+        services.push(def("S0007", &["spelling.example.com"], &["10.2.1.6:80"]));
+        services[900].name = "-bad".into();
+        services[1100].share = vec!["nosuch:web".into(), "s0001".into()];
+        let built = build(&[&report(services)], &settings(), &Ledger::default());
+        assert_eq!(built.table.backends.len(), VALIDATE_IN_HALVES + 199);
+        let reasons: Vec<(&str, &str)> = built
+            .dropped
+            .iter()
+            .map(|d| (d.subject.as_str(), d.reason.as_str()))
+            .collect();
+        assert_eq!(reasons.len(), 4, "{reasons:#?}");
+        let says = |subject: &str, reason: &str| {
+            reasons
+                .iter()
+                .any(|(s, r)| *s == subject && r.contains(reason))
+        };
+        assert!(says("service \"s0005\"", "already defined"));
+        assert!(says("service \"S0007\"", "letter case"));
+        assert!(says("service \"-bad\"", "invalid service name"));
+        assert!(says(
+            "service \"s1100\" share \"nosuch:web\"",
+            "not a source"
+        ));
+        let five = &built.table.backends[&ServiceName::parse("s0005").unwrap()];
+        assert!(five.servers.contains(&"10.2.1.5:80".parse().unwrap()));
+    }
+
+    #[test]
     fn health_checks_are_bounded() {
         let mut d = def("shop", &["shop.example.com"], &["10.2.1.5:80"]);
         d.check = Some(CheckDef::Http("/health".into()));
@@ -1102,83 +1072,6 @@ pub(crate) mod tests {
                 });
         }
         built
-    }
-
-    #[test]
-    fn hosts_settled_in_halves_are_settled_as_in_one_pass() {
-        // Enough claims to be split, and every outcome on both sides of the split: two
-        // services per host (one loses, or shares), paths, hosts the ledger gives to the
-        // second claimant (recorded, or not yet), and hosts held by a service that is gone.
-        let host = |k: usize| format!("h{k:04}.example.com");
-        let holder = |name: &str| Holder {
-            source: SourceId::Consul,
-            service: ServiceName::parse(name).unwrap(),
-        };
-        let mut defs = Vec::new();
-        // The middle claim is a host's second.
-        for i in 0..3 * HOSTS_IN_HALVES + 2 {
-            let mut service = def(&format!("s{i:05}"), &[&host(i / 2)], &["10.2.1.5:80"]);
-            if i % 3 == 0 {
-                service.path = Some("/api".into());
-            }
-            if i % 4 == 0 {
-                service.share = vec![format!("s{:05}", i + 1)];
-            }
-            defs.push(service);
-        }
-        let report = consul(defs);
-        let mut ledger = Ledger::default();
-        for k in (0..3 * HOSTS_IN_HALVES / 2).step_by(5) {
-            let (name, recorded) = match k % 3 {
-                0 => (format!("s{:05}", 2 * k + 1), true),
-                1 => (format!("s{:05}", 2 * k + 1), false),
-                _ => (format!("gone{k}"), true),
-            };
-            let team = TeamId::Alone(holder(&name)).key();
-            ledger.hosts.insert(
-                Hostname::parse(&host(k)).unwrap(),
-                ownership::Holding {
-                    holder: holder(&name),
-                    team,
-                    version: 1,
-                    recorded,
-                },
-            );
-        }
-        let settings = settings();
-        let candidates: Vec<Candidate> =
-            validate_all(SourceId::Consul, &report.services, &settings)
-                .into_iter()
-                .filter_map(|checked| checked.candidate)
-                .collect();
-        let claimed = claims(&candidates, &settings, &mut Vec::new());
-        assert!(claimed.len() >= HOSTS_IN_HALVES);
-        let healthy = BTreeSet::from([SourceId::Consul]);
-        let one = route_hosts_in(
-            &claimed,
-            claimed.len(),
-            &candidates,
-            &ledger,
-            &settings,
-            &healthy,
-        );
-        let halves = route_hosts(&claimed, &candidates, &ledger, &settings, &healthy);
-        assert_eq!(halves, one);
-        // Every outcome happened.
-        assert!(
-            one.routes.len() > 3 * HOSTS_IN_HALVES / 2,
-            "{}",
-            one.routes.len()
-        );
-        assert!(!one.conflicts.is_empty());
-        assert!(!one.intents.record.is_empty());
-        assert!(!one.intents.absent.is_empty());
-        // A path shared with the host's second claimant.
-        let second = |service: &ServiceName| service.as_str()[1..].parse::<usize>().unwrap() % 2;
-        assert!(one
-            .routes
-            .iter()
-            .any(|(key, service)| !key.path.is_root() && second(service) == 1));
     }
 
     #[test]
