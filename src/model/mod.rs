@@ -236,10 +236,11 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
     let mut candidates: Vec<Candidate> =
         Vec::with_capacity(sorted.iter().map(|r| r.services.len()).sum());
     for report in &sorted {
-        // Each definition is read once, where it is validated (on rayon's pool for a large
-        // report): the loops below read only what that made, one list. The definitions lie
-        // apart in memory, each in its own allocation; at 10,000 services, reading each once
-        // more here was most of this step's time.
+        // Each definition is read once, where it is checked (on rayon's pool for a large
+        // report): the loops below read only what that made, one list (and the names again
+        // where one has an upper-case letter). The definitions lie apart in memory, each in
+        // its own allocation; at 10,000 services, reading each once more here was most of
+        // this step's time.
         let checked = validate_all(report.source, &report.services, settings);
         // Names are lowercased: `SHOP-web` would take `shop-web`'s place, and its hosts. Only
         // a report with such a name pays for the check.
@@ -588,7 +589,7 @@ enum Fate {
     Kept,
     /// It is dropped; what its check found is said.
     Dropped,
-    /// It is dropped for its name's spelling, before its check is heard.
+    /// It is dropped for its name's spelling; what its check found is not said.
     Unheard,
 }
 
@@ -596,7 +597,8 @@ enum Fate {
 const VALIDATE_IN_HALVES: usize = 1000;
 
 /// Every definition of a report checked on its own ([`check`]), in order: a large report on
-/// rayon's pool (each definition's checks are its own).
+/// rayon's pool, in pieces of at least half [`VALIDATE_IN_HALVES`] (each definition's checks
+/// are its own).
 fn validate_all(
     source: SourceId,
     services: &[Arc<ServiceDef>],
@@ -943,10 +945,11 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_large_report_is_checked_as_a_small_one() {
+    fn a_report_checked_on_the_pool_says_what_each_fate_drops() {
         // Enough definitions to be checked on rayon's pool, with each fate among them: a
-        // second definition of a name (its bad share pattern unsaid), another spelling of a
-        // name, an invalid definition, and a bad share pattern of a kept one.
+        // second definition of a name (its bad host said, its bad share pattern not), another
+        // spelling of a name (nothing of its check said), an invalid definition, and a kept one
+        // with a bad share pattern.
         let mut services: Vec<ServiceDef> = (0..VALIDATE_IN_HALVES + 200)
             .map(|i| {
                 def(
@@ -956,26 +959,58 @@ pub(crate) mod tests {
                 )
             })
             .collect();
-        let mut second = def("s0005", &["other.example.com"], &["10.2.1.6:80"]);
+        let mut second = def("s0005", &["other.example.com", "a b"], &["10.2.1.6:80"]);
         second.share = vec!["consul:".into()];
         services.push(second);
-        services.push(def("S0007", &["spelling.example.com"], &["10.2.1.6:80"]));
+        let mut spelling = def("S0007", &["spelling.example.com", "a b"], &["10.2.1.6:80"]);
+        spelling.share = vec!["consul:".into()];
+        services.push(spelling);
         services[900].name = "-bad".into();
         services[1100].share = vec!["nosuch:web".into(), "s0001".into()];
-        let built = build(&[&report(services)], &settings(), &Ledger::default());
+        let report = report(services);
+
+        // The pool's checks are each definition's own.
+        let settings = settings();
+        let (pooled, one_by_one): (Vec<_>, Vec<_>) = (
+            validate_all(SourceId::File, &report.services, &settings),
+            report
+                .services
+                .iter()
+                .map(|def| check(SourceId::File, def, &settings))
+                .collect(),
+        );
+        let seen = |checked: &Checked| {
+            (
+                checked.upper,
+                checked.candidate.as_ref().map(|c| {
+                    (
+                        c.key.clone(),
+                        c.holder.clone(),
+                        c.team.clone(),
+                        c.keys.clone(),
+                    )
+                }),
+                checked.dropped.clone(),
+                checked.share_dropped.clone(),
+            )
+        };
+        assert!(pooled.iter().map(seen).eq(one_by_one.iter().map(seen)));
+
+        let built = build(&[&report], &settings, &Ledger::default());
         assert_eq!(built.table.backends.len(), VALIDATE_IN_HALVES + 199);
         let reasons: Vec<(&str, &str)> = built
             .dropped
             .iter()
             .map(|d| (d.subject.as_str(), d.reason.as_str()))
             .collect();
-        assert_eq!(reasons.len(), 4, "{reasons:#?}");
+        assert_eq!(reasons.len(), 5, "{reasons:#?}");
         let says = |subject: &str, reason: &str| {
             reasons
                 .iter()
                 .any(|(s, r)| *s == subject && r.contains(reason))
         };
         assert!(says("service \"s0005\"", "already defined"));
+        assert!(says("service \"s0005\" host \"a b\"", "invalid hostname"));
         assert!(says("service \"S0007\"", "letter case"));
         assert!(says("service \"-bad\"", "invalid service name"));
         assert!(says(
