@@ -570,11 +570,11 @@ fn validate_check_timeout(raw: &str) -> Result<Duration, String> {
     }
 }
 
-/// A definition validated ([`check`]).
+/// A definition checked ([`check`]).
 struct Checked {
     /// Its name has an upper-case letter: another spelling of it may be in the report.
     upper: bool,
-    /// It on its way into the table, or `None`: it is dropped.
+    /// The definition on its way into the table, or `None`: it is dropped.
     candidate: Option<Candidate>,
     /// What of it is dropped (all of it, with no candidate).
     dropped: Vec<Dropped>,
@@ -593,7 +593,7 @@ enum Fate {
     Unheard,
 }
 
-/// Reports with at least this many definitions have them validated in two halves at once.
+/// Reports with at least this many definitions have them checked on rayon's pool.
 const VALIDATE_IN_HALVES: usize = 1000;
 
 /// Every definition of a report checked on its own ([`check`]), in order: a large report on
