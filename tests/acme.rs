@@ -546,6 +546,59 @@ fn one_edge_orders_another_is_validated_and_all_three_serve_then_renew_the_certi
     assert_eq!(estate.pebble.orders().len(), 2, "one order per certificate");
 }
 
+/// An edge that lists the host but never acknowledges the challenge (down, its session not
+/// yet expired: here the test's own session) holds the order up for 10 s, no longer: then the
+/// orderer tells the CA, says so, and every edge serves the certificate.
+#[test]
+fn an_edge_that_never_acknowledges_holds_the_order_up_10_s_at_most() {
+    let estate = Estate::start(PebbleOptions::default(), "");
+    let _silent = estate.gate_session();
+    estate.register();
+    let orderer = estate.orderer(Duration::from_secs(20));
+    let acked = wait_until(
+        Duration::from_secs(20),
+        "three edges' acks",
+        || match estate.acks() {
+            Some((_, acks)) if acks.len() == 3 => Ok(Instant::now()),
+            other => Err(other),
+        },
+    );
+    // The orderer's wait began before its own ack, which came before the three were seen:
+    // the CA hears of the challenge within the 10 s bound after them, and not at once.
+    let told = wait_until(
+        Duration::from_secs(20),
+        "the CA told of the challenge",
+        || match estate.pebble.http01_attempts().as_slice() {
+            [] => Err("no attempt yet"),
+            _ => Ok(Instant::now()),
+        },
+    );
+    let waited = told - acked;
+    eprintln!("the CA was told {waited:?} after the three edges' acks");
+    assert!(
+        waited >= Duration::from_secs(3),
+        "the orderer did not wait for the silent edge: told {waited:?} after the acks"
+    );
+    assert!(
+        waited <= Duration::from_secs(13),
+        "waited past the 10 s bound: {waited:?}"
+    );
+    let log = estate.edges[orderer].log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("not every edge acknowledged the ACME challenge within 10 s"))
+        .unwrap_or_else(|| panic!("the orderer says nothing of the silent edge: {log}"));
+    assert!(line.contains("missing=1"), "{line}");
+    assert!(
+        !log.contains("every edge answers the ACME challenge"),
+        "{log}"
+    );
+    let chain = estate.chain();
+    let serials = estate.served(&[0, 1, 2], chain.path(), &[], ISSUED_WITHIN);
+    assert!(serials.iter().all(|s| *s == serials[0]), "{serials:?}");
+    assert_eq!(estate.pebble.orders().len(), 1, "{}", estate.pebble.log());
+}
+
 #[test]
 fn a_ca_that_is_down_leaves_the_old_certificate_a_reason_and_a_backoff_and_a_killed_orderer_is_taken_over(
 ) {
