@@ -286,8 +286,49 @@ struct BackendView<'a> {
     check: Option<CheckView>,
     /// `(slot number, server address)`: the server `s<number>` (see
     /// [`crate::slots::slot_name`]); `None` is a free slot.
-    servers: Vec<(usize, Option<SocketAddr>)>,
-    parked: SocketAddr,
+    servers: Vec<(usize, Option<ServerAddr>)>,
+    parked: ServerAddr,
+}
+
+/// A server's address as the config writes it: `10.2.1.5:8080`, `[fd00::5]:8080`. An IPv4
+/// address is written straight into the config, in pieces, its numbers by `itoa`: std's
+/// `Display` goes through the formatting machinery for each of its four numbers and the port,
+/// and a config of 10,000 backends holds 40,000 addresses.
+#[derive(Clone, Copy)]
+struct ServerAddr(SocketAddr);
+
+impl ServerAddr {
+    fn write_to<W: std::fmt::Write + ?Sized>(&self, dest: &mut W) -> std::fmt::Result {
+        match self.0 {
+            SocketAddr::V4(v4) => {
+                let mut digits = itoa::Buffer::new();
+                let [a, b, c, d] = v4.ip().octets();
+                for (number, after) in [(a, "."), (b, "."), (c, "."), (d, ":")] {
+                    dest.write_str(digits.format(number))?;
+                    dest.write_str(after)?;
+                }
+                dest.write_str(digits.format(v4.port()))
+            }
+            SocketAddr::V6(v6) => write!(dest, "{v6}"),
+        }
+    }
+}
+
+/// How askama writes it (`{{ addr }}`): without a `Formatter` in between.
+impl askama::FastWritable for ServerAddr {
+    fn write_into<W: std::fmt::Write + ?Sized>(
+        &self,
+        dest: &mut W,
+        _: &dyn askama::Values,
+    ) -> askama::Result<()> {
+        Ok(self.write_to(dest)?)
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.write_to(f)
+    }
 }
 
 impl<'a> BackendView<'a> {
@@ -300,9 +341,9 @@ impl<'a> BackendView<'a> {
                 .slots
                 .iter()
                 .enumerate()
-                .map(|(i, slot)| (i + 1, *slot))
+                .map(|(i, slot)| (i + 1, slot.map(ServerAddr)))
                 .collect(),
-            parked: PARKED,
+            parked: ServerAddr(PARKED),
         }
     }
 }
@@ -659,6 +700,27 @@ fn map_text(entries: &[(String, RouteValue)]) -> String {
 mod tests {
     use super::*;
     use crate::model::{test_table, Balance, CheckDef, ServiceDef, ServiceName};
+
+    #[test]
+    fn a_server_address_is_written_as_std_writes_it() {
+        for text in [
+            "0.0.0.0:0",
+            "10.2.1.5:8080",
+            "10.20.100.255:9",
+            "127.0.0.1:1",
+            "255.255.255.255:65535",
+            "[::1]:80",
+            "[fd00::5]:8080",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(ServerAddr(addr).to_string(), text);
+            assert_eq!(ServerAddr(addr).to_string(), addr.to_string());
+            let mut written = String::new();
+            askama::FastWritable::write_into(&ServerAddr(addr), &mut written, askama::NO_VALUES)
+                .unwrap();
+            assert_eq!(written, text);
+        }
+    }
 
     fn settings() -> RenderSettings {
         RenderSettings {

@@ -53,7 +53,7 @@ impl ServiceName {
 
     /// The HAProxy backend that serves this service.
     pub fn backend(&self) -> String {
-        format!("{BACKEND_PREFIX}{}", self.0)
+        [BACKEND_PREFIX, self.0.as_str()].concat()
     }
 }
 

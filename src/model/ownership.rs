@@ -338,10 +338,17 @@ impl Ledger {
 
     /// The closest wildcard entry above `host` (`*.b.c` for `a.b.c`), if any.
     fn covering_wildcard(&self, host: &Hostname) -> Option<(&Hostname, &Holding)> {
+        if self.hosts.is_empty() {
+            return None;
+        }
         let name = host.wildcard_suffix().map_or(host.as_str(), |s| &s[1..]);
         let mut rest = name;
+        // One buffer for every parent's wildcard: this runs for every host of every build.
+        let mut wildcard = String::with_capacity(name.len() + 1);
         while let Some((_, parent)) = rest.split_once('.') {
-            let wildcard = format!("*.{parent}");
+            wildcard.clear();
+            wildcard.push_str("*.");
+            wildcard.push_str(parent);
             if let Some((key, holding)) = self.hosts.get_key_value(wildcard.as_str()) {
                 if key != host {
                     return Some((key, holding));

@@ -313,6 +313,18 @@ pub fn app_services(
     (services, rejected)
 }
 
+/// `host:port`, written without the formatting machinery: this runs for every task of every
+/// app (30,000 times for 10,000 apps of 3 tasks).
+fn address(host: &str, port: u32) -> String {
+    let mut digits = itoa::Buffer::new();
+    let port = digits.format(port);
+    let mut address = String::with_capacity(host.len() + 1 + port.len());
+    address.push_str(host);
+    address.push(':');
+    address.push_str(port);
+    address
+}
+
 /// The weave IP and container port; the agent's host port only where allowed.
 fn task_address(
     task: &MarathonTask,
@@ -321,10 +333,10 @@ fn task_address(
     host_ports: HostPorts,
 ) -> Result<String, String> {
     if let (Some(port), Some(ip)) = (container_port, task.ip_addresses.first()) {
-        return Ok(format!("{}:{port}", ip.ip_address));
+        return Ok(address(&ip.ip_address, port));
     }
     match (host_ports, task.host.as_deref(), task.ports.get(index)) {
-        (HostPorts::Allow, Some(host), Some(port)) => Ok(format!("{host}:{port}")),
+        (HostPorts::Allow, Some(host), Some(&port)) => Ok(address(host, port)),
         (HostPorts::Allow, _, _) => Err(format!(
             "no container port and no host port {index} for this task"
         )),
