@@ -293,7 +293,8 @@ struct BackendView<'a> {
 /// A server's address as the config writes it: `10.2.1.5:8080`, `[fd00::5]:8080`. An IPv4
 /// address is written straight into the config, in pieces, its numbers by `itoa`: std's
 /// `Display` goes through the formatting machinery for each of its four numbers and the port,
-/// and a config of 10,000 backends holds 40,000 addresses.
+/// and a config holds one address for each slot of each backend (40,000 at 10,000 apps of
+/// three tasks).
 #[derive(Clone, Copy)]
 struct ServerAddr(SocketAddr);
 
@@ -325,8 +326,12 @@ impl askama::FastWritable for ServerAddr {
     }
 }
 
+/// As `SocketAddr` displays it; with a width or a precision, by `SocketAddr` itself.
 impl std::fmt::Display for ServerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if f.width().is_some() || f.precision().is_some() {
+            return std::fmt::Display::fmt(&self.0, f);
+        }
         self.write_to(f)
     }
 }
@@ -711,6 +716,8 @@ mod tests {
             "255.255.255.255:65535",
             "[::1]:80",
             "[fd00::5]:8080",
+            "[fe80::1%3]:80",
+            "[::ffff:10.0.0.1]:65535",
         ] {
             let addr: SocketAddr = text.parse().unwrap();
             assert_eq!(ServerAddr(addr).to_string(), text);
@@ -719,6 +726,7 @@ mod tests {
             askama::FastWritable::write_into(&ServerAddr(addr), &mut written, askama::NO_VALUES)
                 .unwrap();
             assert_eq!(written, text);
+            assert_eq!(format!("{:>30}", ServerAddr(addr)), format!("{addr:>30}"));
         }
     }
 
