@@ -58,6 +58,13 @@ impl Labels {
             .map(|index| self.0[index].1.as_str())
     }
 
+    /// The labels whose names begin with `prefix`: they lie together, the list being sorted.
+    pub fn starting_with(&self, prefix: &str) -> &[(String, String)] {
+        let start = self.0.partition_point(|(key, _)| key.as_str() < prefix);
+        let len = self.0[start..].partition_point(|(key, _)| key.starts_with(prefix));
+        &self.0[start..start + len]
+    }
+
     pub fn contains_key(&self, name: &str) -> bool {
         self.get(name).is_some()
     }

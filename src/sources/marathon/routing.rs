@@ -52,33 +52,30 @@ fn is_supported_label(label: &str) -> bool {
     }
 }
 
-fn port_label<'a>(app: &'a MarathonApp, index: usize, key: &str) -> Option<&'a str> {
-    // The label's name is built on the stack, without formatting: this runs for every key of
-    // every port of every app. Every name fits (20 digits of an index, the longest key).
-    let mut name = [0u8; 64];
-    let mut len = 0;
-    let mut push = |bytes: &[u8]| -> Option<()> {
-        name.get_mut(len..len + bytes.len())?.copy_from_slice(bytes);
-        len += bytes.len();
-        Some(())
-    };
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    let mut rest = index;
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
+/// The labels of an app's service port `index`, `HAPROXY_{index}_*`: found once in the app's
+/// sorted labels, then each of the port's eight keys read among those few.
+struct PortLabels<'a> {
+    labels: &'a [(String, String)],
+    /// The length of `HAPROXY_{index}_`.
+    prefix: usize,
+}
+
+impl<'a> PortLabels<'a> {
+    fn of(app: &'a MarathonApp, index: usize) -> PortLabels<'a> {
+        let mut digits = itoa::Buffer::new();
+        let prefix = ["HAPROXY_", digits.format(index), "_"].concat();
+        PortLabels {
+            labels: app.labels.starting_with(&prefix),
+            prefix: prefix.len(),
         }
     }
-    push(b"HAPROXY_")?;
-    push(&digits[start..])?;
-    push(b"_")?;
-    push(key.as_bytes())?;
-    let name = std::str::from_utf8(&name[..len]).ok()?;
-    app.labels.get(name)
+
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.labels
+            .iter()
+            .find(|(name, _)| name.get(self.prefix..) == Some(key))
+            .map(|(_, value)| value.as_str())
+    }
 }
 
 /// Container ports, by service port index: 1.5+ `container.portMappings`, then
@@ -186,7 +183,8 @@ pub fn app_services(
 
     let mut in_group = false;
     for index in 0..port_count {
-        let group = port_label(app, index, "GROUP").or(app_group);
+        let port = PortLabels::of(app, index);
+        let group = port.get("GROUP").or(app_group);
         if settings.group.near_miss(group) {
             rejected.push(Rejected {
                 subject: format!("{} port {index}", app_subject()),
@@ -205,7 +203,8 @@ pub fn app_services(
             continue;
         }
         in_group = true;
-        let mut hosts: Vec<String> = port_label(app, index, "VHOST")
+        let mut hosts: Vec<String> = port
+            .get("VHOST")
             .map(|list| {
                 list.split(',')
                     .map(str::trim)
@@ -245,9 +244,9 @@ pub fn app_services(
             name: service_name(&app.id, index),
             origin: app.id.clone(),
             hosts,
-            path: port_label(app, index, "PATH").map(str::to_string),
+            path: port.get("PATH").map(str::to_string),
             servers,
-            balance: port_label(app, index, "BALANCE").map(str::to_string),
+            balance: port.get("BALANCE").map(str::to_string),
             check,
             check_interval: spec
                 .and_then(|c| c.interval_seconds)
@@ -261,7 +260,8 @@ pub fn app_services(
                 .and_then(|c| c.timeout_seconds)
                 .filter(|seconds| *seconds > 0)
                 .map(|seconds| format!("{seconds}s")),
-            share: port_label(app, index, "SHARE")
+            share: port
+                .get("SHARE")
                 .map(|list| {
                     list.split(',')
                         .map(str::trim)
@@ -271,12 +271,13 @@ pub fn app_services(
                 })
                 .unwrap_or_default(),
             // marathon-lb's labels: "true" turns them on.
-            redirect: port_label(app, index, "REDIRECT_TO_HTTPS")
+            redirect: port
+                .get("REDIRECT_TO_HTTPS")
                 .filter(|v| v.eq_ignore_ascii_case("true"))
                 .map(|_| "https".to_string()),
-            hsts: port_label(app, index, "USE_HSTS").map(|v| v.eq_ignore_ascii_case("true")),
+            hsts: port.get("USE_HSTS").map(|v| v.eq_ignore_ascii_case("true")),
             // weft's own, like SHARE: "true" asks ACME certificates for the port's hosts.
-            acme: port_label(app, index, "ACME").map(|v| v.eq_ignore_ascii_case("true")),
+            acme: port.get("ACME").map(|v| v.eq_ignore_ascii_case("true")),
         });
     }
 
@@ -383,14 +384,17 @@ mod tests {
             ("HAPROXY_0_VHOST", "a"),
             ("HAPROXY_12_PATH", "b"),
             ("HAPROXY_1_PATH", "c"),
+            ("HAPROXY_2_PATHS", "d"),
         ] {
             app.labels.insert(label.into(), value.into());
         }
-        assert_eq!(port_label(&app, 0, "VHOST"), Some("a"));
-        assert_eq!(port_label(&app, 12, "PATH"), Some("b"));
-        assert_eq!(port_label(&app, 1, "PATH"), Some("c"));
-        assert_eq!(port_label(&app, 2, "PATH"), None);
-        assert_eq!(port_label(&app, usize::MAX, "REDIRECT_TO_HTTPS"), None);
+        let label = |index, key| PortLabels::of(&app, index).get(key);
+        assert_eq!(label(0, "VHOST"), Some("a"));
+        assert_eq!(label(12, "PATH"), Some("b"));
+        assert_eq!(label(1, "PATH"), Some("c"));
+        assert_eq!(label(1, "VHOST"), None);
+        assert_eq!(label(2, "PATH"), None);
+        assert_eq!(label(usize::MAX, "REDIRECT_TO_HTTPS"), None);
     }
 
     #[test]
