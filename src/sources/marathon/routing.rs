@@ -56,8 +56,8 @@ fn is_supported_label(label: &str) -> bool {
 /// sorted labels, then each of the port's eight keys read among those few.
 struct PortLabels<'a> {
     labels: &'a [(String, String)],
-    /// The length of `HAPROXY_{index}_`.
-    prefix: usize,
+    /// The length of `HAPROXY_{index}_`, which every one of `labels` begins with.
+    prefix_len: usize,
 }
 
 impl<'a> PortLabels<'a> {
@@ -66,14 +66,14 @@ impl<'a> PortLabels<'a> {
         let prefix = ["HAPROXY_", digits.format(index), "_"].concat();
         PortLabels {
             labels: app.labels.starting_with(&prefix),
-            prefix: prefix.len(),
+            prefix_len: prefix.len(),
         }
     }
 
     fn get(&self, key: &str) -> Option<&'a str> {
         self.labels
             .iter()
-            .find(|(name, _)| name.get(self.prefix..) == Some(key))
+            .find(|(name, _)| name.get(self.prefix_len..) == Some(key))
             .map(|(_, value)| value.as_str())
     }
 }
