@@ -12,7 +12,21 @@
 //! message only, and never `\n`: a field recorded with `%` is written raw. So source text goes
 //! into log fields and CLI lines through [`Escaped`].
 
+use std::borrow::Cow;
 use std::fmt::{self, Write};
+
+/// At most `max` bytes of `text`, cut on a character boundary, with `…` when cut: what of a
+/// source's text (a name, a reason quoting it) a message keeps.
+pub fn clip(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
 
 /// Displays its text with control and format characters escaped (see the module docs):
 /// `Escaped("a\x1b[2Jb\n")` prints `a\u{1b}[2Jb\n` (a backslash and an `n`).
@@ -73,6 +87,13 @@ impl Write for EscapingWriter<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_cuts_on_a_character_boundary() {
+        assert_eq!(clip("héllo", 2), "h…");
+        assert_eq!(clip("héllo", 3), "hé…");
+        assert_eq!(clip("hi", 2), "hi");
+    }
 
     fn escaped(text: &str) -> String {
         Escaped(text).to_string()

@@ -120,6 +120,31 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// How many of one definition's dropped parts (its servers, tasks or tags) are named, each with
+/// its reason; the rest are counted in one more entry. A definition with 10,000 bad servers
+/// says so in 17 lines, not 10,000, and leaves room on the page for everyone else's.
+pub const MAX_NAMED_PARTS: usize = 16;
+
+/// `parts`, what is dropped of one definition's `what` (`"tasks"`), with the first
+/// [`MAX_NAMED_PARTS`] named and the rest counted in one entry about `subject`.
+pub fn name_first_parts(
+    mut parts: Vec<Rejected>,
+    subject: impl FnOnce() -> String,
+    what: &str,
+) -> Vec<Rejected> {
+    if parts.len() > MAX_NAMED_PARTS {
+        let more = parts.len() - MAX_NAMED_PARTS;
+        parts.truncate(MAX_NAMED_PARTS);
+        parts.push(Rejected {
+            subject: subject(),
+            reason: format!(
+                "{more} more {what} dropped (only the first {MAX_NAMED_PARTS} are named)"
+            ),
+        });
+    }
+    parts
+}
+
 /// The health of a source, as the status page and `weft check` show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {

@@ -24,11 +24,15 @@ use std::time::Duration;
 use itertools::Itertools;
 
 pub use diff::TableDiff;
-pub use input::{CheckDef, Health, Rejected, ServiceDef, SourceId, SourceReport};
+pub use input::{
+    name_first_parts, CheckDef, Health, Rejected, ServiceDef, SourceId, SourceReport,
+    MAX_NAMED_PARTS,
+};
 pub use names::{
     parse_server, Balance, CheckPath, Hostname, PathPrefix, ServiceName, BACKEND_PREFIX,
 };
 
+use crate::escape::clip;
 use crate::network::{AllowedNetworks, RefusedAddresses};
 use ownership::{settle, Claim, Holder, Settled, Share, TeamId};
 pub use ownership::{ClaimIntents, Ledger, Ownership};
@@ -138,6 +142,26 @@ pub struct Dropped {
     /// What was dropped: `service "shop" host "a b"`.
     pub subject: String,
     pub reason: String,
+}
+
+/// The longest subject of a [`Dropped`] kept, in bytes: it quotes the source's names (a
+/// service name, a host, a server as written), which only the source's bounds limit.
+pub const MAX_DROPPED_SUBJECT: usize = 300;
+/// The longest reason of a [`Dropped`] kept, in bytes.
+pub const MAX_DROPPED_REASON: usize = 500;
+
+impl Dropped {
+    /// Cuts the subject and the reason to their bounds (on a character boundary, `…` when cut).
+    fn clip(&mut self) {
+        for (text, max) in [
+            (&mut self.subject, MAX_DROPPED_SUBJECT),
+            (&mut self.reason, MAX_DROPPED_REASON),
+        ] {
+            if text.len() > max {
+                *text = clip(text, max).into_owned();
+            }
+        }
+    }
 }
 
 impl fmt::Display for Dropped {
@@ -486,6 +510,9 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
 
     redirect_covered_hosts(&mut table, &mut built.dropped);
     built.table = Arc::new(table);
+    for dropped in built.dropped.iter_mut().chain(&mut built.conflicts) {
+        dropped.clip();
+    }
     built.dropped.sort();
     built.conflicts.sort();
     built
@@ -749,13 +776,28 @@ fn validate(
     }
 
     let mut servers = BTreeSet::new();
+    let mut bad_servers = 0;
     for raw in &def.servers {
         match parse_server(raw, &settings.allowed, &settings.refused) {
             Ok(addr) => {
                 servers.insert(addr);
             }
-            Err(reason) => drop(format!("{} server {raw:?}", subject()), reason),
+            Err(reason) => {
+                bad_servers += 1;
+                if bad_servers <= MAX_NAMED_PARTS {
+                    drop(format!("{} server {raw:?}", subject()), reason);
+                }
+            }
         }
+    }
+    if bad_servers > MAX_NAMED_PARTS {
+        drop(
+            subject(),
+            format!(
+                "{} more servers dropped (only the first {MAX_NAMED_PARTS} are named)",
+                bad_servers - MAX_NAMED_PARTS
+            ),
+        );
     }
 
     let redirect = match def.redirect.as_deref() {
@@ -867,6 +909,50 @@ pub(crate) mod tests {
             services: services.into_iter().map(Arc::new).collect(),
             ..SourceReport::starting(SourceId::File)
         }
+    }
+
+    /// A hostile definition says what is wrong with it in a bounded number of bounded lines:
+    /// 10,000 bad servers in 17 entries, and a megabyte of name or server cut short.
+    #[test]
+    fn what_a_definition_has_dropped_is_bounded() {
+        let servers: Vec<String> = (0..10_000)
+            .map(|i| format!("8.8.{}.{}:80", i / 250, i % 250))
+            .collect();
+        let mut servers: Vec<&str> = servers.iter().map(String::as_str).collect();
+        servers.push("10.2.1.5:8080");
+        let long = "x".repeat(1 << 20);
+        let long_server = format!("{long}:80");
+        let built = build(
+            &[&report(vec![
+                def("shop", &["shop.example.com"], &servers),
+                def(&long, &["long.example.com"], &["10.2.1.6:80"]),
+                def("other", &["other.example.com"], &[long_server.as_str()]),
+            ])],
+            &settings(),
+            &Ledger::default(),
+        );
+        let shop = &built.table.backends[&ServiceName::parse("shop").unwrap()];
+        assert_eq!(shop.servers.len(), 1, "the good server is routed");
+        let shops: Vec<&Dropped> = built
+            .dropped
+            .iter()
+            .filter(|d| d.subject.starts_with("service \"shop\""))
+            .collect();
+        assert_eq!(shops.len(), MAX_NAMED_PARTS + 1, "{shops:?}");
+        assert!(shops.iter().any(|d| d.subject == "service \"shop\""
+            && d.reason == "9984 more servers dropped (only the first 16 are named)"));
+        for dropped in &built.dropped {
+            assert!(dropped.subject.len() <= MAX_DROPPED_SUBJECT + '…'.len_utf8());
+            assert!(dropped.reason.len() <= MAX_DROPPED_REASON + '…'.len_utf8());
+        }
+        assert!(built
+            .dropped
+            .iter()
+            .any(|d| d.subject.starts_with("service \"xxx") && d.subject.ends_with('…')));
+        assert!(built
+            .dropped
+            .iter()
+            .any(|d| d.subject.starts_with("service \"other\" server \"xxx")));
     }
 
     #[test]

@@ -11,6 +11,9 @@ use crate::config::redact;
 
 /// Longest part of an error body kept in a message.
 const MAX_BODY_IN_ERROR: usize = 200;
+/// Longest decode error kept, in bytes: serde's messages quote the input (a string of the
+/// wrong type whole), and the message reaches the logs, `/healthz` and the status page.
+pub const MAX_DECODE_ERROR: usize = 300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -43,6 +46,14 @@ pub enum HttpError {
 }
 
 impl HttpError {
+    /// An answer to `url` that does not decode, and why, cut to [`MAX_DECODE_ERROR`].
+    pub fn decode(url: Url, message: &str) -> HttpError {
+        HttpError::Decode {
+            url,
+            message: crate::escape::clip(message, MAX_DECODE_ERROR).into_owned(),
+        }
+    }
+
     /// A failed request; reqwest's own message would print the URL again, unredacted.
     pub fn request(url: &Url, source: reqwest::Error) -> HttpError {
         HttpError::Request {
@@ -190,6 +201,26 @@ fn html_title(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// serde quotes a string of the wrong type whole: a megabyte of it reaches no log.
+    #[test]
+    fn a_decode_error_is_cut_to_its_bound() {
+        let answer = format!(r#"{{"port":"{}"}}"#, "9".repeat(1 << 20));
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Answer {
+            port: u16,
+        }
+        let message = serde_json::from_str::<Answer>(&answer)
+            .unwrap_err()
+            .to_string();
+        assert!(message.len() > 1 << 20);
+        let url = Url::parse("http://consul:8500/v1/health/state/any").unwrap();
+        let err = HttpError::decode(url, &message).to_string();
+        assert!(err.starts_with("GET http://consul:8500/v1/health/state/any: cannot decode"));
+        assert!(err.ends_with('…'), "{err}");
+        assert!(err.len() < MAX_DECODE_ERROR + 100, "{} bytes", err.len());
+    }
 
     #[test]
     fn errors_print_urls_without_credentials() {

@@ -27,6 +27,7 @@ use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use crate::escape::clip;
 use crate::model::Rejected;
 
 /// The dropped records of one list that are named; the rest are counted.
@@ -324,18 +325,6 @@ pub fn quoted(text: &str) -> String {
     format!("{:?}", clip(text, MAX_NAME))
 }
 
-/// At most `max` bytes of `text`, cut on a character boundary, with `…` when cut.
-fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max {
-        return text.into();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end]).into()
-}
-
 impl<'de, T: Record> Deserialize<'de> for Records<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_seq(RecordsVisitor(PhantomData))
@@ -449,12 +438,5 @@ mod tests {
             rejected[MAX_NAMED_DROPS].subject,
             "84 more of the item records"
         );
-    }
-
-    #[test]
-    fn clip_cuts_on_a_character_boundary() {
-        assert_eq!(clip("héllo", 2), "h…");
-        assert_eq!(clip("héllo", 3), "hé…");
-        assert_eq!(clip("hi", 2), "hi");
     }
 }

@@ -86,7 +86,7 @@ pub struct Client {
 
 impl ConsulError {
     pub fn decode(url: Url, message: String) -> ConsulError {
-        HttpError::Decode { url, message }.into()
+        HttpError::decode(url, &message).into()
     }
 }
 

@@ -2,7 +2,7 @@
 //! services are exposed, and the servers of a service's passing instances.
 
 use super::api::HealthEntry;
-use crate::model::{CheckDef, Hostname, Rejected, ServiceDef};
+use crate::model::{name_first_parts, CheckDef, Hostname, Rejected, ServiceDef};
 
 /// The routing a service's tags ask for, with `prefix` = `weft.`.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -107,16 +107,20 @@ pub fn service_def(
         .collect();
     servers.sort();
     servers.dedup();
-    let rejected = routing
-        .ignored
-        .into_iter()
-        .map(|tag| Rejected {
-            subject: format!("service {name:?} tag {tag:?}"),
-            reason: format!(
-                "unknown {prefix} tag or value, ignored (known: host, enable, path, balance, check, check_timeout, share, redirect, hsts=true|false, acme=true|false)"
-            ),
-        })
-        .collect();
+    let rejected = name_first_parts(
+        routing
+            .ignored
+            .into_iter()
+            .map(|tag| Rejected {
+                subject: format!("service {name:?} tag {tag:?}"),
+                reason: format!(
+                    "unknown {prefix} tag or value, ignored (known: host, enable, path, balance, check, check_timeout, share, redirect, hsts=true|false, acme=true|false)"
+                ),
+            })
+            .collect(),
+        || format!("service {name:?}"),
+        "tags",
+    );
     (
         ServiceDef {
             name: name.to_string(),
@@ -208,6 +212,28 @@ mod tests {
         assert_eq!(def.check_timeout.as_deref(), Some("2s"));
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].subject.contains("weft.colour=blue"));
+    }
+
+    /// A thousand unknown tags are named 16 at a time, the rest counted.
+    #[test]
+    fn unknown_tags_are_named_up_to_the_bound() {
+        let tags: Vec<String> = (0..1000).map(|i| format!(r#""weft.t{i}=x""#)).collect();
+        let body = format!(
+            r#"[{{"Node":{{"Node":"n1","Address":"10.1.0.1"}},"Service":{{"ID":"a","Service":"shop","Tags":["weft.host=shop.test",{}],"Address":"10.2.1.5","Port":80}}}}]"#,
+            tags.join(",")
+        );
+        let entries = decode_health(body.as_bytes()).unwrap().records;
+        let (def, rejected) = service_def("shop", &entries, "weft.", None);
+        assert_eq!(def.hosts, ["shop.test"]);
+        assert_eq!(rejected.len(), crate::model::MAX_NAMED_PARTS + 1);
+        let last = rejected.last().unwrap();
+        assert_eq!(
+            (last.subject.as_str(), last.reason.as_str()),
+            (
+                "service \"shop\"",
+                "984 more tags dropped (only the first 16 are named)"
+            )
+        );
     }
 
     /// `?passing` on the client: an instance with any check not passing, the node's included,

@@ -122,9 +122,12 @@ impl Counters {
         self.events[used as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
-/// The longest line of the event stream: an event is one `data:` line, and Marathon's largest
-/// (`deployment_info`, `api_post_event` with a whole app or group) stay far below it.
-pub const MAX_EVENT_LINE: usize = 16 << 20;
+/// The longest event of the stream, its lines together (and so the longest line): Marathon
+/// writes an event as one `data:` line, and its largest (`deployment_info`, `api_post_event`
+/// with a whole app or group) stay far below it. The event-stream reader joins `data:` lines
+/// until a blank one, so without this bound a stream of short lines and no blank one would
+/// grow a single event without end.
+pub const MAX_EVENT: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MarathonError {
@@ -281,7 +284,7 @@ impl Client {
                     self.preferred.store(index, Ordering::Relaxed);
                     return Ok(Some(decoded));
                 }
-                Err(message) => errors.push(HttpError::Decode { url, message }.to_string()),
+                Err(message) => errors.push(HttpError::decode(url, &message).to_string()),
             }
         }
         Err(MarathonError::AllFailed { errors })
@@ -717,8 +720,8 @@ impl std::fmt::Display for ReadError {
             ReadError::Silent => f.write_str("silent"),
             ReadError::TooLong => write!(
                 f,
-                "a line longer than {} MiB: not an event stream weft reads",
-                MAX_EVENT_LINE >> 20
+                "an event longer than {} MiB: not an event stream weft reads",
+                MAX_EVENT >> 20
             ),
         }
     }
@@ -726,12 +729,18 @@ impl std::fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
-/// When the stream's current line must end: `read_timeout` after the last one ended, and
-/// before it is `MAX_EVENT_LINE` long.
+/// When the stream's current line must end: `read_timeout` after the last one ended; and the
+/// current event (the bytes since the last blank line, which ends an event) must end before it
+/// is `MAX_EVENT` long.
 struct LineWatch {
     read_timeout: Duration,
     last_line: tokio::time::Instant,
-    open: usize,
+    /// Bytes of the current line, line ends not counted.
+    line: usize,
+    /// Bytes of the current event, line ends not counted.
+    event: usize,
+    /// The last byte seen was a `\r`: a `\n` right after it ends no second line.
+    after_cr: bool,
 }
 
 impl LineWatch {
@@ -739,7 +748,9 @@ impl LineWatch {
         LineWatch {
             read_timeout,
             last_line: tokio::time::Instant::now(),
-            open: 0,
+            line: 0,
+            event: 0,
+            after_cr: false,
         }
     }
 
@@ -747,15 +758,36 @@ impl LineWatch {
         self.last_line + self.read_timeout
     }
 
+    /// Follows `chunk`'s lines as the event-stream format ends them (`\r\n`, `\n` or `\r`).
     fn saw(&mut self, chunk: &[u8]) -> Result<(), ReadError> {
-        match chunk.iter().rposition(|b| *b == b'\n' || *b == b'\r') {
-            Some(end) => {
-                self.last_line = tokio::time::Instant::now();
-                self.open = chunk.len() - end - 1;
+        let mut ended = false;
+        let mut rest = chunk;
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', rest) {
+            let (text, end) = (at, rest[at]);
+            if text > 0 || !(self.after_cr && end == b'\n') {
+                self.event += text;
+                if self.event > MAX_EVENT {
+                    return Err(ReadError::TooLong);
+                }
+                // A line with nothing on it ends the event.
+                if self.line + text == 0 {
+                    self.event = 0;
+                }
+                self.line = 0;
+                ended = true;
             }
-            None => self.open += chunk.len(),
+            self.after_cr = end == b'\r';
+            rest = &rest[at + 1..];
         }
-        if self.open > MAX_EVENT_LINE {
+        if !rest.is_empty() {
+            self.line += rest.len();
+            self.event += rest.len();
+            self.after_cr = false;
+        }
+        if ended {
+            self.last_line = tokio::time::Instant::now();
+        }
+        if self.event > MAX_EVENT {
             return Err(ReadError::TooLong);
         }
         Ok(())
@@ -767,8 +799,8 @@ impl LineWatch {
 /// The timeout applies to lines, not events: Marathon's Jetty sends a bare line as a
 /// keep-alive every 10 s, which keeps a quiet but healthy stream alive, while a stream that
 /// hangs (a proxy, a stuck leader) sends nothing at all, and one that sends bytes without a
-/// newline never completes an event (both are reconnected; a line longer than
-/// `MAX_EVENT_LINE` is too).
+/// newline never completes an event (both are reconnected; an event longer than `MAX_EVENT`
+/// is too).
 async fn read_stream(
     client: &Client,
     queue: &mpsc::Sender<Incoming>,
@@ -778,8 +810,8 @@ async fn read_stream(
     let read_timeout = client.config.read_timeout;
     info!(url = %redact(&url), "marathon event stream connected");
     publisher.update(|state| state.stream_error = None);
-    // A line must end within `read_timeout` of the last one, and within MAX_EVENT_LINE bytes:
-    // a stream that trickles bytes without a newline is as dead as a silent one.
+    // A line must end within `read_timeout` of the last one, and an event within MAX_EVENT
+    // bytes: a stream that trickles bytes without a newline is as dead as a silent one.
     let bytes = futures::stream::unfold(
         (response.bytes_stream(), LineWatch::new(read_timeout), false),
         move |(mut stream, mut lines, done)| async move {
@@ -848,4 +880,87 @@ async fn read_stream(
         url,
         message: "closed by Marathon".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch() -> LineWatch {
+        LineWatch::new(Duration::from_secs(30))
+    }
+
+    /// Short `data:` lines and never a blank one: the reader would join them into one event
+    /// without end, so the watch ends the stream once they pass `MAX_EVENT`.
+    #[test]
+    fn an_event_of_many_short_lines_is_bounded() {
+        let lines = "data: x\n".repeat(64 << 10);
+        let mut lines_watch = watch();
+        let mut read = 0;
+        let err = loop {
+            match lines_watch.saw(lines.as_bytes()) {
+                Ok(()) => read += lines.len(),
+                Err(err) => break err,
+            }
+            assert!(read <= 2 * MAX_EVENT, "never bounded");
+        };
+        assert!(matches!(err, ReadError::TooLong));
+        assert!(
+            read >= MAX_EVENT * 8 / 7 - lines.len(),
+            "ended at {read} bytes"
+        );
+        assert!(err.to_string().contains("an event longer than 16 MiB"));
+
+        // The same lines as events, each ended by a blank line (in each of the three ways a
+        // line may end, and split between chunks): read for ever.
+        let mut events = watch();
+        for end in ["\n\n", "\r\n\r\n", "\r\r"] {
+            let event = format!("event: x\ndata: {}{end}", "y".repeat(1 << 20));
+            for _ in 0..24 {
+                let (a, b) = event.as_bytes().split_at(event.len() - 1);
+                events.saw(a).unwrap();
+                events.saw(b).unwrap();
+            }
+            assert_eq!((events.line, events.event), (0, 0), "{end:?}");
+        }
+    }
+
+    /// `\r\n` ends one line, also when the chunk ends between the two; a line that goes on
+    /// counts towards the event across chunks.
+    #[test]
+    fn line_ends_are_read_as_the_event_stream_format_has_them() {
+        let mut lines = watch();
+        lines.saw(b"data: a\r").unwrap();
+        lines.saw(b"\n").unwrap();
+        assert_eq!(
+            (lines.line, lines.event),
+            (0, 7),
+            "one line, not a blank one"
+        );
+        lines.saw(b"\r\n").unwrap();
+        assert_eq!(
+            (lines.line, lines.event),
+            (0, 0),
+            "a blank line ends the event"
+        );
+        lines.saw(b"data: ").unwrap();
+        lines.saw(b"bc").unwrap();
+        assert_eq!((lines.line, lines.event), (8, 8));
+        lines.saw(b"\n").unwrap();
+        assert_eq!((lines.line, lines.event), (0, 8));
+        // A keep-alive (a bare line end) between events.
+        lines.saw(b"\n\r\n").unwrap();
+        assert_eq!((lines.line, lines.event), (0, 0));
+    }
+
+    /// A line that never ends is bounded too.
+    #[test]
+    fn a_line_without_end_is_bounded() {
+        let mut line = watch();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..16 {
+            line.saw(&chunk).unwrap();
+        }
+        assert!(matches!(line.saw(b"x"), Err(ReadError::TooLong)));
+    }
 }

@@ -16,7 +16,7 @@
 
 use super::api::{HealthCheckSpec, MarathonApp, MarathonTask};
 use crate::config::{HostPorts, MarathonGroup};
-use crate::model::{CheckDef, Hostname, Rejected, ServiceDef};
+use crate::model::{name_first_parts, CheckDef, Hostname, Rejected, ServiceDef};
 
 /// What turning apps into services depends on.
 #[derive(Debug, Clone)]
@@ -221,6 +221,7 @@ pub fn app_services(
         }
         let (check, spec) = port_check(app, index).unzip();
         let mut servers = Vec::new();
+        let mut bad_tasks = Vec::new();
         for task in &app.tasks.records {
             if !is_routable(task, !app.health_checks.is_empty()) {
                 continue;
@@ -232,12 +233,17 @@ pub fn app_services(
                 settings.host_ports,
             ) {
                 Ok(address) => servers.push(address),
-                Err(reason) => rejected.push(Rejected {
+                Err(reason) => bad_tasks.push(Rejected {
                     subject: format!("{} task {:?} port {index}", app_subject(), task.id),
                     reason,
                 }),
             }
         }
+        rejected.extend(name_first_parts(
+            bad_tasks,
+            || format!("{} port {index}", app_subject()),
+            "tasks",
+        ));
         servers.sort();
         servers.dedup();
         services.push(ServiceDef {
