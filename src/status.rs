@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use askama::Template;
 use axum::extract::State;
@@ -12,10 +13,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use crate::bridge::{unix_seconds, BridgeState};
 use crate::escape::Escaped;
@@ -595,7 +600,20 @@ async fn page(
     }
 }
 
-/// Serves the status endpoints on an already-bound listener until `shutdown`.
+/// Connections the status server holds at once; the next waits to be accepted until one
+/// closes. Operators' browsers, `weft status` and a scraper or two need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers (also, on a kept-alive connection,
+/// to start the next request).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection lives at most: a client that sends requests and never reads the
+/// answers holds one of [`MAX_CONNECTIONS`] no longer than this. It is closed gracefully
+/// (the request in progress answered); a scraper simply opens the next.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves the status endpoints on an already-bound listener until `shutdown`: HTTP/1.1, at
+/// most [`MAX_CONNECTIONS`] connections at once, each bounded in time ([`HEADER_TIMEOUT`],
+/// [`CONNECTION_LIFETIME`]). At shutdown, the requests in progress are answered first.
 pub async fn serve(
     listener: TcpListener,
     feed: StatusFeed,
@@ -608,9 +626,51 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/metrics/haproxy", get(haproxy_metrics))
         .with_state(feed);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = async {
+                // Never closed: it lives in this function.
+                let permit = permits.clone().acquire_owned().await.ok()?;
+                Some((permit, listener.accept().await))
+            } => accepted,
+        };
+        let (permit, stream) = match accepted {
+            Some((permit, Ok((stream, _)))) => (permit, stream),
+            Some((_, Err(err))) => {
+                // Out of file descriptors, a connection reset before it was accepted: the
+                // listener itself is fine; a moment later it may accept again.
+                warn!(error = %err, "status server cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            None => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = shutdown.cancelled() => {}
+                () = lifetime => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            // Its last answer, within the header timeout's bound again.
+            let _ = tokio::time::timeout(HEADER_TIMEOUT, connection).await;
+        });
+    }
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -644,5 +704,105 @@ mod page_tests {
         assert_eq!(one.rows.len(), 1);
         assert_eq!(one.rows[0].service, "svc999");
         assert_eq!(one.count(), "1 of 1000");
+    }
+}
+
+#[cfg(test)]
+mod server_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A status server on loopback with empty state; the senders are kept for as long as it
+    /// runs.
+    async fn server() -> (std::net::SocketAddr, CancellationToken, impl Sized) {
+        let (report_tx, report) = watch::channel(SourceReport::starting(SourceId::File));
+        let (built_tx, built) = watch::channel(None);
+        let (apply_tx, apply) = watch::channel(ApplyStatus::default());
+        let (bridge_tx, bridge) = watch::channel(BridgeState::new(&Default::default()));
+        let (ledger_tx, ledger) = watch::channel(None);
+        let (listeners_tx, listeners) = watch::channel(ForeignListeners::default());
+        let dir = tempfile::tempdir().unwrap();
+        let feed = StatusFeed {
+            reports: vec![report],
+            built,
+            apply,
+            bridge,
+            ledger,
+            listeners,
+            stats: Arc::new(StatsCache::new(dir.path().join("admin.sock"))),
+            prometheus: dir.path().join("prometheus.sock"),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(listener, feed, shutdown.clone()));
+        let kept = (
+            report_tx,
+            built_tx,
+            apply_tx,
+            bridge_tx,
+            ledger_tx,
+            listeners_tx,
+            dir,
+        );
+        (addr, shutdown, kept)
+    }
+
+    /// The first bytes of the answer to `GET /healthz` on `stream`, or `None` if none came
+    /// within `wait`.
+    async fn healthz(stream: &mut TcpStream, wait: Duration) -> Option<String> {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0; 64];
+        match tokio::time::timeout(wait, stream.read(&mut answer)).await {
+            Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&answer[..n]).into_owned()),
+            _ => None,
+        }
+    }
+
+    /// With every connection taken, the next waits, unanswered, until one closes; then it is
+    /// served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_are_bounded_and_the_next_waits_its_turn() {
+        let (addr, shutdown, _kept) = server().await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut next, Duration::from_secs(1)).await, None);
+        idle.pop();
+        let answer = healthz(&mut next, Duration::from_secs(5)).await;
+        assert!(
+            answer
+                .as_deref()
+                .is_some_and(|a| a.starts_with("HTTP/1.1 ")),
+            "{answer:?}"
+        );
+        shutdown.cancel();
+    }
+
+    /// A connection that never sends a request is closed after the header timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_connection_is_closed_after_the_header_timeout() {
+        let (addr, shutdown, _kept) = server().await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let start = tokio::time::Instant::now();
+        for stream in [&mut silent, &mut partial] {
+            let mut buf = Vec::new();
+            let read = tokio::time::timeout(
+                HEADER_TIMEOUT + Duration::from_secs(5),
+                stream.read_to_end(&mut buf),
+            )
+            .await;
+            assert!(read.is_ok(), "still open after {:?}", start.elapsed());
+        }
+        assert!(start.elapsed() >= HEADER_TIMEOUT - Duration::from_secs(1));
+        shutdown.cancel();
     }
 }
