@@ -22,9 +22,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::escape::{clip, Escaped};
 use crate::haproxy::files::write_atomic;
 use crate::model::ownership::{Absent, Holder, Holding, Record};
-use crate::model::{ClaimIntents, Hostname, Ledger, ServiceName, SourceId};
+use crate::model::{ClaimIntents, Hostname, Ledger, ServiceName, SourceId, MAX_DROPPED_REASON};
 use crate::sources::consul::kv::{KvEntry, KvFolder};
 use crate::sources::consul::ConsulError;
 use crate::sources::START_GRACE;
@@ -180,12 +181,14 @@ fn host_of_key(key: &str) -> Result<Hostname, String> {
 }
 
 /// The Consul folder's entries, as the model reads them; entries weft did not write are
-/// skipped (and named once: `skipped` remembers them).
+/// skipped (and named once: `skipped` remembers those of this listing, and forgets a key once
+/// it is gone, so it never holds more than the folder does).
 fn hosts_of(
     entries: Vec<KvEntry>,
     skipped: &mut BTreeMap<String, u64>,
 ) -> BTreeMap<Hostname, Holding> {
     let mut hosts = BTreeMap::new();
+    let before = std::mem::take(skipped);
     for entry in entries {
         let parsed = host_of_key(&entry.key).and_then(|host| {
             let stored: StoredHolding = serde_json::from_slice(&entry.value)
@@ -197,10 +200,13 @@ fn hosts_of(
                 hosts.insert(host, holding);
             }
             Err(reason) => {
-                if skipped.insert(entry.key.clone(), entry.modify_index) != Some(entry.modify_index)
-                {
-                    warn!(%reason, "claims ledger: an entry weft cannot read is skipped");
+                if before.get(&entry.key) != Some(&entry.modify_index) {
+                    warn!(
+                        reason = %Escaped(clip(&reason, MAX_DROPPED_REASON)),
+                        "claims ledger: an entry weft cannot read is skipped"
+                    );
                 }
+                skipped.insert(entry.key, entry.modify_index);
             }
         }
     }
@@ -603,6 +609,7 @@ mod tests {
             modify_index: 3,
             session: None,
         };
+        let mut skipped = BTreeMap::new();
         let hosts = hosts_of(
             vec![
                 entry(
@@ -615,13 +622,19 @@ mod tests {
                     r#"{"source":"ldap","service":"x","team":"t"}"#,
                 ),
             ],
-            &mut BTreeMap::new(),
+            &mut skipped,
         );
         assert_eq!(hosts.len(), 1);
         assert_eq!(
             hosts[&Hostname::parse("shop.example.com").unwrap()].version,
             3
         );
+        let names: Vec<&str> = skipped.keys().map(String::as_str).collect();
+        assert_eq!(names, ["com/example/junk", "com/example/odd"]);
+        // Deleted from the folder, forgotten: what is remembered never outgrows the folder.
+        hosts_of(vec![entry("com/example/other", "x")], &mut skipped);
+        let names: Vec<&str> = skipped.keys().map(String::as_str).collect();
+        assert_eq!(names, ["com/example/other"]);
     }
 
     #[test]

@@ -121,9 +121,16 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Validates one PEM file at unix time `now`.
+/// Validates one PEM file at unix time `now`: a file from `tls.certs`, a certificate from the
+/// ACME store or one just issued, all the same way (at most [`MAX_CERT_BYTES`] among it).
 pub fn validate(name: &str, bytes: &[u8], now: i64) -> Result<Certificate, String> {
     check_name(name)?;
+    if bytes.len() > MAX_CERT_BYTES {
+        return Err(format!(
+            "larger than {} KiB: not a certificate with its chain and key",
+            MAX_CERT_BYTES / 1024
+        ));
+    }
     let blocks = pem::parse_many(bytes).map_err(|err| format!("not PEM: {err}"))?;
     if blocks.is_empty() {
         return Err("not PEM: no -----BEGIN block".into());
@@ -257,6 +264,21 @@ pub(crate) mod tests {
 
     const NOW: i64 = 1_800_000_000;
     const DAY: i64 = 86_400;
+
+    /// The bound holds wherever the certificate comes from (the ACME store's are validated
+    /// here too): a good certificate padded past it is refused.
+    #[test]
+    fn a_certificate_larger_than_the_bound_is_refused() {
+        let (cert, key) = self_signed(&["shop.example.com"], NOW - DAY, NOW + DAY);
+        let good = format!("{cert}\n{key}\n");
+        assert!(validate("shop", good.as_bytes(), NOW).is_ok());
+        let padded = format!("{}{good}", "#\n".repeat(MAX_CERT_BYTES / 2));
+        let err = validate("shop", padded.as_bytes(), NOW).unwrap_err();
+        assert_eq!(
+            err,
+            "larger than 128 KiB: not a certificate with its chain and key"
+        );
+    }
 
     #[test]
     fn a_good_pem_gives_its_names_and_expiry_and_no_empty_line() {

@@ -194,6 +194,28 @@ impl Ownership {
             return Ok(());
         }
         wildcard_breadth(host)?;
+        // A wildcard over a host or pattern another team reserves would route that host to
+        // this service until the team claimed it, and then hold it against the team (a host
+        // beneath a held wildcard is the wildcard holder's to give).
+        if let Some(suffix) = host.wildcard_suffix() {
+            let beneath = self
+                .teams
+                .iter()
+                .filter(|t| *team != TeamId::Named(t.name.clone()))
+                .find_map(|t| {
+                    t.hosts
+                        .iter()
+                        .find(|p| p.0 != *host && p.0.as_str().ends_with(suffix))
+                        .map(|p| (t, p))
+                });
+            if let Some((other, pattern)) = beneath {
+                return Err(format!(
+                    "wildcard {host} would cover {pattern}, reserved for team {:?} in \
+                     routing.teams, and this service is {team}",
+                    other.name
+                ));
+            }
+        }
         let listed: Vec<&Team> = self
             .teams
             .iter()
@@ -709,6 +731,60 @@ mod tests {
         rules
             .may_claim(&TeamId::Operator, &host("*.example.com"))
             .unwrap();
+    }
+
+    /// A wildcard over another team's reserved host or pattern is refused before anyone
+    /// holds them: it would route them to its service, then hold them against their team.
+    #[test]
+    fn a_wildcard_above_another_teams_reservation_is_refused() {
+        let rules = Ownership {
+            teams: vec![
+                Team {
+                    name: "pay".into(),
+                    consul: vec!["pay-".into()],
+                    marathon: vec![],
+                    hosts: vec![
+                        HostPattern::new(host("pay.eu.example.com")),
+                        HostPattern::new(host("*.cards.example.com")),
+                    ],
+                },
+                Team {
+                    name: "eu".into(),
+                    consul: vec!["eu-".into()],
+                    marathon: vec![],
+                    hosts: vec![HostPattern::new(host("*.eu.example.com"))],
+                },
+            ],
+            ..Ownership::default()
+        };
+        let evil = alone(SourceId::Consul, "evil").team;
+        for (wildcard, reserved) in [
+            (
+                "*.eu.example.com",
+                "would cover pay.eu.example.com, reserved for team \"pay\"",
+            ),
+            ("*.example.com", "too broad"),
+            ("*.cards.example.com", "reserved for team \"pay\""),
+            ("*.a.cards.example.com", "reserved for team \"pay\""),
+        ] {
+            let err = rules.may_claim(&evil, &host(wildcard)).unwrap_err();
+            assert!(err.contains(reserved), "{wildcard}: {err}");
+        }
+        rules.may_claim(&evil, &host("*.x.example.com")).unwrap();
+        // Its own reservations beneath do not stop a team; another team's do, even with the
+        // wildcard its own pattern.
+        let pay = TeamId::Named("pay".into());
+        rules
+            .may_claim(&pay, &host("*.x.cards.example.com"))
+            .unwrap();
+        let eu = TeamId::Named("eu".into());
+        let err = rules.may_claim(&eu, &host("*.eu.example.com")).unwrap_err();
+        assert!(
+            err.contains("would cover pay.eu.example.com, reserved for team \"pay\""),
+            "{err}"
+        );
+        rules.may_claim(&eu, &host("*.de.eu.example.com")).unwrap();
+        rules.may_claim(&eu, &host("shop.eu.example.com")).unwrap();
     }
 
     #[test]

@@ -99,7 +99,8 @@ pub fn read_dir(dir: &Path, now: i64) -> Result<CertsContent, CertsError> {
     Ok(content)
 }
 
-/// A regular file's bytes (links followed), at most [`MAX_CERT_BYTES`].
+/// A regular file's bytes (links followed), one more than [`MAX_CERT_BYTES`] at most: enough
+/// for [`validate`] to refuse a larger one, never more.
 fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     let unreadable = |err: std::io::Error| format!("unreadable: {err}");
     let file = std::fs::File::open(path).map_err(unreadable)?;
@@ -110,12 +111,6 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     file.take(MAX_CERT_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(unreadable)?;
-    if bytes.len() > MAX_CERT_BYTES {
-        return Err(format!(
-            "larger than {} KiB: not a certificate with its chain and key",
-            MAX_CERT_BYTES / 1024
-        ));
-    }
     Ok(bytes)
 }
 

@@ -1,6 +1,6 @@
 //! The ACME client's HTTP: hyper over rustls (ring), as instant-acme's own client, plus what
-//! that one lacks: a timeout on every request, and the CA's `Retry-After` on an error answer
-//! (a rate limit, a 503) kept for the host's backoff.
+//! that one lacks: a timeout on every request, a bound on every answer's size, and the CA's
+//! `Retry-After` on an error answer (a rate limit, a 503) kept for the host's backoff.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -16,6 +16,9 @@ use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 
 /// How long one request to the CA may take until its answer's headers.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read from the CA: a certificate chain takes a few KiB, a directory, an
+/// order or a problem document less. Past it, the read fails (and the order with it).
+pub const MAX_ANSWER: usize = 1 << 20;
 /// The longest `Retry-After` taken as it is; a longer one is cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -126,7 +129,9 @@ impl HttpClient for AcmeHttp {
                     retry_after.set(at);
                 }
             }
-            Ok(BytesResponse::from(response))
+            Ok(BytesResponse::from(response.map(|body| {
+                http_body_util::Limited::new(body, MAX_ANSWER)
+            })))
         })
     }
 }

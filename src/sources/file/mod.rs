@@ -138,16 +138,21 @@ async fn read_text(path: &Path) -> Result<String, FileError> {
     // Sized to the file as it is now (within the bound): read in a few large reads, not in a
     // doubling series of small ones, each a trip to tokio's blocking pool.
     let size = file.metadata().await.map_or(0, |m| m.len());
-    let mut bytes = Vec::with_capacity(size.min(MAX_FILE_BYTES) as usize + 1);
+    let too_large = || FileError::TooLarge {
+        path: path.to_path_buf(),
+        max: MAX_FILE_BYTES,
+    };
+    // Refused unread when it is larger already; the read stays bounded for one that grows.
+    if size > MAX_FILE_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(size as usize + 1);
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .await
         .map_err(read_err)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(FileError::TooLarge {
-            path: path.to_path_buf(),
-            max: MAX_FILE_BYTES,
-        });
+        return Err(too_large());
     }
     String::from_utf8(bytes)
         .map_err(|err| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, err)))

@@ -163,6 +163,11 @@ fn is_routable(task: &MarathonTask, app_has_checks: bool) -> bool {
     running && healthy
 }
 
+/// The most services (ports with hosts) one app defines; the rest are dropped with the
+/// reason. Each keeps every task's address: without a bound, an app of N ports and N tasks,
+/// a few hundred KB, would make N x N servers (and `server` lines).
+pub const MAX_SERVICES_PER_APP: usize = 32;
+
 /// The services one app asks for, and what of it cannot be routed.
 pub fn app_services(
     app: &MarathonApp,
@@ -182,6 +187,8 @@ pub fn app_services(
         .max(usize::from(app.labels.contains_key("HAPROXY_0_VHOST")));
 
     let mut in_group = false;
+    // Ports with hosts past MAX_SERVICES_PER_APP.
+    let mut over = 0;
     for index in 0..port_count {
         let port = PortLabels::of(app, index);
         let group = port.get("GROUP").or(app_group);
@@ -217,6 +224,10 @@ pub fn app_services(
             hosts.push(apollo_host(&app.id, domain));
         }
         if hosts.is_empty() {
+            continue;
+        }
+        if services.len() == MAX_SERVICES_PER_APP {
+            over += 1;
             continue;
         }
         let (check, spec) = port_check(app, index).unzip();
@@ -287,6 +298,16 @@ pub fn app_services(
         });
     }
 
+    if over > 0 {
+        rejected.push(Rejected {
+            subject: app_subject(),
+            reason: format!(
+                "asks for {} services (ports with hosts): only the first \
+                 {MAX_SERVICES_PER_APP} are routed",
+                MAX_SERVICES_PER_APP + over
+            ),
+        });
+    }
     let is_grouped = in_group || settings.group.matches(app_group);
     if is_grouped && (!app.tasks.dropped.is_empty() || app.tasks.more_dropped > 0) {
         // A task that did not decode serves none of the app's services.
@@ -369,6 +390,44 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         crate::sources::fixture(&format!("marathon/{name}"))
+    }
+
+    /// An app of 300 ports with hosts and 300 tasks (43 KB) makes 32 services, not 300 with
+    /// 90,000 servers between them.
+    #[test]
+    fn the_services_of_one_app_are_bounded() {
+        let n = 300;
+        let labels: Vec<String> = (0..n)
+            .map(|i| format!(r#""HAPROXY_{i}_VHOST":"p{i}.evil.example.com""#))
+            .collect();
+        let ports: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"containerPort":{}}}"#, 1000 + i))
+            .collect();
+        let tasks: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"id":"t{i}","state":"TASK_RUNNING","startedAt":"x","ipAddresses":[{{"ipAddress":"10.2.{}.{}"}}]}}"#,
+                    1 + i / 250,
+                    i % 250 + 1
+                )
+            })
+            .collect();
+        let json = format!(
+            r#"{{"id":"/evil","labels":{{{}}},"container":{{"portMappings":[{}]}},"tasks":[{}]}}"#,
+            labels.join(","),
+            ports.join(","),
+            tasks.join(",")
+        );
+        let app: MarathonApp = serde_json::from_str(&json).unwrap();
+        let (services, rejected) = app_services(&app, &settings("*", None, HostPorts::Deny));
+        assert_eq!(services.len(), MAX_SERVICES_PER_APP);
+        assert!(services.iter().all(|s| s.servers.len() == n));
+        assert!(
+            rejected.iter().any(|r| r.subject == "app \"/evil\""
+                && r.reason
+                    == "asks for 300 services (ports with hosts): only the first 32 are routed"),
+            "{rejected:?}"
+        );
     }
 
     #[test]
