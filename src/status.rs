@@ -372,9 +372,15 @@ struct StatusPage<'a> {
     /// What the filter box holds: rows whose text contains it, case-insensitively.
     filter: &'a str,
     routes: Shown<'a, RouteView>,
+    /// With `[tls]`.
+    certificates: Option<Shown<'a, CertificateView>>,
     conflicts: Shown<'a, DroppedView>,
     dropped: Shown<'a, DroppedView>,
 }
+
+/// The most servers of one route the page lists (the rest counted): a service with 5,000
+/// servers takes one row of the page, not a page of its own. `/status` has them all.
+pub const SERVERS_SHOWN: usize = 16;
 
 /// The most rows of one list the page shows: at 10,000 routes a page stays a few hundred KB,
 /// and the filter box (or `/status`) reaches the rest.
@@ -591,6 +597,13 @@ async fn page(
             |r| format!("{}{} {} {}", r.host, r.path, r.service, r.servers.join(" ")),
             &filter,
         ),
+        certificates: view.certificates.as_ref().map(|certificates| {
+            Shown::of(
+                certificates,
+                |c| format!("{} {}", c.name, c.sans.join(" ")),
+                &filter,
+            )
+        }),
         conflicts: Shown::of(&view.conflicts, dropped_text, &filter),
         dropped: Shown::of(&view.dropped, dropped_text, &filter),
     };
@@ -715,7 +728,12 @@ mod server_tests {
 
     /// A status server on loopback with empty state; the senders are kept for as long as it
     /// runs.
-    async fn server() -> (std::net::SocketAddr, CancellationToken, impl Sized) {
+    async fn server() -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        watch::Sender<Option<Arc<Built>>>,
+        impl Sized,
+    ) {
         let (report_tx, report) = watch::channel(SourceReport::starting(SourceId::File));
         let (built_tx, built) = watch::channel(None);
         let (apply_tx, apply) = watch::channel(ApplyStatus::default());
@@ -737,16 +755,8 @@ mod server_tests {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         tokio::spawn(serve(listener, feed, shutdown.clone()));
-        let kept = (
-            report_tx,
-            built_tx,
-            apply_tx,
-            bridge_tx,
-            ledger_tx,
-            listeners_tx,
-            dir,
-        );
-        (addr, shutdown, kept)
+        let kept = (report_tx, apply_tx, bridge_tx, ledger_tx, listeners_tx, dir);
+        (addr, shutdown, built_tx, kept)
     }
 
     /// The first bytes of the answer to `GET /healthz` on `stream`, or `None` if none came
@@ -767,7 +777,7 @@ mod server_tests {
     /// served.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_are_bounded_and_the_next_waits_its_turn() {
-        let (addr, shutdown, _kept) = server().await;
+        let (addr, shutdown, _built, _kept) = server().await;
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             idle.push(TcpStream::connect(addr).await.unwrap());
@@ -785,10 +795,43 @@ mod server_tests {
         shutdown.cancel();
     }
 
+    /// A service of 40 servers takes one row of the page: 16 servers listed, the rest
+    /// counted; `/status` has all 40.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_page_lists_a_routes_servers_up_to_the_bound() {
+        let (addr, shutdown, built_tx, _kept) = server().await;
+        let servers: Vec<String> = (0..40).map(|i| format!("10.2.1.{}:80", i + 2)).collect();
+        let servers: Vec<&str> = servers.iter().map(String::as_str).collect();
+        let report = SourceReport {
+            services: vec![Arc::new(crate::model::ServiceDef::new(
+                "shop",
+                &["shop.example.com"],
+                &servers,
+            ))],
+            ..SourceReport::starting(SourceId::File)
+        };
+        let settings =
+            crate::model::ModelSettings::new(crate::network::AllowedNetworks::new(["10.2.0.0/16"
+                .parse()
+                .unwrap()]));
+        let built = crate::model::build(&[&report], &settings, &Ledger::default());
+        built_tx.send_replace(Some(Arc::new(built)));
+        let get = |path: &str| {
+            let url = format!("http://{addr}{path}");
+            async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+        };
+        let page = get("/").await;
+        assert!(page.contains("10.2.1.17:80"), "the 16th server");
+        assert!(!page.contains("10.2.1.18:80"), "the 17th server");
+        assert!(page.contains("and 24 more"));
+        assert!(get("/status").await.contains("10.2.1.41:80"));
+        shutdown.cancel();
+    }
+
     /// A connection that never sends a request is closed after the header timeout.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_silent_connection_is_closed_after_the_header_timeout() {
-        let (addr, shutdown, _kept) = server().await;
+        let (addr, shutdown, _built, _kept) = server().await;
         let mut silent = TcpStream::connect(addr).await.unwrap();
         let mut partial = TcpStream::connect(addr).await.unwrap();
         partial.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();

@@ -196,6 +196,30 @@ impl StatsCache {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_exporters_query_holds_scopes_and_no_maint_alone() {
+        for ok in [
+            "scope=backend",
+            "scope=backend&scope=server",
+            "no-maint",
+            "scope=sticktable&no-maint",
+        ] {
+            assert!(query_is_safe(ok), "{ok}");
+        }
+        let long = "scope=backend&".repeat(20);
+        for bad in [
+            "scope=",
+            "x=1",
+            "scope=backend&x",
+            "no-maint=1",
+            "scope=a b",
+            "&",
+            long.trim_end_matches('&'),
+        ] {
+            assert!(!query_is_safe(bad), "{bad}");
+        }
+    }
+
     const ANSWER: &str = "# pxname,svname,qcur,scur,stot,status,lastchg,rate,check_status,hrsp_2xx,hrsp_3xx,hrsp_4xx,hrsp_5xx,rtime,check_desc,addr,\n\
 be_shop,s1,0,2,40,UP,12,3,L7OK,30,1,2,7,,Layer7 check passed,10.2.1.5:8080,\n\
 be_shop,s2,0,0,0,MAINT,99,0,,0,0,0,0,,,127.0.0.1:1,\n\
@@ -309,13 +333,23 @@ fn rename(text: Vec<u8>, renames: &[(String, String)]) -> bytes::Bytes {
     text.into()
 }
 
+/// The longest query passed on to the exporter.
+pub const MAX_EXPORTER_QUERY: usize = 256;
+
 /// The exporter's scopes and flags a query may name (`scope=backend&scope=server`,
-/// `no-maint`): nothing else reaches HAProxy.
+/// `no-maint`), and nothing else: every part is `scope=` and a name of letters, digits, `_`
+/// and `-`, or `no-maint`.
 fn query_is_safe(query: &str) -> bool {
-    query.len() <= 256
-        && query
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'&' | b'-' | b'_'))
+    query.len() <= MAX_EXPORTER_QUERY
+        && query.split('&').all(|part| {
+            part == "no-maint"
+                || part.strip_prefix("scope=").is_some_and(|scope| {
+                    !scope.is_empty()
+                        && scope
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+                })
+        })
 }
 
 #[derive(Debug, thiserror::Error)]
