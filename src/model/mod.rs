@@ -34,7 +34,7 @@ pub use names::{
 
 use crate::escape::clip;
 use crate::network::{AllowedNetworks, RefusedAddresses};
-use ownership::{settle, Claim, Holder, Settled, Share, TeamId};
+use ownership::{settle, Claim, Holder, Settled, Share, TeamId, WildcardClaims};
 pub use ownership::{ClaimIntents, Ledger, Ownership};
 
 /// One HAProxy backend: a service and its servers.
@@ -380,6 +380,10 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
         .intents
         .record
         .reserve(hosts.saturating_sub(ledger.hosts.len()));
+    // Without the ledger, a wildcard and a host beneath it claimed by different teams wait.
+    let wildcards = ledger
+        .unread
+        .then(|| WildcardClaims::new(claimed.iter().map(|c| (c.0, &candidates[c.1].team))));
     // Which candidates route at least one of them.
     let mut routed = vec![false; candidates.len()];
     // A host's routes as (path, candidate), kept between hosts.
@@ -401,6 +405,7 @@ pub fn build(reports: &[&SourceReport], settings: &ModelSettings, ledger: &Ledge
             ledger,
             &settings.ownership,
             &healthy,
+            wildcards.as_ref(),
             &mut built.intents,
         );
         // The holder may share its host's paths (never `/`) with named services of other teams.
@@ -953,6 +958,46 @@ pub(crate) mod tests {
             .dropped
             .iter()
             .any(|d| d.subject.starts_with("service \"other\" server \"xxx")));
+    }
+
+    /// Without the ledger, nobody knows whether a wildcard or a host beneath it was claimed
+    /// first: claimed by different teams, both wait (as a host two teams claim does); within
+    /// one team, both route.
+    #[test]
+    fn an_unread_ledger_holds_a_wildcard_and_a_host_beneath_it_of_different_teams() {
+        let wild = def("wild", &["*.shop.example.com"], &["10.2.1.5:80"]);
+        let login = def("login", &["login.shop.example.com"], &["10.2.1.6:80"]);
+        let other = def("other", &["other.example.com"], &["10.2.1.7:80"]);
+        let built = build(
+            &[&consul(vec![wild.clone(), login.clone(), other])],
+            &settings(),
+            &Ledger::unread(None),
+        );
+        let hosts: Vec<String> = built
+            .table
+            .routes
+            .keys()
+            .map(|key| key.host.to_string())
+            .collect();
+        assert_eq!(hosts, ["other.example.com"]);
+        let reasons: Vec<&str> = built.dropped.iter().map(|d| d.reason.as_str()).collect();
+        assert!(
+            reasons.iter().any(|r| r.contains(
+                "host *.shop.example.com and login.shop.example.com, a wildcard over the other \
+                 or a host beneath it, are claimed by different teams"
+            )),
+            "{reasons:?}"
+        );
+        // The same services in one team route.
+        let mut same = settings();
+        same.ownership.teams = vec![ownership::Team {
+            name: "shop".into(),
+            consul: vec!["wild".into(), "login".into()],
+            marathon: vec![],
+            hosts: vec![],
+        }];
+        let built = build(&[&consul(vec![wild, login])], &same, &Ledger::unread(None));
+        assert_eq!(built.table.routes.len(), 2, "{:?}", built.dropped);
     }
 
     #[test]

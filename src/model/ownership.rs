@@ -457,15 +457,55 @@ pub fn unclaimed<'a>(
         })
 }
 
+/// The claims of one build by host, to find those related through a wildcard while the
+/// ledger is unread: without it, nobody knows whether a wildcard's holder or the holder of a
+/// host beneath it came first, so either waits, as a host two teams claim does.
+pub struct WildcardClaims<'a> {
+    claims: BTreeMap<&'a str, Vec<&'a TeamId>>,
+}
+
+impl<'a> WildcardClaims<'a> {
+    pub fn new(claims: impl IntoIterator<Item = (&'a Hostname, &'a TeamId)>) -> Self {
+        let mut by_host: BTreeMap<&str, Vec<&TeamId>> = BTreeMap::new();
+        for (host, team) in claims {
+            by_host.entry(host.as_str()).or_default().push(team);
+        }
+        WildcardClaims { claims: by_host }
+    }
+
+    /// A claim of another team than `team` on a wildcard above `host` or, for a wildcard, on a
+    /// host beneath it: that host.
+    pub fn other_team(&self, host: &Hostname, team: &TeamId) -> Option<&'a str> {
+        let other = |(claimed, teams): (&&'a str, &Vec<&TeamId>)| {
+            (*claimed != host.as_str() && teams.iter().any(|t| *t != team)).then_some(*claimed)
+        };
+        let name = host.wildcard_suffix().map_or(host.as_str(), |s| &s[1..]);
+        let mut rest = name;
+        while let Some((_, parent)) = rest.split_once('.') {
+            let wildcard = format!("*.{parent}");
+            if let Some(found) = self.claims.get_key_value(wildcard.as_str()).and_then(other) {
+                return Some(found);
+            }
+            rest = parent;
+        }
+        let suffix = host.wildcard_suffix()?;
+        self.claims
+            .iter()
+            .filter(|(claimed, _)| claimed.ends_with(suffix))
+            .find_map(other)
+    }
+}
+
 /// Settles one host among its claimants (every claimant already passed [`Ownership::may_claim`];
-/// `healthy`: the sources this edge reads in full). Returns the outcome, and the losing
-/// claimants each with its reason.
+/// `healthy`: the sources this edge reads in full; `wildcards`: the build's claims, given while
+/// the ledger is unread). Returns the outcome, and the losing claimants each with its reason.
 pub fn settle(
     host: &Hostname,
     claims: &[Claim],
     ledger: &Ledger,
     ownership: &Ownership,
     healthy: &BTreeSet<SourceId>,
+    wildcards: Option<&WildcardClaims>,
     intents: &mut ClaimIntents,
 ) -> (Settled, Vec<(Holder, String)>) {
     let mut sorted: Vec<&Claim> = claims.iter().collect();
@@ -615,13 +655,21 @@ pub fn settle(
     };
     let (team, holder) = (first.team.clone(), first.holder.clone());
     if ledger.unread {
-        if open.iter().all(|c| c.team == team) {
+        let related = wildcards.and_then(|w| w.other_team(host, &team));
+        if open.iter().all(|c| c.team == team) && related.is_none() {
             return (Settled::Owned { team, holder }, lost);
         }
-        let reason = format!(
-            "host {host} is claimed by more than one team, and the claims ledger is not read \
-             yet: it waits for the ledger"
-        );
+        let reason = match related {
+            Some(other) => format!(
+                "host {host} and {other}, a wildcard over the other or a host beneath it, are \
+                 claimed by different teams, and the claims ledger is not read yet: it waits \
+                 for the ledger"
+            ),
+            None => format!(
+                "host {host} is claimed by more than one team, and the claims ledger is not \
+                 read yet: it waits for the ledger"
+            ),
+        };
         lost.extend(open.iter().map(|c| (c.holder.clone(), reason.clone())));
         return (Settled::Held { reason }, lost);
     }
@@ -708,6 +756,7 @@ mod tests {
             book,
             &Ownership::default(),
             &everything(),
+            None,
             &mut intents,
         );
         (settled, lost, intents)
@@ -952,6 +1001,7 @@ mod tests {
             &book,
             &Ownership::default(),
             &[SourceId::Consul].into(),
+            None,
             &mut intents,
         );
         assert!(matches!(settled, Settled::Held { .. }));
