@@ -23,10 +23,13 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::bridge::{unix_seconds, BridgeState};
-use crate::escape::Escaped;
+use crate::escape::{clip, Escaped};
 use crate::haproxy::listeners::ForeignListeners;
 use crate::haproxy::stats::{BackendStats, Stats, StatsCache};
-use crate::model::{Built, Health, Ledger, ServiceName, SourceId, SourceReport};
+use crate::model::{
+    Built, Health, Ledger, ServiceName, SourceId, SourceReport, MAX_DROPPED_REASON,
+    MAX_DROPPED_SUBJECT,
+};
 use crate::slots::PoolUse;
 
 /// What the apply loop last did, as the status page shows it.
@@ -260,10 +263,11 @@ impl StatusFeed {
             ),
             None => (Vec::new(), Vec::new()),
         };
+        // HAProxy's own words (its whole stderr when it names no line): cut as the model's are.
         dropped.extend(haproxy.rejected.iter().map(|r| DroppedView {
             source: r.source.clone(),
-            subject: format!("service {:?}", r.service),
-            reason: r.reason.clone(),
+            subject: clip(&format!("service {:?}", r.service), MAX_DROPPED_SUBJECT).into_owned(),
+            reason: clip(&r.reason, MAX_DROPPED_REASON).into_owned(),
         }));
         if let Some(error) = &haproxy.last_error {
             problems.push(format!("haproxy: {error}"));
@@ -619,14 +623,19 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send a request's headers (also, on a kept-alive connection,
 /// to start the next request).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection lives at most: a client that sends requests and never reads the
-/// answers holds one of [`MAX_CONNECTIONS`] no longer than this. It is closed gracefully
-/// (the request in progress answered); a scraper simply opens the next.
+/// How long a connection takes new requests: then it is closed gracefully, its request in
+/// progress answered first (within [`ANSWER_GRACE`]); a scraper simply opens the next.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How long an answer in progress may still take once its connection is past
+/// [`CONNECTION_LIFETIME`]: enough for a scrape of `/metrics/haproxy` at 10,000 services (tens
+/// of MB, within Prometheus' own `scrape_timeout`), so that a client that never reads holds one
+/// of [`MAX_CONNECTIONS`] two minutes at most. At weft's shutdown, [`HEADER_TIMEOUT`].
+pub const ANSWER_GRACE: Duration = Duration::from_secs(60);
 
 /// Serves the status endpoints on an already-bound listener until `shutdown`: HTTP/1.1, at
 /// most [`MAX_CONNECTIONS`] connections at once, each bounded in time ([`HEADER_TIMEOUT`],
-/// [`CONNECTION_LIFETIME`]). At shutdown, the requests in progress are answered first.
+/// [`CONNECTION_LIFETIME`], [`ANSWER_GRACE`]). At shutdown, the answers in progress get
+/// [`HEADER_TIMEOUT`] to finish.
 pub async fn serve(
     listener: TcpListener,
     feed: StatusFeed,
@@ -671,14 +680,14 @@ pub async fn serve(
             let connection = http.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
-            tokio::select! {
+            let grace = tokio::select! {
                 _ = connection.as_mut() => return,
-                _ = shutdown.cancelled() => {}
-                () = lifetime => {}
-            }
+                _ = shutdown.cancelled() => HEADER_TIMEOUT,
+                () = lifetime => ANSWER_GRACE,
+            };
             connection.as_mut().graceful_shutdown();
-            // Its last answer, within the header timeout's bound again.
-            let _ = tokio::time::timeout(HEADER_TIMEOUT, connection).await;
+            // Its answer in progress, if any.
+            let _ = tokio::time::timeout(grace, connection).await;
         });
     }
     connections.close();

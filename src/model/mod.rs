@@ -996,7 +996,19 @@ pub(crate) mod tests {
             marathon: vec![],
             hosts: vec![],
         }];
-        let built = build(&[&consul(vec![wild, login])], &same, &Ledger::unread(None));
+        let built = build(
+            &[&consul(vec![wild, login.clone()])],
+            &same,
+            &Ledger::unread(None),
+        );
+        assert_eq!(built.table.routes.len(), 2, "{:?}", built.dropped);
+        // The operator's wildcard (the services file) neither waits nor makes another wait.
+        let corp = def("corp", &["*.shop.example.com"], &["10.2.1.8:80"]);
+        let built = build(
+            &[&report(vec![corp]), &consul(vec![login])],
+            &settings(),
+            &Ledger::unread(None),
+        );
         assert_eq!(built.table.routes.len(), 2, "{:?}", built.dropped);
     }
 

@@ -196,18 +196,20 @@ impl Ownership {
         wildcard_breadth(host)?;
         // A wildcard over a host or pattern another team reserves would route that host to
         // this service until the team claimed it, and then hold it against the team (a host
-        // beneath a held wildcard is the wildcard holder's to give).
-        if let Some(suffix) = host.wildcard_suffix() {
-            let beneath = self
-                .teams
-                .iter()
-                .filter(|t| *team != TeamId::Named(t.name.clone()))
-                .find_map(|t| {
-                    t.hosts
-                        .iter()
-                        .find(|p| p.0 != *host && p.0.as_str().ends_with(suffix))
-                        .map(|p| (t, p))
-                });
+        // beneath a held wildcard is the wildcard holder's to give). A wildcard the claimant's
+        // own team reserves is the operator's decision, and stands as before.
+        let own = |t: &Team| *team == TeamId::Named(t.name.clone());
+        let reserved_for_own = self
+            .teams
+            .iter()
+            .any(|t| own(t) && t.hosts.iter().any(|p| p.covers(host)));
+        if let (Some(suffix), false) = (host.wildcard_suffix(), reserved_for_own) {
+            let beneath = self.teams.iter().filter(|t| !own(t)).find_map(|t| {
+                t.hosts
+                    .iter()
+                    .find(|p| p.0 != *host && p.0.as_str().ends_with(suffix))
+                    .map(|p| (t, p))
+            });
             if let Some((other, pattern)) = beneath {
                 return Err(format!(
                     "wildcard {host} would cover {pattern}, reserved for team {:?} in \
@@ -465,10 +467,14 @@ pub struct WildcardClaims<'a> {
 }
 
 impl<'a> WildcardClaims<'a> {
+    /// The operator's claims are left out: the file outranks every claim and is never in the
+    /// ledger, so it never waits for it, nor makes another claim wait.
     pub fn new(claims: impl IntoIterator<Item = (&'a Hostname, &'a TeamId)>) -> Self {
         let mut by_host: BTreeMap<&str, Vec<&TeamId>> = BTreeMap::new();
         for (host, team) in claims {
-            by_host.entry(host.as_str()).or_default().push(team);
+            if *team != TeamId::Operator {
+                by_host.entry(host.as_str()).or_default().push(team);
+            }
         }
         WildcardClaims { claims: by_host }
     }
@@ -820,20 +826,37 @@ mod tests {
             assert!(err.contains(reserved), "{wildcard}: {err}");
         }
         rules.may_claim(&evil, &host("*.x.example.com")).unwrap();
-        // Its own reservations beneath do not stop a team; another team's do, even with the
-        // wildcard its own pattern.
+        // Its own reservations beneath do not stop a team. A wildcard its own team reserves
+        // stands (the operator's layout), other teams' reservations beneath or not.
         let pay = TeamId::Named("pay".into());
         rules
             .may_claim(&pay, &host("*.x.cards.example.com"))
             .unwrap();
         let eu = TeamId::Named("eu".into());
-        let err = rules.may_claim(&eu, &host("*.eu.example.com")).unwrap_err();
+        rules.may_claim(&eu, &host("*.eu.example.com")).unwrap();
+        rules.may_claim(&eu, &host("*.de.eu.example.com")).unwrap();
+        rules.may_claim(&eu, &host("shop.eu.example.com")).unwrap();
+        // Another team's wildcard that it does not reserve, over pay's reservation: refused.
+        let web_rules = Ownership {
+            teams: vec![
+                rules.teams[0].clone(),
+                Team {
+                    name: "web".into(),
+                    consul: vec!["web-".into()],
+                    marathon: vec![],
+                    hosts: vec![HostPattern::new(host("www.example.com"))],
+                },
+            ],
+            ..Ownership::default()
+        };
+        let web = TeamId::Named("web".into());
+        let err = web_rules
+            .may_claim(&web, &host("*.eu.example.com"))
+            .unwrap_err();
         assert!(
             err.contains("would cover pay.eu.example.com, reserved for team \"pay\""),
             "{err}"
         );
-        rules.may_claim(&eu, &host("*.de.eu.example.com")).unwrap();
-        rules.may_claim(&eu, &host("shop.eu.example.com")).unwrap();
     }
 
     #[test]

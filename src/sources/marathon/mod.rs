@@ -122,12 +122,14 @@ impl Counters {
         self.events[used as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
-/// The longest event of the stream, its lines together (and so the longest line): Marathon
-/// writes an event as one `data:` line, and its largest (`deployment_info`, `api_post_event`
-/// with a whole app or group) stay far below it. The event-stream reader joins `data:` lines
-/// until a blank one, so without this bound a stream of short lines and no blank one would
-/// grow a single event without end.
-pub const MAX_EVENT: usize = 16 << 20;
+/// The longest event of the stream, its lines together (and so the longest line). Marathon
+/// writes an event as one `data:` line; weft keeps none longer than [`MAX_QUEUED_EVENT`] (a
+/// longer one is replaced by a full fetch), and one past this bound ends the stream, which is
+/// reconnected and caught up by a full fetch all the same. The bound keeps two costs small:
+/// the reader joins `data:` lines until a blank one (without it, short lines and no blank one
+/// would grow an event without end), and it parses an unfinished event again from its start
+/// as each chunk comes (the work grows as the square of an event's chunks).
+pub const MAX_EVENT: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MarathonError {
@@ -720,7 +722,7 @@ impl std::fmt::Display for ReadError {
             ReadError::Silent => f.write_str("silent"),
             ReadError::TooLong => write!(
                 f,
-                "an event longer than {} MiB: not an event stream weft reads",
+                "an event longer than {} MiB: reconnected, and caught up by a full fetch",
                 MAX_EVENT >> 20
             ),
         }
@@ -909,13 +911,13 @@ mod tests {
             read >= MAX_EVENT * 8 / 7 - lines.len(),
             "ended at {read} bytes"
         );
-        assert!(err.to_string().contains("an event longer than 16 MiB"));
+        assert!(err.to_string().contains("an event longer than 1 MiB"));
 
         // The same lines as events, each ended by a blank line (in each of the three ways a
         // line may end, and split between chunks): read for ever.
         let mut events = watch();
         for end in ["\n\n", "\r\n\r\n", "\r\r"] {
-            let event = format!("event: x\ndata: {}{end}", "y".repeat(1 << 20));
+            let event = format!("event: x\ndata: {}{end}", "y".repeat(MAX_EVENT / 2));
             for _ in 0..24 {
                 let (a, b) = event.as_bytes().split_at(event.len() - 1);
                 events.saw(a).unwrap();
@@ -957,7 +959,7 @@ mod tests {
     #[test]
     fn a_line_without_end_is_bounded() {
         let mut line = watch();
-        let chunk = vec![b'x'; 1 << 20];
+        let chunk = vec![b'x'; MAX_EVENT / 16];
         for _ in 0..16 {
             line.saw(&chunk).unwrap();
         }

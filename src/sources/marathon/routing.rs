@@ -189,11 +189,13 @@ pub fn app_services(
     let mut in_group = false;
     // Ports with hosts past MAX_SERVICES_PER_APP.
     let mut over = 0;
+    // Ports whose group is weft's but for letter case or spaces.
+    let mut near_misses = Vec::new();
     for index in 0..port_count {
         let port = PortLabels::of(app, index);
         let group = port.get("GROUP").or(app_group);
         if settings.group.near_miss(group) {
-            rejected.push(Rejected {
+            near_misses.push(Rejected {
                 subject: format!("{} port {index}", app_subject()),
                 reason: format!(
                     "its group {:?} is not weft's {:?}: groups match exactly, letter case and \
@@ -298,6 +300,7 @@ pub fn app_services(
         });
     }
 
+    rejected.extend(name_first_parts(near_misses, app_subject, "ports"));
     if over > 0 {
         rejected.push(Rejected {
             subject: app_subject(),
@@ -390,6 +393,50 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         crate::sources::fixture(&format!("marathon/{name}"))
+    }
+
+    /// What one app has dropped is named 16 at a time: its ports' near-miss groups, a port's
+    /// tasks without an address weft may route to.
+    #[test]
+    fn what_one_app_has_dropped_is_named_up_to_the_bound() {
+        let ports: Vec<String> = (0..40)
+            .map(|i| format!(r#"{{"containerPort":{}}}"#, 1000 + i))
+            .collect();
+        let json = format!(
+            r#"{{"id":"/near","labels":{{"HAPROXY_GROUP":"External ","HAPROXY_0_VHOST":"n.example.com"}},"container":{{"portMappings":[{}]}}}}"#,
+            ports.join(",")
+        );
+        let app: MarathonApp = serde_json::from_str(&json).unwrap();
+        let (_, rejected) = app_services(&app, &settings("external", None, HostPorts::Deny));
+        assert_eq!(
+            rejected.len(),
+            crate::model::MAX_NAMED_PARTS + 1,
+            "{rejected:?}"
+        );
+        assert_eq!(
+            rejected[crate::model::MAX_NAMED_PARTS].reason,
+            "24 more ports dropped (only the first 16 are named)"
+        );
+
+        let tasks: Vec<String> = (0..40)
+            .map(|i| format!(r#"{{"id":"t{i}","state":"TASK_RUNNING","startedAt":"x","host":"10.0.0.1","ports":[31000]}}"#))
+            .collect();
+        let json = format!(
+            r#"{{"id":"/hostnet","labels":{{"HAPROXY_0_VHOST":"h.example.com"}},"portDefinitions":[{{"port":10000}}],"tasks":[{}]}}"#,
+            tasks.join(",")
+        );
+        let app: MarathonApp = serde_json::from_str(&json).unwrap();
+        let (services, rejected) = app_services(&app, &settings("*", None, HostPorts::Deny));
+        assert!(services.iter().all(|s| s.servers.is_empty()));
+        let tasks: Vec<&Rejected> = rejected
+            .iter()
+            .filter(|r| r.subject.starts_with("app \"/hostnet\" task"))
+            .collect();
+        assert_eq!(tasks.len(), crate::model::MAX_NAMED_PARTS, "{rejected:?}");
+        assert!(rejected
+            .iter()
+            .any(|r| r.subject == "app \"/hostnet\" port 0"
+                && r.reason == "24 more tasks dropped (only the first 16 are named)"));
     }
 
     /// An app of 300 ports with hosts and 300 tasks (43 KB) makes 32 services, not 300 with
