@@ -663,9 +663,10 @@ pub async fn serve(
             Some((permit, Ok((stream, _)))) => (permit, stream),
             Some((_, Err(err))) => {
                 // Out of file descriptors, a connection reset before it was accepted: the
-                // listener itself is fine; a moment later it may accept again.
+                // listener itself is fine; a second later it may accept again (and the log
+                // gets a line a second, not a flood).
                 warn!(error = %err, "status server cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
             None => break,

@@ -199,11 +199,12 @@ impl Ownership {
         // beneath a held wildcard is the wildcard holder's to give). A wildcard the claimant's
         // own team reserves is the operator's decision, and stands as before.
         let own = |t: &Team| *team == TeamId::Named(t.name.clone());
-        let reserved_for_own = self
-            .teams
-            .iter()
-            .any(|t| own(t) && t.hosts.iter().any(|p| p.covers(host)));
-        if let (Some(suffix), false) = (host.wildcard_suffix(), reserved_for_own) {
+        let reserved_for_own = || {
+            self.teams
+                .iter()
+                .any(|t| own(t) && t.hosts.iter().any(|p| p.covers(host)))
+        };
+        if let Some(suffix) = host.wildcard_suffix().filter(|_| !reserved_for_own()) {
             let beneath = self.teams.iter().filter(|t| !own(t)).find_map(|t| {
                 t.hosts
                     .iter()
