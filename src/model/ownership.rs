@@ -366,22 +366,11 @@ impl Ledger {
         if self.hosts.is_empty() {
             return None;
         }
-        let name = host.wildcard_suffix().map_or(host.as_str(), |s| &s[1..]);
-        let mut rest = name;
-        // One buffer for every parent's wildcard: this runs for every host of every build.
-        let mut wildcard = String::with_capacity(name.len() + 1);
-        while let Some((_, parent)) = rest.split_once('.') {
-            wildcard.clear();
-            wildcard.push_str("*.");
-            wildcard.push_str(parent);
-            if let Some((key, holding)) = self.hosts.get_key_value(wildcard.as_str()) {
-                if key != host {
-                    return Some((key, holding));
-                }
-            }
-            rest = parent;
-        }
-        None
+        first_wildcard_above(host, |wildcard| {
+            self.hosts
+                .get_key_value(wildcard)
+                .filter(|(key, _)| *key != host)
+        })
     }
 
     /// Hosts beneath the wildcard `host` that the ledger holds.
@@ -460,6 +449,25 @@ pub fn unclaimed<'a>(
         })
 }
 
+/// The first of `visit`'s answers for the wildcards above `host`, closest first (`*.b.c`, then
+/// `*.c`, for `a.b.c` and for `*.a.b.c`). One buffer for them all: the ledger asks this for every
+/// host of every build.
+fn first_wildcard_above<T>(host: &Hostname, mut visit: impl FnMut(&str) -> Option<T>) -> Option<T> {
+    let name = host.wildcard_suffix().map_or(host.as_str(), |s| &s[1..]);
+    let mut rest = name;
+    let mut wildcard = String::with_capacity(name.len() + 1);
+    while let Some((_, parent)) = rest.split_once('.') {
+        wildcard.clear();
+        wildcard.push_str("*.");
+        wildcard.push_str(parent);
+        if let Some(found) = visit(&wildcard) {
+            return Some(found);
+        }
+        rest = parent;
+    }
+    None
+}
+
 /// The claims of one build by host, to find those related through a wildcard while the
 /// ledger is unread: without it, nobody knows whether a wildcard's holder or the holder of a
 /// host beneath it came first, so either waits, as a host two teams claim does.
@@ -486,14 +494,10 @@ impl<'a> WildcardClaims<'a> {
         let other = |(claimed, teams): (&&'a str, &Vec<&TeamId>)| {
             (*claimed != host.as_str() && teams.iter().any(|t| *t != team)).then_some(*claimed)
         };
-        let name = host.wildcard_suffix().map_or(host.as_str(), |s| &s[1..]);
-        let mut rest = name;
-        while let Some((_, parent)) = rest.split_once('.') {
-            let wildcard = format!("*.{parent}");
-            if let Some(found) = self.claims.get_key_value(wildcard.as_str()).and_then(other) {
-                return Some(found);
-            }
-            rest = parent;
+        if let Some(above) = first_wildcard_above(host, |wildcard| {
+            self.claims.get_key_value(wildcard).and_then(other)
+        }) {
+            return Some(above);
         }
         let suffix = host.wildcard_suffix()?;
         self.claims
