@@ -137,12 +137,16 @@ pub fn name_first_parts(
         parts.truncate(MAX_NAMED_PARTS);
         parts.push(Rejected {
             subject: subject(),
-            reason: format!(
-                "{more} more {what} dropped (only the first {MAX_NAMED_PARTS} are named)"
-            ),
+            reason: more_parts_dropped(more, what),
         });
     }
     parts
+}
+
+/// The reason of the one entry that counts a definition's dropped parts past
+/// [`MAX_NAMED_PARTS`].
+pub fn more_parts_dropped(more: usize, what: &str) -> String {
+    format!("{more} more {what} dropped (only the first {MAX_NAMED_PARTS} are named)")
 }
 
 /// The health of a source, as the status page and `weft check` show it.

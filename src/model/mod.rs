@@ -24,6 +24,7 @@ use std::time::Duration;
 use itertools::Itertools;
 
 pub use diff::TableDiff;
+use input::more_parts_dropped;
 pub use input::{
     name_first_parts, CheckDef, Health, Rejected, ServiceDef, SourceId, SourceReport,
     MAX_NAMED_PARTS,
@@ -798,10 +799,7 @@ fn validate(
     if bad_servers > MAX_NAMED_PARTS {
         drop(
             subject(),
-            format!(
-                "{} more servers dropped (only the first {MAX_NAMED_PARTS} are named)",
-                bad_servers - MAX_NAMED_PARTS
-            ),
+            more_parts_dropped(bad_servers - MAX_NAMED_PARTS, "servers"),
         );
     }
 
