@@ -23,13 +23,10 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::bridge::{unix_seconds, BridgeState};
-use crate::escape::{clip, Escaped};
+use crate::escape::Escaped;
 use crate::haproxy::listeners::ForeignListeners;
 use crate::haproxy::stats::{BackendStats, Stats, StatsCache};
-use crate::model::{
-    Built, Health, Ledger, ServiceName, SourceId, SourceReport, MAX_DROPPED_REASON,
-    MAX_DROPPED_SUBJECT,
-};
+use crate::model::{Built, Health, Ledger, ServiceName, SourceId, SourceReport};
 use crate::slots::PoolUse;
 
 /// What the apply loop last did, as the status page shows it.
@@ -263,11 +260,11 @@ impl StatusFeed {
             ),
             None => (Vec::new(), Vec::new()),
         };
-        // HAProxy's own words (its whole stderr when it names no line): cut as the model's are.
+        // The reason is cut where it is made (controller::blame); the name is a valid one.
         dropped.extend(haproxy.rejected.iter().map(|r| DroppedView {
             source: r.source.clone(),
-            subject: clip(&format!("service {:?}", r.service), MAX_DROPPED_SUBJECT).into_owned(),
-            reason: clip(&r.reason, MAX_DROPPED_REASON).into_owned(),
+            subject: format!("service {:?}", r.service),
+            reason: r.reason.clone(),
         }));
         if let Some(error) = &haproxy.last_error {
             problems.push(format!("haproxy: {error}"));

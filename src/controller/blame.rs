@@ -12,7 +12,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::error;
 
-use crate::model::{Backend, Balance, Built, HealthCheck, RoutingTable, ServiceName, SourceId};
+use crate::escape::clip;
+use crate::model::{
+    Backend, Balance, Built, HealthCheck, RoutingTable, ServiceName, SourceId, MAX_DROPPED_REASON,
+};
 use crate::status::{ApplyStatus, RejectedService};
 
 /// A service whose backend `haproxy -c` rejected, as it was defined then.
@@ -88,12 +91,14 @@ impl Blamed {
             return false;
         };
         error!(service = %service, %stderr, "haproxy rejected this service's backend, dropping it");
+        // HAProxy's alert line, else its whole stderr: cut as the model's drops are, for the
+        // page, `/status` and `weft check` alike.
         let reason = stderr
             .lines()
             .find(|l| l.contains("[ALERT]"))
             .unwrap_or(stderr)
-            .trim()
-            .to_string();
+            .trim();
+        let reason = clip(reason, MAX_DROPPED_REASON).into_owned();
         let blame = Blame {
             definition: Definition::of(backend),
             source: backend.source,
