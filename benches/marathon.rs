@@ -43,6 +43,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SIZES: [usize; 3] = [1_000, 10_000, 20_000];
 const TASKS: usize = 3;
+/// The pieces the in-process stages take the answer in, as from the network.
+const PIECE: usize = 64 << 10;
 const RUNS: usize = 7;
 /// `weft render` end to end: on a shared VM a process's wall clock moves by half between one
 /// run and the next (BENCHMARKS.md, "What a run of `weft render` pays for on this host"), so
@@ -138,13 +140,15 @@ fn in_process(apps: usize, body: &str) -> weft::model::RoutingTable {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut size = 0;
     let mut last_table = None;
-    // As `weft render` reads the body it fetched: in place (as it was afterwards), each app's
-    // services worked out as soon as it is decoded.
-    let mut bytes = body.as_bytes().to_vec();
+    // As `weft render` reads the answer: as it comes (here in pieces of [`PIECE`] bytes), in
+    // segments on rayon's pool, each app's services worked out as soon as it is decoded.
     for _ in 0..RUNS {
         let start = Instant::now();
-        let apps_read =
-            decode_apps_each(&mut bytes, |app| Apps::read_app(app, &routing)).expect("decode");
+        let each = routing.clone();
+        let apps_read = decode_apps_each(body.as_bytes(), PIECE, move |app| {
+            Apps::read_app(app, &each)
+        })
+        .expect("decode");
         let (services, rejected) = Apps::content_of_full(apps_read);
         let report = SourceReport {
             services,
@@ -183,7 +187,7 @@ fn in_process(apps: usize, body: &str) -> weft::model::RoutingTable {
     }
     println!(
         "  in process, on one thread, median of {RUNS}: decode {}, services {} (below: both in \
-         two halves at once, each app's services as it is decoded)",
+         segments on the pool as the answer comes, each app's services as it is decoded)",
         ms(median(one_thread)),
         ms(median(services)),
     );

@@ -106,6 +106,60 @@ fn redirect_target(url: &Url, location: &str) -> String {
 /// The pages an answer without a Content-Length is read into.
 const PAGE: usize = 1 << 20;
 
+/// Where the body of a 2xx answer goes, chunk by chunk, as it comes.
+pub trait Sink {
+    /// The answer's Content-Length, if it has one (at most the bound), before any chunk.
+    fn expect(&mut self, _length: Option<usize>) {}
+    fn take(&mut self, chunk: &[u8]);
+}
+
+/// A body read whole. Never a buffer doubled as it grows: each doubling copies the body, and
+/// the allocator may keep every smaller buffer for a while (a refused 256 MiB answer took weft
+/// to 772 MiB that way). With a Content-Length, one allocation of that size; without, pages
+/// of 1 MiB filled as the chunks come, joined once at the end.
+#[derive(Default)]
+pub struct Body {
+    known: bool,
+    body: Vec<u8>,
+    /// Without a Content-Length: full pages, and the one being filled.
+    pages: Vec<Vec<u8>>,
+    page: Vec<u8>,
+}
+
+impl Sink for Body {
+    fn expect(&mut self, length: Option<usize>) {
+        self.known = length.is_some();
+        self.body = Vec::with_capacity(length.unwrap_or(0));
+    }
+
+    fn take(&mut self, chunk: &[u8]) {
+        if self.known {
+            self.body.extend_from_slice(chunk);
+            return;
+        }
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            self.page.reserve_exact(PAGE - self.page.len());
+            let (now, later) = rest.split_at(rest.len().min(PAGE - self.page.len()));
+            self.page.extend_from_slice(now);
+            rest = later;
+            if self.page.len() == PAGE {
+                self.pages.push(std::mem::take(&mut self.page));
+            }
+        }
+    }
+}
+
+impl Body {
+    pub fn into_vec(mut self) -> Vec<u8> {
+        if !self.known {
+            self.pages.push(self.page);
+            self.body = self.pages.concat();
+        }
+        self.body
+    }
+}
+
 /// Sends `request` (for `url`) and returns the headers and body of a 2xx answer, of at most
 /// `max` bytes (read as it comes: a larger answer is cut off there, never held whole); any
 /// other status is an error carrying the start of the body (Consul's and Marathon's error
@@ -115,6 +169,20 @@ pub async fn fetch(
     url: &Url,
     max: usize,
 ) -> Result<(HeaderMap, Vec<u8>), HttpError> {
+    let mut body = Body::default();
+    let (headers, _) = fetch_into(request, url, max, &mut body).await?;
+    Ok((headers, body.into_vec()))
+}
+
+/// [`fetch`], the body of a 2xx answer handed to `sink` as it comes (at most `max` bytes: past
+/// that, an error, and the sink has had part of it); the headers and the body's length are
+/// returned.
+pub async fn fetch_into(
+    request: RequestBuilder,
+    url: &Url,
+    max: usize,
+    sink: &mut (impl Sink + Send),
+) -> Result<(HeaderMap, usize), HttpError> {
     let failed = |source| HttpError::request(url, source);
     let mut response = request.send().await.map_err(failed)?;
     let status = response.status();
@@ -129,47 +197,33 @@ pub async fn fetch(
     if response.content_length().is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    // Never a buffer doubled as it grows: each doubling copies the body, and the allocator
-    // may keep every smaller buffer for a while (a refused 256 MiB answer took weft to 772
-    // MiB that way). With a Content-Length, one allocation of that size; without, pages of
-    // 1 MiB filled as the chunks come, joined once at the end.
-    let known = response.content_length().map(|n| n.min(max as u64));
-    let mut body = Vec::with_capacity(known.and_then(|n| usize::try_from(n).ok()).unwrap_or(0));
-    // Without a Content-Length: full pages, and the one being filled.
-    let (mut pages, mut page): (Vec<Vec<u8>>, Vec<u8>) = (Vec::new(), Vec::new());
+    let known = response
+        .content_length()
+        .and_then(|n| usize::try_from(n.min(max as u64)).ok());
+    // An error's body is read whole, for its text.
+    let mut error_body = Body::default();
+    let sink: &mut (dyn Sink + Send) = if status.is_success() {
+        sink
+    } else {
+        &mut error_body
+    };
+    sink.expect(known);
     let mut length = 0;
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
         length += chunk.len();
         if length > max {
             return Err(too_large());
         }
-        if known.is_some() {
-            body.extend_from_slice(&chunk);
-            continue;
-        }
-        let mut rest = &chunk[..];
-        while !rest.is_empty() {
-            page.reserve_exact(PAGE - page.len());
-            let (now, later) = rest.split_at(rest.len().min(PAGE - page.len()));
-            page.extend_from_slice(now);
-            rest = later;
-            if page.len() == PAGE {
-                pages.push(std::mem::take(&mut page));
-            }
-        }
-    }
-    if known.is_none() {
-        pages.push(page);
-        body = pages.concat();
+        sink.take(&chunk);
     }
     if !status.is_success() {
         return Err(HttpError::Status {
             url: url.clone(),
             status,
-            body: error_text(&body),
+            body: error_text(&error_body.into_vec()),
         });
     }
-    Ok((headers, body))
+    Ok((headers, length))
 }
 
 /// The start of an error body as text, cut on a character boundary (any bytes, any encoding).

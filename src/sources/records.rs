@@ -20,8 +20,11 @@
 //! come from the wire, and serde's messages quote the input) is cut to a bounded length.
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -29,6 +32,7 @@ use serde_json::value::RawValue;
 
 use crate::escape::clip;
 use crate::model::Rejected;
+use crate::sources::http::{Body, Sink};
 
 /// The dropped records of one list that are named; the rest are counted.
 pub const MAX_NAMED_DROPS: usize = 16;
@@ -189,83 +193,340 @@ pub fn decode_answer<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
-/// Answers at least this large are decoded in two halves at once ([`decode_in_halves`]).
-pub const HALVES_FROM: usize = 1 << 20;
+/// The size of the segments a large answer is decoded in as it comes ([`Streamed`]).
+pub const SEGMENT: usize = 256 << 10;
+/// Segments handed to rayon's pool and not yet back, past which the reader decodes one itself
+/// before it reads on: the answer is held a few segments at a time, never whole.
+const IN_FLIGHT: usize = 2;
+/// Segments' buffers kept for the next ones.
+const SPARE: usize = 4;
+/// Text read past the last segment without a place to end one (a record this large), past
+/// which the segments give way to the usual decode: a buffer grown by doubling would hold
+/// twice the answer.
+const MAX_UNCUT: usize = 4 * SEGMENT;
 
-/// A large answer of the shape `{"<key>":[record,record,...]}` (as Marathon writes it: no
-/// whitespace), decoded in two halves at once on rayon's pool (a thread per core): on a
-/// machine with two cores, about half the time. Each record is handed to `each` as soon as it
-/// is decoded, on the thread that decoded it, and what `each` makes of it is kept, in the
+/// An answer of the shape `{"<key>":[record,record,...]}` (as Marathon writes it: no
+/// whitespace), decoded as it comes, in segments of about [`SEGMENT`] bytes, on rayon's pool
+/// (a thread per core) while the next ones are read: the answer is never held whole, and the
+/// decode is done about when the last byte is read. Each record is handed to `each` as soon as
+/// it is decoded, on the thread that decoded it, and what `each` makes of it is kept, in the
 /// list's order: a caller that needs less than the whole record (`weft render` needs only the
 /// services) never holds the decoded list. `each` runs inside the one-pass decode: it must
-/// neither decode records itself nor wait on rayon's pool (it would read lists in one pass).
-/// `record_start` is how a record of the list begins (for Marathon's apps, `{"id":"/`), to
-/// find the `,`s between records near the middle.
+/// neither decode records itself nor wait on rayon's pool. The outcome is the one
+/// [`decode_answer`] gives on the whole answer, records, drops and error alike.
 ///
-/// The split is only a guess, and the decode checks it. It takes the first two such `,`s after
-/// the middle: the first half runs from the list's `[` to the first `,` (a `]` written there),
-/// the one record between the two `,`s is decoded on its own, and the second half runs from
-/// the second `,` (a `[` written there) to the list's `]`, followed by the answer's closing
-/// `}`. Each part must decode whole, with nothing left over, which text cannot do unless both
-/// `,`s separate records of that very list: inside a string, or deeper inside a record, the
-/// brackets would not close. Anything else (an answer too small or of another shape, no such
-/// `,`s, a record that does not decode) returns `None`, and the caller decodes the answer the
-/// usual way ([`decode_answer`]): the halves are only faster, never different. The two bytes
-/// are restored afterwards; nothing is copied.
-pub fn decode_in_halves<T: Record, U: Send>(
-    body: &mut [u8],
-    key: &str,
-    record_start: &[u8],
-    each: &(impl Fn(T) -> U + Sync),
-) -> Option<Vec<U>> {
-    let open = format!("{{\"{key}\":[");
-    // JSON's own whitespace only (`trim_ascii_end` would take a form feed too).
-    let len = body.len()
-        - body
-            .iter()
-            .rev()
-            .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-            .count();
-    if len < HALVES_FROM || !body.starts_with(open.as_bytes()) || !body[..len].ends_with(b"]}") {
-        return None;
+/// A segment ends at the last `,` before `record_start` (for Marathon's apps, `{"id":"/`) in the
+/// text read: a guess, which the decode checks. `record_start` begins with a `"` that no string
+/// can hold unescaped, so the `,` lies outside strings; but it may lie deeper inside a record.
+/// Each segment is decoded as a whole list (`[` and `]` put around it), which text cannot do
+/// unless both its ends lie between records of that very list, provided it begins between
+/// two: the first segment begins at the list's `[`, and a segment that decodes, begun between
+/// records, ends between records too (else its brackets would not close). So once the
+/// segments up to one have all decoded, every one of their ends is a true one, and their text
+/// is let go. The first that does not decode (a record that does not, a false end, text that is
+/// not JSON) begins at a true end: from it on, the answer is decoded the usual way, as the
+/// answer `{"<key>":[` + the rest ([`decode_answer`]'s outcome on the rest, its drops' places
+/// and its error's position counted from the whole answer's start). An answer of another shape
+/// (whitespace after the key, another key first) is read whole and decoded the usual way.
+pub struct Streamed<T, U> {
+    open: Vec<u8>,
+    /// `,` and the record start: where a segment may end.
+    cut: Vec<u8>,
+    each: Arc<dyn Fn(T) -> U + Send + Sync>,
+    /// Decodes an answer the usual way, to its list.
+    usual: fn(&[u8]) -> Result<Records<T>, String>,
+    mode: Mode,
+    /// [`Mode::Head`]: the answer so far; [`Mode::Segments`]: `[` and the text read since the
+    /// last segment's end.
+    current: Vec<u8>,
+    /// How much of `current` has no place to end a segment.
+    searched: usize,
+    /// [`Mode::Usual`]: the answer to decode the usual way (the segments' start taken out).
+    usual_text: Body,
+    /// A segment checked in order did not decode.
+    failed: bool,
+    /// Bytes taken in all.
+    read: usize,
+    /// Segments handed to the pool, and those not back yet.
+    sent: usize,
+    in_flight: usize,
+    done: (Sender<Done<U>>, Receiver<Done<U>>),
+    /// Segments back, not yet checked in order.
+    back: BTreeMap<usize, Done<U>>,
+    /// What `each` made of the records of the segments checked in order, and how many those are.
+    made: Vec<U>,
+    checked: usize,
+    /// Where the text of the segments checked lies in the answer: replaced by nothing in the
+    /// usual decode's answer, for the position of its error.
+    skipped: Skipped,
+    spare: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Head,
+    Segments,
+    Usual,
+}
+
+/// A segment decoded: its text (`[`, records, `]`) and what `each` made of its records, or
+/// `None` when it does not decode as a whole list.
+struct Done<U> {
+    index: usize,
+    text: Vec<u8>,
+    made: std::thread::Result<Option<Vec<U>>>,
+}
+
+/// Text taken out of the answer: its length, its line ends, and its length after the last one.
+#[derive(Debug, Default, Clone, Copy)]
+struct Skipped {
+    bytes: usize,
+    lines: usize,
+    after_last_line: usize,
+}
+
+impl Skipped {
+    fn add(&mut self, text: &[u8]) {
+        self.bytes += text.len();
+        match memchr::memrchr(b'\n', text) {
+            Some(last) => {
+                self.lines += memchr::memchr_iter(b'\n', text).count();
+                self.after_last_line = text.len() - last - 1;
+            }
+            None => self.after_last_line += text.len(),
+        }
     }
-    let middle = len / 2;
-    let (close, reopen) = {
-        let mut commas = memchr::memmem::find_iter(&body[middle..len], record_start)
-            .map(|found| middle + found - 1)
-            .filter(|&comma| body[comma] == b',');
-        (commas.next()?, commas.next()?)
-    };
-    body[close] = b']';
-    body[reopen] = b'[';
-    let (first, between, second) = {
-        let body = &*body;
-        let (first, between) = (&body[open.len() - 1..=close], &body[close + 1..reopen]);
-        // Without the answer's `}`.
-        let second = &body[reopen..len - 1];
-        let ((first, between), second) = rayon::join(
-            || (whole_list(first, each), whole::<T>(between).map(each)),
-            || whole_list(second, each),
-        );
-        (first, between, second)
-    };
-    body[close] = b',';
-    body[reopen] = b',';
-    let (mut records, between, second) = (first?, between?, second?);
-    records.push(between);
-    records.extend(second);
-    Some(records)
+
+    /// serde_json's `... at line L column C` for an answer of which `self` was taken out after
+    /// its first `open` bytes, as the whole answer's.
+    fn place(&self, message: String, open: usize) -> String {
+        let Some((what, at)) = message.rsplit_once(" at line ") else {
+            return message;
+        };
+        let Some((line, column)) = at.split_once(" column ") else {
+            return message;
+        };
+        let (Ok(line), Ok(column)) = (line.parse::<usize>(), column.parse::<usize>()) else {
+            return message;
+        };
+        // Every error lies after `open`: on its line, the text taken out lies before it.
+        let column = match line {
+            1 if self.lines == 0 => column + self.bytes,
+            1 => column.saturating_sub(open) + self.after_last_line,
+            _ => column,
+        };
+        format!("{what} at line {} column {column}", line + self.lines)
+    }
 }
 
-/// `text` as one JSON value, every record in it decoded, nothing after it.
-fn whole<T: DeserializeOwned>(text: &[u8]) -> Option<T> {
-    let text = std::str::from_utf8(text).ok()?;
-    in_one_pass(|| serde_json::from_str(text)).ok()
+impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
+    /// `usual` decodes a whole answer to its list (the answer's type is the caller's).
+    pub fn new(
+        key: &str,
+        record_start: &[u8],
+        each: Arc<dyn Fn(T) -> U + Send + Sync>,
+        usual: fn(&[u8]) -> Result<Records<T>, String>,
+    ) -> Streamed<T, U> {
+        Streamed {
+            open: format!("{{\"{key}\":[").into_bytes(),
+            cut: [b",", record_start].concat(),
+            each,
+            usual,
+            mode: Mode::Head,
+            current: Vec::new(),
+            searched: 0,
+            usual_text: Body::default(),
+            failed: false,
+            read: 0,
+            sent: 0,
+            in_flight: 0,
+            done: mpsc::channel(),
+            back: BTreeMap::new(),
+            made: Vec::new(),
+            checked: 0,
+            skipped: Skipped::default(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hands the text read up to its last possible record boundary to the pool, and waits for
+    /// (or decodes) earlier segments while too many are out.
+    fn send_segment(&mut self) {
+        // Only what was not searched yet, and the start of a `cut` it may end.
+        let from = self.searched.saturating_sub(self.cut.len()).max(1);
+        let Some(end) = memchr::memmem::rfind(&self.current[from..], &self.cut).map(|at| at + from)
+        else {
+            self.searched = self.current.len();
+            return;
+        };
+        self.searched = 0;
+        let mut next = self.spare.pop().unwrap_or_default();
+        next.clear();
+        next.reserve(2 * SEGMENT);
+        next.push(b'[');
+        next.extend_from_slice(&self.current[end + 1..]);
+        let mut text = std::mem::replace(&mut self.current, next);
+        text.truncate(end);
+        text.push(b']');
+        let (index, each, sender) = (self.sent, Arc::clone(&self.each), self.done.0.clone());
+        self.sent += 1;
+        self.in_flight += 1;
+        rayon::spawn(move || {
+            // A panic goes to the reader, as it would from a decode on its own thread (rayon
+            // would abort the process).
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                whole_list::<T, U, _>(&text, &*each)
+            }));
+            // The receiver lives until every segment is back.
+            let _ = sender.send(Done { index, text, made });
+        });
+        while let Ok(done) = self.done.1.try_recv() {
+            self.back(done);
+        }
+        while self.in_flight > IN_FLIGHT {
+            self.help_or_wait();
+        }
+    }
+
+    /// Decodes a segment waiting on the pool on this thread, if it is one of the pool's and one
+    /// waits; else waits for one to come back.
+    fn help_or_wait(&mut self) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            // Sent while in flight: a segment comes back.
+            if let Ok(done) = self.done.1.recv() {
+                self.back(done);
+            }
+        }
+        while let Ok(done) = self.done.1.try_recv() {
+            self.back(done);
+        }
+    }
+
+    /// A segment is back: those checked in order are let go, their records kept.
+    fn back(&mut self, mut done: Done<U>) {
+        self.in_flight -= 1;
+        let made = std::mem::replace(&mut done.made, Ok(None));
+        done.made = Ok(made.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        self.back.insert(done.index, done);
+        if self.mode != Mode::Segments {
+            return;
+        }
+        while let Some(done) = self.back.remove(&self.checked) {
+            let Ok(Some(made)) = done.made else {
+                self.back.insert(done.index, done);
+                self.failed = true;
+                return;
+            };
+            self.made.extend(made);
+            self.checked += 1;
+            // Its records and the `,` after them.
+            self.skipped.add(&done.text[1..done.text.len() - 1]);
+            self.skipped.add(b",");
+            if self.spare.len() < SPARE {
+                self.spare.push(done.text);
+            }
+        }
+    }
+
+    /// The segments give way: the rest of the answer, from the first segment not checked, is
+    /// decoded the usual way, as the answer `{"<key>":[` + the rest.
+    fn give_way(&mut self) {
+        while self.in_flight > 0 {
+            self.help_or_wait();
+        }
+        match self.mode {
+            Mode::Head => self.usual_text.take(&self.current),
+            Mode::Segments => {
+                self.usual_text.take(&self.open);
+                for (_, done) in std::mem::take(&mut self.back) {
+                    self.usual_text.take(&done.text[1..done.text.len() - 1]);
+                    self.usual_text.take(b",");
+                }
+                self.usual_text.take(&self.current[1..]);
+            }
+            Mode::Usual => {}
+        }
+        self.current = Vec::new();
+        self.spare = Vec::new();
+        self.mode = Mode::Usual;
+    }
+
+    /// The answer's records, as [`decode_answer`] would give them from the whole answer.
+    pub fn finish(mut self) -> Result<Records<U>, String> {
+        if self.mode == Mode::Segments {
+            // The text after the last segment, without the answer's `}`.
+            let end = self.current.len()
+                - self
+                    .current
+                    .iter()
+                    .rev()
+                    .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+                    .count();
+            let last = match self.current[..end].ends_with(b"]}") {
+                true => whole_list::<T, U, _>(&self.current[..end - 1], &*self.each),
+                false => None,
+            };
+            while self.in_flight > 0 {
+                self.help_or_wait();
+            }
+            if let (Some(last), true) = (last, self.checked == self.sent) {
+                self.made.extend(last);
+                return Ok(Records {
+                    records: self.made,
+                    ..Records::default()
+                });
+            }
+        }
+        self.give_way();
+        let open = self.open.len();
+        let text = std::mem::take(&mut self.usual_text).into_vec();
+        let rest = (self.usual)(&text).map_err(|e| self.skipped.place(e, open))?;
+        drop(text);
+        let before = self.made.len();
+        let mut rest = rest.map(&*self.each);
+        for dropped in &mut rest.dropped {
+            dropped.index += before;
+        }
+        self.made.append(&mut rest.records);
+        rest.records = self.made;
+        Ok(rest)
+    }
 }
 
-/// `text` as one JSON list of records, each decoded (every list inside it too) and handed to
-/// `each` as it comes, nothing after the list: [`whole`] for a `Records<T>`, with `each`.
-fn whole_list<T: Record, U>(text: &[u8], each: &impl Fn(T) -> U) -> Option<Vec<U>> {
+impl<T: Record + Send + 'static, U: Send + 'static> Sink for Streamed<T, U> {
+    /// Takes the answer's next bytes.
+    fn take(&mut self, chunk: &[u8]) {
+        self.read += chunk.len();
+        if self.mode == Mode::Usual {
+            self.usual_text.take(chunk);
+            return;
+        }
+        if self.current.capacity() == 0 {
+            self.current.reserve(2 * SEGMENT);
+        }
+        self.current.extend_from_slice(chunk);
+        if self.mode == Mode::Head && self.current.len() >= self.open.len() {
+            if self.current.starts_with(&self.open) {
+                self.mode = Mode::Segments;
+                // From the list's `[`.
+                self.current.drain(..self.open.len() - 1);
+            } else {
+                self.give_way();
+                return;
+            }
+        }
+        if self.mode == Mode::Segments && self.current.len() >= SEGMENT {
+            self.send_segment();
+            if self.failed || self.current.len() > MAX_UNCUT {
+                self.give_way();
+            }
+        }
+    }
+}
+
+/// `text` as one JSON list of records, each decoded in one pass (every list inside it too) and
+/// handed to `each` as it comes, nothing after the list.
+fn whole_list<T: Record, U, F: Fn(T) -> U + ?Sized>(text: &[u8], each: &F) -> Option<Vec<U>> {
     let text = std::str::from_utf8(text).ok()?;
     in_one_pass(|| {
         let mut deserializer = serde_json::Deserializer::from_str(text);
@@ -276,9 +537,9 @@ fn whole_list<T: Record, U>(text: &[u8], each: &impl Fn(T) -> U) -> Option<Vec<U
 }
 
 /// A list in one pass (as [`RecordsVisitor`] reads one then), each record handed to `.0`.
-struct Each<'f, T, F>(&'f F, PhantomData<T>);
+struct Each<'f, T, F: ?Sized>(&'f F, PhantomData<T>);
 
-impl<'de, T: Record, U, F: Fn(T) -> U> Visitor<'de> for Each<'_, T, F> {
+impl<'de, T: Record, U, F: Fn(T) -> U + ?Sized> Visitor<'de> for Each<'_, T, F> {
     type Value = Vec<U>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {

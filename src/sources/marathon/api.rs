@@ -3,10 +3,13 @@
 //! version added or moved some). Apps, and the tasks inside each, are decoded one by one: an
 //! app or task that does not decode is dropped with its reason, never the whole answer.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 
+use crate::sources::http::Sink;
 use crate::sources::nullable;
-use crate::sources::records::{self, quoted, Record, Records};
+use crate::sources::records::{self, quoted, Record, Records, Streamed};
 
 /// `GET /v2/apps?embed=apps.tasks`.
 #[derive(Debug, Clone, Deserialize)]
@@ -379,29 +382,28 @@ pub fn decode_apps(body: &[u8]) -> Result<AppsResponse, String> {
     records::decode_answer(body)
 }
 
-/// The same answer as [`decode_apps`] gives, a large one decoded in two halves at once
-/// ([`records::decode_in_halves`]); the body is as it was afterwards. (weft itself reads
-/// answers through [`decode_apps_each`]; the tests compare the two ways with this.)
-#[cfg(test)]
-pub fn decode_apps_in_place(body: &mut [u8]) -> Result<AppsResponse, String> {
-    decode_apps_each(body, |app| app).map(|apps| AppsResponse { apps })
+/// `/v2/apps?embed=apps.tasks` decoded as it comes ([`Streamed`]), each app handed to `each` as
+/// soon as it is decoded: the answer [`decode_apps`] gives, its apps as `each` makes them.
+pub fn apps_as_they_come<U: Send + 'static>(
+    each: Arc<dyn Fn(MarathonApp) -> U + Send + Sync>,
+) -> Streamed<MarathonApp, U> {
+    Streamed::new("apps", br#"{"id":"/"#, each, |body| {
+        decode_apps(body).map(|answer| answer.apps)
+    })
 }
 
-/// The apps of the answer [`decode_apps`] gives, each as `each` makes it. A large answer is
-/// decoded in two halves at once, each app handed to `each` as soon as it is decoded
-/// ([`records::decode_in_halves`]); any other is decoded first, then its apps handed over
-/// ([`Records::map`]). The body is as it was afterwards.
-pub fn decode_apps_each<U: Send>(
-    body: &mut [u8],
-    each: impl Fn(MarathonApp) -> U + Sync + Send,
+/// [`apps_as_they_come`] over a body at hand, taken in pieces of `piece` bytes as from the
+/// network (the tests and the benchmark read answers this way).
+pub fn decode_apps_each<U: Send + 'static>(
+    body: &[u8],
+    piece: usize,
+    each: impl Fn(MarathonApp) -> U + Send + Sync + 'static,
 ) -> Result<Records<U>, String> {
-    match records::decode_in_halves(body, "apps", br#"{"id":"/"#, &each) {
-        Some(records) => Ok(Records {
-            records,
-            ..Records::default()
-        }),
-        None => decode_apps(body).map(|answer| answer.apps.map(each)),
+    let mut streamed = apps_as_they_come(Arc::new(each));
+    for piece in body.chunks(piece.max(1)) {
+        streamed.take(piece);
     }
+    streamed.finish()
 }
 
 #[cfg(test)]
@@ -579,52 +581,76 @@ mod tests {
         format!(r#"{{"apps":[{}]}}"#, apps.join(","))
     }
 
-    /// Decoded in place, `body` gives the answer [`decode_apps`] gives, and is as it was.
-    fn halves_agree(body: &str) {
-        let mut bytes = body.as_bytes().to_vec();
-        let in_place = decode_apps_in_place(&mut bytes).unwrap();
-        assert_eq!(bytes, body.as_bytes(), "the body is restored");
-        let one_pass = decode_apps(body.as_bytes()).unwrap();
-        assert_eq!(format!("{in_place:?}"), format!("{one_pass:?}"));
+    /// Taken in pieces of several sizes as it comes, `body` gives the answer [`decode_apps`]
+    /// gives: the same apps, drops and error.
+    fn as_they_come_agree(body: &str) {
+        let usual = format!(
+            "{:?}",
+            decode_apps(body.as_bytes()).map(|answer| answer.apps)
+        );
+        let mut pieces = vec![1000, 8191, 65536, records::SEGMENT - 1, body.len()];
+        if body.len() < 100_000 {
+            pieces.push(1);
+        }
+        for piece in pieces {
+            let streamed = decode_apps_each(body.as_bytes(), piece, |app| app);
+            assert_eq!(format!("{streamed:?}"), usual, "pieces of {piece} bytes");
+        }
     }
 
     #[test]
-    fn a_large_answer_decoded_in_halves_is_the_one_pass_answer() {
+    fn a_large_answer_decoded_as_it_comes_is_the_one_pass_answer() {
         let body = large_answer(2500, |_| String::new());
-        assert!(body.len() >= records::HALVES_FROM);
-        let mut bytes = body.clone().into_bytes();
-        let halves = records::decode_in_halves(&mut bytes, "apps", br#"{"id":"/"#, &|app| app)
-            .expect("split");
-        let ids: Vec<&str> = halves
-            .iter()
-            .map(|app: &MarathonApp| app.id.as_str())
-            .collect();
-        assert_eq!(ids.len(), 2500);
-        assert_eq!(ids[1250], "/app-1250");
-        halves_agree(&body);
-        // Trailing whitespace, and a small answer (one thread).
-        halves_agree(&format!("{body} \n"));
-        // A form feed is no JSON whitespace: the answer fails either way.
+        assert!(body.len() >= 4 * records::SEGMENT);
+        let apps = decode_apps_each(body.as_bytes(), 65536, |app| app.id).unwrap();
+        assert_eq!(apps.records.len(), 2500);
+        assert_eq!(apps.records[1250], "/app-1250");
+        as_they_come_agree(&body);
+        // Trailing whitespace, and small answers (no segment).
+        as_they_come_agree(&format!("{body} \n"));
+        as_they_come_agree(&large_answer(10, |_| String::new()));
+        as_they_come_agree(r#"{"apps":[]}"#);
+        as_they_come_agree("");
+        // Another shape: decoded the usual way.
+        as_they_come_agree(&body.replacen(r#"{"apps":["#, r#"{"apps": ["#, 1));
+        as_they_come_agree(&format!(r#"{{"other":1,{}"#, &body[1..]));
+        // A form feed is no JSON whitespace: the answer fails either way, with the same error.
         let feed = format!("{body}\x0c");
         assert!(decode_apps(feed.as_bytes()).is_err());
-        assert!(decode_apps_in_place(&mut feed.into_bytes()).is_err());
-        halves_agree(&large_answer(10, |_| String::new()));
+        as_they_come_agree(&feed);
     }
 
     /// Texts that look like a record's start where none is: in a string (escaped quotes),
     /// inside an app (a nested object whose id starts with `/`), and after the list (another
-    /// key). The halves either find the real boundary or give way; the answer is the same.
+    /// key). The segments either end at real boundaries or give way; the answer is the same.
     #[test]
     fn a_false_boundary_is_caught_and_the_answer_the_same() {
         let in_string = large_answer(2500, |i| format!(r#","cmd":"echo '}},{{\"id\":\"/x{i}'""#));
         let nested = large_answer(2500, |i| {
             format!(r#","dependencies":[{{"id":"/dep"}},{{"id":"/dep-{i}"}}]"#)
         });
-        for body in [&in_string, &nested] {
-            halves_agree(body);
+        // Long nested lists of app-like objects: a segment ends inside one, and the next
+        // segment, inside it too, would decode as a list of apps on its own.
+        let deep = large_answer(300, |i| {
+            let fakes: Vec<String> = (0..400)
+                .map(|f| format!(r#"{{"id":"/fake-{i}-{f}"}}"#))
+                .collect();
+            format!(r#","dependencies":[{}]"#, fakes.join(","))
+        });
+        assert!(deep.len() >= 4 * records::SEGMENT);
+        // An app larger than the text read without a segment's end that the segments wait
+        // for: they give way.
+        let huge = large_answer(2500, |i| match i {
+            1200 => format!(r#","cmd":"{}""#, "x".repeat(5 * records::SEGMENT)),
+            _ => String::new(),
+        });
+        for body in [&in_string, &nested, &deep, &huge] {
+            as_they_come_agree(body);
         }
-        // A key after the list, whose objects look like apps, and past the middle: the halves
-        // give way, the body as it was.
+        let apps = decode_apps_each(deep.as_bytes(), 65536, |app| app.id).unwrap();
+        assert_eq!(apps.records.len(), 300);
+        assert!(apps.records.iter().all(|id| id.starts_with("/app-")));
+        // A key after the list, whose objects look like apps.
         let apps = large_answer(1, |_| String::new());
         let list: Vec<String> = (0..100_000)
             .map(|i| format!(r#"{{"id":"/q{i}"}}"#))
@@ -634,20 +660,20 @@ mod tests {
             &apps[..apps.len() - 1],
             list.join(",")
         );
-        assert!(other_key.len() >= records::HALVES_FROM);
-        halves_agree(&other_key);
-        let mut other = other_key.clone().into_bytes();
-        let halves =
-            records::decode_in_halves(&mut other, "apps", br#"{"id":"/"#, &|app: MarathonApp| app);
-        assert!(halves.is_none());
-        assert_eq!(other, other_key.as_bytes());
+        as_they_come_agree(&other_key);
+        assert_eq!(
+            decode_apps_each(other_key.as_bytes(), 65536, |app| app.id)
+                .unwrap()
+                .records,
+            ["/app-0"]
+        );
     }
 
-    /// An app that does not decode, in either half: the answer is decoded the usual way, the
-    /// app dropped with its reason.
+    /// An app that does not decode, early or late: from its segment on, the answer is decoded
+    /// the usual way, the app dropped with its reason and its place in the whole list.
     #[test]
     fn a_bad_app_in_a_large_answer_is_dropped_as_before() {
-        for bad in [100, 2400] {
+        for bad in [0, 100, 2400, 2499] {
             let body = large_answer(2500, |i| {
                 if i == bad {
                     r#","instances":-1,"portDefinitions":[{"port":-1}]"#.to_string()
@@ -655,10 +681,61 @@ mod tests {
                     String::new()
                 }
             });
-            halves_agree(&body);
-            let apps = decode_apps_in_place(&mut body.clone().into_bytes()).unwrap();
-            assert_eq!(apps.apps.records.len(), 2499);
-            assert_eq!(apps.apps.dropped.len(), 1);
+            as_they_come_agree(&body);
+            let apps = decode_apps_each(body.as_bytes(), 65536, |app| app).unwrap();
+            assert_eq!(apps.records.len(), 2499);
+            assert_eq!(apps.dropped.len(), 1);
+            assert_eq!(apps.dropped[0].index, bad);
         }
+    }
+
+    /// An answer that is not JSON from some point on (cut short, a bad byte, text that is not
+    /// UTF-8), with and without line ends inside its apps: the same error as the usual decode
+    /// gives, its line and column the whole answer's.
+    #[test]
+    fn a_broken_answer_fails_with_the_usual_error() {
+        // Line ends nowhere, in every app, and in one early app only (its line ends taken out
+        // before the error's line).
+        for (extra, only) in [
+            ("", None),
+            (",\n\"x\":1", None),
+            (",\r\n\"x\":[\n1\n]", Some(5)),
+        ] {
+            let body = large_answer(2500, |i| match only {
+                Some(only) if i != only => String::new(),
+                _ => extra.to_string(),
+            });
+            for cut in [1, 3, 5, 6] {
+                as_they_come_agree(&body[..body.len() * cut / 7]);
+            }
+            let broken = body.replacen(r#""id":"/app-2000","#, r#""id":"/app-2000";"#, 1);
+            assert_ne!(broken, body);
+            as_they_come_agree(&broken);
+            let message = decode_apps(broken.as_bytes()).unwrap_err();
+            assert!(message.contains(" at line "), "{message}");
+            let mut bytes = body.clone().into_bytes();
+            let at = body.find(r#""id":"/app-1900""#).unwrap();
+            bytes[at + 3] = 0xff;
+            let usual = format!("{:?}", decode_apps(&bytes).map(|answer| answer.apps));
+            assert!(usual.starts_with("Err("), "{usual}");
+            for piece in [8191, 65536] {
+                let streamed = decode_apps_each(&bytes, piece, |app| app);
+                assert_eq!(format!("{streamed:?}"), usual);
+            }
+        }
+    }
+
+    /// A panic while an app is made into what the caller keeps reaches the caller, as from a
+    /// decode on its own thread (rayon's pool would abort the process).
+    #[test]
+    fn a_panic_on_the_pool_reaches_the_reader() {
+        let body = large_answer(2500, |_| String::new());
+        let caught = std::panic::catch_unwind(|| {
+            decode_apps_each(body.as_bytes(), 65536, |app| {
+                assert_ne!(app.id, "/app-1500", "a bug");
+                app
+            })
+        });
+        assert!(caught.is_err());
     }
 }

@@ -37,8 +37,8 @@ use tracing::{debug, info, warn};
 
 use self::routing::RoutingSettings;
 use self::state::{Apps, Outcome};
-use super::http::{fetch, HttpError};
-use super::records::Records;
+use super::http::{fetch_into, Body, HttpError, Sink};
+use super::records::{Records, Streamed};
 use super::{error_chain, Backoff};
 use crate::config::{redact, MarathonAuth, MarathonSourceConfig};
 use crate::escape::Escaped;
@@ -214,15 +214,20 @@ impl Client {
     }
 
     /// The apps of `/v2/apps?embed=apps.tasks` from the first URL that answers, each as
-    /// `each` makes it ([`api::decode_apps_each`]).
-    async fn fetch_apps_each<U: Send>(
+    /// `each` makes it, decoded as the answer comes ([`api::apps_as_they_come`]).
+    async fn fetch_apps_each<U: Send + 'static>(
         &self,
-        each: impl Fn(api::MarathonApp) -> U + Sync + Send,
+        each: impl Fn(api::MarathonApp) -> U + Sync + Send + 'static,
     ) -> Result<Records<U>, MarathonError> {
+        let each: Arc<dyn Fn(api::MarathonApp) -> U + Send + Sync> = Arc::new(each);
         let apps = self
-            .get_from_any(&["v2", "apps"], "apps.tasks", Fetch::Full, |body| {
-                api::decode_apps_each(body, &each)
-            })
+            .get_from_any(
+                &["v2", "apps"],
+                "apps.tasks",
+                Fetch::Full,
+                || api::apps_as_they_come(Arc::clone(&each)),
+                Streamed::finish,
+            )
             .await?;
         apps.ok_or_else(|| MarathonError::AllFailed {
             errors: vec!["/v2/apps: 404".into()],
@@ -234,20 +239,22 @@ impl Client {
     async fn fetch_app(&self, id: &str) -> Result<Option<api::FetchedApp>, MarathonError> {
         let mut segments = vec!["v2", "apps"];
         segments.extend(id.split('/').filter(|segment| !segment.is_empty()));
-        self.get_from_any(&segments, "app.tasks", Fetch::App, |body| {
-            api::decode_app(body)
+        self.get_from_any(&segments, "app.tasks", Fetch::App, Body::default, |body| {
+            api::decode_app(&body.into_vec())
         })
         .await
     }
 
-    /// GETs `segments?embed=...` from the first URL whose answer decodes; `None` when one
-    /// answers that there is no such app (404).
-    async fn get_from_any<T>(
+    /// GETs `segments?embed=...` from the first URL whose answer decodes, its body taken by a
+    /// sink from `start` as it comes, then decoded by `decode`; `None` when one answers that
+    /// there is no such app (404).
+    async fn get_from_any<S: Sink + Send, T>(
         &self,
         segments: &[&str],
         embed: &str,
         kind: Fetch,
-        decode: impl Fn(&mut [u8]) -> Result<T, String>,
+        start: impl Fn() -> S,
+        decode: impl Fn(S) -> Result<T, String>,
     ) -> Result<Option<T>, MarathonError> {
         let max = match kind {
             Fetch::Full => MAX_APPS_BODY,
@@ -261,8 +268,9 @@ impl Client {
                 .request(url.clone())
                 .timeout(self.config.request_timeout);
             COUNTERS.requests[kind as usize].fetch_add(1, Ordering::Relaxed);
-            let mut body = match fetch(request, &url, max).await {
-                Ok((_, body)) => body,
+            let mut body = start();
+            let length = match fetch_into(request, &url, max, &mut body).await {
+                Ok((_, length)) => length,
                 // Marathon's own answer that the app does not exist; a 404 from a proxy in
                 // front of it (a failover, a wrong path) is an error like any other.
                 Err(HttpError::Status { status, body, .. })
@@ -278,9 +286,9 @@ impl Client {
                     continue;
                 }
             };
-            COUNTERS.bytes[kind as usize].fetch_add(body.len() as u64, Ordering::Relaxed);
-            debug!(url = %redact(&url), ?kind, bytes = body.len(), "marathon answer read");
-            match decode(&mut body) {
+            COUNTERS.bytes[kind as usize].fetch_add(length as u64, Ordering::Relaxed);
+            debug!(url = %redact(&url), ?kind, bytes = length, "marathon answer read");
+            match decode(body) {
                 Ok(decoded) => {
                     debug!(url = %redact(&url), ?kind, "marathon answer decoded");
                     self.preferred.store(index, Ordering::Relaxed);
@@ -401,7 +409,7 @@ pub async fn read_once(
     };
     let client = Client::new(config)?;
     let apps = client
-        .fetch_apps_each(|app| Apps::read_app(app, &settings))
+        .fetch_apps_each(move |app| Apps::read_app(app, &settings))
         .await?;
     let (services, rejected) = Apps::content_of_full(apps);
     debug!(services = services.len(), "marathon services worked out");

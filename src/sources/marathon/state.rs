@@ -111,7 +111,7 @@ impl Apps {
     }
 
     /// What [`Apps::content_of_full`] keeps of one app: handed to
-    /// [`api::decode_apps_each`], each app is freed as soon as its services are worked out,
+    /// [`api::apps_as_they_come`], each app is freed as soon as its services are worked out,
     /// its memory taken by the next one's.
     pub fn read_app(app: MarathonApp, settings: &RoutingSettings) -> ReadApp {
         let (services, rejected) = app_services(&app, settings);
@@ -627,7 +627,7 @@ mod tests {
     }
 
     /// Read once, an answer gives what the state made of it gives: the same services and
-    /// rejections in the same order, also for a large answer (decoded in halves, each app read
+    /// rejections in the same order, also for a large answer (decoded in segments, each app read
     /// as it comes) whose ids are out of order and repeated, and for one with apps that do not
     /// decode (decoded the usual way, then read).
     #[test]
@@ -644,21 +644,20 @@ mod tests {
         list.push(r#"{"id":"/no-port","labels":{"HAPROXY_0_VHOST":"np.test"},"tasks":[{"id":"t","ipAddresses":[{"ipAddress":"10.2.1.9"}],"state":"TASK_RUNNING","startedAt":"x"}]}"#.into());
         let large = format!(r#"{{"apps":[{}]}}"#, list.join(","));
         // Split, and read app by app as decoded.
-        let split = crate::sources::records::decode_in_halves(
-            &mut large.clone().into_bytes(),
-            "apps",
-            br#"{"id":"/"#,
-            &|app: MarathonApp| app.id,
+        let ids = api::decode_apps_each(large.as_bytes(), 65536, |app| app.id);
+        assert_eq!(
+            ids.map(|ids| (ids.records.len(), ids.dropped.len())),
+            Ok((4002, 0))
         );
-        assert_eq!(split.map(|ids| ids.len()), Some(4002));
         list.push(r#"{"id":"/bad","instances":-1,"labels":{"HAPROXY_0_VHOST":5}}"#.into());
         let broken = format!(r#"{{"apps":[{}]}}"#, list.join(","));
         let zdd = String::from_utf8(crate::sources::fixture("marathon/zdd_apps.json")).unwrap();
         for body in [&large, &broken, &zdd] {
             let answer = api::decode_apps(body.as_bytes()).unwrap();
             let state = Apps::from_full(answer, &settings()).content();
-            let mut bytes = body.clone().into_bytes();
-            let read = api::decode_apps_each(&mut bytes, |app| Apps::read_app(app, &settings()));
+            let read = api::decode_apps_each(body.as_bytes(), 65536, |app| {
+                Apps::read_app(app, &settings())
+            });
             let once = Apps::content_of_full(read.unwrap());
             assert!(!state.0.is_empty() && !state.1.is_empty() || body == &zdd);
             assert_eq!(format!("{once:?}"), format!("{state:?}"));
