@@ -195,9 +195,10 @@ pub fn decode_answer<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
 
 /// The size of the segments a large answer is decoded in as it comes ([`Streamed`]).
 pub const SEGMENT: usize = 256 << 10;
-/// Segments handed to rayon's pool and not yet back, past which the reader decodes one itself
-/// before it reads on: the answer is held a few segments at a time, never whole.
-const IN_FLIGHT: usize = 2;
+/// Segments handed to rayon's pool and not yet checked in order (back or not), past which the
+/// reader decodes one itself, or waits, before it reads on: the answer is held a few segments
+/// at a time, never whole, also while one thread is slow.
+const UNCHECKED: usize = 3;
 /// Segments' buffers kept for the next ones.
 const SPARE: usize = 4;
 /// Text read past the last segment without a place to end one (a record this large), past
@@ -245,6 +246,8 @@ pub struct Streamed<T, U> {
     usual_text: Body,
     /// A segment checked in order did not decode.
     failed: bool,
+    /// The answer's length, when it is known ahead.
+    known: Option<usize>,
     /// Bytes taken in all.
     read: usize,
     /// Segments handed to the pool, and those not back yet.
@@ -337,6 +340,7 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
             searched: 0,
             usual_text: Body::default(),
             failed: false,
+            known: None,
             read: 0,
             sent: 0,
             in_flight: 0,
@@ -383,7 +387,8 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
         while let Ok(done) = self.done.1.try_recv() {
             self.back(done);
         }
-        while self.in_flight > IN_FLIGHT {
+        // With none in flight, the first unchecked one is back and did not decode.
+        while self.sent - self.checked > UNCHECKED && self.in_flight > 0 && !self.failed {
             self.help_or_wait();
         }
     }
@@ -403,17 +408,29 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
     }
 
     /// A segment is back: those checked in order are let go, their records kept.
-    fn back(&mut self, mut done: Done<U>) {
+    fn back(&mut self, done: Done<U>) {
         self.in_flight -= 1;
-        let made = std::mem::replace(&mut done.made, Ok(None));
-        done.made = Ok(made.unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
         self.back.insert(done.index, done);
         if self.mode != Mode::Segments {
             return;
         }
         while let Some(done) = self.back.remove(&self.checked) {
-            let Ok(Some(made)) = done.made else {
-                self.back.insert(done.index, done);
+            // A panic is the reader's once its segment counts (one after a segment that does
+            // not decode may hold no records at all).
+            let made = match done.made {
+                Ok(made) => made,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            // A list of none: only the first segment can be one, cut just after the list's `[`
+            // (`[,{...`), which the answer's text would not let pass.
+            let Some(made) = made.filter(|made| !made.is_empty()) else {
+                self.back.insert(
+                    done.index,
+                    Done {
+                        made: Ok(None),
+                        ..done
+                    },
+                );
                 self.failed = true;
                 return;
             };
@@ -433,6 +450,15 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
     fn give_way(&mut self) {
         while self.in_flight > 0 {
             self.help_or_wait();
+        }
+        // Of the length it will have, when that is known: never pages joined, the text twice.
+        let skipped = match self.mode {
+            Mode::Head => 0,
+            _ => self.skipped.bytes,
+        };
+        let length = self.known.map(|known| known.saturating_sub(skipped));
+        if self.mode != Mode::Usual {
+            self.usual_text.expect(length);
         }
         match self.mode {
             Mode::Head => self.usual_text.take(&self.current),
@@ -463,18 +489,23 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
                     .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
                     .count();
             let last = match self.current[..end].ends_with(b"]}") {
-                true => whole_list::<T, U, _>(&self.current[..end - 1], &*self.each),
-                false => None,
+                true => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    whole_list::<T, U, _>(&self.current[..end - 1], &*self.each)
+                })),
+                false => Ok(None),
             };
             while self.in_flight > 0 {
                 self.help_or_wait();
             }
-            if let (Some(last), true) = (last, self.checked == self.sent) {
-                self.made.extend(last);
-                return Ok(Records {
-                    records: self.made,
-                    ..Records::default()
-                });
+            if self.checked == self.sent {
+                let last = last.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                if let Some(last) = last {
+                    self.made.extend(last);
+                    return Ok(Records {
+                        records: self.made,
+                        ..Records::default()
+                    });
+                }
             }
         }
         self.give_way();
@@ -494,6 +525,10 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
 }
 
 impl<T: Record + Send + 'static, U: Send + 'static> Sink for Streamed<T, U> {
+    fn expect(&mut self, length: Option<usize>) {
+        self.known = length;
+    }
+
     /// Takes the answer's next bytes.
     fn take(&mut self, chunk: &[u8]) {
         self.read += chunk.len();

@@ -647,9 +647,21 @@ mod tests {
         for body in [&in_string, &nested, &deep, &huge] {
             as_they_come_agree(body);
         }
-        let apps = decode_apps_each(deep.as_bytes(), 65536, |app| app.id).unwrap();
+        // What a false end makes of the text (the fakes as apps) never reaches `each`, nor
+        // does a panic of `each` over it.
+        let apps = decode_apps_each(deep.as_bytes(), 65536, |app| {
+            assert!(app.id.starts_with("/app-"), "{} is no app", app.id);
+            app.id
+        })
+        .unwrap();
         assert_eq!(apps.records.len(), 300);
-        assert!(apps.records.iter().all(|id| id.starts_with("/app-")));
+        // A cut just after the list's `[`: `[]` would decode, the answer does not.
+        let long = format!(r#""cmd":"{}""#, "x".repeat(records::SEGMENT + 1000));
+        for start in ["[,", "[ ,", "[\n,"] {
+            let body = format!(r#"{{"apps":{start}{{"id":"/a",{long}}}]}}"#);
+            assert!(decode_apps(body.as_bytes()).is_err());
+            as_they_come_agree(&body);
+        }
         // A key after the list, whose objects look like apps.
         let apps = large_answer(1, |_| String::new());
         let list: Vec<String> = (0..100_000)
