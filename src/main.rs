@@ -129,14 +129,15 @@ fn main() -> ExitCode {
         weft::pages::keep_small();
     }
     if matches!(cli.command, Command::Render { .. } | Command::Check { .. }) {
-        // `weft render` and `weft check` do large steps of work split in two (an answer's
-        // halves, the validation, the render): their own thread is one of rayon's, so that
-        // such a step begins at once on it, and goes on there alone while the other thread is
-        // slow to come (a vCPU the host descheduled). Handed from outside the pool, it could
-        // not begin before a pool thread woke to take it. Built now, the pool waits for its
-        // threads to start (a fraction of a millisecond), which the other commands need not
-        // pay. Never fewer than two threads: a pool of this thread alone would never take work
-        // handed to it from another thread.
+        // `weft render` and `weft check` do large steps of work on rayon's pool (an answer's
+        // segments as it comes, the validation, the render, split in two): their own thread is
+        // one of rayon's, so that it decodes segments too while it reads, and a step begins at
+        // once on it, and goes on there alone while the other thread is slow to come (a vCPU
+        // the host descheduled). Handed from outside the pool, it could not begin before a
+        // pool thread woke to take it. Built now, the pool waits for its threads to start (a
+        // fraction of a millisecond), which the other commands need not pay. Never fewer than
+        // two threads: a pool of this thread alone would never take work handed to it from
+        // another thread.
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         if let Err(err) = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

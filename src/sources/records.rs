@@ -198,7 +198,7 @@ pub const SEGMENT: usize = 256 << 10;
 /// Segments handed to rayon's pool and not yet checked in order (back or not), past which the
 /// reader decodes one itself, or waits, before it reads on: the answer is held a few segments
 /// at a time, never whole, also while one thread is slow.
-const UNCHECKED: usize = 3;
+pub const UNCHECKED: usize = 3;
 /// Segments' buffers kept for the next ones.
 const SPARE: usize = 4;
 /// Text read past the last segment without a place to end one (a record this large), past
@@ -248,6 +248,10 @@ pub struct Streamed<T, U> {
     failed: bool,
     /// The answer's length, when it is known ahead.
     known: Option<usize>,
+    /// The text of the segments sent and not yet checked, and the most of it and `current`
+    /// held at once.
+    held: usize,
+    most_held: usize,
     /// Bytes taken in all.
     read: usize,
     /// Segments handed to the pool, and those not back yet.
@@ -341,6 +345,8 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
             usual_text: Body::default(),
             failed: false,
             known: None,
+            held: 0,
+            most_held: 0,
             read: 0,
             sent: 0,
             in_flight: 0,
@@ -372,6 +378,7 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
         let mut text = std::mem::replace(&mut self.current, next);
         text.truncate(end);
         text.push(b']');
+        self.held += text.len();
         let (index, each, sender) = (self.sent, Arc::clone(&self.each), self.done.0.clone());
         self.sent += 1;
         self.in_flight += 1;
@@ -436,6 +443,7 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
             };
             self.made.extend(made);
             self.checked += 1;
+            self.held -= done.text.len();
             // Its records and the `,` after them.
             self.skipped.add(&done.text[1..done.text.len() - 1]);
             self.skipped.add(b",");
@@ -443,6 +451,12 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
                 self.spare.push(done.text);
             }
         }
+    }
+
+    /// The most of the answer's text held at once while the segments were read (those not yet
+    /// checked, and the text after them): what the tests hold to its bound.
+    pub fn most_held(&self) -> usize {
+        self.most_held
     }
 
     /// The segments give way: the rest of the answer, from the first segment not checked, is
@@ -540,6 +554,7 @@ impl<T: Record + Send + 'static, U: Send + 'static> Sink for Streamed<T, U> {
             self.current.reserve(2 * SEGMENT);
         }
         self.current.extend_from_slice(chunk);
+        self.most_held = self.most_held.max(self.held + self.current.len());
         if self.mode == Mode::Head && self.current.len() >= self.open.len() {
             if self.current.starts_with(&self.open) {
                 self.mode = Mode::Segments;

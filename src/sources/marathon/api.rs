@@ -620,6 +620,26 @@ mod tests {
         as_they_come_agree(&feed);
     }
 
+    /// The answer is held a few segments at a time, never whole: at most the segments not yet
+    /// checked and the text read after them.
+    #[test]
+    fn a_large_answer_is_never_held_whole() {
+        let body = large_answer(10_000, |_| String::new());
+        let piece = 65536;
+        let mut streamed = apps_as_they_come(Arc::new(|app: MarathonApp| app.id));
+        for piece in body.as_bytes().chunks(piece) {
+            streamed.take(piece);
+        }
+        let most = streamed.most_held();
+        assert!(most > records::SEGMENT, "{most}");
+        assert!(
+            most <= (records::UNCHECKED + 2) * (records::SEGMENT + piece),
+            "{most} bytes held of {}",
+            body.len()
+        );
+        assert_eq!(streamed.finish().unwrap().records.len(), 10_000);
+    }
+
     /// Texts that look like a record's start where none is: in a string (escaped quotes),
     /// inside an app (a nested object whose id starts with `/`), and after the list (another
     /// key). The segments either end at real boundaries or give way; the answer is the same.
