@@ -28,10 +28,13 @@ use crate::model::ownership::{Absent, Holder, Holding, Record};
 use crate::model::{ClaimIntents, Hostname, Ledger, ServiceName, SourceId, MAX_DROPPED_REASON};
 use crate::sources::consul::kv::{KvEntry, KvFolder};
 use crate::sources::consul::ConsulError;
+use crate::sources::read_own_file;
 use crate::sources::START_GRACE;
 
 /// The local ledger's file name in `run_dir`.
 pub const LOCAL_LEDGER: &str = "claims.json";
+/// The local ledger's largest size: one entry per routed host, about 200 bytes each.
+pub const MAX_LOCAL_LEDGER: u64 = 64 << 20;
 /// How often release timers are looked at, and failed writes retried.
 const TICK: Duration = Duration::from_secs(1);
 /// How long a write that failed waits before it is tried again.
@@ -102,8 +105,8 @@ impl LocalStore {
             path: path.clone(),
             reason,
         };
-        let raw: BTreeMap<String, StoredHolding> = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| failed(e.to_string()))?,
+        let raw: BTreeMap<String, StoredHolding> = match read_own_file(&path, MAX_LOCAL_LEDGER) {
+            Ok(text) => serde_json::from_slice(&text).map_err(|e| failed(e.to_string()))?,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(err) => return Err(failed(err.to_string())),
         };
@@ -643,6 +646,11 @@ mod tests {
         std::fs::write(dir.path().join(LOCAL_LEDGER), "{ not json").unwrap();
         let err = LocalStore::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("claims.json"), "{err}");
+        // Past its bound (a sparse file): refused, read no further than the bound.
+        let file = std::fs::File::create(dir.path().join(LOCAL_LEDGER)).unwrap();
+        file.set_len(MAX_LOCAL_LEDGER + 1).unwrap();
+        let err = LocalStore::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("larger than 64 MiB"), "{err}");
     }
 
     #[test]

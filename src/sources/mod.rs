@@ -235,6 +235,23 @@ where
         .collect()
 }
 
+/// Reads one of weft's own files (the claims ledger, the ACME state) of at most `max` bytes; a
+/// larger one is an error (`InvalidData`, with the bound), read no further than the bound.
+pub fn read_own_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {} MiB, weft's bound", max >> 20),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// An error and its causes on one line: reqwest's own message ("error sending request") says
 /// nothing of why; its sources do ("connection refused", "operation timed out").
 pub fn error_chain(err: &dyn std::error::Error) -> String {

@@ -224,8 +224,9 @@ const MAX_UNCUT: usize = 4 * SEGMENT;
 /// two: the first segment begins at the list's `[`, and a segment that decodes, begun between
 /// records, ends between records too (else its brackets would not close). So once the
 /// segments up to one have all decoded, every one of their ends is a true one, and their text
-/// is let go. The first that does not decode (a record that does not, a false end, text that is
-/// not JSON) begins at a true end: from it on, the answer is decoded the usual way, as the
+/// is let go. (A segment of no records does not count as decoded: only the first can be one,
+/// cut just after the list's `[`, and `[,` is no list.) The first that does not decode (a record
+/// that does not, a false end, text that is not JSON) begins at a true end: from it on, the answer is decoded the usual way, as the
 /// answer `{"<key>":[` + the rest ([`decode_answer`]'s outcome on the rest, its drops' places
 /// and its error's position counted from the whole answer's start). An answer of another shape
 /// (whitespace after the key, another key first) is read whole and decoded the usual way.
@@ -252,8 +253,6 @@ pub struct Streamed<T, U> {
     /// held at once.
     held: usize,
     most_held: usize,
-    /// Bytes taken in all.
-    read: usize,
     /// Segments handed to the pool, and those not back yet.
     sent: usize,
     in_flight: usize,
@@ -347,7 +346,6 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
             known: None,
             held: 0,
             most_held: 0,
-            read: 0,
             sent: 0,
             in_flight: 0,
             done: mpsc::channel(),
@@ -545,7 +543,6 @@ impl<T: Record + Send + 'static, U: Send + 'static> Sink for Streamed<T, U> {
 
     /// Takes the answer's next bytes.
     fn take(&mut self, chunk: &[u8]) {
-        self.read += chunk.len();
         if self.mode == Mode::Usual {
             self.usual_text.take(chunk);
             return;

@@ -35,6 +35,9 @@ use crate::sources::consul::kv::{KvFolder, KvWatch};
 pub const LOCK_DELAY: Duration = Duration::from_secs(5);
 /// The file of the local store, in `<run_dir>/acme/`.
 pub const LOCAL_FILE: &str = "state.json";
+/// The local state's largest size: an account, and a certificate and key for each host (each
+/// at most 128 KiB).
+pub const MAX_LOCAL_FILE: u64 = 64 << 20;
 
 /// The folder's entries, by key below the folder (values are text: PEM, JSON, tokens).
 pub type State = BTreeMap<String, String>;
@@ -127,7 +130,7 @@ impl Store {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(local)?;
         }
         let path = dir.join(LOCAL_FILE);
-        let state: State = match std::fs::read(&path) {
+        let state: State = match crate::sources::read_own_file(&path, MAX_LOCAL_FILE) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|err| {
                 warn!(path = %path.display(), error = %err, "the ACME state file does not decode; starting from none");
                 State::new()

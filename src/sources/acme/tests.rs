@@ -308,6 +308,15 @@ async fn the_local_store_keeps_its_state_across_restarts_and_locks_once() {
     let (_, mut again) = Store::local(&path).unwrap();
     let state = again.next(&stop, |_| {}).await.unwrap().state;
     assert_eq!(state.keys().collect::<Vec<_>>(), ["account"]);
+    // Past its bound (a sparse file): refused, read no further than the bound.
+    let file = std::fs::File::create(path.join(crate::sources::acme::store::LOCAL_FILE)).unwrap();
+    file.set_len(crate::sources::acme::store::MAX_LOCAL_FILE + 1)
+        .unwrap();
+    let err = Store::local(&path).err().unwrap();
+    assert!(
+        crate::sources::error_chain(&err).contains("larger than 64 MiB"),
+        "{err}"
+    );
 }
 
 /// A certificate for `host` valid from `from` to `to` seconds from now.
