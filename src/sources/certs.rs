@@ -64,29 +64,25 @@ pub fn read_dir(dir: &Path, now: i64) -> Result<CertsContent, CertsError> {
         path: dir.to_path_buf(),
         source,
     };
-    let mut names: Vec<String> = Vec::new();
+    // The first MAX_CERT_FILES names in order, the rest only counted: a folder of a million
+    // files costs no more memory than one of a thousand.
+    let mut names: std::collections::BinaryHeap<String> = std::collections::BinaryHeap::new();
+    let mut more = 0;
     for entry in std::fs::read_dir(dir).map_err(list_err)? {
         let entry = entry.map_err(list_err)?;
         if let Some(name) = entry.file_name().to_str() {
             if cert_name(name).is_some() {
                 names.push(name.to_string());
+                if names.len() > MAX_CERT_FILES {
+                    names.pop();
+                    more += 1;
+                }
             }
         }
     }
-    names.sort();
     let mut content = CertsContent::default();
-    for (i, file) in names.iter().enumerate() {
+    for file in &names.into_sorted_vec() {
         let subject = format!("certificate file {file:?}");
-        if i >= MAX_CERT_FILES {
-            content.rejected.push(Rejected {
-                subject: format!("{} more certificate files", names.len() - MAX_CERT_FILES),
-                reason: format!(
-                    "more than {MAX_CERT_FILES} certificate files in {}; these are not read",
-                    dir.display()
-                ),
-            });
-            break;
-        }
         let name = cert_name(file).unwrap_or(file);
         let result = read_bounded(&dir.join(file)).and_then(|bytes| validate(name, &bytes, now));
         match result {
@@ -95,6 +91,15 @@ pub fn read_dir(dir: &Path, now: i64) -> Result<CertsContent, CertsError> {
             }
             Err(reason) => content.rejected.push(Rejected { subject, reason }),
         }
+    }
+    if more > 0 {
+        content.rejected.push(Rejected {
+            subject: format!("{more} more certificate files"),
+            reason: format!(
+                "more than {MAX_CERT_FILES} certificate files in {}; these are not read",
+                dir.display()
+            ),
+        });
     }
     Ok(content)
 }
@@ -189,6 +194,24 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::model::certs::tests::self_signed;
+
+    /// Past the bound, the first files by name are read and the rest counted.
+    #[test]
+    fn the_first_files_by_name_are_read_and_the_rest_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        // Written last first, so that the folder's own order is not the names'.
+        for i in (0..MAX_CERT_FILES + 5).rev() {
+            std::fs::write(dir.path().join(format!("c{i:05}.pem")), "garbage").unwrap();
+        }
+        let content = read_dir(dir.path(), unix_now()).unwrap();
+        assert_eq!(content.rejected.len(), MAX_CERT_FILES + 1);
+        let last_read = format!("certificate file \"c{:05}.pem\"", MAX_CERT_FILES - 1);
+        assert_eq!(content.rejected[MAX_CERT_FILES - 1].subject, last_read);
+        assert_eq!(
+            content.rejected[MAX_CERT_FILES].subject,
+            "5 more certificate files"
+        );
+    }
 
     #[test]
     fn good_files_are_read_and_bad_ones_dropped_with_their_reason() {

@@ -14,7 +14,8 @@ pub const REREAD_INTERVAL: Duration = Duration::from_secs(30);
 /// Watches one directory, not recursively.
 pub struct DirWatch {
     watcher: RecommendedWatcher,
-    events: mpsc::UnboundedReceiver<()>,
+    /// One signal at most waits: more events before it is taken change nothing.
+    events: mpsc::Receiver<()>,
     debounce: Duration,
     reread: tokio::time::Interval,
 }
@@ -28,7 +29,7 @@ impl DirWatch {
         debounce: Duration,
         relevant: impl Fn(&Path) -> bool + Send + 'static,
     ) -> Result<DirWatch, notify::Error> {
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(1);
         let mut watcher =
             notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
                 let counts = match result {
@@ -37,7 +38,8 @@ impl DirWatch {
                     Err(_) => true,
                 };
                 if counts {
-                    let _ = events_tx.send(());
+                    // Full: a signal already waits, and says the same.
+                    let _ = events_tx.try_send(());
                 }
             })?;
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
