@@ -33,8 +33,9 @@ use crate::sources::START_GRACE;
 
 /// The local ledger's file name in `run_dir`.
 pub const LOCAL_LEDGER: &str = "claims.json";
-/// The local ledger's largest size: one entry per routed host, about 200 bytes each.
-pub const MAX_LOCAL_LEDGER: u64 = 64 << 20;
+/// The local ledger's largest size: one entry per routed host, about 200 bytes each (10,000
+/// services of 64 hosts each would be some 130 MB).
+pub const MAX_LOCAL_LEDGER: u64 = 256 << 20;
 /// How often release timers are looked at, and failed writes retried.
 const TICK: Duration = Duration::from_secs(1);
 /// How long a write that failed waits before it is tried again.
@@ -650,7 +651,24 @@ mod tests {
         let file = std::fs::File::create(dir.path().join(LOCAL_LEDGER)).unwrap();
         file.set_len(MAX_LOCAL_LEDGER + 1).unwrap();
         let err = LocalStore::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("larger than 64 MiB"), "{err}");
+        assert!(err.contains("larger than 256 MiB"), "{err}");
+        // A FIFO: refused, not waited on.
+        std::fs::remove_file(dir.path().join(LOCAL_LEDGER)).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.path().join(LOCAL_LEDGER))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(LocalStore::open(&path).err().map(|e| e.to_string()));
+        });
+        let err = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the open returns")
+            .unwrap();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -235,19 +235,31 @@ where
         .collect()
 }
 
-/// Reads one of weft's own files (the claims ledger, the ACME state) of at most `max` bytes; a
-/// larger one is an error (`InvalidData`, with the bound), read no further than the bound.
+/// Reads one of weft's own files (the claims ledger, the ACME state) of at most `max` bytes: a
+/// larger one is an error (`InvalidData`, with the bound), refused by its length before it is
+/// read (and read no further than the bound if it grows meanwhile), and so is anything but a
+/// regular file (a FIFO would block the open).
 pub fn read_own_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
+    use std::io::{Error, ErrorKind, Read};
+    let too_large = || {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {} MiB, weft's bound", max >> 20),
+        )
+    };
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() {
+        return Err(Error::new(ErrorKind::InvalidData, "not a regular file"));
+    }
+    if metadata.len() > max {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
     std::fs::File::open(path)?
         .take(max + 1)
         .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {} MiB, weft's bound", max >> 20),
-        ));
+        return Err(too_large());
     }
     Ok(bytes)
 }

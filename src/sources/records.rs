@@ -445,7 +445,8 @@ impl<T: Record + Send + 'static, U: Send + 'static> Streamed<T, U> {
             // Its records and the `,` after them.
             self.skipped.add(&done.text[1..done.text.len() - 1]);
             self.skipped.add(b",");
-            if self.spare.len() < SPARE {
+            // Only buffers of the usual room: one grown for a large app is let go.
+            if self.spare.len() < SPARE && done.text.capacity() <= 2 * SEGMENT {
                 self.spare.push(done.text);
             }
         }

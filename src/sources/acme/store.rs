@@ -35,9 +35,9 @@ use crate::sources::consul::kv::{KvFolder, KvWatch};
 pub const LOCK_DELAY: Duration = Duration::from_secs(5);
 /// The file of the local store, in `<run_dir>/acme/`.
 pub const LOCAL_FILE: &str = "state.json";
-/// The local state's largest size: an account, and a certificate and key for each host (each
-/// at most 128 KiB).
-pub const MAX_LOCAL_FILE: u64 = 64 << 20;
+/// The local state's largest size: an account, and a certificate and key for each host (some
+/// 10 KB each with long chains: 5,000 hosts are about 50 MB).
+pub const MAX_LOCAL_FILE: u64 = 256 << 20;
 
 /// The folder's entries, by key below the folder (values are text: PEM, JSON, tokens).
 pub type State = BTreeMap<String, String>;

@@ -314,7 +314,7 @@ async fn the_local_store_keeps_its_state_across_restarts_and_locks_once() {
         .unwrap();
     let err = Store::local(&path).err().unwrap();
     assert!(
-        crate::sources::error_chain(&err).contains("larger than 64 MiB"),
+        crate::sources::error_chain(&err).contains("larger than 256 MiB"),
         "{err}"
     );
 }
