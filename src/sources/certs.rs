@@ -108,10 +108,10 @@ pub fn read_dir(dir: &Path, now: i64) -> Result<CertsContent, CertsError> {
 /// for [`validate`] to refuse a larger one, never more.
 fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     let unreadable = |err: std::io::Error| format!("unreadable: {err}");
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    if !file.metadata().map_err(unreadable)?.is_file() {
-        return Err("not a regular file".into());
-    }
+    let file = crate::sources::open_regular(path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::InvalidData => err.to_string(),
+        _ => unreadable(err),
+    })?;
     let mut bytes = Vec::new();
     file.take(MAX_CERT_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
@@ -234,5 +234,25 @@ mod tests {
         assert_eq!(dropped[0].0, "certificate file \"b.pem\"");
         assert!(dropped[0].1.starts_with("not PEM"));
         assert!(dropped[1].1.starts_with("larger than 128 KiB"));
+    }
+
+    #[test]
+    fn a_fifo_is_dropped_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.path().join("f.pem"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_dir(&path, unix_now()).unwrap());
+        });
+        let content = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the read returns");
+        assert_eq!(content.rejected.len(), 1);
+        assert_eq!(content.rejected[0].reason, "not a regular file");
     }
 }

@@ -235,10 +235,29 @@ where
         .collect()
 }
 
+/// Opens a file to read it, links followed, refusing anything but a regular file
+/// (`InvalidData`, "not a regular file"). The open does not wait: a FIFO's would block until a
+/// writer came, and the check is on the file opened, not on the path before.
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // No effect on a regular file's reads.
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 /// Reads one of weft's own files (the claims ledger, the ACME state) of at most `max` bytes: a
 /// larger one is an error (`InvalidData`, with the bound), refused by its length before it is
 /// read (and read no further than the bound if it grows meanwhile), and so is anything but a
-/// regular file (a FIFO would block the open).
+/// regular file ([`open_regular`]).
 pub fn read_own_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Error, ErrorKind, Read};
     let too_large = || {
@@ -247,17 +266,13 @@ pub fn read_own_file(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8
             format!("larger than {} MiB, weft's bound", max >> 20),
         )
     };
-    let metadata = std::fs::metadata(path)?;
-    if !metadata.is_file() {
-        return Err(Error::new(ErrorKind::InvalidData, "not a regular file"));
-    }
-    if metadata.len() > max {
+    let file = open_regular(path)?;
+    let length = file.metadata()?.len();
+    if length > max {
         return Err(too_large());
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(metadata.len()).unwrap_or(0));
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_end(&mut bytes)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+    file.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(too_large());
     }
