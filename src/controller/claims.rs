@@ -654,20 +654,11 @@ mod tests {
         assert!(err.contains("larger than 256 MiB"), "{err}");
         // A FIFO: refused, not waited on.
         std::fs::remove_file(dir.path().join(LOCAL_LEDGER)).unwrap();
-        let made = std::process::Command::new("mkfifo")
-            .arg(dir.path().join(LOCAL_LEDGER))
-            .status()
-            .unwrap();
-        assert!(made.success());
-        let (tx, rx) = std::sync::mpsc::channel();
         let path = dir.path().to_path_buf();
-        std::thread::spawn(move || {
-            let _ = tx.send(LocalStore::open(&path).err().map(|e| e.to_string()));
-        });
-        let err = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the open returns")
-            .unwrap();
+        let err = crate::sources::read_beside_a_fifo(&dir.path().join(LOCAL_LEDGER), move || {
+            LocalStore::open(&path).err().map(|e| e.to_string())
+        })
+        .unwrap();
         assert!(err.contains("not a regular file"), "{err}");
     }
 

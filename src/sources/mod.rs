@@ -371,6 +371,26 @@ impl Default for Backoff {
     }
 }
 
+/// Makes a FIFO at `fifo`, then runs `read` on a thread of its own: what it returns, which must
+/// be within 10 s (a read that opens the FIFO and waits for a writer never returns).
+#[cfg(test)]
+pub(crate) fn read_beside_a_fifo<T: Send + 'static>(
+    fifo: &std::path::Path,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let made = std::process::Command::new("mkfifo")
+        .arg(fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the read returns")
+}
+
 /// A recorded answer from `tests/fixtures/<path>`, for the decoders' unit tests.
 #[cfg(test)]
 pub(crate) fn fixture(path: &str) -> Vec<u8> {
