@@ -233,6 +233,78 @@ async fn a_host_stays_with_its_holder_across_sources_whatever_the_newcomer_is_na
     wait_for_healthz(&weft, "ok").await;
 }
 
+/// One request with this `Host` field as sent (no client library checks it): the status.
+async fn status_for_host(port: u16, host: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        answer
+            .get(9..12)
+            .and_then(|code| code.parse().ok())
+            .ok_or(format!("no status line: {answer:?}"))
+    };
+    tokio::time::timeout(support::patience(Duration::from_secs(5)), exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// A `Host` that is no host name reaches no route: `evil.net/.wild.test` would end in a
+/// wildcard's key (and, with the redirect to HTTPS, in the `Location` sent back), and
+/// `app.test/admin` would begin with a path's key, on any path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_is_no_host_name_is_refused() {
+    let wild = Backend::start("wild").await;
+    let admin = Backend::start_at("admin", "127.0.0.2:0").await;
+    let app = Backend::start_at("app", "127.0.0.3:0").await;
+    let weft = Weft::builder()
+        .services(&format!(
+            "{}{}{}",
+            service("wild", &["*.wild.test"], None, &[wild.addr]),
+            service("admin", &["app.test"], Some("/admin"), &[admin.addr]),
+            service("app", &["app.test"], None, &[app.addr]),
+        ))
+        .start()
+        .await;
+    wait_for_backends(&weft, "a.wild.test", "/", &["wild"]).await;
+    wait_for_backends(&weft, "app.test", "/admin", &["admin"]).await;
+    wait_for_backends(&weft, "app.test", "/", &["app"]).await;
+    for (host, want) in [
+        ("a.wild.test", 200),
+        ("APP.test.", 200),
+        ("app.test:8080", 200),
+        ("evil.net/.wild.test", 400),
+        ("evil.net?.wild.test", 400),
+        ("app.test/admin", 400),
+        ("app.test%2fadmin", 400),
+        ("", 400),
+    ] {
+        assert_eq!(
+            status_for_host(weft.port, host).await,
+            Ok(want),
+            "Host: {host:?}"
+        );
+    }
+    // The routes themselves are as they were.
+    assert_eq!(
+        support::get(weft.port, "app.test", "/admin/x")
+            .await
+            .unwrap(),
+        (200, "admin".into())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcards_need_two_labels_beneath_the_public_suffix_and_are_claims_themselves() {
     let wide = Backend::start("wide").await;

@@ -302,6 +302,16 @@ async fn host_header_edge_cases() {
             "GET / HTTP/1.1\r\nHost: [::1]\r\n",
             (404, "no route"),
         ),
+        (
+            "IPv6 literal, long",
+            "GET / HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\n",
+            (404, "no route"),
+        ),
+        (
+            "a path in the Host",
+            "GET / HTTP/1.1\r\nHost: evil.test/.shop.test\r\n",
+            (400, ""),
+        ),
     ] {
         let (code, body) = raw(weft.port, &format!("{head}{close}")).await;
         assert_eq!(code, want.0, "{case}: {body}");

@@ -174,10 +174,20 @@ impl Ownership {
             }
         }
         let starts_with = |prefix: &String| {
-            origin
+            let Some(rest) = origin
                 .as_bytes()
                 .get(..prefix.len())
-                .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()))
+                .filter(|start| start.eq_ignore_ascii_case(prefix.as_bytes()))
+                .map(|_| &origin[prefix.len()..])
+            else {
+                return false;
+            };
+            // A Marathon prefix is whole groups: `/shop` is the app `/shop` and what lies under
+            // `/shop/`, never `/shopping` (another group, perhaps another team's).
+            holder.source != SourceId::Marathon
+                || prefix.ends_with('/')
+                || rest.is_empty()
+                || rest.starts_with('/')
         };
         self.teams
             .iter()
@@ -890,6 +900,33 @@ mod tests {
             rules.team_of(&outsider, "shopping"),
             TeamId::Alone(outsider.clone())
         );
+        // A Marathon prefix without its `/` is still whole groups: `/pay` is `/pay` and
+        // `/pay/...`, never `/payroll-x`.
+        let pay = Ownership {
+            teams: vec![Team {
+                name: "pay".into(),
+                consul: vec![],
+                marathon: vec!["/pay".into()],
+                hosts: vec![],
+            }],
+            ..Ownership::default()
+        };
+        let named = TeamId::Named("pay".into());
+        for id in ["/pay", "/PAY/web", "/pay/a/b"] {
+            assert_eq!(
+                pay.team_of(&holder(SourceId::Marathon, "x"), id),
+                named,
+                "{id}"
+            );
+        }
+        for id in ["/payroll-x", "/pay-web", "/pa"] {
+            let outsider = holder(SourceId::Marathon, "x");
+            assert_eq!(
+                pay.team_of(&outsider, id),
+                TeamId::Alone(outsider.clone()),
+                "{id}"
+            );
+        }
         let other = rules.team_of(&holder(SourceId::Consul, "ads"), "ads");
         for h in [
             "shop.example.com",
