@@ -275,10 +275,16 @@ async fn status(path: &Path) -> anyhow::Result<ExitCode> {
     let routes = list("routes");
     out!("\nroutes ({}):", routes.len());
     for route in routes.iter().take(SHOWN_ROWS) {
-        let servers: Vec<String> = route["servers"]
-            .as_array()
-            .map(|s| s.iter().map(text).collect())
-            .unwrap_or_default();
+        // As the page lists them: the first few, the rest counted.
+        let all = route["servers"].as_array().map_or(&[][..], Vec::as_slice);
+        let mut servers: Vec<String> = all
+            .iter()
+            .take(weft::status::SERVERS_SHOWN)
+            .map(text)
+            .collect();
+        if all.len() > weft::status::SERVERS_SHOWN {
+            servers.push(format!("{} more", all.len() - weft::status::SERVERS_SHOWN));
+        }
         out!(
             "  {}{} -> {} [{}]",
             text(&route["host"]),

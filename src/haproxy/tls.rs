@@ -41,7 +41,8 @@ pub fn default_certificate(run_dir: &Path) -> Result<String, DefaultCertError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    match std::fs::read(&path) {
+    // A regular file of a certificate's size at most (weft writes it there itself).
+    match crate::sources::read_own_file(&path, crate::model::certs::MAX_CERT_BYTES as u64) {
         Ok(bytes) => match validate("tls-default", &bytes, now) {
             Ok(cert) => return Ok(cert.pem),
             Err(reason) => {
@@ -72,5 +73,16 @@ mod tests {
         assert_eq!(default_certificate(dir.path()).unwrap(), cert.pem);
         std::fs::write(dir.path().join(DEFAULT_CERT), "garbage").unwrap();
         assert_ne!(default_certificate(dir.path()).unwrap(), cert.pem);
+    }
+
+    #[test]
+    fn a_fifo_in_its_place_is_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().to_path_buf();
+        let made = crate::sources::read_beside_a_fifo(&dir.path().join(DEFAULT_CERT), move || {
+            default_certificate(&run_dir).unwrap()
+        });
+        let cert = validate("tls-default", made.as_bytes(), 1_800_000_000).unwrap();
+        assert_eq!(cert.sans, ["weft default"]);
     }
 }

@@ -79,11 +79,25 @@ impl TableDiff {
     }
 }
 
+/// The entries of each kind a [`TableDiff`]'s text names; the rest are counted. A first apply
+/// at 10,000 services, or a source's full read after a gap, changes thousands: the log line
+/// stays one readable line.
+pub const MAX_NAMED_CHANGES: usize = 16;
+
 impl fmt::Display for TableDiff {
-    /// `services +gamma -beta ~alpha; routes +gamma.test -beta.test >shop.test/api`
+    /// `services +gamma -beta ~alpha; routes +gamma.test -beta.test >shop.test/api`; past
+    /// [`MAX_NAMED_CHANGES`] of a kind, `+(9984 more)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fn list<T: fmt::Display>(sign: char, items: &[T]) -> Vec<String> {
-            items.iter().map(|item| format!("{sign}{item}")).collect()
+            let mut named: Vec<String> = items
+                .iter()
+                .take(MAX_NAMED_CHANGES)
+                .map(|item| format!("{sign}{item}"))
+                .collect();
+            if items.len() > MAX_NAMED_CHANGES {
+                named.push(format!("{sign}({} more)", items.len() - MAX_NAMED_CHANGES));
+            }
+            named
         }
         let services = [
             list('+', &self.added_services),
@@ -296,6 +310,18 @@ mod tests {
     fn a_diff_reads_as_signed_names() {
         let tables: BTreeMap<&str, RoutingTable> = tables().into_iter().collect();
         assert_eq!(tables["two"].diff(&tables["two"]).to_string(), "none");
+        let many = TableDiff {
+            added_services: (0..MAX_NAMED_CHANGES + 3)
+                .map(|i| ServiceName::parse(&format!("s{i:02}")).unwrap())
+                .collect(),
+            ..TableDiff::default()
+        };
+        let text = many.to_string();
+        assert!(text.starts_with("services +s00 +s01 "), "{text}");
+        assert!(
+            text.ends_with(&format!("+s{:02} +(3 more)", MAX_NAMED_CHANGES - 1)),
+            "{text}"
+        );
         assert_eq!(
             tables["two"].diff(&tables["next"]).to_string(),
             "services +gamma -alpha ~beta; routes +gamma.example.com -alpha.example.com"

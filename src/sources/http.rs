@@ -11,6 +11,9 @@ use crate::config::redact;
 
 /// Longest part of an error body kept in a message.
 const MAX_BODY_IN_ERROR: usize = 200;
+/// The most of an error answer's body read, in bytes: enough for an HTML error page's
+/// `<title>` ([`error_text`]), never the whole of a large one.
+const MAX_ERROR_BODY: usize = 64 << 10;
 /// Longest decode error kept, in bytes: serde's messages quote the input (a string of the
 /// wrong type whole), and the message reaches the logs, `/healthz` and the status page.
 pub const MAX_DECODE_ERROR: usize = 300;
@@ -190,6 +193,23 @@ pub async fn fetch_into(
     if let Some(redirect) = HttpError::redirect("GET", url, status, &headers) {
         return Err(redirect);
     }
+    if !status.is_success() {
+        // An error's text is the start of its body: the rest is not read (nor held), and the
+        // connection is not reused. The status is the error, whether the body reads or not.
+        let mut start = Vec::new();
+        while start.len() < MAX_ERROR_BODY {
+            let Ok(Some(chunk)) = response.chunk().await else {
+                break;
+            };
+            let room = MAX_ERROR_BODY - start.len();
+            start.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        return Err(HttpError::Status {
+            url: url.clone(),
+            status,
+            body: error_text(&start),
+        });
+    }
     let too_large = || HttpError::TooLarge {
         url: url.clone(),
         max,
@@ -200,13 +220,6 @@ pub async fn fetch_into(
     let known = response
         .content_length()
         .and_then(|n| usize::try_from(n.min(max as u64)).ok());
-    // An error's body is read whole, for its text.
-    let mut error_body = Body::default();
-    let sink: &mut (dyn Sink + Send) = if status.is_success() {
-        sink
-    } else {
-        &mut error_body
-    };
     sink.expect(known);
     let mut length = 0;
     while let Some(chunk) = response.chunk().await.map_err(failed)? {
@@ -215,13 +228,6 @@ pub async fn fetch_into(
             return Err(too_large());
         }
         sink.take(&chunk);
-    }
-    if !status.is_success() {
-        return Err(HttpError::Status {
-            url: url.clone(),
-            status,
-            body: error_text(&error_body.into_vec()),
-        });
     }
     Ok((headers, length))
 }
@@ -338,5 +344,49 @@ mod tests {
         assert!(text.len() <= MAX_BODY_IN_ERROR && text.len() > MAX_BODY_IN_ERROR - 4);
         assert_eq!(error_text(b"  No cluster leader\n"), "No cluster leader");
         assert_eq!(error_text(&[b'x'; 500]).len(), MAX_BODY_IN_ERROR);
+    }
+
+    /// An error answer that says it is huge, sends a megabyte and then nothing more: its status
+    /// and the start of its text come back at once, and little of it is held.
+    #[tokio::test]
+    async fn an_error_answer_is_read_only_for_its_start() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!(
+            "http://{}/v2/apps",
+            listener.local_addr().unwrap()
+        ))
+        .unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0; 4096];
+            let _ = stream.read(&mut request).await.unwrap();
+            let head = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 536870912\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream
+                .write_all(b"<html><head><title>Leader election</title>")
+                .await
+                .unwrap();
+            // Then a megabyte, and the connection stays open with the rest unsent.
+            let _ = stream.write_all(&vec![b' '; 1 << 20]).await;
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        });
+        let client = reqwest::Client::new();
+        let mut body = Body::default();
+        let fetched = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            fetch_into(client.get(url.clone()), &url, 1 << 30, &mut body),
+        )
+        .await
+        .expect("an error answer does not wait for its whole body");
+        match fetched {
+            Err(HttpError::Status { status, body, .. }) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(body, "Leader election");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(body.into_vec().is_empty());
+        server.abort();
     }
 }

@@ -40,7 +40,7 @@ pub enum ConsulError {
 /// One answer of a (blocking) query.
 pub struct Answer {
     pub index: Option<u64>,
-    pub body: Vec<u8>,
+    pub body: Bytes,
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token could not read everything.
     pub acl_filtered: bool,
     /// `X-Consul-KnownLeader`.
@@ -202,7 +202,7 @@ impl Client {
                 index: header("X-Consul-Index").and_then(|v| v.parse().ok()),
                 acl_filtered: false,
                 known_leader: header("X-Consul-KnownLeader").and_then(|v| v.parse().ok()),
-                body: b"[]".to_vec(),
+                body: Bytes::from_static(b"[]"),
             });
         }
         // The connections follow no redirect: a 3xx is an error naming where it pointed.
@@ -228,7 +228,7 @@ impl Client {
             index: header("X-Consul-Index").and_then(|v| v.parse().ok()),
             acl_filtered: header("X-Consul-Results-Filtered-By-ACLs") == Some("true"),
             known_leader: header("X-Consul-KnownLeader").and_then(|v| v.parse().ok()),
-            body: response.body.to_vec(),
+            body: response.body,
         })
     }
 }

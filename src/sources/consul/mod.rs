@@ -46,7 +46,7 @@ use self::client::Client;
 use self::queue::Queue;
 use self::routing::{is_exposed, service_def};
 use crate::config::ConsulSourceConfig;
-use crate::escape::Escaped;
+use crate::escape::{clip, Escaped};
 use crate::model::{Health, Hostname, Rejected, ServiceDef, SourceId, SourceReport};
 use crate::sources::Backoff;
 
@@ -58,6 +58,11 @@ const WATCHES: usize = 2;
 const RESYNC_LOOK: Duration = Duration::from_secs(1);
 /// Failing services named in the degraded reason; the rest are counted.
 const NAMED_FAILURES: usize = 5;
+/// The longest service name, and the longest error, quoted in a failure (the degraded reason,
+/// a log line), in bytes: a name is whatever a team registered, and an error repeats it in
+/// the URL it names.
+const NAME_IN_TEXT: usize = 128;
+const ERROR_IN_TEXT: usize = 300;
 
 /// Reads the catalog and every exposed service's health once, without blocking, for
 /// `weft render` and `weft check`, with up to `max_connections` reads at once.
@@ -321,9 +326,13 @@ impl Source {
                 report.rejected.extend(tags.iter().cloned());
             }
             if let Some(error) = &service.error {
-                failing.push(format!("{name}: {error}"));
+                failing.push(format!(
+                    "{}: {}",
+                    clip(name, NAME_IN_TEXT),
+                    clip(error, ERROR_IN_TEXT)
+                ));
             } else if service.content.is_none() && !state.complete {
-                failing.push(format!("{name}: no answer yet"));
+                failing.push(format!("{}: no answer yet", clip(name, NAME_IN_TEXT)));
             }
         }
         if failing.len() > NAMED_FAILURES {
@@ -499,7 +508,7 @@ impl Source {
             // Consul down, 10,000 services would otherwise log 10,000 lines every backoff.
             match &outcome {
                 ReadOutcome::Read { was_failing: true } => {
-                    info!(service = %Escaped(&name), "consul service read again")
+                    info!(service = %Escaped(&clip(&name, NAME_IN_TEXT)), "consul service read again")
                 }
                 ReadOutcome::Read { .. } => {}
                 ReadOutcome::Failed {
@@ -508,10 +517,10 @@ impl Source {
                     was_failing: false,
                     ..
                 } => {
-                    warn!(service = %Escaped(&name), error = %Escaped(error), retry_in = ?delay, "consul service read failing, keeping its last good servers")
+                    warn!(service = %Escaped(&clip(&name, NAME_IN_TEXT)), error = %Escaped(&clip(&error.to_string(), ERROR_IN_TEXT)), retry_in = ?delay, "consul service read failing, keeping its last good servers")
                 }
                 ReadOutcome::Failed { error, delay, .. } => {
-                    debug!(service = %Escaped(&name), error = %Escaped(error), retry_in = ?delay, "consul service read still failing")
+                    debug!(service = %Escaped(&clip(&name, NAME_IN_TEXT)), error = %Escaped(&clip(&error.to_string(), ERROR_IN_TEXT)), retry_in = ?delay, "consul service read still failing")
                 }
             }
             if let ReadOutcome::Failed {
@@ -568,7 +577,7 @@ impl ServiceState {
             }
             Err(error) => {
                 let delay = self.backoff.next_delay();
-                self.error = Some(error.to_string());
+                self.error = Some(clip(&error.to_string(), ERROR_IN_TEXT).into_owned());
                 let retry = !std::mem::replace(&mut self.retry_pending, true);
                 ReadOutcome::Failed {
                     error,
@@ -733,6 +742,22 @@ mod tests {
         assert!(reason.contains("svc000: GET"), "{reason}");
         assert!(reason.ends_with("and 295 more services"), "{reason}");
         assert!(reason.len() < 1000, "{} bytes", reason.len());
+        // A name as long as a team cares to register, and an error that repeats it: each cut.
+        let long = "a".repeat(100_000);
+        source.state().services.insert(
+            long.clone(),
+            ServiceState {
+                error: Some(format!("GET /v1/health/service/{long}: 500")),
+                ..ServiceState::default()
+            },
+        );
+        let report = source.report().unwrap();
+        let Health::Degraded { reason, .. } = &report.health else {
+            panic!("{:?}", report.health);
+        };
+        let quoted = format!("{}…: GET /v1/health/service/", "a".repeat(NAME_IN_TEXT));
+        assert!(reason.starts_with(&quoted), "{reason}");
+        assert!(reason.len() < 2000, "{} bytes", reason.len());
     }
 
     /// However often a failing service is asked for (resync, catalog, state), one retry at a

@@ -134,7 +134,15 @@ async fn read_text(path: &Path) -> Result<String, FileError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = tokio::fs::File::open(path).await.map_err(read_err)?;
+    // Anything but a regular file (a FIFO at the path would block the read until a writer
+    // came) is refused.
+    let opened = {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || crate::sources::open_regular(&path))
+            .await
+            .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())))
+    };
+    let file = tokio::fs::File::from_std(opened.map_err(read_err)?);
     // Sized to the file as it is now (within the bound): read in a few large reads, not in a
     // doubling series of small ones, each a trip to tokio's blocking pool.
     let size = file.metadata().await.map_or(0, |m| m.len());
@@ -437,6 +445,21 @@ mod tests {
         assert!(err.contains("larger than 67108864 bytes"), "{err}");
         file.set_len(0).unwrap();
         assert!(read(&path).await.unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn a_fifo_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("services.toml");
+        let read_path = path.clone();
+        let err = crate::sources::read_beside_a_fifo(&path, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(read(&read_path)).unwrap_err().to_string()
+        });
+        assert!(err.ends_with("not a regular file"), "{err}");
     }
 
     #[test]
