@@ -804,6 +804,44 @@ impl LineWatch {
     }
 }
 
+/// The events of an event stream's chunks of text. The parser (eventsource-stream) copies the
+/// text it holds after each line it reads, so a chunk of N lines cost N times its length (four
+/// 256 KiB chunks of short events: most of a second of one core): each chunk is handed over a
+/// line at a time, and the parser holds at most one line and the start of the next, so that
+/// the cost follows the text's length (`cargo bench --bench event_stream`).
+pub fn events<S, E>(
+    chunks: S,
+) -> impl futures::Stream<
+    Item = Result<eventsource_stream::Event, eventsource_stream::EventStreamError<E>>,
+>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>>,
+{
+    use futures::future::Either;
+    chunks
+        .flat_map(|chunk| match chunk {
+            Ok(chunk) => Either::Left(futures::stream::iter(lines_of(chunk).map(Ok))),
+            Err(err) => Either::Right(futures::stream::iter([Err(err)])),
+        })
+        .eventsource()
+}
+
+/// `chunk` in pieces that each end after a line end (`\n` or `\r`: a `\r\n` split in two is
+/// one line end to the parser, which waits for the `\n`), the last one perhaps before.
+fn lines_of(chunk: bytes::Bytes) -> impl Iterator<Item = bytes::Bytes> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start == chunk.len() {
+            return None;
+        }
+        let end =
+            memchr::memchr2(b'\n', b'\r', &chunk[start..]).map_or(chunk.len(), |at| start + at + 1);
+        let piece = chunk.slice(start..end);
+        start = end;
+        Some(piece)
+    })
+}
+
 /// Reads one stream until it ends, fails or stays silent for the read timeout.
 ///
 /// The timeout applies to lines, not events: Marathon's Jetty sends a bare line as a
@@ -848,7 +886,7 @@ async fn read_stream(
             }
         },
     );
-    let mut events = Box::pin(bytes.eventsource());
+    let mut events = Box::pin(events(bytes));
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(event) => event,
@@ -961,6 +999,61 @@ mod tests {
         // A keep-alive (a bare line end) between events.
         lines.saw(b"\n\r\n").unwrap();
         assert_eq!((lines.line, lines.event), (0, 0));
+    }
+
+    /// The events read a line at a time are the parser's on whole chunks, however the text is
+    /// cut: line ends of every kind, `\r\n` split between chunks, comments, a multi-line
+    /// event, a line split mid-character.
+    #[test]
+    fn events_read_line_by_line_are_those_of_whole_chunks() {
+        let text = "event: a\ndata: 1\n\n: keep-alive\n\nevent: b\r\ndata: x\r\ndata: y\r\n\r\n\
+                    event: c\rdata: é€\r\rid: 7\nevent: d\ndata: z\n\n";
+        let read = |cuts: &[usize]| {
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            for &cut in cuts.iter().chain([&text.len()]) {
+                chunks.push(Ok::<_, std::convert::Infallible>(
+                    bytes::Bytes::copy_from_slice(&text.as_bytes()[start..cut]),
+                ));
+                start = cut;
+            }
+            let as_read = |events: Vec<Result<eventsource_stream::Event, _>>| {
+                events
+                    .into_iter()
+                    .map(|e| {
+                        let e = e.unwrap();
+                        (e.event, e.data, e.id)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let whole = futures::executor::block_on(
+                futures::stream::iter(chunks.clone())
+                    .eventsource()
+                    .collect::<Vec<_>>(),
+            );
+            let lines = futures::executor::block_on(
+                events(futures::stream::iter(chunks)).collect::<Vec<_>>(),
+            );
+            (as_read(whole), as_read(lines))
+        };
+        let (whole, _) = read(&[]);
+        assert_eq!(whole.len(), 4, "{whole:?}");
+        assert_eq!(whole[1], ("b".into(), "x\ny".into(), String::new()));
+        let crlf = text.find("\r\n").unwrap();
+        let mid_char = text.find('é').unwrap() + 1;
+        for cuts in [
+            vec![],
+            vec![crlf + 1],
+            vec![mid_char],
+            vec![1, 2, 3, crlf + 1, mid_char],
+        ] {
+            let (whole, lines) = read(&cuts);
+            assert_eq!(lines, whole, "cut at {cuts:?}");
+        }
+        for cut in 1..text.len() {
+            let (whole, lines) = read(&[cut]);
+            assert_eq!(lines, whole, "cut at {cut}");
+        }
     }
 
     /// A line that never ends is bounded too.
