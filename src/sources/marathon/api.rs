@@ -18,11 +18,42 @@ pub struct AppsResponse {
     pub apps: Records<MarathonApp>,
 }
 
-/// An app's labels, sorted by name: a list, as apps carry a few (a map's node would cost
-/// ten times the memory, and weft keeps every app between fetches). Read straight into the
-/// list; of two labels of one name, the last counts, as a map would keep it.
+/// An app's labels that weft reads (`HAPROXY_*`), sorted by name: a list, as apps carry a few
+/// (a map's node would cost ten times the memory, and weft keeps every app between fetches).
+/// Read straight into the list; of two labels of one name, the last counts, as a map would
+/// keep it. Every other label (teams' own: `DCOS_*`, `traefik.*`, build metadata...) is passed
+/// over as it is read, whatever it holds: weft neither keeps nor judges it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Labels(Vec<(String, String)>);
+
+/// The prefix of every label weft reads.
+pub const LABEL_PREFIX: &str = "HAPROXY_";
+
+/// A label's name, kept (`Some`) when it is one weft reads, else `None`, unallocated.
+struct LabelName;
+
+impl<'de> serde::de::DeserializeSeed<'de> for LabelName {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for LabelName {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a label name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<String>, E> {
+        Ok(name.starts_with(LABEL_PREFIX).then(|| name.to_string()))
+    }
+}
 
 impl<'de> Deserialize<'de> for Labels {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Labels, D::Error> {
@@ -39,8 +70,13 @@ impl<'de> Deserialize<'de> for Labels {
                 mut map: A,
             ) -> Result<Labels, A::Error> {
                 let mut labels = Vec::new();
-                while let Some(label) = map.next_entry::<String, String>()? {
-                    labels.push(label);
+                while let Some(name) = map.next_key_seed(LabelName)? {
+                    match name {
+                        Some(name) => labels.push((name, map.next_value::<String>()?)),
+                        None => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
                 }
                 // Last first, so that a stable sort keeps the last of one name first.
                 labels.reverse();
@@ -555,11 +591,43 @@ mod tests {
 
     #[test]
     fn labels_read_as_a_sorted_list_the_last_of_a_name_kept() {
-        let apps =
-            decode_apps(br#"{"apps":[{"id":"/a","labels":{"b":"1","a":"2","b":"3"}}]}"#).unwrap();
+        let apps = decode_apps(
+            br#"{"apps":[{"id":"/a","labels":{"HAPROXY_B":"1","HAPROXY_A":"2","HAPROXY_B":"3"}}]}"#,
+        )
+        .unwrap();
         let labels = &apps.apps.records[0].labels;
-        assert_eq!(labels.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!((labels.get("a"), labels.get("b")), (Some("2"), Some("3")));
+        assert_eq!(
+            labels.keys().collect::<Vec<_>>(),
+            ["HAPROXY_A", "HAPROXY_B"]
+        );
+        assert_eq!(
+            (labels.get("HAPROXY_A"), labels.get("HAPROXY_B")),
+            (Some("2"), Some("3"))
+        );
+    }
+
+    /// Labels weft does not read are passed over, whatever they hold (escaped names, values of
+    /// another type); one weft reads must still be text.
+    #[test]
+    fn only_the_labels_weft_reads_are_kept() {
+        let apps = decode_apps(
+            br#"{"apps":[{"id":"/a","labels":{"DCOS_PACKAGE":"x","traefik.enable":"true","HAPROXY_0_VHOST":"a.test","HAPROXY_GROUP":"external","build":{"n":7},"big":"zzzzzzzz"}}]}"#,
+        )
+        .unwrap();
+        let labels = &apps.apps.records[0].labels;
+        assert_eq!(
+            labels.keys().collect::<Vec<_>>(),
+            ["HAPROXY_0_VHOST", "HAPROXY_GROUP"]
+        );
+        let apps =
+            decode_apps(br#"{"apps":[{"id":"/a","labels":{"HAPROXY_0_VHOST":5}},{"id":"/b"}]}"#)
+                .unwrap();
+        assert_eq!(apps.apps.records.len(), 1);
+        assert!(
+            apps.apps.dropped[0].reason.contains("expected a string"),
+            "{}",
+            apps.apps.dropped[0].reason
+        );
     }
 
     /// A large answer as Marathon writes it (no whitespace), `count` apps of 3 tasks, each app's
