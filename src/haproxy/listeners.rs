@@ -127,13 +127,18 @@ fn listening_on(binds: &[SocketAddr]) -> std::io::Result<Vec<Socket>> {
     let mut read_any = false;
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         // tcp6 is missing where IPv6 is disabled.
-        let Ok(text) = std::fs::read_to_string(table) else {
+        let Ok(file) = std::fs::File::open(table) else {
             continue;
         };
         read_any = true;
+        // A line at a time: the table has a line per connection (hundreds of thousands on a
+        // busy edge), never held whole.
+        use std::io::BufRead;
         found.extend(
-            text.lines()
-                .filter_map(parse_line)
+            std::io::BufReader::new(file)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|line| parse_line(&line))
                 .filter(|s| s.inode != 0 && binds.iter().any(|b| overlaps(s.local, *b))),
         );
     }
