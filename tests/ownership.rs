@@ -233,33 +233,6 @@ async fn a_host_stays_with_its_holder_across_sources_whatever_the_newcomer_is_na
     wait_for_healthz(&weft, "ok").await;
 }
 
-/// One request with this `Host` field as sent (no client library checks it): the status.
-async fn status_for_host(port: u16, host: &str) -> Result<u16, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut answer = String::new();
-        stream
-            .read_to_string(&mut answer)
-            .await
-            .map_err(|e| e.to_string())?;
-        answer
-            .get(9..12)
-            .and_then(|code| code.parse().ok())
-            .ok_or(format!("no status line: {answer:?}"))
-    };
-    tokio::time::timeout(support::patience(Duration::from_secs(5)), exchange)
-        .await
-        .map_err(|_| "timed out".to_string())?
-}
-
 /// A `Host` that is no host name reaches no route: `evil.net/.wild.test` would end in a
 /// wildcard's key (and, with the redirect to HTTPS, in the `Location` sent back), and
 /// `app.test/admin` would begin with a path's key, on any path.
@@ -290,9 +263,10 @@ async fn a_host_that_is_no_host_name_is_refused() {
         ("app.test%2fadmin", 400),
         ("", 400),
     ] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         assert_eq!(
-            status_for_host(weft.port, host).await,
-            Ok(want),
+            support::raw(weft.port, &request).await.0,
+            want,
             "Host: {host:?}"
         );
     }

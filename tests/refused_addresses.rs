@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use support::consul::{ConsulDouble, Instance};
 use support::marathon::{App, MarathonDouble, Task};
-use support::{eventually, service, wait_for_backends, Backend, Weft};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{eventually, raw, service, wait_for_backends, Backend, Weft};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Loopback for the good backends, the weave network for the refused ones, one deny entry.
@@ -205,31 +204,6 @@ async fn the_marathon_source_refuses_the_edge_the_bridges_and_denied_servers() {
         dropped.iter().all(|d| d["source"] == "marathon"),
         "{dropped:#?}"
     );
-}
-
-/// One raw HTTP/1.1 exchange with HAProxy on `port` (the request as written, so that it can
-/// carry what no client library sends): the status code and the body.
-async fn raw(port: u16, request: &str) -> (u16, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.unwrap();
-        String::from_utf8_lossy(&answer).into_owned()
-    };
-    let answer = tokio::time::timeout(support::patience(Duration::from_secs(5)), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("no answer to {request:?}"));
-    let code = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {answer:?} for {request:?}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (code, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -657,6 +657,33 @@ pub async fn cli(socket: &Path, command: &str) -> Result<String, String> {
     Ok(answer)
 }
 
+/// One raw HTTP/1.1 exchange with HAProxy on `port` (the request as written, so that it can
+/// carry what no client library sends): the status code and the body.
+pub async fn raw(port: u16, request: &str) -> (u16, String) {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = tokio::time::timeout(patience(Duration::from_secs(5)), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {request:?}"));
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?} for {request:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
 /// GET `http://127.0.0.1:port/path` with `Host: host`, on a fresh connection.
 pub async fn get(port: u16, host: &str, path: &str) -> Result<(u16, String), String> {
     get_at(
