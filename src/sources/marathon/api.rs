@@ -611,7 +611,7 @@ mod tests {
     #[test]
     fn only_the_labels_weft_reads_are_kept() {
         let apps = decode_apps(
-            br#"{"apps":[{"id":"/a","labels":{"DCOS_PACKAGE":"x","traefik.enable":"true","HAPROXY_0_VHOST":"a.test","HAPROXY_GROUP":"external","build":{"n":7},"big":"zzzzzzzz"}}]}"#,
+            br#"{"apps":[{"id":"/a","labels":{"DCOS_PACKAGE":"x","traefik.enable":"true","HAPROXY_0_VHOST":"a.test","\u0048APROXY_GROUP":"external","build":{"n":7},"big":"zzzzzzzz"}}]}"#,
         )
         .unwrap();
         let labels = &apps.apps.records[0].labels;

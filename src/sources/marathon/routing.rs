@@ -14,7 +14,7 @@
 //!     -> or, only with host_ports = "allow", agent host : host port n
 //! ```
 
-use super::api::{HealthCheckSpec, MarathonApp, MarathonTask};
+use super::api::{HealthCheckSpec, MarathonApp, MarathonTask, LABEL_PREFIX};
 use crate::config::{HostPorts, MarathonGroup};
 use crate::model::{name_first_parts, CheckDef, Hostname, Rejected, ServiceDef};
 
@@ -31,7 +31,7 @@ fn is_supported_label(label: &str) -> bool {
     if label == "HAPROXY_GROUP" {
         return true;
     }
-    let Some(rest) = label.strip_prefix("HAPROXY_") else {
+    let Some(rest) = label.strip_prefix(LABEL_PREFIX) else {
         return true;
     };
     match rest.split_once('_') {
